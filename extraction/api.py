@@ -1,0 +1,224 @@
+from datetime import datetime
+from typing import Literal
+
+from django.http import Http404
+from django.shortcuts import get_object_or_404
+from ninja import Field, Router, Schema
+from ninja.errors import HttpError
+from pydantic import field_validator
+
+from extraction import selectors, services
+from extraction.models import VALID_BATCH_SIZES, Extraction, ModelRecord
+from jobsite.api import staff_required
+
+router = Router(tags=["extraction"])
+
+# A running job stops within one batch; the answer waits that long so it can say "cancelled".
+CANCEL_WAIT_S = 5.0
+
+BATCH_SIZES_SENTENCE = f"batch_size must be one of {', '.join(map(str, VALID_BATCH_SIZES))}"
+
+
+def _check_batch_size(value):
+    if value is not None and value not in VALID_BATCH_SIZES:
+        raise ValueError(f"{BATCH_SIZES_SENTENCE}; got {value}.")
+    return value
+
+
+class ModelOut(Schema):
+    id: int
+    name: str
+    path: str
+    architecture: str
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    supported_hooks: list[str]
+
+
+class ModelIn(Schema):
+    path: str = Field(description="a save_pretrained directory under JOBSITE_MODEL_ROOTS")
+    name: str = ""
+
+
+class DatasetOut(Schema):
+    id: int
+    name: str
+    path: str
+    format: str
+    num_samples: int
+    size_bytes: int
+
+
+class DatasetIn(Schema):
+    path: str = Field(description="a .txt or .jsonl file under JOBSITE_DATA_DIR")
+    name: str = ""
+
+
+class ExtractionIn(Schema):
+    dataset_id: int
+    layers: list[int] = Field(min_length=1, examples=[[0, 1]])
+    hooks: list[Literal["residual", "mlp", "attention"]] = Field(min_length=1, examples=[["residual"]])
+    batch_size: int = 8
+    max_samples: int | None = Field(None, gt=0)
+    max_length: int = Field(512, gt=0, le=1_000_000)
+    storage_dtype: Literal["float32", "float16"] = "float32"
+    auto_retry_on_oom: bool = False
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def batch_size_is_valid(cls, value):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{BATCH_SIZES_SENTENCE} (a JSON number, not {value!r}).")
+        return _check_batch_size(value)
+
+
+class RetryIn(Schema):
+    batch_size: int | None = None
+    max_samples: int | None = Field(None, gt=0)
+    reason: str = ""
+
+    _batch_size = field_validator("batch_size")(_check_batch_size)
+
+
+class ExtractionOut(Schema):
+    id: int
+    model_id: int
+    dataset_id: int
+    status: str
+    layers: list[int]
+    hooks: list[str]
+    batch_size: int
+    current_batch_size: int | None
+    max_samples: int | None
+    max_length: int
+    storage_dtype: str
+    auto_retry_on_oom: bool
+    samples_processed: int
+    total_samples: int
+    tokens_processed: int
+    total_tokens: int
+    clamped_tokens: int
+    truncated_samples: int
+    attempt: int
+    heartbeat_at: datetime | None
+    heartbeat_seq: int
+    cancel_requested: bool
+    error_type: str
+    error_message: str
+    suggested_retry_params: dict
+    retry_available: bool
+    cancel_available: bool
+    original_extraction_id: int | None
+    retry_count: int
+    retry_reason: str
+    resumed_samples: int
+    output_dir: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class CancelOut(Schema):
+    extraction_id: int
+    status: str
+    message: str
+
+
+class Message(Schema):
+    message: str
+
+
+def _model(model_id: int) -> ModelRecord:
+    try:
+        return get_object_or_404(ModelRecord, pk=model_id)
+    except Http404:
+        raise HttpError(404, f"Model {model_id} does not exist; GET /api/v1/models lists them.") from None
+
+
+def _extraction(model_id: int, extraction_id: int) -> Extraction:
+    _model(model_id)
+    try:
+        return selectors.extraction_get(model_id=model_id, extraction_id=extraction_id)
+    except Http404:
+        raise HttpError(404, f"Extraction {extraction_id} of model {model_id} does not exist.") from None
+
+
+@router.get("/models", response=list[ModelOut])
+def list_models(request):
+    return selectors.model_list()
+
+
+@router.post("/models", response={201: ModelOut, 422: Message}, auth=staff_required)
+def register_model(request, payload: ModelIn):
+    return 201, services.model_register(path=payload.path, name=payload.name)
+
+
+@router.get("/datasets", response=list[DatasetOut])
+def list_datasets(request):
+    return selectors.dataset_list()
+
+
+@router.post("/datasets", response={201: DatasetOut, 422: Message}, auth=staff_required)
+def register_dataset(request, payload: DatasetIn):
+    return 201, services.dataset_register(path=payload.path, name=payload.name)
+
+
+@router.post(
+    "/models/{model_id}/extractions",
+    response={201: ExtractionOut, 200: ExtractionOut, 404: Message, 422: Message},
+    auth=staff_required,
+    summary="Start an extraction (an identical active request returns the existing job with 200)",
+)
+def start_extraction(request, model_id: int, payload: ExtractionIn):
+    model = _model(model_id)
+    dataset = selectors.dataset_find(str(payload.dataset_id))
+    if dataset is None:
+        raise HttpError(404, f"Dataset {payload.dataset_id} does not exist; GET /api/v1/datasets lists them.")
+    extraction, created = services.extraction_start(
+        model=model, dataset=dataset, user=request.user,
+        **payload.dict(exclude={"dataset_id"}),
+    )
+    return (201 if created else 200), extraction
+
+
+@router.get("/models/{model_id}/extractions", response={200: list[ExtractionOut], 404: Message})
+def list_extractions(request, model_id: int, status: Extraction.Status | None = None):
+    _model(model_id)
+    return selectors.extraction_list(model_id=model_id, status=status)
+
+
+@router.get("/models/{model_id}/extractions/{extraction_id}", response={200: ExtractionOut, 404: Message})
+def get_extraction(request, model_id: int, extraction_id: int):
+    return _extraction(model_id, extraction_id)
+
+
+@router.post(
+    "/models/{model_id}/extractions/{extraction_id}/cancel",
+    response={200: CancelOut, 404: Message, 409: Message},
+    auth=staff_required,
+)
+def cancel_extraction(request, model_id: int, extraction_id: int):
+    extraction = services.extraction_cancel(extraction=_extraction(model_id, extraction_id))
+    extraction = services.extraction_wait_stopped(extraction=extraction, timeout_s=CANCEL_WAIT_S)
+    if extraction.status == Extraction.Status.CANCELLED:
+        message = f"Extraction {extraction.pk} is cancelled."
+    else:
+        message = f"Extraction {extraction.pk} is stopping; its worker stops after the current batch."
+    return {"extraction_id": extraction.pk, "status": extraction.status if extraction.is_terminal else "cancelling",
+            "message": message}
+
+
+@router.post(
+    "/models/{model_id}/extractions/{extraction_id}/retry",
+    response={201: ExtractionOut, 404: Message, 409: Message, 422: Message},
+    auth=staff_required,
+)
+def retry_extraction(request, model_id: int, extraction_id: int, payload: RetryIn | None = None):
+    payload = payload or RetryIn()
+    retry = services.extraction_retry(
+        extraction=_extraction(model_id, extraction_id), batch_size=payload.batch_size,
+        max_samples=payload.max_samples, reason=payload.reason, user=request.user,
+    )
+    return 201, retry

@@ -1,0 +1,183 @@
+from pathlib import Path
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+from jobsite.errors import ErrorType
+from jobsite.models import Job
+
+HOOK_TYPES = ("residual", "mlp", "attention")
+VALID_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class ModelRecord(models.Model):
+    """A local `save_pretrained` directory under JOBSITE_MODEL_ROOTS, checked when registered."""
+
+    name = models.CharField(max_length=200, unique=True)
+    path = models.CharField(max_length=1000, unique=True)
+    architecture = models.CharField(max_length=200)
+    model_type = models.CharField(max_length=100)
+    num_layers = models.PositiveIntegerField()
+    hidden_size = models.PositiveIntegerField()
+    vocab_size = models.PositiveIntegerField()
+    supported_hooks = models.JSONField(default=list)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "model"
+
+    def __str__(self):
+        return self.name
+
+
+class Dataset(models.Model):
+    """Text samples: `.txt` one per line, or `.jsonl` with `text` or `input_ids`."""
+
+    class Format(models.TextChoices):
+        TXT = "txt", "Text, one sample a line"
+        JSONL = "jsonl", "JSON lines"
+
+    name = models.CharField(max_length=200, unique=True)
+    path = models.CharField(max_length=1000, unique=True)
+    format = models.CharField(max_length=10, choices=Format.choices)
+    num_samples = models.PositiveIntegerField()
+    size_bytes = models.PositiveBigIntegerField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+
+class ExtractionStatus(models.TextChoices):
+    QUEUED = "queued"
+    LOADING = "loading"
+    EXTRACTING = "extracting"
+    SAVING = "saving"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+_TERMINAL = ["completed", "failed", "cancelled"]
+_ACTIVE = ["queued", "loading", "extracting", "saving"]
+
+
+class Extraction(Job):
+    Status = ExtractionStatus
+
+    class StorageDtype(models.TextChoices):
+        FLOAT32 = "float32"
+        FLOAT16 = "float16"
+
+    KIND = "extraction"
+    TASK = "extraction.tasks.run_extraction"
+    QUEUED = Status.QUEUED
+    CLAIMED = Status.LOADING
+    FAILED = Status.FAILED
+    CANCELLED = Status.CANCELLED
+    RUNNING = frozenset({Status.LOADING, Status.EXTRACTING, Status.SAVING})
+    ACTIVE = frozenset(_ACTIVE)
+    TERMINAL = frozenset(_TERMINAL)
+    RETRYABLE_FROM = frozenset({Status.FAILED, Status.CANCELLED})
+    TRANSITIONS = {
+        Status.QUEUED: {Status.LOADING, Status.CANCELLED, Status.FAILED},
+        Status.LOADING: {Status.EXTRACTING, Status.FAILED, Status.CANCELLED},
+        Status.EXTRACTING: {Status.SAVING, Status.FAILED, Status.CANCELLED},
+        Status.SAVING: {Status.COMPLETED, Status.FAILED, Status.CANCELLED},
+        # An automatic retry resumes the same row from its checkpoint.
+        Status.FAILED: {Status.QUEUED},
+        Status.COMPLETED: set(),
+        Status.CANCELLED: set(),
+    }
+
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    model = models.ForeignKey(ModelRecord, on_delete=models.PROTECT, related_name="extractions")
+    dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="extractions")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+
+    layers = models.JSONField(help_text="block indices, e.g. [0, 3]")
+    hooks = models.JSONField(help_text="subset of residual, mlp, attention")
+    batch_size = models.PositiveIntegerField(default=8)
+    max_samples = models.PositiveIntegerField(null=True, blank=True)
+    max_length = models.PositiveIntegerField(default=512)
+    storage_dtype = models.CharField(max_length=10, choices=StorageDtype.choices, default=StorageDtype.FLOAT32)
+    auto_retry_on_oom = models.BooleanField(default=False)
+    # sha256 of what determines the output (not batch size): an identical active request is this job.
+    fingerprint = models.CharField(max_length=64, db_index=True)
+
+    samples_processed = models.PositiveIntegerField(default=0)
+    total_samples = models.PositiveIntegerField(default=0)
+    tokens_processed = models.PositiveBigIntegerField(default=0)
+    total_tokens = models.PositiveBigIntegerField(default=0)
+    # Token ids outside the model's vocabulary, replaced by the nearest valid id.
+    clamped_tokens = models.PositiveBigIntegerField(default=0)
+    truncated_samples = models.PositiveIntegerField(default=0)
+    # The batch size in force: smaller than batch_size after out-of-memory halving.
+    current_batch_size = models.PositiveIntegerField(null=True, blank=True)
+
+    original_extraction = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="retries",
+        help_text="the extraction this one retries",
+    )
+    retry_count = models.PositiveIntegerField(default=0, help_text="position in its retry lineage")
+    retry_reason = models.CharField(max_length=500, blank=True)
+    # Samples copied from the original's checkpoint when a retry changed only the batch size.
+    resumed_samples = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.CheckConstraint(condition=Q(status__in=ExtractionStatus.values), name="extraction_status_valid"),
+            models.CheckConstraint(
+                condition=Q(status__in=_TERMINAL, finished_at__isnull=False)
+                | (~Q(status__in=_TERMINAL) & Q(finished_at__isnull=True)),
+                name="extraction_finished_at_iff_terminal",
+            ),
+            models.CheckConstraint(condition=Q(batch_size__in=VALID_BATCH_SIZES), name="extraction_batch_size_valid"),
+            models.UniqueConstraint(
+                fields=["model", "fingerprint"],
+                condition=Q(status__in=_ACTIVE),
+                name="extraction_one_active_per_request",
+            ),
+        ]
+
+    def __str__(self):
+        return f"Extraction {self.pk} ({self.status})"
+
+    @property
+    def output_dir(self) -> Path:
+        return settings.JOBSITE_DATA_DIR / "activations" / str(self.pk)
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.samples_processed / self.total_samples if self.total_samples else 0.0
+
+    def suggest_retry_params(self, error_type: str) -> dict:
+        size = self.current_batch_size or self.batch_size
+        if error_type == ErrorType.OOM:
+            if size > 1:
+                return {"batch_size": max(1, size // 2)}
+            return {"batch_size": 1, "max_length": max(1, self.max_length // 2)}
+        return {}
+
+    def event_payload(self) -> dict:
+        return {
+            **super().event_payload(),
+            "model_id": self.model_id,
+            "dataset_id": self.dataset_id,
+            "batch_size": self.batch_size,
+            "current_batch_size": self.current_batch_size,
+            "samples_processed": self.samples_processed,
+            "total_samples": self.total_samples,
+            "tokens_processed": self.tokens_processed,
+            "total_tokens": self.total_tokens,
+            "clamped_tokens": self.clamped_tokens,
+            "truncated_samples": self.truncated_samples,
+            "original_extraction_id": self.original_extraction_id,
+            "retry_count": self.retry_count,
+        }

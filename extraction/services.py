@@ -1,0 +1,262 @@
+"""Writes for extractions. Every entry point (API, admin, pages, commands, tasks) calls these."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from extraction.models import HOOK_TYPES, VALID_BATCH_SIZES, Dataset, Extraction, ModelRecord
+from jobsite.errors import JobInputError
+from jobsite.lifecycle import TransitionError, transition
+from jobsite.services import job_enqueue, job_request_cancel
+
+
+def _resolve_under(path: str | Path, roots: list[Path], what: str) -> Path:
+    """Resolve symlinks and `..` first, then require the result to lie under a root."""
+    candidate = Path(path).expanduser()
+    if not candidate.is_absolute():
+        candidate = roots[0] / candidate
+    resolved = candidate.resolve()
+    if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
+        allowed = ", ".join(str(r) for r in roots)
+        raise JobInputError(f"The {what} path {path} is outside the allowed directories ({allowed}); move it there.")
+    if not resolved.exists():
+        raise JobInputError(f"The {what} path {path} does not exist.")
+    return resolved
+
+
+def model_register(*, path: str, name: str = "") -> ModelRecord:
+    from extraction.runner import inspect_model  # noqa: PLC0415 - keeps torch out of web start-up
+
+    resolved = _resolve_under(path, settings.JOBSITE_MODEL_ROOTS, "model")
+    if not resolved.is_dir():
+        raise JobInputError(f"The model path {path} is a file; give the directory save_pretrained wrote.")
+    existing = ModelRecord.objects.filter(path=str(resolved)).first()
+    if existing:
+        return existing
+    info = inspect_model(str(resolved))
+    name = name or resolved.name
+    if ModelRecord.objects.filter(name=name).exists():
+        raise JobInputError(f"A model named {name!r} already exists; choose another name.")
+    return ModelRecord.objects.create(
+        name=name,
+        path=str(resolved),
+        architecture=info.architecture,
+        model_type=info.model_type,
+        num_layers=info.num_layers,
+        hidden_size=info.hidden_size,
+        vocab_size=info.vocab_size,
+        supported_hooks=list(info.supported_hooks),
+    )
+
+
+def dataset_register(*, path: str, name: str = "") -> Dataset:
+    from extraction.runner import inspect_dataset  # noqa: PLC0415
+
+    resolved = _resolve_under(path, [settings.JOBSITE_DATA_DIR], "dataset")
+    if resolved.suffix not in (".txt", ".jsonl"):
+        raise JobInputError(f"The dataset {path} must be a .txt (one sample a line) or .jsonl file.")
+    existing = Dataset.objects.filter(path=str(resolved)).first()
+    if existing:
+        return existing
+    info = inspect_dataset(str(resolved))
+    name = name or resolved.stem
+    if Dataset.objects.filter(name=name).exists():
+        raise JobInputError(f"A dataset named {name!r} already exists; choose another name.")
+    return Dataset.objects.create(
+        name=name, path=str(resolved), format=info.format, num_samples=info.num_samples, size_bytes=info.size_bytes
+    )
+
+
+def validate_parameters(
+    *, model: ModelRecord, dataset: Dataset, layers: list[int], hooks: list[str], batch_size: int,
+    max_samples: int | None, max_length: int, storage_dtype: str,
+) -> tuple[list[int], list[str]]:
+    """Check a request against the model; each error names the fix."""
+    if not layers:
+        raise JobInputError("Choose at least one layer.")
+    bad_layers = [layer for layer in layers if not 0 <= layer < model.num_layers]
+    if bad_layers:
+        raise JobInputError(
+            f"Layer {bad_layers[0]} does not exist: {model.name} has layers 0-{model.num_layers - 1}."
+        )
+    if not hooks:
+        raise JobInputError(f"Choose at least one hook point from {', '.join(HOOK_TYPES)}.")
+    unknown = [hook for hook in hooks if hook not in HOOK_TYPES]
+    if unknown:
+        raise JobInputError(f"Hook {unknown[0]!r} is unknown; choose from {', '.join(HOOK_TYPES)}.")
+    unsupported = [hook for hook in hooks if hook not in model.supported_hooks]
+    if unsupported:
+        raise JobInputError(
+            f"{model.name} ({model.architecture}) has no {unsupported[0]} hook point; "
+            f"it supports {', '.join(model.supported_hooks)}."
+        )
+    if batch_size not in VALID_BATCH_SIZES:
+        raise JobInputError(f"batch_size must be one of {', '.join(map(str, VALID_BATCH_SIZES))}; got {batch_size}.")
+    if max_samples is not None and not 1 <= max_samples <= dataset.num_samples:
+        raise JobInputError(
+            f"max_samples must be between 1 and {dataset.num_samples} (the samples in {dataset.name}); "
+            "leave it empty for all."
+        )
+    if not 1 <= max_length <= 1_000_000:
+        raise JobInputError("max_length must be a positive number of tokens, e.g. 512.")
+    if storage_dtype not in Extraction.StorageDtype.values:
+        raise JobInputError(f"storage_dtype must be one of {', '.join(Extraction.StorageDtype.values)}.")
+    return sorted(set(layers)), [hook for hook in HOOK_TYPES if hook in hooks]
+
+
+def request_fingerprint(*, dataset: Dataset, layers, hooks, max_samples, max_length, storage_dtype) -> str:
+    identity = {
+        "dataset": dataset.pk, "layers": layers, "hooks": hooks, "max_samples": max_samples,
+        "max_length": max_length, "storage_dtype": storage_dtype,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def extraction_start(
+    *, model: ModelRecord, dataset: Dataset, layers: list[int], hooks: list[str], batch_size: int = 8,
+    max_samples: int | None = None, max_length: int = 512, storage_dtype: str = "float32",
+    auto_retry_on_oom: bool = False, user=None, original: Extraction | None = None, retry_reason: str = "",
+) -> tuple[Extraction, bool]:
+    """Queue an extraction, or return the identical one already active (created=False)."""
+    layers, hooks = validate_parameters(
+        model=model, dataset=dataset, layers=layers, hooks=hooks, batch_size=batch_size,
+        max_samples=max_samples, max_length=max_length, storage_dtype=storage_dtype,
+    )
+    fingerprint = request_fingerprint(
+        dataset=dataset, layers=layers, hooks=hooks, max_samples=max_samples, max_length=max_length,
+        storage_dtype=storage_dtype,
+    )
+    try:
+        with transaction.atomic():
+            extraction = Extraction.objects.create(
+                model=model, dataset=dataset, layers=layers, hooks=hooks, batch_size=batch_size,
+                max_samples=max_samples, max_length=max_length, storage_dtype=storage_dtype,
+                auto_retry_on_oom=auto_retry_on_oom, fingerprint=fingerprint, created_by=user,
+                total_samples=max_samples or dataset.num_samples,
+                original_extraction=original, retry_count=(original.retry_count + 1) if original else 0,
+                retry_reason=retry_reason,
+            )
+            from jobsite.events import publish  # noqa: PLC0415
+
+            publish(extraction.topic, "extraction.queued", extraction.event_payload())
+            if original is not None:
+                payload = {**extraction.event_payload(), "automatic": False, "reason": retry_reason}
+                publish(original.topic, "extraction.retry_started", payload)
+                publish(extraction.topic, "extraction.retry_started", payload)
+            job_enqueue(extraction)
+    except IntegrityError:
+        active = Extraction.objects.filter(
+            model=model, fingerprint=fingerprint, status__in=Extraction.ACTIVE
+        ).first()
+        if active is None:  # the other request finished in between; ours is welcome now
+            return extraction_start(
+                model=model, dataset=dataset, layers=layers, hooks=hooks, batch_size=batch_size,
+                max_samples=max_samples, max_length=max_length, storage_dtype=storage_dtype,
+                auto_retry_on_oom=auto_retry_on_oom, user=user, original=original, retry_reason=retry_reason,
+            )
+        return active, False
+    return extraction, True
+
+
+def extraction_cancel(*, extraction: Extraction) -> Extraction:
+    return job_request_cancel(extraction)
+
+
+def extraction_wait_stopped(*, extraction: Extraction, timeout_s: float) -> Extraction:
+    """After a cancel request: give the worker up to timeout_s to stop, then report."""
+    deadline = time.monotonic() + timeout_s
+    while extraction.status in Extraction.RUNNING and time.monotonic() < deadline:
+        time.sleep(0.1)
+        extraction.refresh_from_db()
+    return extraction
+
+
+def extraction_retry(
+    *, extraction: Extraction, batch_size: int | None = None, max_samples: int | None = None, reason: str = "",
+    user=None,
+) -> Extraction:
+    """A person's retry: a new extraction linked to this one. When only the batch size
+    changes, the new one starts from the samples this one already completed."""
+    if not extraction.retry_available:
+        raise TransitionError(
+            f"Extraction {extraction.pk} is {extraction.status}; only a failed or cancelled extraction can be retried."
+        )
+    new_max_samples = max_samples if max_samples is not None else extraction.max_samples
+    retry, created = extraction_start(
+        model=extraction.model, dataset=extraction.dataset, layers=extraction.layers, hooks=extraction.hooks,
+        batch_size=batch_size or extraction.batch_size, max_samples=new_max_samples,
+        max_length=extraction.max_length, storage_dtype=extraction.storage_dtype,
+        auto_retry_on_oom=extraction.auto_retry_on_oom, user=user, original=extraction,
+        retry_reason=reason or (f"{extraction.error_type}: {extraction.error_message}"[:500] if extraction.error_type else "retry"),
+    )
+    if not created:
+        raise TransitionError(f"An identical extraction ({retry.pk}) is already {retry.status}; follow that one.")
+    return retry
+
+
+def extraction_run(extraction: Extraction, lease) -> None:
+    """The work of one attempt, called by the worker once it holds the claim."""
+    from extraction import runner  # noqa: PLC0415
+    from jobsite import failpoints  # noqa: PLC0415
+
+    spec = runner.ExtractionSpec(
+        model_path=extraction.model.path,
+        dataset_path=extraction.dataset.path,
+        output_dir=str(extraction.output_dir),
+        layers=tuple(extraction.layers),
+        hooks=tuple(extraction.hooks),
+        batch_size=extraction.current_batch_size or extraction.batch_size,
+        max_length=extraction.max_length,
+        max_samples=extraction.max_samples,
+        storage_dtype=extraction.storage_dtype,
+        auto_retry_on_oom=extraction.auto_retry_on_oom,
+        device=settings.JOBSITE_DEVICE,
+    )
+    original = extraction.original_extraction
+    if extraction.attempt == 1 and original is not None and not extraction.output_dir.exists():
+        seeded = runner.seed_from_checkpoint(str(original.output_dir), str(extraction.output_dir), spec)
+        if seeded:
+            lease.report(resumed_samples=seeded)
+
+    def progress(samples_done, total_samples, tokens_done, total_tokens):
+        lease.report(
+            samples_processed=samples_done, total_samples=total_samples,
+            tokens_processed=tokens_done, total_tokens=total_tokens,
+            final=samples_done == total_samples,
+        )
+
+    def on_event(kind: str, payload: dict):
+        if kind == "phase" and payload.get("phase") == "extracting":
+            lease.set_status(Extraction.Status.EXTRACTING)
+        elif kind == "phase" and payload.get("phase") == "saving":
+            lease.set_status(Extraction.Status.SAVING)
+        elif kind == "batch_size_reduced":
+            lease.report(current_batch_size=payload["to"])
+            from jobsite.events import publish  # noqa: PLC0415
+
+            publish(extraction.topic, "extraction.batch_size_reduced", {**extraction.event_payload(), **payload})
+
+    result = runner.run_extraction(
+        spec,
+        progress=progress,
+        heartbeat=lease.heartbeat,
+        should_cancel=lease.should_cancel,
+        on_event=on_event,
+        failpoint=failpoints.make(settings.JOBSITE_FAILPOINTS, attempt=extraction.attempt),
+    )
+    if extraction.status != Extraction.Status.SAVING:
+        lease.set_status(Extraction.Status.SAVING)
+    lease.set_status(
+        Extraction.Status.COMPLETED,
+        samples_processed=result.samples, total_samples=result.samples, tokens_processed=result.tokens,
+        total_tokens=result.tokens, clamped_tokens=result.clamped_tokens,
+        truncated_samples=result.truncated_samples, current_batch_size=result.batch_size,
+        error_type="", error_message="", suggested_retry_params={}, progress_at=timezone.now(),
+    )

@@ -1,0 +1,73 @@
+"""The JSON API: /api/v1/, OpenAPI at /api/docs. Reads need a login, writes need staff.
+
+Every refusal is a 4xx with a `message` sentence that says what to change.
+"""
+
+from django.http import HttpRequest
+from ninja import NinjaAPI
+from ninja.errors import AuthenticationError, HttpError, ValidationError
+from ninja.security import SessionAuth
+
+from jobsite.errors import JobInputError
+from jobsite.lifecycle import TransitionError
+
+
+class LoginRequired(SessionAuth):
+    """Session login (with CSRF on writes from the browser)."""
+
+
+class StaffRequired(SessionAuth):
+    def authenticate(self, request: HttpRequest, key):
+        user = super().authenticate(request, key)
+        if user and not user.is_staff:
+            raise HttpError(403, "Only staff users can start, cancel or retry jobs; ask an administrator.")
+        return user
+
+
+login_required = LoginRequired()
+staff_required = StaffRequired()
+
+api = NinjaAPI(title="jobsite", version="1", urls_namespace="api", docs_url="/docs", auth=login_required)
+
+
+def _sentence_for(errors: list[dict]) -> str:
+    parts = []
+    for error in errors:
+        location = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body", "payload", "query", "path"))
+        message = str(error.get("msg", "is invalid")).removeprefix("Value error, ")
+        parts.append(f"{location}: {message}" if location else message)
+    return "; ".join(parts) or "The request is invalid."
+
+
+@api.exception_handler(ValidationError)
+def on_validation_error(request, exc: ValidationError):
+    return api.create_response(request, {"message": _sentence_for(exc.errors), "detail": exc.errors}, status=422)
+
+
+@api.exception_handler(JobInputError)
+def on_job_input_error(request, exc: JobInputError):
+    return api.create_response(request, {"message": str(exc)}, status=422)
+
+
+@api.exception_handler(TransitionError)
+def on_transition_error(request, exc: TransitionError):
+    return api.create_response(request, {"message": str(exc)}, status=409)
+
+
+@api.exception_handler(AuthenticationError)
+def on_authentication_error(request, exc):
+    return api.create_response(request, {"message": "Log in first (session cookie); writes also need staff."}, status=401)
+
+
+@api.exception_handler(HttpError)
+def on_http_error(request, exc: HttpError):
+    return api.create_response(request, {"message": str(exc)}, status=exc.status_code)
+
+
+def register_routers() -> None:
+    from extraction.api import router as extraction_router
+
+    api.add_router("/", extraction_router)
+
+
+register_routers()

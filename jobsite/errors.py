@@ -1,0 +1,90 @@
+"""Failure classification shared by every job kind.
+
+Pure Python (torch optional): runners import it, so it must not import Django.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class ErrorType:
+    OOM = "OOM"
+    VALIDATION = "VALIDATION"
+    TIMEOUT = "TIMEOUT"
+    EXTRACTION = "EXTRACTION"
+    TRAINING = "TRAINING"
+    STORAGE = "STORAGE"
+    WORKER_LOST = "WORKER_LOST"
+    UNKNOWN = "UNKNOWN"
+
+    CHOICES = [
+        (OOM, "Out of memory"),
+        (VALIDATION, "Invalid input"),
+        (TIMEOUT, "Timed out"),
+        (EXTRACTION, "Extraction error"),
+        (TRAINING, "Training error"),
+        (STORAGE, "Storage error"),
+        (WORKER_LOST, "Worker lost"),
+        (UNKNOWN, "Unknown error"),
+    ]
+
+
+# Transient by nature: the same job, resumed from its checkpoint, may well succeed.
+RETRYABLE = frozenset({ErrorType.WORKER_LOST, ErrorType.TIMEOUT})
+
+# The allocator messages accelerate's find_executable_batch_size recognises, plus MPS.
+_OOM_MESSAGES = (
+    " out of memory.",
+    "CUDA out of memory",
+    "DefaultCPUAllocator: can't allocate memory",
+    "CUDNN_STATUS_NOT_SUPPORTED",
+    "MPS backend out of memory",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+)
+
+
+class JobInputError(ValueError):
+    """The job's parameters or inputs are wrong; retrying unchanged cannot help."""
+
+
+class Cancelled(Exception):
+    """Raised by a runner between steps once should_cancel() said so."""
+
+
+class StepTimeout(Exception):
+    """A step ran past its limit (raised by the worker, or by a failpoint)."""
+
+
+def is_oom(exc: BaseException) -> bool:
+    try:
+        import torch
+
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            return True
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        pass
+    if isinstance(exc, MemoryError):
+        return True
+    if isinstance(exc, RuntimeError) and len(exc.args) == 1:
+        message = str(exc.args[0])
+        return any(fragment in message for fragment in _OOM_MESSAGES)
+    return False
+
+
+def classify_error(exc: BaseException) -> str:
+    if is_oom(exc):
+        return ErrorType.OOM
+    if isinstance(exc, JobInputError):
+        return ErrorType.VALIDATION
+    if isinstance(exc, StepTimeout) or type(exc).__name__ == "TimeoutException":
+        return ErrorType.TIMEOUT
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
+        return ErrorType.STORAGE
+    return ErrorType.UNKNOWN
+
+
+def error_sentence(exc: BaseException) -> str:
+    """One line a person can read: the exception's message without a traceback."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return message[:2000]

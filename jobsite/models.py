@@ -1,0 +1,122 @@
+from django.db import models
+from django.utils import timezone
+
+from jobsite.errors import ErrorType
+
+
+class Event(models.Model):
+    """The durable event log: every state change and progress report of every job.
+
+    `seq` orders everything; a client that saw seq N asks for the events after N and
+    misses nothing, whichever process wrote them.
+    """
+
+    seq = models.BigAutoField(primary_key=True)
+    # "<kind>.<id>" (e.g. "extraction.12"); clients filter by prefix.
+    topic = models.CharField(max_length=100, db_index=True)
+    type = models.CharField(max_length=64)
+    payload = models.JSONField(default=dict)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ["seq"]
+
+    def __str__(self):
+        return f"#{self.seq} {self.type} {self.topic}"
+
+    def as_message(self) -> dict:
+        return {
+            "seq": self.seq,
+            "topic": self.topic,
+            "type": self.type,
+            "payload": self.payload,
+            "created_at": self.created_at.isoformat(),
+        }
+
+
+class Job(models.Model):
+    """Lifecycle, heartbeat, attempt and failure fields shared by every job kind.
+
+    A concrete job declares its `Status`, the allowed `TRANSITIONS`, which statuses are
+    `RUNNING` (a worker owns the job and must heartbeat), `ACTIVE` and `TERMINAL`, the status
+    a claim moves to (`CLAIMED`), its event `KIND` and its django-q2 `TASK` path.
+    """
+
+    KIND: str = ""
+    TASK: str = ""
+    CLAIMED: str = ""
+    TRANSITIONS: dict = {}
+    RUNNING: frozenset = frozenset()
+    ACTIVE: frozenset = frozenset()
+    TERMINAL: frozenset = frozenset()
+
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    updated_at = models.DateTimeField(default=timezone.now)
+    queued_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # Incremented by every heartbeat: a page can tell a live worker from a frozen row.
+    heartbeat_seq = models.PositiveBigIntegerField(default=0)
+    # Last time the workload itself reported progress (the heartbeat only proves the process lives).
+    progress_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    # Claims so far; automatic retries stop at JOBSITE_MAX_ATTEMPTS.
+    attempt = models.PositiveIntegerField(default=0)
+    # An automatic retry is not claimed before this time (backoff with jitter).
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    worker = models.CharField(max_length=200, blank=True, help_text="host:pid of the process that claimed the job")
+    worker_host = models.CharField(max_length=200, blank=True)
+    worker_pid = models.PositiveIntegerField(null=True, blank=True)
+    cancel_requested = models.BooleanField(default=False)
+    error_type = models.CharField(max_length=20, blank=True, choices=ErrorType.CHOICES)
+    error_message = models.TextField(blank=True)
+    suggested_retry_params = models.JSONField(default=dict, blank=True)
+    # True once the machinery has resumed this job by itself after a transient failure.
+    auto_retried = models.BooleanField(default=False)
+
+    class Meta:
+        abstract = True
+
+    @property
+    def topic(self) -> str:
+        return f"{self.KIND}.{self.pk}"
+
+    @property
+    def is_running(self) -> bool:
+        return self.status in self.RUNNING
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in self.TERMINAL
+
+    @property
+    def cancel_available(self) -> bool:
+        return self.status in self.ACTIVE and not self.cancel_requested
+
+    @property
+    def retry_available(self) -> bool:
+        return self.status in self.RETRYABLE_FROM
+
+    RETRYABLE_FROM: frozenset = frozenset()
+
+    def event_payload(self) -> dict:
+        """The job as its events carry it: enough for a client to redraw it from scratch."""
+        return {
+            "id": self.pk,
+            "kind": self.KIND,
+            "status": self.status,
+            "attempt": self.attempt,
+            "heartbeat_at": self.heartbeat_at.isoformat() if self.heartbeat_at else None,
+            "heartbeat_seq": self.heartbeat_seq,
+            "cancel_requested": self.cancel_requested,
+            "error_type": self.error_type,
+            "error_message": self.error_message,
+            "suggested_retry_params": self.suggested_retry_params,
+            "retry_available": self.retry_available,
+            "cancel_available": self.cancel_available,
+            "next_attempt_at": self.next_attempt_at.isoformat() if self.next_attempt_at else None,
+        }
+
+    def suggest_retry_params(self, error_type: str) -> dict:
+        """Parameters a retry should change for this failure; kinds override."""
+        return {}

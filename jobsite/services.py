@@ -1,0 +1,85 @@
+"""Services every job kind shares: enqueue, cancel request, failure and automatic retry."""
+
+from __future__ import annotations
+
+import logging
+import random
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from jobsite.errors import RETRYABLE, classify_error, error_sentence
+from jobsite.lifecycle import TransitionError, transition
+from jobsite.models import Job
+
+logger = logging.getLogger(__name__)
+
+
+def job_enqueue(job: Job) -> None:
+    """Hand the job to django-q2 once the surrounding transaction has committed."""
+    from django_q.tasks import async_task
+
+    task_name = f"{job.KIND}-{job.pk}-{timezone.now().strftime('%Y%m%d%H%M%S%f')}"
+    transaction.on_commit(lambda: async_task(job.TASK, job.pk, task_name=task_name))
+
+
+def job_request_cancel(job: Job) -> Job:
+    """Cancel a job: at once when no worker holds it, cooperatively when one does.
+
+    A running job gets `cancel_requested`; its worker stops within one batch, or its
+    heartbeat thread ends the process after JOBSITE_CANCEL_GRACE_S.
+    """
+    label = job._meta.verbose_name
+    if job.status not in job.ACTIVE:
+        raise TransitionError(f"This {label} is {job.status}; only a queued or running {label} can be cancelled.")
+    if job.status in job.RUNNING:
+        with transaction.atomic():
+            updated = type(job).objects.filter(pk=job.pk, status__in=job.RUNNING).update(
+                cancel_requested=True, updated_at=timezone.now()
+            )
+            if updated:
+                job.cancel_requested = True
+                from jobsite.events import publish
+
+                publish(job.topic, f"{job.KIND}.cancel_requested", job.event_payload())
+                return job
+        job.refresh_from_db()
+        return job_request_cancel(job)
+    return transition(job, job.CANCELLED, cancel_requested=False)
+
+
+def backoff_delay(attempt: int) -> float:
+    """Exponential backoff with equal jitter: half the step fixed, half random."""
+    step = min(settings.JOBSITE_RETRY_MAX_S, settings.JOBSITE_RETRY_BASE_S * settings.JOBSITE_RETRY_FACTOR ** max(0, attempt - 1))
+    return step / 2 + random.uniform(0, step / 2)
+
+
+def job_fail(job: Job, *, exc: BaseException | None = None, error_type: str | None = None, message: str = "") -> Job:
+    """Record a failure with its class and next step, then retry it automatically when the
+    failure is transient and attempts remain; everything else waits for a person."""
+    error_type = error_type or classify_error(exc)
+    message = message or error_sentence(exc)
+    fields = dict(
+        error_type=error_type,
+        error_message=message,
+        suggested_retry_params=job.suggest_retry_params(error_type),
+        cancel_requested=False,
+    )
+    with transaction.atomic():
+        transition(job, job.FAILED, **fields)
+        if error_type in RETRYABLE and job.attempt < settings.JOBSITE_MAX_ATTEMPTS:
+            delay = backoff_delay(job.attempt)
+            transition(
+                job,
+                job.QUEUED,
+                event_type=f"{job.KIND}.retry_started",
+                payload={"automatic": True, "delay_s": round(delay, 3), "reason": message},
+                next_attempt_at=timezone.now() + timedelta(seconds=delay),
+                queued_at=timezone.now(),
+                auto_retried=True,
+            )
+            job_enqueue(job)
+    logger.info("%s %s failed (%s): %s", job.KIND, job.pk, error_type, message)
+    return job

@@ -1,0 +1,160 @@
+"""jobsite settings: twelve-factor, every knob an environment variable.
+
+Embedded default (no variables set): SQLite under JOBSITE_DATA_DIR, django-q2 ORM broker
+on the same database, in-memory channel layer with consumers tailing the event table.
+DATABASE_URL and REDIS_URL switch to PostgreSQL and channels-redis.
+"""
+
+import os
+import socket
+from pathlib import Path
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+def env_bool(name: str, default: bool) -> bool:
+    return os.environ.get(name, str(default)).strip().lower() in ("1", "true", "yes", "on")
+
+
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "jobsite-local-development-key-change-me-in-production")
+DEBUG = env_bool("DJANGO_DEBUG", False)
+ALLOWED_HOSTS = os.environ.get("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost,testserver").split(",")
+CSRF_TRUSTED_ORIGINS = [o for o in os.environ.get("DJANGO_CSRF_TRUSTED_ORIGINS", "").split(",") if o]
+
+JOBSITE_DATA_DIR = Path(os.environ.get("JOBSITE_DATA_DIR", BASE_DIR / ".data")).resolve()
+# Model directories are only read from below these roots (colon separated).
+JOBSITE_MODEL_ROOTS = [
+    Path(p).resolve()
+    for p in os.environ.get("JOBSITE_MODEL_ROOTS", str(JOBSITE_DATA_DIR / "models")).split(os.pathsep)
+    if p
+]
+
+# Heartbeat, stall, timeout and automatic retry policy (seconds unless named otherwise).
+JOBSITE_HEARTBEAT_S = env_float("JOBSITE_HEARTBEAT_S", 10)
+JOBSITE_STALL_AFTER_S = env_float("JOBSITE_STALL_AFTER_S", 30)
+JOBSITE_TIMEOUT_S = env_float("JOBSITE_TIMEOUT_S", 6 * 3600)
+JOBSITE_CANCEL_GRACE_S = env_float("JOBSITE_CANCEL_GRACE_S", 30)
+JOBSITE_WATCHDOG_EVERY_S = env_float("JOBSITE_WATCHDOG_EVERY_S", 10)
+JOBSITE_RETRY_BASE_S = env_float("JOBSITE_RETRY_BASE_S", 10)
+JOBSITE_RETRY_FACTOR = env_float("JOBSITE_RETRY_FACTOR", 2)
+JOBSITE_RETRY_MAX_S = env_float("JOBSITE_RETRY_MAX_S", 300)
+JOBSITE_MAX_ATTEMPTS = int(os.environ.get("JOBSITE_MAX_ATTEMPTS", 3))
+# Progress events are throttled to one per this many seconds per job (the last one always goes).
+JOBSITE_PROGRESS_EVERY_S = env_float("JOBSITE_PROGRESS_EVERY_S", 0.5)
+# How often a consumer reads the event table: the only path without Redis, a safety net with it.
+JOBSITE_EVENT_POLL_S = env_float("JOBSITE_EVENT_POLL_S", 0.25)
+# Failpoints make a named worker step fail on purpose; JSON, off by default. See jobsite/failpoints.py.
+JOBSITE_FAILPOINTS = os.environ.get("JOBSITE_FAILPOINTS", "")
+JOBSITE_HOSTNAME = os.environ.get("JOBSITE_HOSTNAME", socket.gethostname())
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "django_q",
+    "django_htmx",
+    "jobsite",
+    "extraction",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+]
+
+ROOT_URLCONF = "jobsite.urls"
+ASGI_APPLICATION = "jobsite.asgi.application"
+WSGI_APPLICATION = None
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+JOBSITE_DATA_DIR.mkdir(parents=True, exist_ok=True)
+_sqlite_default = f"sqlite:///{JOBSITE_DATA_DIR / 'jobsite.sqlite3'}"
+DATABASES = {"default": dj_database_url.parse(os.environ.get("DATABASE_URL", _sqlite_default), conn_max_age=0)}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Web, worker and heartbeat threads write concurrently: WAL plus a generous busy timeout,
+    # and IMMEDIATE transactions so a writer waits instead of failing mid-transaction.
+    DATABASES["default"]["OPTIONS"] = {
+        "timeout": 30,
+        "transaction_mode": "IMMEDIATE",
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+    DATABASES["default"]["TEST"] = {"NAME": str(JOBSITE_DATA_DIR / "test-jobsite.sqlite3")}
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = os.environ.get("REDIS_URL", "")
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+# django-q2 as a transport only (DESIGN.md): the ORM broker survives a worker crash, it never
+# retries by itself (max_attempts=1, failures acknowledged, redelivery window far beyond the
+# timeout); retries and resume are jobsite decisions recorded on the job rows.
+Q_CLUSTER = {
+    "name": "jobsite",
+    "orm": "default",
+    "workers": int(os.environ.get("JOBSITE_WORKERS", 1)),
+    "timeout": int(JOBSITE_TIMEOUT_S),
+    "retry": int(JOBSITE_TIMEOUT_S) + 3600,
+    "max_attempts": 1,
+    "ack_failures": True,
+    "save_limit": 1000,
+    "catch_up": False,
+    "poll": env_float("JOBSITE_QUEUE_POLL_S", 0.5),
+    "label": "Task queue",
+}
+
+AUTH_PASSWORD_VALIDATORS = []
+LOGIN_URL = "/admin/login/"
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = JOBSITE_DATA_DIR / "static"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("JOBSITE_LOG_LEVEL", "INFO")},
+    "loggers": {"django.channels.server": {"level": "WARNING"}},
+}
+
+# Where extraction runs: "cpu", "cuda", "cuda:1"... (a worker on a GPU host sets it).
+JOBSITE_DEVICE = os.environ.get("JOBSITE_DEVICE", "cpu")

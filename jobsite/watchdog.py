@@ -1,0 +1,117 @@
+"""Finds running jobs whose worker is gone or which ran too long, and fails them.
+
+It runs as a django-q2 Schedule, in a thread of every worker process (so a crash is noticed
+within seconds, not at the next scheduler tick), at worker start-up, and on demand. Every
+change goes through transition() with a compare-and-set, so any number of watchdogs may
+run at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from datetime import timedelta
+
+from django.apps import apps
+from django.conf import settings
+from django.db import close_old_connections, connection
+from django.utils import timezone
+
+from jobsite.errors import ErrorType
+from jobsite.lifecycle import TransitionError, transition
+from jobsite.models import Job
+from jobsite.services import job_fail
+
+logger = logging.getLogger(__name__)
+
+_thread_started = threading.Lock()
+_thread: threading.Thread | None = None
+
+
+def job_models() -> list[type[Job]]:
+    return [m for m in apps.get_models() if issubclass(m, Job)]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            # A killed process whose parent has not reaped it yet is a zombie: gone for us.
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def diagnose(job: Job, now) -> tuple[str, str] | None:
+    """Why this running job must be taken from its worker, or None while it is healthy."""
+    if job.worker_host == settings.JOBSITE_HOSTNAME and job.worker_pid and job.worker_pid != os.getpid():
+        if not pid_alive(job.worker_pid):
+            return ErrorType.WORKER_LOST, f"The worker process ({job.worker}) is gone."
+    beat = job.heartbeat_at or job.started_at
+    silent = (now - beat).total_seconds() if beat else None
+    if silent is not None and silent > settings.JOBSITE_STALL_AFTER_S:
+        return ErrorType.WORKER_LOST, f"No heartbeat from worker {job.worker} for {silent:.0f} s."
+    if job.started_at and (now - job.started_at).total_seconds() > settings.JOBSITE_TIMEOUT_S:
+        return ErrorType.TIMEOUT, f"The attempt ran longer than the {settings.JOBSITE_TIMEOUT_S:.0f} s limit."
+    return None
+
+
+def run() -> list[str]:
+    """One pass over every job kind; returns a line per job it changed."""
+    changed = []
+    now = timezone.now()
+    for model in job_models():
+        for job in model.objects.filter(status__in=model.RUNNING):
+            verdict = diagnose(job, now)
+            if verdict is None:
+                continue
+            error_type, message = verdict
+            try:
+                if job.cancel_requested:
+                    transition(job, job.CANCELLED, cancel_requested=False, payload={"reason": message})
+                    changed.append(f"{job.topic}: cancelled ({message})")
+                else:
+                    job_fail(job, error_type=error_type, message=message)
+                    changed.append(f"{job.topic}: {error_type} ({message}) -> {job.status}")
+            except TransitionError as exc:
+                logger.info("watchdog left %s alone: %s", job.topic, exc)
+    for line in changed:
+        logger.warning("watchdog: %s", line)
+    return changed
+
+
+def _loop() -> None:
+    while True:
+        try:
+            close_old_connections()
+            run()
+        except Exception:  # noqa: BLE001 - keep watching through a database blip
+            logger.exception("watchdog pass failed")
+        finally:
+            connection.close()
+        threading.Event().wait(settings.JOBSITE_WATCHDOG_EVERY_S)
+
+
+def on_worker_start(sender=None, proc_name=None, **kwargs) -> None:
+    """django-q2 post_spawn: check at once, then keep checking from a daemon thread."""
+    global _thread
+    with _thread_started:
+        if _thread is not None and _thread.is_alive():
+            return
+        _thread = threading.Thread(target=_loop, name="jobsite-watchdog", daemon=True)
+        _thread.start()
+
+
+def ensure_schedule(sender=None, **kwargs) -> None:
+    from django_q.models import Schedule
+
+    Schedule.objects.update_or_create(
+        name="jobsite watchdog",
+        defaults={"func": "jobsite.watchdog.run", "schedule_type": Schedule.MINUTES, "minutes": 1, "repeats": -1},
+    )
