@@ -1,0 +1,104 @@
+from django.contrib import admin, messages
+from django.utils.html import format_html
+from django.utils.translation import ngettext
+
+from extraction import services
+from extraction.models import Dataset, Extraction, ModelRecord
+from jobsite.errors import JobInputError
+from jobsite.lifecycle import TransitionError
+
+BADGE_COLOURS = {
+    "queued": "#6c757d", "loading": "#0d6efd", "extracting": "#0d6efd", "saving": "#0d6efd",
+    "completed": "#198754", "failed": "#dc3545", "cancelled": "#6c757d",
+}
+
+
+@admin.register(ModelRecord)
+class ModelRecordAdmin(admin.ModelAdmin):
+    list_display = ["name", "architecture", "num_layers", "hidden_size", "vocab_size", "path"]
+    search_fields = ["name", "path"]
+    readonly_fields = ["architecture", "model_type", "num_layers", "hidden_size", "vocab_size", "supported_hooks"]
+
+    def has_add_permission(self, request):
+        # Registering validates the directory; that lives in the service (API, command).
+        return False
+
+
+@admin.register(Dataset)
+class DatasetAdmin(admin.ModelAdmin):
+    list_display = ["name", "format", "num_samples", "size_bytes", "path"]
+    search_fields = ["name", "path"]
+    readonly_fields = ["format", "num_samples", "size_bytes"]
+
+    def has_add_permission(self, request):
+        return False
+
+
+@admin.register(Extraction)
+class ExtractionAdmin(admin.ModelAdmin):
+    list_display = ["id", "badge", "model", "dataset", "progress", "error_type", "attempt", "retry_of", "created_at"]
+    list_filter = ["status", "error_type", "model", "dataset", "auto_retried"]
+    search_fields = ["id", "error_message", "model__name", "dataset__name"]
+    actions = ["cancel", "retry", "retry_with_suggested"]
+    readonly_fields = [f.name for f in Extraction._meta.get_fields() if getattr(f, "concrete", False)]
+    list_select_related = ["model", "dataset"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    @admin.display(description="status", ordering="status")
+    def badge(self, obj):
+        label = "cancelling" if obj.cancel_requested and obj.status in obj.RUNNING else obj.status
+        return format_html(
+            '<span style="background:{};color:#fff;padding:2px 8px;border-radius:8px">{}</span>',
+            BADGE_COLOURS.get(obj.status, "#6c757d"), label,
+        )
+
+    @admin.display(description="progress")
+    def progress(self, obj):
+        return f"{obj.samples_processed}/{obj.total_samples} ({obj.percent:.0f} %)"
+
+    @admin.display(description="retry of")
+    def retry_of(self, obj):
+        return obj.original_extraction_id or "—"
+
+    def _each(self, request, queryset, act, done_singular, done_plural):
+        done = 0
+        for extraction in queryset:
+            try:
+                act(extraction)
+                done += 1
+            except (TransitionError, JobInputError) as exc:
+                self.message_user(request, f"Extraction {extraction.pk}: {exc}", messages.ERROR)
+        if done:
+            self.message_user(request, ngettext(done_singular, done_plural, done) % {"count": done}, messages.SUCCESS)
+
+    @admin.action(description="Cancel selected extractions", permissions=["view"])
+    def cancel(self, request, queryset):
+        self._each(request, queryset, lambda e: services.extraction_cancel(extraction=e),
+                   "%(count)d extraction cancelled (a running one stops after its batch).",
+                   "%(count)d extractions cancelled (running ones stop after their batch).")
+
+    @admin.action(description="Retry selected extractions", permissions=["view"])
+    def retry(self, request, queryset):
+        self._each(request, queryset,
+                   lambda e: services.extraction_retry(extraction=e, user=request.user, reason="retried from the admin"),
+                   "%(count)d retry started.", "%(count)d retries started.")
+
+    @admin.action(description="Retry selected extractions with the suggested parameters", permissions=["view"])
+    def retry_with_suggested(self, request, queryset):
+        def act(extraction):
+            params = extraction.suggested_retry_params or {}
+            services.extraction_retry(
+                extraction=extraction, batch_size=params.get("batch_size"), user=request.user,
+                reason=f"retried from the admin with suggested parameters {params}",
+            )
+
+        self._each(request, queryset, act, "%(count)d retry started with suggested parameters.",
+                   "%(count)d retries started with suggested parameters.")
+
+    def has_view_permission(self, request, obj=None):
+        return request.user.is_active and request.user.is_staff

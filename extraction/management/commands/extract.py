@@ -1,0 +1,76 @@
+import time
+
+from django.core.management.base import BaseCommand, CommandError
+from tqdm import tqdm
+
+from extraction import selectors, services
+from extraction.models import VALID_BATCH_SIZES, Extraction
+from jobsite.errors import JobInputError
+
+
+def csv(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+class Command(BaseCommand):
+    help = "Start an activation extraction (MODEL and DATASET are names, ids or paths; a path registers it)."
+
+    def add_arguments(self, parser):
+        parser.add_argument("model")
+        parser.add_argument("dataset")
+        parser.add_argument("--layers", required=True, help="comma separated block indices, e.g. 0,3")
+        parser.add_argument("--hooks", default="residual", help="comma separated: residual,mlp,attention")
+        parser.add_argument("--batch-size", type=int, default=8, choices=VALID_BATCH_SIZES)
+        parser.add_argument("--max-samples", type=int)
+        parser.add_argument("--max-length", type=int, default=512)
+        parser.add_argument("--dtype", default="float32", choices=Extraction.StorageDtype.values)
+        parser.add_argument("--auto-retry-on-oom", action="store_true")
+        parser.add_argument("--wait", action="store_true", help="follow progress until the job ends (exit 1 if it fails)")
+
+    def handle(self, *args, **options):
+        try:
+            layers = [int(layer) for layer in csv(options["layers"])]
+        except ValueError:
+            raise CommandError(f"--layers must be comma separated integers such as 0,3; got {options['layers']!r}.")
+        try:
+            model = selectors.model_find(options["model"]) or services.model_register(path=options["model"])
+            dataset = selectors.dataset_find(options["dataset"]) or services.dataset_register(path=options["dataset"])
+            extraction, created = services.extraction_start(
+                model=model, dataset=dataset, layers=layers, hooks=csv(options["hooks"]),
+                batch_size=options["batch_size"], max_samples=options["max_samples"],
+                max_length=options["max_length"], storage_dtype=options["dtype"],
+                auto_retry_on_oom=options["auto_retry_on_oom"],
+            )
+        except JobInputError as exc:
+            raise CommandError(str(exc))
+        verb = "Queued" if created else "Already running: identical"
+        self.stdout.write(f"{verb} extraction {extraction.pk} ({model.name} on {dataset.name}).")
+        if options["wait"]:
+            follow(self, extraction)
+
+
+def follow(command: BaseCommand, extraction: Extraction, poll_s: float = 0.5) -> None:
+    """Show a progress bar until the job is terminal; exit 1 with the failure sentence."""
+    with tqdm(total=extraction.total_samples or None, unit="sample", desc=f"extraction {extraction.pk}",
+              file=command.stderr._out) as bar:
+        while True:
+            extraction.refresh_from_db()
+            if extraction.total_samples and bar.total != extraction.total_samples:
+                bar.total = extraction.total_samples
+            bar.n = extraction.samples_processed
+            bar.set_postfix_str(extraction.status + (f" attempt {extraction.attempt}" if extraction.attempt > 1 else ""))
+            bar.refresh()
+            if extraction.is_terminal:
+                break
+            time.sleep(poll_s)
+    if extraction.status == Extraction.Status.COMPLETED:
+        command.stdout.write(
+            f"Extraction {extraction.pk} completed: {extraction.total_samples} samples, "
+            f"{extraction.total_tokens} tokens in {extraction.output_dir}"
+            + (f" ({extraction.clamped_tokens} token ids clamped to the vocabulary)" if extraction.clamped_tokens else "")
+        )
+        return
+    if extraction.status == Extraction.Status.CANCELLED:
+        raise CommandError(f"Extraction {extraction.pk} was cancelled.")
+    hint = f" Suggested retry: {extraction.suggested_retry_params}." if extraction.suggested_retry_params else ""
+    raise CommandError(f"Extraction {extraction.pk} failed ({extraction.error_type}): {extraction.error_message}.{hint}")

@@ -1,0 +1,74 @@
+import asyncio
+import json
+
+import pytest
+import websockets
+from django.test import Client
+
+from jobsite.events import publish
+
+
+def session_cookie(user) -> str:
+    client = Client()
+    client.force_login(user)
+    return f"sessionid={client.cookies['sessionid'].value}"
+
+
+async def receive(ws, count: int, timeout: float = 10) -> list[dict]:
+    messages = []
+    while len(messages) < count:
+        messages.append(json.loads(await asyncio.wait_for(ws.recv(), timeout)))
+    return messages
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_client_replays_events_after_its_seq_then_receives_live_ones(start_daphne, staff_user):
+    first = publish("extraction.7", "extraction.progress", {"samples_processed": 1})
+    second = publish("extraction.7", "extraction.progress", {"samples_processed": 2})
+    publish("training.1", "training.generating", {})
+    third = publish("extraction.7", "extraction.completed", {"samples_processed": 3})
+    _, port = start_daphne()
+    cookie = session_cookie(staff_user)
+
+    async def scenario():
+        url = f"ws://127.0.0.1:{port}/ws/events/?after={first.seq}&topic=extraction."
+        headers = {"Cookie": cookie}
+        async with websockets.connect(url, additional_headers=headers, origin=f"http://127.0.0.1:{port}") as ws:
+            replayed = await receive(ws, 2)
+            live_event = await asyncio.to_thread(publish, "extraction.7", "extraction.cancelled", {"samples_processed": 3})
+            live = await receive(ws, 1)
+            return replayed, live, live_event
+
+    replayed, live, live_event = asyncio.run(scenario())
+    assert [m["seq"] for m in replayed] == [second.seq, third.seq]
+    assert [m["type"] for m in replayed] == ["extraction.progress", "extraction.completed"]
+    assert live[0]["seq"] == live_event.seq and live[0]["type"] == "extraction.cancelled"
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_anonymous_websocket_is_refused(start_daphne):
+    _, port = start_daphne()
+
+    async def scenario():
+        async with websockets.connect(f"ws://127.0.0.1:{port}/ws/events/", origin=f"http://127.0.0.1:{port}") as ws:
+            await ws.recv()
+
+    with pytest.raises((websockets.exceptions.InvalidStatus, websockets.exceptions.ConnectionClosed)):
+        asyncio.run(scenario())
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_websocket_from_a_foreign_origin_is_refused(start_daphne, staff_user):
+    _, port = start_daphne()
+    cookie = session_cookie(staff_user)
+
+    async def scenario():
+        async with websockets.connect(f"ws://127.0.0.1:{port}/ws/events/", additional_headers={"Cookie": cookie},
+                                      origin="http://evil.example") as ws:
+            await ws.recv()
+
+    with pytest.raises(websockets.exceptions.InvalidStatus):
+        asyncio.run(scenario())
