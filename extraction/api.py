@@ -3,7 +3,7 @@ from typing import Literal
 
 from django.http import Http404
 from django.shortcuts import get_object_or_404
-from ninja import Field, Router, Schema
+from ninja import Field, Router, Schema, Status
 from ninja.errors import HttpError
 from pydantic import field_validator
 
@@ -116,6 +116,10 @@ class ExtractionOut(Schema):
     resumed_samples: int
     output_dir: str
     created_at: datetime
+
+    @staticmethod
+    def resolve_output_dir(obj) -> str:
+        return str(obj.output_dir)
     started_at: datetime | None
     finished_at: datetime | None
 
@@ -152,7 +156,7 @@ def list_models(request):
 
 @router.post("/models", response={201: ModelOut, 422: Message}, auth=staff_required)
 def register_model(request, payload: ModelIn):
-    return 201, services.model_register(path=payload.path, name=payload.name)
+    return Status(201, services.model_register(path=payload.path, name=payload.name))
 
 
 @router.get("/datasets", response=list[DatasetOut])
@@ -162,7 +166,7 @@ def list_datasets(request):
 
 @router.post("/datasets", response={201: DatasetOut, 422: Message}, auth=staff_required)
 def register_dataset(request, payload: DatasetIn):
-    return 201, services.dataset_register(path=payload.path, name=payload.name)
+    return Status(201, services.dataset_register(path=payload.path, name=payload.name))
 
 
 @router.post(
@@ -180,7 +184,7 @@ def start_extraction(request, model_id: int, payload: ExtractionIn):
         model=model, dataset=dataset, user=request.user,
         **payload.dict(exclude={"dataset_id"}),
     )
-    return (201 if created else 200), extraction
+    return Status(201 if created else 200, extraction)
 
 
 @router.get("/models/{model_id}/extractions", response={200: list[ExtractionOut], 404: Message})
@@ -221,4 +225,4 @@ def retry_extraction(request, model_id: int, extraction_id: int, payload: RetryI
         extraction=_extraction(model_id, extraction_id), batch_size=payload.batch_size,
         max_samples=payload.max_samples, reason=payload.reason, user=request.user,
     )
-    return 201, retry
+    return Status(201, retry)

@@ -171,7 +171,14 @@ class Service:
             self.process.wait(timeout=10)
 
     def stop(self) -> None:
-        self.kill(signal.SIGTERM)
+        """SIGTERM to the main process (qcluster stops its own workers), then clear the group."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill(signal.SIGKILL)
         self.log.close()
 
     def output(self) -> str:

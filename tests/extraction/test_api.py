@@ -1,0 +1,164 @@
+import json
+
+import pytest
+
+from extraction.models import Extraction
+
+pytestmark = pytest.mark.django_db
+
+
+def post(client, url, body=None):
+    return client.post(url, data=json.dumps(body) if body is not None else "", content_type="application/json")
+
+
+def start_url(model):
+    return f"/api/v1/models/{model.pk}/extractions"
+
+
+def body(dataset, **overrides):
+    return {"dataset_id": dataset.pk, "layers": [0, 1], "hooks": ["residual", "mlp"], "batch_size": 8, **overrides}
+
+
+def test_anonymous_reader_gets_401_with_a_sentence(client, fake_model):
+    response = client.get(start_url(fake_model))
+    assert response.status_code == 401
+    assert "Log in" in response.json()["message"]
+
+
+def test_non_staff_user_can_read_but_not_start(client, plain_user, fake_model, fake_dataset):
+    client.force_login(plain_user)
+    assert client.get(start_url(fake_model)).status_code == 200
+    response = post(client, start_url(fake_model), body(fake_dataset))
+    assert response.status_code == 403
+    assert "staff" in response.json()["message"]
+    assert Extraction.objects.count() == 0
+
+
+@pytest.mark.parametrize("batch_size", [0, 3, 1024, "8", 8.5, True])
+def test_invalid_batch_size_is_422_naming_the_valid_sizes(staff_client, fake_model, fake_dataset, batch_size):
+    response = post(staff_client, start_url(fake_model), body(fake_dataset, batch_size=batch_size))
+    assert response.status_code == 422
+    assert "1, 2, 4, 8, 16, 32, 64, 128, 256, 512" in response.json()["message"]
+    assert Extraction.objects.count() == 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "sentence"),
+    [
+        ({"layers": [9]}, "Layer 9 does not exist: fake has layers 0-3."),
+        ({"layers": []}, "layers"),
+        ({"hooks": ["logits"]}, "hooks"),
+        ({"max_samples": 0}, "max_samples"),
+        ({"max_samples": 10**9}, "max_samples must be between 1 and 100"),
+        ({"max_length": -5}, "max_length"),
+        ({"storage_dtype": "int8"}, "storage_dtype"),
+    ],
+)
+def test_bad_parameters_are_422_with_a_sentence(staff_client, fake_model, fake_dataset, overrides, sentence):
+    response = post(staff_client, start_url(fake_model), body(fake_dataset, **overrides))
+    assert response.status_code == 422
+    assert sentence in response.json()["message"]
+
+
+def test_malformed_json_is_a_4xx_not_a_500(staff_client, fake_model):
+    response = staff_client.post(start_url(fake_model), data="{not json", content_type="application/json")
+    assert 400 <= response.status_code < 500
+
+
+def test_unknown_model_and_dataset_are_404_with_a_sentence(staff_client, fake_model, fake_dataset):
+    response = post(staff_client, "/api/v1/models/999/extractions", body(fake_dataset))
+    assert response.status_code == 404 and "Model 999 does not exist" in response.json()["message"]
+    response = post(staff_client, start_url(fake_model), body(fake_dataset, dataset_id=999))
+    assert response.status_code == 404 and "Dataset 999 does not exist" in response.json()["message"]
+
+
+def test_identical_active_request_returns_the_existing_job(staff_client, fake_model, fake_dataset):
+    first = post(staff_client, start_url(fake_model), body(fake_dataset))
+    again = post(staff_client, start_url(fake_model), body(fake_dataset, batch_size=4))
+    other = post(staff_client, start_url(fake_model), body(fake_dataset, layers=[2]))
+    assert first.status_code == 201 and again.status_code == 200 and other.status_code == 201
+    assert again.json()["id"] == first.json()["id"]
+    assert other.json()["id"] != first.json()["id"]
+    assert Extraction.objects.count() == 2
+
+
+def test_list_filters_by_status_and_detail_shows_progress(staff_client, make_extraction, fake_model):
+    queued = make_extraction("queued")
+    failed = make_extraction("failed", error_type="OOM", error_message="CUDA out of memory.",
+                             suggested_retry_params={"batch_size": 4})
+    listing = staff_client.get(start_url(fake_model), {"status": "failed"}).json()
+    assert [row["id"] for row in listing] == [failed.pk]
+    detail = staff_client.get(f"{start_url(fake_model)}/{failed.pk}").json()
+    assert detail["error_type"] == "OOM" and detail["suggested_retry_params"] == {"batch_size": 4}
+    assert detail["retry_available"] is True and detail["cancel_available"] is False
+    assert staff_client.get(f"{start_url(fake_model)}/{queued.pk}").json()["cancel_available"] is True
+    assert staff_client.get(start_url(fake_model), {"status": "bogus"}).status_code == 422
+
+
+def test_cancel_queued_extraction(staff_client, make_extraction, fake_model):
+    job = make_extraction("queued")
+    response = post(staff_client, f"{start_url(fake_model)}/{job.pk}/cancel")
+    assert response.status_code == 200
+    assert response.json() == {"extraction_id": job.pk, "status": "cancelled", "message": f"Extraction {job.pk} is cancelled."}
+    job.refresh_from_db()
+    assert job.status == "cancelled"
+
+
+@pytest.mark.parametrize("status", ["completed", "cancelled", "failed"])
+def test_cancel_of_a_finished_extraction_is_409_with_a_sentence(staff_client, make_extraction, fake_model, status):
+    job = make_extraction(status)
+    response = post(staff_client, f"{start_url(fake_model)}/{job.pk}/cancel")
+    assert response.status_code == 409
+    assert f"is {status}; only a queued or running extraction can be cancelled" in response.json()["message"]
+
+
+def test_retry_with_new_batch_size_creates_a_linked_extraction(staff_client, make_extraction, fake_model):
+    failed = make_extraction("failed", batch_size=8, error_type="OOM", error_message="CUDA out of memory.")
+    response = post(staff_client, f"{start_url(fake_model)}/{failed.pk}/retry", {"batch_size": 4})
+    assert response.status_code == 201
+    retry = response.json()
+    assert retry["original_extraction_id"] == failed.pk
+    assert retry["batch_size"] == 4 and retry["retry_count"] == 1 and retry["status"] == "queued"
+    assert "OOM" in retry["retry_reason"]
+
+
+def test_retry_without_body_keeps_parameters(staff_client, make_extraction, fake_model):
+    cancelled = make_extraction("cancelled", batch_size=16)
+    response = post(staff_client, f"{start_url(fake_model)}/{cancelled.pk}/retry")
+    assert response.status_code == 201 and response.json()["batch_size"] == 16
+
+
+@pytest.mark.parametrize("status", ["queued", "extracting", "completed"])
+def test_retry_of_a_job_that_did_not_fail_is_409(staff_client, make_extraction, fake_model, status):
+    job = make_extraction(status)
+    response = post(staff_client, f"{start_url(fake_model)}/{job.pk}/retry", {"batch_size": 4})
+    assert response.status_code == 409
+    assert "only a failed or cancelled extraction can be retried" in response.json()["message"]
+
+
+def test_retry_with_invalid_batch_size_is_422(staff_client, make_extraction, fake_model):
+    job = make_extraction("failed")
+    response = post(staff_client, f"{start_url(fake_model)}/{job.pk}/retry", {"batch_size": 3})
+    assert response.status_code == 422 and "1, 2, 4" in response.json()["message"]
+
+
+@pytest.mark.parametrize("path", ["../../etc", "/etc", "/tmp"])
+def test_model_path_outside_the_roots_is_refused(staff_client, path):
+    response = post(staff_client, "/api/v1/models", {"path": path})
+    assert response.status_code == 422
+    assert "outside the allowed directories" in response.json()["message"]
+
+
+def test_model_symlink_pointing_outside_the_roots_is_refused(staff_client, settings, tmp_path):
+    outside = tmp_path / "outside-model"
+    outside.mkdir()
+    (settings.JOBSITE_MODEL_ROOTS[0] / "sneaky").symlink_to(outside)
+    response = post(staff_client, "/api/v1/models", {"path": str(settings.JOBSITE_MODEL_ROOTS[0] / "sneaky")})
+    assert response.status_code == 422 and "outside the allowed directories" in response.json()["message"]
+
+
+def test_openapi_docs_are_served(staff_client):
+    assert staff_client.get("/api/docs").status_code == 302
+    schema = staff_client.get("/api/v1/openapi.json")
+    assert schema.status_code == 200
+    assert "/api/v1/models/{model_id}/extractions/{extraction_id}/retry" in schema.json()["paths"]

@@ -1,0 +1,193 @@
+"""The worker flow in this process: claim, lease, runner, classification, retry decisions."""
+
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from extraction.models import Extraction
+from extraction.services import extraction_cancel, extraction_retry, extraction_start
+from extraction.tasks import run_extraction
+from jobsite import watchdog
+from jobsite.models import Event
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+def fast_machinery(settings):
+    settings.JOBSITE_HEARTBEAT_S = 0.2
+    settings.JOBSITE_PROGRESS_EVERY_S = 0
+    settings.JOBSITE_RETRY_BASE_S = 0.2
+    settings.JOBSITE_FAILPOINTS = ""
+
+
+def start(model_record, dataset, **params):
+    params = {"layers": [0, 2], "hooks": ["residual", "mlp", "attention"], "batch_size": 8, **params}
+    extraction, created = extraction_start(model=model_record, dataset=dataset, **params)
+    assert created
+    return extraction
+
+
+def event_types(job):
+    return list(Event.objects.filter(topic=job.topic).values_list("type", flat=True))
+
+
+def test_extraction_completes_with_files_counts_and_events(model_record, dataset):
+    job = start(model_record, dataset)
+    run_extraction(job.pk)
+    job.refresh_from_db()
+    assert job.status == "completed"
+    assert job.samples_processed == job.total_samples == dataset.num_samples
+    assert job.tokens_processed == job.total_tokens > 0
+    assert job.attempt == 1 and job.finished_at is not None
+    files = {p.name for p in job.output_dir.iterdir()}
+    assert {"metadata.json", "offsets.npy", "layer_0_residual.npy", "layer_2_attention.npy"} <= files
+    types = event_types(job)
+    assert types[:3] == ["extraction.queued", "extraction.loading", "extraction.extracting"]
+    assert "extraction.progress" in types
+    assert types[-2:] == ["extraction.saving", "extraction.completed"]
+
+
+def test_oom_fails_classified_with_half_batch_size_suggested(model_record, dataset, settings):
+    settings.JOBSITE_FAILPOINTS = '{"extraction.batch": {"action": "oom", "at": 1}}'
+    job = start(model_record, dataset, batch_size=8)
+    run_extraction(job.pk)
+    job.refresh_from_db()
+    assert job.status == "failed" and job.error_type == "OOM"
+    assert "out of memory" in job.error_message
+    assert job.suggested_retry_params == {"batch_size": 4}
+    failed = Event.objects.filter(topic=job.topic, type="extraction.failed").get()
+    assert failed.payload["error_type"] == "OOM"
+    assert failed.payload["suggested_retry_params"] == {"batch_size": 4}
+    assert failed.payload["retry_available"] is True and failed.payload["cancel_available"] is False
+    assert job.samples_processed == 8  # the first batch was kept
+
+
+def test_auto_retry_on_oom_halves_in_place_and_completes(model_record, dataset, settings):
+    settings.JOBSITE_FAILPOINTS = '{"extraction.batch": {"action": "oom", "min_batch_size": 4}}'
+    job = start(model_record, dataset, batch_size=8, auto_retry_on_oom=True)
+    run_extraction(job.pk)
+    job.refresh_from_db()
+    assert job.status == "completed" and job.current_batch_size == 2
+    reductions = Event.objects.filter(topic=job.topic, type="extraction.batch_size_reduced").order_by("seq")
+    assert [(e.payload["from"], e.payload["to"]) for e in reductions] == [(8, 4), (4, 2)]
+
+
+def test_user_retry_after_oom_with_suggested_batch_size_completes_and_reuses_done_samples(model_record, dataset, settings):
+    settings.JOBSITE_FAILPOINTS = '{"extraction.batch": {"action": "oom", "at": 2, "min_batch_size": 8}}'
+    job = start(model_record, dataset, batch_size=8)
+    run_extraction(job.pk)
+    job.refresh_from_db()
+    assert job.status == "failed" and job.samples_processed == 16
+    retry = extraction_retry(extraction=job, batch_size=job.suggested_retry_params["batch_size"])
+    assert retry.original_extraction_id == job.pk and retry.batch_size == 4
+    run_extraction(retry.pk)
+    retry.refresh_from_db()
+    assert retry.status == "completed"
+    assert retry.resumed_samples == 16
+    assert "extraction.retry_started" in event_types(job)
+
+
+def test_cancel_stops_a_running_extraction_within_a_batch(model_record, dataset, settings):
+    settings.JOBSITE_FAILPOINTS = '{"extraction.batch": {"action": "sleep", "seconds": 0.3}}'
+    job = start(model_record, dataset, batch_size=2)
+    worker = threading.Thread(target=run_extraction, args=(job.pk,))
+    worker.start()
+    deadline = time.monotonic() + 30
+    while Extraction.objects.get(pk=job.pk).samples_processed < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    extraction_cancel(extraction=Extraction.objects.get(pk=job.pk))
+    worker.join(timeout=30)
+    job.refresh_from_db()
+    assert job.status == "cancelled"
+    assert 4 <= job.samples_processed < job.total_samples
+    types = event_types(job)
+    assert types[-1] == "extraction.cancelled"
+    # The batch in flight may still report; nothing after it does.
+    assert types.index("extraction.cancel_requested") >= len(types) - 3
+
+
+def test_duplicate_delivery_runs_the_job_once(model_record, dataset):
+    job = start(model_record, dataset)
+    run_extraction(job.pk)
+    completed_events = event_types(job).count("extraction.completed")
+    run_extraction(job.pk)
+    job.refresh_from_db()
+    assert job.attempt == 1 and completed_events == event_types(job).count("extraction.completed") == 1
+
+
+def test_invalid_input_found_by_the_worker_fails_as_validation_without_retry(model_record, dataset, settings):
+    settings.JOBSITE_FAILPOINTS = '{"extraction.batch": {"action": "input", "message": "Sample 3 is not text."}}'
+    job = start(model_record, dataset)
+    run_extraction(job.pk)
+    job.refresh_from_db()
+    assert job.status == "failed" and job.error_type == "VALIDATION" and job.error_message == "Sample 3 is not text."
+    assert job.suggested_retry_params == {}
+
+
+def test_watchdog_fails_a_stale_job_and_retries_it_with_backoff(make_extraction, settings):
+    settings.JOBSITE_STALL_AFTER_S = 5
+    stale = timezone.now() - timedelta(seconds=60)
+    job = make_extraction("extracting", attempt=1, heartbeat_at=stale, started_at=stale, worker="elsewhere:1",
+                          worker_host="elsewhere", worker_pid=1)
+    changed = watchdog.run()
+    job.refresh_from_db()
+    assert changed and "WORKER_LOST" in changed[0]
+    assert job.status == "queued" and job.auto_retried and job.error_type == "WORKER_LOST"
+    assert job.next_attempt_at > timezone.now() - timedelta(seconds=1)
+    assert event_types(job)[-2:] == ["extraction.failed", "extraction.retry_started"]
+    retry_event = Event.objects.filter(topic=job.topic, type="extraction.retry_started").get()
+    assert retry_event.payload["automatic"] is True and retry_event.payload["delay_s"] > 0
+
+
+def test_watchdog_leaves_the_job_to_a_person_when_attempts_are_exhausted(make_extraction, settings):
+    settings.JOBSITE_MAX_ATTEMPTS = 3
+    stale = timezone.now() - timedelta(seconds=600)
+    job = make_extraction("extracting", attempt=3, heartbeat_at=stale, started_at=stale, worker="elsewhere:1",
+                          worker_host="elsewhere", worker_pid=1)
+    watchdog.run()
+    job.refresh_from_db()
+    assert job.status == "failed" and job.error_type == "WORKER_LOST" and "No heartbeat" in job.error_message
+
+
+def test_watchdog_notices_a_dead_local_worker_before_the_stall_limit(make_extraction, settings):
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    job = make_extraction("extracting", attempt=1, heartbeat_at=timezone.now(), started_at=timezone.now(),
+                          worker=f"{settings.JOBSITE_HOSTNAME}:{dead.pid}", worker_host=settings.JOBSITE_HOSTNAME,
+                          worker_pid=dead.pid)
+    watchdog.run()
+    job.refresh_from_db()
+    assert job.status == "queued" and "is gone" in job.error_message
+
+
+def test_watchdog_times_out_an_attempt_past_the_limit(make_extraction, settings):
+    settings.JOBSITE_TIMEOUT_S = 60
+    job = make_extraction("extracting", attempt=1, heartbeat_at=timezone.now(),
+                          started_at=timezone.now() - timedelta(seconds=120), worker="elsewhere:1",
+                          worker_host="elsewhere", worker_pid=1)
+    watchdog.run()
+    job.refresh_from_db()
+    assert job.error_type == "TIMEOUT" and job.status == "queued"
+
+
+def test_watchdog_finishes_a_cancel_whose_worker_died(make_extraction):
+    stale = timezone.now() - timedelta(seconds=600)
+    job = make_extraction("extracting", attempt=1, heartbeat_at=stale, started_at=stale, cancel_requested=True,
+                          worker="elsewhere:1", worker_host="elsewhere", worker_pid=1)
+    watchdog.run()
+    job.refresh_from_db()
+    assert job.status == "cancelled"
+
+
+def test_healthy_running_job_is_left_alone(make_extraction, settings):
+    job = make_extraction("extracting", attempt=1, heartbeat_at=timezone.now(), started_at=timezone.now(),
+                          worker="elsewhere:1", worker_host="elsewhere", worker_pid=1)
+    assert watchdog.run() == []
+    job.refresh_from_db()
+    assert job.status == "extracting"
