@@ -1,0 +1,510 @@
+"""Activation extraction: the pure workload behind an extraction job (no Django here).
+
+Output, readable without jobsite: `offsets.npy` (int64, samples + 1) and one
+`layer_{L}_{hook}.npy` per requested (layer, hook) holding the non-pad tokens of every
+sample in dataset order (sample i is rows offsets[i]:offsets[i + 1]); `metadata.json` last.
+
+Samples are computed in one global order, longest first (ties by dataset index), cut into
+batches. Whatever the batch size, the completed samples are therefore a prefix of that
+order and the checkpoint only counts them: a resume cuts the pending suffix with the
+recorded batch size, which reproduces the uninterrupted run's batches and so its bytes.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+# Cancelled is re-exported from jobsite.errors: the worker tells a cancel from a failure by it.
+from jobsite.errors import Cancelled, JobInputError, is_oom
+
+HOOK_TYPES = ("residual", "mlp", "attention")
+VALID_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+_MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+_ATTENTION_NAMES = ("attn", "attention", "self_attn")
+_SHIPPED = "use a model whose architecture transformers ships"
+OFFSETS, CHECKPOINT, METADATA = "offsets.npy", "checkpoint.json", "metadata.json"
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the last requested layer is captured: later blocks never run."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    architecture: str
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int  # rows of the input embedding: ids at or above it are clamped
+    supported_hooks: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    format: str
+    num_samples: int
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class ExtractionSpec:
+    model_path: str
+    dataset_path: str
+    output_dir: str
+    layers: tuple[int, ...]
+    hooks: tuple[str, ...]
+    batch_size: int  # a resume keeps the batch size its checkpoint recorded (smaller after OOM)
+    max_length: int = 512
+    max_samples: int | None = None
+    storage_dtype: str = "float32"
+    auto_retry_on_oom: bool = False
+    device: str = "cpu"
+    model_dtype: str = "float32"
+
+
+@dataclass
+class ExtractionResult:
+    samples: int
+    tokens: int
+    clamped_tokens: int
+    truncated_samples: int
+    batch_size: int
+    files: list[str]
+
+
+# --- model ---------------------------------------------------------------------------
+
+
+def _find_blocks(model: torch.nn.Module, num_layers: int) -> torch.nn.ModuleList:
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise JobInputError(f"{type(model).__name__} has no list of {num_layers} blocks to hook; {_SHIPPED}.")
+
+
+def _hook_points(block: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    points = {"residual": block}
+    named = (getattr(block, name, None) for name in _ATTENTION_NAMES)
+    attention = next((m for m in named if isinstance(m, torch.nn.Module)), None)
+    mlp = getattr(block, "mlp", None)
+    # Only in an attention + `mlp` block are the sublayer outputs their contributions to the
+    # residual stream; encoder layers such as BERT's fold the residual and LayerNorm into
+    # their attention module, so there only the residual is offered.
+    if attention is not None and isinstance(mlp, torch.nn.Module):
+        points.update(attention=attention, mlp=mlp)
+    return points
+
+
+def _check_weights(path: str) -> None:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        shards = ["model.safetensors"]
+    elif any(name.endswith(".bin") for name in os.listdir(path)):
+        raise JobInputError(
+            "The model weights are a pickle (.bin) file, which jobsite refuses; "
+            "re-save them with save_pretrained as model.safetensors."
+        )
+    else:
+        raise JobInputError(f"No model weights (model.safetensors) found in {path}.")
+    for shard in shards:
+        try:
+            # Parses the header and checks that it covers the whole file; reads no tensor.
+            with safe_open(os.path.join(path, shard), framework="pt"):
+                pass
+        except Exception as exc:
+            raise JobInputError(f"The model weights file is corrupt: {shard}: {exc}.") from exc
+
+
+def _inspect(path: str) -> tuple[ModelInfo, PretrainedConfig, PreTrainedTokenizerBase]:
+    """ModelInfo plus the config and tokenizer, without loading a single weight."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise JobInputError(f"No config.json found in {path}; give the directory save_pretrained wrote.")
+    with open(config_path) as f:
+        if "auto_map" in json.load(f):
+            raise JobInputError(f"The config asks for trust_remote_code, which jobsite refuses; {_SHIPPED}.")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise JobInputError(f"transformers cannot read this config ({exc}); {_SHIPPED}.") from exc
+    _check_weights(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise JobInputError(f"No usable tokenizer found in {path} ({exc}); save one next to the model.") from exc
+    try:
+        # Built on the meta device: the real module tree, with no memory behind it.
+        with torch.device("meta"):
+            skeleton = AutoModel.from_config(config)
+    except ValueError as exc:
+        raise JobInputError(f"transformers has no base model for {config.model_type!r}; {_SHIPPED}.") from exc
+    blocks = _find_blocks(skeleton, config.num_hidden_layers)
+    info = ModelInfo(
+        architecture=(config.architectures or [type(skeleton).__name__])[0],
+        model_type=config.model_type,
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        vocab_size=skeleton.get_input_embeddings().num_embeddings,
+        supported_hooks=tuple(h for h in HOOK_TYPES if h in _hook_points(blocks[0])),
+    )
+    return info, config, tokenizer
+
+
+def inspect_model(path: str) -> ModelInfo:
+    return _inspect(path)[0]
+
+
+# --- dataset -------------------------------------------------------------------------
+
+
+def _read_dataset(path: str) -> tuple[str, list[str | list[int]]]:
+    """(format, samples): a sample is a text or, from .jsonl, a list of token ids."""
+    fmt = os.path.splitext(path)[1].lstrip(".").lower()
+    if fmt not in ("txt", "jsonl"):
+        raise JobInputError("The dataset must be a .txt or .jsonl file.")
+    if not os.path.isfile(path):
+        raise JobInputError(f"The dataset {path} does not exist.")
+    samples: list[str | list[int]] = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                raise JobInputError(f"The dataset is not valid UTF-8 (line {number}).") from None
+            if not line.strip():
+                continue
+            if fmt == "txt":
+                samples.append(line)
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise JobInputError(f"Line {number} of the dataset is not JSON.") from None
+            record = record if isinstance(record, dict) else {}
+            text, ids = record.get("text"), record.get("input_ids")
+            if isinstance(text, str):
+                samples.append(text)
+            elif isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                samples.append(ids)
+            else:
+                fields = '"text" string or an "input_ids" list of integers'
+                raise JobInputError(f"Line {number} of the dataset needs a {fields}.")
+    if not samples:
+        raise JobInputError("The dataset is empty.")
+    return fmt, samples
+
+
+def inspect_dataset(path: str) -> DatasetInfo:
+    fmt, samples = _read_dataset(path)
+    return DatasetInfo(format=fmt, num_samples=len(samples), size_bytes=os.path.getsize(path))
+
+
+# --- preparation ---------------------------------------------------------------------
+
+
+@dataclass
+class _Prepared:
+    info: ModelInfo
+    layers: list[int]
+    hooks: list[str]
+    ids: np.ndarray  # every sample's token ids, truncated, clamped and concatenated
+    offsets: np.ndarray  # sample i is ids[offsets[i]:offsets[i + 1]]: also the output's offsets
+    clamped_tokens: int
+    truncated_samples: int
+    fingerprint: str  # what a checkpoint must match to be resumed; the batch size is not in it
+
+    def file_names(self) -> list[str]:
+        return [f"layer_{layer}_{hook}.npy" for layer in self.layers for hook in self.hooks]
+
+
+def _validate(spec: ExtractionSpec, info: ModelInfo, config: PretrainedConfig) -> tuple[list[int], list[str]]:
+    """The layers (sorted) and hooks (in HOOK_TYPES order) to extract, once spec is checked."""
+    if spec.batch_size not in VALID_BATCH_SIZES:
+        raise JobInputError(f"batch_size must be one of {', '.join(map(str, VALID_BATCH_SIZES))}.")
+    supported = ", ".join(info.supported_hooks)
+    for hook in spec.hooks:
+        if hook not in HOOK_TYPES:
+            raise JobInputError(f"Hook {hook!r} is unknown; choose from {', '.join(HOOK_TYPES)}.")
+        if hook not in info.supported_hooks:
+            raise JobInputError(f"Hook {hook!r} is not available for {info.architecture}; choose from {supported}.")
+    if not spec.hooks:
+        raise JobInputError(f"Choose at least one hook from {supported}.")
+    last = info.num_layers - 1
+    for layer in spec.layers:
+        if not 0 <= layer <= last:
+            raise JobInputError(f"Layer {layer} does not exist: this model has layers 0-{last}.")
+    if not spec.layers:
+        raise JobInputError(f"Choose at least one layer: this model has layers 0-{last}.")
+    positions = getattr(config, "max_position_embeddings", None)
+    if spec.max_length < 1 or (positions and spec.max_length > positions):
+        raise JobInputError(f"max_length must be between 1 and {positions or 'the model context'}.")
+    if spec.max_samples is not None and spec.max_samples < 1:
+        raise JobInputError("max_samples must be at least 1, or empty for every sample.")
+    if spec.storage_dtype not in _STORAGE_DTYPES:
+        raise JobInputError("storage_dtype must be float32 or float16.")
+    if spec.model_dtype not in _MODEL_DTYPES:
+        raise JobInputError("model_dtype must be float32, bfloat16 or float16.")
+    if spec.device != "cpu" and not spec.device.startswith("cuda"):
+        raise JobInputError("device must be cpu or cuda.")
+    if spec.device.startswith("cuda") and not torch.cuda.is_available():
+        raise JobInputError("This worker has no CUDA device; use device cpu.")
+    if spec.device == "cpu" and spec.model_dtype != "float32":
+        raise JobInputError(f"model_dtype {spec.model_dtype} needs a cuda device; use float32 on cpu.")
+    return sorted(set(spec.layers)), [h for h in HOOK_TYPES if h in spec.hooks]
+
+
+def _prepare(spec: ExtractionSpec) -> _Prepared:
+    info, config, tokenizer = _inspect(spec.model_path)
+    layers, hooks = _validate(spec, info, config)
+    samples = _read_dataset(spec.dataset_path)[1][: spec.max_samples]
+    texts = [s for s in samples if isinstance(s, str)]
+    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    sequences = [next(encoded) if isinstance(s, str) else s for s in samples]
+    lengths = np.array([min(len(seq), spec.max_length) for seq in sequences], dtype=np.int64)
+    if not lengths.any():
+        raise JobInputError("The dataset is empty: no sample has a single token.")
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    kept = (i for seq in sequences for i in seq[: spec.max_length])
+    ids = np.fromiter(kept, dtype=np.int64, count=int(offsets[-1]))
+    clamped = int(((ids < 0) | (ids >= info.vocab_size)).sum())
+    ids = np.clip(ids, 0, info.vocab_size - 1)
+    request = [os.path.abspath(spec.model_path), layers, hooks, spec.storage_dtype, spec.model_dtype, spec.max_length]
+    digest = hashlib.sha256(json.dumps(request).encode())
+    digest.update(offsets.tobytes())
+    digest.update(ids.tobytes())
+    truncated = sum(len(seq) > spec.max_length for seq in sequences)
+    return _Prepared(info, layers, hooks, ids, offsets, clamped, truncated, digest.hexdigest())
+
+
+# --- output files --------------------------------------------------------------------
+
+
+def _write_atomic(path: str, write: Callable) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def _write_json(path: str, obj: dict) -> None:
+    _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
+
+
+def _read_checkpoint(directory: str) -> dict | None:
+    try:
+        with open(os.path.join(directory, CHECKPOINT)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _remove_stale(directory: str) -> None:
+    """A checkpoint or metadata left by an earlier request must not vouch for new files."""
+    for name in (CHECKPOINT, METADATA):
+        if os.path.exists(os.path.join(directory, name)):
+            os.remove(os.path.join(directory, name))
+
+
+def _open_outputs(spec: ExtractionSpec, prep: _Prepared) -> tuple[dict[str, np.ndarray], dict]:
+    """The layer memmaps and the checkpoint to go on from: the existing ones if they match."""
+    out = spec.output_dir
+    shape, dtype = (int(prep.offsets[-1]), prep.info.hidden_size), np.dtype(spec.storage_dtype)
+    checkpoint = _read_checkpoint(out)
+    if checkpoint and checkpoint.get("fingerprint") == prep.fingerprint:
+        try:
+            arrays = {n: np.lib.format.open_memmap(os.path.join(out, n), mode="r+") for n in prep.file_names()}
+            offsets_match = np.array_equal(np.load(os.path.join(out, OFFSETS)), prep.offsets)
+            if offsets_match and all(a.shape == shape and a.dtype == dtype for a in arrays.values()):
+                return arrays, checkpoint
+        except (OSError, ValueError):
+            pass
+    os.makedirs(out, exist_ok=True)
+    _remove_stale(out)
+    arrays = {}
+    for name in prep.file_names():
+        arrays[name] = np.lib.format.open_memmap(os.path.join(out, name), mode="w+", dtype=dtype, shape=shape)
+    _write_atomic(os.path.join(out, OFFSETS), lambda f: np.save(f, prep.offsets))
+    checkpoint = {"fingerprint": prep.fingerprint, "batch_size": spec.batch_size, "samples_done": 0, "batches_done": 0}
+    _write_json(os.path.join(out, CHECKPOINT), checkpoint)
+    return arrays, checkpoint
+
+
+# --- the run -------------------------------------------------------------------------
+
+
+def _register_hooks(blocks: torch.nn.ModuleList, prep: _Prepared, captured: dict) -> list:
+    def capture(name):
+        def hook(module, args, output):
+            captured[name] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    def stop(module, args, output):
+        raise _StopForward
+
+    handles = []
+    for layer in prep.layers:
+        points = _hook_points(blocks[layer])
+        handles += [points[h].register_forward_hook(capture(f"layer_{layer}_{h}.npy")) for h in prep.hooks]
+    # Forward hooks run in registration order, so this one fires after the last captures.
+    handles.append(blocks[prep.layers[-1]].register_forward_hook(stop))
+    return handles
+
+
+def _forward(
+    model: torch.nn.Module, spec: ExtractionSpec, prep: _Prepared, batch: list[int], captured: dict
+) -> dict[str, np.ndarray]:
+    """One right-padded batch through the model: {file name: activations in storage dtype}."""
+    if not batch:
+        return {}
+    lengths = np.diff(prep.offsets)
+    input_ids = torch.zeros((len(batch), int(lengths[batch[0]])), dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, i in enumerate(batch):
+        # Right padding: real tokens keep positions 0..n-1 and, causally, never see a pad.
+        input_ids[row, : lengths[i]] = torch.from_numpy(prep.ids[prep.offsets[i] : prep.offsets[i + 1]])
+        attention_mask[row, : lengths[i]] = 1
+    storage = _STORAGE_DTYPES[spec.storage_dtype]
+    with torch.inference_mode():
+        try:
+            model(input_ids=input_ids.to(spec.device), attention_mask=attention_mask.to(spec.device), use_cache=False)
+        except _StopForward:
+            pass
+        values = {name: tensor.to(storage).cpu().numpy() for name, tensor in captured.items()}
+    captured.clear()
+    return values
+
+
+def run_extraction(
+    spec: ExtractionSpec,
+    *,
+    progress: Callable[[int, int, int, int], None] | None,
+    heartbeat: Callable[[], None] | None,
+    should_cancel: Callable[[], bool] | None,
+    on_event: Callable[[str, dict], None] | None = None,
+    failpoint: Callable[[str, dict], None] | None = None,
+) -> ExtractionResult:
+    """Extract spec's activations into spec.output_dir, resuming its checkpoint if it matches."""
+    progress = progress or (lambda *args: None)
+    heartbeat = heartbeat or (lambda: None)
+    should_cancel = should_cancel or (lambda: False)
+    on_event = on_event or (lambda *args: None)
+    failpoint = failpoint or (lambda *args: None)
+
+    prep = _prepare(spec)
+    model = AutoModel.from_pretrained(spec.model_path, local_files_only=True, dtype=_MODEL_DTYPES[spec.model_dtype])
+    model.to(spec.device).eval()
+    arrays, checkpoint = _open_outputs(spec, prep)
+    checkpoint_path = os.path.join(spec.output_dir, CHECKPOINT)
+    lengths = np.diff(prep.offsets)
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    total_samples, total_tokens = len(order), int(prep.offsets[-1])
+    batch_size, done, batch_index = checkpoint["batch_size"], checkpoint["samples_done"], checkpoint["batches_done"]
+    tokens_done = int(lengths[order[:done]].sum())
+    on_event("phase", {"phase": "extracting"})
+    progress(done, total_samples, tokens_done, total_tokens)
+
+    captured: dict[str, torch.Tensor] = {}
+    handles = _register_hooks(_find_blocks(model, prep.info.num_layers), prep, captured)
+    try:
+        while done < total_samples:
+            heartbeat()
+            if should_cancel():
+                raise Cancelled(f"Cancelled after {done} of {total_samples} samples.")
+            # Longest first, so empty samples only ever share a batch with each other.
+            batch = [i for i in order[done : done + batch_size] if lengths[i] > 0]
+            try:
+                failpoint("extraction.batch", {"index": batch_index, "batch_size": batch_size, "samples_done": done})
+                values = _forward(model, spec, prep, batch, captured)
+            except Exception as exc:
+                if not (spec.auto_retry_on_oom and batch_size > 1 and is_oom(exc)):
+                    raise
+                values = None  # memory is freed below: until this block ends, the traceback pins it
+            if values is None:
+                captured.clear()
+                gc.collect()
+                if spec.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+                message = f"Out of memory at batch size {batch_size}; retrying with {batch_size // 2}."
+                reduced = {"from": batch_size, "to": batch_size // 2, "batch_index": batch_index, "message": message}
+                on_event("batch_size_reduced", reduced)
+                batch_size //= 2
+                checkpoint = {**checkpoint, "batch_size": batch_size}
+                _write_json(checkpoint_path, checkpoint)
+                continue
+            for row, i in enumerate(batch):
+                start, end = prep.offsets[i], prep.offsets[i + 1]
+                for name, value in values.items():
+                    arrays[name][start:end] = value[row, : end - start]
+            for array in arrays.values():
+                array.flush()
+            # Only once its rows are on disk may the checkpoint count the batch.
+            done = min(done + batch_size, total_samples)
+            batch_index += 1
+            tokens_done += int(lengths[batch].sum())
+            checkpoint = {**checkpoint, "samples_done": done, "batches_done": batch_index}
+            _write_json(checkpoint_path, checkpoint)
+            progress(done, total_samples, tokens_done, total_tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    on_event("phase", {"phase": "saving"})
+    files = {OFFSETS: {"dtype": "int64", "shape": [total_samples + 1]}}
+    for name in prep.file_names():
+        files[name] = {"dtype": spec.storage_dtype, "shape": [total_tokens, prep.info.hidden_size]}
+    result = ExtractionResult(
+        total_samples, total_tokens, prep.clamped_tokens, prep.truncated_samples, batch_size, [*files, METADATA]
+    )
+    metadata = {
+        "model_path": spec.model_path,
+        "architecture": prep.info.architecture,
+        "model_type": prep.info.model_type,
+        "layers": prep.layers,
+        "hooks": prep.hooks,
+        "storage_dtype": spec.storage_dtype,
+        "hidden_size": prep.info.hidden_size,
+        "max_length": spec.max_length,
+        "files": files,
+        **{key: getattr(result, key) for key in ("samples", "tokens", "clamped_tokens", "truncated_samples")},
+    }
+    _write_json(os.path.join(spec.output_dir, METADATA), metadata)
+    return result
+
+
+def seed_from_checkpoint(src_output_dir: str, dst_output_dir: str, spec: ExtractionSpec) -> int:
+    """Start dst from src's completed samples when only the batch size changed; 0 if not."""
+    prep = _prepare(spec)
+    checkpoint = _read_checkpoint(src_output_dir)
+    names = [OFFSETS, *prep.file_names()]
+    if (
+        not checkpoint
+        or checkpoint.get("fingerprint") != prep.fingerprint
+        or not checkpoint.get("samples_done")
+        or not all(os.path.isfile(os.path.join(src_output_dir, name)) for name in names)
+    ):
+        return 0
+    if os.path.realpath(src_output_dir) != os.path.realpath(dst_output_dir):
+        os.makedirs(dst_output_dir, exist_ok=True)
+        _remove_stale(dst_output_dir)
+        for name in names:
+            shutil.copyfile(os.path.join(src_output_dir, name), os.path.join(dst_output_dir, name))
+    # Written last: dst is resumable only once every data file is in place.
+    _write_json(os.path.join(dst_output_dir, CHECKPOINT), {**checkpoint, "batch_size": spec.batch_size})
+    return checkpoint["samples_done"]

@@ -1,0 +1,385 @@
+"""extraction.runner on tiny random models built locally: no Django, no database, no network."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from extraction import runner
+from extraction.runner import (
+    Cancelled,
+    ExtractionSpec,
+    inspect_dataset,
+    inspect_model,
+    run_extraction,
+    seed_from_checkpoint,
+)
+from jobsite.demo import build_tiny_causal_lm, train_tokenizer
+from jobsite.errors import JobInputError, is_oom
+from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+
+WORDS = "the a quick brown fox jumps over lazy dog river stone light shadow market garden numbers".split()
+TEXTS = [
+    "Hello world.",
+    "A short one.",
+    "x",
+    "Numbers: 3.14159, 2.71828 and 42.",
+    "Ünïcödé text with accents — and an em dash.",
+    "def add(a, b):    return a + b",
+    "The model reads every token of this sentence, one after another, left to right.",
+    "tabs\tand  double  spaces",
+    "日本語のテキストも少し。",
+    "OK",
+] + [" ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(1 + (i * 5) % 23)) for i in range(40)]
+REPO = Path(__file__).resolve().parents[2]
+OOM_MESSAGE = "CUDA out of memory. Tried to allocate 2.00 GiB"
+
+
+@pytest.fixture(autouse=True)
+def _data_dir():
+    """Overrides tests/conftest.py's: the runner needs no Django settings, so `-p no:django` works."""
+    yield
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {
+        arch: build_tiny_causal_lm(str(root / arch), TEXTS, arch=arch, n_layer=4, hidden=32, n_head=4)
+        for arch in ("gpt2", "gpt_neox")
+    }
+
+
+@pytest.fixture(scope="module")
+def samples_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "samples.txt"
+    path.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def extract(model_path, dataset_path, output_dir, *, layers=(1, 2), hooks=("residual",), batch_size=8,
+            failpoint=None, should_cancel=None, events=None, **spec_options):
+    """run_extraction with recording callbacks; returns (result, the progress calls)."""
+    spec = ExtractionSpec(
+        model_path, dataset_path, str(output_dir), tuple(layers), tuple(hooks), batch_size, **spec_options
+    )
+    calls = []
+    result = run_extraction(
+        spec,
+        progress=lambda *args: calls.append(args),
+        heartbeat=None,
+        should_cancel=should_cancel,
+        on_event=(lambda kind, payload: events.append((kind, payload))) if events is not None else None,
+        failpoint=failpoint,
+    )
+    return result, calls
+
+
+def load(output_dir, name):
+    return np.load(os.path.join(output_dir, name), mmap_mode="r")
+
+
+def layer_files(output_dir):
+    return sorted(n for n in os.listdir(output_dir) if n.startswith("layer_"))
+
+
+def fail_at(index, exc):
+    def failpoint(name, context):
+        if name == "extraction.batch" and context["index"] == index:
+            raise exc
+
+    return failpoint
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
+def test_batched_output_equals_per_sample_unpadded_output(models, samples_path, tmp_path, arch):
+    hooks = ("residual", "mlp", "attention")
+    batched, _ = extract(models[arch], samples_path, tmp_path / "b8", hooks=hooks, batch_size=8)
+    single, _ = extract(models[arch], samples_path, tmp_path / "b1", hooks=hooks, batch_size=1)
+    assert layer_files(tmp_path / "b8") == sorted(f"layer_{l}_{h}.npy" for l in (1, 2) for h in hooks)
+    for name in layer_files(tmp_path / "b8"):
+        np.testing.assert_allclose(load(tmp_path / "b8", name), load(tmp_path / "b1", name), atol=1e-5, rtol=0)
+    assert batched.tokens == single.tokens > len(TEXTS)
+
+
+def test_residual_at_layer_equals_hidden_states_of_next_layer(models, samples_path, tmp_path):
+    extract(models["gpt2"], samples_path, tmp_path, layers=(0, 1, 2, 3), batch_size=8)
+    offsets = load(tmp_path, "offsets.npy")
+    tokenizer = AutoTokenizer.from_pretrained(models["gpt2"], local_files_only=True)
+    model = AutoModel.from_pretrained(models["gpt2"], local_files_only=True).eval()
+    for i in (0, 6, 12, len(TEXTS) - 1):
+        ids = tokenizer(TEXTS[i], add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.inference_mode():
+            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+        # The last layer is left out: transformers applies the final norm to its hidden state.
+        for layer in (0, 1, 2):
+            stored = load(tmp_path, f"layer_{layer}_residual.npy")[offsets[i] : offsets[i + 1]]
+            np.testing.assert_allclose(stored, hidden[layer + 1][0].numpy(), atol=1e-5, rtol=0)
+
+
+def test_files_are_in_dataset_order_and_offsets_match_token_counts(models, samples_path, tmp_path):
+    result, _ = extract(models["gpt2"], samples_path, tmp_path, layers=(0,), hooks=("residual", "mlp"), batch_size=4)
+    tokenizer = AutoTokenizer.from_pretrained(models["gpt2"], local_files_only=True)
+    counts = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in TEXTS]
+    offsets = load(tmp_path, "offsets.npy")
+    assert offsets.dtype == np.int64 and offsets.tolist() == np.concatenate([[0], np.cumsum(counts)]).tolist()
+    residual = load(tmp_path, "layer_0_residual.npy")
+    assert residual.shape == (sum(counts), 32) and residual.dtype == np.float32
+    # Sample 2 alone, unbatched, lands exactly on its own rows.
+    alone = tmp_path / "alone.txt"
+    alone.write_text(TEXTS[2] + "\n", encoding="utf-8")
+    extract(models["gpt2"], str(alone), tmp_path / "one", layers=(0,), batch_size=1)
+    alone_rows = load(tmp_path / "one", "layer_0_residual.npy")
+    np.testing.assert_allclose(residual[offsets[2] : offsets[3]], alone_rows, atol=1e-5, rtol=0)
+    metadata = json.loads((tmp_path / "metadata.json").read_text())
+    assert metadata["samples"] == result.samples == len(TEXTS)
+    assert metadata["tokens"] == result.tokens == sum(counts)
+    assert metadata["files"]["layer_0_mlp.npy"] == {"dtype": "float32", "shape": [sum(counts), 32]}
+    assert sorted(result.files) == sorted(["offsets.npy", "layer_0_residual.npy", "layer_0_mlp.npy", "metadata.json"])
+
+
+def test_ids_beyond_vocab_are_clamped_and_counted(models, tmp_path):
+    vocab = inspect_model(models["gpt2"]).vocab_size
+    path = tmp_path / "ids.jsonl"
+    rows = [{"input_ids": [1, 2, vocab + 5, 10**9]}, {"text": "Hello world."}, {"input_ids": [-3, 4]}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert inspect_dataset(str(path)).format == "jsonl"
+    result, _ = extract(models["gpt2"], str(path), tmp_path / "out", layers=(0,), batch_size=2)
+    assert result.clamped_tokens == 3 and result.samples == 3
+    # A clamped id computes exactly like the last id of the vocabulary.
+    path.write_text(json.dumps({"input_ids": [1, 2, vocab - 1, vocab - 1]}) + "\n")
+    extract(models["gpt2"], str(path), tmp_path / "ref", layers=(0,), batch_size=1)
+    clamped = load(tmp_path / "out", "layer_0_residual.npy")[:4]
+    np.testing.assert_allclose(clamped, load(tmp_path / "ref", "layer_0_residual.npy"), atol=1e-5)
+
+
+def test_truncation_at_max_length_is_counted(models, samples_path, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(models["gpt2"], local_files_only=True)
+    counts = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in TEXTS]
+    result, _ = extract(models["gpt2"], samples_path, tmp_path, layers=(0,), max_length=5)
+    assert result.truncated_samples == sum(c > 5 for c in counts) > 0
+    assert np.diff(load(tmp_path, "offsets.npy")).tolist() == [min(c, 5) for c in counts]
+
+
+def test_resume_after_interruption_is_byte_identical_to_uninterrupted_run(models, samples_path, tmp_path):
+    model = models["gpt_neox"]
+    options = dict(layers=(0, 2), hooks=("residual", "attention"), batch_size=4, storage_dtype="float16")
+    extract(model, samples_path, tmp_path / "straight", **options)
+    with pytest.raises(ValueError, match="injected"):
+        extract(model, samples_path, tmp_path / "resumed", failpoint=fail_at(3, ValueError("injected")), **options)
+    assert not (tmp_path / "resumed" / "metadata.json").exists()
+    _, calls = extract(model, samples_path, tmp_path / "resumed", **options)
+    assert calls[0][0] == 3 * 4 and calls[-1][0] == len(TEXTS)
+    for name in ["offsets.npy", *layer_files(tmp_path / "straight"), "metadata.json"]:
+        assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+
+
+KILLED_RUN = """
+import os, sys
+from extraction.runner import ExtractionSpec, run_extraction
+
+def die_at_batch_3(name, context):
+    if context["index"] == 3:
+        os._exit(9)
+
+model, data, out = sys.argv[1:]
+spec = ExtractionSpec(model, data, out, layers=(0, 2), hooks=("residual", "mlp"), batch_size=4)
+run_extraction(spec, progress=None, heartbeat=None, should_cancel=None, failpoint=die_at_batch_3)
+"""
+
+
+def test_resume_after_the_process_died_is_byte_identical(models, samples_path, tmp_path):
+    options = dict(layers=(0, 2), hooks=("residual", "mlp"), batch_size=4)
+    extract(models["gpt2"], samples_path, tmp_path / "straight", **options)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    died = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, models["gpt2"], samples_path, str(tmp_path / "resumed")], cwd=REPO, env=env
+    )
+    assert died.returncode == 9
+    _, calls = extract(models["gpt2"], samples_path, tmp_path / "resumed", **options)
+    assert calls[0][0] == 3 * 4
+    for name in ["offsets.npy", *layer_files(tmp_path / "straight")]:
+        assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+
+
+def test_blocks_after_the_last_requested_layer_never_run(models, samples_path, tmp_path, monkeypatch):
+    ran = set()
+
+    def load_and_watch(*args, **kwargs):
+        model = AutoModel.from_pretrained(*args, **kwargs)
+        for index, block in enumerate(model.h):
+            block.register_forward_hook(lambda module, inputs, output, index=index: ran.add(index))
+        return model
+
+    watched = SimpleNamespace(from_pretrained=load_and_watch, from_config=AutoModel.from_config)
+    monkeypatch.setattr(runner, "AutoModel", watched)
+    extract(models["gpt2"], samples_path, tmp_path, layers=(0, 1), hooks=("mlp",))
+    assert ran == {0, 1}
+
+
+def test_cancel_between_batches_raises_cancelled_within_one_batch(models, samples_path, tmp_path):
+    batches = []
+    with pytest.raises(Cancelled):
+        extract(
+            models["gpt2"],
+            samples_path,
+            tmp_path,
+            batch_size=4,
+            failpoint=lambda name, context: batches.append(context["index"]),
+            should_cancel=lambda: len(batches) >= 2,
+        )
+    assert batches == [0, 1]
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["samples_done"] == 8
+
+
+def test_injected_oom_with_auto_retry_halves_batch_size_and_completes(models, samples_path, tmp_path):
+    def failpoint(name, context):
+        if context["batch_size"] > 2:
+            raise RuntimeError(OOM_MESSAGE)
+
+    events = []
+    hooks = ("residual", "mlp", "attention")
+    options = dict(hooks=hooks, auto_retry_on_oom=True, failpoint=failpoint, events=events)
+    result, _ = extract(models["gpt2"], samples_path, tmp_path / "oom", **options)
+    reductions = [payload for kind, payload in events if kind == "batch_size_reduced"]
+    assert [(r["from"], r["to"], r["batch_index"]) for r in reductions] == [(8, 4, 0), (4, 2, 0)]
+    assert result.batch_size == 2
+    assert [p["phase"] for kind, p in events if kind == "phase"] == ["extracting", "saving"]
+    extract(models["gpt2"], samples_path, tmp_path / "b1", hooks=hooks, batch_size=1)
+    for name in layer_files(tmp_path / "b1"):
+        np.testing.assert_allclose(load(tmp_path / "oom", name), load(tmp_path / "b1", name), atol=1e-5, rtol=0)
+
+
+def test_injected_oom_without_auto_retry_reraises_an_oom_error(models, samples_path, tmp_path):
+    with pytest.raises(RuntimeError) as caught:
+        extract(models["gpt2"], samples_path, tmp_path, failpoint=fail_at(1, RuntimeError(OOM_MESSAGE)))
+    assert is_oom(caught.value)
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["samples_done"] == 8
+
+
+def test_seed_from_checkpoint_resumes_at_new_batch_size_without_recomputing(models, samples_path, tmp_path):
+    model, options = models["gpt2"], dict(layers=(1, 3), hooks=("residual", "mlp"))
+    with pytest.raises(RuntimeError):
+        oom_at_batch_2 = fail_at(2, RuntimeError(OOM_MESSAGE))
+        extract(model, samples_path, tmp_path / "first", batch_size=8, failpoint=oom_at_batch_2, **options)
+    retry = ExtractionSpec(model, samples_path, str(tmp_path / "retry"), (1, 3), ("residual", "mlp"), batch_size=4)
+    assert seed_from_checkpoint(str(tmp_path / "first"), retry.output_dir, retry) == 16
+    forwarded = []
+    result, calls = extract(
+        model, samples_path, tmp_path / "retry", batch_size=4, failpoint=lambda name, c: forwarded.append(c), **options
+    )
+    assert calls[0][0] == 16 and result.samples == len(TEXTS)
+    assert all(c["batch_size"] == 4 for c in forwarded)
+    assert forwarded[0]["samples_done"] == 16 and len(forwarded) == -(-(len(TEXTS) - 16) // 4)
+    extract(model, samples_path, tmp_path / "ref", batch_size=1, **options)
+    for name in layer_files(tmp_path / "ref"):
+        np.testing.assert_allclose(load(tmp_path / "retry", name), load(tmp_path / "ref", name), atol=1e-5, rtol=0)
+    # A different request (another layer) shares nothing with the checkpoint.
+    other = ExtractionSpec(model, samples_path, str(tmp_path / "other"), (0,), ("residual",), batch_size=4)
+    assert seed_from_checkpoint(str(tmp_path / "first"), other.output_dir, other) == 0
+    assert not (tmp_path / "other").exists()
+
+
+def test_inspect_model_reports_shape_and_offers_only_residual_for_bert(models, tmp_path):
+    info = inspect_model(models["gpt_neox"])
+    assert (info.architecture, info.model_type, info.num_layers) == ("GPTNeoXForCausalLM", "gpt_neox", 4)
+    assert (info.hidden_size, info.vocab_size) == (32, len(AutoTokenizer.from_pretrained(models["gpt_neox"])))
+    assert info.supported_hooks == ("residual", "mlp", "attention")
+    bert = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    BertModel(bert).save_pretrained(tmp_path)
+    train_tokenizer(TEXTS, vocab_size=64).save_pretrained(tmp_path)
+    assert inspect_model(str(tmp_path)).supported_hooks == ("residual",)
+
+
+def write(path, content: bytes) -> str:
+    path.write_bytes(content)
+    return str(path)
+
+
+BAD_SPECS = {
+    "unknown hook": (dict(hooks=("foo",)), "Hook 'foo' is unknown; choose from residual, mlp, attention."),
+    "layer out of range": (dict(layers=(1, 7)), "Layer 7 does not exist: this model has layers 0-3."),
+    "batch size 3": (dict(batch_size=3), "batch_size must be one of 1, 2, 4, 8, 16, 32, 64, 128, 256, 512."),
+}
+
+
+@pytest.mark.parametrize("change,sentence", BAD_SPECS.values(), ids=BAD_SPECS.keys())
+def test_bad_spec_raises_job_input_error_with_the_fix(models, samples_path, tmp_path, change, sentence):
+    with pytest.raises(JobInputError) as caught:
+        extract(models["gpt2"], samples_path, tmp_path, **change)
+    assert str(caught.value) == sentence
+    assert not (tmp_path / "checkpoint.json").exists()
+
+
+@pytest.mark.parametrize(
+    "content,sentence",
+    [
+        (b"", "The dataset is empty."),
+        (b"\n  \n", "The dataset is empty."),
+        (b"fine\nfine too\nbad \xff byte\n", "The dataset is not valid UTF-8 (line 3)."),
+    ],
+    ids=["empty", "blank lines", "non-utf8"],
+)
+def test_bad_dataset_raises_job_input_error(models, tmp_path, content, sentence):
+    path = write(tmp_path / "data.txt", content)
+    with pytest.raises(JobInputError) as caught:
+        inspect_dataset(path)
+    assert str(caught.value) == sentence
+    with pytest.raises(JobInputError, match="^" + sentence.replace("(", r"\(").replace(")", r"\)") + "$"):
+        extract(models["gpt2"], path, tmp_path / "out")
+
+
+def test_jsonl_line_that_is_not_json_is_named(tmp_path):
+    path = write(tmp_path / "data.jsonl", b'{"text": "a"}\n{"text": "b"}\n\n{oops\n')
+    with pytest.raises(JobInputError, match=r"^Line 4 of the dataset is not JSON\.$"):
+        inspect_dataset(path)
+
+
+def broken_copy(src, dst, breakage):
+    shutil.copytree(src, dst)
+    breakage(dst)
+    return str(dst)
+
+
+def add_auto_map(path):
+    config = json.loads((path / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "modeling_custom.CustomModel"}
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def truncate_weights(path):
+    weights = path / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+
+
+BAD_MODELS = {
+    "trust_remote_code": (
+        add_auto_map,
+        "The config asks for trust_remote_code, which jobsite refuses; "
+        "use a model whose architecture transformers ships.",
+    ),
+    "missing weights": (lambda p: (p / "model.safetensors").unlink(), "No model weights (model.safetensors) found in"),
+    "pickle weights": (
+        lambda p: (p / "model.safetensors").rename(p / "pytorch_model.bin"),
+        "The model weights are a pickle (.bin) file, which jobsite refuses",
+    ),
+    "corrupt weights": (truncate_weights, "The model weights file is corrupt: model.safetensors"),
+}
+
+
+@pytest.mark.parametrize("breakage,sentence", BAD_MODELS.values(), ids=BAD_MODELS.keys())
+def test_bad_model_raises_job_input_error(models, samples_path, tmp_path, breakage, sentence):
+    path = broken_copy(models["gpt2"], tmp_path / "model", breakage)
+    with pytest.raises(JobInputError) as caught:
+        inspect_model(path)
+    assert str(caught.value).startswith(sentence)
+    with pytest.raises(JobInputError):
+        extract(path, samples_path, tmp_path / "out")
