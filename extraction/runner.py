@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
 
 # Cancelled is re-exported from jobsite.errors: the worker tells a cancel from a failure by it.
 from jobsite.errors import Cancelled, JobInputError, is_oom
@@ -36,6 +37,10 @@ _STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 _ATTENTION_NAMES = ("attn", "attention", "self_attn")
 _SHIPPED = "use a model whose architecture transformers ships"
 OFFSETS, CHECKPOINT, METADATA = "offsets.npy", "checkpoint.json", "metadata.json"
+
+# Worker logs are read by people: no weight-loading progress bars or load reports there.
+transformers_logging.disable_progress_bar()
+transformers_logging.set_verbosity_error()
 
 
 class _StopForward(Exception):
@@ -417,7 +422,10 @@ def run_extraction(
     total_samples, total_tokens = len(order), int(prep.offsets[-1])
     batch_size, done, batch_index = checkpoint["batch_size"], checkpoint["samples_done"], checkpoint["batches_done"]
     tokens_done = int(lengths[order[:done]].sum())
-    on_event("phase", {"phase": "extracting"})
+    on_event("phase", {
+        "phase": "extracting", "total_tokens": total_tokens,
+        "clamped_tokens": prep.clamped_tokens, "truncated_samples": prep.truncated_samples,
+    })
     progress(done, total_samples, tokens_done, total_tokens)
 
     captured: dict[str, torch.Tensor] = {}

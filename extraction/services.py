@@ -234,7 +234,10 @@ def extraction_run(extraction: Extraction, lease) -> None:
 
     def on_event(kind: str, payload: dict):
         if kind == "phase" and payload.get("phase") == "extracting":
-            lease.set_status(Extraction.Status.EXTRACTING)
+            lease.set_status(
+                Extraction.Status.EXTRACTING, total_tokens=payload["total_tokens"],
+                clamped_tokens=payload["clamped_tokens"], truncated_samples=payload["truncated_samples"],
+            )
         elif kind == "phase" and payload.get("phase") == "saving":
             lease.set_status(Extraction.Status.SAVING)
         elif kind == "batch_size_reduced":

@@ -191,3 +191,21 @@ def test_healthy_running_job_is_left_alone(make_extraction, settings):
     assert watchdog.run() == []
     job.refresh_from_db()
     assert job.status == "extracting"
+
+
+def test_clamped_token_ids_are_counted_on_the_job_while_it_runs(model_record, settings):
+    import json as jsonlib
+
+    from extraction.services import dataset_register
+    from tests.conftest import write_dataset
+
+    vocab = model_record.vocab_size
+    lines = [jsonlib.dumps({"input_ids": [1, 2, vocab + 5, vocab + 100, 3]}), jsonlib.dumps({"input_ids": [4, -1]}),
+             jsonlib.dumps({"text": "Plain text is tokenized as usual."})]
+    dataset = dataset_register(path=str(write_dataset(settings, "ids.jsonl", lines)))
+    job = start(model_record, dataset, layers=[0], hooks=["residual"], batch_size=2)
+    run_extraction(job.pk)
+    job.refresh_from_db()
+    assert job.status == "completed" and job.clamped_tokens == 3
+    extracting = Event.objects.filter(topic=job.topic, type="extraction.extracting").get()
+    assert extracting.payload["clamped_tokens"] == 3
