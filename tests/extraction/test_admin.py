@@ -1,0 +1,60 @@
+import pytest
+from django.urls import reverse
+
+from extraction.models import Extraction
+
+pytestmark = pytest.mark.django_db
+
+CHANGELIST = "admin:extraction_extraction_changelist"
+
+
+@pytest.fixture
+def admin_client_logged(client, django_user_model):
+    user = django_user_model.objects.create_superuser("boss", password="pw")
+    client.force_login(user)
+    return client
+
+
+def act(client, action, jobs):
+    return client.post(reverse(CHANGELIST), {"action": action, "_selected_action": [j.pk for j in jobs]}, follow=True)
+
+
+def test_changelist_shows_status_badge_progress_and_error(admin_client_logged, make_extraction):
+    make_extraction("failed", error_type="OOM", error_message="CUDA out of memory.", total_samples=10, samples_processed=4)
+    page = admin_client_logged.get(reverse(CHANGELIST)).content.decode()
+    assert ">failed</span>" in page and "4/10 (40 %)" in page and "OOM" in page
+    filtered = admin_client_logged.get(reverse(CHANGELIST), {"status__exact": "completed"}).content.decode()
+    assert "4/10" not in filtered
+
+
+def test_cancel_action_cancels_queued_and_reports_refusals(admin_client_logged, make_extraction):
+    queued, done = make_extraction("queued"), make_extraction("completed")
+    page = act(admin_client_logged, "cancel", [queued, done]).content.decode()
+    queued.refresh_from_db()
+    assert queued.status == "cancelled"
+    assert "1 extraction cancelled" in page
+    assert f"Extraction {done.pk}: This extraction is completed; only a queued or running extraction can be cancelled." in page
+
+
+def test_retry_with_suggested_parameters_uses_the_half_batch_size(admin_client_logged, make_extraction):
+    failed = make_extraction("failed", batch_size=16, error_type="OOM", suggested_retry_params={"batch_size": 8})
+    page = act(admin_client_logged, "retry_with_suggested", [failed]).content.decode()
+    retry = Extraction.objects.get(original_extraction=failed)
+    assert retry.batch_size == 8 and retry.status == "queued"
+    assert "1 retry started with suggested parameters" in page
+
+
+def test_retry_action_refuses_a_running_job(admin_client_logged, make_extraction):
+    running = make_extraction("extracting")
+    page = act(admin_client_logged, "retry", [running]).content.decode()
+    assert "only a failed or cancelled extraction can be retried" in page
+    assert not Extraction.objects.filter(original_extraction=running).exists()
+
+
+def test_lifecycle_fields_cannot_be_edited_and_jobs_not_added(admin_client_logged, make_extraction):
+    job = make_extraction("queued")
+    change = reverse("admin:extraction_extraction_change", args=[job.pk])
+    admin_client_logged.post(change, {"status": "completed"})
+    job.refresh_from_db()
+    assert job.status == "queued"
+    assert admin_client_logged.get(reverse("admin:extraction_extraction_add")).status_code == 403

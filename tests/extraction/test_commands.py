@@ -1,0 +1,84 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from extraction.models import Extraction
+from tests.conftest import REPO, process_env
+
+pytestmark = pytest.mark.django_db
+
+
+def test_extract_queues_by_names_and_says_so(model_record, dataset, capsys):
+    call_command("extract", "tiny-gpt2", "samples", "--layers", "0,1", "--hooks", "residual,mlp", "--batch-size", "4")
+    job = Extraction.objects.get()
+    assert job.layers == [0, 1] and job.hooks == ["residual", "mlp"] and job.batch_size == 4
+    assert f"Queued extraction {job.pk}" in capsys.readouterr().out
+
+
+def test_extract_with_a_path_registers_the_dataset(model_record, settings, capsys):
+    from tests.conftest import write_dataset
+
+    path = write_dataset(settings, "fresh.txt", ["one sample", "another sample"])
+    call_command("extract", "tiny-gpt2", str(path), "--layers", "0")
+    assert Extraction.objects.get().dataset.name == "fresh"
+
+
+@pytest.mark.parametrize(
+    ("args", "sentence"),
+    [
+        (["--layers", "7"], "Layer 7 does not exist"),
+        (["--layers", "zero"], "--layers must be comma separated integers"),
+        (["--layers", "0", "--hooks", "logits"], "Hook 'logits' is unknown"),
+    ],
+)
+def test_extract_refuses_bad_input_with_a_sentence(model_record, dataset, args, sentence):
+    with pytest.raises(CommandError, match=sentence):
+        call_command("extract", "tiny-gpt2", "samples", *args)
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_wait_exits_1_with_the_failure_sentence_and_retry_suggested_exits_0(
+    model_record, dataset, settings, start_worker
+):
+    """Real processes: the exit codes and sentences are what a script sees."""
+    oom_at_8 = json.dumps({"extraction.batch": {"action": "oom", "min_batch_size": 8}})
+    start_worker(JOBSITE_FAILPOINTS=oom_at_8, JOBSITE_QUEUE_POLL_S=0.2)
+    env = process_env(settings)
+
+    def manage(*args):
+        return subprocess.run([sys.executable, "manage.py", *args], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=180)
+
+    failed = manage("extract", "tiny-gpt2", "samples", "--layers", "0", "--batch-size", "8", "--wait")
+    job = Extraction.objects.get()
+    assert failed.returncode == 1
+    assert f"Extraction {job.pk} failed (OOM)" in failed.stderr
+    assert "Suggested retry: {'batch_size': 4}" in failed.stderr
+
+    retried = manage("extraction", "retry", str(job.pk), "--suggested", "--wait")
+    assert retried.returncode == 0, retried.stderr
+    retry = Extraction.objects.exclude(pk=job.pk).get()
+    assert f"Extraction {retry.pk} retries {job.pk} with batch size 4" in retried.stdout
+    assert f"Extraction {retry.pk} completed: {dataset.num_samples} samples" in retried.stdout
+    assert retry.original_extraction_id == job.pk
+
+
+def test_extraction_list_json_is_machine_readable(make_extraction, capsys):
+    failed = make_extraction("failed", error_type="OOM", error_message="CUDA out of memory.")
+    call_command("extraction", "list", "--json")
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["id"] == failed.pk and rows[0]["error_type"] == "OOM" and rows[0]["retry_available"] is True
+
+
+def test_extraction_cancel_and_retry_refuse_with_sentences(make_extraction):
+    done = make_extraction("completed")
+    with pytest.raises(CommandError, match="only a queued or running extraction can be cancelled"):
+        call_command("extraction", "cancel", str(done.pk))
+    with pytest.raises(CommandError, match="only a failed or cancelled extraction can be retried"):
+        call_command("extraction", "retry", str(done.pk))
+    with pytest.raises(CommandError, match="Extraction 999 does not exist"):
+        call_command("extraction", "cancel", "999")
