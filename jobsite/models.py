@@ -53,6 +53,9 @@ class Job(models.Model):
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     updated_at = models.DateTimeField(default=timezone.now)
     queued_at = models.DateTimeField(default=timezone.now)
+    # Set once the task reached the broker; a queued job without it after a while lost its
+    # enqueue (the process died between commit and hand-off) and the watchdog sends it again.
+    enqueued_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     # Incremented by every heartbeat: a page can tell a live worker from a frozen row.

@@ -18,11 +18,24 @@ logger = logging.getLogger(__name__)
 
 
 def job_enqueue(job: Job) -> None:
-    """Hand the job to django-q2 once the surrounding transaction has committed."""
+    """Hand the job to django-q2 once the surrounding transaction has committed.
+
+    A duplicate task is harmless (the claim is a compare-and-set); a lost one is not, so the
+    hand-off is recorded in `enqueued_at` and the watchdog resends what never got there.
+    """
     from django_q.tasks import async_task
 
-    task_name = f"{job.KIND}-{job.pk}-{timezone.now().strftime('%Y%m%d%H%M%S%f')}"
-    transaction.on_commit(lambda: async_task(job.TASK, job.pk, task_name=task_name))
+    model, pk = type(job), job.pk
+
+    def send():
+        try:
+            async_task(job.TASK, pk, task_name=f"{job.KIND}-{pk}-{timezone.now():%Y%m%d%H%M%S%f}")
+        except Exception:  # noqa: BLE001 - the watchdog retries the hand-off
+            logger.exception("could not enqueue %s %s; the watchdog will retry", job.KIND, pk)
+            return
+        model.objects.filter(pk=pk, status=job.QUEUED).update(enqueued_at=timezone.now())
+
+    transaction.on_commit(send)
 
 
 def job_request_cancel(job: Job) -> Job:
@@ -78,6 +91,7 @@ def job_fail(job: Job, *, exc: BaseException | None = None, error_type: str | No
                 payload={"automatic": True, "delay_s": round(delay, 3), "reason": message},
                 next_attempt_at=timezone.now() + timedelta(seconds=delay),
                 queued_at=timezone.now(),
+                enqueued_at=None,
                 auto_retried=True,
             )
             job_enqueue(job)

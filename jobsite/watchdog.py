@@ -21,7 +21,7 @@ from django.utils import timezone
 from jobsite.errors import ErrorType
 from jobsite.lifecycle import TransitionError, transition
 from jobsite.models import Job
-from jobsite.services import job_fail
+from jobsite.services import job_enqueue, job_fail
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,10 @@ def run() -> list[str]:
                     changed.append(f"{job.topic}: {error_type} ({message}) -> {job.status}")
             except TransitionError as exc:
                 logger.info("watchdog left %s alone: %s", job.topic, exc)
+        lost_before = now - timedelta(seconds=settings.JOBSITE_STALL_AFTER_S)
+        for job in model.objects.filter(status=model.QUEUED, enqueued_at__isnull=True, queued_at__lt=lost_before):
+            job_enqueue(job)
+            changed.append(f"{job.topic}: queued since {job.queued_at:%H:%M:%S} but never handed to the queue; sent again")
     for line in changed:
         logger.warning("watchdog: %s", line)
     return changed

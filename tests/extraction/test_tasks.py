@@ -209,3 +209,27 @@ def test_clamped_token_ids_are_counted_on_the_job_while_it_runs(model_record, se
     assert job.status == "completed" and job.clamped_tokens == 3
     extracting = Event.objects.filter(topic=job.topic, type="extraction.extracting").get()
     assert extracting.payload["clamped_tokens"] == 3
+
+
+def test_watchdog_resends_a_job_whose_enqueue_was_lost(make_extraction, settings):
+    from django_q.models import OrmQ
+
+    settings.JOBSITE_STALL_AFTER_S = 5
+    lost = make_extraction("queued", queued_at=timezone.now() - timedelta(seconds=60))
+    waiting = make_extraction("queued", queued_at=timezone.now() - timedelta(seconds=60), enqueued_at=timezone.now())
+    fresh = make_extraction("queued")
+    changed = watchdog.run()
+    assert len(changed) == 1 and "never handed to the queue" in changed[0]
+    assert OrmQ.objects.count() == 1
+    lost.refresh_from_db()
+    assert lost.enqueued_at is not None and lost.status == "queued"
+    waiting.refresh_from_db(), fresh.refresh_from_db()
+    assert fresh.enqueued_at is None
+
+
+def test_start_records_the_hand_off_to_the_queue(model_record, dataset):
+    from django_q.models import OrmQ
+
+    job = start(model_record, dataset)
+    job.refresh_from_db()
+    assert job.enqueued_at is not None and OrmQ.objects.count() == 1
