@@ -91,11 +91,7 @@ class ExtractionAdmin(admin.ModelAdmin):
     @admin.action(description="Retry selected extractions with the suggested parameters", permissions=["view"])
     def retry_with_suggested(self, request, queryset):
         def act(extraction):
-            params = extraction.suggested_retry_params or {}
-            services.extraction_retry(
-                extraction=extraction, batch_size=params.get("batch_size"), user=request.user,
-                reason=f"retried from the admin with suggested parameters {params}",
-            )
+            services.extraction_retry_suggested(extraction=extraction, user=request.user, via="from the admin")
 
         self._each(request, queryset, act, "%(count)d retry started with suggested parameters.",
                    "%(count)d retries started with suggested parameters.")

@@ -8,7 +8,8 @@ from ninja.errors import HttpError
 from pydantic import field_validator
 
 from extraction import selectors, services
-from extraction.models import VALID_BATCH_SIZES, Extraction, ModelRecord
+from extraction.constants import VALID_BATCH_SIZES
+from extraction.models import Extraction, ModelRecord
 from jobsite.api import staff_required
 
 router = Router(tags=["extraction"])
@@ -77,6 +78,7 @@ class ExtractionIn(Schema):
 class RetryIn(Schema):
     batch_size: int | None = None
     max_samples: int | None = Field(None, gt=0)
+    max_length: int | None = Field(None, gt=0, le=1_000_000)
     reason: str = ""
 
     _batch_size = field_validator("batch_size")(_check_batch_size)
@@ -223,6 +225,6 @@ def retry_extraction(request, model_id: int, extraction_id: int, payload: RetryI
     payload = payload or RetryIn()
     retry = services.extraction_retry(
         extraction=_extraction(model_id, extraction_id), batch_size=payload.batch_size,
-        max_samples=payload.max_samples, reason=payload.reason, user=request.user,
+        max_samples=payload.max_samples, max_length=payload.max_length, reason=payload.reason, user=request.user,
     )
     return Status(201, retry)

@@ -4,11 +4,9 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
+from extraction.constants import VALID_BATCH_SIZES
 from jobsite.errors import ErrorType
 from jobsite.models import Job
-
-HOOK_TYPES = ("residual", "mlp", "attention")
-VALID_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 class ModelRecord(models.Model):

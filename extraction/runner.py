@@ -27,10 +27,9 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig,
 from transformers.utils import logging as transformers_logging
 
 # Cancelled is re-exported from jobsite.errors: the worker tells a cancel from a failure by it.
+from extraction.constants import HOOK_TYPES, VALID_BATCH_SIZES
 from jobsite.errors import Cancelled, JobInputError, is_oom
 
-HOOK_TYPES = ("residual", "mlp", "attention")
-VALID_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 _MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}

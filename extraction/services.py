@@ -11,7 +11,8 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from extraction.models import HOOK_TYPES, VALID_BATCH_SIZES, Dataset, Extraction, ModelRecord
+from extraction.constants import HOOK_TYPES, VALID_BATCH_SIZES
+from extraction.models import Dataset, Extraction, ModelRecord
 from jobsite.errors import JobInputError
 from jobsite.lifecycle import TransitionError, transition
 from jobsite.services import job_enqueue, job_request_cancel
@@ -179,8 +180,8 @@ def extraction_wait_stopped(*, extraction: Extraction, timeout_s: float) -> Extr
 
 
 def extraction_retry(
-    *, extraction: Extraction, batch_size: int | None = None, max_samples: int | None = None, reason: str = "",
-    user=None,
+    *, extraction: Extraction, batch_size: int | None = None, max_samples: int | None = None,
+    max_length: int | None = None, reason: str = "", user=None,
 ) -> Extraction:
     """A person's retry: a new extraction linked to this one. When only the batch size
     changes, the new one starts from the samples this one already completed."""
@@ -192,13 +193,22 @@ def extraction_retry(
     retry, created = extraction_start(
         model=extraction.model, dataset=extraction.dataset, layers=extraction.layers, hooks=extraction.hooks,
         batch_size=batch_size or extraction.batch_size, max_samples=new_max_samples,
-        max_length=extraction.max_length, storage_dtype=extraction.storage_dtype,
+        max_length=max_length or extraction.max_length, storage_dtype=extraction.storage_dtype,
         auto_retry_on_oom=extraction.auto_retry_on_oom, user=user, original=extraction,
         retry_reason=reason or (f"{extraction.error_type}: {extraction.error_message}"[:500] if extraction.error_type else "retry"),
     )
     if not created:
         raise TransitionError(f"An identical extraction ({retry.pk}) is already {retry.status}; follow that one.")
     return retry
+
+
+def extraction_retry_suggested(*, extraction: Extraction, user=None, via: str) -> Extraction:
+    """Retry with the parameters the failure suggested (half the batch size after an OOM)."""
+    params = extraction.suggested_retry_params or {}
+    return extraction_retry(
+        extraction=extraction, batch_size=params.get("batch_size"), max_length=params.get("max_length"), user=user,
+        reason=f"retried {via} with suggested parameters {params}" if params else f"retried {via}",
+    )
 
 
 def extraction_run(extraction: Extraction, lease) -> None:

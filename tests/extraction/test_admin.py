@@ -58,3 +58,13 @@ def test_lifecycle_fields_cannot_be_edited_and_jobs_not_added(admin_client_logge
     job.refresh_from_db()
     assert job.status == "queued"
     assert admin_client_logged.get(reverse("admin:extraction_extraction_add")).status_code == 403
+
+
+def test_oom_at_batch_size_one_suggests_a_shorter_max_length_and_the_retry_uses_it(admin_client_logged, make_extraction):
+    failed = make_extraction("failed", batch_size=1, max_length=512, error_type="OOM")
+    failed.suggested_retry_params = failed.suggest_retry_params("OOM")
+    failed.save(update_fields=["suggested_retry_params"])
+    assert failed.suggested_retry_params == {"batch_size": 1, "max_length": 256}
+    act(admin_client_logged, "retry_with_suggested", [failed])
+    retry = Extraction.objects.get(original_extraction=failed)
+    assert retry.batch_size == 1 and retry.max_length == 256

@@ -4,7 +4,8 @@ from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
 from extraction import selectors, services
-from extraction.models import VALID_BATCH_SIZES, Extraction
+from extraction.constants import VALID_BATCH_SIZES
+from extraction.models import Extraction
 from jobsite.errors import JobInputError
 
 

@@ -4,7 +4,8 @@ from django.core.management.base import BaseCommand, CommandError
 
 from extraction import selectors, services
 from extraction.management.commands.extract import follow
-from extraction.models import VALID_BATCH_SIZES, Extraction
+from extraction.constants import VALID_BATCH_SIZES
+from extraction.models import Extraction
 from jobsite.errors import JobInputError
 from jobsite.lifecycle import TransitionError
 
@@ -24,6 +25,7 @@ class Command(BaseCommand):
         retry.add_argument("extraction_id", type=int)
         retry.add_argument("--batch-size", type=int, choices=VALID_BATCH_SIZES)
         retry.add_argument("--max-samples", type=int)
+        retry.add_argument("--max-length", type=int)
         retry.add_argument("--suggested", action="store_true", help="use the parameters the failure suggested")
         retry.add_argument("--wait", action="store_true")
 
@@ -60,12 +62,13 @@ class Command(BaseCommand):
 
     def do_retry(self, options):
         original = self._get(options["extraction_id"])
-        batch_size = options["batch_size"]
         if options["suggested"]:
-            batch_size = original.suggested_retry_params.get("batch_size", batch_size)
-        retry = services.extraction_retry(
-            extraction=original, batch_size=batch_size, max_samples=options["max_samples"], reason="retried from the command line"
-        )
+            retry = services.extraction_retry_suggested(extraction=original, via="from the command line")
+        else:
+            retry = services.extraction_retry(
+                extraction=original, batch_size=options["batch_size"], max_samples=options["max_samples"],
+                max_length=options["max_length"], reason="retried from the command line",
+            )
         self.stdout.write(f"Extraction {retry.pk} retries {original.pk} with batch size {retry.batch_size}.")
         if options["wait"]:
             follow(self, retry)
