@@ -11,6 +11,7 @@ from extraction import selectors, services
 from extraction.constants import VALID_BATCH_SIZES
 from extraction.models import Extraction, ModelRecord
 from jobsite.api import staff_required
+from jobsite.services import job_resume
 
 router = Router(tags=["extraction"])
 
@@ -228,3 +229,13 @@ def retry_extraction(request, model_id: int, extraction_id: int, payload: RetryI
         max_samples=payload.max_samples, max_length=payload.max_length, reason=payload.reason, user=request.user,
     )
     return Status(201, retry)
+
+
+@router.post(
+    "/models/{model_id}/extractions/{extraction_id}/resume",
+    response={200: ExtractionOut, 404: Message, 409: Message},
+    auth=staff_required,
+    summary="Re-queue a stalled extraction (no heartbeat past the stall limit); it continues from its checkpoint",
+)
+def resume_extraction(request, model_id: int, extraction_id: int):
+    return job_resume(_extraction(model_id, extraction_id))

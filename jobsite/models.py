@@ -102,6 +102,19 @@ class Job(models.Model):
 
     RETRYABLE_FROM: frozenset = frozenset()
 
+    @property
+    def heartbeat_age_s(self) -> float | None:
+        beat = self.heartbeat_at or self.started_at
+        return (timezone.now() - beat).total_seconds() if beat and self.status in self.RUNNING else None
+
+    @property
+    def is_stalled(self) -> bool:
+        """Running, but its worker has been silent past JOBSITE_STALL_AFTER_S."""
+        from django.conf import settings
+
+        age = self.heartbeat_age_s
+        return age is not None and age > settings.JOBSITE_STALL_AFTER_S
+
     def event_payload(self) -> dict:
         """The job as its events carry it: enough for a client to redraw it from scratch."""
         return {

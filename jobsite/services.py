@@ -63,6 +63,26 @@ def job_request_cancel(job: Job) -> Job:
     return transition(job, job.CANCELLED, cancel_requested=False)
 
 
+def job_resume(job: Job) -> Job:
+    """A person's Resume of a stalled job: take it from its silent worker and queue it again.
+
+    It continues from its checkpoint like an automatic retry, whatever attempts remain.
+    """
+    label = job._meta.verbose_name
+    if not job.is_stalled:
+        raise TransitionError(f"This {label} is {job.status} and its worker is alive; only a stalled {label} can be resumed.")
+    message = f"Resumed by a person after {job.heartbeat_age_s:.0f} s without a heartbeat."
+    with transaction.atomic():
+        transition(job, job.FAILED, error_type="WORKER_LOST", error_message=message, cancel_requested=False)
+        transition(
+            job, job.QUEUED, event_type=f"{job.KIND}.retry_started",
+            payload={"automatic": False, "delay_s": 0, "reason": message},
+            next_attempt_at=None, queued_at=timezone.now(), enqueued_at=None,
+        )
+        job_enqueue(job)
+    return job
+
+
 def backoff_delay(attempt: int) -> float:
     """Exponential backoff with equal jitter: half the step fixed, half random."""
     step = min(settings.JOBSITE_RETRY_MAX_S, settings.JOBSITE_RETRY_BASE_S * settings.JOBSITE_RETRY_FACTOR ** max(0, attempt - 1))

@@ -53,10 +53,8 @@ def diagnose(job: Job, now) -> tuple[str, str] | None:
     if job.worker_host == settings.JOBSITE_HOSTNAME and job.worker_pid and job.worker_pid != os.getpid():
         if not pid_alive(job.worker_pid):
             return ErrorType.WORKER_LOST, f"The worker process ({job.worker}) is gone."
-    beat = job.heartbeat_at or job.started_at
-    silent = (now - beat).total_seconds() if beat else None
-    if silent is not None and silent > settings.JOBSITE_STALL_AFTER_S:
-        return ErrorType.WORKER_LOST, f"No heartbeat from worker {job.worker} for {silent:.0f} s."
+    if job.is_stalled:
+        return ErrorType.WORKER_LOST, f"No heartbeat from worker {job.worker} for {job.heartbeat_age_s:.0f} s."
     if job.started_at and (now - job.started_at).total_seconds() > settings.JOBSITE_TIMEOUT_S:
         return ErrorType.TIMEOUT, f"The attempt ran longer than the {settings.JOBSITE_TIMEOUT_S:.0f} s limit."
     return None

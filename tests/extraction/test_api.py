@@ -162,3 +162,18 @@ def test_openapi_docs_are_served(staff_client):
     schema = staff_client.get("/api/v1/openapi.json")
     assert schema.status_code == 200
     assert "/api/v1/models/{model_id}/extractions/{extraction_id}/retry" in schema.json()["paths"]
+
+
+def test_resume_of_a_live_job_is_409_and_of_a_stalled_one_requeues(staff_client, make_extraction, fake_model, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    settings.JOBSITE_STALL_AFTER_S = 5
+    stale = timezone.now() - timedelta(seconds=60)
+    stalled = make_extraction("extracting", heartbeat_at=stale, started_at=stale, worker="w:1")
+    live = make_extraction("extracting", heartbeat_at=timezone.now(), started_at=stale, worker="w:2")
+    response = post(staff_client, f"{start_url(fake_model)}/{live.pk}/resume")
+    assert response.status_code == 409 and "only a stalled extraction can be resumed" in response.json()["message"]
+    response = post(staff_client, f"{start_url(fake_model)}/{stalled.pk}/resume")
+    assert response.status_code == 200 and response.json()["status"] == "queued"

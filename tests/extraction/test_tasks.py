@@ -233,3 +233,22 @@ def test_start_records_the_hand_off_to_the_queue(model_record, dataset):
     job = start(model_record, dataset)
     job.refresh_from_db()
     assert job.enqueued_at is not None and OrmQ.objects.count() == 1
+
+
+def test_a_person_resumes_a_stalled_job_and_it_is_queued_again(make_extraction, settings):
+    from jobsite.lifecycle import TransitionError
+    from jobsite.services import job_resume
+
+    settings.JOBSITE_STALL_AFTER_S = 5
+    settings.JOBSITE_MAX_ATTEMPTS = 1
+    stale = timezone.now() - timedelta(seconds=60)
+    job = make_extraction("extracting", attempt=1, heartbeat_at=stale, started_at=stale, worker="elsewhere:1")
+    healthy = make_extraction("extracting", attempt=1, heartbeat_at=timezone.now(), started_at=stale, worker="w:2")
+    job_resume(job)
+    job.refresh_from_db()
+    assert job.status == "queued" and job.enqueued_at is not None
+    assert "Resumed by a person" in job.error_message
+    retry_event = Event.objects.filter(topic=job.topic, type="extraction.retry_started").get()
+    assert retry_event.payload["automatic"] is False
+    with pytest.raises(TransitionError, match="its worker is alive; only a stalled extraction can be resumed"):
+        job_resume(healthy)
