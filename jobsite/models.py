@@ -44,7 +44,12 @@ class Job(models.Model):
 
     KIND: str = ""
     TASK: str = ""
+    # The status a claim moves to; empty for kinds whose phase status stays while a worker
+    # holds them (the `worker` field is then the compare-and-set lock).
     CLAIMED: str = ""
+    # Transient failures (WORKER_LOST, TIMEOUT) are retried by the machinery itself; kinds
+    # whose failures wait for a person (a "proceed") turn this off.
+    AUTO_RETRY: bool = True
     TRANSITIONS: dict = {}
     RUNNING: frozenset = frozenset()
     ACTIVE: frozenset = frozenset()
@@ -102,10 +107,31 @@ class Job(models.Model):
 
     RETRYABLE_FROM: frozenset = frozenset()
 
+    @classmethod
+    def awaiting_worker(cls) -> models.Q:
+        """Rows a worker may claim: queued ones, or unowned phases for CLAIMED-less kinds."""
+        if cls.CLAIMED:
+            return models.Q(status=cls.QUEUED)
+        return models.Q(status__in=cls.RUNNING, worker="")
+
+    @property
+    def is_claimable(self) -> bool:
+        return type(self).objects.filter(type(self).awaiting_worker(), pk=self.pk).exists()
+
+    def failed_status(self) -> str:
+        """Where a failure in the current status leads; phase-specific kinds override."""
+        return self.FAILED
+
+    def resume_status(self) -> str:
+        """Where a failed job goes to be picked up again (automatic retry, resume, proceed)."""
+        return self.QUEUED
+
     @property
     def heartbeat_age_s(self) -> float | None:
         beat = self.heartbeat_at or self.started_at
-        return (timezone.now() - beat).total_seconds() if beat and self.status in self.RUNNING else None
+        if not beat or self.status not in self.RUNNING or not self.worker:
+            return None
+        return (timezone.now() - beat).total_seconds()
 
     @property
     def is_stalled(self) -> bool:

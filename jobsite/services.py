@@ -33,7 +33,7 @@ def job_enqueue(job: Job) -> None:
         except Exception:  # noqa: BLE001 - the watchdog retries the hand-off
             logger.exception("could not enqueue %s %s; the watchdog will retry", job.KIND, pk)
             return
-        model.objects.filter(pk=pk, status=job.QUEUED).update(enqueued_at=timezone.now())
+        model.objects.filter(model.awaiting_worker(), pk=pk).update(enqueued_at=timezone.now())
 
     transaction.on_commit(send)
 
@@ -73,13 +73,21 @@ def job_resume(job: Job) -> Job:
         raise TransitionError(f"This {label} is {job.status} and its worker is alive; only a stalled {label} can be resumed.")
     message = f"Resumed by a person after {job.heartbeat_age_s:.0f} s without a heartbeat."
     with transaction.atomic():
-        transition(job, job.FAILED, error_type="WORKER_LOST", error_message=message, cancel_requested=False)
-        transition(
-            job, job.QUEUED, event_type=f"{job.KIND}.retry_started",
-            payload={"automatic": False, "delay_s": 0, "reason": message},
-            next_attempt_at=None, queued_at=timezone.now(), enqueued_at=None,
-        )
-        job_enqueue(job)
+        transition(job, job.failed_status(), error_type="WORKER_LOST", error_message=message, cancel_requested=False)
+        job_requeue(job, automatic=False, reason=message)
+    return job
+
+
+def job_requeue(job: Job, *, automatic: bool, reason: str, delay_s: float = 0) -> Job:
+    """A failed job back to where a worker picks it up, continuing from its checkpoint."""
+    now = timezone.now()
+    transition(
+        job, job.resume_status(), event_type=f"{job.KIND}.retry_started",
+        payload={"automatic": automatic, "delay_s": round(delay_s, 3), "reason": reason},
+        next_attempt_at=now + timedelta(seconds=delay_s) if delay_s else None, queued_at=now, enqueued_at=None,
+        worker="", worker_pid=None, auto_retried=automatic or job.auto_retried,
+    )
+    job_enqueue(job)
     return job
 
 
@@ -101,19 +109,8 @@ def job_fail(job: Job, *, exc: BaseException | None = None, error_type: str | No
         cancel_requested=False,
     )
     with transaction.atomic():
-        transition(job, job.FAILED, **fields)
-        if error_type in RETRYABLE and job.attempt < settings.JOBSITE_MAX_ATTEMPTS:
-            delay = backoff_delay(job.attempt)
-            transition(
-                job,
-                job.QUEUED,
-                event_type=f"{job.KIND}.retry_started",
-                payload={"automatic": True, "delay_s": round(delay, 3), "reason": message},
-                next_attempt_at=timezone.now() + timedelta(seconds=delay),
-                queued_at=timezone.now(),
-                enqueued_at=None,
-                auto_retried=True,
-            )
-            job_enqueue(job)
+        transition(job, job.failed_status(), **fields)
+        if job.AUTO_RETRY and error_type in RETRYABLE and job.attempt < settings.JOBSITE_MAX_ATTEMPTS:
+            job_requeue(job, automatic=True, reason=message, delay_s=backoff_delay(job.attempt))
     logger.info("%s %s failed (%s): %s", job.KIND, job.pk, error_type, message)
     return job

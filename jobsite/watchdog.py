@@ -65,7 +65,7 @@ def run() -> list[str]:
     changed = []
     now = timezone.now()
     for model in job_models():
-        for job in model.objects.filter(status__in=model.RUNNING):
+        for job in model.objects.filter(status__in=model.RUNNING).exclude(worker=""):
             verdict = diagnose(job, now)
             if verdict is None:
                 continue
@@ -80,7 +80,8 @@ def run() -> list[str]:
             except TransitionError as exc:
                 logger.info("watchdog left %s alone: %s", job.topic, exc)
         lost_before = now - timedelta(seconds=settings.JOBSITE_STALL_AFTER_S)
-        for job in model.objects.filter(status=model.QUEUED, enqueued_at__isnull=True, queued_at__lt=lost_before):
+        unsent = model.objects.filter(model.awaiting_worker(), enqueued_at__isnull=True, queued_at__lt=lost_before)
+        for job in unsent:
             job_enqueue(job)
             changed.append(f"{job.topic}: queued since {job.queued_at:%H:%M:%S} but never handed to the queue; sent again")
     for line in changed:

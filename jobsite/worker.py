@@ -16,13 +16,13 @@ import time
 from typing import Callable
 
 from django.conf import settings
-from django.db import close_old_connections, connection
+from django.db import close_old_connections, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
 from jobsite.errors import Cancelled
 from jobsite.events import publish
-from jobsite.lifecycle import TransitionError, transition
+from jobsite.lifecycle import TransitionConflict, TransitionError, transition
 from jobsite.models import Job
 from jobsite.services import job_fail
 
@@ -141,25 +141,26 @@ def worker_identity() -> tuple[str, int]:
 def claim(job: Job) -> Job:
     host, pid = worker_identity()
     now = timezone.now()
-    return transition(
-        job,
-        job.CLAIMED,
-        worker=f"{host}:{pid}",
-        worker_host=host,
-        worker_pid=pid,
-        started_at=now,
-        heartbeat_at=now,
-        progress_at=now,
-        attempt=F("attempt") + 1,
-        next_attempt_at=None,
+    fields = dict(
+        worker=f"{host}:{pid}", worker_host=host, worker_pid=pid, started_at=now, heartbeat_at=now,
+        progress_at=now, attempt=F("attempt") + 1, next_attempt_at=None,
     )
+    if job.CLAIMED:
+        return transition(job, job.CLAIMED, **fields)
+    model = type(job)
+    with transaction.atomic():
+        if not model.objects.filter(model.awaiting_worker(), pk=job.pk, status=job.status).update(**fields):
+            raise TransitionConflict(f"This {model._meta.verbose_name} is already held by another worker.")
+        job.refresh_from_db()
+        publish(job.topic, f"{model.KIND}.claimed", job.event_payload())
+    return job
 
 
 def _wait_for_backoff(model, job_id) -> Job | None:
     """An automatic retry carries next_attempt_at; wait for it (cancel still wins)."""
     while True:
         job = model.objects.filter(pk=job_id).first()
-        if job is None or job.status != job.QUEUED or job.next_attempt_at is None:
+        if job is None or not job.is_claimable or job.next_attempt_at is None:
             return job
         remaining = (job.next_attempt_at - timezone.now()).total_seconds()
         if remaining <= 0:
@@ -170,7 +171,7 @@ def _wait_for_backoff(model, job_id) -> Job | None:
 def execute(model: type[Job], job_id: int, work: Callable[[Job, Lease], None]) -> None:
     close_old_connections()
     job = _wait_for_backoff(model, job_id)
-    if job is None or job.status != job.QUEUED:
+    if job is None or not job.is_claimable:
         logger.info("%s %s is %s; nothing to run", model.KIND, job_id, job.status if job else "gone")
         return
     try:
