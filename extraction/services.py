@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from pathlib import Path
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -14,28 +13,15 @@ from django.utils import timezone
 from extraction.constants import HOOK_TYPES, VALID_BATCH_SIZES
 from extraction.models import Dataset, Extraction, ModelRecord
 from jobsite.errors import JobInputError
-from jobsite.lifecycle import TransitionError, transition
+from jobsite.lifecycle import TransitionError
+from jobsite.paths import resolve_under
 from jobsite.services import job_enqueue, job_request_cancel
-
-
-def _resolve_under(path: str | Path, roots: list[Path], what: str) -> Path:
-    """Resolve symlinks and `..` first, then require the result to lie under a root."""
-    candidate = Path(path).expanduser()
-    if not candidate.is_absolute():
-        candidate = roots[0] / candidate
-    resolved = candidate.resolve()
-    if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
-        allowed = ", ".join(str(r) for r in roots)
-        raise JobInputError(f"The {what} path {path} is outside the allowed directories ({allowed}); move it there.")
-    if not resolved.exists():
-        raise JobInputError(f"The {what} path {path} does not exist.")
-    return resolved
 
 
 def model_register(*, path: str, name: str = "") -> ModelRecord:
     from extraction.runner import inspect_model  # noqa: PLC0415 - keeps torch out of web start-up
 
-    resolved = _resolve_under(path, settings.JOBSITE_MODEL_ROOTS, "model")
+    resolved = resolve_under(path, settings.JOBSITE_MODEL_ROOTS, "model")
     if not resolved.is_dir():
         raise JobInputError(f"The model path {path} is a file; give the directory save_pretrained wrote.")
     existing = ModelRecord.objects.filter(path=str(resolved)).first()
@@ -60,7 +46,7 @@ def model_register(*, path: str, name: str = "") -> ModelRecord:
 def dataset_register(*, path: str, name: str = "") -> Dataset:
     from extraction.runner import inspect_dataset  # noqa: PLC0415
 
-    resolved = _resolve_under(path, [settings.JOBSITE_DATA_DIR], "dataset")
+    resolved = resolve_under(path, [settings.JOBSITE_DATA_DIR], "dataset")
     if resolved.suffix not in (".txt", ".jsonl"):
         raise JobInputError(f"The dataset {path} must be a .txt (one sample a line) or .jsonl file.")
     existing = Dataset.objects.filter(path=str(resolved)).first()

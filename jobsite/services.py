@@ -78,14 +78,16 @@ def job_resume(job: Job) -> Job:
     return job
 
 
-def job_requeue(job: Job, *, automatic: bool, reason: str, delay_s: float = 0) -> Job:
+def job_requeue(job: Job, *, automatic: bool, reason: str, delay_s: float = 0, clear_error: bool = False,
+                event_type: str = "") -> Job:
     """A failed job back to where a worker picks it up, continuing from its checkpoint."""
     now = timezone.now()
+    cleared = dict(error_type="", error_message="", suggested_retry_params={}) if clear_error else {}
     transition(
-        job, job.resume_status(), event_type=f"{job.KIND}.retry_started",
+        job, job.resume_status(), event_type=event_type or f"{job.KIND}.retry_started",
         payload={"automatic": automatic, "delay_s": round(delay_s, 3), "reason": reason},
         next_attempt_at=now + timedelta(seconds=delay_s) if delay_s else None, queued_at=now, enqueued_at=None,
-        worker="", worker_pid=None, auto_retried=automatic or job.auto_retried,
+        worker="", worker_pid=None, auto_retried=automatic or job.auto_retried, **cleared,
     )
     job_enqueue(job)
     return job

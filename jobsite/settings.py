@@ -66,6 +66,7 @@ INSTALLED_APPS = [
     "django_htmx",
     "jobsite",
     "extraction",
+    "training_runs",
 ]
 
 MIDDLEWARE = [
@@ -155,6 +156,12 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": os.environ.get("JOBSITE_LOG_LEVEL", "INFO")},
     "loggers": {"django.channels.server": {"level": "WARNING"}},
 }
+
+# Training runs: the encoder whose embeddings the adapter is trained on (a local directory
+# under JOBSITE_MODEL_ROOTS), and the causal LM the "causal_lm" query generator uses.
+JOBSITE_ENCODER_PATH = os.environ.get("JOBSITE_ENCODER_PATH", str(JOBSITE_MODEL_ROOTS[0] / "all-MiniLM-L6-v2"))
+JOBSITE_GENERATOR_MODEL_PATH = os.environ.get("JOBSITE_GENERATOR_MODEL_PATH", str(JOBSITE_MODEL_ROOTS[0] / "tiny-gpt2"))
+JOBSITE_MIN_APPROVED_PAIRS = int(os.environ.get("JOBSITE_MIN_APPROVED_PAIRS", 10))
 
 # Where extraction runs: "cpu", "cuda", "cuda:1"... (a worker on a GPU host sets it).
 JOBSITE_DEVICE = os.environ.get("JOBSITE_DEVICE", "cpu")

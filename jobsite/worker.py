@@ -66,7 +66,7 @@ class Lease:
         now = timezone.now()
         if not self._mine().update(progress_at=now, updated_at=now, **counters):
             self.lost.set()
-            return
+            raise LeaseLost()
         for name, value in counters.items():
             setattr(self.job, name, value)
         self.job.progress_at = now

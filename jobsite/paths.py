@@ -1,0 +1,19 @@
+"""Every path that comes from a request, a command or a row is resolved here first."""
+
+from pathlib import Path
+
+from jobsite.errors import JobInputError
+
+
+def resolve_under(path: str | Path, roots: list[Path], what: str) -> Path:
+    """Resolve symlinks and `..` first, then require the result to lie under a root."""
+    candidate = Path(path).expanduser()
+    if not candidate.is_absolute():
+        candidate = roots[0] / candidate
+    resolved = candidate.resolve()
+    if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
+        allowed = ", ".join(str(r) for r in roots)
+        raise JobInputError(f"The {what} path {path} is outside the allowed directories ({allowed}); move it there.")
+    if not resolved.exists():
+        raise JobInputError(f"The {what} path {path} does not exist.")
+    return resolved

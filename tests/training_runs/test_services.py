@@ -1,0 +1,214 @@
+import json
+import threading
+
+import pytest
+from django.db import connection
+
+from jobsite.errors import JobInputError
+from jobsite.lifecycle import TransitionError
+from jobsite.models import Event
+from training_runs import generator as generator_module
+from training_runs.models import TrainingPair, TrainingRun
+from training_runs.services import (
+    TrainingRunBlocked,
+    training_run_generate,
+    training_run_proceed,
+    training_run_remove,
+    training_run_review,
+    training_run_train,
+)
+from training_runs.tasks import run_training_phase
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fast_machinery")]
+
+
+def reload(run):
+    return TrainingRun.objects.get(pk=run.pk)
+
+
+def generate_and_approve(corpus):
+    run = training_run_generate(corpus=corpus)
+    run_training_phase(run.pk)
+    run = reload(run)
+    assert run.status == "generated"
+    training_run_review(run=run, decision="approved")
+    return run
+
+
+def test_generation_writes_pairs_for_every_chunk_and_counts_them(small_corpus):
+    run = training_run_generate(corpus=small_corpus, queries_per_chunk=2)
+    assert run.total_chunks == small_corpus.chunks.count() > 10
+    run_training_phase(run.pk)
+    run = reload(run)
+    assert run.status == "generated" and run.processed_chunks == run.total_chunks
+    assert run.pair_count == TrainingPair.objects.filter(run=run).count() >= run.total_chunks
+    assert set(run.pairs.values_list("chunk", flat=True)) == set(small_corpus.chunks.values_list("pk", flat=True))
+    assert run.worker == "" and run.generated_at is not None
+
+
+def test_failure_mid_generation_keeps_counts_and_proceed_generates_only_the_rest(small_corpus, settings, monkeypatch):
+    settings.JOBSITE_FAILPOINTS = json.dumps({"training.generate": {"action": "error", "at": 20, "attempt": 1}})
+    run = training_run_generate(corpus=small_corpus)
+    run_training_phase(run.pk)
+    run = reload(run)
+    assert run.status == "generating_failed" and run.error_type == "UNKNOWN" and "Injected failure" in run.error_message
+    assert run.processed_chunks == 16  # two full batches of 8 were committed before chunk 20's batch
+    assert run.pair_count == run.pairs.count()
+    total = run.total_chunks
+    failed_event = Event.objects.filter(topic=run.topic, type="training.generating_failed").get()
+    assert failed_event.payload["processed_chunks"] == 16 and failed_event.payload["retry_available"] is True
+
+    seen = []
+    original = generator_module.LocalGenerator.generate
+    monkeypatch.setattr(generator_module.LocalGenerator, "generate",
+                        lambda self, chunks: seen.extend(chunks) or original(self, chunks))
+    training_run_proceed(run=run)
+    run = reload(run)
+    assert run.status == "generating" and run.error_message == "" and run.total_chunks == total
+    assert f"{run.processed_chunks}/{run.total_chunks}" == f"16/{total}"
+    run_training_phase(run.pk)
+    run = reload(run)
+    assert run.status == "generated" and run.processed_chunks == total
+    assert len(seen) == total - 16
+    already = set(small_corpus.chunks.order_by("index").values_list("text", flat=True)[:16])
+    assert not already & set(seen)
+    # Every chunk has the pairs of exactly one generation: none lost, none twice.
+    fresh = generator_module.LocalGenerator(queries_per_chunk=2)
+    for chunk in small_corpus.chunks.all():
+        stored = sorted(run.pairs.filter(chunk=chunk).values_list("query", flat=True))
+        assert stored == sorted(original(fresh, [chunk.text])[0])
+
+
+def test_failure_mid_training_resumes_from_the_checkpoint(small_corpus, settings):
+    run = generate_and_approve(small_corpus)
+    settings.JOBSITE_FAILPOINTS = json.dumps({"training.epoch": {"action": "error", "at": 3, "attempt": 2}})
+    training_run_train(run=run, epochs=5)
+    run_training_phase(run.pk)
+    run = reload(run)
+    assert run.status == "training_failed" and run.epochs_done == 3 and len(run.loss_curve) == 3
+    assert run.progress_label == f"{run.processed_chunks}/{run.total_chunks}"
+    pairs_before = run.pairs.count()
+    training_run_proceed(run=run)
+    run_training_phase(run.pk)
+    run = reload(run)
+    assert run.status == "completed" and run.epochs_done == 5 and len(run.loss_curve) == 5
+    assert run.pairs.count() == pairs_before  # no regeneration
+    assert (run.output_dir / "adapter.safetensors").exists()
+
+    # The resumed run ends where an uninterrupted one ends.
+    from safetensors.torch import load_file
+
+    from training_runs.trainer import TrainSpec, run_training, split_pairs
+
+    positions = {pk: i for i, pk in enumerate(small_corpus.chunks.order_by("index").values_list("pk", flat=True))}
+    approved = run.pairs.filter(review="approved").order_by("pk")
+    train, held_out = split_pairs([(p.pk, p.query, positions[p.chunk_id]) for p in approved])
+    reference = run_training(
+        TrainSpec(encoder_path=settings.JOBSITE_ENCODER_PATH, output_dir=str(run.output_dir.parent / "reference"),
+                  epochs=5),
+        chunk_texts=list(small_corpus.chunks.order_by("index").values_list("text", flat=True)), train_pairs=train,
+        eval_pairs=held_out, progress=lambda *a: None, heartbeat=lambda: None, should_cancel=lambda: False,
+        failpoint=lambda *a: None,
+    )
+    assert run.loss_curve == reference.loss_curve
+    resumed, uninterrupted = load_file(run.output_dir / "adapter.safetensors"), load_file(reference.adapter_path)
+    assert all((resumed[k] == uninterrupted[k]).all() for k in resumed)
+
+
+def test_failure_again_returns_to_the_failed_state_with_the_new_error(small_corpus, settings):
+    settings.JOBSITE_FAILPOINTS = json.dumps({"training.generate": {"action": "error", "at": 8, "message": "first"}})
+    run = training_run_generate(corpus=small_corpus)
+    run_training_phase(run.pk)
+    assert reload(run).error_message == "first"
+    settings.JOBSITE_FAILPOINTS = json.dumps({"training.generate": {"action": "input", "message": "second"}})
+    training_run_proceed(run=reload(run))
+    run_training_phase(run.pk)
+    run = reload(run)
+    assert run.status == "generating_failed" and run.error_message == "second" and run.error_type == "VALIDATION"
+
+
+def test_remove_leaves_no_pair_row_no_file_and_an_audit_event(small_corpus, settings):
+    settings.JOBSITE_FAILPOINTS = json.dumps({"training.epoch": {"action": "error", "at": 1}})
+    run = generate_and_approve(small_corpus)
+    training_run_train(run=run, epochs=3)
+    run_training_phase(run.pk)
+    run = reload(run)
+    assert run.status == "training_failed" and run.output_dir.exists() and run.pairs.exists()
+    output_dir, topic, pk = run.output_dir, run.topic, run.pk
+    training_run_remove(run=run)
+    assert not TrainingRun.objects.filter(pk=pk).exists()
+    assert not TrainingPair.objects.filter(run_id=pk).exists()
+    assert not output_dir.exists()
+    removed = Event.objects.filter(topic=topic, type="training.removed").get()
+    assert removed.payload["status"] == "training_failed"
+
+
+@pytest.mark.parametrize("status", ["generating", "generated", "training", "completed"])
+def test_remove_and_proceed_are_refused_outside_the_failed_states(small_corpus, status):
+    run = TrainingRun.objects.create(corpus=small_corpus, status=status,
+                                     finished_at=None if status != "completed" else "2026-01-01T00:00Z")
+    with pytest.raises(TransitionError, match="only a failed run can be removed"):
+        training_run_remove(run=run)
+    with pytest.raises(TransitionError, match="only a failed run can proceed"):
+        training_run_proceed(run=run)
+
+
+def test_twenty_concurrent_generate_requests_make_exactly_one_run(small_corpus):
+    barrier = threading.Barrier(20)
+    outcomes = []
+
+    def request():
+        barrier.wait()
+        try:
+            outcomes.append(("created", training_run_generate(corpus=small_corpus).pk))
+        except TrainingRunBlocked as exc:
+            outcomes.append(("blocked", str(exc)))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=request) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    created = [value for kind, value in outcomes if kind == "created"]
+    assert len(outcomes) == 20 and len(created) == 1
+    assert TrainingRun.objects.count() == 1
+    for kind, value in outcomes:
+        if kind == "blocked":
+            assert f"training run {created[0]} is generating" in value
+
+
+def test_the_blocking_sentence_names_the_blocking_run_and_its_status(small_corpus, settings):
+    settings.JOBSITE_FAILPOINTS = json.dumps({"training.generate": {"action": "error", "at": 0}})
+    run = training_run_generate(corpus=small_corpus)
+    run_training_phase(run.pk)
+    with pytest.raises(TrainingRunBlocked) as blocked:
+        training_run_generate(corpus=small_corpus)
+    assert str(blocked.value) == (
+        f"A new generation cannot start while training run {run.pk} is generating_failed; "
+        "proceed with it or remove it first."
+    )
+
+
+def test_training_needs_enough_approved_pairs(small_corpus, settings):
+    run = training_run_generate(corpus=small_corpus)
+    run_training_phase(run.pk)
+    run = reload(run)
+    with pytest.raises(JobInputError, match="needs at least 4 approved pairs; training run .* has 0"):
+        training_run_train(run=run)
+    rejected = list(run.pairs.values_list("pk", flat=True)[:3])
+    assert training_run_review(run=run, decision="rejected", pair_ids=rejected) == 3
+    assert training_run_review(run=run, decision="approved") == run.pair_count - 3
+    with pytest.raises(JobInputError, match="do not belong to training run"):
+        training_run_review(run=run, decision="approved", pair_ids=[10**9])
+
+
+def test_training_is_unavailable_without_an_encoder(small_corpus, settings):
+    from training_runs.services import training_availability
+
+    settings.JOBSITE_ENCODER_PATH = str(settings.JOBSITE_DATA_DIR / "models" / "missing-encoder")
+    available, reason = training_availability()
+    assert not available and "does not exist" in reason
+    with pytest.raises(JobInputError, match="Training is unavailable"):
+        training_run_generate(corpus=small_corpus)

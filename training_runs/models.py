@@ -1,0 +1,172 @@
+from pathlib import Path
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q, Value
+
+from jobsite.models import Job
+
+
+class Corpus(models.Model):
+    """Documents cut into chunks; a training run generates queries for every chunk."""
+
+    name = models.CharField(max_length=200, unique=True)
+    source = models.CharField(max_length=1000, help_text="file or directory under JOBSITE_DATA_DIR")
+    chunk_size = models.PositiveIntegerField(default=500, help_text="characters per chunk")
+    chunk_overlap = models.PositiveIntegerField(default=50, help_text="characters shared by neighbouring chunks")
+    num_documents = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name_plural = "corpora"
+
+    def __str__(self):
+        return self.name
+
+
+class Chunk(models.Model):
+    corpus = models.ForeignKey(Corpus, on_delete=models.CASCADE, related_name="chunks")
+    index = models.PositiveIntegerField(help_text="position in the corpus; generation goes in this order")
+    document = models.CharField(max_length=500)
+    text = models.TextField()
+
+    class Meta:
+        ordering = ["corpus", "index"]
+        constraints = [models.UniqueConstraint(fields=["corpus", "index"], name="chunk_unique_index")]
+
+    def __str__(self):
+        return f"{self.document} #{self.index}"
+
+
+class TrainingRunStatus(models.TextChoices):
+    GENERATING = "generating"
+    GENERATED = "generated"
+    TRAINING = "training"
+    COMPLETED = "completed"
+    GENERATING_FAILED = "generating_failed"
+    TRAINING_FAILED = "training_failed"
+
+
+class TrainingRun(Job):
+    """Phase 1 generates (query, chunk) pairs, a person reviews them, phase 2 trains an adapter.
+
+    The status names the phase; a worker holds a phase through the `worker` lock (CLAIMED is
+    empty), and a failure waits for a person to proceed or remove it (AUTO_RETRY is off).
+    """
+
+    Status = TrainingRunStatus
+
+    class Generator(models.TextChoices):
+        LOCAL = "local", "Deterministic local generator (CPU, offline)"
+        CAUSAL_LM = "causal_lm", "Causal language model (transformers generate)"
+
+    KIND = "training"
+    TASK = "training_runs.tasks.run_training_phase"
+    CLAIMED = ""
+    AUTO_RETRY = False
+    RUNNING = frozenset({Status.GENERATING, Status.TRAINING})
+    ACTIVE = RUNNING
+    TERMINAL = frozenset({Status.COMPLETED})
+    RETRYABLE_FROM = frozenset({Status.GENERATING_FAILED, Status.TRAINING_FAILED})
+    FAILED_IN = {Status.GENERATING: Status.GENERATING_FAILED, Status.TRAINING: Status.TRAINING_FAILED}
+    TRANSITIONS = {
+        Status.GENERATING: {Status.GENERATED, Status.GENERATING_FAILED},
+        Status.GENERATED: {Status.TRAINING},
+        Status.TRAINING: {Status.COMPLETED, Status.TRAINING_FAILED},
+        Status.GENERATING_FAILED: {Status.GENERATING},
+        Status.TRAINING_FAILED: {Status.TRAINING},
+        Status.COMPLETED: set(),
+    }
+
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.GENERATING, db_index=True)
+    corpus = models.ForeignKey(Corpus, on_delete=models.PROTECT, related_name="runs")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    generator = models.CharField(max_length=20, choices=Generator.choices, default=Generator.LOCAL)
+    queries_per_chunk = models.PositiveIntegerField(default=2)
+    # Kept through failures: a proceed shows e.g. 51/80 and continues, never 51/30.
+    total_chunks = models.PositiveIntegerField(default=0)
+    processed_chunks = models.PositiveIntegerField(default=0)
+    pair_count = models.PositiveIntegerField(default=0)
+    epochs = models.PositiveIntegerField(default=8)
+    train_batch_size = models.PositiveIntegerField(default=32)
+    learning_rate = models.FloatField(default=1e-3)
+    epochs_done = models.PositiveIntegerField(default=0)
+    # {"before": {"recall@1": .., ...}, "after": {...}, "train_pairs": n, "eval_pairs": n}; partial while training.
+    metrics = models.JSONField(default=dict, blank=True)
+    loss_curve = models.JSONField(default=list, blank=True, help_text="mean training loss per epoch")
+    generating_started_at = models.DateTimeField(null=True, blank=True)
+    generated_at = models.DateTimeField(null=True, blank=True)
+    training_started_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.CheckConstraint(condition=Q(status__in=TrainingRunStatus.values), name="training_run_status_valid"),
+            models.CheckConstraint(
+                condition=Q(status="completed", finished_at__isnull=False)
+                | (~Q(status="completed") & Q(finished_at__isnull=True)),
+                name="training_run_finished_at_iff_completed",
+            ),
+            # At most one run that is not completed, whoever asks and however concurrently.
+            models.UniqueConstraint(Value(1), condition=~Q(status="completed"), name="training_run_one_open"),
+        ]
+
+    def __str__(self):
+        return f"Training run {self.pk} ({self.status})"
+
+    @property
+    def output_dir(self) -> Path:
+        return settings.JOBSITE_DATA_DIR / "training_runs" / str(self.pk)
+
+    @property
+    def progress_label(self) -> str:
+        if self.status in (self.Status.GENERATING, self.Status.GENERATING_FAILED, self.Status.TRAINING_FAILED):
+            return f"{self.processed_chunks}/{self.total_chunks}"
+        if self.status == self.Status.TRAINING:
+            return "In progress"
+        return "—"
+
+    def failed_status(self) -> str:
+        return self.FAILED_IN[self.status]
+
+    def resume_status(self) -> str:
+        return {v: k for k, v in self.FAILED_IN.items()}[self.status]
+
+    def event_payload(self) -> dict:
+        return {
+            **super().event_payload(),
+            "corpus_id": self.corpus_id,
+            "total_chunks": self.total_chunks,
+            "processed_chunks": self.processed_chunks,
+            "pair_count": self.pair_count,
+            "progress_label": self.progress_label,
+            "epochs": self.epochs,
+            "epochs_done": self.epochs_done,
+            "metrics": self.metrics,
+            "loss_curve": self.loss_curve,
+        }
+
+
+class TrainingPair(models.Model):
+    class Review(models.TextChoices):
+        PENDING = "pending"
+        APPROVED = "approved"
+        REJECTED = "rejected"
+
+    run = models.ForeignKey(TrainingRun, on_delete=models.CASCADE, related_name="pairs")
+    chunk = models.ForeignKey(Chunk, on_delete=models.CASCADE, related_name="pairs")
+    query = models.TextField()
+    review = models.CharField(max_length=10, choices=Review.choices, default=Review.PENDING, db_index=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["run", "chunk__index", "id"]
+        constraints = [
+            models.CheckConstraint(condition=Q(review__in=["pending", "approved", "rejected"]), name="pair_review_valid"),
+            # A chunk's pairs are written once per run: a resumed generation never duplicates them.
+            models.UniqueConstraint(fields=["run", "chunk", "query"], name="pair_unique_per_run"),
+        ]
+
+    def __str__(self):
+        return self.query[:80]

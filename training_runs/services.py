@@ -1,0 +1,335 @@
+"""Writes for training runs. API, admin, pages, commands and tasks all call these."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import Count
+from django.utils import timezone
+
+from jobsite import failpoints
+from jobsite.errors import JobInputError
+from jobsite.events import publish
+from jobsite.lifecycle import TransitionError
+from jobsite.paths import resolve_under
+from jobsite.services import job_enqueue, job_requeue
+from training_runs.models import Chunk, Corpus, TrainingPair, TrainingRun
+
+Status = TrainingRun.Status
+CORPUS_SUFFIXES = (".txt", ".md", ".jsonl")
+MAX_UPLOAD_BYTES = 20 * 2**20
+NEXT_STEP = {
+    Status.GENERATING: "wait for it to finish generating",
+    Status.GENERATED: "review its pairs and train it",
+    Status.TRAINING: "wait for its training to finish",
+    Status.GENERATING_FAILED: "proceed with it or remove it",
+    Status.TRAINING_FAILED: "proceed with it or remove it",
+}
+
+
+class TrainingRunBlocked(TransitionError):
+    """Another run is not completed yet; the message names it and what to do."""
+
+
+# --- corpus ------------------------------------------------------------------------------
+
+
+def _documents(root: Path) -> list[tuple[str, str]]:
+    files = sorted(p for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file())
+    files = [p for p in files if p.suffix in CORPUS_SUFFIXES]
+    if not files:
+        raise JobInputError(f"No .txt, .md or .jsonl documents in {root.name}; add some.")
+    documents = []
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise JobInputError(f"{path.name} is not valid UTF-8 text; convert it first.") from None
+        if path.suffix == ".jsonl":
+            for number, line in enumerate(text.splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    documents.append((f"{path.name}:{number}", str(record["text"])))
+                except (ValueError, KeyError, TypeError):
+                    raise JobInputError(f"Line {number} of {path.name} must be a JSON object with a \"text\".") from None
+        else:
+            documents.append((str(path.relative_to(root) if root.is_dir() else path.name), text))
+    return documents
+
+
+def corpus_create(
+    *, name: str, path: str = "", uploads: list[tuple[str, bytes]] | None = None, chunk_size: int = 500,
+    chunk_overlap: int = 50,
+) -> Corpus:
+    """A corpus from a file or directory under JOBSITE_DATA_DIR, or from uploaded files."""
+    from training_runs.generator import chunk_text  # noqa: PLC0415
+
+    if not re.fullmatch(r"[\w.-]{1,100}", name or ""):
+        raise JobInputError("The corpus name must be 1-100 letters, digits, '.', '_' or '-'.")
+    if Corpus.objects.filter(name=name).exists():
+        raise JobInputError(f"A corpus named {name!r} already exists; choose another name.")
+    if uploads:
+        root = settings.JOBSITE_DATA_DIR / "corpora" / name
+        root.mkdir(parents=True, exist_ok=True)
+        for filename, content in uploads:
+            safe = Path(filename).name
+            if Path(safe).suffix not in CORPUS_SUFFIXES:
+                raise JobInputError(f"{safe}: upload .txt, .md or .jsonl files only.")
+            if len(content) > MAX_UPLOAD_BYTES:
+                raise JobInputError(f"{safe} is larger than {MAX_UPLOAD_BYTES // 2**20} MB; split it.")
+            (root / safe).write_bytes(content)
+    elif path:
+        root = resolve_under(path, [settings.JOBSITE_DATA_DIR], "corpus")
+    else:
+        raise JobInputError("Give a path under the data directory or upload files.")
+    documents = _documents(root)
+    chunks = [
+        (document, piece)
+        for document, text in documents
+        for piece in chunk_text(text, size=chunk_size, overlap=chunk_overlap)
+    ]
+    if not chunks:
+        raise JobInputError("The documents contain no text.")
+    with transaction.atomic():
+        corpus = Corpus.objects.create(name=name, source=str(root), chunk_size=chunk_size,
+                                       chunk_overlap=chunk_overlap, num_documents=len(documents))
+        Chunk.objects.bulk_create(
+            Chunk(corpus=corpus, index=i, document=document, text=text) for i, (document, text) in enumerate(chunks)
+        )
+    return corpus
+
+
+# --- availability --------------------------------------------------------------------------
+
+
+def training_availability() -> tuple[bool, str]:
+    """Whether the encoder training needs is configured and loadable, and if not, why."""
+    path = settings.JOBSITE_ENCODER_PATH
+    if not path:
+        return False, "No encoder is configured: set JOBSITE_ENCODER_PATH to a local encoder directory."
+    try:
+        resolved = resolve_under(path, settings.JOBSITE_MODEL_ROOTS, "encoder")
+    except JobInputError as exc:
+        return False, f"{exc} Run `manage.py setup_demo` for the MiniLM encoder."
+    missing = [n for n in ("config.json", "model.safetensors") if not (resolved / n).is_file()]
+    if missing:
+        return False, f"The encoder at {resolved} cannot be loaded: {', '.join(missing)} missing."
+    try:
+        json.loads((resolved / "config.json").read_text())
+    except ValueError:
+        return False, f"The encoder at {resolved} cannot be loaded: config.json is not JSON."
+    return True, ""
+
+
+def _require_available() -> None:
+    available, reason = training_availability()
+    if not available:
+        raise JobInputError(f"Training is unavailable: {reason}")
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+def blocking_sentence(run: TrainingRun) -> str:
+    return (
+        f"A new generation cannot start while training run {run.pk} is {run.status}; "
+        f"{NEXT_STEP[run.status]} first."
+    )
+
+
+def _blocking_run() -> TrainingRun | None:
+    return TrainingRun.objects.exclude(status=Status.COMPLETED).order_by("pk").first()
+
+
+def training_run_generate(
+    *, corpus: Corpus, generator: str = "local", queries_per_chunk: int = 2, user=None
+) -> TrainingRun:
+    """Start phase 1. The database allows one non-completed run, so concurrent requests
+    get one run and, for every other one, the sentence naming it."""
+    _require_available()
+    if generator not in TrainingRun.Generator.values:
+        raise JobInputError(f"generator must be one of {', '.join(TrainingRun.Generator.values)}.")
+    if not 1 <= queries_per_chunk <= 20:
+        raise JobInputError("queries_per_chunk must be between 1 and 20.")
+    blocking = _blocking_run()
+    if blocking:
+        raise TrainingRunBlocked(blocking_sentence(blocking))
+    try:
+        with transaction.atomic():
+            run = TrainingRun.objects.create(
+                corpus=corpus, generator=generator, queries_per_chunk=queries_per_chunk, created_by=user,
+                total_chunks=corpus.chunks.count(), generating_started_at=timezone.now(),
+            )
+            publish(run.topic, "training.generating", run.event_payload())
+            job_enqueue(run)
+    except IntegrityError:
+        blocking = _blocking_run()
+        raise TrainingRunBlocked(
+            blocking_sentence(blocking) if blocking else "Another generation started at the same moment; reload."
+        ) from None
+    return run
+
+
+def training_run_review(*, run: TrainingRun, decision: str, pair_ids: list[int] | None = None) -> int:
+    """Approve or reject pairs (all pending ones when pair_ids is None); returns how many."""
+    if run.status not in (Status.GENERATED, Status.TRAINING_FAILED):
+        raise TransitionError(f"Training run {run.pk} is {run.status}; pairs are reviewed once generation is done.")
+    if decision not in (TrainingPair.Review.APPROVED, TrainingPair.Review.REJECTED):
+        raise JobInputError("decision must be approved or rejected.")
+    pairs = run.pairs.all()
+    if pair_ids is None:
+        pairs = pairs.filter(review=TrainingPair.Review.PENDING)
+    else:
+        unknown = set(pair_ids) - set(pairs.filter(pk__in=pair_ids).values_list("pk", flat=True))
+        if unknown:
+            raise JobInputError(f"Pairs {sorted(unknown)[:5]} do not belong to training run {run.pk}.")
+        pairs = pairs.filter(pk__in=pair_ids)
+    with transaction.atomic():
+        count = pairs.update(review=decision)
+        publish(run.topic, "training.pairs_reviewed", {**run.event_payload(), **review_counts(run)})
+    return count
+
+
+def review_counts(run: TrainingRun) -> dict:
+    counts = dict.fromkeys(TrainingPair.Review.values, 0)
+    for row in run.pairs.values("review").annotate(n=Count("id")):
+        counts[row["review"]] = row["n"]
+    return counts
+
+
+def training_run_train(
+    *, run: TrainingRun, epochs: int | None = None, batch_size: int | None = None, learning_rate: float | None = None
+) -> TrainingRun:
+    """Start phase 2 on the approved pairs."""
+    from jobsite.lifecycle import transition  # noqa: PLC0415
+
+    _require_available()
+    if run.status != Status.GENERATED:
+        raise TransitionError(f"Training run {run.pk} is {run.status}; only a generated run can start training.")
+    approved = run.pairs.filter(review=TrainingPair.Review.APPROVED).count()
+    if approved < settings.JOBSITE_MIN_APPROVED_PAIRS:
+        raise JobInputError(
+            f"Training needs at least {settings.JOBSITE_MIN_APPROVED_PAIRS} approved pairs; "
+            f"training run {run.pk} has {approved}. Approve more pairs first."
+        )
+    params = {"epochs": epochs or run.epochs, "train_batch_size": batch_size or run.train_batch_size,
+              "learning_rate": learning_rate or run.learning_rate}
+    if not 1 <= params["epochs"] <= 1000 or not 2 <= params["train_batch_size"] <= 4096:
+        raise JobInputError("epochs must be 1-1000 and batch_size 2-4096.")
+    if not 0 < params["learning_rate"] < 1:
+        raise JobInputError("learning_rate must be between 0 and 1, e.g. 0.001.")
+    with transaction.atomic():
+        transition(run, Status.TRAINING, training_started_at=timezone.now(), worker="", epochs_done=0,
+                   queued_at=timezone.now(), enqueued_at=None, **params)
+        job_enqueue(run)
+    return run
+
+
+def training_run_proceed(*, run: TrainingRun) -> TrainingRun:
+    """After a failure: generation continues with the chunks that have no pairs yet;
+    training resumes from its last checkpoint with the approved pairs."""
+    if run.status not in TrainingRun.RETRYABLE_FROM:
+        raise TransitionError(f"Training run {run.pk} is {run.status}; only a failed run can proceed.")
+    _require_available()
+    with transaction.atomic():
+        job_requeue(run, automatic=False, reason="proceed", clear_error=True, event_type="training.proceeded")
+    return run
+
+
+def training_run_remove(*, run: TrainingRun, user=None) -> None:
+    """Delete a failed run, its pairs and its files; the removal stays in the event log."""
+    if run.status not in TrainingRun.RETRYABLE_FROM:
+        raise TransitionError(f"Training run {run.pk} is {run.status}; only a failed run can be removed.")
+    output_dir = run.output_dir
+    with transaction.atomic():
+        locked = TrainingRun.objects.select_for_update().filter(pk=run.pk, status=run.status).first()
+        if locked is None:
+            raise TransitionError(f"Training run {run.pk} changed while you were removing it; reload it.")
+        publish(run.topic, "training.removed", {
+            **run.event_payload(), "removed_by": getattr(user, "username", "") or "",
+            "removed_at": timezone.now().isoformat(),
+        })
+        locked.delete()
+        transaction.on_commit(lambda: shutil.rmtree(output_dir, ignore_errors=True))
+
+
+# --- the worker side ------------------------------------------------------------------------
+
+
+def training_run_advance(run: TrainingRun, lease) -> None:
+    """The one place that decides what a worker does with a run: the phase it is in."""
+    if run.status == Status.GENERATING:
+        _generate(run, lease)
+    elif run.status == Status.TRAINING:
+        _train(run, lease)
+
+
+def _generator(run: TrainingRun):
+    from training_runs.generator import CausalLMGenerator, LocalGenerator  # noqa: PLC0415
+
+    if run.generator == TrainingRun.Generator.CAUSAL_LM:
+        path = resolve_under(settings.JOBSITE_GENERATOR_MODEL_PATH, settings.JOBSITE_MODEL_ROOTS, "generator model")
+        return CausalLMGenerator(model_path=str(path), queries_per_chunk=run.queries_per_chunk,
+                                 device=settings.JOBSITE_DEVICE)
+    return LocalGenerator(queries_per_chunk=run.queries_per_chunk)
+
+
+def _generate(run: TrainingRun, lease) -> None:
+    from training_runs.generator import run_generation  # noqa: PLC0415
+
+    done = Chunk.objects.filter(corpus=run.corpus, pairs__run=run).distinct()
+    pending = run.corpus.chunks.exclude(pk__in=done.values("pk")).order_by("index").values_list("pk", "text")
+    counters = {"processed_chunks": done.count(), "pair_count": run.pairs.count()}
+
+    def save(chunk_id: int, queries: list[str]) -> None:
+        # One chunk's pairs and the counters commit together: a crash keeps all or none.
+        with transaction.atomic():
+            TrainingPair.objects.bulk_create(TrainingPair(run=run, chunk_id=chunk_id, query=q) for q in queries)
+            counters["processed_chunks"] += 1
+            counters["pair_count"] += len(queries)
+            lease.report(**counters, final=counters["processed_chunks"] == run.total_chunks)
+
+    lease.report(**counters, final=True)
+    run_generation(
+        list(pending), _generator(run), batch_size=8, save=save, heartbeat=lease.heartbeat,
+        should_cancel=lease.should_cancel,
+        failpoint=failpoints.make(settings.JOBSITE_FAILPOINTS, attempt=run.attempt),
+        start_index=counters["processed_chunks"],
+    )
+    lease.set_status(Status.GENERATED, generated_at=timezone.now(), worker="", error_type="", error_message="")
+
+
+def _train(run: TrainingRun, lease) -> None:
+    from training_runs.trainer import TrainSpec, run_training, split_pairs  # noqa: PLC0415
+
+    positions = {pk: i for i, pk in enumerate(run.corpus.chunks.order_by("index").values_list("pk", flat=True))}
+    chunk_texts = list(run.corpus.chunks.order_by("index").values_list("text", flat=True))
+    approved = run.pairs.filter(review=TrainingPair.Review.APPROVED).order_by("pk")
+    train, held_out = split_pairs([(p.pk, p.query, positions[p.chunk_id]) for p in approved])
+    spec = TrainSpec(
+        encoder_path=str(resolve_under(settings.JOBSITE_ENCODER_PATH, settings.JOBSITE_MODEL_ROOTS, "encoder")),
+        output_dir=str(run.output_dir), epochs=run.epochs, batch_size=run.train_batch_size,
+        learning_rate=run.learning_rate, device=settings.JOBSITE_DEVICE,
+    )
+
+    def progress(epoch: int, epochs: int, losses: list[float], partial: dict) -> None:
+        lease.report(epochs_done=epoch, loss_curve=losses, final=epoch == epochs,
+                     metrics={**partial, "train_pairs": len(train), "eval_pairs": len(held_out)})
+
+    result = run_training(
+        spec, chunk_texts=chunk_texts, train_pairs=train, eval_pairs=held_out, progress=progress,
+        heartbeat=lease.heartbeat, should_cancel=lease.should_cancel,
+        failpoint=failpoints.make(settings.JOBSITE_FAILPOINTS, attempt=run.attempt),
+    )
+    lease.set_status(
+        Status.COMPLETED, worker="", loss_curve=result.loss_curve, epochs_done=run.epochs, error_type="",
+        error_message="",
+        metrics={"before": result.before, "after": result.after, "train_pairs": len(train), "eval_pairs": len(held_out)},
+    )
