@@ -66,8 +66,10 @@ def on_http_error(request, exc: HttpError):
 
 def register_routers() -> None:
     from extraction.api import router as extraction_router
+    from training_runs.api import router as training_router
 
     api.add_router("/", extraction_router)
+    api.add_router("/", training_router)
 
 
 register_routers()

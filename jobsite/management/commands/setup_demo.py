@@ -9,6 +9,7 @@ from django.core.management.base import BaseCommand
 from extraction.services import dataset_register, model_register
 
 DEMO_SAMPLES = Path(settings.BASE_DIR) / "extraction" / "demo_data" / "samples.txt"
+DEMO_CORPUS = Path(settings.BASE_DIR) / "training_runs" / "demo_corpus"
 
 
 def _copy_tree(source: Path, target: Path) -> None:
@@ -23,7 +24,7 @@ def _copy_tree(source: Path, target: Path) -> None:
 
 
 class Command(BaseCommand):
-    help = "Create the demo assets (tiny causal LM, MiniLM encoder, demo dataset) and an admin login. Idempotent."
+    help = "Create the demo assets (tiny causal LM, MiniLM encoder, demo dataset, handbook corpus) and an admin login. Idempotent."
 
     def handle(self, *args, **options):
         models_root = settings.JOBSITE_MODEL_ROOTS[0]
@@ -57,7 +58,19 @@ class Command(BaseCommand):
             record = model_register(path=str(encoder), name="all-MiniLM-L6-v2")
             self.stdout.write(f"model    {record.name}: {record.architecture}, {record.num_layers} layers, hidden {record.hidden_size}")
 
+        self._corpus()
         self._admin_login()
+
+    def _corpus(self) -> None:
+        from training_runs.models import Corpus
+        from training_runs.services import corpus_create
+
+        corpus = Corpus.objects.filter(name="handbook").first()
+        if corpus is None:
+            target = settings.JOBSITE_DATA_DIR / "corpora" / "handbook"
+            shutil.copytree(DEMO_CORPUS, target, dirs_exist_ok=True)
+            corpus = corpus_create(name="handbook", path=str(target))
+        self.stdout.write(f"corpus   {corpus.name}: {corpus.num_documents} documents, {corpus.chunks.count()} chunks")
 
     def _admin_login(self) -> None:
         password_file = settings.JOBSITE_DATA_DIR / "admin-password.txt"

@@ -1,0 +1,90 @@
+import json
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.urls import reverse
+
+from jobsite.models import Event
+from training_runs.models import TrainingPair, TrainingRun
+from training_runs.services import training_run_generate
+from training_runs.tasks import run_training_phase
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fast_machinery")]
+
+
+@pytest.fixture
+def superuser_client(client, django_user_model):
+    client.force_login(django_user_model.objects.create_superuser("boss", password="pw"))
+    return client
+
+
+@pytest.fixture
+def failed_run(small_corpus, settings):
+    settings.JOBSITE_FAILPOINTS = json.dumps({"training.generate": {"action": "error", "at": 8, "attempt": 1}})
+    run = training_run_generate(corpus=small_corpus)
+    run_training_phase(run.pk)
+    settings.JOBSITE_FAILPOINTS = ""
+    return TrainingRun.objects.get(pk=run.pk)
+
+
+def act(client, model, action, objects, **extra):
+    url = reverse(f"admin:training_runs_{model}_changelist")
+    return client.post(url, {"action": action, "_selected_action": [o.pk for o in objects], **extra}, follow=True)
+
+
+def test_admin_lists_runs_with_progress_and_error(superuser_client, failed_run):
+    page = superuser_client.get(reverse("admin:training_runs_trainingrun_changelist")).content.decode()
+    assert f"8/{failed_run.total_chunks}" in page and "generating_failed" in page and "Injected failure" in page
+
+
+def test_admin_remove_asks_for_confirmation_then_removes(superuser_client, failed_run):
+    page = act(superuser_client, "trainingrun", "remove", [failed_run]).content.decode()
+    assert "Remove these training runs?" in page and TrainingRun.objects.filter(pk=failed_run.pk).exists()
+    page = act(superuser_client, "trainingrun", "remove", [failed_run], confirmed="yes").content.decode()
+    assert "1 run removed." in page
+    assert not TrainingRun.objects.filter(pk=failed_run.pk).exists()
+    assert Event.objects.filter(topic=failed_run.topic, type="training.removed").exists()
+
+
+def test_admin_proceed_requeues_and_refuses_generated_runs(superuser_client, failed_run):
+    act(superuser_client, "trainingrun", "proceed", [failed_run])
+    run = TrainingRun.objects.get(pk=failed_run.pk)
+    assert run.status == "generating" and run.error_message == ""
+    run_training_phase(run.pk)
+    page = act(superuser_client, "trainingrun", "proceed", [run]).content.decode()
+    assert "only a failed run can proceed" in page
+
+
+def test_admin_bulk_approves_pairs(superuser_client, small_corpus):
+    run = training_run_generate(corpus=small_corpus)
+    run_training_phase(run.pk)
+    pairs = list(TrainingPair.objects.filter(run=run)[:5])
+    page = act(superuser_client, "trainingpair", "approve", pairs).content.decode()
+    assert "5 pairs approved." in page
+    assert TrainingPair.objects.filter(run=run, review="approved").count() == 5
+
+
+def test_commands_generate_review_status_and_refusals(small_corpus, capsys, settings):
+    call_command("training", "generate", "small")
+    run = TrainingRun.objects.get()
+    assert f"Training run {run.pk} is generating pairs for {run.total_chunks} chunks." in capsys.readouterr().out
+    with pytest.raises(CommandError, match=f"training run {run.pk} is generating; wait for it to finish generating first"):
+        call_command("training", "generate", "small")
+    run_training_phase(run.pk)
+    call_command("training", "review", str(run.pk), "approve")
+    assert "0 pending" in capsys.readouterr().out
+    call_command("training", "status", "--json")
+    assert json.loads(capsys.readouterr().out)[0]["status"] == "generated"
+    with pytest.raises(CommandError, match="only a failed run can be removed"):
+        call_command("training", "remove", str(run.pk), "--yes")
+    with pytest.raises(CommandError, match="Training run 999 does not exist"):
+        call_command("training", "proceed", "999")
+
+
+def test_remove_command_needs_confirmation(failed_run, monkeypatch):
+    monkeypatch.setattr("builtins.input", lambda prompt: "n")
+    with pytest.raises(CommandError, match="Nothing removed"):
+        call_command("training", "remove", str(failed_run.pk))
+    assert TrainingRun.objects.filter(pk=failed_run.pk).exists()
+    call_command("training", "remove", str(failed_run.pk), "--yes")
+    assert not TrainingRun.objects.filter(pk=failed_run.pk).exists()

@@ -1,0 +1,131 @@
+from django.contrib import admin, messages
+from django.template.response import TemplateResponse
+from django.utils.translation import ngettext
+
+from jobsite.errors import JobInputError
+from jobsite.lifecycle import TransitionError
+from training_runs import services
+from training_runs.models import Chunk, Corpus, TrainingPair, TrainingRun
+
+
+@admin.register(Corpus)
+class CorpusAdmin(admin.ModelAdmin):
+    list_display = ["name", "num_documents", "chunk_size", "chunk_overlap", "source", "created_at"]
+    readonly_fields = ["source", "num_documents", "chunk_size", "chunk_overlap"]
+
+    def has_add_permission(self, request):
+        # Chunking lives in the service (API upload, command); the add form would skip it.
+        return False
+
+
+@admin.register(Chunk)
+class ChunkAdmin(admin.ModelAdmin):
+    list_display = ["index", "corpus", "document"]
+    list_filter = ["corpus"]
+    search_fields = ["text", "document"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(TrainingRun)
+class TrainingRunAdmin(admin.ModelAdmin):
+    list_display = ["id", "status", "progress", "corpus", "pair_count", "error_type", "short_error", "created_at"]
+    list_filter = ["status", "error_type", "corpus"]
+    actions = ["proceed", "remove"]
+    readonly_fields = [f.name for f in TrainingRun._meta.get_fields() if getattr(f, "concrete", False)]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        # Deleting goes through the "remove" action: it refuses runs that are not failed
+        # and takes the files with the rows.
+        return False
+
+    @admin.display(description="progress")
+    def progress(self, obj):
+        return obj.progress_label
+
+    @admin.display(description="error")
+    def short_error(self, obj):
+        return obj.error_message[:100]
+
+    @admin.action(description="Proceed with selected failed runs", permissions=["view"])
+    def proceed(self, request, queryset):
+        done = 0
+        for run in queryset:
+            try:
+                services.training_run_proceed(run=run)
+                done += 1
+            except (TransitionError, JobInputError) as exc:
+                self.message_user(request, str(exc), messages.ERROR)
+        if done:
+            self.message_user(request, ngettext("%d run proceeds.", "%d runs proceed.", done) % done, messages.SUCCESS)
+
+    @admin.action(description="Remove selected failed runs (with their pairs and files)", permissions=["view"])
+    def remove(self, request, queryset):
+        refused = [run for run in queryset if run.status not in TrainingRun.RETRYABLE_FROM]
+        for run in refused:
+            self.message_user(request, f"Training run {run.pk} is {run.status}; only a failed run can be removed.",
+                              messages.ERROR)
+        removable = [run for run in queryset if run.status in TrainingRun.RETRYABLE_FROM]
+        if not removable:
+            return None
+        if request.POST.get("confirmed") != "yes":
+            return TemplateResponse(request, "admin/training_runs/confirm_remove.html", {
+                **self.admin_site.each_context(request), "title": "Remove training runs?", "runs": removable,
+                "opts": self.model._meta, "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
+            })
+        done = 0
+        for run in removable:
+            try:
+                services.training_run_remove(run=run, user=request.user)
+                done += 1
+            except TransitionError as exc:
+                self.message_user(request, str(exc), messages.ERROR)
+        if done:
+            self.message_user(request, ngettext("%d run removed.", "%d runs removed.", done) % done, messages.SUCCESS)
+        return None
+
+
+@admin.register(TrainingPair)
+class TrainingPairAdmin(admin.ModelAdmin):
+    list_display = ["id", "run", "query", "chunk", "review"]
+    list_filter = ["review", "run"]
+    search_fields = ["query", "chunk__text"]
+    actions = ["approve", "reject"]
+    list_select_related = ["chunk", "run"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def _review(self, request, queryset, decision):
+        updated = 0
+        for run_id in queryset.values_list("run", flat=True).distinct():
+            run = TrainingRun.objects.get(pk=run_id)
+            ids = list(queryset.filter(run=run).values_list("pk", flat=True))
+            try:
+                updated += services.training_run_review(run=run, decision=decision, pair_ids=ids)
+            except (TransitionError, JobInputError) as exc:
+                self.message_user(request, str(exc), messages.ERROR)
+        if updated:
+            self.message_user(request, ngettext("%d pair %s.", "%d pairs %s.", updated) % (updated, decision),
+                              messages.SUCCESS)
+
+    @admin.action(description="Approve selected pairs", permissions=["view"])
+    def approve(self, request, queryset):
+        self._review(request, queryset, TrainingPair.Review.APPROVED)
+
+    @admin.action(description="Reject selected pairs", permissions=["view"])
+    def reject(self, request, queryset):
+        self._review(request, queryset, TrainingPair.Review.REJECTED)

@@ -1,0 +1,240 @@
+from datetime import datetime
+from typing import Literal
+
+from django.conf import settings
+from django.http import Http404
+from django.shortcuts import get_object_or_404
+from ninja import Field, File, Form, Query, Router, Schema, Status
+from ninja.errors import HttpError
+from ninja.files import UploadedFile
+
+from jobsite.api import staff_required
+from training_runs import selectors, services
+from training_runs.models import Corpus, TrainingPair, TrainingRun
+
+router = Router(tags=["training"])
+
+
+class SettingsOut(Schema):
+    is_available: bool
+    reason: str
+    encoder_path: str
+    generators: list[str]
+    min_approved_pairs: int
+    blocking_run_id: int | None
+    blocking_sentence: str
+
+
+class CorpusOut(Schema):
+    id: int
+    name: str
+    source: str
+    chunk_size: int
+    chunk_overlap: int
+    num_documents: int
+    num_chunks: int
+
+    @staticmethod
+    def resolve_num_chunks(obj) -> int:
+        return obj.chunks.count()
+
+
+class CorpusIn(Schema):
+    name: str
+    path: str = Field(description="a file or directory under JOBSITE_DATA_DIR")
+    chunk_size: int = Field(500, ge=50, le=20000)
+    chunk_overlap: int = Field(50, ge=0)
+
+
+class RunIn(Schema):
+    corpus_id: int
+    generator: Literal["local", "causal_lm"] = "local"
+    queries_per_chunk: int = Field(2, ge=1, le=20)
+
+
+class TrainIn(Schema):
+    epochs: int | None = Field(None, ge=1, le=1000)
+    batch_size: int | None = Field(None, ge=2, le=4096)
+    learning_rate: float | None = Field(None, gt=0, lt=1)
+
+
+class RunOut(Schema):
+    id: int
+    corpus_id: int
+    status: str
+    progress: str
+    generator: str
+    queries_per_chunk: int
+    total_chunks: int
+    processed_chunks: int
+    pair_count: int
+    review_counts: dict
+    epochs: int
+    epochs_done: int
+    metrics: dict
+    loss_curve: list[float]
+    error_type: str
+    error_message: str
+    worker: str
+    attempt: int
+    heartbeat_at: datetime | None
+    retry_available: bool
+    created_at: datetime
+    generating_started_at: datetime | None
+    generated_at: datetime | None
+    training_started_at: datetime | None
+    finished_at: datetime | None
+
+    @staticmethod
+    def resolve_progress(obj) -> str:
+        return obj.progress_label
+
+    @staticmethod
+    def resolve_review_counts(obj) -> dict:
+        return services.review_counts(obj)
+
+
+class PairOut(Schema):
+    id: int
+    chunk_id: int
+    chunk_index: int
+    document: str
+    chunk_text: str
+    query: str
+    review: str
+
+    @staticmethod
+    def resolve_chunk_index(obj) -> int:
+        return obj.chunk.index
+
+    @staticmethod
+    def resolve_document(obj) -> str:
+        return obj.chunk.document
+
+    @staticmethod
+    def resolve_chunk_text(obj) -> str:
+        return obj.chunk.text
+
+
+class ReviewIn(Schema):
+    decision: Literal["approved", "rejected"]
+    pair_ids: list[int] | None = Field(None, description="omit to decide every pending pair")
+
+
+class ReviewOut(Schema):
+    updated: int
+    review_counts: dict
+
+
+class SearchIn(Schema):
+    query: str = Field(min_length=1, max_length=2000)
+    k: int = Field(5, ge=1, le=100)
+
+
+class SearchHit(Schema):
+    pk: int
+    index: int
+    document: str
+    text: str
+    score: float
+
+
+class Message(Schema):
+    message: str
+
+
+def _run(run_id: int) -> TrainingRun:
+    try:
+        return get_object_or_404(TrainingRun, pk=run_id)
+    except Http404:
+        raise HttpError(404, f"Training run {run_id} does not exist; GET /api/v1/training/runs lists them.") from None
+
+
+@router.get("/training/settings", response=SettingsOut)
+def training_settings(request):
+    available, reason = services.training_availability()
+    blocking = TrainingRun.objects.exclude(status=TrainingRun.Status.COMPLETED).order_by("pk").first()
+    return {
+        "is_available": available, "reason": reason, "encoder_path": settings.JOBSITE_ENCODER_PATH,
+        "generators": TrainingRun.Generator.values, "min_approved_pairs": settings.JOBSITE_MIN_APPROVED_PAIRS,
+        "blocking_run_id": blocking.pk if blocking else None,
+        "blocking_sentence": services.blocking_sentence(blocking) if blocking else "",
+    }
+
+
+@router.get("/training/corpora", response=list[CorpusOut])
+def list_corpora(request):
+    return selectors.corpus_list()
+
+
+@router.post("/training/corpora", response={201: CorpusOut, 422: Message}, auth=staff_required)
+def create_corpus(request, payload: CorpusIn):
+    return Status(201, services.corpus_create(name=payload.name, path=payload.path, chunk_size=payload.chunk_size,
+                                              chunk_overlap=payload.chunk_overlap))
+
+
+@router.post("/training/corpora/upload", response={201: CorpusOut, 422: Message}, auth=staff_required)
+def upload_corpus(request, name: Form[str], files: File[list[UploadedFile]], chunk_size: Form[int] = 500,
+                  chunk_overlap: Form[int] = 50):
+    uploads = [(f.name, f.read(services.MAX_UPLOAD_BYTES + 1)) for f in files]
+    return Status(201, services.corpus_create(name=name, uploads=uploads, chunk_size=chunk_size,
+                                              chunk_overlap=chunk_overlap))
+
+
+@router.post("/training/runs", response={201: RunOut, 404: Message, 409: Message, 422: Message}, auth=staff_required)
+def start_run(request, payload: RunIn):
+    corpus = Corpus.objects.filter(pk=payload.corpus_id).first()
+    if corpus is None:
+        raise HttpError(404, f"Corpus {payload.corpus_id} does not exist; GET /api/v1/training/corpora lists them.")
+    return Status(201, services.training_run_generate(
+        corpus=corpus, generator=payload.generator, queries_per_chunk=payload.queries_per_chunk, user=request.user,
+    ))
+
+
+@router.get("/training/runs", response=list[RunOut])
+def list_runs(request, status: TrainingRun.Status | None = None):
+    return selectors.training_run_list(status=status)
+
+
+@router.get("/training/runs/{run_id}", response={200: RunOut, 404: Message})
+def get_run(request, run_id: int):
+    return _run(run_id)
+
+
+@router.post("/training/runs/{run_id}/train", response={200: RunOut, 404: Message, 409: Message, 422: Message},
+             auth=staff_required)
+def train_run(request, run_id: int, payload: TrainIn | None = None):
+    payload = payload or TrainIn()
+    return services.training_run_train(run=_run(run_id), epochs=payload.epochs, batch_size=payload.batch_size,
+                                       learning_rate=payload.learning_rate)
+
+
+@router.post("/training/runs/{run_id}/proceed", response={200: RunOut, 404: Message, 409: Message, 422: Message},
+             auth=staff_required)
+def proceed_run(request, run_id: int):
+    return services.training_run_proceed(run=_run(run_id))
+
+
+@router.delete("/training/runs/{run_id}", response={200: Message, 404: Message, 409: Message}, auth=staff_required)
+def remove_run(request, run_id: int):
+    services.training_run_remove(run=_run(run_id), user=request.user)
+    return {"message": f"Training run {run_id} and its pairs and files are removed."}
+
+
+@router.get("/training/runs/{run_id}/pairs", response={200: list[PairOut], 404: Message})
+def list_pairs(request, run_id: int, review: TrainingPair.Review | None = None,
+               limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)):
+    return selectors.pair_list(run=_run(run_id), review=review)[offset : offset + limit]
+
+
+@router.post("/training/runs/{run_id}/pairs/review",
+             response={200: ReviewOut, 404: Message, 409: Message, 422: Message}, auth=staff_required)
+def review_pairs(request, run_id: int, payload: ReviewIn):
+    run = _run(run_id)
+    updated = services.training_run_review(run=run, decision=payload.decision, pair_ids=payload.pair_ids)
+    return {"updated": updated, "review_counts": services.review_counts(run)}
+
+
+@router.post("/training/runs/{run_id}/search", response={200: list[SearchHit], 404: Message, 422: Message})
+def search_run(request, run_id: int, payload: SearchIn):
+    return selectors.training_run_search(run=_run(run_id), query=payload.query, k=payload.k)

@@ -1,0 +1,132 @@
+import json
+import time
+
+from django.core.management.base import BaseCommand, CommandError
+from tqdm import tqdm
+
+from jobsite.errors import JobInputError
+from jobsite.lifecycle import TransitionError
+from training_runs import services
+from training_runs.models import Corpus, TrainingRun
+
+Status = TrainingRun.Status
+
+
+class Command(BaseCommand):
+    help = "Training runs: generate pairs, review, train, proceed after a failure, remove, status."
+
+    def add_arguments(self, parser):
+        sub = parser.add_subparsers(dest="action", required=True)
+        generate = sub.add_parser("generate", help="start generating (query, chunk) pairs for a corpus")
+        generate.add_argument("corpus", help="corpus name, or a file/directory under the data directory (creates it)")
+        generate.add_argument("--generator", default="local", choices=TrainingRun.Generator.values)
+        generate.add_argument("--queries-per-chunk", type=int, default=2)
+        generate.add_argument("--chunk-size", type=int, default=500)
+        generate.add_argument("--wait", action="store_true")
+        review = sub.add_parser("review", help="approve or reject pairs")
+        review.add_argument("run_id", type=int)
+        review.add_argument("decision", choices=["approve", "reject"])
+        review.add_argument("--pairs", help="comma separated pair ids (default: every pending pair)")
+        train = sub.add_parser("train", help="train the adapter on the approved pairs")
+        train.add_argument("run_id", type=int)
+        train.add_argument("--epochs", type=int)
+        train.add_argument("--wait", action="store_true")
+        proceed = sub.add_parser("proceed", help="continue a failed run where it stopped")
+        proceed.add_argument("run_id", type=int)
+        proceed.add_argument("--wait", action="store_true")
+        remove = sub.add_parser("remove", help="delete a failed run with its pairs and files")
+        remove.add_argument("run_id", type=int)
+        remove.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+        status = sub.add_parser("status", help="runs and their progress")
+        status.add_argument("run_id", type=int, nargs="?")
+        status.add_argument("--json", action="store_true")
+
+    def handle(self, *args, **options):
+        try:
+            getattr(self, f"do_{options['action']}")(options)
+        except (TransitionError, JobInputError) as exc:
+            raise CommandError(str(exc))
+
+    def _run(self, run_id: int) -> TrainingRun:
+        run = TrainingRun.objects.filter(pk=run_id).first()
+        if run is None:
+            raise CommandError(f"Training run {run_id} does not exist; `manage.py training status` lists them.")
+        return run
+
+    def do_generate(self, options):
+        corpus = Corpus.objects.filter(name=options["corpus"]).first()
+        if corpus is None:
+            from pathlib import Path
+
+            corpus = services.corpus_create(name=Path(options["corpus"]).stem or "corpus", path=options["corpus"],
+                                            chunk_size=options["chunk_size"])
+            self.stdout.write(f"Corpus {corpus.name}: {corpus.num_documents} documents, {corpus.chunks.count()} chunks.")
+        run = services.training_run_generate(corpus=corpus, generator=options["generator"],
+                                             queries_per_chunk=options["queries_per_chunk"])
+        self.stdout.write(f"Training run {run.pk} is generating pairs for {run.total_chunks} chunks.")
+        if options["wait"]:
+            self.follow(run)
+
+    def do_review(self, options):
+        run = self._run(options["run_id"])
+        ids = [int(i) for i in options["pairs"].split(",")] if options["pairs"] else None
+        decision = "approved" if options["decision"] == "approve" else "rejected"
+        updated = services.training_run_review(run=run, decision=decision, pair_ids=ids)
+        counts = services.review_counts(run)
+        self.stdout.write(f"{updated} pairs {decision}; run {run.pk} now has {counts['approved']} approved, "
+                          f"{counts['rejected']} rejected, {counts['pending']} pending.")
+
+    def do_train(self, options):
+        run = services.training_run_train(run=self._run(options["run_id"]), epochs=options["epochs"])
+        self.stdout.write(f"Training run {run.pk} is training for {run.epochs} epochs.")
+        if options["wait"]:
+            self.follow(run)
+
+    def do_proceed(self, options):
+        run = services.training_run_proceed(run=self._run(options["run_id"]))
+        self.stdout.write(f"Training run {run.pk} proceeds: {run.status} ({run.progress_label}).")
+        if options["wait"]:
+            self.follow(run)
+
+    def do_remove(self, options):
+        run = self._run(options["run_id"])
+        if not options["yes"]:
+            answer = input(f"Remove training run {run.pk} ({run.status}, {run.pair_count} pairs) and its files? [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                raise CommandError("Nothing removed.")
+        services.training_run_remove(run=run)
+        self.stdout.write(f"Training run {options['run_id']} removed with its pairs and files.")
+
+    def do_status(self, options):
+        runs = [self._run(options["run_id"])] if options["run_id"] else list(TrainingRun.objects.all()[:50])
+        if options["json"]:
+            self.stdout.write(json.dumps([r.event_payload() for r in runs], indent=2))
+            return
+        for run in runs:
+            line = f"{run.pk:>4}  {run.status:<18} {run.progress_label:<12} {run.pair_count:>6} pairs"
+            if run.metrics.get("after"):
+                before, after = run.metrics["before"], run.metrics["after"]
+                line += "  " + "  ".join(f"{k} {before[k]:.2f}->{after[k]:.2f}" for k in after)
+            if run.error_message:
+                line += f"  {run.error_type}: {run.error_message[:80]}"
+            self.stdout.write(line)
+
+    def follow(self, run: TrainingRun, poll_s: float = 0.5) -> None:
+        """A progress bar for the current phase; exit 1 with the failure sentence."""
+        phase = run.status
+        with tqdm(desc=f"run {run.pk} {phase}", file=self.stderr._out) as bar:
+            while True:
+                run.refresh_from_db()
+                if run.status == Status.GENERATING:
+                    bar.total, bar.n, bar.unit = run.total_chunks, run.processed_chunks, "chunk"
+                elif run.status == Status.TRAINING:
+                    bar.total, bar.n, bar.unit = run.epochs, run.epochs_done, "epoch"
+                bar.set_postfix_str(run.status)
+                bar.refresh()
+                if run.status != phase:
+                    break
+                time.sleep(poll_s)
+        if run.status in TrainingRun.RETRYABLE_FROM:
+            raise CommandError(f"Training run {run.pk} {run.status} ({run.error_type}): {run.error_message} "
+                               f"Proceed with `manage.py training proceed {run.pk}` or remove it.")
+        self.do_status({"run_id": run.pk, "json": False})
