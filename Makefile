@@ -15,6 +15,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt
 
 migrate: $(STAMP)
 	$(PY) manage.py migrate --noinput
+	$(PY) manage.py createcachetable
 
 demo: migrate
 	$(PY) manage.py setup_demo

@@ -4,7 +4,7 @@ Every refusal is a 4xx with a `message` sentence that says what to change.
 """
 
 from django.http import HttpRequest
-from ninja import NinjaAPI
+from ninja import NinjaAPI, Schema, Status
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.security import SessionAuth
 
@@ -62,6 +62,22 @@ def on_authentication_error(request, exc):
 @api.exception_handler(HttpError)
 def on_http_error(request, exc: HttpError):
     return api.create_response(request, {"message": str(exc)}, status=exc.status_code)
+
+
+class HealthOut(Schema):
+    healthy: bool
+    failing: list[str]
+    parts: dict
+
+
+@api.get("/health", auth=None, response={200: HealthOut, 503: HealthOut}, tags=["operations"])
+def health(request):
+    """Database, broker, channel layer, live workers, queue depth, stalled jobs: 503 names what fails."""
+    from jobsite.health import health as check
+
+    healthy, parts = check()
+    body = {"healthy": healthy, "failing": [name for name, part in parts.items() if not part["ok"]], "parts": parts}
+    return Status(200 if healthy else 503, body)
 
 
 def register_routers() -> None:

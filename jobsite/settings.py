@@ -122,6 +122,12 @@ if REDIS_URL:
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
+# Shared by every process: django-q2 keeps its cluster stats here, which the health check reads.
+if REDIS_URL:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": "jobsite_cache"}}
+
 # django-q2 as a transport only (DESIGN.md): the ORM broker survives a worker crash, it never
 # retries by itself (max_attempts=1, failures acknowledged, redelivery window far beyond the
 # timeout); retries and resume are jobsite decisions recorded on the job rows.

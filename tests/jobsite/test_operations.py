@@ -1,0 +1,79 @@
+from datetime import timedelta
+
+import pytest
+from django.core.management import call_command
+from django.utils import timezone
+
+from tests.conftest import wait_for
+
+
+@pytest.mark.django_db
+def test_health_is_503_naming_the_workers_when_none_runs(client):
+    response = client.get("/api/v1/health")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["failing"] == ["workers"]
+    assert "start `manage.py qcluster`" in body["parts"]["workers"]["detail"]
+    assert body["parts"]["database"]["ok"] and body["parts"]["broker"]["queue_depth"] == 0
+
+
+@pytest.mark.django_db
+def test_health_names_stalled_jobs(client, make_extraction, settings):
+    settings.JOBSITE_STALL_AFTER_S = 5
+    stale = timezone.now() - timedelta(seconds=120)
+    job = make_extraction("extracting", heartbeat_at=stale, started_at=stale, worker="gone:1")
+    body = client.get("/api/v1/health").json()
+    assert "stalled_jobs" in body["failing"] and job.topic in body["parts"]["stalled_jobs"]["detail"]
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_health_is_200_with_a_live_worker(client, start_worker):
+    start_worker()
+    response = wait_for(lambda: (r := client.get("/api/v1/health")).status_code == 200 and r, timeout=60,
+                        message="the cluster to report itself")
+    assert response.json()["parts"]["workers"]["workers"] >= 1
+
+
+@pytest.mark.django_db
+def test_metrics_count_jobs_by_kind_status_and_error(client, make_extraction):
+    make_extraction("failed", error_type="OOM")
+    make_extraction("completed")
+    make_extraction("queued")
+    text = client.get("/metrics").content.decode()
+    assert 'jobsite_jobs{kind="extraction",status="failed"} 1.0' in text
+    assert 'jobsite_jobs{kind="extraction",status="queued"} 1.0' in text
+    assert 'jobsite_job_failures{error_type="OOM",kind="extraction"} 1.0' in text
+    assert 'jobsite_jobs{kind="training",status="generating"} 0.0' in text
+    assert "jobsite_oldest_heartbeat_age_seconds" in text
+
+
+@pytest.mark.django_db
+def test_jobs_recover_prints_what_it_changed(make_extraction, settings, capsys):
+    settings.JOBSITE_STALL_AFTER_S = 5
+    call_command("jobs", "recover")
+    assert "Nothing to recover: 0 running job(s)" in capsys.readouterr().out
+    stale = timezone.now() - timedelta(seconds=120)
+    job = make_extraction("extracting", heartbeat_at=stale, started_at=stale, worker="gone:1", attempt=1)
+    call_command("jobs", "recover")
+    assert f"{job.topic}: WORKER_LOST" in capsys.readouterr().out
+
+
+@pytest.mark.django_db
+def test_jobs_cleanup_is_a_dry_run_until_delete(make_extraction, settings, capsys):
+    root = settings.JOBSITE_DATA_DIR / "activations"
+    failed, completed = make_extraction("failed"), make_extraction("completed")
+    for job in (failed, completed):
+        (root / str(job.pk)).mkdir(parents=True)
+        (root / str(job.pk) / "layer_0_residual.npy").write_bytes(b"x" * 2048)
+    (root / "9999").mkdir()
+    (root / str(completed.pk) / "checkpoint.json.tmp").write_text("{}")
+    call_command("jobs", "cleanup")
+    out = capsys.readouterr().out
+    assert f"extraction {failed.pk} is failed" in out and "extraction 9999 no longer exists" in out
+    assert "unfinished temporary file" in out and "Would remove 3 item(s)" in out
+    assert (root / str(failed.pk)).exists()
+    call_command("jobs", "cleanup", "--delete")
+    assert not (root / str(failed.pk)).exists() and not (root / "9999").exists()
+    assert (root / str(completed.pk) / "layer_0_residual.npy").exists()
+    assert not (root / str(completed.pk) / "checkpoint.json.tmp").exists()
