@@ -7,13 +7,18 @@ from jobsite.errors import JobInputError
 
 def resolve_under(path: str | Path, roots: list[Path], what: str) -> Path:
     """Resolve symlinks and `..` first, then require the result to lie under a root."""
-    candidate = Path(path).expanduser()
-    if not candidate.is_absolute():
-        candidate = roots[0] / candidate
-    resolved = candidate.resolve()
-    if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
-        allowed = ", ".join(str(r) for r in roots)
-        raise JobInputError(f"The {what} path {path} is outside the allowed directories ({allowed}); move it there.")
-    if not resolved.exists():
-        raise JobInputError(f"The {what} path {path} does not exist.")
+    if not str(path).strip() or "\x00" in str(path):
+        raise JobInputError(f"The {what} path must be a non-empty path without NUL characters.")
+    try:
+        candidate = Path(path).expanduser()
+        if not candidate.is_absolute():
+            candidate = roots[0] / candidate
+        resolved = candidate.resolve()
+        if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
+            allowed = ", ".join(str(r) for r in roots)
+            raise JobInputError(f"The {what} path {path} is outside the allowed directories ({allowed}); move it there.")
+        if not resolved.exists():
+            raise JobInputError(f"The {what} path {path} does not exist.")
+    except (OSError, RuntimeError, ValueError) as exc:  # too long, a symlink loop, unreadable
+        raise JobInputError(f"The {what} path {str(path)[:200]} cannot be used: {exc}.") from None
     return resolved

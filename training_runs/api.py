@@ -126,11 +126,6 @@ class ReviewOut(Schema):
     review_counts: dict
 
 
-class SearchIn(Schema):
-    query: str = Field(min_length=1, max_length=2000)
-    k: int = Field(5, ge=1, le=100)
-
-
 class SearchHit(Schema):
     pk: int
     index: int
@@ -235,6 +230,8 @@ def review_pairs(request, run_id: int, payload: ReviewIn):
     return {"updated": updated, "review_counts": services.review_counts(run)}
 
 
-@router.post("/training/runs/{run_id}/search", response={200: list[SearchHit], 404: Message, 422: Message})
-def search_run(request, run_id: int, payload: SearchIn):
-    return selectors.training_run_search(run=_run(run_id), query=payload.query, k=payload.k)
+@router.get("/training/runs/{run_id}/search", response={200: list[SearchHit], 404: Message, 422: Message})
+def search_run(request, run_id: int, query: str = Query(..., min_length=1, max_length=2000),
+               k: int = Query(5, ge=1, le=100)):
+    """The k chunks nearest to the query through the run's trained adapter."""
+    return selectors.training_run_search(run=_run(run_id), query=query, k=k)

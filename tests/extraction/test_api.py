@@ -177,3 +177,9 @@ def test_resume_of_a_live_job_is_409_and_of_a_stalled_one_requeues(staff_client,
     assert response.status_code == 409 and "only a stalled extraction can be resumed" in response.json()["message"]
     response = post(staff_client, f"{start_url(fake_model)}/{stalled.pk}/resume")
     assert response.status_code == 200 and response.json()["status"] == "queued"
+
+
+@pytest.mark.parametrize("path", ["bad\x00path", "x" * 5000, ""])
+def test_unusable_model_paths_are_422_not_500(staff_client, path):
+    response = post(staff_client, "/api/v1/models", {"path": path})
+    assert response.status_code == 422 and "path" in response.json()["message"]

@@ -57,7 +57,7 @@ def test_review_then_train_flow_and_wrong_state_answers(staff_client, generated_
     assert response.status_code == 200 and response.json()["status"] == "training"
     assert response.json()["progress"] == "In progress"
     assert staff_client.delete(run_url).status_code == 409
-    assert post(staff_client, f"{run_url}/search", {"query": "brakes"}).status_code == 422
+    assert staff_client.get(f"{run_url}/search", {"query": "brakes"}).status_code == 422
 
 
 def test_bad_input_is_4xx_with_a_sentence(staff_client, small_corpus):

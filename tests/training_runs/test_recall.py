@@ -24,6 +24,11 @@ def test_training_measurably_improves_recall_on_the_demo_corpus(encoder, fast_ma
         assert after[k] > before[k], (k, before, after)
     assert run.loss_curve[-1] < run.loss_curve[0]
 
+    from training_runs.selectors import training_run_search
+
+    hits = training_run_search(run=run, query="when does the bike shed door code change", k=3)
+    assert hits[0]["document"] == "bicycle-maintenance-guide.md" and len(hits) == 3
+
 
 def _copy_corpus(settings):
     import shutil
