@@ -4,7 +4,7 @@ from training_runs.models import TrainingRun
 from training_runs.services import corpus_create, training_run_generate, training_run_review, training_run_train
 from training_runs.tasks import run_training_phase
 
-from .conftest import DEMO_CORPUS
+from tests.conftest import DEMO_CORPUS
 
 
 @pytest.mark.django_db(transaction=True)

@@ -1,0 +1,31 @@
+"""Many requests at once: the database constraints decide, not the timing."""
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from django.db import connection
+
+from extraction.models import Extraction
+from extraction.services import extraction_start
+
+pytestmark = [pytest.mark.chaos, pytest.mark.django_db(transaction=True)]
+
+
+def test_a_hundred_concurrent_identical_starts_make_exactly_one_job(fake_model, fake_dataset):
+    barrier = threading.Barrier(50)  # reusable: the 100 starts go as two waves of 50 at once
+
+    def start(_):
+        barrier.wait()
+        try:
+            job, created = extraction_start(model=fake_model, dataset=fake_dataset, layers=[0, 1], hooks=["residual"])
+            return job.pk, created
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        results = list(pool.map(start, range(100)))
+    assert len(results) == 100
+    assert sum(created for _, created in results) == 1
+    assert len({pk for pk, _ in results}) == 1
+    assert Extraction.objects.count() == 1
