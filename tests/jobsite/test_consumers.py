@@ -72,3 +72,24 @@ def test_websocket_from_a_foreign_origin_is_refused(start_daphne, staff_user):
 
     with pytest.raises(websockets.exceptions.InvalidStatus):
         asyncio.run(scenario())
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_with_redis_down_the_socket_still_delivers_every_event_from_the_table(start_daphne, staff_user):
+    """REDIS_URL points at a port where nothing listens: live pushes fail, the tail delivers."""
+    before = publish("extraction.9", "extraction.progress", {"samples_processed": 1})
+    _, port = start_daphne(REDIS_URL="redis://127.0.0.1:9/0")
+    cookie = session_cookie(staff_user)
+
+    async def scenario():
+        url = f"ws://127.0.0.1:{port}/ws/events/?after={before.seq - 1}"
+        async with websockets.connect(url, additional_headers={"Cookie": cookie}, origin=f"http://127.0.0.1:{port}") as ws:
+            replayed = await receive(ws, 1)
+            events = [await asyncio.to_thread(publish, "extraction.9", "extraction.progress", {"n": i}) for i in range(3)]
+            live = await receive(ws, 3)
+            return replayed, live, events
+
+    replayed, live, events = asyncio.run(scenario())
+    assert replayed[0]["seq"] == before.seq
+    assert [m["seq"] for m in live] == [e.seq for e in events]

@@ -77,3 +77,11 @@ def test_jobs_cleanup_is_a_dry_run_until_delete(make_extraction, settings, capsy
     assert not (root / str(failed.pk)).exists() and not (root / "9999").exists()
     assert (root / str(completed.pk) / "layer_0_residual.npy").exists()
     assert not (root / str(completed.pk) / "checkpoint.json.tmp").exists()
+
+
+@pytest.mark.django_db
+def test_health_names_the_channel_layer_when_redis_is_down(client, settings):
+    settings.REDIS_URL = "redis://127.0.0.1:9/0"
+    body = client.get("/api/v1/health").json()
+    assert "channel_layer" in body["failing"]
+    assert "ConnectionError" in body["parts"]["channel_layer"]["detail"] or "Error" in body["parts"]["channel_layer"]["detail"]
