@@ -15,6 +15,7 @@ class ErrorType:
     EXTRACTION = "EXTRACTION"
     TRAINING = "TRAINING"
     STORAGE = "STORAGE"
+    DATABASE = "DATABASE"
     WORKER_LOST = "WORKER_LOST"
     UNKNOWN = "UNKNOWN"
 
@@ -25,13 +26,14 @@ class ErrorType:
         (EXTRACTION, "Extraction error"),
         (TRAINING, "Training error"),
         (STORAGE, "Storage error"),
+        (DATABASE, "Database unavailable"),
         (WORKER_LOST, "Worker lost"),
         (UNKNOWN, "Unknown error"),
     ]
 
 
 # Transient by nature: the same job, resumed from its checkpoint, may well succeed.
-RETRYABLE = frozenset({ErrorType.WORKER_LOST, ErrorType.TIMEOUT})
+RETRYABLE = frozenset({ErrorType.WORKER_LOST, ErrorType.TIMEOUT, ErrorType.DATABASE})
 
 # The allocator messages accelerate's find_executable_batch_size recognises, plus MPS.
 _OOM_MESSAGES = (
@@ -72,7 +74,15 @@ def is_oom(exc: BaseException) -> bool:
     return False
 
 
+def is_database_unavailable(exc: BaseException) -> bool:
+    """A lost or refused database connection (Django's or psycopg's), not a bad query."""
+    module = type(exc).__module__
+    return type(exc).__name__ in ("OperationalError", "InterfaceError") and module.startswith(("django.db", "psycopg"))
+
+
 def classify_error(exc: BaseException) -> str:
+    if is_database_unavailable(exc):
+        return ErrorType.DATABASE
     if is_oom(exc):
         return ErrorType.OOM
     if isinstance(exc, JobInputError):

@@ -16,7 +16,7 @@ import time
 from typing import Callable
 
 from django.conf import settings
-from django.db import close_old_connections, connection, transaction
+from django.db import InterfaceError, OperationalError, close_old_connections, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -122,6 +122,7 @@ class Lease:
                     self._beat()
                 except Exception:  # noqa: BLE001 - a database blip must not kill the heartbeat
                     logger.exception("heartbeat of %s failed", self.job.topic)
+                    connection.close()
         finally:
             connection.close()
 
@@ -191,15 +192,27 @@ def execute(model: type[Job], job_id: int, work: Callable[[Job, Lease], None]) -
                 raise
 
 
+RECORD_TRIES = 30
+
+
 def _record_failure(job: Job, lease: Lease, exc: BaseException) -> None:
+    """Record what happened; when the database itself is away, keep trying for a while
+    (the watchdog finds the job by its silent heartbeat if this process gives up)."""
     if lease.lost.is_set():
         return
-    try:
-        job.refresh_from_db()
-        if isinstance(exc, Cancelled) or (lease.cancelled.is_set() and job.cancel_requested):
-            transition(job, job.CANCELLED, cancel_requested=False)
-        else:
-            logger.exception("%s failed", job.topic, exc_info=exc)
-            job_fail(job, exc=exc)
-    except TransitionError as conflict:
-        logger.info("failure of %s not recorded: %s", job.topic, conflict)
+    for attempt in range(RECORD_TRIES):
+        try:
+            job.refresh_from_db()
+            if isinstance(exc, Cancelled) or (lease.cancelled.is_set() and job.cancel_requested):
+                transition(job, job.CANCELLED, cancel_requested=False)
+            else:
+                logger.error("%s failed: %s", job.topic, exc, exc_info=exc)
+                job_fail(job, exc=exc)
+            return
+        except TransitionError as conflict:
+            logger.info("failure of %s not recorded: %s", job.topic, conflict)
+            return
+        except (OperationalError, InterfaceError):
+            logger.warning("database unavailable while recording the failure of %s (try %d)", job.topic, attempt + 1)
+            connection.close()
+            time.sleep(1)
