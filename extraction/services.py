@@ -120,6 +120,8 @@ def extraction_start(
         dataset=dataset, layers=layers, hooks=hooks, max_samples=max_samples, max_length=max_length,
         storage_dtype=storage_dtype,
     )
+    if original is None:
+        _refuse_repeat_of_a_failure(model=model, fingerprint=fingerprint)
     try:
         with transaction.atomic():
             extraction = Extraction.objects.create(
@@ -150,6 +152,18 @@ def extraction_start(
             )
         return active, False
     return extraction, True
+
+
+def _refuse_repeat_of_a_failure(*, model: ModelRecord, fingerprint: str) -> None:
+    """Starting an identical request again after it failed would pile up identical failed
+    jobs; the failure names its next step, which is a retry of that job."""
+    latest = Extraction.objects.filter(model=model, fingerprint=fingerprint).order_by("-created_at", "-pk").first()
+    if latest is not None and latest.status == Extraction.Status.FAILED:
+        hint = f" with {latest.suggested_retry_params}" if latest.suggested_retry_params else ""
+        raise TransitionError(
+            f"An identical extraction ({latest.pk}) failed ({latest.error_type}: {latest.error_message[:200]}); "
+            f"retry it{hint} instead of starting it again."
+        )
 
 
 def extraction_cancel(*, extraction: Extraction) -> Extraction:

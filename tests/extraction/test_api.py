@@ -183,3 +183,20 @@ def test_resume_of_a_live_job_is_409_and_of_a_stalled_one_requeues(staff_client,
 def test_unusable_model_paths_are_422_not_500(staff_client, path):
     response = post(staff_client, "/api/v1/models", {"path": path})
     assert response.status_code == 422 and "path" in response.json()["message"]
+
+
+def test_starting_an_identical_failed_request_again_points_to_its_retry(staff_client, fake_model, fake_dataset):
+    first = post(staff_client, start_url(fake_model), body(fake_dataset)).json()
+    job = Extraction.objects.get(pk=first["id"])
+    job.status, job.error_type, job.error_message = "failed", "OOM", "CUDA out of memory."
+    job.suggested_retry_params, job.finished_at = {"batch_size": 4}, job.created_at
+    job.save()
+    again = post(staff_client, start_url(fake_model), body(fake_dataset))
+    assert again.status_code == 409
+    assert again.json()["message"] == (
+        f"An identical extraction ({job.pk}) failed (OOM: CUDA out of memory.); "
+        "retry it with {'batch_size': 4} instead of starting it again."
+    )
+    assert Extraction.objects.count() == 1
+    retry = post(staff_client, f"{start_url(fake_model)}/{job.pk}/retry", {"batch_size": 4})
+    assert retry.status_code == 201

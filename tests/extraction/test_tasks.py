@@ -252,3 +252,14 @@ def test_a_person_resumes_a_stalled_job_and_it_is_queued_again(make_extraction, 
     assert retry_event.payload["automatic"] is False
     with pytest.raises(TransitionError, match="its worker is alive; only a stalled extraction can be resumed"):
         job_resume(healthy)
+
+
+@pytest.mark.parametrize("attempt", [1, 2, 3, 10])
+def test_backoff_is_exponential_with_jitter_and_a_cap(settings, attempt):
+    from jobsite.services import backoff_delay
+
+    settings.JOBSITE_RETRY_BASE_S, settings.JOBSITE_RETRY_FACTOR, settings.JOBSITE_RETRY_MAX_S = 10, 2, 60
+    step = min(60, 10 * 2 ** (attempt - 1))
+    delays = {backoff_delay(attempt) for _ in range(50)}
+    assert all(step / 2 <= d <= step for d in delays)
+    assert len(delays) > 1  # jittered: two retries scheduled together do not fire together
