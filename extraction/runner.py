@@ -8,6 +8,11 @@ Samples are computed in one global order, longest first (ties by dataset index),
 batches. Whatever the batch size, the completed samples are therefore a prefix of that
 order and the checkpoint only counts them: a resume cuts the pending suffix with the
 recorded batch size, which reproduces the uninterrupted run's batches and so its bytes.
+
+Writing costs next to nothing over the forward pass: a writer thread writes batch k (rows
+by position with pwrite, fdatasync, then the checkpoint) while batch k + 1 runs forward.
+On cuda the real tokens are gathered and cast on the device and copied into pinned host
+memory on a side stream, so the copy overlaps compute too.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import gc
 import hashlib
 import json
 import os
+import queue
 import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,6 +43,7 @@ _STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 _ATTENTION_NAMES = ("attn", "attention", "self_attn")
 _SHIPPED = "use a model whose architecture transformers ships"
 OFFSETS, CHECKPOINT, METADATA = "offsets.npy", "checkpoint.json", "metadata.json"
+_TOKENIZE_CHUNK = 4096
 
 # Worker logs are read by people: no weight-loading progress bars or load reports there.
 transformers_logging.disable_progress_bar()
@@ -277,22 +285,30 @@ def _prepare(spec: ExtractionSpec) -> _Prepared:
     info, config, tokenizer = _inspect(spec.model_path)
     layers, hooks = _validate(spec, info, config)
     samples = _read_dataset(spec.dataset_path)[1][: spec.max_samples]
-    texts = [s for s in samples if isinstance(s, str)]
-    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
-    sequences = [next(encoded) if isinstance(s, str) else s for s in samples]
-    lengths = np.array([min(len(seq), spec.max_length) for seq in sequences], dtype=np.int64)
+    lengths = np.zeros(len(samples), dtype=np.int64)
+    chunks, truncated = [], 0
+    # In chunks: the tokenizer's Python lists of ints (~36 bytes a token) live for one chunk
+    # only; what stays is 8 bytes a token.
+    for start in range(0, len(samples), _TOKENIZE_CHUNK):
+        part = samples[start : start + _TOKENIZE_CHUNK]
+        texts = [s for s in part if isinstance(s, str)]
+        encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        sequences = [next(encoded) if isinstance(s, str) else s for s in part]
+        lengths[start : start + len(part)] = [min(len(seq), spec.max_length) for seq in sequences]
+        truncated += sum(len(seq) > spec.max_length for seq in sequences)
+        kept = (i for seq in sequences for i in seq[: spec.max_length])
+        chunks.append(np.fromiter(kept, dtype=np.int64, count=int(lengths[start : start + len(part)].sum())))
     if not lengths.any():
         raise JobInputError("The dataset is empty: no sample has a single token.")
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    kept = (i for seq in sequences for i in seq[: spec.max_length])
-    ids = np.fromiter(kept, dtype=np.int64, count=int(offsets[-1]))
+    ids = np.concatenate(chunks)
+    del chunks
     clamped = int(((ids < 0) | (ids >= info.vocab_size)).sum())
-    ids = np.clip(ids, 0, info.vocab_size - 1)
+    np.clip(ids, 0, info.vocab_size - 1, out=ids)
     request = [os.path.abspath(spec.model_path), layers, hooks, spec.storage_dtype, spec.model_dtype, spec.max_length]
     digest = hashlib.sha256(json.dumps(request).encode())
     digest.update(offsets.tobytes())
-    digest.update(ids.tobytes())
-    truncated = sum(len(seq) > spec.max_length for seq in sequences)
+    digest.update(memoryview(ids))  # the bytes of ids.tobytes(), without a copy of them
     return _Prepared(info, layers, hooks, ids, offsets, clamped, truncated, digest.hexdigest())
 
 
@@ -325,8 +341,9 @@ def _remove_stale(directory: str) -> None:
             os.remove(os.path.join(directory, name))
 
 
-def _open_outputs(spec: ExtractionSpec, prep: _Prepared) -> tuple[dict[str, np.ndarray], dict]:
-    """The layer memmaps and the checkpoint to go on from: the existing ones if they match."""
+def _open_outputs(spec: ExtractionSpec, prep: _Prepared) -> tuple[dict[str, int], dict]:
+    """{layer file: byte offset of its row 0} and the checkpoint to go on from: the existing
+    files and checkpoint if they match, else new preallocated files."""
     out = spec.output_dir
     shape, dtype = (int(prep.offsets[-1]), prep.info.hidden_size), np.dtype(spec.storage_dtype)
     checkpoint = _read_checkpoint(out)
@@ -335,18 +352,21 @@ def _open_outputs(spec: ExtractionSpec, prep: _Prepared) -> tuple[dict[str, np.n
             arrays = {n: np.lib.format.open_memmap(os.path.join(out, n), mode="r+") for n in prep.file_names()}
             offsets_match = np.array_equal(np.load(os.path.join(out, OFFSETS)), prep.offsets)
             if offsets_match and all(a.shape == shape and a.dtype == dtype for a in arrays.values()):
-                return arrays, checkpoint
+                return {name: array.offset for name, array in arrays.items()}, checkpoint
         except (OSError, ValueError):
             pass
     os.makedirs(out, exist_ok=True)
     _remove_stale(out)
-    arrays = {}
+    starts = {}
     for name in prep.file_names():
-        arrays[name] = np.lib.format.open_memmap(os.path.join(out, name), mode="w+", dtype=dtype, shape=shape)
+        # The .npy header, then a sparse file of the full size: rows are written by position.
+        array = np.lib.format.open_memmap(os.path.join(out, name), mode="w+", dtype=dtype, shape=shape)
+        starts[name] = array.offset
+        del array
     _write_atomic(os.path.join(out, OFFSETS), lambda f: np.save(f, prep.offsets))
     checkpoint = {"fingerprint": prep.fingerprint, "batch_size": spec.batch_size, "samples_done": 0, "batches_done": 0}
     _write_json(os.path.join(out, CHECKPOINT), checkpoint)
-    return arrays, checkpoint
+    return starts, checkpoint
 
 
 # --- the run -------------------------------------------------------------------------
@@ -371,28 +391,165 @@ def _register_hooks(blocks: torch.nn.ModuleList, prep: _Prepared, captured: dict
     return handles
 
 
+@dataclass
+class _Rows:
+    """One batch's activations on the host, in storage dtype, and where each sample goes."""
+
+    values: dict[str, np.ndarray]  # [batch, width, hidden] on cpu; real tokens only, packed, on cuda
+    packed: bool
+    starts: list[int]  # first output row of each sample of the batch
+    lengths: list[int]
+    ready: Callable[[], None]  # returns once the device-to-host copies into `values` are complete
+
+    def pieces(self, name: str):
+        """(first output row, that sample's rows): contiguous slices, no copy."""
+        value, position = self.values[name], 0
+        for row, (start, length) in enumerate(zip(self.starts, self.lengths)):
+            yield start, value[position : position + length] if self.packed else value[row, :length]
+            position += length
+
+
 def _forward(
-    model: torch.nn.Module, spec: ExtractionSpec, prep: _Prepared, batch: list[int], captured: dict
-) -> dict[str, np.ndarray]:
-    """One right-padded batch through the model: {file name: activations in storage dtype}."""
-    if not batch:
-        return {}
+    model: torch.nn.Module, spec: ExtractionSpec, prep: _Prepared, batch: list[int], captured: dict,
+    copy_stream: torch.cuda.Stream | None,
+) -> _Rows:
+    """One right-padded batch through the model."""
     lengths = np.diff(prep.offsets)
-    input_ids = torch.zeros((len(batch), int(lengths[batch[0]])), dtype=torch.long)
+    counts = [int(lengths[i]) for i in batch]
+    rows = _Rows({}, copy_stream is not None, [int(prep.offsets[i]) for i in batch], counts, lambda: None)
+    if not batch:
+        return rows
+    input_ids = torch.zeros((len(batch), counts[0]), dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     for row, i in enumerate(batch):
         # Right padding: real tokens keep positions 0..n-1 and, causally, never see a pad.
-        input_ids[row, : lengths[i]] = torch.from_numpy(prep.ids[prep.offsets[i] : prep.offsets[i + 1]])
-        attention_mask[row, : lengths[i]] = 1
-    storage = _STORAGE_DTYPES[spec.storage_dtype]
+        input_ids[row, : counts[row]] = torch.from_numpy(prep.ids[prep.offsets[i] : prep.offsets[i + 1]])
+        attention_mask[row, : counts[row]] = 1
+    storage, on_device = _STORAGE_DTYPES[spec.storage_dtype], copy_stream is not None
+    if on_device:
+        # From pinned memory the copies are queued without waiting for the device to be idle.
+        input_ids, attention_mask = input_ids.pin_memory(), attention_mask.pin_memory()
     with torch.inference_mode():
         try:
-            model(input_ids=input_ids.to(spec.device), attention_mask=attention_mask.to(spec.device), use_cache=False)
+            model(input_ids=input_ids.to(spec.device, non_blocking=on_device),
+                  attention_mask=attention_mask.to(spec.device, non_blocking=on_device), use_cache=False)
         except _StopForward:
             pass
-        values = {name: tensor.to(storage).cpu().numpy() for name, tensor in captured.items()}
+        if copy_stream is None:
+            # On the cpu the writer reads each sample's rows straight out of these tensors.
+            rows.values = {name: t.to(storage).contiguous().numpy() for name, t in captured.items()}
+        else:
+            rows.values, rows.ready = _to_host(captured, attention_mask.numpy().astype(bool), storage, copy_stream)
     captured.clear()
-    return values
+    return rows
+
+
+def _gather(captured: dict, mask: np.ndarray, storage: torch.dtype) -> dict[str, torch.Tensor]:
+    """Each tensor's real tokens, sample after sample, as [tokens, hidden] in storage dtype,
+    computed where the tensor lives."""
+    device = next(iter(captured.values())).device
+    # The index is known on the host, so no boolean-mask nonzero() waits for the device.
+    index = torch.from_numpy(np.flatnonzero(mask))
+    if device.type == "cuda":
+        index = index.pin_memory().to(device, non_blocking=True)
+    return {name: t.reshape(-1, t.shape[-1]).index_select(0, index).to(storage) for name, t in captured.items()}
+
+
+def _to_host(captured: dict, mask: np.ndarray, storage: torch.dtype, copy_stream: torch.cuda.Stream):
+    """Real tokens only, gathered and cast on the device, then copied into pinned host memory
+    on a side stream: the copy overlaps the next batch's forward instead of waiting for it."""
+    packed = _gather(captured, mask, storage)
+    copy_stream.wait_stream(torch.cuda.current_stream(next(iter(packed.values())).device))
+    host = {}
+    with torch.cuda.stream(copy_stream):
+        for name, value in packed.items():
+            host[name] = torch.empty(value.shape, dtype=storage, pin_memory=True)
+            host[name].copy_(value, non_blocking=True)
+    copied = torch.cuda.Event(blocking=True)  # the writer sleeps on it rather than spins
+    copied.record(copy_stream)
+
+    def ready() -> None:
+        copied.synchronize()
+        # Device memory of the gathered tensors is reused only once the copy has read it.
+        packed.clear()
+
+    return {name: value.numpy() for name, value in host.items()}, ready
+
+
+class _Writer:
+    """Writes finished batches on a thread of its own while the next batch runs forward.
+
+    Each batch is written rows -> fdatasync -> checkpoint, so the checkpoint never counts a
+    row that is not on disk. The main thread hands a batch over only once the previous one
+    is written and counted (double buffering): at most two batches of activations are alive,
+    and wherever either side fails, the checkpoint is where a one-thread run would leave it.
+    """
+
+    def __init__(self, output_dir: str, starts: dict[str, int], row_bytes: int):
+        self._files: dict[str, tuple[int, int]] = {}  # name -> (descriptor, byte offset of row 0)
+        try:
+            for name, start in starts.items():
+                self._files[name] = (os.open(os.path.join(output_dir, name), os.O_WRONLY), start)
+        except OSError:
+            self._close_files()
+            raise
+        self._row_bytes = row_bytes
+        self._checkpoint_path = os.path.join(output_dir, CHECKPOINT)
+        self._jobs: queue.Queue = queue.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="extraction-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, rows: _Rows, checkpoint: dict) -> None:
+        self._jobs.put((rows, checkpoint))
+
+    def wait(self) -> None:
+        """Returns once every batch handed over is counted; raises the writer's error if one failed."""
+        self._jobs.join()
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """Finishes the batch handed over (its error, if any, stays unraised), then the thread."""
+        self._jobs.put(None)
+        self._thread.join()
+        self._close_files()
+
+    def _close_files(self) -> None:
+        for fd, _ in self._files.values():
+            os.close(fd)
+        self._files.clear()
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                if self._error is None:  # after a failure nothing more is written or counted
+                    self._write(*job)
+            except BaseException as exc:  # noqa: BLE001 - raised again in the main thread by wait()
+                self._error = exc
+            finally:
+                job = None  # the batch's memory goes now, not when the next batch arrives
+                self._jobs.task_done()
+
+    def _write(self, rows: _Rows, checkpoint: dict) -> None:
+        rows.ready()
+        for name, (fd, base) in self._files.items():
+            if name in rows.values:
+                for start, piece in rows.pieces(name):
+                    _pwrite_all(fd, memoryview(piece).cast("B"), base + start * self._row_bytes)
+        for fd, _ in self._files.values():
+            os.fdatasync(fd)
+        # Only once its rows are on disk may the checkpoint count the batch.
+        _write_json(self._checkpoint_path, checkpoint)
+
+
+def _pwrite_all(fd: int, data: memoryview, position: int) -> None:
+    while data:
+        written = os.pwrite(fd, data, position)
+        data, position = data[written:], position + written
 
 
 def run_extraction(
@@ -414,10 +571,10 @@ def run_extraction(
     prep = _prepare(spec)
     model = AutoModel.from_pretrained(spec.model_path, local_files_only=True, dtype=_MODEL_DTYPES[spec.model_dtype])
     model.to(spec.device).eval()
-    arrays, checkpoint = _open_outputs(spec, prep)
+    starts, checkpoint = _open_outputs(spec, prep)
     checkpoint_path = os.path.join(spec.output_dir, CHECKPOINT)
     lengths = np.diff(prep.offsets)
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    order = np.argsort(-lengths, kind="stable")  # longest first, ties in dataset order
     total_samples, total_tokens = len(order), int(prep.offsets[-1])
     batch_size, done, batch_index = checkpoint["batch_size"], checkpoint["samples_done"], checkpoint["batches_done"]
     tokens_done = int(lengths[order[:done]].sum())
@@ -427,23 +584,43 @@ def run_extraction(
     })
     progress(done, total_samples, tokens_done, total_tokens)
 
+    copy_stream = torch.cuda.Stream(spec.device) if spec.device.startswith("cuda") else None
+    writer = _Writer(spec.output_dir, starts, prep.info.hidden_size * np.dtype(spec.storage_dtype).itemsize)
     captured: dict[str, torch.Tensor] = {}
     handles = _register_hooks(_find_blocks(model, prep.info.num_layers), prep, captured)
+    handed_over = None  # the progress to report once the writer has counted the batch it holds
     try:
         while done < total_samples:
             heartbeat()
             if should_cancel():
+                writer.wait()
+                if handed_over:
+                    progress(*handed_over)
                 raise Cancelled(f"Cancelled after {done} of {total_samples} samples.")
             # Longest first, so empty samples only ever share a batch with each other.
-            batch = [i for i in order[done : done + batch_size] if lengths[i] > 0]
+            batch = [int(i) for i in order[done : done + batch_size] if lengths[i] > 0]
+            rows = failure = None
             try:
+                rows = _forward(model, spec, prep, batch, captured, copy_stream)
+            except Exception as exc:
+                failure = exc
+            # While this batch ran forward, the writer wrote the one before: now it is counted,
+            # or the writer's error is raised here, never mistaken for this batch's.
+            writer.wait()
+            if handed_over:
+                progress(*handed_over)
+                handed_over = None
+            try:
+                if failure is not None:
+                    raise failure
+                # Here every earlier batch is counted, as if nothing ran concurrently.
                 failpoint("extraction.batch", {"index": batch_index, "batch_size": batch_size, "samples_done": done})
-                values = _forward(model, spec, prep, batch, captured)
             except Exception as exc:
                 if not (spec.auto_retry_on_oom and batch_size > 1 and is_oom(exc)):
                     raise
-                values = None  # memory is freed below: until this block ends, the traceback pins it
-            if values is None:
+                rows = None  # memory is freed below: until this block ends, the traceback pins it
+            failure = None
+            if rows is None:
                 captured.clear()
                 gc.collect()
                 if spec.device.startswith("cuda"):
@@ -453,22 +630,21 @@ def run_extraction(
                 on_event("batch_size_reduced", reduced)
                 batch_size //= 2
                 checkpoint = {**checkpoint, "batch_size": batch_size}
-                _write_json(checkpoint_path, checkpoint)
+                _write_json(checkpoint_path, checkpoint)  # the writer is idle: it waited above
                 continue
-            for row, i in enumerate(batch):
-                start, end = prep.offsets[i], prep.offsets[i + 1]
-                for name, value in values.items():
-                    arrays[name][start:end] = value[row, : end - start]
-            for array in arrays.values():
-                array.flush()
-            # Only once its rows are on disk may the checkpoint count the batch.
             done = min(done + batch_size, total_samples)
             batch_index += 1
             tokens_done += int(lengths[batch].sum())
             checkpoint = {**checkpoint, "samples_done": done, "batches_done": batch_index}
-            _write_json(checkpoint_path, checkpoint)
-            progress(done, total_samples, tokens_done, total_tokens)
+            writer.submit(rows, checkpoint)
+            handed_over = (done, total_samples, tokens_done, total_tokens)
+            del rows
+        writer.wait()
+        if handed_over:
+            progress(*handed_over)
     finally:
+        # On the way out by an exception, the batch handed over is still written and counted.
+        writer.close()
         for handle in handles:
             handle.remove()
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +25,7 @@ from extraction.runner import (
     seed_from_checkpoint,
 )
 from jobsite.demo import build_tiny_causal_lm, train_tokenizer
-from jobsite.errors import JobInputError, is_oom
+from jobsite.errors import ErrorType, JobInputError, classify_error, is_oom
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
 WORDS = "the a quick brown fox jumps over lazy dog river stone light shadow market garden numbers".split()
@@ -383,3 +385,144 @@ def test_bad_model_raises_job_input_error(models, samples_path, tmp_path, breaka
     assert str(caught.value).startswith(sentence)
     with pytest.raises(JobInputError):
         extract(path, samples_path, tmp_path / "out")
+
+
+# --- the writer thread ---------------------------------------------------------------
+
+
+def fail_writes_at(call: int, exc: BaseException, monkeypatch):
+    """Makes the writer thread's `call`-th row write (counting from 0) raise `exc`."""
+    original, calls = runner._pwrite_all, []
+
+    def pwrite_all(fd, data, position):
+        calls.append(position)
+        if len(calls) == call + 1:
+            raise exc
+        original(fd, data, position)
+
+    monkeypatch.setattr(runner, "_pwrite_all", pwrite_all)
+
+
+def test_writer_error_stops_the_run_as_its_exception_and_its_batch_is_never_counted(
+    models, samples_path, tmp_path, monkeypatch
+):
+    options = dict(layers=(0, 2), hooks=("residual", "mlp"), batch_size=4)
+    extract(models["gpt2"], samples_path, tmp_path / "straight", **options)
+    # 4 samples x 4 files of rows a batch: the 3rd row of batch 2 fails, with rows of it already written.
+    fail_writes_at(2 * 16 + 2, OSError(errno.ENOSPC, "No space left on device"), monkeypatch)
+    forwarded = []
+    with pytest.raises(OSError) as caught:
+        extract(models["gpt2"], samples_path, tmp_path / "resumed",
+                failpoint=lambda name, context: forwarded.append(context["index"]), **options)
+    assert caught.value.errno == errno.ENOSPC and classify_error(caught.value) == ErrorType.STORAGE
+    assert forwarded == [0, 1, 2], "the run stops at the first batch after the failed write"
+    assert json.loads((tmp_path / "resumed" / "checkpoint.json").read_text())["samples_done"] == 8
+    assert not (tmp_path / "resumed" / "metadata.json").exists()
+    monkeypatch.undo()
+    _, calls = extract(models["gpt2"], samples_path, tmp_path / "resumed", **options)
+    assert calls[0][0] == 8
+    for name in ["offsets.npy", *layer_files(tmp_path / "straight"), "metadata.json"]:
+        assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+
+
+def test_checkpoint_is_written_only_after_the_batchs_rows_are_synced(models, samples_path, tmp_path, monkeypatch):
+    log = []
+    original_write, original_sync, original_json = runner._pwrite_all, os.fdatasync, runner._write_json
+    monkeypatch.setattr(runner, "_pwrite_all", lambda fd, *args: (log.append(("row", fd)), original_write(fd, *args)))
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (log.append(("sync", fd)), original_sync(fd)))
+    monkeypatch.setattr(runner, "_write_json", lambda path, obj: (log.append(("json", obj)), original_json(path, obj)))
+    extract(models["gpt_neox"], samples_path, tmp_path, layers=(1,), hooks=("residual", "attention"), batch_size=8)
+    unsynced, counted = set(), 0
+    for kind, value in log:
+        if kind == "row":
+            unsynced.add(value)
+        elif kind == "sync":
+            unsynced.discard(value)
+        elif "samples_done" in value and value["samples_done"] > counted:
+            assert not unsynced, f"checkpoint {value['samples_done']} counts rows not yet synced"
+            counted = value["samples_done"]
+    assert counted == len(TEXTS)
+
+
+def test_rows_are_written_while_the_next_batch_runs_forward(models, samples_path, tmp_path, monkeypatch):
+    spans = {"forward": [], "write": []}
+
+    def timed(kind, function):
+        def wrapper(*args, **kwargs):
+            start = time.monotonic()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spans[kind].append((start, time.monotonic()))
+
+        return wrapper
+
+    def slow_write(self, rows, checkpoint):
+        time.sleep(0.2)
+        original_write(self, rows, checkpoint)
+
+    original_write = runner._Writer._write
+    monkeypatch.setattr(runner, "_forward", timed("forward", runner._forward))
+    monkeypatch.setattr(runner._Writer, "_write", timed("write", slow_write))
+    extract(models["gpt2"], samples_path, tmp_path, batch_size=16)
+    assert len(spans["forward"]) == len(spans["write"]) == 4
+    for (write_start, write_end), (next_start, _) in zip(spans["write"], spans["forward"][1:]):
+        assert next_start < write_end, "the next batch waited for the write instead of running beside it"
+
+
+WRITER_KILLED_RUN = """
+import os, sys
+from extraction import runner
+
+original, calls = runner._pwrite_all, []
+
+def die_in_the_writer(fd, data, position):
+    calls.append(position)
+    if len(calls) == 3 * 16 + 5:  # rows of batch 3 are half written, not synced, not counted
+        os._exit(9)
+    original(fd, data, position)
+
+runner._pwrite_all = die_in_the_writer
+model, data, out = sys.argv[1:]
+spec = runner.ExtractionSpec(model, data, out, layers=(0, 2), hooks=("residual", "mlp"), batch_size=4)
+runner.run_extraction(spec, progress=None, heartbeat=None, should_cancel=None)
+"""
+
+
+def test_process_died_in_the_writer_resumes_after_the_last_counted_batch_byte_identical(
+    models, samples_path, tmp_path
+):
+    options = dict(layers=(0, 2), hooks=("residual", "mlp"), batch_size=4)
+    extract(models["gpt2"], samples_path, tmp_path / "straight", **options)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    died = subprocess.run(
+        [sys.executable, "-c", WRITER_KILLED_RUN, models["gpt2"], samples_path, str(tmp_path / "resumed")],
+        cwd=REPO, env=env,
+    )
+    assert died.returncode == 9
+    _, calls = extract(models["gpt2"], samples_path, tmp_path / "resumed", **options)
+    assert calls[0][0] == 3 * 4
+    for name in ["offsets.npy", *layer_files(tmp_path / "straight"), "metadata.json"]:
+        assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+
+
+def test_tokenizing_in_chunks_gives_the_same_files_and_fingerprint(models, samples_path, tmp_path, monkeypatch):
+    options = dict(layers=(1,), hooks=("residual",), batch_size=4)
+    extract(models["gpt2"], samples_path, tmp_path / "whole", **options)
+    monkeypatch.setattr(runner, "_TOKENIZE_CHUNK", 3)
+    extract(models["gpt2"], samples_path, tmp_path / "chunked", **options)
+    for name in ["offsets.npy", "layer_1_residual.npy", "checkpoint.json", "metadata.json"]:
+        assert (tmp_path / "chunked" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+def test_packed_real_tokens_land_on_the_rows_of_the_padded_batch():
+    """The cuda path packs real tokens on the device before the copy; the rows written must not move."""
+    lengths, starts = [5, 3, 1], [7, 0, 12]
+    padded = torch.randn(3, 5, 4)
+    mask = np.arange(5)[None, :] < np.array(lengths)[:, None]
+    packed = runner._gather({"a": padded}, mask, torch.float16)["a"]
+    assert packed.shape == (sum(lengths), 4) and packed.dtype == torch.float16
+    as_padded = runner._Rows({"a": padded.half().numpy()}, False, starts, lengths, lambda: None)
+    as_packed = runner._Rows({"a": packed.numpy()}, True, starts, lengths, lambda: None)
+    for (start, rows), (packed_start, packed_rows) in zip(as_padded.pieces("a"), as_packed.pieces("a"), strict=True):
+        assert start == packed_start and np.array_equal(rows, packed_rows)
