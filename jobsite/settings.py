@@ -171,3 +171,18 @@ JOBSITE_MIN_APPROVED_PAIRS = int(os.environ.get("JOBSITE_MIN_APPROVED_PAIRS", 10
 
 # Where extraction runs: "cpu", "cuda", "cuda:1"... (a worker on a GPU host sets it).
 JOBSITE_DEVICE = os.environ.get("JOBSITE_DEVICE", "cpu")
+
+# Pages (templates/, jobsite/views.py, extraction/views.py). Their own login: the admin's
+# refuses users who are not staff, and reading a page only needs a login.
+LOGIN_URL = "/accounts/login/"
+LOGIN_REDIRECT_URL = "/extractions/"
+LOGOUT_REDIRECT_URL = "/accounts/login/"
+# A page with an active job polls the JSON API when its WebSocket has been silent this long.
+JOBSITE_POLL_FALLBACK_S = env_float("JOBSITE_POLL_FALLBACK_S", 30)
+# A job without progress for this long shows "Taking longer than expected" with Retry and Cancel.
+JOBSITE_SLOW_AFTER_S = env_float("JOBSITE_SLOW_AFTER_S", 300)
+# redis-py 8 reads with a 5 s socket timeout by default, as long as channels-redis blocks in
+# BZPOPMIN: a WebSocket consumer with nothing to receive for 5 s then died ("Timeout reading
+# from ...", close code 1011). A read timeout above the blocking time keeps it alive.
+if REDIS_URL:
+    CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] = [{"address": REDIS_URL, "socket_timeout": 15}]

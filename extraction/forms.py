@@ -1,0 +1,81 @@
+"""Page forms. They only shape the input; the services decide what is valid for a model."""
+
+from __future__ import annotations
+
+import re
+
+from django import forms
+
+from extraction import selectors
+from extraction.constants import HOOK_TYPES, VALID_BATCH_SIZES
+from extraction.models import Extraction
+
+BATCH_SIZE_CHOICES = [(size, str(size)) for size in VALID_BATCH_SIZES]
+MAX_LENGTH_LIMIT = 1_000_000
+
+# A service's JobInputError names what is wrong; its first matching word picks the field.
+_FIELD_WORDS = (
+    ("max_samples", "max_samples"), ("max_length", "max_length"), ("batch_size", "batch_size"),
+    ("storage_dtype", "storage_dtype"), ("layer", "layers"), ("hook", "hooks"),
+)
+
+
+def field_for_error(message: str, fields) -> str | None:
+    lowered = message.lower()
+    for word, field in _FIELD_WORDS:
+        if word in lowered and field in fields:
+            return field
+    return None
+
+
+def parse_layers(text: str) -> list[int]:
+    """'0,2', '0 2' or '0-3' (a range includes both ends)."""
+    layers: list[int] = []
+    for part in re.split(r"[,\s]+", text.strip()):
+        if not part:
+            continue
+        match = re.fullmatch(r"(\d{1,4})(?:-(\d{1,4}))?", part)
+        if not match:
+            raise forms.ValidationError("Write layers as numbers separated by commas, e.g. 0,2 or 0-3.")
+        first, last = int(match[1]), int(match[2] or match[1])
+        if last < first:
+            raise forms.ValidationError(f"The range {part} runs backwards; write it as {last}-{first}.")
+        layers.extend(range(first, last + 1))
+    if not layers:
+        raise forms.ValidationError("Choose at least one layer, e.g. 0 or 0,2.")
+    return sorted(set(layers))
+
+
+class ExtractionStartForm(forms.Form):
+    model = forms.ModelChoiceField(queryset=None, empty_label=None)
+    dataset = forms.ModelChoiceField(queryset=None, empty_label=None)
+    layers = forms.CharField(max_length=200, initial="0", help_text="e.g. 0,2 or 0-3")
+    hooks = forms.MultipleChoiceField(
+        choices=[(hook, hook) for hook in HOOK_TYPES], initial=["residual"], widget=forms.CheckboxSelectMultiple,
+    )
+    batch_size = forms.TypedChoiceField(choices=BATCH_SIZE_CHOICES, coerce=int, initial=8)
+    max_samples = forms.IntegerField(required=False, min_value=1, help_text="empty: all samples")
+    max_length = forms.IntegerField(initial=512, min_value=1, max_value=MAX_LENGTH_LIMIT, help_text="tokens")
+    storage_dtype = forms.ChoiceField(
+        choices=[(value, value) for value in Extraction.StorageDtype.values], initial="float32", label="dtype",
+    )
+    auto_retry_on_oom = forms.BooleanField(required=False, label="Auto-retry on out of memory (halve the batch)")
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("label_suffix", "")
+        super().__init__(*args, **kwargs)
+        self.fields["model"].queryset = selectors.model_list()
+        self.fields["dataset"].queryset = selectors.dataset_list()
+
+    def clean_layers(self):
+        return parse_layers(self.cleaned_data["layers"])
+
+
+class RetryForm(forms.Form):
+    """A person's retry with edited parameters; an empty field keeps the original's value."""
+
+    batch_size = forms.TypedChoiceField(
+        choices=[("", "same")] + BATCH_SIZE_CHOICES, coerce=int, empty_value=None, required=False,
+    )
+    max_samples = forms.IntegerField(required=False, min_value=1)
+    max_length = forms.IntegerField(required=False, min_value=1, max_value=MAX_LENGTH_LIMIT)

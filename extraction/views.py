@@ -1,0 +1,400 @@
+"""The extractions page: server-rendered, refreshed piece by piece by the live module.
+
+Views are thin callers of extraction.services (and jobsite.services.job_resume); a service's
+JobInputError becomes a form error or a message, a TransitionError a message. Reading needs a
+login, every POST needs staff.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
+from django.http import FileResponse, Http404
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.utils import timezone
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from extraction import selectors, services
+from extraction.api import CANCEL_WAIT_S
+from extraction.forms import ExtractionStartForm, RetryForm, field_for_error
+from extraction.models import Extraction
+from jobsite.errors import ErrorType, JobInputError
+from jobsite.lifecycle import TransitionError
+from jobsite.selectors import last_event_seq
+from jobsite.services import job_resume
+from jobsite.views import STAFF_ONLY, live_context, staff_required
+
+TOPIC = "extraction."
+HISTORY_LIMIT = 300
+ATTENTION_FAILED_LIMIT = 10
+ERROR_LABELS = dict(ErrorType.CHOICES)
+PHASES = {
+    "queued": "Waiting for a worker",
+    "loading": "Loading the model",
+    "extracting": "Extracting",
+    "saving": "Saving the files",
+}
+
+
+# -- presentation --------------------------------------------------------------------------
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+def _iso(moment) -> str:
+    return moment.isoformat() if moment else ""
+
+
+def job_view(extraction: Extraction, *, seq: int = 0) -> dict:
+    """Everything a card shows, computed once here so the template only lays it out."""
+    e, now = extraction, timezone.now()
+    active, running = e.status in e.ACTIVE, e.status in e.RUNNING
+    heartbeat_age = e.heartbeat_age_s
+    stalled = e.is_stalled
+    last_move = max(m for m in (e.queued_at, e.started_at, e.progress_at, e.next_attempt_at) if m)
+    idle_s = (now - last_move).total_seconds() if active else None
+    slow = bool(active and not stalled and idle_s is not None and idle_s > settings.JOBSITE_SLOW_AFTER_S)
+    rate = None
+    if e.status in (e.Status.EXTRACTING, e.Status.SAVING) and e.started_at and e.progress_at and e.tokens_processed:
+        elapsed = (e.progress_at - e.started_at).total_seconds()
+        rate = e.tokens_processed / elapsed if elapsed > 0 else None
+    eta = (e.total_tokens - e.tokens_processed) / rate if rate and e.total_tokens else None
+    retry_in = (e.next_attempt_at - now).total_seconds() if e.status == e.Status.QUEUED and e.next_attempt_at else None
+    percent = 100.0 if e.status in (e.Status.SAVING, e.Status.COMPLETED) else e.percent
+    phase = PHASES.get(e.status, "")
+    if e.cancel_requested and running:
+        phase = "Cancelling: the worker stops after the current batch"
+    elif retry_in is not None and retry_in > 0:
+        phase = f"Automatic retry in {_duration(retry_in)}"
+    return {
+        "job": e,
+        "seq": seq,
+        "active": active,
+        "running": running,
+        "label": "cancelling" if e.cancel_requested and running else e.status,
+        "phase": phase,
+        "percent": f"{percent:.1f}".removesuffix(".0"),
+        "bar_width": f"{percent:.1f}",
+        "rate": f"{rate:,.0f}" if rate else "—",
+        "eta": _duration(eta) if eta is not None else "—",
+        "heartbeat_age": f"{heartbeat_age:.0f}" if heartbeat_age is not None else "",
+        "stalled": stalled,
+        "slow": slow,
+        "idle": _duration(idle_s),
+        "error_label": ERROR_LABELS.get(e.error_type, e.error_type),
+        "suggested": json.dumps(e.suggested_retry_params, sort_keys=True) if e.suggested_retry_params else "",
+        "auto_retry_pending": e.status == e.Status.QUEUED and bool(e.error_type),
+        "layers": ", ".join(map(str, e.layers)),
+        "hooks": ", ".join(e.hooks),
+        "api_url": f"/api/v1/models/{e.model_id}/extractions/{e.pk}",
+        "heartbeat_at": _iso(e.heartbeat_at or e.started_at) if running else "",
+        "progress_at": _iso(last_move),
+        "max_attempts": settings.JOBSITE_MAX_ATTEMPTS,
+        "has_files": e.output_dir.is_dir(),
+        "took": _duration((e.finished_at - e.started_at).total_seconds()) if e.finished_at and e.started_at else "",
+    }
+
+
+def _lineage_rows(extractions: list[Extraction]) -> list[dict]:
+    """Originals newest first, each followed by its retries (depth-first, oldest retry first)."""
+    by_id = {e.pk: e for e in extractions}
+    children = defaultdict(list)
+    roots = []
+    for e in extractions:
+        if e.original_extraction_id in by_id:
+            children[e.original_extraction_id].append(e)
+        else:
+            roots.append(e)
+    rows = []
+
+    def walk(e: Extraction, depth: int):
+        rows.append({"job": e, "depth": depth, "indent": depth * 1.5, "has_files": e.output_dir.is_dir()})
+        for child in sorted(children[e.pk], key=lambda c: (c.created_at, c.pk)):
+            walk(child, depth + 1)
+
+    for root in roots:
+        walk(root, 0)
+    return rows
+
+
+def _attention() -> list[Extraction]:
+    """Active jobs, and failed ones nobody has retried yet."""
+    active = list(selectors.extraction_list().filter(status__in=Extraction.ACTIVE))
+    failed = list(
+        selectors.extraction_list().filter(status=Extraction.Status.FAILED, retries__isnull=True)[:ATTENTION_FAILED_LIMIT]
+    )
+    return sorted(active + failed, key=lambda e: (e.created_at, e.pk), reverse=True)
+
+
+def _history() -> list[dict]:
+    extractions = list(selectors.extraction_list()[:HISTORY_LIMIT])
+    per_model = defaultdict(list)
+    for e in extractions:
+        per_model[e.model_id].append(e)
+    sections = []
+    for model in selectors.model_list():
+        rows = _lineage_rows(per_model.get(model.pk, []))
+        datasets = sorted({row["job"].dataset.name for row in rows})
+        sections.append({"model": model, "rows": rows, "datasets": datasets})
+    return sections
+
+
+def _page_context(request, form=None) -> dict:
+    context = live_context(topic=TOPIC)  # the seq first: an event written meanwhile is replayed
+    seq = context["live"]["after"]
+    form = form or ExtractionStartForm()
+    context.update(
+        form=form,
+        attention=[job_view(e, seq=seq) for e in _attention()],
+        history=_history(),
+        datasets=selectors.dataset_list(),
+        can_act=request.user.is_staff,
+        retry_batch_sizes=RetryForm.base_fields["batch_size"].choices,
+    )
+    return context
+
+
+def _back_to(extraction_id: int | None = None):
+    url = reverse("extraction:list")
+    return redirect(f"{url}#extraction-{extraction_id}" if extraction_id else url)
+
+
+# -- pages and fragments ---------------------------------------------------------------------
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def extraction_page(request):
+    if request.method == "GET":
+        return render(request, "extraction/extractions.html", _page_context(request))
+    if not request.user.is_staff:
+        raise PermissionDenied(STAFF_ONLY)
+    form = ExtractionStartForm(request.POST)
+    if form.is_valid():
+        data = form.cleaned_data
+        try:
+            extraction, created = services.extraction_start(
+                model=data["model"], dataset=data["dataset"], layers=data["layers"], hooks=data["hooks"],
+                batch_size=data["batch_size"], max_samples=data["max_samples"], max_length=data["max_length"],
+                storage_dtype=data["storage_dtype"], auto_retry_on_oom=data["auto_retry_on_oom"], user=request.user,
+            )
+        except JobInputError as exc:
+            form.add_error(field_for_error(str(exc), form.fields), str(exc))
+        else:
+            if created:
+                messages.success(request, f"Extraction {extraction.pk} is queued.")
+            else:
+                messages.info(
+                    request,
+                    f"An identical extraction ({extraction.pk}) is already {extraction.status}; here it is, "
+                    "no second copy was started.",
+                )
+            return _back_to(extraction.pk)
+    return render(request, "extraction/extractions.html", _page_context(request, form), status=400)
+
+
+@login_required
+@require_GET
+def attention_fragment(request):
+    seq = last_event_seq()
+    return render(request, "extraction/_attention.html", {
+        "attention": [job_view(e, seq=seq) for e in _attention()], "can_act": request.user.is_staff,
+        "retry_batch_sizes": RetryForm.base_fields["batch_size"].choices,
+    })
+
+
+@login_required
+@require_GET
+def history_fragment(request):
+    return render(request, "extraction/_history.html", {"history": _history()})
+
+
+@login_required
+@require_GET
+def card_fragment(request, pk: int):
+    seq = last_event_seq()
+    return render(request, "extraction/_card.html", {
+        "v": job_view(selectors.extraction_get(extraction_id=pk), seq=seq), "can_act": request.user.is_staff,
+        "retry_batch_sizes": RetryForm.base_fields["batch_size"].choices,
+    })
+
+
+# -- actions -----------------------------------------------------------------------------------
+
+def _confirm(request, extraction: Extraction, *, action: str, title: str, sentence: str, button: str):
+    """Django's delete_selected way: a POST without `confirmed` (or a GET) shows a confirmation page."""
+    return render(request, "extraction/confirm.html", {
+        "job": extraction, "action": action, "title": title, "sentence": sentence, "button": button,
+    })
+
+
+@staff_required
+@require_http_methods(["GET", "POST"])
+def extraction_cancel(request, pk: int):
+    extraction = selectors.extraction_get(extraction_id=pk)
+    if request.method == "GET" or request.POST.get("confirmed") != "1":
+        return _confirm(
+            request, extraction, action=reverse("extraction:cancel", args=[pk]), title=f"Cancel extraction {pk}?",
+            sentence="A queued extraction stops at once; a running one stops after its current batch. "
+                     "Completed samples are kept, and a retry continues from them.",
+            button="Yes, cancel it",
+        )
+    try:
+        extraction = services.extraction_cancel(extraction=extraction)
+    except TransitionError as exc:
+        messages.error(request, str(exc))
+    else:
+        if extraction.status == Extraction.Status.CANCELLED:
+            messages.success(request, f"Extraction {pk} is cancelled.")
+        else:
+            messages.success(request, f"Extraction {pk} is stopping; its worker stops after the current batch.")
+    return _back_to(pk)
+
+
+@staff_required
+@require_POST
+def extraction_retry(request, pk: int):
+    extraction = selectors.extraction_get(extraction_id=pk)
+    form = RetryForm(request.POST)
+    if not form.is_valid():
+        problems = "; ".join(f"{name.replace('_', ' ')}: {' '.join(errors)}" for name, errors in form.errors.items())
+        messages.error(request, f"Extraction {pk} was not retried. {problems}")
+        return _back_to(pk)
+    try:
+        retry = services.extraction_retry(
+            extraction=extraction, batch_size=form.cleaned_data["batch_size"],
+            max_samples=form.cleaned_data["max_samples"], max_length=form.cleaned_data["max_length"],
+            reason="retried from the page", user=request.user,
+        )
+    except (JobInputError, TransitionError) as exc:
+        messages.error(request, f"Extraction {pk} was not retried: {exc}")
+        return _back_to(pk)
+    messages.success(request, f"Extraction {retry.pk} retries extraction {pk}.")
+    return _back_to(retry.pk)
+
+
+@staff_required
+@require_POST
+def extraction_retry_suggested(request, pk: int):
+    extraction = selectors.extraction_get(extraction_id=pk)
+    try:
+        retry = services.extraction_retry_suggested(extraction=extraction, user=request.user, via="from the page")
+    except (JobInputError, TransitionError) as exc:
+        messages.error(request, f"Extraction {pk} was not retried: {exc}")
+        return _back_to(pk)
+    params = json.dumps(extraction.suggested_retry_params, sort_keys=True) if extraction.suggested_retry_params else ""
+    with_params = f" with {params}" if params else ""
+    messages.success(request, f"Extraction {retry.pk} retries extraction {pk}{with_params}.")
+    return _back_to(retry.pk)
+
+
+@staff_required
+@require_POST
+def extraction_resume(request, pk: int):
+    extraction = selectors.extraction_get(extraction_id=pk)
+    try:
+        job_resume(extraction)
+    except TransitionError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, f"Extraction {pk} is queued again; it continues from its checkpoint.")
+    return _back_to(pk)
+
+
+@staff_required
+@require_http_methods(["GET", "POST"])
+def extraction_restart(request, pk: int):
+    """'Taking longer than expected' → Retry: cancel, then retry from the checkpoint once stopped."""
+    extraction = selectors.extraction_get(extraction_id=pk)
+    if request.method == "GET" or request.POST.get("confirmed") != "1":
+        return _confirm(
+            request, extraction, action=reverse("extraction:restart", args=[pk]), title=f"Retry extraction {pk}?",
+            sentence="It is cancelled, then started again as a new extraction that continues from the samples "
+                     "already completed.",
+            button="Yes, cancel and retry",
+        )
+    try:
+        extraction = services.extraction_cancel(extraction=extraction)
+        extraction = services.extraction_wait_stopped(extraction=extraction, timeout_s=CANCEL_WAIT_S)
+        if extraction.status != Extraction.Status.CANCELLED:
+            messages.warning(
+                request,
+                f"Extraction {pk} is stopping but has not stopped yet; press Retry on it once it shows cancelled.",
+            )
+            return _back_to(pk)
+        retry = services.extraction_retry(
+            extraction=extraction, reason="retried from the page: it was taking longer than expected",
+            user=request.user,
+        )
+    except (JobInputError, TransitionError) as exc:
+        messages.error(request, f"Extraction {pk} was not retried: {exc}")
+        return _back_to(pk)
+    messages.success(request, f"Extraction {pk} is cancelled; extraction {retry.pk} retries it.")
+    return _back_to(retry.pk)
+
+
+# -- output files ------------------------------------------------------------------------------
+
+def _output_files(extraction: Extraction) -> dict[str, os.DirEntry]:
+    """The regular files directly inside this extraction's output_dir, by name.
+
+    The request only ever picks a name from this listing; no path from it reaches the file
+    system, and a symlink (or anything resolving elsewhere) is left out.
+    """
+    directory = extraction.output_dir
+    try:
+        root = directory.resolve(strict=True)
+        entries = list(os.scandir(directory))
+    except OSError:
+        return {}
+    files = {}
+    for entry in entries:
+        if entry.is_file(follow_symlinks=False) and Path(entry.path).resolve().parent == root:
+            files[entry.name] = entry
+    return dict(sorted(files.items()))
+
+
+@login_required
+@require_GET
+def extraction_files(request, pk: int):
+    extraction = selectors.extraction_get(extraction_id=pk)
+    files = _output_files(extraction)
+    metadata = None
+    if "metadata.json" in files:
+        try:
+            metadata = json.dumps(json.loads(Path(files["metadata.json"].path).read_text()), indent=2)
+        except (OSError, ValueError):
+            metadata = None
+    rows = [{"name": name, "size": entry.stat(follow_symlinks=False).st_size} for name, entry in files.items()]
+    return render(request, "extraction/files.html", {
+        "job": extraction, "files": rows, "metadata": metadata, "total": sum(r["size"] for r in rows),
+    })
+
+
+@login_required
+@require_GET
+def extraction_file(request, pk: int, name: str):
+    extraction = selectors.extraction_get(extraction_id=pk)
+    entry = _output_files(extraction).get(name)
+    if entry is None:
+        raise Http404(f"Extraction {pk} has no file named {name}.")
+    is_json = name.endswith(".json")
+    return FileResponse(
+        open(entry.path, "rb"), as_attachment=not is_json, filename=name,
+        content_type="application/json" if is_json else "application/octet-stream",
+    )

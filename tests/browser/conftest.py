@@ -1,0 +1,134 @@
+"""A real headless Chromium (Debian's /usr/bin/chromium) driving a real daphne and qcluster.
+
+Playwright's browser download is never used: the tests launch the system Chromium by path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run",
+]
+ARTIFACTS = REPO / "tests" / "artifacts"
+
+# Quick heartbeats, queue polls and progress events so a page shows every state within seconds.
+FAST_WORKER = dict(
+    JOBSITE_HEARTBEAT_S=0.3, JOBSITE_QUEUE_POLL_S=0.1, JOBSITE_PROGRESS_EVERY_S=0.1, JOBSITE_WATCHDOG_EVERY_S=1,
+)
+FAST_WEB = dict(JOBSITE_EVENT_POLL_S=0.1)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium; .ci/run does it)")
+    from playwright.sync_api import sync_playwright
+
+    # Playwright's sync API keeps an event loop running in this thread, which makes Django's
+    # ORM refuse to work from the test ("async context"); the test itself is synchronous code.
+    previous = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    playwright = sync_playwright().start()
+    try:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+    finally:
+        playwright.stop()
+        if previous is None:
+            os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+        else:
+            os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = previous
+
+
+class Site:
+    """One test's daphne + worker and the browser pages logged in to it."""
+
+    def __init__(self, browser, start_daphne, start_worker):
+        self.browser = browser
+        self._start_daphne = start_daphne
+        self._start_worker = start_worker
+        self.web_env: dict = {}
+        self.daphne = None
+        self.port = None
+        self.contexts = []
+        self.pages = []
+        self.services = []
+        self.errors: list[str] = []
+
+    # The servers keep Django's async safety check, which this test process turns off.
+    def start_worker(self, **env):
+        worker = self._start_worker(**{**FAST_WORKER, "DJANGO_ALLOW_ASYNC_UNSAFE": "", **env})
+        self.services.append(worker)
+        return worker
+
+    def start_web(self, port: int | None = None, **env):
+        """Start daphne (again on `port` after a stop, with the same settings as before)."""
+        self.web_env = {**FAST_WEB, "DJANGO_ALLOW_ASYNC_UNSAFE": "", **self.web_env, **env}
+        self.daphne, self.port = self._start_daphne(port=port, **self.web_env)
+        self.services.append(self.daphne)
+        return self.daphne
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def page(self, user):
+        from django.test import Client
+
+        client = Client()
+        client.force_login(user)
+        context = self.browser.new_context(viewport={"width": 1280, "height": 900})
+        context.add_cookies([{"name": "sessionid", "value": client.cookies["sessionid"].value,
+                              "url": f"http://127.0.0.1:{self.port}"}])
+        self.contexts.append(context)
+        page = context.new_page()
+        self.pages.append(page)
+        page.set_default_timeout(60_000)
+        page.on("pageerror", lambda error: self.errors.append(str(error)))
+        return page
+
+    def report(self) -> None:
+        """What a failing test needs to be understood; pytest shows it only on failure."""
+        from extraction.models import Extraction
+        from jobsite.models import Event
+
+        for job in Extraction.objects.order_by("pk"):
+            print(f"{job}: {job.samples_processed}/{job.total_samples} worker={job.worker!r} error={job.error_message!r}")
+        for event in Event.objects.order_by("-seq")[:15][::-1]:
+            print(f"event {event.seq} {event.type} {event.topic}")
+        for page in self.pages:
+            try:
+                print("page", page.url, page.evaluate(
+                    "window.jobsiteLive && JSON.stringify({...jobsiteLive, socket: undefined})"))
+            except Exception as exc:  # noqa: BLE001 - a closed page has nothing to say
+                print("page", exc)
+        for service in self.services:
+            print(f"--- {service.log_path.name}\n{service.output()[-4000:]}")
+
+    def close(self):
+        for context in self.contexts:
+            context.close()
+
+
+@pytest.fixture
+def site(browser, start_daphne, start_worker):
+    made = Site(browser, start_daphne, start_worker)
+    yield made
+    made.report()
+    made.close()
+    assert not made.errors, f"JavaScript errors on the page: {made.errors}"
+
+
+def screenshot(page, name: str, full_page: bool = True) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=full_page)
+    return path

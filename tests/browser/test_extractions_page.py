@@ -1,0 +1,238 @@
+"""The extractions page in a real Chromium against a real daphne and a real qcluster worker.
+
+Each test saves screenshots of the states it reaches under tests/artifacts/.
+"""
+
+import json
+import re
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+from playwright.sync_api import expect
+
+from extraction.models import Extraction
+from extraction.services import extraction_start
+from tests.browser.conftest import screenshot
+from tests.conftest import TEXTS, wait_for
+
+pytestmark = [pytest.mark.browser, pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+expect.set_options(timeout=60_000)
+
+
+def slow_batches(seconds: float) -> str:
+    return json.dumps({"extraction.batch": {"action": "sleep", "seconds": seconds}})
+
+
+def live_counts(page) -> dict:
+    return page.evaluate("({events: jobsiteLive.events, polls: jobsiteLive.polls, connects: jobsiteLive.connects})")
+
+
+WATCH_BARS = """() => {
+    // Every width a progress bar is drawn with, even within one frame (a replayed burst).
+    window.seenWidths = [];
+    const record = (bar) => window.seenWidths.push(parseFloat(bar.style.width));
+    document.querySelectorAll("[data-bar]").forEach(record);
+    new MutationObserver((changes) => {
+        for (const change of changes) {
+            if (change.type === "attributes" && change.target.matches("[data-bar]")) record(change.target);
+            change.addedNodes.forEach((node) => node.querySelectorAll && node.querySelectorAll("[data-bar]").forEach(record));
+        }
+    }).observe(document.body, {subtree: true, childList: true, attributes: true, attributeFilter: ["style"]});
+}"""
+
+
+def watch_bars(page) -> None:
+    page.evaluate(WATCH_BARS)
+
+
+def saw_progress_between(page, low: float, high: float) -> None:
+    page.wait_for_function("([low, high]) => window.seenWidths.some((w) => w > low && w < high)", arg=[low, high])
+
+
+def expect_completed(page, job) -> None:
+    card = page.locator(f"#extraction-{job.pk}")
+    expect(card.locator(".done")).to_contain_text(f"Completed: {len(TEXTS)} samples")
+    expect(card.locator("[data-status-label]")).to_have_text("completed")
+    expect(card.locator("[data-progress]")).to_have_count(0)
+    expect(card.locator(".spinner")).to_have_count(0)
+
+
+def test_start_from_the_page_shows_progress_to_100_percent_and_the_bar_clears_without_a_reload(
+    site, staff_user, model_record, dataset
+):
+    site.start_worker(JOBSITE_FAILPOINTS=slow_batches(0.35))
+    site.start_web()
+    page = site.page(staff_user)
+    page.goto(site.url("/"))
+    expect(page).to_have_url(re.compile(r"/extractions/$"))
+
+    page.fill("#id_layers", "7")
+    page.get_by_role("button", name="Start extraction").click()
+    expect(page.locator(".field-layers .field-error")).to_have_text("Layer 7 does not exist: tiny-gpt2 has layers 0-2.")
+    screenshot(page, "01-start-form-error")
+
+    page.fill("#id_layers", "0,2")
+    page.check("input[name=hooks][value=mlp]")
+    page.select_option("#id_batch_size", "4")
+    page.get_by_role("button", name="Start extraction").click()
+    expect(page.locator(".message-success")).to_contain_text("is queued.")
+    job = Extraction.objects.get()
+    assert (job.layers, job.hooks, job.batch_size) == ([0, 2], ["residual", "mlp"], 4)
+    page.evaluate("window.sameDocument = true")
+
+    watch_bars(page)
+    expect(page.locator("[data-live-status]")).to_have_text("live")
+    saw_progress_between(page, 20, 80)
+    page.wait_for_timeout(350)  # the bar's width transition
+    screenshot(page, "02-extraction-progress")
+    expect_completed(page, job)
+    assert page.evaluate("window.sameDocument") is True, "the page was reloaded"
+    counts = live_counts(page)
+    assert counts["events"] > 0 and counts["polls"] == 0
+    expect(page.locator(f"#row-{job.pk} .badge")).to_have_text("completed")
+    screenshot(page, "03-extraction-completed")
+
+    page.locator(f"#extraction-{job.pk}").get_by_role("link", name="Files and metadata").click()
+    expect(page.locator("h1")).to_have_text(f"Extraction {job.pk}: output")
+    expect(page.locator("table.files")).to_contain_text("layer_2_mlp.npy")
+    expect(page.locator("pre.code")).to_contain_text('"hidden_size": 32')
+    screenshot(page, "04-extraction-files")
+
+
+def test_a_failure_shows_the_alert_and_retry_with_suggested_params_completes(
+    site, staff_user, plain_user, model_record, dataset
+):
+    site.start_worker(JOBSITE_FAILPOINTS=json.dumps({"extraction.batch": {"action": "oom", "min_batch_size": 8}}))
+    site.start_web()
+    page = site.page(staff_user)
+    page.goto(site.url("/extractions/"))
+    expect(page.locator("[data-live-status]")).to_have_text("live")
+
+    failed, _ = extraction_start(model=model_record, dataset=dataset, layers=[1], hooks=["residual"], batch_size=8)
+    card = page.locator(f"#extraction-{failed.pk}")
+    alert = card.locator(".alert-error")
+    expect(alert).to_contain_text("Failed: OOM")
+    expect(alert).to_contain_text("CUDA out of memory")
+    expect(alert.locator("[data-suggested]")).to_have_text('{"batch_size": 4}')
+    expect(card.locator("[data-progress]")).to_have_count(0)
+    expect(card.locator("[data-status-label]")).to_have_text("failed")
+    card.locator("summary", has_text="Retry…").click()
+    expect(card.locator(".retry-form select[name=batch_size]")).to_have_value("4")
+    expect(page.locator(f"#row-{failed.pk} .badge")).to_have_text("failed")
+    screenshot(page, "05-failed-alert")
+    card.locator(".retry-form").get_by_role("button", name="Cancel").click()
+    expect(card.locator(".retry-form")).to_be_hidden()
+
+    card.get_by_role("button", name="Retry (with suggested params)").click()
+    expect(page.locator(".message-success")).to_contain_text(f'retries extraction {failed.pk} with {{"batch_size": 4}}')
+    retry = Extraction.objects.exclude(pk=failed.pk).get()
+    assert (retry.original_extraction_id, retry.batch_size) == (failed.pk, 4)
+    expect(page.locator(f"#extraction-{retry.pk} .lineage")).to_have_text(f"retry of #{failed.pk}")
+    expect_completed(page, retry)
+    expect(page.locator(f"#row-{retry.pk}")).to_contain_text(f"retry of #{failed.pk}")
+    expect(page.locator(f"#row-{retry.pk} .badge")).to_have_text("completed")
+    expect(page.locator(f"#row-{failed.pk} .badge")).to_have_text("failed")
+    screenshot(page, "06-retry-completed")
+
+    reader = site.page(plain_user)
+    reader.goto(site.url("/extractions/"))
+    expect(reader.locator("[data-staff-note]")).to_contain_text("Only staff users can start, cancel or retry jobs")
+    expect(reader.get_by_role("button", name="Start extraction")).to_be_disabled()
+    screenshot(reader, "07-read-only")
+
+
+def test_a_reload_mid_job_reattaches_at_once(site, staff_user, model_record, dataset):
+    site.start_worker(JOBSITE_FAILPOINTS=slow_batches(0.4))
+    site.start_web()
+    job, _ = extraction_start(model=model_record, dataset=dataset, layers=[0], hooks=["residual"], batch_size=4)
+    page = site.page(staff_user)
+    page.goto(site.url("/extractions/"))
+    wait_for(lambda: Extraction.objects.get(pk=job.pk).samples_processed >= 8, timeout=60, message="progress")
+
+    page.reload()
+    width = page.locator(f"#extraction-{job.pk} [data-bar]").evaluate("bar => parseFloat(bar.style.width)")
+    assert width >= 100 * 8 / len(TEXTS) - 0.1, "the reloaded page draws the progress from the database"
+    expect(page.locator("[data-live-status]")).to_have_text("live")
+    screenshot(page, "08-reloaded-mid-job")
+    expect_completed(page, job)
+    counts = live_counts(page)
+    assert counts["events"] > 0 and counts["polls"] == 0
+
+
+def test_the_page_catches_up_after_the_server_restarts_mid_job(site, staff_user, model_record, dataset):
+    site.start_worker(JOBSITE_FAILPOINTS=slow_batches(0.3))
+    daphne = site.start_web()
+    job, _ = extraction_start(model=model_record, dataset=dataset, layers=[0], hooks=["residual"], batch_size=2)
+    page = site.page(staff_user)
+    page.goto(site.url("/extractions/"))
+    watch_bars(page)
+    saw_progress_between(page, 0, 60)
+
+    daphne.kill()
+    expect(page.locator("[data-live-status]")).to_have_text("reconnecting…")
+    shown = page.locator(f"#extraction-{job.pk} [data-field=samples_processed]").inner_text()
+    wait_for(lambda: Extraction.objects.get(pk=job.pk).samples_processed >= int(shown) + 4, timeout=30,
+             message="the worker to go on while the server is down")
+    screenshot(page, "09-server-down")
+
+    site.start_web(port=site.port)
+    expect_completed(page, job)
+    assert live_counts(page)["connects"] >= 2
+    screenshot(page, "10-caught-up-after-restart")
+
+
+def test_without_socket_messages_the_page_polls_the_api_until_completion(site, staff_user, model_record, dataset):
+    site.start_worker(JOBSITE_FAILPOINTS=slow_batches(0.2))
+    site.start_web(JOBSITE_POLL_FALLBACK_S=1)
+    page = site.page(staff_user)
+    # The socket opens but never carries a message, like a proxy that swallows them.
+    page.route_web_socket(re.compile(r".*/ws/events/.*"), lambda socket: None)
+    job, _ = extraction_start(model=model_record, dataset=dataset, layers=[0], hooks=["residual"], batch_size=4)
+    page.goto(site.url("/extractions/"))
+    watch_bars(page)
+    expect(page.locator("[data-live-status]")).to_have_text("polling")
+    saw_progress_between(page, 0, 100)
+    screenshot(page, "11-polling-fallback")
+    expect_completed(page, job)
+    counts = live_counts(page)
+    assert counts["events"] == 0 and counts["polls"] > 0
+
+
+def test_stalled_and_slow_jobs_offer_resume_retry_and_a_confirmed_cancel(site, staff_user, fake_model, fake_dataset,
+                                                                        make_extraction):
+    site.start_web(JOBSITE_STALL_AFTER_S=5, JOBSITE_SLOW_AFTER_S=60)
+    old = timezone.now() - timedelta(seconds=90)
+    stalled = make_extraction("extracting", started_at=old, heartbeat_at=old, progress_at=old, queued_at=old,
+                              worker="gone-host:1", attempt=1, samples_processed=40, total_samples=100)
+    slow = make_extraction("queued", queued_at=old)
+    page = site.page(staff_user)
+    page.goto(site.url("/extractions/"))
+
+    stalled_card = page.locator(f"#extraction-{stalled.pk}")
+    expect(stalled_card.locator("[data-stalled-notice]")).to_be_visible()
+    expect(stalled_card.locator("[data-stalled-notice]")).to_contain_text(re.compile(r"No heartbeat for \d+ s"))
+    slow_card = page.locator(f"#extraction-{slow.pk}")
+    expect(slow_card.locator("[data-slow-notice]")).to_contain_text("Taking longer than expected")
+    expect(slow_card.locator(".spinner")).to_be_hidden()
+    screenshot(page, "12-stalled-and-slow")
+
+    slow_card.locator("[data-slow-notice]").get_by_role("button", name="Cancel").click()
+    dialog = page.locator("#confirm-dialog")
+    expect(dialog).to_contain_text(f"Cancel extraction {slow.pk}?")
+    screenshot(page, "13-confirm-cancel", full_page=False)
+    dialog.get_by_role("button", name="No, go back").click()
+    expect(dialog).to_be_hidden()
+    assert Extraction.objects.get(pk=slow.pk).status == "queued"
+    slow_card.locator("[data-slow-notice]").get_by_role("button", name="Cancel").click()
+    dialog.get_by_role("button", name="Yes, cancel it").click()
+    expect(page.locator(".message-success")).to_contain_text(f"Extraction {slow.pk} is cancelled.")
+    assert Extraction.objects.get(pk=slow.pk).status == "cancelled"
+
+    page.locator(f"#extraction-{stalled.pk} [data-stalled-notice]").get_by_role("button", name="Resume").click()
+    expect(page.locator(".message-success")).to_contain_text(f"Extraction {stalled.pk} is queued again")
+    resumed = Extraction.objects.get(pk=stalled.pk)
+    assert resumed.status == "queued" and resumed.error_type == "WORKER_LOST"
+    expect(page.locator(f"#extraction-{stalled.pk} [data-status-label]")).to_have_text("queued")
+    expect(page.locator(f"#extraction-{stalled.pk} [data-stalled-notice]")).to_have_count(0)

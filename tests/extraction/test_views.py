@@ -1,0 +1,395 @@
+"""The extractions pages through Django's test client: access, forms, actions, files."""
+
+import json
+import os
+import re
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from extraction.models import Extraction
+from jobsite.models import Event
+
+pytestmark = pytest.mark.django_db
+
+PAGE = "/extractions/"
+
+
+def start_data(model_record, dataset_record, **overrides):
+    data = {
+        "model": model_record.pk, "dataset": dataset_record.pk, "layers": "0,1", "hooks": ["residual", "mlp"], "batch_size": "8",
+        "max_samples": "", "max_length": "512", "storage_dtype": "float32",
+    }
+    data.update(overrides)
+    return {key: value for key, value in data.items() if value is not None}
+
+
+def messages_of(response) -> list[str]:
+    return [str(message) for message in response.context["messages"]] if response.context else []
+
+
+def failed_oom(make_extraction, **fields):
+    return make_extraction(
+        "failed", error_type="OOM", error_message="CUDA out of memory. Tried to allocate 2.00 GiB",
+        suggested_retry_params={"batch_size": 4}, batch_size=8, samples_processed=12, total_samples=100, attempt=1,
+        **fields,
+    )
+
+
+# -- access --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("url", ["/", PAGE, "/extractions/active/", "/extractions/history/", "/extractions/1/card/",
+                                 "/extractions/1/files/", "/extractions/1/files/metadata.json"])
+def test_pages_redirect_an_anonymous_visitor_to_the_login_page(client, url):
+    response = client.get(url)
+    assert response.status_code == 302
+    assert response["Location"].startswith("/accounts/login/?next=")
+
+
+def test_root_redirects_to_the_extractions_page(staff_client):
+    response = staff_client.get("/")
+    assert response.status_code == 302 and response["Location"] == PAGE
+
+
+def test_a_user_who_is_not_staff_logs_in_on_the_pages_own_login(client, plain_user):
+    page = client.get("/accounts/login/")
+    assert page.status_code == 200 and b"Log in" in page.content
+    response = client.post("/accounts/login/", {"username": "reader", "password": "pw", "next": PAGE})
+    assert response.status_code == 302 and response["Location"] == PAGE
+    assert client.get(PAGE).status_code == 200
+
+
+def test_reader_sees_the_page_with_actions_disabled_and_a_sentence(client, plain_user, fake_model, fake_dataset,
+                                                                     make_extraction):
+    failed_oom(make_extraction)
+    client.force_login(plain_user)
+    html = client.get(PAGE).content.decode()
+    assert "Only staff users can start, cancel or retry jobs" in html
+    assert re.search(r"<fieldset[^>]*disabled", html)
+    assert "Retry (with suggested params)" not in html
+    assert "Read only: ask an administrator" in html
+
+
+@pytest.mark.parametrize("path", ["", "{id}/cancel/", "{id}/retry/", "{id}/retry-suggested/", "{id}/resume/",
+                                  "{id}/restart/"])
+def test_a_user_who_is_not_staff_cannot_post_any_action(client, plain_user, make_extraction, fake_model, fake_dataset,
+                                                         path):
+    job = failed_oom(make_extraction)
+    client.force_login(plain_user)
+    data = {**start_data(fake_model, fake_dataset), "confirmed": "1"}
+    response = client.post(PAGE + path.format(id=job.pk), data)
+    assert response.status_code == 403
+    assert b"Only staff users" in response.content
+    assert Extraction.objects.count() == 1
+    assert Extraction.objects.get().status == "failed"
+
+
+# -- start form ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "sentence"),
+    [
+        ({"layers": "abc"}, "layers", "Write layers as numbers"),
+        ({"layers": ""}, "layers", "This field is required"),
+        ({"layers": "3-1"}, "layers", "runs backwards"),
+        ({"layers": "9"}, "layers", "Layer 9 does not exist: fake has layers 0-3."),
+        ({"hooks": []}, "hooks", "This field is required"),
+        ({"hooks": ["logits"]}, "hooks", "Select a valid choice"),
+        ({"batch_size": "3"}, "batch_size", "Select a valid choice"),
+        ({"batch_size": "eight"}, "batch_size", "Select a valid choice"),
+        ({"max_samples": "0"}, "max_samples", "greater than or equal to 1"),
+        ({"max_samples": "1000000"}, "max_samples", "max_samples must be between 1 and 100"),
+        ({"max_length": "-5"}, "max_length", "greater than or equal to 1"),
+        ({"max_length": "ten"}, "max_length", "Enter a whole number"),
+        ({"storage_dtype": "int8"}, "storage_dtype", "Select a valid choice"),
+        ({"model": "999"}, "model", "Select a valid choice"),
+        ({"model": "x' OR 1=1"}, "model", "Select a valid choice"),
+        ({"dataset": ""}, "dataset", "This field is required"),
+    ],
+)
+def test_bad_start_input_shows_the_error_on_its_field(staff_client, fake_model, fake_dataset, overrides, field,
+                                                      sentence):
+    response = staff_client.post(PAGE, start_data(fake_model, fake_dataset, **overrides))
+    assert response.status_code == 400
+    form = response.context["form"]
+    assert any(sentence in error for error in form.errors[field]), form.errors
+    assert sentence.split("'")[0] in response.content.decode().replace("&#x27;", "'")
+    assert Extraction.objects.count() == 0
+
+
+def test_a_model_without_a_hook_point_is_a_field_error_naming_what_it_supports(staff_client, fake_model,
+                                                                               fake_dataset):
+    fake_model.supported_hooks = ["residual"]
+    fake_model.save()
+    response = staff_client.post(PAGE, start_data(fake_model, fake_dataset, hooks=["mlp"]))
+    assert response.status_code == 400
+    assert "supports residual" in " ".join(response.context["form"].errors["hooks"])
+
+
+def test_start_queues_one_extraction_and_the_identical_request_shows_the_existing_one(
+    staff_client, fake_model, fake_dataset, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks(execute=False):
+        first = staff_client.post(PAGE, start_data(fake_model, fake_dataset, max_samples="20"), follow=True)
+    job = Extraction.objects.get()
+    assert first.redirect_chain[-1][0] == f"{PAGE}#extraction-{job.pk}"
+    assert f"Extraction {job.pk} is queued." in messages_of(first)
+    assert (job.layers, job.hooks, job.batch_size, job.max_samples) == ([0, 1], ["residual", "mlp"], 8, 20)
+    assert job.created_by.username == "staff"
+    assert f'id="extraction-{job.pk}"' in first.content.decode()
+
+    with django_capture_on_commit_callbacks(execute=False):
+        second = staff_client.post(PAGE, start_data(fake_model, fake_dataset, max_samples="20", batch_size="16"),
+                                   follow=True)
+    assert Extraction.objects.count() == 1
+    assert any(f"An identical extraction ({job.pk}) is already queued" in m for m in messages_of(second))
+
+
+def test_the_page_embeds_the_last_event_seq_and_the_delays_from_settings(staff_client, settings, make_extraction):
+    settings.JOBSITE_POLL_FALLBACK_S = 2
+    settings.JOBSITE_SLOW_AFTER_S = 7
+    settings.JOBSITE_STALL_AFTER_S = 3
+    make_extraction("queued")
+    Event.objects.create(topic="extraction.1", type="extraction.progress", payload={})
+    last = Event.objects.order_by("-seq").first().seq
+    html = staff_client.get(PAGE).content.decode()
+    assert f'data-live-after="{last}"' in html
+    assert 'data-poll-fallback-s="2"' in html and 'data-slow-after-s="7"' in html and 'data-stall-after-s="3"' in html
+    assert "django_htmx/htmx-2.min.js" in html and "jobsite/live.js" in html
+    for link in ('href="/extractions/"', 'href="/training/"', 'href="/admin/"', 'href="/api/docs"',
+                 'href="/api/v1/health"'):
+        assert link in html
+
+
+# -- cards ---------------------------------------------------------------------------------------
+
+def test_a_failed_extraction_shows_its_error_the_suggested_parameters_and_the_retries(staff_client, make_extraction):
+    job = failed_oom(make_extraction)
+    html = staff_client.get(f"/extractions/{job.pk}/card/").content.decode()
+    assert "Failed: OOM" in html and "CUDA out of memory" in html
+    assert '<code class="mono" data-suggested>{&quot;batch_size&quot;: 4}</code>' in html
+    assert "Retry (with suggested params)" in html and "Retry…" in html
+    assert re.search(r'<option value="4" selected>', html)
+    assert 'class="progress' not in html and "spinner" not in html and "Waiting" not in html
+
+
+def test_terminal_cards_never_show_a_bar_or_a_spinner(staff_client, make_extraction):
+    for status in ("completed", "cancelled"):
+        job = make_extraction(status, samples_processed=100, total_samples=100)
+        html = staff_client.get(f"/extractions/{job.pk}/card/").content.decode()
+        assert 'class="progress' not in html and "data-spinner" not in html, status
+
+
+def test_a_running_extraction_shows_live_progress(staff_client, make_extraction):
+    now = timezone.now()
+    job = make_extraction("extracting", samples_processed=25, total_samples=100, tokens_processed=500,
+                          total_tokens=2000, started_at=now - timedelta(seconds=10), progress_at=now,
+                          heartbeat_at=now, attempt=1, worker="host:1")
+    html = staff_client.get(f"/extractions/{job.pk}/card/").content.decode()
+    assert 'style="width: 25.0%"' in html
+    assert "25</span>/<span data-field=\"total_samples\">100</span> samples" in html
+    assert '<span data-rate>50</span> tokens/s' in html and "ETA <span data-eta>30 s</span>" in html
+    assert 'data-stalled-notice hidden' in html and 'data-slow-notice hidden' in html
+
+
+def test_a_running_job_without_heartbeat_shows_resume_and_cancel(staff_client, settings, make_extraction):
+    settings.JOBSITE_STALL_AFTER_S = 30
+    old = timezone.now() - timedelta(seconds=95)
+    job = make_extraction("extracting", started_at=old, heartbeat_at=old, progress_at=old, attempt=1,
+                          worker="host:1")
+    html = staff_client.get(f"/extractions/{job.pk}/card/").content.decode()
+    stalled = html.split("data-stalled-notice", 1)[1].split("</div>\n      </div>", 1)[0]
+    assert not stalled.startswith(" hidden")
+    assert "No heartbeat for <span data-heartbeat-age>95</span> s." in html
+    assert f"/extractions/{job.pk}/resume/" in stalled and f"/extractions/{job.pk}/cancel/" in stalled
+
+
+def test_a_job_without_progress_for_long_shows_taking_longer_than_expected(staff_client, settings, make_extraction):
+    settings.JOBSITE_SLOW_AFTER_S = 60
+    job = make_extraction("queued", queued_at=timezone.now() - timedelta(seconds=120))
+    html = staff_client.get(f"/extractions/{job.pk}/card/").content.decode()
+    slow = html.split("data-slow-notice", 1)[1]
+    assert not slow.startswith(" hidden")
+    assert "Taking longer than expected." in slow and "No progress for <span data-idle>2 min 0 s</span>" in slow
+    assert f"/extractions/{job.pk}/restart/" in slow
+
+
+def test_history_shows_each_retry_under_its_original(staff_client, make_extraction):
+    original = failed_oom(make_extraction)
+    retry = make_extraction("failed", original_extraction=original, retry_count=1, error_type="OOM")
+    second = make_extraction("completed", original_extraction=retry, retry_count=2)
+    other = make_extraction("completed")
+    html = staff_client.get("/extractions/history/").content.decode()
+    order = [int(pk) for pk in re.findall(r'<tr id="row-(\d+)"', html)]
+    assert order == [other.pk, original.pk, retry.pk, second.pk]
+    assert f"retry of #{original.pk}" in html and f"retry of #{retry.pk}" in html
+    assert 'class="depth-2"' in html
+
+
+def test_missing_extractions_are_404_never_500(staff_client):
+    for url in ["/extractions/999/card/", "/extractions/999/files/", "/extractions/999/files/metadata.json"]:
+        assert staff_client.get(url).status_code == 404
+    for path in ["cancel", "retry", "retry-suggested", "resume", "restart"]:
+        assert staff_client.post(f"/extractions/999/{path}/", {"confirmed": "1"}).status_code == 404
+    assert staff_client.get("/extractions/1/retry/").status_code == 405
+
+
+# -- actions -------------------------------------------------------------------------------------
+
+def test_cancel_asks_for_confirmation_then_cancels_through_the_service(staff_client, make_extraction):
+    job = make_extraction("queued")
+    confirm = staff_client.post(f"/extractions/{job.pk}/cancel/")
+    assert confirm.status_code == 200 and b"Yes, cancel it" in confirm.content
+    assert Extraction.objects.get(pk=job.pk).status == "queued"
+    response = staff_client.post(f"/extractions/{job.pk}/cancel/", {"confirmed": "1"}, follow=True)
+    assert Extraction.objects.get(pk=job.pk).status == "cancelled"
+    assert f"Extraction {job.pk} is cancelled." in messages_of(response)
+    assert Event.objects.filter(topic=job.topic, type="extraction.cancelled").exists()
+
+
+def test_cancel_of_a_running_job_asks_its_worker_to_stop(staff_client, make_extraction):
+    job = make_extraction("extracting", started_at=timezone.now(), heartbeat_at=timezone.now())
+    response = staff_client.post(f"/extractions/{job.pk}/cancel/", {"confirmed": "1"}, follow=True)
+    job.refresh_from_db()
+    assert job.status == "extracting" and job.cancel_requested
+    assert "stops after the current batch" in messages_of(response)[0]
+
+
+def test_cancel_of_a_finished_job_is_a_message_not_an_error_page(staff_client, make_extraction):
+    job = make_extraction("completed")
+    response = staff_client.post(f"/extractions/{job.pk}/cancel/", {"confirmed": "1"}, follow=True)
+    assert response.status_code == 200
+    assert "only a queued or running extraction can be cancelled" in messages_of(response)[0]
+
+
+def test_retry_with_suggested_params_creates_the_linked_job(staff_client, make_extraction,
+                                                            django_capture_on_commit_callbacks):
+    job = failed_oom(make_extraction)
+    with django_capture_on_commit_callbacks(execute=False):
+        response = staff_client.post(f"/extractions/{job.pk}/retry-suggested/", follow=True)
+    retry = Extraction.objects.exclude(pk=job.pk).get()
+    assert (retry.original_extraction_id, retry.batch_size, retry.retry_count) == (job.pk, 4, 1)
+    assert "with suggested parameters" in retry.retry_reason
+    assert f'Extraction {retry.pk} retries extraction {job.pk} with {{"batch_size": 4}}.' in messages_of(response)
+    html = response.content.decode()
+    assert f'id="extraction-{retry.pk}"' in html
+    assert f'id="extraction-{job.pk}"' not in html, "a retried failure no longer needs attention"
+
+    again = staff_client.post(f"/extractions/{job.pk}/retry-suggested/", follow=True)
+    assert Extraction.objects.count() == 2
+    assert f"An identical extraction ({retry.pk}) is already queued" in messages_of(again)[0]
+
+
+def test_retry_with_edited_parameters(staff_client, make_extraction, django_capture_on_commit_callbacks):
+    job = failed_oom(make_extraction)
+    with django_capture_on_commit_callbacks(execute=False):
+        staff_client.post(f"/extractions/{job.pk}/retry/", {"batch_size": "2", "max_samples": "10", "max_length": "64"})
+    retry = Extraction.objects.exclude(pk=job.pk).get()
+    assert (retry.batch_size, retry.max_samples, retry.max_length, retry.original_extraction_id) == (2, 10, 64, job.pk)
+
+
+@pytest.mark.parametrize(
+    ("data", "sentence"),
+    [
+        ({"batch_size": "3"}, "batch size: Select a valid choice"),
+        ({"max_samples": "-1"}, "max samples: Ensure this value is greater than or equal to 1"),
+        ({"max_samples": "5000"}, "max_samples must be between 1 and 100"),
+        ({"max_length": "x"}, "max length: Enter a whole number"),
+    ],
+)
+def test_bad_retry_parameters_are_a_message_and_start_nothing(staff_client, make_extraction, data, sentence):
+    job = failed_oom(make_extraction)
+    response = staff_client.post(f"/extractions/{job.pk}/retry/", data, follow=True)
+    assert response.status_code == 200
+    assert any(sentence in m for m in messages_of(response)), messages_of(response)
+    assert Extraction.objects.count() == 1
+
+
+def test_retry_of_a_job_that_did_not_fail_is_refused_with_a_message(staff_client, make_extraction):
+    job = make_extraction("completed")
+    response = staff_client.post(f"/extractions/{job.pk}/retry-suggested/", follow=True)
+    assert "only a failed or cancelled extraction can be retried" in messages_of(response)[0]
+    assert Extraction.objects.count() == 1
+
+
+def test_resume_requeues_a_stalled_job_and_refuses_a_live_one(staff_client, settings, make_extraction,
+                                                              django_capture_on_commit_callbacks):
+    settings.JOBSITE_STALL_AFTER_S = 30
+    live = make_extraction("extracting", started_at=timezone.now(), heartbeat_at=timezone.now(), worker="host:1")
+    refused = staff_client.post(f"/extractions/{live.pk}/resume/", follow=True)
+    assert "only a stalled extraction can be resumed" in messages_of(refused)[0]
+    assert Extraction.objects.get(pk=live.pk).status == "extracting"
+
+    old = timezone.now() - timedelta(seconds=60)
+    stalled = make_extraction("extracting", started_at=old, heartbeat_at=old, worker="host:1")
+    with django_capture_on_commit_callbacks(execute=False):
+        response = staff_client.post(f"/extractions/{stalled.pk}/resume/", follow=True)
+    stalled.refresh_from_db()
+    assert stalled.status == "queued" and stalled.error_type == "WORKER_LOST"
+    assert "continues from its checkpoint" in messages_of(response)[0]
+
+
+def test_retry_of_a_slow_job_cancels_it_and_starts_a_linked_one(staff_client, make_extraction,
+                                                                django_capture_on_commit_callbacks):
+    job = make_extraction("queued", queued_at=timezone.now() - timedelta(hours=1))
+    assert b"Yes, cancel and retry" in staff_client.post(f"/extractions/{job.pk}/restart/").content
+    with django_capture_on_commit_callbacks(execute=False):
+        response = staff_client.post(f"/extractions/{job.pk}/restart/", {"confirmed": "1"}, follow=True)
+    job.refresh_from_db()
+    retry = Extraction.objects.exclude(pk=job.pk).get()
+    assert job.status == "cancelled" and retry.original_extraction_id == job.pk and retry.status == "queued"
+    assert f"extraction {retry.pk} retries it" in messages_of(response)[0]
+
+
+# -- output files --------------------------------------------------------------------------------
+
+@pytest.fixture
+def finished_with_files(make_extraction, settings, tmp_path):
+    job = make_extraction("completed", samples_processed=100, total_samples=100)
+    out = job.output_dir
+    out.mkdir(parents=True)
+    (out / "metadata.json").write_text(json.dumps({"model": "fake", "samples": 100}))
+    (out / "offsets.npy").write_bytes(b"\0" * 808)
+    (out / "layer_0_residual.npy").write_bytes(b"\1" * 4096)
+    (out / "nested").mkdir()
+    (out / "nested" / "inner.txt").write_text("not listed")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("outside the output directory")
+    os.symlink(secret, out / "escape.json")
+    (settings.JOBSITE_DATA_DIR / "activations" / "neighbour.txt").write_text("a neighbour's file")
+    return job
+
+
+def test_files_page_lists_the_output_with_sizes_and_shows_the_metadata(staff_client, client, plain_user,
+                                                                       finished_with_files):
+    job = finished_with_files
+    client.force_login(plain_user)
+    html = client.get(f"/extractions/{job.pk}/files/").content.decode()
+    names = re.findall(r'<td class="mono"><a href="[^"]+">([^<]+)</a>', html)
+    assert names == ["layer_0_residual.npy", "metadata.json", "offsets.npy"]
+    assert "4.0\xa0KB" in html and "808" in html
+    assert "&quot;samples&quot;: 100" in html
+    metadata = client.get(f"/extractions/{job.pk}/files/metadata.json")
+    assert metadata.status_code == 200 and metadata["Content-Type"] == "application/json"
+    assert json.loads(b"".join(metadata.streaming_content)) == {"model": "fake", "samples": 100}
+    npy = client.get(f"/extractions/{job.pk}/files/offsets.npy")
+    assert npy.status_code == 200 and "attachment" in npy["Content-Disposition"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["escape.json", "nested", "..%2Fneighbour.txt", "..%2F..%2Fjobsite.sqlite3", "%2Fetc%2Fpasswd", "..",
+     "nested%2Finner.txt", "missing.npy", "metadata.json%00", "METADATA.JSON"],
+)
+def test_the_file_view_refuses_anything_outside_the_output_dir(staff_client, finished_with_files, name):
+    job = finished_with_files
+    response = staff_client.get(f"/extractions/{job.pk}/files/{name}")
+    assert response.status_code == 404
+
+
+def test_files_of_another_extraction_are_not_reachable_through_this_one(staff_client, finished_with_files,
+                                                                          make_extraction):
+    other = make_extraction("completed")
+    assert staff_client.get(f"/extractions/{other.pk}/files/metadata.json").status_code == 404
+    assert b"has written no files yet" in staff_client.get(f"/extractions/{other.pk}/files/").content
