@@ -111,6 +111,7 @@ class ExtractionOut(Schema):
     error_type: str
     error_message: str
     suggested_retry_params: dict
+    next_step: str
     retry_available: bool
     cancel_available: bool
     original_extraction_id: int | None

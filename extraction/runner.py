@@ -17,6 +17,7 @@ memory on a side stream, so the copy overlaps compute too.
 
 from __future__ import annotations
 
+import errno
 import gc
 import hashlib
 import json
@@ -35,7 +36,7 @@ from transformers.utils import logging as transformers_logging
 
 # Cancelled is re-exported from jobsite.errors: the worker tells a cancel from a failure by it.
 from extraction.constants import HOOK_TYPES, VALID_BATCH_SIZES
-from jobsite.errors import Cancelled, JobInputError, is_oom
+from jobsite.errors import Cancelled, JobInputError, StorageError, is_oom
 
 
 _MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -317,9 +318,22 @@ def _prepare(spec: ExtractionSpec) -> _Prepared:
 
 def _write_atomic(path: str, write: Callable) -> None:
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        # A full disk leaves the previous file as it was, and no half-written one beside it.
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:
+            raise _naming(exc, path) from exc
+        raise
+
+
+def _naming(exc: OSError, path: str) -> OSError:
+    """The same error, naming the file it happened on (a write's own error names none)."""
+    return OSError(exc.errno, exc.strerror, path)
 
 
 def _write_json(path: str, obj: dict) -> None:
@@ -341,6 +355,39 @@ def _remove_stale(directory: str) -> None:
             os.remove(os.path.join(directory, name))
 
 
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def _require_space(out: str, names: list[str], data_bytes: int) -> None:
+    """Refuses, with what it needs and what is free, an output the disk cannot hold."""
+    needed = len(names) * (data_bytes + 4096)
+    free = shutil.disk_usage(out).free
+    if needed > free:
+        raise StorageError(
+            errno.ENOSPC,
+            f"The activations need {_size(needed)} in {out} but only {_size(free)} is free: free space there "
+            "(or extract fewer samples, layers or hook points, or store float16), then retry.",
+        )
+
+
+def _reserve(path: str) -> None:
+    """Allocates the file's blocks now, so that writing rows later cannot run out of space."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        # A file system without fallocate keeps the sparse file: space is then taken as rows land.
+    finally:
+        os.close(fd)
+
+
 def _open_outputs(spec: ExtractionSpec, prep: _Prepared) -> tuple[dict[str, int], dict]:
     """{layer file: byte offset of its row 0} and the checkpoint to go on from: the existing
     files and checkpoint if they match, else new preallocated files."""
@@ -357,12 +404,16 @@ def _open_outputs(spec: ExtractionSpec, prep: _Prepared) -> tuple[dict[str, int]
             pass
     os.makedirs(out, exist_ok=True)
     _remove_stale(out)
+    names = prep.file_names()
+    _require_space(out, names, shape[0] * shape[1] * dtype.itemsize)
     starts = {}
-    for name in prep.file_names():
-        # The .npy header, then a sparse file of the full size: rows are written by position.
+    for name in names:
+        # The .npy header, then the full size reserved on disk: rows are written by position,
+        # and a disk that fills up fails here, before any compute, not in the middle.
         array = np.lib.format.open_memmap(os.path.join(out, name), mode="w+", dtype=dtype, shape=shape)
         starts[name] = array.offset
         del array
+        _reserve(os.path.join(out, name))
     _write_atomic(os.path.join(out, OFFSETS), lambda f: np.save(f, prep.offsets))
     checkpoint = {"fingerprint": prep.fingerprint, "batch_size": spec.batch_size, "samples_done": 0, "batches_done": 0}
     _write_json(os.path.join(out, CHECKPOINT), checkpoint)
@@ -494,6 +545,7 @@ class _Writer:
             self._close_files()
             raise
         self._row_bytes = row_bytes
+        self._output_dir = output_dir
         self._checkpoint_path = os.path.join(output_dir, CHECKPOINT)
         self._jobs: queue.Queue = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
@@ -537,11 +589,13 @@ class _Writer:
     def _write(self, rows: _Rows, checkpoint: dict) -> None:
         rows.ready()
         for name, (fd, base) in self._files.items():
-            if name in rows.values:
-                for start, piece in rows.pieces(name):
-                    _pwrite_all(fd, memoryview(piece).cast("B"), base + start * self._row_bytes)
-        for fd, _ in self._files.values():
-            os.fdatasync(fd)
+            try:
+                if name in rows.values:
+                    for start, piece in rows.pieces(name):
+                        _pwrite_all(fd, memoryview(piece).cast("B"), base + start * self._row_bytes)
+                os.fdatasync(fd)
+            except OSError as exc:
+                raise _naming(exc, os.path.join(self._output_dir, name)) from exc
         # Only once its rows are on disk may the checkpoint count the batch.
         _write_json(self._checkpoint_path, checkpoint)
 

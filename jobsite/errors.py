@@ -50,6 +50,13 @@ class JobInputError(ValueError):
     """The job's parameters or inputs are wrong; retrying unchanged cannot help."""
 
 
+class StorageError(OSError):
+    """The output cannot be written (no space, read-only, no permission); its message is a sentence."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
 class Cancelled(Exception):
     """Raised by a runner between steps once should_cancel() said so."""
 
@@ -94,7 +101,35 @@ def classify_error(exc: BaseException) -> str:
     return ErrorType.UNKNOWN
 
 
+_STORAGE_ERRNOS = {
+    errno.ENOSPC: "No space left on the device",
+    errno.EDQUOT: "The disk quota is exceeded",
+    errno.EROFS: "The file system is read-only",
+    errno.EACCES: "Permission denied",
+}
+
+# What a person should do next, per error type: pushed with every failure, shown on the pages.
+NEXT_STEP = {
+    ErrorType.OOM: "Retry with the suggested (half) batch size, or turn on auto retry on OOM.",
+    ErrorType.VALIDATION: "Fix the input the message names; retrying unchanged fails again.",
+    ErrorType.TIMEOUT: "Retried automatically; if it keeps timing out, raise JOBSITE_TIMEOUT_S or lower max_samples.",
+    ErrorType.STORAGE: "Free space or fix permissions on the output directory, then retry: completed work is kept.",
+    ErrorType.DATABASE: "Retried automatically once the database is back, from the checkpoint.",
+    ErrorType.WORKER_LOST: "Retried automatically; after the last attempt, resume or retry by hand.",
+    ErrorType.EXTRACTION: "Read the message, then retry.",
+    ErrorType.TRAINING: "Read the message, then proceed to resume from the last checkpoint.",
+    ErrorType.UNKNOWN: "Read the worker log for the cause, then retry.",
+}
+
+
+def next_step(error_type: str) -> str:
+    return NEXT_STEP.get(error_type, "") if error_type else ""
+
+
 def error_sentence(exc: BaseException) -> str:
     """One line a person can read: the exception's message without a traceback."""
+    if isinstance(exc, OSError) and not isinstance(exc, StorageError) and exc.errno in _STORAGE_ERRNOS:
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return f"{_STORAGE_ERRNOS[exc.errno]}{where}."[:2000]
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return message[:2000]

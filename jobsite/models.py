@@ -1,7 +1,7 @@
 from django.db import models
 from django.utils import timezone
 
-from jobsite.errors import ErrorType
+from jobsite.errors import ErrorType, next_step
 
 
 class Event(models.Model):
@@ -107,6 +107,11 @@ class Job(models.Model):
 
     RETRYABLE_FROM: frozenset = frozenset()
 
+    @property
+    def next_step(self) -> str:
+        """What a person should do about the last failure (empty when there is none)."""
+        return next_step(self.error_type)
+
     @classmethod
     def awaiting_worker(cls) -> models.Q:
         """Rows a worker may claim: queued ones, or unowned phases for CLAIMED-less kinds."""
@@ -154,6 +159,7 @@ class Job(models.Model):
             "error_type": self.error_type,
             "error_message": self.error_message,
             "suggested_retry_params": self.suggested_retry_params,
+            "next_step": self.next_step,
             "retry_available": self.retry_available,
             "cancel_available": self.cancel_available,
             "next_attempt_at": self.next_attempt_at.isoformat() if self.next_attempt_at else None,

@@ -272,3 +272,34 @@ def fast_machinery(settings):
     settings.JOBSITE_HEARTBEAT_S = 0.2
     settings.JOBSITE_PROGRESS_EVERY_S = 0
     settings.JOBSITE_FAILPOINTS = ""
+
+
+class SmallDisk:
+    """A tmpfs of a chosen size mounted for one test: a disk that really fills up or is read-only."""
+
+    def __init__(self):
+        self.mounts: list[Path] = []
+
+    def mount(self, path: Path, size: str, read_only: bool = False) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        options = f"size={size}" + (",ro" if read_only else "")
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
+        self.mounts.append(path)
+        return path
+
+    def remount(self, path: Path, options: str) -> None:
+        """E.g. "size=8m" (space comes back) or "rw" (the disk becomes writable)."""
+        subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True)
+
+    def unmount_all(self) -> None:
+        for path in reversed(self.mounts):
+            subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture
+def small_disk():
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    disk = SmallDisk()
+    yield disk
+    disk.unmount_all()

@@ -75,6 +75,7 @@ class RunOut(Schema):
     loss_curve: list[float]
     error_type: str
     error_message: str
+    next_step: str
     worker: str
     attempt: int
     heartbeat_at: datetime | None

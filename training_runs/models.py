@@ -4,6 +4,7 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q, Value
 
+from jobsite.errors import ErrorType
 from jobsite.models import Job
 
 
@@ -126,6 +127,21 @@ class TrainingRun(Job):
         if self.status == self.Status.TRAINING:
             return "In progress"
         return "—"
+
+    # A failed run waits for a person: Proceed resumes it where it stopped, Remove discards it.
+    NEXT_STEPS = {
+        ErrorType.STORAGE: "Free space or fix permissions in the data directory, then Proceed.",
+        ErrorType.DATABASE: "Proceed once the database is back: the run resumes where it stopped.",
+        ErrorType.TIMEOUT: "Proceed resumes where it stopped; raise JOBSITE_TIMEOUT_S if it keeps timing out.",
+        ErrorType.VALIDATION: "Fix what the message names (corpus, settings), then Proceed, or Remove the run.",
+        ErrorType.OOM: "Lower the batch size setting or free memory, then Proceed.",
+    }
+
+    @property
+    def next_step(self) -> str:
+        if not self.error_type:
+            return ""
+        return self.NEXT_STEPS.get(self.error_type, "Proceed resumes the run where it stopped; Remove discards it.")
 
     def failed_status(self) -> str:
         return self.FAILED_IN[self.status]

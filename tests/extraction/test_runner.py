@@ -25,7 +25,7 @@ from extraction.runner import (
     seed_from_checkpoint,
 )
 from jobsite.demo import build_tiny_causal_lm, train_tokenizer
-from jobsite.errors import ErrorType, JobInputError, classify_error, is_oom
+from jobsite.errors import ErrorType, JobInputError, classify_error, error_sentence, is_oom
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
 WORDS = "the a quick brown fox jumps over lazy dog river stone light shadow market garden numbers".split()
@@ -526,3 +526,68 @@ def test_packed_real_tokens_land_on_the_rows_of_the_padded_batch():
     as_packed = runner._Rows({"a": packed.numpy()}, True, starts, lengths, lambda: None)
     for (start, rows), (packed_start, packed_rows) in zip(as_padded.pieces("a"), as_packed.pieces("a"), strict=True):
         assert start == packed_start and np.array_equal(rows, packed_rows)
+
+
+# --- a disk that fills up -------------------------------------------------------------
+
+
+def _fill(directory: Path) -> Path:
+    """Writes a file until the disk has no space left; returns it (delete it to free the space)."""
+    filler = directory / "filler.bin"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    return filler
+
+
+def test_output_larger_than_the_free_space_is_refused_before_any_batch_then_completes_when_space_returns(
+    models, samples_path, tmp_path, small_disk
+):
+    options = dict(layers=(0, 1, 2, 3), hooks=("residual", "mlp", "attention"), batch_size=8)
+    extract(models["gpt2"], samples_path, tmp_path / "straight", **options)
+    needed = sum((tmp_path / "straight" / name).stat().st_size for name in layer_files(tmp_path / "straight"))
+    disk = small_disk.mount(tmp_path / "disk", "64k")
+    forwarded = []
+    with pytest.raises(OSError) as caught:
+        extract(models["gpt2"], samples_path, disk / "out",
+                failpoint=lambda name, context: forwarded.append(context["index"]), **options)
+    assert classify_error(caught.value) == ErrorType.STORAGE
+    sentence = error_sentence(caught.value)
+    assert sentence.startswith("The activations need ") and " is free: free space there" in sentence, sentence
+    assert needed > 64 * 1024 and forwarded == [], "no batch is computed for an output that cannot fit"
+    small_disk.remount(disk, f"size={needed * 2}")
+    extract(models["gpt2"], samples_path, disk / "out", **options)
+    for name in ["offsets.npy", *layer_files(tmp_path / "straight"), "metadata.json"]:
+        assert (disk / "out" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+
+
+def test_disk_filling_up_mid_run_fails_classified_keeps_a_consistent_checkpoint_and_resumes_identical(
+    models, samples_path, tmp_path, small_disk
+):
+    options = dict(layers=(0, 2), hooks=("residual", "mlp"), batch_size=4)
+    extract(models["gpt2"], samples_path, tmp_path / "straight", **options)
+    disk = small_disk.mount(tmp_path / "disk", "2m")
+    fillers = []
+
+    def another_program_fills_the_disk(name, context):
+        if context["index"] == 3 and not fillers:
+            fillers.append(_fill(disk))
+
+    with pytest.raises(OSError) as caught:
+        extract(models["gpt2"], samples_path, disk / "out", failpoint=another_program_fills_the_disk, **options)
+    assert caught.value.errno == errno.ENOSPC and classify_error(caught.value) == ErrorType.STORAGE
+    assert error_sentence(caught.value).startswith("No space left on the device writing ")
+    # The rows were reserved up front; what could not be written is the checkpoint, and the
+    # one on disk is the last complete one, with no half-written file beside it.
+    checkpoint = json.loads((disk / "out" / "checkpoint.json").read_text())
+    assert checkpoint["samples_done"] == 3 * 4
+    assert not (disk / "out" / "checkpoint.json.tmp").exists()
+    assert not (disk / "out" / "metadata.json").exists()
+    fillers[0].unlink()
+    _, calls = extract(models["gpt2"], samples_path, disk / "out", **options)
+    assert calls[0][0] >= 3 * 4
+    for name in ["offsets.npy", *layer_files(tmp_path / "straight"), "metadata.json"]:
+        assert (disk / "out" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name

@@ -263,3 +263,31 @@ def test_backoff_is_exponential_with_jitter_and_a_cap(settings, attempt):
     delays = {backoff_delay(attempt) for _ in range(50)}
     assert all(step / 2 <= d <= step for d in delays)
     assert len(delays) > 1  # jittered: two retries scheduled together do not fire together
+
+
+def test_full_or_read_only_disk_fails_as_storage_with_a_sentence_and_the_retry_completes_once_fixed(
+    model_record, dataset, settings, small_disk
+):
+    activations = small_disk.mount(settings.JOBSITE_DATA_DIR / "activations", "64k", read_only=True)
+    job = start(model_record, dataset)
+    run_extraction(job.pk)
+    job.refresh_from_db()
+    assert job.status == "failed" and job.error_type == "STORAGE"
+    assert job.error_message == f"The file system is read-only writing {activations / str(job.pk)}."
+    failed = Event.objects.filter(topic=job.topic, type="extraction.failed").get()
+    assert failed.payload["next_step"].startswith("Free space or fix permissions on the output directory")
+
+    small_disk.remount(activations, "rw")
+    retry = extraction_retry(extraction=job)
+    run_extraction(retry.pk)
+    retry.refresh_from_db()
+    assert retry.status == "failed" and retry.error_type == "STORAGE"
+    assert retry.error_message.startswith("The activations need ") and "free space there" in retry.error_message
+    assert retry.samples_processed == 0, "nothing is computed for an output the disk cannot hold"
+
+    small_disk.remount(activations, "size=64m")
+    again = extraction_retry(extraction=retry)
+    run_extraction(again.pk)
+    again.refresh_from_db()
+    assert again.status == "completed" and again.samples_processed == dataset.num_samples
+    assert (again.output_dir / "metadata.json").exists()

@@ -212,3 +212,22 @@ def test_training_is_unavailable_without_an_encoder(small_corpus, settings):
     assert not available and "does not exist" in reason
     with pytest.raises(JobInputError, match="Training is unavailable"):
         training_run_generate(corpus=small_corpus)
+
+
+def test_read_only_data_directory_fails_training_as_storage_and_proceed_completes_once_writable(
+    small_corpus, settings, small_disk
+):
+    run = generate_and_approve(small_corpus)
+    runs_dir = small_disk.mount(settings.JOBSITE_DATA_DIR / "training_runs", "64m", read_only=True)
+    training_run_train(run=run, epochs=2)
+    run_training_phase(run.pk)
+    run = reload(run)
+    assert run.status == "training_failed" and run.error_type == "STORAGE"
+    assert run.error_message.startswith("The file system is read-only writing ")
+    failed = Event.objects.filter(topic=run.topic, type="training.training_failed").get()
+    assert failed.payload["next_step"] == "Free space or fix permissions in the data directory, then Proceed."
+    small_disk.remount(runs_dir, "rw")
+    training_run_proceed(run=run)
+    run_training_phase(run.pk)
+    run = reload(run)
+    assert run.status == "completed" and (run.output_dir / "adapter.safetensors").exists()
