@@ -16,4 +16,5 @@ urlpatterns = [
     path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("extractions/", include("extraction.urls")),
+    path("training/", include("training_runs.urls")),
 ]

@@ -4,6 +4,7 @@ import os
 
 from django.conf import settings
 from django.db.models import QuerySet
+from django.shortcuts import get_object_or_404
 
 from jobsite.errors import JobInputError
 from training_runs.models import Corpus, TrainingPair, TrainingRun
@@ -12,6 +13,15 @@ from training_runs.models import Corpus, TrainingPair, TrainingRun
 def training_run_list(*, status: str | None = None) -> QuerySet[TrainingRun]:
     runs = TrainingRun.objects.select_related("corpus")
     return runs.filter(status=status) if status else runs
+
+
+def training_run_get(*, run_id: int) -> TrainingRun:
+    return get_object_or_404(training_run_list(), pk=run_id)
+
+
+def training_run_open() -> TrainingRun | None:
+    """The run that is not completed, if any: the database allows at most one."""
+    return training_run_list().exclude(status=TrainingRun.Status.COMPLETED).order_by("pk").first()
 
 
 def corpus_list() -> QuerySet[Corpus]:

@@ -18,31 +18,111 @@
 
   // -- Confirmation before destructive actions (every page) ---------------------------------
   // Without JavaScript the server shows a confirmation page instead (the form lacks `confirmed`).
-  document.addEventListener("submit", (event) => {
-    const form = event.target;
-    if (!(form instanceof HTMLFormElement) || !form.dataset.confirm || form.dataset.confirmed) return;
+  function ask(form, onYes) {
     const dialog = document.getElementById("confirm-dialog");
-    if (!dialog || typeof dialog.showModal !== "function") return;
-    event.preventDefault();
+    if (!dialog || typeof dialog.showModal !== "function") return false;
     dialog.querySelector("[data-confirm-text]").textContent = form.dataset.confirm;
     dialog.querySelector("[data-confirm-yes]").textContent = form.dataset.confirmYes || "Yes";
     dialog.returnValue = "";
     dialog.addEventListener("close", () => {
       if (dialog.returnValue !== "yes") return;
-      form.dataset.confirmed = "1";
       const confirmed = document.createElement("input");
       confirmed.type = "hidden";
       confirmed.name = "confirmed";
       confirmed.value = "1";
       form.appendChild(confirmed);
-      form.submit();
+      onYes();
     }, { once: true });
     dialog.showModal();
+    return true;
+  }
+  document.addEventListener("submit", (event) => {
+    const form = event.target;
+    // A form htmx sends (hx-post) has had its default prevented; it asks in htmx:confirm below.
+    if (event.defaultPrevented) return;
+    if (!(form instanceof HTMLFormElement) || !form.dataset.confirm || form.dataset.confirmed) return;
+    if (ask(form, () => { form.dataset.confirmed = "1"; form.submit(); })) event.preventDefault();
+  });
+  document.addEventListener("htmx:confirm", (event) => {
+    const form = event.detail.elt;
+    if (!(form instanceof HTMLFormElement) || !form.dataset.confirm) return;
+    if (ask(form, () => event.detail.issueRequest(true))) event.preventDefault();
   });
 
   document.addEventListener("click", (event) => {
     const closer = event.target.closest && event.target.closest("[data-close-details]");
     if (closer && closer.closest("details")) closer.closest("details").open = false;
+  });
+
+  // "Select all" ticks every box of its form that carries the same data-pick.
+  document.addEventListener("change", (event) => {
+    const all = event.target.closest && event.target.closest("[data-select-all]");
+    if (!all || !all.form) return;
+    all.form.querySelectorAll("input[type=checkbox][data-pick]").forEach((box) => { box.checked = all.checked; });
+  });
+
+  // -- Accordion rows (every page) -----------------------------------------------------------
+  // An item ([data-accordion-item]) opens its panel ([data-accordion-panel]) when its head row
+  // is clicked; one item is open at a time and clicking the open one closes it. Without
+  // JavaScript the toggle is a link the server answers with that item open (?open=<id>).
+  // Which item is open survives htmx redraws of the rows.
+  const accordion = { open: null };
+  window.jobsiteAccordion = accordion;
+  function applyOpen() {
+    document.querySelectorAll("[data-accordion-item]").forEach((item) => {
+      const panel = item.querySelector("[data-accordion-panel]");
+      const open = Boolean(panel) && item.dataset.accordionItem === accordion.open;
+      item.classList.toggle("is-open", open);
+      if (panel) panel.hidden = !open;
+      item.querySelectorAll("[data-accordion-toggle]").forEach((toggle) => toggle.setAttribute("aria-expanded", String(open)));
+    });
+  }
+  function openItem(id) {
+    accordion.open = id;
+    applyOpen();
+  }
+  document.addEventListener("click", (event) => {
+    const target = event.target;
+    if (!(target instanceof Element)) return;
+    const opener = target.closest("[data-accordion-open]");
+    if (opener) {
+      event.preventDefault();
+      openItem(opener.dataset.accordionOpen);
+      const item = document.querySelector(`[data-accordion-item="${CSS.escape(opener.dataset.accordionOpen)}"]`);
+      if (item) item.scrollIntoView({ block: "nearest", behavior: "smooth" });
+      return;
+    }
+    const head = target.closest("[data-accordion-head]");
+    const item = head && head.closest("[data-accordion-item]");
+    if (!item || !item.querySelector("[data-accordion-panel]")) return;
+    const toggle = target.closest("[data-accordion-toggle]");
+    if (!toggle && target.closest("a, button, input, select, textarea, label, form")) return;
+    event.preventDefault();
+    openItem(accordion.open === item.dataset.accordionItem ? null : item.dataset.accordionItem);
+  });
+  // htmx settles the class attribute of a redrawn element after the swap: apply after both.
+  document.addEventListener("htmx:afterSwap", applyOpen);
+  document.addEventListener("htmx:afterSettle", applyOpen);
+  // Proceed, Delete: the row closes as the action is sent (after any confirmation).
+  document.addEventListener("htmx:beforeRequest", (event) => {
+    const elt = event.detail.elt;
+    if (elt instanceof HTMLFormElement && elt.hasAttribute("data-accordion-close")) openItem(null);
+  });
+  const startAccordion = () => {
+    const open = document.querySelector("[data-accordion-item].is-open");
+    accordion.open = open ? open.dataset.accordionItem : null;
+  };
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", startAccordion);
+  else startAccordion();
+
+  // A form sent by htmx that the server refuses (403 not staff, 404 gone) shows the server's
+  // page in place of the main content, as the same form shows it without JavaScript.
+  document.addEventListener("htmx:beforeSwap", (event) => {
+    const status = event.detail.xhr && event.detail.xhr.status;
+    if ((status === 403 || status === 404) && event.detail.elt instanceof HTMLFormElement) {
+      event.detail.shouldSwap = true;
+      event.detail.isError = false;
+    }
   });
 
   const body = document.body;
@@ -78,6 +158,7 @@
     connects: 0,
     events: 0,
     polls: 0,
+    rowRefreshes: 0,
     polling: false,
     lastMessageAt: Date.now(),
   };
@@ -127,10 +208,11 @@
 
   // -- Redraws through htmx -------------------------------------------------------------------
   const dirty = new Set();
-  // A person editing inside an element (an open "Retry…" form, a focused field) keeps it
+  // A person editing inside an element (an open "Retry…" form, a focused field, ticked boxes) keeps it
   // until they are done: the redraw waits, marked dirty, and runs once the editor closes.
   const busy = (element) => Boolean(
     element.querySelector("details[open]")
+    || element.querySelector("input[data-pick]:checked")
     || (element.contains(document.activeElement) && document.activeElement.matches("input, select, textarea"))
   );
   function redraw(element) {
@@ -229,6 +311,56 @@
     return changed;
   }
 
+  // -- Rows that follow a job ([data-follow], e.g. a history row) ----------------------------
+  // They copy the job's fields from every event and poll; their [data-refresh] buttons read
+  // the job's JSON API (data-api-url) and redraw only that row when its status changed.
+  const followers = (topic) => Array.from(document.querySelectorAll("[data-follow]"))
+    .filter((row) => row.dataset.topic === topic);
+  function follow(row, job) {
+    row.querySelectorAll("[data-field]").forEach((el) => {
+      const value = job[el.dataset.field];
+      if (value !== undefined && value !== null) el.textContent = String(value);
+    });
+    const changed = Boolean(job.status) && job.status !== row.dataset.status;
+    if (job.status) {
+      row.querySelectorAll("[data-status-label]").forEach((el) => {
+        el.textContent = job.status;
+        el.className = `badge badge-${job.status}`;
+      });
+    }
+    return changed;
+  }
+  async function refreshRow(row) {
+    row.classList.add("is-refreshing");
+    try {
+      const response = await fetch(row.dataset.apiUrl, { credentials: "same-origin", headers: { Accept: "application/json" } });
+      const current = document.getElementById(row.id) || row;
+      if (response.status === 404) {  // removed meanwhile: the list itself changed
+        redraw(document.getElementById("history"));
+        return;
+      }
+      if (!response.ok) return;
+      const job = await response.json();
+      // The API names the row's progress text `progress`; events name it `progress_label`.
+      const changed = follow(current, { ...job, progress_label: job.progress_label ?? job.progress });
+      state.rowRefreshes += 1;
+      if (changed && current.dataset.redrawUrl && window.htmx) {
+        window.htmx.ajax("GET", current.dataset.redrawUrl, { target: current, swap: "outerHTML" });
+      }
+    } catch (error) {
+      // Offline: the next event or refresh catches up.
+    } finally {
+      row.classList.remove("is-refreshing");
+    }
+  }
+  document.addEventListener("click", (event) => {
+    const button = event.target.closest && event.target.closest("[data-refresh]");
+    const row = button && button.closest("[data-follow]");
+    if (!row || !row.dataset.apiUrl) return;
+    event.preventDefault();
+    refreshRow(row);
+  });
+
   function onEvent(message) {
     if (typeof message.seq !== "number" || message.seq <= state.lastSeq) return;
     state.lastSeq = message.seq;
@@ -237,6 +369,7 @@
     if (state.polling) { state.polling = false; showStatus(); }
 
     const progress = String(message.type || "").endsWith(".progress");
+    followers(message.topic).forEach((row) => follow(row, message.payload || {}));
     const card = cardFor(message.topic);
     if (!card) {
       redrawRegion();
@@ -265,6 +398,7 @@
       if (!response.ok) return;
       const job = await response.json();
       state.polls += 1;
+      followers(card.dataset.topic).forEach((row) => follow(row, job));
       const current = cardFor(card.dataset.topic);
       if (!current) return;
       if (apply(current, job, serverNow(), 0)) {

@@ -1,0 +1,473 @@
+"""The training page through Django's test client: access, the gate, the workflow card, the
+history table and every action, including the refusals."""
+
+import re
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from jobsite.models import Event
+from training_runs import services
+from training_runs.models import Chunk, Corpus, TrainingPair, TrainingRun
+
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("encoder")]
+
+PAGE = "/training/"
+NOT_COMPLETED = ["generating", "generated", "training", "generating_failed", "training_failed"]
+
+
+@pytest.fixture
+def corpus(db):
+    corpus = Corpus.objects.create(name="handbook", source="/data/handbook", num_documents=1)
+    Chunk.objects.bulk_create(
+        Chunk(corpus=corpus, index=i, document="handbook.md", text=f"Section {i}: bicycles need oil every {i + 2} weeks.")
+        for i in range(12)
+    )
+    return corpus
+
+
+@pytest.fixture
+def make_run(corpus):
+    """A run row in any status, created directly (no worker, no task)."""
+
+    def make(status="generating", **fields):
+        if status == "completed":
+            fields.setdefault("finished_at", timezone.now())
+        fields.setdefault("total_chunks", 12)
+        return TrainingRun.objects.create(corpus=corpus, status=status, **fields)
+
+    return make
+
+
+@pytest.fixture
+def generated_run(make_run, corpus):
+    run = make_run("generated", processed_chunks=12, pair_count=12, generated_at=timezone.now())
+    TrainingPair.objects.bulk_create(
+        TrainingPair(run=run, chunk=chunk, query=f"how often do bicycles need oil {chunk.index}")
+        for chunk in corpus.chunks.all()
+    )
+    return run
+
+
+def completed(make_run, **fields):
+    return make_run(
+        "completed", processed_chunks=12, pair_count=24, epochs=4, epochs_done=4,
+        metrics={"before": {"recall@1": 0.25, "recall@5": 0.5, "recall@10": 0.75},
+                 "after": {"recall@1": 0.5, "recall@5": 0.75, "recall@10": 1.0}, "train_pairs": 19, "eval_pairs": 5},
+        loss_curve=[2.1, 1.4, 0.9, 0.7], **fields,
+    )
+
+
+def failed(make_run, status="generating_failed", **fields):
+    fields.setdefault("processed_chunks", 5)
+    return make_run(status, error_type="UNKNOWN", error_message="Injected failure (failpoint training.generate)",
+                    attempt=1, **fields)
+
+
+def messages_of(response) -> list[str]:
+    return [str(message) for message in response.context["messages"]] if response.context else []
+
+
+def section(html: str, element_id: str) -> str:
+    start = html.index(f'id="{element_id}"')
+    return html[start:]
+
+
+def row_html(html: str, run_id: int) -> str:
+    start = html.index(f'<tbody id="run-row-{run_id}"')
+    return html[start:html.index("</tbody>", start)]
+
+
+def progress_cell(html: str, run_id: int) -> str:
+    return re.search(r'data-field="progress_label">([^<]*)<', row_html(html, run_id))[1]
+
+
+# -- access --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("url", [PAGE, "/training/workflow/", "/training/history/", "/training/runs/1/row/",
+                                 "/training/runs/1/delete/"])
+def test_pages_redirect_an_anonymous_visitor_to_the_login_page(client, url):
+    response = client.get(url)
+    assert response.status_code == 302
+    assert response["Location"].startswith("/accounts/login/?next=")
+
+
+def test_a_reader_sees_the_page_read_only(client, plain_user, make_run, corpus):
+    failed(make_run)
+    client.force_login(plain_user)
+    html = client.get(PAGE + f"?open={TrainingRun.objects.get().pk}").content.decode()
+    assert "Only staff users can start, cancel or retry jobs" in html
+    assert re.search(r"<fieldset[^>]*disabled", section(html, "workflow"))
+    assert "Read only: ask an administrator to proceed with it or delete it." in html
+    for action in ("/proceed/", "/delete/", "/review/", "/train/", "/resume/"):
+        assert action not in html
+
+
+@pytest.mark.parametrize("path", ["generate/", "runs/{id}/review/", "runs/{id}/train/", "runs/{id}/proceed/",
+                                  "runs/{id}/resume/", "runs/{id}/delete/"])
+def test_a_user_who_is_not_staff_cannot_post_any_action(client, plain_user, make_run, corpus, path):
+    run = failed(make_run)
+    client.force_login(plain_user)
+    data = {"corpus": corpus.pk, "generator": "local", "decision": "approved", "scope": "all", "confirmed": "1"}
+    response = client.post(PAGE + path.format(id=run.pk), data)
+    assert response.status_code == 403
+    assert b"Only staff users" in response.content
+    assert list(TrainingRun.objects.values_list("pk", "status")) == [(run.pk, "generating_failed")]
+
+
+def test_the_page_embeds_the_live_topic_and_the_delays(staff_client, settings, corpus):
+    settings.JOBSITE_POLL_FALLBACK_S = 2
+    Event.objects.create(topic="training.1", type="training.progress", payload={})
+    last = Event.objects.order_by("-seq").first().seq
+    html = staff_client.get(PAGE).content.decode()
+    assert f'data-live-after="{last}"' in html and 'data-live-topic="training."' in html
+    assert 'data-poll-fallback-s="2"' in html and "jobsite/live.js" in html
+    assert 'href="/training/" aria-current="page"' in html
+
+
+# -- the gate ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("problem", ["unset", "missing files"])
+def test_when_training_is_unavailable_only_the_header_and_one_warning_show(staff_client, settings, tmp_path,
+                                                                           make_run, problem):
+    failed(make_run)
+    if problem == "unset":
+        settings.JOBSITE_ENCODER_PATH = ""
+        reason = "No encoder is configured: set JOBSITE_ENCODER_PATH"
+    else:
+        empty = settings.JOBSITE_MODEL_ROOTS[0] / "empty-encoder"
+        empty.mkdir()
+        settings.JOBSITE_ENCODER_PATH = str(empty)
+        reason = "cannot be loaded: config.json, model.safetensors missing"
+    response = staff_client.get(PAGE)
+    assert response.status_code == 200
+    html = response.content.decode()
+    content = html[html.index("<main>"):html.index("</main>")]
+    assert re.findall(r"<h1>(.*?)</h1>", content) == ["Training"]
+    assert len(re.findall(r'class="alert', content)) == 1
+    assert reason in content
+    for absent in ('id="workflow"', 'id="history"', "<form", "<table", "data-live"):
+        assert absent not in content
+    assert "data-live-topic" not in html
+
+
+# -- the workflow card ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("status", NOT_COMPLETED)
+def test_generate_is_disabled_with_the_sentence_naming_the_blocking_run(staff_client, make_run, status):
+    completed(make_run)
+    run = make_run(status, error_type="UNKNOWN" if "failed" in status else "")
+    html = staff_client.get(PAGE).content.decode()
+    sentence = services.blocking_sentence(run)
+    assert f"training run {run.pk} is {status}" in sentence
+    assert f'<p class="note" id="generate-blocked" data-blocking-sentence>{sentence}</p>' in html
+    button = re.search(r"<button[^>]*data-generate[^>]*>", html)[0]
+    assert "disabled" in button
+
+
+def test_generate_is_enabled_when_every_run_is_completed(staff_client, make_run):
+    completed(make_run)
+    html = staff_client.get(PAGE).content.decode()
+    assert "disabled" not in re.search(r"<button[^>]*data-generate[^>]*>", html)[0]
+    assert "data-blocking-sentence" not in html
+
+
+def test_generate_from_the_page_starts_a_run(staff_client, corpus):
+    response = staff_client.post(PAGE + "generate/", {"corpus": corpus.pk, "generator": "local"}, follow=True)
+    run = TrainingRun.objects.get()
+    assert (run.status, run.total_chunks, run.generator, run.created_by.username) == ("generating", 12, "local", "staff")
+    assert f"Training run {run.pk} is generating pairs for the 12 chunks of handbook." in messages_of(response)
+    html = response.content.decode()
+    card = section(html, f"run-{run.pk}")
+    assert 'data-status="generating"' in card and "Waiting for a worker" in card
+    assert 'data-running-statuses=""' in card, "no stall check before a worker holds it"
+
+
+def test_an_active_run_shows_its_live_progress_bar(staff_client, make_run, settings):
+    now = timezone.now()
+    run = make_run("generating", processed_chunks=3, pair_count=6, worker="host:1", started_at=now, heartbeat_at=now,
+                   progress_at=now, attempt=1)
+    card = section(staff_client.get(PAGE).content.decode(), f"run-{run.pk}")
+    assert 'style="width: 25.0%"' in card
+    assert '<span data-field="processed_chunks">3</span>/<span data-field="total_chunks">12</span> chunks' in card
+    assert f'data-api-url="/api/v1/training/runs/{run.pk}"' in card
+    assert 'data-running-statuses="generating training"' in card and "Generating queries" in card
+    assert "data-stalled-notice hidden" in card and "data-slow-notice hidden" in card
+
+
+def test_a_training_run_shows_epochs_on_its_bar(staff_client, make_run):
+    now = timezone.now()
+    run = make_run("training", processed_chunks=12, epochs=8, epochs_done=2, worker="host:1", started_at=now,
+                   heartbeat_at=now, progress_at=now, attempt=1)
+    card = section(staff_client.get(PAGE).content.decode(), f"run-{run.pk}")
+    assert 'data-done-field="epochs_done" data-total-field="epochs"' in card
+    assert 'style="width: 25.0%"' in card and "Training the adapter" in card
+
+
+def test_a_silent_worker_shows_no_heartbeat_and_resume_requeues_the_run(staff_client, settings, make_run):
+    settings.JOBSITE_STALL_AFTER_S = 30
+    old = timezone.now() - timedelta(seconds=95)
+    run = make_run("generating", processed_chunks=4, worker="gone:1", started_at=old, heartbeat_at=old,
+                   progress_at=old, queued_at=old, attempt=1)
+    card = section(staff_client.get(PAGE).content.decode(), f"run-{run.pk}")
+    stalled = card.split("data-stalled-notice", 1)[1]
+    assert not stalled.startswith(" hidden")
+    assert "No heartbeat for <span data-heartbeat-age>95</span> s." in stalled
+    assert f"/training/runs/{run.pk}/resume/" in stalled
+    response = staff_client.post(f"/training/runs/{run.pk}/resume/", follow=True)
+    run.refresh_from_db()
+    assert (run.status, run.worker, run.error_type) == ("generating", "", "WORKER_LOST")
+    assert f"Training run {run.pk} is queued again" in messages_of(response)[0]
+
+
+def test_a_run_without_progress_for_long_says_so(staff_client, settings, make_run):
+    settings.JOBSITE_SLOW_AFTER_S = 60
+    run = make_run("generating", queued_at=timezone.now() - timedelta(seconds=120))
+    slow = section(staff_client.get(PAGE).content.decode(), f"run-{run.pk}").split("data-slow-notice", 1)[1]
+    assert not slow.startswith(" hidden")
+    assert "No progress for <span data-idle>2 min 0 s</span>" in slow and "qcluster" in slow
+
+
+@pytest.mark.parametrize("status", ["generated", "generating_failed", "training_failed"])
+def test_runs_that_wait_for_a_person_show_no_bar_and_no_spinner(staff_client, make_run, generated_run, status):
+    if status != "generated":
+        generated_run.delete()
+        failed(make_run, status)
+    html = staff_client.get(PAGE).content.decode()
+    workflow = html[html.index('id="workflow"'):html.index('id="history"')]
+    assert 'class="progress' not in workflow and "data-spinner" not in workflow
+
+
+def test_a_failed_run_shows_its_error_in_the_card_and_points_to_its_row(staff_client, make_run):
+    run = failed(make_run)
+    card = section(staff_client.get(PAGE).content.decode(), f"run-{run.pk}")
+    assert "Failed: UNKNOWN" in card and "Injected failure" in card
+    assert "5/12 chunks were generated before it failed" in card
+    assert f'data-accordion-open="{run.pk}"' in card
+
+
+# -- review and train ----------------------------------------------------------------------------
+
+def test_the_review_step_lists_pairs_with_their_chunk_and_counts(staff_client, generated_run):
+    html = staff_client.get(PAGE).content.decode()
+    review = section(html, f"run-{generated_run.pk}")
+    assert len(re.findall(r'<tr id="pair-\d+"', review)) == 12
+    assert "how often do bicycles need oil 3" in review and "Section 3: bicycles need oil every 5 weeks." in review
+    assert '<strong data-count="pending">12</strong> pending' in review
+    assert "Approve all pending" in review and "Reject all pending" in review
+    assert "Approve selected" in review and "Reject selected" in review
+    assert 'data-train disabled' in review
+    assert (f"Training needs at least 4 approved pairs; training run {generated_run.pk} has 0. Approve more pairs first."
+            in review)
+
+
+def test_review_one_pair_selected_pairs_and_all_pending_through_the_page(staff_client, generated_run):
+    pairs = list(generated_run.pairs.order_by("pk").values_list("pk", flat=True))
+    url = f"/training/runs/{generated_run.pk}/review/"
+    response = staff_client.post(url, {"one": f"{pairs[0]}:rejected"}, follow=True)
+    assert (f"1 pair rejected. Training run {generated_run.pk} now has 0 approved, 1 rejected and 11 pending."
+            in messages_of(response))
+    response = staff_client.post(url, {"scope": "selected", "decision": "approved", "pair": [pairs[1], pairs[2]]},
+                                 follow=True)
+    assert "2 pairs approved." in messages_of(response)[0]
+    assert TrainingPair.objects.get(pk=pairs[2]).review == "approved"
+    response = staff_client.post(url, {"scope": "all", "decision": "approved"}, follow=True)
+    assert "9 pairs approved." in messages_of(response)[0]
+    assert services.review_counts(generated_run) == {"pending": 0, "approved": 11, "rejected": 1}
+    review = section(response.content.decode(), f"run-{generated_run.pk}")
+    assert '<strong data-count="approved">11</strong> approved' in review
+    assert "data-train-blocked" not in review and "data-train disabled" not in review
+
+
+def test_train_through_the_page_starts_phase_two(staff_client, generated_run):
+    generated_run.pairs.update(review="approved")
+    response = staff_client.post(f"/training/runs/{generated_run.pk}/train/", {"epochs": "3"}, follow=True)
+    generated_run.refresh_from_db()
+    assert (generated_run.status, generated_run.epochs) == ("training", 3)
+    assert f"Training run {generated_run.pk} is training on its approved pairs for 3 epochs." in messages_of(response)
+
+
+@pytest.mark.parametrize(
+    ("data", "sentence"),
+    [
+        ({}, "Choose approve or reject."),
+        ({"decision": "approved", "scope": "selected"}, "Tick at least one pair first"),
+        ({"decision": "maybe", "scope": "all"}, "No pair was reviewed"),
+        ({"decision": "approved", "pair": ["x"]}, "No pair was reviewed"),
+        ({"decision": "approved", "pair": ["99999999"]}, "do not belong to training run"),
+        ({"one": "1:perhaps"}, "No pair was reviewed"),
+    ],
+)
+def test_bad_review_input_is_a_message(staff_client, generated_run, data, sentence):
+    response = staff_client.post(f"/training/runs/{generated_run.pk}/review/", data, follow=True)
+    assert response.status_code == 200
+    assert any(sentence in m for m in messages_of(response)), messages_of(response)
+    assert not generated_run.pairs.exclude(review="pending").exists()
+
+
+# -- history -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("status", "fields", "expected"),
+    [
+        ("generating", {"processed_chunks": 7}, "7/12"),
+        ("generating_failed", {"processed_chunks": 5, "error_type": "UNKNOWN"}, "5/12"),
+        ("training", {"processed_chunks": 12}, "In progress"),
+        ("training_failed", {"processed_chunks": 12, "error_type": "TRAINING"}, "12/12"),
+        ("generated", {"processed_chunks": 12}, "—"),
+        ("completed", {"processed_chunks": 12}, "—"),
+    ],
+)
+def test_the_progress_column_for_each_status(staff_client, make_run, status, fields, expected):
+    run = make_run(status, **fields)
+    html = staff_client.get("/training/history/").content.decode()
+    assert "<th>Status</th><th class=\"num\">Progress</th>" in html
+    assert progress_cell(html, run.pk) == expected
+
+
+def test_active_rows_have_a_refresh_button_and_expand(staff_client, make_run):
+    done = completed(make_run)
+    active = make_run("generating", processed_chunks=2)
+    html = staff_client.get("/training/history/").content.decode()
+    row = row_html(html, active.pk)
+    assert f'data-api-url="/api/v1/training/runs/{active.pk}"' in row
+    assert f'data-redraw-url="/training/runs/{active.pk}/row/"' in row
+    assert 'class="icon-button" data-refresh' in row and "data-accordion-panel hidden" in row
+    plain = row_html(html, done.pk)
+    assert "data-refresh" not in plain and "data-accordion-panel" not in plain and "data-accordion-toggle" not in plain
+
+
+def test_a_failed_row_opens_with_its_error_proceed_and_delete(staff_client, make_run):
+    done = completed(make_run)
+    run = failed(make_run)
+    closed = row_html(staff_client.get(PAGE).content.decode(), run.pk)
+    assert "data-accordion-panel hidden" in closed
+    html = staff_client.get(f"{PAGE}?open={run.pk}").content.decode()
+    row = row_html(html, run.pk)
+    assert "is-open" in row and "data-accordion-panel hidden" not in row and 'aria-expanded="true"' in row
+    assert "<strong>UNKNOWN</strong>" in row and "Injected failure (failpoint training.generate)" in row
+    assert f'action="/training/runs/{run.pk}/proceed/"' in row and f'action="/training/runs/{run.pk}/delete/"' in row
+    assert f'data-confirm="Delete training run {run.pk}?' in row
+    assert "is-open" not in row_html(html, done.pk)
+
+
+def test_a_completed_run_shows_recall_before_and_after_and_the_loss_chart(staff_client, make_run):
+    run = completed(make_run)
+    html = staff_client.get(PAGE).content.decode()
+    result = section(html, f"result-{run.pk}")
+    for k, before, after in ((1, "0.25", "0.50"), (5, "0.50", "0.75"), (10, "0.75", "1.00")):
+        assert re.search(rf'recall@{k}</th><td class="num">{before}</td>.*?<td class="num better">{after}</td>', result)
+    chart = result[result.index("<svg"):result.index("</svg>")]
+    assert 'aria-label="Training loss per epoch, from 2.1 to 0.7"' in chart
+    assert len(re.findall(r"<circle", chart)) == 4 and "<polyline" in chart
+    assert "0.25 → <strong>0.50</strong>" in row_html(html, run.pk)
+
+
+def test_the_row_fragment_redraws_one_run(staff_client, make_run):
+    run = failed(make_run)
+    html = staff_client.get(f"/training/runs/{run.pk}/row/").content.decode()
+    assert html.strip().startswith(f'<tbody id="run-row-{run.pk}"') and html.strip().endswith("</tbody>")
+
+
+# -- proceed and delete --------------------------------------------------------------------------
+
+def test_proceed_after_a_generation_failure_continues_generating(staff_client, make_run):
+    run = failed(make_run)
+    response = staff_client.post(f"/training/runs/{run.pk}/proceed/", follow=True)
+    run.refresh_from_db()
+    assert (run.status, run.error_type, run.processed_chunks) == ("generating", "", 5)
+    assert f"Training run {run.pk} proceeds: generation continues after chunk 5 of 12." in messages_of(response)
+    html = response.content.decode()
+    assert 'class="progress' in section(html, f"run-{run.pk}")
+    assert "is-open" not in row_html(html, run.pk)
+
+
+def test_proceed_after_a_training_failure_resumes_training(staff_client, make_run):
+    run = failed(make_run, "training_failed", processed_chunks=12)
+    response = staff_client.post(f"/training/runs/{run.pk}/proceed/", follow=True)
+    run.refresh_from_db()
+    assert run.status == "training"
+    assert "training resumes from its last checkpoint" in messages_of(response)[0]
+
+
+def test_delete_asks_for_confirmation_then_removes_the_run(staff_client, make_run):
+    run = failed(make_run)
+    for confirm in (staff_client.get(f"/training/runs/{run.pk}/delete/"),
+                    staff_client.post(f"/training/runs/{run.pk}/delete/")):
+        assert confirm.status_code == 200
+        assert f"Delete training run {run.pk}?" in confirm.content.decode() and b"Yes, delete it" in confirm.content
+    assert TrainingRun.objects.filter(pk=run.pk).exists()
+    response = staff_client.post(f"/training/runs/{run.pk}/delete/", {"confirmed": "1"}, follow=True)
+    assert not TrainingRun.objects.filter(pk=run.pk).exists()
+    assert f"Training run {run.pk} and its pairs and files are deleted." in messages_of(response)
+    assert Event.objects.filter(topic=f"training.{run.pk}", type="training.removed").exists()
+    assert "disabled" not in re.search(r"<button[^>]*data-generate[^>]*>", response.content.decode())[0]
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["review/", "train/", "proceed/", "resume/", "delete/"])
+def test_an_unknown_run_is_a_404_page_never_a_500(staff_client, corpus, path):
+    response = staff_client.post(f"/training/runs/999/{path}", {"confirmed": "1", "decision": "approved"})
+    assert response.status_code == 404
+    assert b"Not found" in response.content
+    assert staff_client.get("/training/runs/999/row/").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("status", "path", "data", "sentence"),
+    [
+        ("generated", "proceed/", {}, "only a failed run can proceed"),
+        ("generating", "delete/", {"confirmed": "1"}, "only a failed run can be removed"),
+        ("generating", "train/", {}, "only a generated run can start training"),
+        ("generating", "review/", {"decision": "approved", "scope": "all"}, "pairs are reviewed once generation is done"),
+        ("generating", "resume/", {}, "its worker is alive; only a stalled"),
+        ("generated", "train/", {}, "Training needs at least 4 approved pairs"),
+        ("generated", "train/", {"epochs": "0"}, "epochs: Ensure this value is greater than or equal to 1."),
+    ],
+)
+def test_an_action_in_the_wrong_state_is_a_message(staff_client, make_run, status, path, data, sentence):
+    run = make_run(status)
+    response = staff_client.post(f"/training/runs/{run.pk}/{path}", data, follow=True)
+    assert response.status_code == 200
+    assert any(sentence in m for m in messages_of(response)), messages_of(response)
+    assert TrainingRun.objects.get(pk=run.pk).status == status
+
+
+@pytest.mark.parametrize(
+    ("data", "sentence"),
+    [
+        ({"corpus": "999", "generator": "local"}, "corpus: Select a valid choice"),
+        ({"corpus": "x", "generator": "local"}, "corpus: Select a valid choice"),
+        ({"generator": "local"}, "corpus: This field is required."),
+        ({"corpus": "{corpus}", "generator": "gpt-9"}, "generator: Select a valid choice"),
+    ],
+)
+def test_bad_generate_input_is_a_message_and_starts_nothing(staff_client, corpus, data, sentence):
+    data = {k: v.format(corpus=corpus.pk) for k, v in data.items()}
+    response = staff_client.post(PAGE + "generate/", data, follow=True)
+    assert response.status_code == 200
+    assert any(sentence in m for m in messages_of(response)), messages_of(response)
+    assert not TrainingRun.objects.exists()
+
+
+def test_generate_while_a_run_is_open_is_refused_with_the_blocking_sentence(staff_client, corpus, make_run):
+    run = failed(make_run)
+    response = staff_client.post(PAGE + "generate/", {"corpus": corpus.pk, "generator": "local"}, follow=True)
+    assert services.blocking_sentence(run) in messages_of(response)
+    assert TrainingRun.objects.count() == 1
+
+
+def test_generate_while_unavailable_is_a_message(staff_client, settings, corpus):
+    settings.JOBSITE_ENCODER_PATH = ""
+    response = staff_client.post(PAGE + "generate/", {"corpus": corpus.pk, "generator": "local"}, follow=True)
+    assert "Training is unavailable: No encoder is configured" in messages_of(response)[0]
+    assert not TrainingRun.objects.exists()
+
+
+@pytest.mark.parametrize("method", ["get", "put"])
+def test_actions_refuse_other_methods(staff_client, make_run, method):
+    run = failed(make_run)
+    assert getattr(staff_client, method)(f"/training/runs/{run.pk}/proceed/").status_code == 405
+    assert staff_client.post(PAGE).status_code == 405

@@ -1,0 +1,61 @@
+"""Page forms. They only shape the input; the services decide what a run allows."""
+
+from __future__ import annotations
+
+from django import forms
+
+from training_runs import selectors
+from training_runs.models import TrainingPair, TrainingRun
+
+
+class GenerateForm(forms.Form):
+    corpus = forms.ModelChoiceField(queryset=None, empty_label=None)
+    generator = forms.ChoiceField(choices=TrainingRun.Generator.choices, initial=TrainingRun.Generator.LOCAL)
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("label_suffix", "")
+        super().__init__(*args, **kwargs)
+        self.fields["corpus"].queryset = selectors.corpus_list()
+
+
+class IdListField(forms.Field):
+    """Every value of a repeated field ("pair" of each ticked checkbox) as integers."""
+
+    widget = forms.MultipleHiddenInput
+
+    def to_python(self, value):
+        items = [str(item) for item in value or ()]
+        if not all(item.isdigit() and len(item) <= 9 for item in items):
+            raise forms.ValidationError("Pair ids are numbers.")
+        return [int(item) for item in items]
+
+
+DECISIONS = [(TrainingPair.Review.APPROVED, "approve"), (TrainingPair.Review.REJECTED, "reject")]
+
+
+class ReviewForm(forms.Form):
+    """One pair ("one" = "<pair id>:<decision>", a per-pair button), the ticked pairs, or
+    every pending pair (scope "all")."""
+
+    one = forms.RegexField(regex=r"^\d{1,9}:(approved|rejected)$", required=False)
+    decision = forms.ChoiceField(choices=DECISIONS, required=False)
+    scope = forms.ChoiceField(choices=[("selected", "selected"), ("all", "all pending")], required=False)
+    # Any id is accepted here; the service refuses pairs of another run by name.
+    pair = IdListField(required=False)
+
+    def clean(self):
+        data = super().clean()
+        if data.get("one"):
+            pair_id, decision = data["one"].split(":")
+            return {"decision": decision, "pair_ids": [int(pair_id)]}
+        if not data.get("decision"):
+            raise forms.ValidationError("Choose approve or reject.")
+        if data.get("scope") == "all":
+            return {"decision": data["decision"], "pair_ids": None}
+        if not data.get("pair"):
+            raise forms.ValidationError("Tick at least one pair first, or use approve all / reject all.")
+        return {"decision": data["decision"], "pair_ids": sorted(set(data["pair"]))}
+
+
+class TrainForm(forms.Form):
+    epochs = forms.IntegerField(required=False, min_value=1, max_value=1000)

@@ -1,0 +1,347 @@
+"""The training page: one workflow card (generate, review, train) and the run history.
+
+Views are thin callers of training_runs.services (and jobsite.services.job_resume for a run
+whose worker went silent); a service's JobInputError or TransitionError becomes a message.
+Reading needs a login, every POST needs staff. While training is unavailable the page says
+why and nothing else: no action on it could succeed.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.utils import timezone
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from jobsite.errors import ErrorType, JobInputError
+from jobsite.lifecycle import TransitionError
+from jobsite.selectors import last_event_seq
+from jobsite.services import job_resume
+from jobsite.views import STAFF_ONLY, live_context, staff_required
+from training_runs import selectors, services
+from training_runs.forms import GenerateForm, ReviewForm, TrainForm
+from training_runs.models import TrainingPair, TrainingRun
+
+TOPIC = "training."
+HISTORY_LIMIT = 200
+PAIRS_SHOWN = 300
+KS = (1, 5, 10)
+ERROR_LABELS = dict(ErrorType.CHOICES)
+Status = TrainingRun.Status
+FAILED = TrainingRun.RETRYABLE_FROM
+
+
+# -- presentation --------------------------------------------------------------------------
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+def _iso(moment) -> str:
+    return moment.isoformat() if moment else ""
+
+
+def train_blocked_sentence(run: TrainingRun, approved: int) -> str:
+    """Why Train is disabled, in the words the service refuses with; empty when it is not."""
+    needed = settings.JOBSITE_MIN_APPROVED_PAIRS
+    if approved >= needed:
+        return ""
+    return (f"Training needs at least {needed} approved pairs; training run {run.pk} has {approved}. "
+            "Approve more pairs first.")
+
+
+def recall_rows(run: TrainingRun) -> list[dict]:
+    before, after = run.metrics.get("before") or {}, run.metrics.get("after") or {}
+    rows = []
+    for k in KS:
+        key = f"recall@{k}"
+        if key in before and key in after:
+            rows.append({"k": k, "before": f"{before[key]:.2f}", "after": f"{after[key]:.2f}",
+                         "better": after[key] > before[key], "worse": after[key] < before[key]})
+    return rows
+
+
+def loss_chart(losses: list[float]) -> dict | None:
+    """The loss curve as SVG coordinates, drawn by the server so it shows without JavaScript."""
+    if not losses:
+        return None
+    width, height, left, right, top, bottom = 560, 190, 56, 16, 14, 34
+    low, high = min(losses), max(losses)
+    span = (high - low) or abs(high) or 1.0
+    plot_w, plot_h = width - left - right, height - top - bottom
+    count = len(losses)
+
+    def x(i: int) -> float:
+        return round(left + (plot_w * i / (count - 1) if count > 1 else plot_w / 2), 1)
+
+    def y(value: float) -> float:
+        return round(top + plot_h * (high - value) / span, 1)
+
+    points = [{"x": x(i), "y": y(v), "epoch": i + 1, "loss": f"{v:.4g}"} for i, v in enumerate(losses)]
+    step = max(1, round(count / 8))
+    x_ticks = [p for i, p in enumerate(points) if i % step == 0 or i == count - 1]
+    y_ticks = [{"y": y(v), "label": f"{v:.3g}"} for v in sorted({high, (high + low) / 2, low}, reverse=True)]
+    return {
+        "width": width, "height": height, "left": left, "right": width - right, "top": top,
+        "bottom": height - bottom, "mid_x": left + plot_w / 2, "points": points,
+        "polyline": " ".join(f"{p['x']},{p['y']}" for p in points),
+        "x_ticks": x_ticks, "y_ticks": y_ticks, "first": f"{losses[0]:.4g}", "last": f"{losses[-1]:.4g}",
+    }
+
+
+def run_view(run: TrainingRun, *, seq: int = 0) -> dict:
+    """Everything the workflow card shows for the open run, computed once here."""
+    now = timezone.now()
+    active = run.status in TrainingRun.ACTIVE
+    held = active and bool(run.worker)  # a phase waits for a worker until one takes it
+    training = run.status in (Status.TRAINING, Status.TRAINING_FAILED)
+    done, total = (run.epochs_done, run.epochs) if training else (run.processed_chunks, run.total_chunks)
+    percent = min(100.0, 100.0 * done / total) if total else 0.0
+    last_move = max(m for m in (run.queued_at, run.started_at, run.progress_at) if m)
+    idle_s = (now - last_move).total_seconds() if active else None
+    stalled = run.is_stalled
+    heartbeat_age = run.heartbeat_age_s
+    if not active:
+        phase = ""
+    elif not held:
+        phase = "Waiting for a worker"
+    elif training:
+        phase = "Training the adapter"
+    else:
+        phase = "Generating queries"
+    view = {
+        "run": run,
+        "seq": seq,
+        "active": active,
+        "held": held,
+        "failed": run.status in FAILED,
+        "training": training,
+        "done_field": "epochs_done" if training else "processed_chunks",
+        "total_field": "epochs" if training else "total_chunks",
+        "unit": "epochs" if training else "chunks",
+        "done": done,
+        "total": total,
+        "phase": phase,
+        "percent": f"{percent:.1f}".removesuffix(".0"),
+        "bar_width": f"{percent:.1f}",
+        "stalled": stalled,
+        "slow": bool(active and not stalled and idle_s is not None and idle_s > settings.JOBSITE_SLOW_AFTER_S),
+        "idle": _duration(idle_s),
+        "heartbeat_age": f"{heartbeat_age:.0f}" if heartbeat_age is not None else "",
+        "heartbeat_at": _iso(run.heartbeat_at or run.started_at) if held else "",
+        "progress_at": _iso(last_move),
+        "api_url": f"/api/v1/training/runs/{run.pk}",
+        "error_label": ERROR_LABELS.get(run.error_type, run.error_type),
+    }
+    if run.status == Status.GENERATED:
+        counts = services.review_counts(run)
+        pairs = list(selectors.pair_list(run=run)[:PAIRS_SHOWN])
+        view.update(
+            counts=counts,
+            pairs=pairs,
+            pairs_total=sum(counts.values()),
+            train_blocked=train_blocked_sentence(run, counts[TrainingPair.Review.APPROVED]),
+        )
+    return view
+
+
+def row_view(run: TrainingRun, *, open_id: int | None = None) -> dict:
+    expandable = run.status in TrainingRun.ACTIVE or run.status in FAILED
+    return {
+        "run": run,
+        "active": run.status in TrainingRun.ACTIVE,
+        "failed": run.status in FAILED,
+        "expandable": expandable,
+        "open": expandable and run.pk == open_id,
+        "recall": recall_rows(run) if run.status == Status.COMPLETED else [],
+        "error_label": ERROR_LABELS.get(run.error_type, run.error_type),
+        "api_url": f"/api/v1/training/runs/{run.pk}",
+    }
+
+
+def _open_id(request) -> int | None:
+    value = request.GET.get("open", "")
+    return int(value) if value.isdigit() and len(value) <= 9 else None
+
+
+def _workflow_context(request, *, seq: int) -> dict:
+    current = selectors.training_run_open()
+    latest = selectors.training_run_list(status=Status.COMPLETED).first()
+    corpora = selectors.corpus_list()
+    return {
+        "form": GenerateForm(),
+        "has_corpora": corpora.exists(),
+        "current": run_view(current, seq=seq) if current else None,
+        "blocking_sentence": services.blocking_sentence(current) if current else "",
+        "latest": latest,
+        "latest_recall": recall_rows(latest) if latest else [],
+        "latest_chart": loss_chart(latest.loss_curve) if latest else None,
+        "can_act": request.user.is_staff,
+        "staff_only_sentence": STAFF_ONLY,
+        "min_approved_pairs": settings.JOBSITE_MIN_APPROVED_PAIRS,
+    }
+
+
+def _history_context(request) -> dict:
+    open_id = _open_id(request)
+    runs = selectors.training_run_list()[:HISTORY_LIMIT]
+    return {"rows": [row_view(run, open_id=open_id) for run in runs], "can_act": request.user.is_staff}
+
+
+def _back(run_id: int | None = None):
+    url = reverse("training_runs:page")
+    return redirect(f"{url}#run-{run_id}" if run_id else url)
+
+
+# -- page and fragments -----------------------------------------------------------------------
+
+@login_required
+@require_GET
+def training_page(request):
+    available, reason = services.training_availability()
+    if not available:
+        return render(request, "training_runs/unavailable.html", {"reason": reason})
+    context = live_context(topic=TOPIC)  # the seq first: an event written meanwhile is replayed
+    context.update(_workflow_context(request, seq=context["live"]["after"]))
+    context.update(_history_context(request))
+    return render(request, "training_runs/training.html", context)
+
+
+@login_required
+@require_GET
+def workflow_fragment(request):
+    return render(request, "training_runs/_workflow.html", _workflow_context(request, seq=last_event_seq()))
+
+
+@login_required
+@require_GET
+def history_fragment(request):
+    return render(request, "training_runs/_history.html", _history_context(request))
+
+
+@login_required
+@require_GET
+def row_fragment(request, pk: int):
+    run = selectors.training_run_get(run_id=pk)
+    return render(request, "training_runs/_row.html", {
+        "row": row_view(run, open_id=_open_id(request)), "can_act": request.user.is_staff,
+    })
+
+
+# -- actions -----------------------------------------------------------------------------------
+
+@staff_required
+@require_POST
+def training_generate(request):
+    form = GenerateForm(request.POST)
+    if not form.is_valid():
+        problems = "; ".join(f"{name}: {' '.join(errors)}" for name, errors in form.errors.items())
+        messages.error(request, f"No generation was started. {problems}")
+        return _back()
+    corpus = form.cleaned_data["corpus"]
+    try:
+        run = services.training_run_generate(corpus=corpus, generator=form.cleaned_data["generator"],
+                                             user=request.user)
+    except (JobInputError, TransitionError) as exc:
+        messages.error(request, str(exc))
+        return _back()
+    messages.success(request, f"Training run {run.pk} is generating pairs for the {run.total_chunks} chunks "
+                              f"of {corpus.name}.")
+    return _back(run.pk)
+
+
+@staff_required
+@require_POST
+def training_review(request, pk: int):
+    run = selectors.training_run_get(run_id=pk)
+    form = ReviewForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, f"No pair was reviewed: {' '.join(form.errors.get('__all__', []) or ['bad input.'])}")
+        return _back(pk)
+    decision, pair_ids = form.cleaned_data["decision"], form.cleaned_data["pair_ids"]
+    try:
+        updated = services.training_run_review(run=run, decision=decision, pair_ids=pair_ids)
+    except (JobInputError, TransitionError) as exc:
+        messages.error(request, str(exc))
+        return _back(pk)
+    counts = services.review_counts(run)
+    messages.success(
+        request,
+        f"{updated} pair{'s' if updated != 1 else ''} {decision}. Training run {pk} now has "
+        f"{counts['approved']} approved, {counts['rejected']} rejected and {counts['pending']} pending.",
+    )
+    return _back(pk)
+
+
+@staff_required
+@require_POST
+def training_train(request, pk: int):
+    run = selectors.training_run_get(run_id=pk)
+    form = TrainForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, f"Training run {pk} was not trained: epochs: {' '.join(form.errors['epochs'])}")
+        return _back(pk)
+    try:
+        services.training_run_train(run=run, epochs=form.cleaned_data["epochs"])
+    except (JobInputError, TransitionError) as exc:
+        messages.error(request, str(exc))
+        return _back(pk)
+    messages.success(request, f"Training run {pk} is training on its approved pairs for {run.epochs} epochs.")
+    return _back(pk)
+
+
+@staff_required
+@require_POST
+def training_proceed(request, pk: int):
+    run = selectors.training_run_get(run_id=pk)
+    try:
+        services.training_run_proceed(run=run)
+    except (JobInputError, TransitionError) as exc:
+        messages.error(request, str(exc))
+        return _back(pk)
+    if run.status == Status.GENERATING:
+        messages.success(request, f"Training run {pk} proceeds: generation continues after chunk "
+                                  f"{run.processed_chunks} of {run.total_chunks}.")
+    else:
+        messages.success(request, f"Training run {pk} proceeds: training resumes from its last checkpoint.")
+    return _back(pk)
+
+
+@staff_required
+@require_POST
+def training_resume(request, pk: int):
+    run = selectors.training_run_get(run_id=pk)
+    try:
+        job_resume(run)
+    except TransitionError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, f"Training run {pk} is queued again; it continues from its checkpoint.")
+    return _back(pk)
+
+
+@staff_required
+@require_http_methods(["GET", "POST"])
+def training_delete(request, pk: int):
+    """Django's delete_selected way: without `confirmed` (or on a GET) a confirmation page."""
+    run = selectors.training_run_get(run_id=pk)
+    if request.method == "GET" or request.POST.get("confirmed") != "1":
+        return render(request, "training_runs/confirm_delete.html", {"run": run})
+    try:
+        services.training_run_remove(run=run, user=request.user)
+    except TransitionError as exc:
+        messages.error(request, str(exc))
+        return _back(pk)
+    messages.success(request, f"Training run {pk} and its pairs and files are deleted.")
+    return _back()
+
