@@ -156,14 +156,15 @@ def run_view(run: TrainingRun, *, seq: int = 0) -> dict:
 
 
 def row_view(run: TrainingRun, *, open_id: int | None = None) -> dict:
-    expandable = run.status in TrainingRun.ACTIVE or run.status in FAILED
+    """A history row; every row opens (one at a time) into what its status calls for."""
+    is_completed = run.status == Status.COMPLETED
     return {
         "run": run,
         "active": run.status in TrainingRun.ACTIVE,
         "failed": run.status in FAILED,
-        "expandable": expandable,
-        "open": expandable and run.pk == open_id,
-        "recall": recall_rows(run) if run.status == Status.COMPLETED else [],
+        "open": run.pk == open_id,
+        "recall": recall_rows(run) if is_completed else [],
+        "chart": loss_chart(run.loss_curve) if is_completed else None,
         "error_label": ERROR_LABELS.get(run.error_type, run.error_type),
         "api_url": f"/api/v1/training/runs/{run.pk}",
     }

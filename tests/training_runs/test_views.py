@@ -76,7 +76,7 @@ def section(html: str, element_id: str) -> str:
 
 def row_html(html: str, run_id: int) -> str:
     start = html.index(f'<tbody id="run-row-{run_id}"')
-    return html[start:html.index("</tbody>", start)]
+    return html[start:html.index("\n</tbody>", start)]  # the row's own, not its recall table's
 
 
 def progress_cell(html: str, run_id: int) -> str:
@@ -326,7 +326,7 @@ def test_the_progress_column_for_each_status(staff_client, make_run, status, fie
     assert progress_cell(html, run.pk) == expected
 
 
-def test_active_rows_have_a_refresh_button_and_expand(staff_client, make_run):
+def test_only_active_rows_have_a_refresh_button_and_every_row_opens(staff_client, make_run):
     done = completed(make_run)
     active = make_run("generating", processed_chunks=2)
     html = staff_client.get("/training/history/").content.decode()
@@ -334,8 +334,10 @@ def test_active_rows_have_a_refresh_button_and_expand(staff_client, make_run):
     assert f'data-api-url="/api/v1/training/runs/{active.pk}"' in row
     assert f'data-redraw-url="/training/runs/{active.pk}/row/"' in row
     assert 'class="icon-button" data-refresh' in row and "data-accordion-panel hidden" in row
+    assert "<span data-field=\"processed_chunks\">2</span>/<span data-field=\"total_chunks\">12</span> chunks" in row
     plain = row_html(html, done.pk)
-    assert "data-refresh" not in plain and "data-accordion-panel" not in plain and "data-accordion-toggle" not in plain
+    assert "data-refresh" not in plain and "data-accordion-panel hidden" in plain
+    assert "data-loss-chart" in plain and "data-recall" in plain
 
 
 def test_a_failed_row_opens_with_its_error_proceed_and_delete(staff_client, make_run):

@@ -11,6 +11,9 @@
  *   card's JSON API (data-api-url) until events flow again;
  * - a running job silent for data-stall-after-s shows its "No heartbeat" notice, a job
  *   without progress for data-slow-after-s its "Taking longer than expected" notice.
+ * - rows that follow a job (data-follow, e.g. a history row) copy its fields from events, and
+ *   their refresh button reads the job's JSON API and redraws only that row;
+ * - accordion rows open one at a time, and stay open across redraws.
  * A card declares what it needs in data attributes, so other job kinds reuse this module.
  */
 (() => {

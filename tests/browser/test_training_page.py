@@ -1,0 +1,268 @@
+"""The training page in a real Chromium against a real daphne and a real qcluster worker.
+
+Each test saves screenshots of the states it reaches under tests/artifacts/.
+"""
+
+import json
+import shutil
+
+import pytest
+from django.utils import timezone
+from playwright.sync_api import expect
+
+from tests.browser.conftest import screenshot
+from tests.conftest import DEMO_CORPUS
+from training_runs import services
+from training_runs.models import TrainingRun
+
+pytestmark = [pytest.mark.browser, pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+expect.set_options(timeout=60_000)
+
+# Chunk 12 fails on the first attempt (two batches of 8: chunks 0-7 are saved); every chunk
+# takes a moment so the bar is seen moving.
+FAIL_AT_CHUNK_12 = json.dumps({"training.generate": [
+    {"action": "error", "at": 12, "attempt": 1, "message": "Injected generator failure at chunk 12"},
+    {"action": "sleep", "seconds": 0.12},
+]})
+
+SAW_PROGRESS = """() => {
+    window.sawProgress = false;
+    const look = () => { if (document.querySelector("#workflow [data-progress]")) window.sawProgress = true; };
+    new MutationObserver(look).observe(document.body, {subtree: true, childList: true});
+    look();
+}"""
+
+
+@pytest.fixture
+def training_env(settings, encoder):
+    """What the web and worker processes need to see the encoder and the review threshold."""
+    return dict(JOBSITE_ENCODER_PATH=settings.JOBSITE_ENCODER_PATH, JOBSITE_MIN_APPROVED_PAIRS=4)
+
+
+@pytest.fixture
+def corpus(settings, encoder):
+    root = settings.JOBSITE_DATA_DIR / "corpora-src" / "policy"
+    root.mkdir(parents=True)
+    shutil.copy(DEMO_CORPUS / "expense-policy.md", root / "expense-policy.md")
+    return services.corpus_create(name="policy", path=str(root), chunk_size=800, chunk_overlap=0)
+
+
+def make_run(corpus, status, **fields):
+    if status == "completed":
+        fields.setdefault("finished_at", timezone.now())
+    return TrainingRun.objects.create(corpus=corpus, status=status, total_chunks=corpus.chunks.count(), **fields)
+
+
+def completed_run(corpus, recall_after=0.8):
+    total = corpus.chunks.count()
+    return make_run(
+        corpus, "completed", processed_chunks=total, pair_count=2 * total, epochs=5, epochs_done=5,
+        metrics={"before": {"recall@1": 0.3, "recall@5": 0.55, "recall@10": 0.7},
+                 "after": {"recall@1": recall_after - 0.2, "recall@5": recall_after, "recall@10": 0.9},
+                 "train_pairs": 38, "eval_pairs": 10},
+        loss_curve=[2.4, 1.9, 1.3, 1.0, 0.85],
+    )
+
+
+def failed_run(corpus):
+    return make_run(corpus, "generating_failed", processed_chunks=8, pair_count=16, attempt=1, error_type="UNKNOWN",
+                    error_message="Injected generator failure at chunk 12")
+
+
+def test_a_failed_generation_proceeds_then_review_and_training_complete_without_a_reload(
+    site, staff_user, training_env, corpus
+):
+    total = corpus.chunks.count()
+    site.start_worker(JOBSITE_FAILPOINTS=FAIL_AT_CHUNK_12, **training_env)
+    site.start_web(**training_env)
+    page = site.page(staff_user)
+    page.goto(site.url("/training/"))
+    expect(page.locator("[data-live-status]")).to_have_text("live")
+    page.evaluate("window.sameDocument = true")
+    workflow = page.locator("#workflow")
+    expect(workflow.locator("[data-generate]")).to_be_enabled()
+
+    page.select_option("#id_corpus", str(corpus.pk))
+    workflow.locator("[data-generate]").click()
+    expect(page.locator(".message-success")).to_contain_text(f"is generating pairs for the {total} chunks of policy")
+    run = TrainingRun.objects.get()
+    expect(workflow.locator("[data-generate]")).to_be_disabled()
+    expect(workflow.locator("[data-blocking-sentence]")).to_contain_text(
+        f"A new generation cannot start while training run {run.pk} is")
+
+    # The failure reaches the card and the history row by itself.
+    row = page.locator(f"#run-row-{run.pk}")
+    card = page.locator(f"#run-{run.pk}")
+    expect(row.locator("[data-status-label]")).to_have_text("generating_failed")
+    expect(row.locator("[data-field=progress_label]")).to_have_text(f"8/{total}")
+    expect(card.locator(".alert-error")).to_contain_text("Injected generator failure at chunk 12")
+    expect(card.locator("[data-progress]")).to_have_count(0)
+    expect(card.locator(".spinner")).to_have_count(0)
+    expect(workflow.locator("[data-blocking-sentence]")).to_have_text(
+        services.blocking_sentence(TrainingRun.objects.get()))
+    screenshot(page, "training-01-generation-failed")
+
+    row.locator("td", has_text="policy").click()
+    detail = page.locator(f"#run-detail-{run.pk}")
+    expect(detail).to_be_visible()
+    expect(detail).to_contain_text("UNKNOWN")
+    expect(detail).to_contain_text("Injected generator failure at chunk 12")
+    screenshot(page, "training-02-failed-row-open")
+
+    page.evaluate(SAW_PROGRESS)
+    detail.get_by_role("button", name="Proceed").click()
+    expect(page.locator(".message-success")).to_contain_text(
+        f"Training run {run.pk} proceeds: generation continues after chunk 8 of {total}.")
+    expect(detail).to_be_hidden()
+    page.wait_for_function("window.sawProgress")
+    screenshot(page, "training-03-generating-after-proceed")
+
+    review = card.locator("[data-review]")
+    expect(review).to_be_visible()
+    expect(row.locator("[data-status-label]")).to_have_text("generated")
+    expect(row.locator("[data-field=progress_label]")).to_have_text("—")
+    pairs = TrainingRun.objects.get().pair_count
+    assert TrainingRun.objects.get().processed_chunks == total
+    expect(review.locator("[data-count=pending]")).to_have_text(str(pairs))
+    expect(review.locator("[data-train]")).to_be_disabled()
+    expect(review.locator("[data-train-blocked]")).to_have_text(
+        f"Training needs at least 4 approved pairs; training run {run.pk} has 0. Approve more pairs first.")
+    screenshot(page, "training-04-review")
+
+    boxes = review.locator("input[data-pick]")
+    boxes.nth(0).check()
+    boxes.nth(1).check()
+    review.get_by_role("button", name="Approve selected").click()
+    expect(review.locator("[data-count=approved]")).to_have_text("2")
+    third = boxes.nth(2).get_attribute("value")
+    review.get_by_role("button", name=f"Reject pair {third}", exact=True).click()
+    expect(review.locator("[data-count=rejected]")).to_have_text("1")
+    expect(review.locator(f"#pair-{third} .badge")).to_have_text("rejected")
+    review.get_by_role("button", name="Approve all pending").click()
+    expect(review.locator("[data-count=pending]")).to_have_text("0")
+    expect(review.locator("[data-count=approved]")).to_have_text(str(pairs - 1))
+    expect(review.locator("[data-train]")).to_be_enabled()
+
+    review.locator("input[name=epochs]").fill("3")
+    review.locator("[data-train]").click()
+    result = workflow.locator("[data-result]")
+    expect(result).to_be_visible(timeout=90_000)
+    expect(result.locator("[data-recall-k]")).to_have_count(3)
+    expect(result.locator("[data-loss-chart] svg")).to_be_visible()
+    expect(result.locator("[data-loss-chart] circle")).to_have_count(3)
+    expect(row.locator("[data-status-label]")).to_have_text("completed")
+    expect(row.locator("[data-field=progress_label]")).to_have_text("—")
+    expect(row.locator(".recall-cell")).to_contain_text("→")
+    expect(workflow.locator("[data-generate]")).to_be_enabled()
+    expect(workflow.locator(".spinner")).to_have_count(0)
+    done = TrainingRun.objects.get()
+    assert done.status == "completed" and len(done.loss_curve) == 3
+    assert {"recall@1", "recall@5", "recall@10"} <= set(done.metrics["after"])
+    assert page.evaluate("window.sameDocument") is True, "the page was reloaded"
+    assert page.evaluate("jobsiteLive.events") > 0
+    screenshot(page, "training-05-completed")
+
+
+def test_delete_asks_in_a_dialog_then_the_history_and_the_generate_button_update(
+    site, staff_user, training_env, corpus
+):
+    site.start_web(**training_env)
+    completed_run(corpus)
+    failed = failed_run(corpus)
+    page = site.page(staff_user)
+    page.goto(site.url("/training/"))
+    expect(page.locator("[data-live-status]")).to_have_text("live")
+
+    generate = page.locator("#workflow [data-generate]")
+    expect(generate).to_be_disabled()
+    expect(page.locator("[data-blocking-sentence]")).to_have_text(
+        f"A new generation cannot start while training run {failed.pk} is generating_failed; "
+        "proceed with it or remove it first.")
+    screenshot(page, "training-06-generate-blocked")
+
+    page.locator(f"#run-row-{failed.pk} [data-accordion-toggle]").click()
+    detail = page.locator(f"#run-detail-{failed.pk}")
+    detail.get_by_role("button", name="Delete").click()
+    dialog = page.locator("#confirm-dialog")
+    expect(dialog).to_contain_text(f"Delete training run {failed.pk}?")
+    screenshot(page, "training-07-confirm-delete", full_page=False)
+    dialog.get_by_role("button", name="No, go back").click()
+    expect(dialog).to_be_hidden()
+    assert TrainingRun.objects.filter(pk=failed.pk).exists()
+    expect(detail).to_be_visible()
+
+    detail.get_by_role("button", name="Delete").click()
+    dialog.get_by_role("button", name="Yes, delete it").click()
+    expect(page.locator(".message-success")).to_contain_text(
+        f"Training run {failed.pk} and its pairs and files are deleted.")
+    expect(page.locator(f"#run-row-{failed.pk}")).to_have_count(0)
+    expect(generate).to_be_enabled()
+    expect(page.locator("[data-blocking-sentence]")).to_have_count(0)
+    assert not TrainingRun.objects.filter(pk=failed.pk).exists()
+    screenshot(page, "training-08-deleted")
+
+
+def test_one_row_opens_at_a_time_and_refresh_updates_only_its_row(site, staff_user, plain_user, training_env,
+                                                                  corpus):
+    site.start_web(**training_env)
+    first = completed_run(corpus, recall_after=0.7)
+    second = completed_run(corpus, recall_after=0.85)
+    active = make_run(corpus, "generating", processed_chunks=3, pair_count=6)
+    page = site.page(staff_user)
+    page.goto(site.url("/training/"))
+    expect(page.locator("[data-live-status]")).to_have_text("live")
+
+    def panel(run):
+        return page.locator(f"#run-detail-{run.pk}")
+
+    page.locator(f"#run-row-{first.pk} .run-main td", has_text="policy").click()
+    expect(panel(first)).to_be_visible()
+    expect(panel(first).locator("[data-loss-chart] svg")).to_be_visible()
+    page.locator(f"#run-row-{second.pk} .run-main td", has_text="policy").click()
+    expect(panel(second)).to_be_visible()
+    expect(panel(first)).to_be_hidden()
+    screenshot(page, "training-09-one-row-open")
+    page.locator(f"#run-row-{second.pk} .run-main td", has_text="policy").click()
+    expect(panel(second)).to_be_hidden()
+    expect(page.locator("[data-accordion-panel]:visible")).to_have_count(0)
+
+    # The worker is away: only the refresh button can show what the row holds now.
+    page.locator(f"#run-row-{active.pk} [data-accordion-toggle]").click()
+    expect(panel(active)).to_be_visible()
+    TrainingRun.objects.filter(pk=active.pk).update(processed_chunks=9, pair_count=18)
+    page.locator(f"#run-row-{active.pk} .icon-button").click()
+    expect(page.locator(f"#run-row-{active.pk} [data-field=progress_label]")).to_have_text(f"9/{active.total_chunks}")
+    expect(panel(active).locator("[data-field=processed_chunks]")).to_have_text("9")
+    expect(page.locator(f"#run-{active.pk} [data-field=processed_chunks]")).to_have_text("3")
+    assert page.evaluate("jobsiteLive.rowRefreshes") == 1
+
+    TrainingRun.objects.filter(pk=active.pk).update(status="generating_failed", error_type="UNKNOWN",
+                                                     error_message="The generator process ended")
+    panel(active).get_by_role("button", name="Refresh").click()
+    expect(page.locator(f"#run-row-{active.pk} [data-status-label]")).to_have_text("generating_failed")
+    expect(panel(active)).to_be_visible()
+    expect(panel(active)).to_contain_text("The generator process ended")
+    expect(panel(active).get_by_role("button", name="Proceed")).to_be_visible()
+    expect(page.locator(f"#run-{active.pk} [data-status-label]")).to_have_text("generating")
+    screenshot(page, "training-10-row-refreshed")
+
+    reader = site.page(plain_user)
+    reader.goto(site.url(f"/training/?open={active.pk}"))
+    expect(reader.locator("[data-staff-note]")).to_contain_text("Only staff users")
+    expect(reader.locator("#workflow [data-generate]")).to_be_disabled()
+    expect(reader.locator(f"#run-detail-{active.pk}")).to_contain_text("Read only: ask an administrator")
+    expect(reader.locator(f"#run-detail-{active.pk} form")).to_have_count(0)
+    screenshot(reader, "training-11-read-only")
+
+
+def test_without_an_encoder_the_page_shows_only_the_reason(site, staff_user, db):
+    site.start_web(JOBSITE_ENCODER_PATH="")
+    page = site.page(staff_user)
+    page.goto(site.url("/training/"))
+    main = page.locator("main")
+    expect(main.locator("h1")).to_have_text("Training")
+    expect(main.locator(".alert")).to_have_count(1)
+    expect(main.locator(".alert")).to_contain_text("No encoder is configured: set JOBSITE_ENCODER_PATH")
+    expect(main.locator("#workflow, #history, form, table")).to_have_count(0)
+    screenshot(page, "training-12-unavailable")
