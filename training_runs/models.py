@@ -133,7 +133,7 @@ class TrainingRun(Job):
         ErrorType.STORAGE: "Free space or fix permissions in the data directory, then Proceed.",
         ErrorType.DATABASE: "Proceed once the database is back: the run resumes where it stopped.",
         ErrorType.TIMEOUT: "Proceed resumes where it stopped; raise JOBSITE_TIMEOUT_S if it keeps timing out.",
-        ErrorType.VALIDATION: "Fix what the message names (corpus, settings), then Proceed, or Remove the run.",
+        ErrorType.VALIDATION: "Fix what the message names (corpus, settings), then Proceed, or delete the run.",
         ErrorType.OOM: "Lower the batch size setting or free memory, then Proceed.",
     }
 
@@ -141,7 +141,7 @@ class TrainingRun(Job):
     def next_step(self) -> str:
         if not self.error_type:
             return ""
-        return self.NEXT_STEPS.get(self.error_type, "Proceed resumes the run where it stopped; Remove discards it.")
+        return self.NEXT_STEPS.get(self.error_type, "Proceed resumes the run where it stopped; Delete discards it.")
 
     def failed_status(self) -> str:
         return self.FAILED_IN[self.status]

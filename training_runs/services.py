@@ -27,8 +27,8 @@ NEXT_STEP = {
     Status.GENERATING: "wait for it to finish generating",
     Status.GENERATED: "review its pairs and train it",
     Status.TRAINING: "wait for its training to finish",
-    Status.GENERATING_FAILED: "proceed with it or remove it",
-    Status.TRAINING_FAILED: "proceed with it or remove it",
+    Status.GENERATING_FAILED: "proceed with it or delete it",
+    Status.TRAINING_FAILED: "proceed with it or delete it",
 }
 
 

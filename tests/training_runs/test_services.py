@@ -187,7 +187,7 @@ def test_the_blocking_sentence_names_the_blocking_run_and_its_status(small_corpu
         training_run_generate(corpus=small_corpus)
     assert str(blocked.value) == (
         f"A new generation cannot start while training run {run.pk} is generating_failed; "
-        "proceed with it or remove it first."
+        "proceed with it or delete it first."
     )
 
 
