@@ -17,6 +17,7 @@ class ErrorType:
     STORAGE = "STORAGE"
     DATABASE = "DATABASE"
     WORKER_LOST = "WORKER_LOST"
+    CANCELLED = "CANCELLED"
     UNKNOWN = "UNKNOWN"
 
     CHOICES = [
@@ -28,6 +29,7 @@ class ErrorType:
         (STORAGE, "Storage error"),
         (DATABASE, "Database unavailable"),
         (WORKER_LOST, "Worker lost"),
+        (CANCELLED, "Stopped on request"),
         (UNKNOWN, "Unknown error"),
     ]
 
@@ -118,6 +120,7 @@ NEXT_STEP = {
     ErrorType.WORKER_LOST: "Retried automatically; after the last attempt, resume or retry by hand.",
     ErrorType.EXTRACTION: "Read the message, then retry.",
     ErrorType.TRAINING: "Read the message, then proceed to resume from the last checkpoint.",
+    ErrorType.CANCELLED: "Stopped on request; retry to run it again.",
     ErrorType.UNKNOWN: "Read the worker log for the cause, then retry.",
 }
 

@@ -58,3 +58,10 @@ def transition(job: Job, to: str, *, event_type: str | None = None, payload: dic
             job.refresh_from_db(fields=expressions)
         publish(job.topic, event_type or f"{model.KIND}.{to}", {**job.event_payload(), **(payload or {})})
     return job
+
+
+def transition_cancelled(job: Job, *, payload: dict | None = None) -> Job:
+    """A cancellation takes effect: the kind's cancelled status, or its failed one (kinds
+    without a cancelled status say there that the job was stopped on request)."""
+    to, fields = job.cancelled_outcome()
+    return transition(job, to, cancel_requested=False, payload=payload, **fields)

@@ -107,6 +107,11 @@ class Job(models.Model):
 
     RETRYABLE_FROM: frozenset = frozenset()
 
+    def cancelled_outcome(self) -> tuple[str, dict]:
+        """The status (and fields) a cancellation ends in; kinds without a cancelled status
+        end in a failed one that says it was stopped on request."""
+        return self.CANCELLED, {}
+
     @property
     def next_step(self) -> str:
         """What a person should do about the last failure (empty when there is none)."""

@@ -11,7 +11,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from jobsite.errors import RETRYABLE, classify_error, error_sentence
-from jobsite.lifecycle import TransitionError, transition
+from jobsite.lifecycle import TransitionError, transition, transition_cancelled
 from jobsite.models import Job
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def job_request_cancel(job: Job) -> Job:
                 return job
         job.refresh_from_db()
         return job_request_cancel(job)
-    return transition(job, job.CANCELLED, cancel_requested=False)
+    return transition_cancelled(job)
 
 
 def job_resume(job: Job) -> Job:

@@ -19,7 +19,7 @@ from django.db import close_old_connections, connection
 from django.utils import timezone
 
 from jobsite.errors import ErrorType
-from jobsite.lifecycle import TransitionError, transition
+from jobsite.lifecycle import TransitionError, transition, transition_cancelled
 from jobsite.models import Job
 from jobsite.services import job_enqueue, job_fail
 
@@ -72,7 +72,7 @@ def run() -> list[str]:
             error_type, message = verdict
             try:
                 if job.cancel_requested:
-                    transition(job, job.CANCELLED, cancel_requested=False, payload={"reason": message})
+                    transition_cancelled(job, payload={"reason": message})
                     changed.append(f"{job.topic}: cancelled ({message})")
                 else:
                     job_fail(job, error_type=error_type, message=message)

@@ -22,7 +22,7 @@ from django.utils import timezone
 
 from jobsite.errors import Cancelled
 from jobsite.events import publish
-from jobsite.lifecycle import TransitionConflict, TransitionError, transition
+from jobsite.lifecycle import TransitionConflict, TransitionError, transition, transition_cancelled
 from jobsite.models import Job
 from jobsite.services import job_fail
 
@@ -110,8 +110,7 @@ class Lease:
                        self.job.topic, settings.JOBSITE_CANCEL_GRACE_S, os.getpid())
         try:
             self.job.refresh_from_db()
-            transition(self.job, self.model.CANCELLED, cancel_requested=False,
-                       payload={"forced": True})
+            transition_cancelled(self.job, payload={"forced": True})
         finally:
             os._exit(70)
 
@@ -204,7 +203,7 @@ def _record_failure(job: Job, lease: Lease, exc: BaseException) -> None:
         try:
             job.refresh_from_db()
             if isinstance(exc, Cancelled) or (lease.cancelled.is_set() and job.cancel_requested):
-                transition(job, job.CANCELLED, cancel_requested=False)
+                transition_cancelled(job)
             else:
                 logger.error("%s failed: %s", job.topic, exc, exc_info=exc)
                 job_fail(job, exc=exc)

@@ -35,7 +35,7 @@ class ChunkAdmin(admin.ModelAdmin):
 class TrainingRunAdmin(admin.ModelAdmin):
     list_display = ["id", "status", "progress", "corpus", "pair_count", "error_type", "short_error", "created_at"]
     list_filter = ["status", "error_type", "corpus"]
-    actions = ["proceed", "remove"]
+    actions = ["stop", "proceed", "remove"]
     readonly_fields = [f.name for f in TrainingRun._meta.get_fields() if getattr(f, "concrete", False)]
 
     def has_add_permission(self, request):
@@ -56,6 +56,18 @@ class TrainingRunAdmin(admin.ModelAdmin):
     @admin.display(description="error")
     def short_error(self, obj):
         return obj.error_message[:100]
+
+    @admin.action(description="Stop selected generating or training runs", permissions=["view"])
+    def stop(self, request, queryset):
+        done = 0
+        for run in queryset:
+            try:
+                services.training_run_stop(run=run)
+                done += 1
+            except TransitionError as exc:
+                self.message_user(request, str(exc), messages.ERROR)
+        if done:
+            self.message_user(request, ngettext("%d run stops.", "%d runs stop.", done) % done, messages.SUCCESS)
 
     @admin.action(description="Proceed with selected failed runs", permissions=["view"])
     def proceed(self, request, queryset):

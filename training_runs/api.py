@@ -205,6 +205,13 @@ def train_run(request, run_id: int, payload: TrainIn | None = None):
                                        learning_rate=payload.learning_rate)
 
 
+@router.post("/training/runs/{run_id}/stop", response={200: RunOut, 404: Message, 409: Message},
+             auth=staff_required)
+def stop_run(request, run_id: int):
+    """Stop a generating or training run; it then waits in its failed status for Proceed or Delete."""
+    return services.training_run_stop(run=_run(run_id))
+
+
 @router.post("/training/runs/{run_id}/proceed", response={200: RunOut, 404: Message, 409: Message, 422: Message},
              auth=staff_required)
 def proceed_run(request, run_id: int):

@@ -130,6 +130,7 @@ class TrainingRun(Job):
 
     # A failed run waits for a person: Proceed resumes it where it stopped, Remove discards it.
     NEXT_STEPS = {
+        ErrorType.CANCELLED: "Stopped on request: Proceed continues where it stopped; Delete discards the run.",
         ErrorType.STORAGE: "Free space or fix permissions in the data directory, then Proceed.",
         ErrorType.DATABASE: "Proceed once the database is back: the run resumes where it stopped.",
         ErrorType.TIMEOUT: "Proceed resumes where it stopped; raise JOBSITE_TIMEOUT_S if it keeps timing out.",
@@ -142,6 +143,15 @@ class TrainingRun(Job):
         if not self.error_type:
             return ""
         return self.NEXT_STEPS.get(self.error_type, "Proceed resumes the run where it stopped; Delete discards it.")
+
+    def cancelled_outcome(self) -> tuple[str, dict]:
+        """A stopped run has no status of its own: it waits in its phase's failed status, from
+        where Proceed continues it and Delete discards it."""
+        if self.status == self.Status.GENERATING:
+            done = f"{self.processed_chunks} of {self.total_chunks} chunks"
+        else:
+            done = f"{self.epochs_done} of {self.epochs} epochs"
+        return self.failed_status(), {"error_type": ErrorType.CANCELLED, "error_message": f"Stopped on request after {done}."}
 
     def failed_status(self) -> str:
         return self.FAILED_IN[self.status]

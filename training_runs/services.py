@@ -15,9 +15,9 @@ from django.utils import timezone
 from jobsite import failpoints
 from jobsite.errors import JobInputError
 from jobsite.events import publish
-from jobsite.lifecycle import TransitionError
+from jobsite.lifecycle import TransitionError, transition_cancelled
 from jobsite.paths import resolve_under
-from jobsite.services import job_enqueue, job_requeue
+from jobsite.services import job_enqueue, job_request_cancel, job_requeue
 from training_runs.models import Chunk, Corpus, TrainingPair, TrainingRun
 
 Status = TrainingRun.Status
@@ -230,6 +230,22 @@ def training_run_train(
                    queued_at=timezone.now(), enqueued_at=None, **params)
         job_enqueue(run)
     return run
+
+
+def training_run_stop(*, run: TrainingRun) -> TrainingRun:
+    """Stop a generating or training run: its worker stops between chunks or batches and the
+    run waits in its failed status ("stopped on request"), with what it did kept, for
+    Proceed or Delete."""
+    if run.status not in TrainingRun.RUNNING:
+        raise TransitionError(f"Training run {run.pk} is {run.status}; only a generating or training run can be stopped.")
+    if run.cancel_requested:
+        return run
+    with transaction.atomic():
+        # A run no worker holds yet stops at once; the row lock keeps a claim from slipping in.
+        locked = TrainingRun.objects.select_for_update().get(pk=run.pk)
+        if locked.status in TrainingRun.RUNNING and not locked.worker:
+            return transition_cancelled(locked)
+    return job_request_cancel(run)
 
 
 def training_run_proceed(*, run: TrainingRun) -> TrainingRun:

@@ -14,5 +14,6 @@ urlpatterns = [
     path("runs/<int:pk>/train/", views.training_train, name="train"),
     path("runs/<int:pk>/proceed/", views.training_proceed, name="proceed"),
     path("runs/<int:pk>/resume/", views.training_resume, name="resume"),
+    path("runs/<int:pk>/stop/", views.training_stop, name="stop"),
     path("runs/<int:pk>/delete/", views.training_delete, name="delete"),
 ]

@@ -320,6 +320,22 @@ def training_proceed(request, pk: int):
 
 @staff_required
 @require_POST
+def training_stop(request, pk: int):
+    run = selectors.training_run_get(run_id=pk)
+    try:
+        run = services.training_run_stop(run=run)
+    except TransitionError as exc:
+        messages.error(request, str(exc))
+    else:
+        if run.cancel_requested:
+            messages.success(request, f"Training run {pk} stops after its current step; Proceed continues it later.")
+        else:
+            messages.success(request, f"Training run {pk} stopped; Proceed continues it, Delete discards it.")
+    return _back(pk)
+
+
+@staff_required
+@require_POST
 def training_resume(request, pk: int):
     run = selectors.training_run_get(run_id=pk)
     try:

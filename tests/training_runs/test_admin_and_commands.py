@@ -88,3 +88,21 @@ def test_remove_command_needs_confirmation(failed_run, monkeypatch):
     assert TrainingRun.objects.filter(pk=failed_run.pk).exists()
     call_command("training", "remove", str(failed_run.pk), "--yes")
     assert not TrainingRun.objects.filter(pk=failed_run.pk).exists()
+
+
+def test_admin_stop_stops_a_generating_run_and_refuses_a_failed_one(superuser_client, small_corpus):
+    run = training_run_generate(corpus=small_corpus)
+    page = act(superuser_client, "trainingrun", "stop", [run]).content.decode()
+    assert "1 run stops." in page
+    run = TrainingRun.objects.get(pk=run.pk)
+    assert (run.status, run.error_type) == ("generating_failed", "CANCELLED")
+    page = act(superuser_client, "trainingrun", "stop", [run]).content.decode()
+    assert "only a generating or training run can be stopped" in page
+
+
+def test_stop_command_stops_the_run_and_fails_with_a_sentence_when_it_cannot(small_corpus, capsys):
+    run = training_run_generate(corpus=small_corpus)
+    call_command("training", "stop", str(run.pk))
+    assert f"Training run {run.pk} stopped: generating_failed (0/{run.total_chunks})." in capsys.readouterr().out
+    with pytest.raises(CommandError, match="only a generating or training run can be stopped"):
+        call_command("training", "stop", str(run.pk))

@@ -97,3 +97,16 @@ def test_non_staff_cannot_generate_or_remove(client, plain_user, small_corpus):
     assert client.get("/api/v1/training/runs").status_code == 200
     assert post(client, "/api/v1/training/runs", {"corpus_id": small_corpus.pk}).status_code == 403
     assert client.delete("/api/v1/training/runs/1").status_code == 403
+
+
+def test_stop_answers_the_run_and_409_once_it_is_no_longer_running(staff_client, small_corpus, fast_machinery):
+    started = post(staff_client, "/api/v1/training/runs", {"corpus_id": small_corpus.pk}).json()
+    response = post(staff_client, f"/api/v1/training/runs/{started['id']}/stop")
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert body["status"] == "generating_failed" and body["error_type"] == "CANCELLED"
+    assert body["next_step"].startswith("Stopped on request: Proceed continues")
+    again = post(staff_client, f"/api/v1/training/runs/{started['id']}/stop")
+    assert again.status_code == 409
+    assert again.json()["message"].endswith("only a generating or training run can be stopped.")
+    assert post(staff_client, "/api/v1/training/runs/999999/stop").status_code == 404

@@ -1,8 +1,10 @@
 import json
 import threading
+import time
 
 import pytest
 from django.db import connection
+from django.utils import timezone
 
 from jobsite.errors import JobInputError
 from jobsite.lifecycle import TransitionError
@@ -15,6 +17,7 @@ from training_runs.services import (
     training_run_proceed,
     training_run_remove,
     training_run_review,
+    training_run_stop,
     training_run_train,
 )
 from training_runs.tasks import run_training_phase
@@ -231,3 +234,48 @@ def test_read_only_data_directory_fails_training_as_storage_and_proceed_complete
     run_training_phase(run.pk)
     run = reload(run)
     assert run.status == "completed" and (run.output_dir / "adapter.safetensors").exists()
+
+
+def test_stop_mid_generation_keeps_the_pairs_waits_as_stopped_and_proceed_finishes(small_corpus, settings):
+    settings.JOBSITE_FAILPOINTS = json.dumps({"training.generate": {"action": "sleep", "seconds": 0.2}})
+    run = training_run_generate(corpus=small_corpus)
+    worker = threading.Thread(target=run_training_phase, args=(run.pk,))
+    worker.start()
+    deadline = time.monotonic() + 30
+    while reload(run).processed_chunks < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stopping = training_run_stop(run=reload(run))
+    assert stopping.cancel_requested and stopping.status == "generating"
+    worker.join(timeout=30)
+    run = reload(run)
+    assert run.status == "generating_failed" and run.error_type == "CANCELLED"
+    assert run.error_message == f"Stopped on request after {run.processed_chunks} of {run.total_chunks} chunks."
+    assert 3 <= run.processed_chunks < run.total_chunks and not run.cancel_requested
+    assert run.next_step.startswith("Stopped on request: Proceed continues")
+    assert run.pairs.count() == run.pair_count > 0
+    stopped = Event.objects.filter(topic=run.topic, type="training.generating_failed").get()
+    assert stopped.payload["error_type"] == "CANCELLED"
+
+    settings.JOBSITE_FAILPOINTS = ""
+    training_run_proceed(run=run)
+    run_training_phase(run.pk)
+    run = reload(run)
+    assert run.status == "generated" and run.processed_chunks == run.total_chunks
+    assert run.pairs.values("chunk_id").distinct().count() == run.total_chunks
+
+
+def test_stop_before_a_worker_takes_the_run_stops_it_at_once_and_no_worker_runs_it(small_corpus):
+    run = training_run_generate(corpus=small_corpus)
+    stopped = training_run_stop(run=run)
+    assert stopped.status == "generating_failed" and stopped.error_type == "CANCELLED"
+    assert stopped.error_message == f"Stopped on request after 0 of {run.total_chunks} chunks."
+    run_training_phase(run.pk)  # the task that was already queued: a quiet no-op
+    assert reload(run).status == "generating_failed" and reload(run).pair_count == 0
+
+
+@pytest.mark.parametrize("status", ["generated", "completed", "generating_failed"])
+def test_stop_is_refused_unless_generating_or_training(small_corpus, status):
+    run = TrainingRun.objects.create(corpus=small_corpus, status=status, total_chunks=4,
+                                     finished_at=timezone.now() if status == "completed" else None)
+    with pytest.raises(TransitionError, match=f"is {status}; only a generating or training run can be stopped"):
+        training_run_stop(run=run)

@@ -473,3 +473,31 @@ def test_actions_refuse_other_methods(staff_client, make_run, method):
     run = failed(make_run)
     assert getattr(staff_client, method)(f"/training/runs/{run.pk}/proceed/").status_code == 405
     assert staff_client.post(PAGE).status_code == 405
+
+
+def test_stop_on_the_page_stops_a_run_no_worker_holds_and_shows_it_as_stopped(staff_client, make_run):
+    run = make_run("generating", processed_chunks=4)
+    html = staff_client.get(PAGE).content.decode()
+    assert f'action="/training/runs/{run.pk}/stop/"' in section(html, f"run-{run.pk}")
+    response = staff_client.post(f"/training/runs/{run.pk}/stop/", follow=True)
+    run.refresh_from_db()
+    assert (run.status, run.error_type) == ("generating_failed", "CANCELLED")
+    assert f"Training run {run.pk} stopped; Proceed continues it, Delete discards it." in messages_of(response)
+    card = section(response.content.decode(), f"run-{run.pk}")
+    assert "Stopped: CANCELLED" in card and "Stopped on request after 4 of 12 chunks." in card
+
+
+def test_stop_on_the_page_asks_the_worker_holding_the_run_and_says_so(staff_client, make_run):
+    run = make_run("training", processed_chunks=12, worker="elsewhere:1", heartbeat_at=timezone.now())
+    response = staff_client.post(f"/training/runs/{run.pk}/stop/", follow=True)
+    run.refresh_from_db()
+    assert run.status == "training" and run.cancel_requested
+    assert f"Training run {run.pk} stops after its current step; Proceed continues it later." in messages_of(response)
+    assert "Stopping…" in section(response.content.decode(), f"run-{run.pk}")
+
+
+def test_stop_of_a_finished_run_is_a_message_not_an_error_page(staff_client, make_run):
+    run = make_run("completed")
+    response = staff_client.post(f"/training/runs/{run.pk}/stop/", follow=True)
+    assert response.status_code == 200
+    assert f"Training run {run.pk} is completed; only a generating or training run can be stopped." in messages_of(response)

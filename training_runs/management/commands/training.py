@@ -31,6 +31,8 @@ class Command(BaseCommand):
         train.add_argument("run_id", type=int)
         train.add_argument("--epochs", type=int)
         train.add_argument("--wait", action="store_true")
+        stop = sub.add_parser("stop", help="stop a generating or training run (Proceed continues it later)")
+        stop.add_argument("run_id", type=int)
         proceed = sub.add_parser("proceed", help="continue a failed run where it stopped")
         proceed.add_argument("run_id", type=int)
         proceed.add_argument("--wait", action="store_true")
@@ -81,6 +83,13 @@ class Command(BaseCommand):
         self.stdout.write(f"Training run {run.pk} is training for {run.epochs} epochs.")
         if options["wait"]:
             self.follow(run)
+
+    def do_stop(self, options):
+        run = services.training_run_stop(run=self._run(options["run_id"]))
+        if run.cancel_requested:
+            self.stdout.write(f"Training run {run.pk} stops after its current step, then waits for proceed or remove.")
+        else:
+            self.stdout.write(f"Training run {run.pk} stopped: {run.status} ({run.progress_label}).")
 
     def do_proceed(self, options):
         run = services.training_run_proceed(run=self._run(options["run_id"]))
