@@ -84,4 +84,4 @@ class Command(BaseCommand):
             password_file.write_text(password + "\n")
             password_file.chmod(0o600)
         password = password_file.read_text().strip()
-        self.stdout.write(self.style.SUCCESS(f"login    admin / {password}  at http://127.0.0.1:8000/admin/"))
+        self.stdout.write(self.style.SUCCESS(f"login    admin / {password}  at http://127.0.0.1:8000/ (pages) and /admin/"))
