@@ -266,3 +266,42 @@ def test_without_an_encoder_the_page_shows_only_the_reason(site, staff_user, db)
     expect(main.locator(".alert")).to_contain_text("No encoder is configured: set JOBSITE_ENCODER_PATH")
     expect(main.locator("#workflow, #history, form, table")).to_have_count(0)
     screenshot(page, "training-12-unavailable")
+
+
+def test_stop_mid_generation_shows_the_run_stopped_and_proceed_finishes_it(site, staff_user, training_env, corpus):
+    total = corpus.chunks.count()
+    site.start_worker(JOBSITE_FAILPOINTS=json.dumps({"training.generate": {"action": "sleep", "seconds": 0.3}}),
+                      **training_env)
+    site.start_web(**training_env)
+    page = site.page(staff_user)
+    page.goto(site.url("/training/"))
+    expect(page.locator("[data-live-status]")).to_have_text("live")
+    page.select_option("#id_corpus", str(corpus.pk))
+    page.locator("#workflow [data-generate]").click()
+    expect(page.locator(".message-success")).to_contain_text(f"is generating pairs for the {total} chunks of policy")
+    run = TrainingRun.objects.get()
+    card = page.locator(f"#run-{run.pk}")
+    expect(card.locator("[data-field=processed_chunks]")).not_to_have_text("0")
+
+    card.get_by_role("button", name="Stop").click()
+    expect(page.locator(".message-success")).to_contain_text(f"Training run {run.pk} stop")
+    expect(card.locator(".alert-error")).to_contain_text("Stopped: CANCELLED")
+    expect(card.locator(".alert-error")).to_contain_text("Stopped on request after")
+    expect(card.locator(".alert-error")).to_contain_text("Proceed continues where it stopped")
+    expect(card.locator("[data-progress]")).to_have_count(0)
+    expect(card.locator(".spinner")).to_have_count(0)
+    stopped = TrainingRun.objects.get()
+    assert stopped.status == "generating_failed" and stopped.error_type == "CANCELLED"
+    assert 0 < stopped.processed_chunks < total
+    row = page.locator(f"#run-row-{run.pk}")
+    expect(row.locator("[data-field=progress_label]")).to_have_text(f"{stopped.processed_chunks}/{total}")
+    # The row is redrawn as a stopped one: its error type shows, the refresh icon of active rows goes.
+    expect(row.locator(".run-main")).to_contain_text("CANCELLED")
+    expect(row.locator("[data-refresh]")).to_have_count(0)
+    screenshot(page, "training-13-stopped")
+
+    page.locator(f"#run-row-{run.pk} [data-accordion-toggle]").click()
+    page.locator(f"#run-detail-{run.pk}").get_by_role("button", name="Proceed").click()
+    expect(page.locator(f"#run-row-{run.pk} [data-status-label]")).to_have_text("generated", timeout=90_000)
+    done = TrainingRun.objects.get()
+    assert done.processed_chunks == total and done.pairs.values("chunk_id").distinct().count() == total
