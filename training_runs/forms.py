@@ -11,6 +11,9 @@ from training_runs.models import TrainingPair, TrainingRun
 class GenerateForm(forms.Form):
     corpus = forms.ModelChoiceField(queryset=None, empty_label=None)
     generator = forms.ChoiceField(choices=TrainingRun.Generator.choices, initial=TrainingRun.Generator.LOCAL)
+    # The same bounds as the API's.
+    queries_per_chunk = forms.IntegerField(label="Queries per chunk", min_value=1, max_value=20, initial=2,
+                                           required=False)
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("label_suffix", "")

@@ -252,6 +252,7 @@ def training_generate(request):
     corpus = form.cleaned_data["corpus"]
     try:
         run = services.training_run_generate(corpus=corpus, generator=form.cleaned_data["generator"],
+                                             queries_per_chunk=form.cleaned_data["queries_per_chunk"] or 2,
                                              user=request.user)
     except (JobInputError, TransitionError) as exc:
         messages.error(request, str(exc))

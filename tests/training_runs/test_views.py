@@ -444,6 +444,12 @@ def test_an_action_in_the_wrong_state_is_a_message(staff_client, make_run, statu
         ({"corpus": "x", "generator": "local"}, "corpus: Select a valid choice"),
         ({"generator": "local"}, "corpus: This field is required."),
         ({"corpus": "{corpus}", "generator": "gpt-9"}, "generator: Select a valid choice"),
+        ({"corpus": "{corpus}", "generator": "local", "queries_per_chunk": "0"},
+         "queries_per_chunk: Ensure this value is greater than or equal to 1."),
+        ({"corpus": "{corpus}", "generator": "local", "queries_per_chunk": "21"},
+         "queries_per_chunk: Ensure this value is less than or equal to 20."),
+        ({"corpus": "{corpus}", "generator": "local", "queries_per_chunk": "many"},
+         "queries_per_chunk: Enter a whole number."),
     ],
 )
 def test_bad_generate_input_is_a_message_and_starts_nothing(staff_client, corpus, data, sentence):
@@ -501,3 +507,10 @@ def test_stop_of_a_finished_run_is_a_message_not_an_error_page(staff_client, mak
     response = staff_client.post(f"/training/runs/{run.pk}/stop/", follow=True)
     assert response.status_code == 200
     assert f"Training run {run.pk} is completed; only a generating or training run can be stopped." in messages_of(response)
+
+
+def test_generate_from_the_page_takes_the_queries_per_chunk(staff_client, corpus):
+    html = staff_client.get(PAGE).content.decode()
+    assert 'name="queries_per_chunk"' in section(html, "workflow")
+    staff_client.post(PAGE + "generate/", {"corpus": corpus.pk, "generator": "local", "queries_per_chunk": "3"})
+    assert TrainingRun.objects.get().queries_per_chunk == 3
