@@ -238,9 +238,14 @@ def run_training(
 
 
 def split_pairs(pairs: Sequence[tuple[int, str, int]], eval_fraction: float = 0.2):
-    """Deterministic hold-out by pair id: (train, eval) lists of (query, chunk index)."""
+    """Deterministic hold-out by content: (train, eval) lists of (query, chunk index).
+
+    By the pair's text and chunk, not its id: the same corpus gives the same split whatever
+    ids the database handed out, so recall figures compare across runs and databases.
+    """
     train, held_out = [], []
-    for pair_id, query, chunk_index in pairs:
-        bucket = int(hashlib.sha256(str(pair_id).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    for _pair_id, query, chunk_index in pairs:
+        key = f"{chunk_index}\0{query}".encode()
+        bucket = int(hashlib.sha256(key).hexdigest()[:8], 16) / 0xFFFFFFFF
         (held_out if bucket < eval_fraction else train).append((query, chunk_index))
     return train, held_out
