@@ -1,11 +1,9 @@
-from django.contrib import admin, messages
+from django.contrib import admin
 from django.utils.html import format_html
-from django.utils.translation import ngettext
 
 from extraction import services
 from extraction.models import Dataset, Extraction, ModelRecord
-from jobsite.errors import JobInputError
-from jobsite.lifecycle import TransitionError
+from jobsite.admin import JobActionsMixin
 
 BADGE_COLOURS = {
     "queued": "#6c757d", "loading": "#0d6efd", "extracting": "#0d6efd", "saving": "#0d6efd",
@@ -35,7 +33,7 @@ class DatasetAdmin(admin.ModelAdmin):
 
 
 @admin.register(Extraction)
-class ExtractionAdmin(admin.ModelAdmin):
+class ExtractionAdmin(JobActionsMixin, admin.ModelAdmin):
     list_display = ["id", "badge", "model", "dataset", "progress", "error_type", "attempt", "retry_of", "created_at"]
     list_filter = ["status", "error_type", "model", "dataset", "auto_retried"]
     search_fields = ["id", "error_message", "model__name", "dataset__name"]
@@ -64,17 +62,6 @@ class ExtractionAdmin(admin.ModelAdmin):
     @admin.display(description="retry of")
     def retry_of(self, obj):
         return obj.original_extraction_id or "—"
-
-    def _each(self, request, queryset, act, done_singular, done_plural):
-        done = 0
-        for extraction in queryset:
-            try:
-                act(extraction)
-                done += 1
-            except (TransitionError, JobInputError) as exc:
-                self.message_user(request, f"Extraction {extraction.pk}: {exc}", messages.ERROR)
-        if done:
-            self.message_user(request, ngettext(done_singular, done_plural, done) % {"count": done}, messages.SUCCESS)
 
     @admin.action(description="Cancel selected extractions", permissions=["view"])
     def cancel(self, request, queryset):

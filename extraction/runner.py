@@ -356,11 +356,13 @@ def _remove_stale(directory: str) -> None:
 
 
 def _size(n: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+    if n < 1000:
+        return f"{n:.0f} bytes"
+    for unit in ("KB", "MB"):
         n /= 1000
-    return f"{n:.1f} TB"  # pragma: no cover
+        if n < 1000:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1000:.1f} GB"
 
 
 def _require_space(out: str, names: list[str], data_bytes: int) -> None:

@@ -1,6 +1,6 @@
 """The extractions page: server-rendered, refreshed piece by piece by the live module.
 
-Views are thin callers of extraction.services (and jobsite.services.job_resume); a service's
+Views are thin callers of extraction.services (and jobsite.views.resume_with_message); a service's
 JobInputError becomes a form error or a message, a TransitionError a message. Reading needs a
 login, every POST needs staff.
 """
@@ -29,8 +29,7 @@ from extraction.models import Extraction
 from jobsite.errors import ErrorType, JobInputError
 from jobsite.lifecycle import TransitionError
 from jobsite.selectors import last_event_seq
-from jobsite.services import job_resume
-from jobsite.views import STAFF_ONLY, live_context, staff_required
+from jobsite.views import STAFF_ONLY, duration, iso, live_context, resume_with_message, staff_required
 
 TOPIC = "extraction."
 HISTORY_LIMIT = 300
@@ -45,21 +44,6 @@ PHASES = {
 
 
 # -- presentation --------------------------------------------------------------------------
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "—"
-    seconds = max(0, round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
-
-
-def _iso(moment) -> str:
-    return moment.isoformat() if moment else ""
-
 
 def job_view(extraction: Extraction, *, seq: int = 0) -> dict:
     """Everything a card shows, computed once here so the template only lays it out."""
@@ -81,7 +65,7 @@ def job_view(extraction: Extraction, *, seq: int = 0) -> dict:
     if e.cancel_requested and running:
         phase = "Cancelling: the worker stops after the current batch"
     elif retry_in is not None and retry_in > 0:
-        phase = f"Automatic retry in {_duration(retry_in)}"
+        phase = f"Automatic retry in {duration(retry_in)}"
     return {
         "job": e,
         "seq": seq,
@@ -92,22 +76,22 @@ def job_view(extraction: Extraction, *, seq: int = 0) -> dict:
         "percent": f"{percent:.1f}".removesuffix(".0"),
         "bar_width": f"{percent:.1f}",
         "rate": f"{rate:,.0f}" if rate else "—",
-        "eta": _duration(eta) if eta is not None else "—",
+        "eta": duration(eta) if eta is not None else "—",
         "heartbeat_age": f"{heartbeat_age:.0f}" if heartbeat_age is not None else "",
         "stalled": stalled,
         "slow": slow,
-        "idle": _duration(idle_s),
+        "idle": duration(idle_s),
         "error_label": ERROR_LABELS.get(e.error_type, e.error_type),
         "suggested": json.dumps(e.suggested_retry_params, sort_keys=True) if e.suggested_retry_params else "",
         "auto_retry_pending": e.status == e.Status.QUEUED and bool(e.error_type),
         "layers": ", ".join(map(str, e.layers)),
         "hooks": ", ".join(e.hooks),
         "api_url": f"/api/v1/models/{e.model_id}/extractions/{e.pk}",
-        "heartbeat_at": _iso(e.heartbeat_at or e.started_at) if running else "",
-        "progress_at": _iso(last_move),
+        "heartbeat_at": iso(e.heartbeat_at or e.started_at) if running else "",
+        "progress_at": iso(last_move),
         "max_attempts": settings.JOBSITE_MAX_ATTEMPTS,
         "has_files": e.output_dir.is_dir(),
-        "took": _duration((e.finished_at - e.started_at).total_seconds()) if e.finished_at and e.started_at else "",
+        "took": duration((e.finished_at - e.started_at).total_seconds()) if e.finished_at and e.started_at else "",
     }
 
 
@@ -306,13 +290,7 @@ def extraction_retry_suggested(request, pk: int):
 @staff_required
 @require_POST
 def extraction_resume(request, pk: int):
-    extraction = selectors.extraction_get(extraction_id=pk)
-    try:
-        job_resume(extraction)
-    except TransitionError as exc:
-        messages.error(request, str(exc))
-    else:
-        messages.success(request, f"Extraction {pk} is queued again; it continues from its checkpoint.")
+    resume_with_message(request, selectors.extraction_get(extraction_id=pk), f"Extraction {pk}")
     return _back_to(pk)
 
 

@@ -41,26 +41,31 @@ def job_enqueue(job: Job) -> None:
 def job_request_cancel(job: Job) -> Job:
     """Cancel a job: at once when no worker holds it, cooperatively when one does.
 
-    A running job gets `cancel_requested`; its worker stops within one batch, or its
-    heartbeat thread ends the process after JOBSITE_CANCEL_GRACE_S.
+    A running job gets `cancel_requested` (once); its worker stops within one batch, or its
+    heartbeat thread ends the process after JOBSITE_CANCEL_GRACE_S. A kind that keeps its
+    phase status while it waits (CLAIMED empty) may be in a running status with no worker
+    yet: that one is cancelled at once.
     """
     label = job._meta.verbose_name
     if job.status not in job.ACTIVE:
         raise TransitionError(f"This {label} is {job.status}; only a queued or running {label} can be cancelled.")
-    if job.status in job.RUNNING:
-        with transaction.atomic():
-            updated = type(job).objects.filter(pk=job.pk, status__in=job.RUNNING).update(
-                cancel_requested=True, updated_at=timezone.now()
-            )
-            if updated:
-                job.cancel_requested = True
+    if job.status not in job.RUNNING:
+        return transition_cancelled(job)
+    model = type(job)
+    with transaction.atomic():
+        # The row lock keeps a worker from claiming the job while this decides.
+        current = model.objects.select_for_update().get(pk=job.pk)
+        if current.status in model.RUNNING:
+            if not model.CLAIMED and not current.worker:  # its phase status, but no worker yet
+                return transition_cancelled(current)
+            if not current.cancel_requested:
+                model.objects.filter(pk=current.pk).update(cancel_requested=True, updated_at=timezone.now())
+                current.cancel_requested = True
                 from jobsite.events import publish
 
-                publish(job.topic, f"{job.KIND}.cancel_requested", job.event_payload())
-                return job
-        job.refresh_from_db()
-        return job_request_cancel(job)
-    return transition_cancelled(job)
+                publish(current.topic, f"{model.KIND}.cancel_requested", current.event_payload())
+            return current
+    return job_request_cancel(current)
 
 
 def job_resume(job: Job) -> Job:

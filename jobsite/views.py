@@ -10,12 +10,15 @@ from __future__ import annotations
 from functools import wraps
 
 from django.conf import settings
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.shortcuts import redirect
 from django.utils import timezone
 
+from jobsite.lifecycle import TransitionError
 from jobsite.selectors import last_event_seq
+from jobsite.services import job_resume
 
 STAFF_ONLY = "Only staff users can start, cancel or retry jobs; ask an administrator."
 
@@ -51,3 +54,29 @@ def live_context(*, topic: str) -> dict:
         },
         "staff_only_sentence": STAFF_ONLY,
     }
+
+
+def duration(seconds: float | None) -> str:
+    """"42 s", "3 min 5 s", "2 h 10 min"; "—" when unknown."""
+    if seconds is None:
+        return "—"
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+def iso(moment) -> str:
+    return moment.isoformat() if moment else ""
+
+
+def resume_with_message(request, job, name: str) -> None:
+    """A page's Resume of a job whose worker went silent; the outcome as a Django message."""
+    try:
+        job_resume(job)
+    except TransitionError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, f"{name} is queued again; it continues from its checkpoint.")

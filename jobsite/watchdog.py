@@ -19,7 +19,7 @@ from django.db import close_old_connections, connection
 from django.utils import timezone
 
 from jobsite.errors import ErrorType
-from jobsite.lifecycle import TransitionError, transition, transition_cancelled
+from jobsite.lifecycle import TransitionError, transition_cancelled
 from jobsite.models import Job
 from jobsite.services import job_enqueue, job_fail
 

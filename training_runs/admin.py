@@ -2,6 +2,7 @@ from django.contrib import admin, messages
 from django.template.response import TemplateResponse
 from django.utils.translation import ngettext
 
+from jobsite.admin import JobActionsMixin
 from jobsite.errors import JobInputError
 from jobsite.lifecycle import TransitionError
 from training_runs import services
@@ -32,7 +33,7 @@ class ChunkAdmin(admin.ModelAdmin):
 
 
 @admin.register(TrainingRun)
-class TrainingRunAdmin(admin.ModelAdmin):
+class TrainingRunAdmin(JobActionsMixin, admin.ModelAdmin):
     list_display = ["id", "status", "progress", "corpus", "pair_count", "error_type", "short_error", "created_at"]
     list_filter = ["status", "error_type", "corpus"]
     actions = ["stop", "proceed", "remove"]
@@ -57,29 +58,18 @@ class TrainingRunAdmin(admin.ModelAdmin):
     def short_error(self, obj):
         return obj.error_message[:100]
 
+    def refusal(self, job, exc):
+        return str(exc)  # the services' sentences name the run already
+
     @admin.action(description="Stop selected generating or training runs", permissions=["view"])
     def stop(self, request, queryset):
-        done = 0
-        for run in queryset:
-            try:
-                services.training_run_stop(run=run)
-                done += 1
-            except TransitionError as exc:
-                self.message_user(request, str(exc), messages.ERROR)
-        if done:
-            self.message_user(request, ngettext("%d run stops.", "%d runs stop.", done) % done, messages.SUCCESS)
+        self._each(request, queryset, lambda run: services.training_run_stop(run=run),
+                   "%(count)d run stops.", "%(count)d runs stop.")
 
     @admin.action(description="Proceed with selected failed runs", permissions=["view"])
     def proceed(self, request, queryset):
-        done = 0
-        for run in queryset:
-            try:
-                services.training_run_proceed(run=run)
-                done += 1
-            except (TransitionError, JobInputError) as exc:
-                self.message_user(request, str(exc), messages.ERROR)
-        if done:
-            self.message_user(request, ngettext("%d run proceeds.", "%d runs proceed.", done) % done, messages.SUCCESS)
+        self._each(request, queryset, lambda run: services.training_run_proceed(run=run),
+                   "%(count)d run proceeds.", "%(count)d runs proceed.")
 
     @admin.action(description="Remove selected failed runs (with their pairs and files)", permissions=["view"])
     def remove(self, request, queryset):
@@ -95,15 +85,8 @@ class TrainingRunAdmin(admin.ModelAdmin):
                 **self.admin_site.each_context(request), "title": "Remove training runs?", "runs": removable,
                 "opts": self.model._meta, "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
             })
-        done = 0
-        for run in removable:
-            try:
-                services.training_run_remove(run=run, user=request.user)
-                done += 1
-            except TransitionError as exc:
-                self.message_user(request, str(exc), messages.ERROR)
-        if done:
-            self.message_user(request, ngettext("%d run removed.", "%d runs removed.", done) % done, messages.SUCCESS)
+        self._each(request, removable, lambda run: services.training_run_remove(run=run, user=request.user),
+                   "%(count)d run removed.", "%(count)d runs removed.")
         return None
 
 

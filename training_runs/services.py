@@ -15,7 +15,7 @@ from django.utils import timezone
 from jobsite import failpoints
 from jobsite.errors import JobInputError
 from jobsite.events import publish
-from jobsite.lifecycle import TransitionError, transition_cancelled
+from jobsite.lifecycle import TransitionError
 from jobsite.paths import resolve_under
 from jobsite.services import job_enqueue, job_request_cancel, job_requeue
 from training_runs.models import Chunk, Corpus, TrainingPair, TrainingRun
@@ -238,13 +238,6 @@ def training_run_stop(*, run: TrainingRun) -> TrainingRun:
     Proceed or Delete."""
     if run.status not in TrainingRun.RUNNING:
         raise TransitionError(f"Training run {run.pk} is {run.status}; only a generating or training run can be stopped.")
-    if run.cancel_requested:
-        return run
-    with transaction.atomic():
-        # A run no worker holds yet stops at once; the row lock keeps a claim from slipping in.
-        locked = TrainingRun.objects.select_for_update().get(pk=run.pk)
-        if locked.status in TrainingRun.RUNNING and not locked.worker:
-            return transition_cancelled(locked)
     return job_request_cancel(run)
 
 

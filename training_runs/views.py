@@ -1,6 +1,6 @@
 """The training page: one workflow card (generate, review, train) and the run history.
 
-Views are thin callers of training_runs.services (and jobsite.services.job_resume for a run
+Views are thin callers of training_runs.services (and jobsite.views.resume_with_message for a run
 whose worker went silent); a service's JobInputError or TransitionError becomes a message.
 Reading needs a login, every POST needs staff. While training is unavailable the page says
 why and nothing else: no action on it could succeed.
@@ -19,8 +19,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from jobsite.errors import ErrorType, JobInputError
 from jobsite.lifecycle import TransitionError
 from jobsite.selectors import last_event_seq
-from jobsite.services import job_resume
-from jobsite.views import STAFF_ONLY, live_context, staff_required
+from jobsite.views import STAFF_ONLY, duration, iso, live_context, resume_with_message, staff_required
 from training_runs import selectors, services
 from training_runs.forms import GenerateForm, ReviewForm, TrainForm
 from training_runs.models import TrainingPair, TrainingRun
@@ -35,21 +34,6 @@ FAILED = TrainingRun.RETRYABLE_FROM
 
 
 # -- presentation --------------------------------------------------------------------------
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "—"
-    seconds = max(0, round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
-
-
-def _iso(moment) -> str:
-    return moment.isoformat() if moment else ""
-
 
 def train_blocked_sentence(run: TrainingRun, approved: int) -> str:
     """Why Train is disabled, in the words the service refuses with; empty when it is not."""
@@ -136,10 +120,10 @@ def run_view(run: TrainingRun, *, seq: int = 0) -> dict:
         "bar_width": f"{percent:.1f}",
         "stalled": stalled,
         "slow": bool(active and not stalled and idle_s is not None and idle_s > settings.JOBSITE_SLOW_AFTER_S),
-        "idle": _duration(idle_s),
+        "idle": duration(idle_s),
         "heartbeat_age": f"{heartbeat_age:.0f}" if heartbeat_age is not None else "",
-        "heartbeat_at": _iso(run.heartbeat_at or run.started_at) if held else "",
-        "progress_at": _iso(last_move),
+        "heartbeat_at": iso(run.heartbeat_at or run.started_at) if held else "",
+        "progress_at": iso(last_move),
         "api_url": f"/api/v1/training/runs/{run.pk}",
         "error_label": ERROR_LABELS.get(run.error_type, run.error_type),
     }
@@ -338,13 +322,7 @@ def training_stop(request, pk: int):
 @staff_required
 @require_POST
 def training_resume(request, pk: int):
-    run = selectors.training_run_get(run_id=pk)
-    try:
-        job_resume(run)
-    except TransitionError as exc:
-        messages.error(request, str(exc))
-    else:
-        messages.success(request, f"Training run {pk} is queued again; it continues from its checkpoint.")
+    resume_with_message(request, selectors.training_run_get(run_id=pk), f"Training run {pk}")
     return _back(pk)
 
 
