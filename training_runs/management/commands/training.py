@@ -126,9 +126,10 @@ class Command(BaseCommand):
         with tqdm(desc=f"run {run.pk} {phase}", file=self.stderr._out) as bar:
             while True:
                 run.refresh_from_db()
-                if run.status == Status.GENERATING:
+                # By the phase followed, so the last draw shows where it ended (e.g. 499/499).
+                if phase == Status.GENERATING:
                     bar.total, bar.n, bar.unit = run.total_chunks, run.processed_chunks, "chunk"
-                elif run.status == Status.TRAINING:
+                else:
                     bar.total, bar.n, bar.unit = run.epochs, run.epochs_done, "epoch"
                 bar.set_postfix_str(run.status)
                 bar.refresh()
