@@ -71,6 +71,10 @@ class RunOut(Schema):
     review_counts: dict
     epochs: int
     epochs_done: int
+    texts_total: int = Field(description="chunks and approved queries the training phase embeds before its epochs")
+    texts_embedded: int
+    progress_done: int = Field(description="what `progress` counts now: chunks, texts embedded, or epochs")
+    progress_total: int
     metrics: dict
     loss_curve: list[float]
     error_type: str
@@ -89,6 +93,14 @@ class RunOut(Schema):
     @staticmethod
     def resolve_progress(obj) -> str:
         return obj.progress_label
+
+    @staticmethod
+    def resolve_progress_done(obj) -> int:
+        return obj.progress_counts[0]
+
+    @staticmethod
+    def resolve_progress_total(obj) -> int:
+        return obj.progress_counts[1]
 
     @staticmethod
     def resolve_review_counts(obj) -> dict:

@@ -93,6 +93,10 @@ class TrainingRun(Job):
     train_batch_size = models.PositiveIntegerField(default=32)
     learning_rate = models.FloatField(default=1e-3)
     epochs_done = models.PositiveIntegerField(default=0)
+    # The training phase embeds every chunk and approved query before its first epoch; these
+    # count those texts and how many are embedded (batches kept from an earlier attempt included).
+    texts_total = models.PositiveIntegerField(default=0)
+    texts_embedded = models.PositiveIntegerField(default=0)
     # {"before": {"recall@1": .., ...}, "after": {...}, "train_pairs": n, "eval_pairs": n}; partial while training.
     metrics = models.JSONField(default=dict, blank=True)
     loss_curve = models.JSONField(default=list, blank=True, help_text="mean training loss per epoch")
@@ -121,11 +125,32 @@ class TrainingRun(Job):
         return settings.JOBSITE_DATA_DIR / "training_runs" / str(self.pk)
 
     @property
+    def is_embedding(self) -> bool:
+        """In the training phase with texts still to embed: the epochs have not started."""
+        return self.status in (self.Status.TRAINING, self.Status.TRAINING_FAILED) and (
+            self.texts_embedded < self.texts_total)
+
+    @property
+    def progress_counts(self) -> tuple[int, int]:
+        """(done, total) of what the phase counts now: chunks, then texts embedded, then epochs."""
+        if self.status in (self.Status.GENERATING, self.Status.GENERATING_FAILED):
+            return self.processed_chunks, self.total_chunks
+        if self.is_embedding:
+            return self.texts_embedded, self.texts_total
+        return self.epochs_done, self.epochs
+
+    @property
+    def embedding_label(self) -> str:
+        return f"{self.texts_embedded:,} of {self.texts_total:,} texts"
+
+    @property
     def progress_label(self) -> str:
         if self.status in (self.Status.GENERATING, self.Status.GENERATING_FAILED, self.Status.TRAINING_FAILED):
             return f"{self.processed_chunks}/{self.total_chunks}"
+        if self.is_embedding:
+            return f"Embedding {self.embedding_label}"
         if self.status == self.Status.TRAINING:
-            return "In progress"
+            return f"{self.epochs_done} of {self.epochs} epochs"
         return "—"
 
     # A failed run waits for a person: Proceed resumes it where it stopped, Remove discards it.
@@ -148,10 +173,12 @@ class TrainingRun(Job):
         """A stopped run has no status of its own: it waits in its phase's failed status, from
         where Proceed continues it and Delete discards it."""
         if self.status == self.Status.GENERATING:
-            done = f"{self.processed_chunks} of {self.total_chunks} chunks"
+            when = f"after {self.processed_chunks} of {self.total_chunks} chunks"
+        elif self.is_embedding:
+            when = f"while embedding ({self.embedding_label})"
         else:
-            done = f"{self.epochs_done} of {self.epochs} epochs"
-        return self.failed_status(), {"error_type": ErrorType.CANCELLED, "error_message": f"Stopped on request after {done}."}
+            when = f"after {self.epochs_done} of {self.epochs} epochs"
+        return self.failed_status(), {"error_type": ErrorType.CANCELLED, "error_message": f"Stopped on request {when}."}
 
     def failed_status(self) -> str:
         return self.FAILED_IN[self.status]
@@ -169,6 +196,10 @@ class TrainingRun(Job):
             "progress_label": self.progress_label,
             "epochs": self.epochs,
             "epochs_done": self.epochs_done,
+            "texts_total": self.texts_total,
+            "texts_embedded": self.texts_embedded,
+            "progress_done": self.progress_counts[0],
+            "progress_total": self.progress_counts[1],
             "metrics": self.metrics,
             "loss_curve": self.loss_curve,
         }

@@ -225,9 +225,11 @@ def training_run_train(
         raise JobInputError("epochs must be 1-1000 and batch_size 2-4096.")
     if not 0 < params["learning_rate"] < 1:
         raise JobInputError("learning_rate must be between 0 and 1, e.g. 0.001.")
+    # Every chunk and approved query is embedded first: the page counts them from the start.
+    texts_total = run.corpus.chunks.count() + approved
     with transaction.atomic():
         transition(run, Status.TRAINING, training_started_at=timezone.now(), worker="", epochs_done=0,
-                   queued_at=timezone.now(), enqueued_at=None, **params)
+                   texts_total=texts_total, texts_embedded=0, queued_at=timezone.now(), enqueued_at=None, **params)
         job_enqueue(run)
     return run
 
@@ -328,13 +330,16 @@ def _train(run: TrainingRun, lease) -> None:
         learning_rate=run.learning_rate, device=settings.JOBSITE_DEVICE,
     )
 
+    def embedding_progress(done: int, total: int) -> None:
+        lease.report(texts_embedded=done, texts_total=total, final=done == total)
+
     def progress(epoch: int, epochs: int, losses: list[float], partial: dict) -> None:
         lease.report(epochs_done=epoch, loss_curve=losses, final=epoch == epochs,
                      metrics={**partial, "train_pairs": len(train), "eval_pairs": len(held_out)})
 
     result = run_training(
         spec, chunk_texts=chunk_texts, train_pairs=train, eval_pairs=held_out, progress=progress,
-        heartbeat=lease.heartbeat, should_cancel=lease.should_cancel,
+        embedding_progress=embedding_progress, heartbeat=lease.heartbeat, should_cancel=lease.should_cancel,
         failpoint=failpoints.make(settings.JOBSITE_FAILPOINTS, attempt=run.attempt),
     )
     lease.set_status(

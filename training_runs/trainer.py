@@ -1,7 +1,8 @@
 """Phase 2 of a training run: a retrieval adapter over a local encoder's embeddings.
 
 Chunks and queries are embedded once with the encoder (mean pooling, batched, cached on
-disk); a linear adapter on the query side (initialised to the identity, so "before" is the
+disk batch by batch, so a stop or a crash while embedding keeps the batches already done);
+a linear adapter on the query side (initialised to the identity, so "before" is the
 plain encoder) is trained with an in-batch contrastive loss. Every epoch ends with a
 checkpoint (safetensors: adapter, optimizer state; JSON: epoch, losses), and a resumed
 run continues after the last complete epoch with the same shuffles, so it ends where an
@@ -13,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+import shutil
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -43,6 +45,7 @@ class TrainSpec:
     learning_rate: float = 1e-3
     device: str = "cpu"
     seed: int = 0
+    embed_batch_size: int = 64
 
 
 @dataclass
@@ -66,35 +69,104 @@ def load_encoder(path: str, device: str = "cpu"):
     return tokenizer, model.to(device).eval()
 
 
-def embed(encoder_path: str, texts: Sequence[str], *, device: str = "cpu", batch_size: int = 64,
-          heartbeat: Callable[[], None] = lambda: None) -> np.ndarray:
-    """L2-normalised mean-pooled embeddings, float32 [len(texts), hidden]."""
+def _nothing() -> None:
+    return None
+
+
+def _never() -> bool:
+    return False
+
+
+def embed_batches(encoder_path: str, texts: Sequence[str], *, device: str = "cpu", batch_size: int = 64,
+                  heartbeat: Callable[[], None] = _nothing,
+                  should_cancel: Callable[[], bool] = _never) -> Iterator[np.ndarray]:
+    """L2-normalised mean-pooled embeddings, float32 [batch, hidden], one batch at a time.
+
+    Cancel is asked between batches, so a stop takes effect within one batch.
+    """
     tokenizer, model = load_encoder(encoder_path, device)
-    out = []
     for start in range(0, len(texts), batch_size):
         heartbeat()
+        if should_cancel():
+            raise Cancelled(f"Stopped while embedding ({start:,} of {len(texts):,} texts).")
         batch = tokenizer(list(texts[start : start + batch_size]), padding=True, truncation=True, max_length=256,
                           return_tensors="pt").to(device)
         with torch.inference_mode():
             hidden = model(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-        out.append(torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy())
-    hidden_size = model.config.hidden_size
+        yield torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()
+
+
+def embed(encoder_path: str, texts: Sequence[str], *, device: str = "cpu", batch_size: int = 64,
+          heartbeat: Callable[[], None] = _nothing, should_cancel: Callable[[], bool] = _never) -> np.ndarray:
+    """L2-normalised mean-pooled embeddings, float32 [len(texts), hidden]."""
+    out = list(embed_batches(encoder_path, texts, device=device, batch_size=batch_size, heartbeat=heartbeat,
+                             should_cancel=should_cancel))
+    hidden_size = load_encoder(encoder_path, device)[1].config.hidden_size
     return np.concatenate(out) if out else np.zeros((0, hidden_size), dtype=np.float32)
 
 
-def cached_embeddings(spec: TrainSpec, name: str, texts: Sequence[str], heartbeat) -> np.ndarray:
-    """Embeddings written once per run directory, keyed by the texts: a resume skips them."""
-    digest = hashlib.sha256("\x1e".join(texts).encode()).hexdigest()[:16]
-    path = os.path.join(spec.output_dir, f"{name}-{digest}.npy")
-    if os.path.exists(path):
-        return np.load(path)
-    values = embed(spec.encoder_path, texts, device=spec.device, heartbeat=heartbeat)
+def _save_npy(path: str, values: np.ndarray) -> None:
     tmp = path + ".tmp.npy"
     np.save(tmp, values)
     os.replace(tmp, path)
-    return values
+
+
+class EmbeddingCache:
+    """A run directory's embeddings of one list of texts (the chunks, the training or the
+    held-out queries), keyed by the texts.
+
+    Every batch is written (atomically) as soon as it is embedded, so a stop or a crash keeps
+    the batches before it and a resume embeds only the rest, in the batches an uninterrupted
+    run uses (so with the same values). Once complete, the batches become one file.
+    """
+
+    def __init__(self, output_dir: str, name: str, texts: Sequence[str]):
+        digest = hashlib.sha256("\x1e".join(texts).encode()).hexdigest()[:16]
+        self.texts = texts
+        self.path = os.path.join(output_dir, f"{name}-{digest}.npy")
+        self.batches_dir = os.path.join(output_dir, f"{name}-{digest}.batches")
+        self.stored = self._load()
+
+    def _batch_path(self, start: int) -> str:
+        return os.path.join(self.batches_dir, f"{start:09d}.npy")
+
+    def _load(self) -> list[np.ndarray]:
+        if os.path.exists(self.path):
+            return [np.load(self.path)]
+        stored, start = [], 0
+        while os.path.exists(self._batch_path(start)):
+            stored.append(np.load(self._batch_path(start)))
+            start += len(stored[-1])
+        return stored
+
+    @property
+    def done(self) -> int:
+        """Texts whose embeddings are on disk already."""
+        return sum(len(values) for values in self.stored)
+
+    def fill(self, spec: TrainSpec, *, heartbeat: Callable[[], None], should_cancel: Callable[[], bool],
+             embedded: Callable[[int], None]) -> np.ndarray:
+        """Embed what is not stored yet (`embedded(count)` after every batch); all of them."""
+        start = self.done
+        if start < len(self.texts):
+            os.makedirs(self.batches_dir, exist_ok=True)
+            for values in embed_batches(spec.encoder_path, self.texts[start:], device=spec.device,
+                                        batch_size=spec.embed_batch_size, heartbeat=heartbeat,
+                                        should_cancel=should_cancel):
+                _save_npy(self._batch_path(start), values)
+                self.stored.append(values)
+                start += len(values)
+                embedded(len(values))
+        if self.stored:
+            values = np.concatenate(self.stored)
+        else:
+            values = np.zeros((0, load_encoder(spec.encoder_path, spec.device)[1].config.hidden_size), np.float32)
+        if not os.path.exists(self.path):
+            _save_npy(self.path, values)
+            shutil.rmtree(self.batches_dir, ignore_errors=True)
+        return values
 
 
 def new_adapter(hidden: int) -> torch.nn.Linear:
@@ -162,6 +234,29 @@ def _load_checkpoint(directory: str, adapter, optimizer, fingerprint: str) -> di
     return meta
 
 
+def _embed_all(spec: TrainSpec, parts: list[tuple[str, list[str]]], *, report: Callable[[int, int], None],
+               heartbeat: Callable[[], None], should_cancel: Callable[[], bool],
+               failpoint: Callable[[str, dict], None]) -> list[np.ndarray]:
+    """Every part's embeddings, counted as one job of texts: what is stored counts at once."""
+    caches = [EmbeddingCache(spec.output_dir, name, texts) for name, texts in parts]
+    total = sum(len(cache.texts) for cache in caches)
+    done = sum(cache.done for cache in caches)
+    report(done, total)
+
+    def embedded(count: int) -> None:
+        nonlocal done
+        done += count
+        report(done, total)
+        failpoint("training.embed", {"index": done})
+
+    try:
+        return [cache.fill(spec, heartbeat=heartbeat, should_cancel=should_cancel, embedded=embedded)
+                for cache in caches]
+    except Cancelled:
+        # In the run's terms: texts of all parts, not of the part that was being embedded.
+        raise Cancelled(f"Stopped while embedding ({done:,} of {total:,} texts).") from None
+
+
 def run_training(
     spec: TrainSpec,
     *,
@@ -172,16 +267,23 @@ def run_training(
     heartbeat: Callable[[], None],
     should_cancel: Callable[[], bool],
     failpoint: Callable[[str, dict], None],
+    embedding_progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> TrainResult:
-    """Train on (query, chunk index) pairs; report recall@k on eval_pairs before and after."""
+    """Train on (query, chunk index) pairs; report recall@k on eval_pairs before and after.
+
+    Embedding comes first and is reported as `embedding_progress(texts done, texts in all)`
+    (texts a previous attempt embedded count at once), then every epoch as `progress`.
+    """
     if len(train_pairs) < 2:
         raise JobInputError("Training needs at least 2 approved pairs for training; approve more pairs.")
     if spec.epochs < 1 or spec.batch_size < 2:
         raise JobInputError("epochs must be at least 1 and batch_size at least 2.")
     os.makedirs(spec.output_dir, exist_ok=True)
-    chunks = cached_embeddings(spec, "chunks", chunk_texts, heartbeat)
-    train_q = cached_embeddings(spec, "train-queries", [q for q, _ in train_pairs], heartbeat)
-    eval_q = cached_embeddings(spec, "eval-queries", [q for q, _ in eval_pairs], heartbeat)
+    chunks, train_q, eval_q = _embed_all(
+        spec, [("chunks", list(chunk_texts)), ("train-queries", [q for q, _ in train_pairs]),
+               ("eval-queries", [q for q, _ in eval_pairs])],
+        report=embedding_progress, heartbeat=heartbeat, should_cancel=should_cancel, failpoint=failpoint,
+    )
     train_t = torch.tensor([t for _, t in train_pairs])
     eval_t = [t for _, t in eval_pairs]
 

@@ -89,7 +89,8 @@ def run_view(run: TrainingRun, *, seq: int = 0) -> dict:
     active = run.status in TrainingRun.ACTIVE
     held = active and bool(run.worker)  # a phase waits for a worker until one takes it
     training = run.status in (Status.TRAINING, Status.TRAINING_FAILED)
-    done, total = (run.epochs_done, run.epochs) if training else (run.processed_chunks, run.total_chunks)
+    # Training counts texts embedded, then epochs: one pair of fields the live updates follow.
+    done, total = run.progress_counts
     percent = min(100.0, 100.0 * done / total) if total else 0.0
     last_move = max(m for m in (run.queued_at, run.started_at, run.progress_at) if m)
     idle_s = (now - last_move).total_seconds() if active else None
@@ -110,9 +111,8 @@ def run_view(run: TrainingRun, *, seq: int = 0) -> dict:
         "held": held,
         "failed": run.status in FAILED,
         "training": training,
-        "done_field": "epochs_done" if training else "processed_chunks",
-        "total_field": "epochs" if training else "total_chunks",
-        "unit": "epochs" if training else "chunks",
+        "done_field": "progress_done" if training else "processed_chunks",
+        "total_field": "progress_total" if training else "total_chunks",
         "done": done,
         "total": total,
         "phase": phase,
@@ -298,6 +298,8 @@ def training_proceed(request, pk: int):
     if run.status == Status.GENERATING:
         messages.success(request, f"Training run {pk} proceeds: generation continues after chunk "
                                   f"{run.processed_chunks} of {run.total_chunks}.")
+    elif run.is_embedding:
+        messages.success(request, f"Training run {pk} proceeds: embedding continues after {run.embedding_label}.")
     else:
         messages.success(request, f"Training run {pk} proceeds: training resumes from its last checkpoint.")
     return _back(pk)

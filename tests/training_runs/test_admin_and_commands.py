@@ -1,10 +1,15 @@
+import io
 import json
+import re
+import threading
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.db import connection
 from django.urls import reverse
 
 from jobsite.models import Event
+from tests.conftest import wait_for
 from training_runs.models import TrainingPair, TrainingRun
 from training_runs.services import training_run_generate
 from training_runs.tasks import run_training_phase
@@ -106,3 +111,30 @@ def test_stop_command_stops_the_run_and_fails_with_a_sentence_when_it_cannot(sma
     assert f"Training run {run.pk} stopped: generating_failed (0/{run.total_chunks})." in capsys.readouterr().out
     with pytest.raises(CommandError, match="only a generating or training run can be stopped"):
         call_command("training", "stop", str(run.pk))
+
+
+def test_train_wait_draws_the_embedding_bar_then_the_epochs_bar(small_corpus, settings):
+    run = training_run_generate(corpus=small_corpus)
+    run_training_phase(run.pk)
+    call_command("training", "review", str(run.pk), "approve", stdout=io.StringIO())
+    texts = small_corpus.chunks.count() + TrainingPair.objects.filter(run=run).count()
+
+    def worker():
+        # The phase starts once `train` has committed it, as a qcluster would pick it up.
+        wait_for(lambda: TrainingRun.objects.get(pk=run.pk).status == "training", timeout=30)
+        run_training_phase(run.pk)
+        connection.close()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    out, err = io.StringIO(), io.StringIO()
+    call_command("training", "train", str(run.pk), "--epochs", "2", "--wait", stdout=out, stderr=err)
+    thread.join(timeout=60)
+    draws = [line.strip() for line in re.split(r"[\r\n]", err.getvalue()) if line.strip()]
+    embedding = [d for d in draws if d.startswith(f"run {run.pk} embedding:")]
+    epochs = [d for d in draws if d.startswith(f"run {run.pk} training:")]
+    assert embedding and epochs and draws.index(embedding[-1]) < draws.index(epochs[0])
+    assert f" 0/{texts} " in embedding[0]
+    assert embedding[-1].startswith(f"run {run.pk} embedding: 100%") and f" {texts}/{texts} " in embedding[-1]
+    assert epochs[-1].startswith(f"run {run.pk} training: 100%") and " 2/2 " in epochs[-1]
+    assert "completed" in epochs[-1] and "completed" in out.getvalue()

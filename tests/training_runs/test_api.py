@@ -55,7 +55,8 @@ def test_review_then_train_flow_and_wrong_state_answers(staff_client, generated_
     assert everything["review_counts"]["pending"] == 0
     response = post(staff_client, f"{run_url}/train", {"epochs": 2})
     assert response.status_code == 200 and response.json()["status"] == "training"
-    assert response.json()["progress"] == "In progress"
+    texts = generated_run.corpus.chunks.count() + everything["review_counts"]["approved"]
+    assert response.json()["progress"] == f"Embedding 0 of {texts:,} texts"
     assert staff_client.delete(run_url).status_code == 409
     assert staff_client.get(f"{run_url}/search", {"query": "brakes"}).status_code == 422
 
@@ -110,3 +111,17 @@ def test_stop_answers_the_run_and_409_once_it_is_no_longer_running(staff_client,
     assert again.status_code == 409
     assert again.json()["message"].endswith("only a generating or training run can be stopped.")
     assert post(staff_client, "/api/v1/training/runs/999999/stop").status_code == 404
+
+
+def test_a_run_reads_embedding_progress_then_epochs(staff_client, small_corpus):
+    run = TrainingRun.objects.create(corpus=small_corpus, status="training", epochs=8, texts_total=1479,
+                                     texts_embedded=480, worker="host:1")
+    body = staff_client.get(f"/api/v1/training/runs/{run.pk}").json()
+    assert body["progress"] == "Embedding 480 of 1,479 texts"
+    assert (body["progress_done"], body["progress_total"]) == (480, 1479)
+    assert (body["texts_embedded"], body["texts_total"], body["epochs_done"]) == (480, 1479, 0)
+
+    TrainingRun.objects.filter(pk=run.pk).update(texts_embedded=1479, epochs_done=3)
+    body = staff_client.get(f"/api/v1/training/runs/{run.pk}").json()
+    assert body["progress"] == "3 of 8 epochs"
+    assert (body["progress_done"], body["progress_total"]) == (3, 8)

@@ -279,3 +279,50 @@ def test_stop_is_refused_unless_generating_or_training(small_corpus, status):
                                      finished_at=timezone.now() if status == "completed" else None)
     with pytest.raises(TransitionError, match=f"is {status}; only a generating or training run can be stopped"):
         training_run_stop(run=run)
+
+
+def test_stop_while_embedding_ends_the_phase_before_any_epoch_and_proceed_continues_the_embedding(
+    small_corpus, settings
+):
+    run = generate_and_approve(small_corpus)
+    texts = small_corpus.chunks.count() + run.pairs.filter(review="approved").count()
+    # Slow enough between embedding batches for the stop to land while embedding.
+    settings.JOBSITE_FAILPOINTS = json.dumps({"training.embed": {"action": "sleep", "seconds": 1.0}})
+    generated_up_to = Event.objects.order_by("-seq").first().seq
+    training_run_train(run=run, epochs=2)
+    assert reload(run).progress_label == f"Embedding 0 of {texts:,} texts"
+
+    def work():
+        run_training_phase(run.pk)
+        connection.close()
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    deadline = time.monotonic() + 60
+    while reload(run).texts_embedded == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert training_run_stop(run=reload(run)).cancel_requested
+    worker.join(timeout=60)
+    run = reload(run)
+    assert run.status == "training_failed" and run.error_type == "CANCELLED" and not run.cancel_requested
+    assert 0 < run.texts_embedded < run.texts_total == texts
+    assert run.error_message == f"Stopped on request while embedding ({run.texts_embedded:,} of {texts:,} texts)."
+    assert run.epochs_done == 0 and run.loss_curve == [] and not (run.output_dir / "checkpoint").exists()
+    labels = [e.payload["progress_label"]
+              for e in Event.objects.filter(topic=run.topic, type="training.progress", seq__gt=generated_up_to)]
+    assert labels[0] == f"Embedding 0 of {texts:,} texts"
+    assert labels[-1] == f"Embedding {run.texts_embedded:,} of {texts:,} texts"
+    assert Event.objects.filter(topic=run.topic, type="training.training_failed").get().payload["error_type"] == "CANCELLED"
+
+    kept = run.texts_embedded
+    settings.JOBSITE_FAILPOINTS = ""
+    training_run_proceed(run=run)
+    resumed_after = Event.objects.filter(topic=run.topic).order_by("-seq").first().seq
+    run_training_phase(run.pk)
+    run = reload(run)
+    assert run.status == "completed" and run.epochs_done == 2 and len(run.loss_curve) == 2
+    assert run.texts_embedded == run.texts_total == texts
+    resumed = [e.payload for e in Event.objects.filter(topic=run.topic, type="training.progress", seq__gt=resumed_after)]
+    # The batches embedded before the stop count at once; the epochs follow the embedding.
+    assert resumed[0]["progress_label"] == f"Embedding {kept:,} of {texts:,} texts"
+    assert [p["progress_label"] for p in resumed[-3:]] == ["0 of 2 epochs", "1 of 2 epochs", "2 of 2 epochs"]

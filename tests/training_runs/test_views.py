@@ -198,11 +198,37 @@ def test_an_active_run_shows_its_live_progress_bar(staff_client, make_run, setti
 
 def test_a_training_run_shows_epochs_on_its_bar(staff_client, make_run):
     now = timezone.now()
-    run = make_run("training", processed_chunks=12, epochs=8, epochs_done=2, worker="host:1", started_at=now,
-                   heartbeat_at=now, progress_at=now, attempt=1)
+    run = make_run("training", processed_chunks=12, epochs=8, epochs_done=2, texts_total=1479, texts_embedded=1479,
+                   worker="host:1", started_at=now, heartbeat_at=now, progress_at=now, attempt=1)
     card = section(staff_client.get(PAGE).content.decode(), f"run-{run.pk}")
-    assert 'data-done-field="epochs_done" data-total-field="epochs"' in card
+    assert 'data-done-field="progress_done" data-total-field="progress_total"' in card
     assert 'style="width: 25.0%"' in card and "Training the adapter" in card
+    assert '<span data-field="progress_label">2 of 8 epochs</span> (<span data-percent>25</span> %)' in card
+
+
+def test_a_training_run_that_is_embedding_counts_texts_on_its_bar_and_in_its_row(staff_client, make_run):
+    now = timezone.now()
+    run = make_run("training", processed_chunks=12, epochs=8, texts_total=1479, texts_embedded=480,
+                   worker="host:1", started_at=now, heartbeat_at=now, progress_at=now, attempt=1)
+    html = staff_client.get(f"{PAGE}?open={run.pk}").content.decode()
+    card = section(html, f"run-{run.pk}")
+    assert 'style="width: 32.5%"' in card and 'aria-valuenow="32.5"' in card
+    assert '<span data-field="progress_label">Embedding 480 of 1,479 texts</span> (<span data-percent>32.5</span> %)' in card
+    row = row_html(html, run.pk)
+    assert progress_cell(html, run.pk) == "Embedding 480 of 1,479 texts"
+    assert 'holds this run: <span data-field="progress_label">Embedding 480 of 1,479 texts</span>.' in row
+
+
+def test_a_run_stopped_while_embedding_says_how_far_it_got(staff_client, make_run):
+    run = make_run("training_failed", processed_chunks=12, epochs=8, texts_total=1479, texts_embedded=480,
+                   attempt=1, error_type="CANCELLED",
+                   error_message="Stopped on request while embedding (480 of 1,479 texts).")
+    html = staff_client.get(f"{PAGE}?open={run.pk}").content.decode()
+    card = section(html, f"run-{run.pk}")
+    assert "Stopped: CANCELLED" in card and "Stopped on request while embedding (480 of 1,479 texts)." in card
+    assert "480 of 1,479 texts were embedded before it stopped (attempt 1)." in card
+    row = row_html(html, run.pk)
+    assert "Training stopped while embedding: 480 of 1,479 texts are embedded. Proceed embeds the rest" in row
 
 
 def test_a_silent_worker_shows_no_heartbeat_and_resume_requeues_the_run(staff_client, settings, make_run):
@@ -313,7 +339,9 @@ def test_bad_review_input_is_a_message(staff_client, generated_run, data, senten
     [
         ("generating", {"processed_chunks": 7}, "7/12"),
         ("generating_failed", {"processed_chunks": 5, "error_type": "UNKNOWN"}, "5/12"),
-        ("training", {"processed_chunks": 12}, "In progress"),
+        ("training", {"processed_chunks": 12, "texts_total": 1479, "texts_embedded": 480}, "Embedding 480 of 1,479 texts"),
+        ("training", {"processed_chunks": 12, "texts_total": 1479, "texts_embedded": 1479, "epochs_done": 3},
+         "3 of 8 epochs"),
         ("training_failed", {"processed_chunks": 12, "error_type": "TRAINING"}, "12/12"),
         ("generated", {"processed_chunks": 12}, "—"),
         ("completed", {"processed_chunks": 12}, "—"),
@@ -391,6 +419,15 @@ def test_proceed_after_a_training_failure_resumes_training(staff_client, make_ru
     run.refresh_from_db()
     assert run.status == "training"
     assert "training resumes from its last checkpoint" in messages_of(response)[0]
+
+
+def test_proceed_after_a_stop_while_embedding_continues_the_embedding(staff_client, make_run):
+    run = make_run("training_failed", processed_chunks=12, texts_total=1479, texts_embedded=480, attempt=1,
+                   error_type="CANCELLED", error_message="Stopped on request while embedding (480 of 1,479 texts).")
+    response = staff_client.post(f"/training/runs/{run.pk}/proceed/", follow=True)
+    assert f"Training run {run.pk} proceeds: embedding continues after 480 of 1,479 texts." in messages_of(response)
+    card = section(response.content.decode(), f"run-{run.pk}")
+    assert "Waiting for a worker" in card and '<span data-field="progress_label">Embedding 480 of 1,479 texts</span>' in card
 
 
 def test_delete_asks_for_confirmation_then_removes_the_run(staff_client, make_run):

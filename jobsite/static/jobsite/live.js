@@ -399,7 +399,9 @@
     try {
       const response = await fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } });
       if (!response.ok) return;
-      const job = await response.json();
+      const answer = await response.json();
+      // The API names the progress text `progress`; events (and the fields drawn) `progress_label`.
+      const job = { ...answer, progress_label: answer.progress_label ?? answer.progress };
       state.polls += 1;
       followers(card.dataset.topic).forEach((row) => follow(row, job));
       const current = cardFor(card.dataset.topic);

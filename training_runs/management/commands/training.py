@@ -11,6 +11,14 @@ from training_runs.models import Corpus, TrainingRun
 
 Status = TrainingRun.Status
 
+# What each bar counts: (unit, field done, field total), in the order the stages run.
+STAGE_UNITS = {
+    "generating": ("chunk", "processed_chunks", "total_chunks"),
+    "embedding": ("text", "texts_embedded", "texts_total"),
+    "training": ("epoch", "epochs_done", "epochs"),
+}
+STAGES = list(STAGE_UNITS)
+
 
 class Command(BaseCommand):
     help = "Training runs: generate pairs, review, train, proceed after a failure, remove, status."
@@ -121,22 +129,46 @@ class Command(BaseCommand):
             self.stdout.write(line)
 
     def follow(self, run: TrainingRun, poll_s: float = 0.5) -> None:
-        """A progress bar for the current phase; exit 1 with the failure sentence."""
+        """A progress bar for each stage of the current phase (chunks; texts embedded, then
+        epochs); exit 1 with the failure sentence."""
         phase = run.status
-        with tqdm(desc=f"run {run.pk} {phase}", file=self.stderr._out) as bar:
+        stage, bar = None, None
+        try:
             while True:
                 run.refresh_from_db()
-                # By the phase followed, so the last draw shows where it ended (e.g. 499/499).
-                if phase == Status.GENERATING:
-                    bar.total, bar.n, bar.unit = run.total_chunks, run.processed_chunks, "chunk"
-                else:
-                    bar.total, bar.n, bar.unit = run.epochs, run.epochs_done, "epoch"
-                bar.set_postfix_str(run.status)
-                bar.refresh()
+                now = _stage(run, phase)
+                # Stages only go forward: embedding, then epochs.
+                if bar is None or STAGES.index(now) > STAGES.index(stage):
+                    if bar is not None:
+                        self._draw(bar, run, stage)  # where the stage ended, e.g. 1479/1479 texts
+                        bar.close()
+                    stage = now
+                    unit, done, total = STAGE_UNITS[stage]
+                    # initial: what an earlier attempt did is not counted in the rate.
+                    bar = tqdm(desc=f"run {run.pk} {stage}", unit=unit, total=getattr(run, total),
+                               initial=getattr(run, done), file=self.stderr._out)
+                self._draw(bar, run, stage)
                 if run.status != phase:
                     break
                 time.sleep(poll_s)
+        finally:
+            if bar is not None:
+                bar.close()
         if run.status in TrainingRun.RETRYABLE_FROM:
             raise CommandError(f"Training run {run.pk} {run.status} ({run.error_type}): {run.error_message} "
                                f"Proceed with `manage.py training proceed {run.pk}` or remove it.")
         self.do_status({"run_id": run.pk, "json": False})
+
+    @staticmethod
+    def _draw(bar, run: TrainingRun, stage: str) -> None:
+        _unit, done, total = STAGE_UNITS[stage]
+        bar.total, bar.n = getattr(run, total), getattr(run, done)
+        bar.set_postfix_str(run.status)
+        bar.refresh()
+
+
+def _stage(run: TrainingRun, phase: str) -> str:
+    """By the phase followed, not the status now, so the last draw shows where it ended."""
+    if phase == Status.GENERATING:
+        return "generating"
+    return "embedding" if run.is_embedding else "training"
