@@ -7,8 +7,10 @@
 Two models are built from configs with fixed seeds (random weights, nothing downloaded): a
 GPT-2-small-shaped GPT2Model and a Pythia-70m-shaped GPTNeoXModel. The data are token ids
 with log-normal lengths. Every tool gets the same model weights, the same samples and the
-same batch size, and runs interleaved with the others (the order rotates every repetition);
-each number is the median over the repetitions. Real tokens/s counts non-pad tokens only.
+same batch size (16), and runs interleaved with the others (the order rotates every
+repetition); each number is the median over the repetitions. Real tokens/s counts non-pad
+tokens only. The defaults (64 samples of 4-256 tokens per model) keep the run under 3
+minutes on 2 cores; bucketing gains with the sample count (`--samples 256`).
 
 Tools:
   runner        jobsite's run_extraction: residual, mlp and attention on 3 layers, files
@@ -16,6 +18,8 @@ Tools:
                 load and tokenisation before it are shown apart as end-to-end).
   bare-stop     a bare forward over the runner's own batches (length-sorted), stopped after
                 the same layer by a hook, no capture, no writes: the floor the runner must reach.
+                It runs with the runner's allocator setting (heap_reuse), so that the pair
+                differs by the capture and the writes only.
                 Like the runner, it loads its model afresh every repetition (not timed): a new
                 model instance runs its first batches a few per cent slower here.
   batched       a bare batched forward of the whole model in dataset order: batching alone.
@@ -24,6 +28,8 @@ Tools:
                 np.save (hidden_states has no mlp or attention outputs).
   runner-no-sync, runner-no-io (only when named in --tools): the runner without fdatasync,
                 and without writing rows at all: where its time over bare-stop goes.
+  runner-glibc-heap (only when named in --tools): the runner with glibc's own allocator
+                behaviour, which every other tool has: what heap_reuse gains.
   nnsight       NNsight wrapping a copy of the model (wrapping patches forward methods in
                 place, which would slow every other tool), right-padded batches in dataset
                 order, .save() of the same modules, tracer.stop() after the last layer, np.save.
@@ -32,6 +38,7 @@ Tools:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import gc
@@ -63,6 +70,10 @@ from jobsite.demo import train_tokenizer  # noqa: E402
 HOOKS = ("residual", "mlp", "attention")
 SEED = 0
 QUIET = 0.25  # a run is "quiet" when other processes kept fewer cores than this busy meanwhile
+
+
+SLOW = ("batched", "per-sample", "hidden-states")
+OPTIONAL = ("runner-no-sync", "runner-no-io", "runner-glibc-heap")  # only when named in --tools
 
 
 class Stop(Exception):
@@ -204,16 +215,18 @@ def tool_runner(ctx: Context, out: Path, module=jobsite_runner) -> dict:
             "faults": marks["saving"][1] - marks["extracting"][1]}
 
 
-def runner_without(ctx: Context, out: Path, *, sync: bool = False, rows: bool = False) -> dict:
-    saved = os.fdatasync, jobsite_runner._pwrite_all
+def runner_without(ctx: Context, out: Path, *, sync: bool = False, rows: bool = False, heap: bool = False) -> dict:
+    saved = os.fdatasync, jobsite_runner._pwrite_all, jobsite_runner.heap_reuse
     try:
         if sync:
             os.fdatasync = lambda fd: None
         if rows:
             jobsite_runner._pwrite_all = lambda fd, data, position: None
+        if heap:
+            jobsite_runner.heap_reuse = lambda device: contextlib.nullcontext()
         return tool_runner(ctx, out)
     finally:
-        os.fdatasync, jobsite_runner._pwrite_all = saved
+        os.fdatasync, jobsite_runner._pwrite_all, jobsite_runner.heap_reuse = saved
 
 
 def tool_bare_stop(ctx: Context, out: Path) -> dict:
@@ -222,16 +235,18 @@ def tool_bare_stop(ctx: Context, out: Path) -> dict:
     model = AutoModel.from_pretrained(ctx.model_dir, local_files_only=True).to(ctx.device).eval()
     blocks = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == len(ctx.blocks))
     blocks[ctx.layers[-1]].register_forward_hook(raise_stop)
-    start = time.perf_counter()
-    with torch.inference_mode():
+    # With the runner's allocator setting (jobsite_runner.heap_reuse), so that the pair
+    # compares what writing costs and nothing else.
+    with torch.inference_mode(), jobsite_runner.heap_reuse(ctx.device):
+        start = time.perf_counter()
         for batch in ctx.sorted_batches:
             input_ids, mask = ctx.inputs(batch)
             try:
                 model(input_ids=input_ids, attention_mask=mask, use_cache=False)
             except Stop:
                 pass
-    ctx.sync()
-    return {"seconds": time.perf_counter() - start}
+        ctx.sync()
+        return {"seconds": time.perf_counter() - start}
 
 
 def tool_batched(ctx: Context, out: Path) -> dict:
@@ -430,9 +445,10 @@ def bench_model(name, config, model_class, layers, args, workdir: Path) -> tuple
     # without any file write at all (the checkpoint is still written).
     tools["runner-no-sync"] = lambda c, o: runner_without(c, o, sync=True)
     tools["runner-no-io"] = lambda c, o: runner_without(c, o, sync=True, rows=True)
-    chosen = ("runner", "bare-stop", *(args.tools.split(",") if args.tools else tools))
+    tools["runner-glibc-heap"] = lambda c, o: runner_without(c, o, heap=True)
+    chosen = ("runner", "bare-stop", "runner@before", *(args.tools.split(",") if args.tools else tools))
     tools = {tool: run for tool, run in tools.items()
-             if tool in chosen and (args.tools or tool not in ("runner-no-sync", "runner-no-io"))}
+             if tool in chosen and (args.tools or tool not in OPTIONAL)}
 
     # Warm-up: the first forward of a model, and nnsight's first trace, pay one-off costs.
     small = Context.__new__(Context)
@@ -450,10 +466,12 @@ def bench_model(name, config, model_class, layers, args, workdir: Path) -> tuple
     extra = {"end_to_end": [], "diff": {}, "bytes": {}}
     names = list(tools)
     paired = [tool for tool in names if tool.startswith(("runner", "bare-stop"))]
-    for rep in range(max(args.reps, args.pair_reps)):
-        # The pair the 0.97 target compares runs more often than the slow baselines.
-        chosen = [tool for tool in names if (rep < args.reps or tool in paired) and
-                  (rep < args.pair_reps or tool not in paired)]
+    # The pair the 0.97 target compares runs most often; the whole-model baselines, two to
+    # four times slower than the runner, least (their ratios are far from any target).
+    reps = {tool: args.pair_reps if tool in paired else args.slow_reps if tool in SLOW else args.reps
+            for tool in names}
+    for rep in range(max(reps.values())):
+        chosen = [tool for tool in names if rep < reps[tool]]
         for tool in chosen[rep % len(chosen):] + chosen[: rep % len(chosen)]:
             wait_for_quiet(args.wait_quiet)
             out = Path(tempfile.mkdtemp(dir=workdir))
@@ -516,9 +534,10 @@ def bench_model(name, config, model_class, layers, args, workdir: Path) -> tuple
         f"{len(sequences)} samples, {ctx.tokens} real tokens, lengths log-normal (median {MEDIAN_LENGTH}, sigma "
         f"{SIGMA}) clipped to "
         f"{int(lengths.min())}-{args.max_len} (longest here {int(lengths.max())}), batch size {args.batch_size}, "
-        f"{args.reps} repetitions interleaved ({args.pair_reps} for runner and bare-stop), device {args.device}.",
+        f"repetitions interleaved: {args.pair_reps} for runner and bare-stop, {args.reps} for nnsight, "
+        f"{args.slow_reps} for {', '.join(SLOW)}; device {args.device}.",
         "",
-        table(["tool", "real tokens/s (median)", "runner ÷ tool", f"quiet runs only (n)", "runner ÷ tool, quiet",
+        table(["tool", "real tokens/s (median)", "runner ÷ tool", "quiet runs only (n)", "runner ÷ tool, quiet",
                "max abs diff vs per-sample ref", "MB on disk", "page faults (k)",
                "tokens/s per repetition (other processes' cores)"],
               rows),
@@ -555,12 +574,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: shrunk models, few samples, 1 repetition")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--reps", type=int, default=None, help="repetitions per tool (default 3, quick 1)")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions of nnsight (default 3, quick 1)")
+    parser.add_argument("--slow-reps", type=int, default=None,
+                        help=f"repetitions of {', '.join(SLOW)} (default 1)")
     parser.add_argument("--pair-reps", type=int, default=None,
-                        help="repetitions of runner and bare-stop (default 7, quick 1)")
-    parser.add_argument("--samples", type=int, default=None, help="samples (N) per model (default 24, quick 16)")
-    parser.add_argument("--max-len", type=int, default=512, help="length cap in tokens (default 512)")
-    parser.add_argument("--batch-size", type=int, default=8)
+                        help="repetitions of runner and bare-stop (default 5, quick 1)")
+    parser.add_argument("--samples", type=int, default=None, help="samples (N) per model (default 64, quick 16)")
+    parser.add_argument("--max-len", type=int, default=256, help="length cap in tokens (default 256)")
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--only", default=None, help="run one model (a name prefix)")
     parser.add_argument("--tools", default=None, help="comma-separated tools beside runner and bare-stop")
     parser.add_argument("--no-rss", dest="rss", action="store_false", help="skip the peak-RSS subprocesses")
@@ -571,8 +592,9 @@ def main() -> None:
                              "measured as 'runner@before' in the same interleaved run")
     args = parser.parse_args()
     args.reps = args.reps or (1 if args.quick else 3)
-    args.pair_reps = max(args.pair_reps or (1 if args.quick else 7), args.reps)
-    args.samples = args.samples or (16 if args.quick else 24)
+    args.slow_reps = args.slow_reps or 1
+    args.pair_reps = max(args.pair_reps or (1 if args.quick else 5), args.reps)
+    args.samples = args.samples or (16 if args.quick else 64)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"--device {args.device}: this machine has no CUDA device; nothing measured.")
         return

@@ -591,3 +591,33 @@ def test_disk_filling_up_mid_run_fails_classified_keeps_a_consistent_checkpoint_
     assert calls[0][0] >= 3 * 4
     for name in ["offsets.npy", *layer_files(tmp_path / "straight"), "metadata.json"]:
         assert (disk / "out" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+
+
+def _faults_and_rss(allocate) -> tuple[int, int]:
+    """Minor page faults taken by allocate(), and the resident memory after it (bytes)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    allocate()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    with open("/proc/self/statm") as f:
+        return faults, int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(runner._MALLOPT is None, reason="needs glibc's allocator (mallopt), which the worker image has")
+def test_heap_reuse_keeps_freed_activations_for_the_next_batch_and_gives_them_back_after_the_run():
+    size = 64 * 2**20  # one batch's activations, well over glibc's mmap threshold
+
+    def batch():
+        torch.ones(size // 4, dtype=torch.float32)  # filled, freed at once
+
+    outside, _ = _faults_and_rss(batch)
+    with runner.heap_reuse("cpu"):
+        batch()
+        inside, rss_inside = _faults_and_rss(batch)
+    assert outside > size // 4096 // 2, "glibc maps (and faults in) a large block afresh every time"
+    assert inside < outside / 20, f"{inside} page faults for the second batch: its memory was given back and re-faulted"
+    _, rss_after = _faults_and_rss(lambda: None)
+    assert rss_after < rss_inside - size // 2, "the run's heap stays resident after the run"
+    again, _ = _faults_and_rss(batch)
+    assert again > size // 4096 // 2, "glibc's own setting is back after the run"
