@@ -10,7 +10,8 @@ order and the checkpoint only counts them: a resume cuts the pending suffix with
 recorded batch size, which reproduces the uninterrupted run's batches and so its bytes.
 
 Writing costs next to nothing over the forward pass: a writer thread writes batch k (rows
-by position with pwrite, fdatasync, then the checkpoint) while batch k + 1 runs forward.
+by position with pwrite) while batch k + 1 runs forward, and every SYNC_EVERY_S it
+fdatasyncs the files and only then writes the checkpoint that counts those batches.
 On cuda the real tokens are gathered and cast on the device and copied into pinned host
 memory on a side stream, so the copy overlaps compute too.
 """
@@ -27,6 +28,7 @@ import os
 import queue
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,6 +49,10 @@ _ATTENTION_NAMES = ("attn", "attention", "self_attn")
 _SHIPPED = "use a model whose architecture transformers ships"
 OFFSETS, CHECKPOINT, METADATA = "offsets.npy", "checkpoint.json", "metadata.json"
 _TOKENIZE_CHUNK = 4096
+# Rows are synced and counted at most this often (and always at the end, on cancel and on
+# the way out by an error): a crash redoes at most this much work, and a fast device is
+# not held to nine fdatasyncs a batch.
+SYNC_EVERY_S = 1.0
 
 # Worker logs are read by people: no weight-loading progress bars or load reports there.
 transformers_logging.disable_progress_bar()
@@ -567,13 +573,15 @@ def _to_host(captured: dict, mask: np.ndarray, storage: torch.dtype, copy_stream
 class _Writer:
     """Writes finished batches on a thread of its own while the next batch runs forward.
 
-    Each batch is written rows -> fdatasync -> checkpoint, so the checkpoint never counts a
-    row that is not on disk. The main thread hands a batch over only once the previous one
-    is written and counted (double buffering): at most two batches of activations are alive,
-    and wherever either side fails, the checkpoint is where a one-thread run would leave it.
+    Rows are written as batches arrive; every SYNC_EVERY_S (and on flush) the files are
+    fdatasynced and only then the checkpoint counts the batches written, so it never counts
+    a row that is not on disk. The main thread hands a batch over only once the previous one
+    is written (double buffering): at most two batches of activations are alive. `written`
+    is the checkpoint of the rows written, `counted` the one on disk.
     """
 
-    def __init__(self, output_dir: str, starts: dict[str, int], row_bytes: int):
+    def __init__(self, output_dir: str, starts: dict[str, int], row_bytes: int, counted: dict,
+                 sync_every_s: float):
         self._files: dict[str, tuple[int, int]] = {}  # name -> (descriptor, byte offset of row 0)
         try:
             for name, start in starts.items():
@@ -582,6 +590,8 @@ class _Writer:
             self._close_files()
             raise
         self._row_bytes = row_bytes
+        self._sync_every_s, self._synced_at = sync_every_s, time.monotonic()
+        self.counted = self.written = counted  # checkpoints: the one on disk, and the one of the rows written
         self._output_dir = output_dir
         self._checkpoint_path = os.path.join(output_dir, CHECKPOINT)
         self._jobs: queue.Queue = queue.Queue(maxsize=1)
@@ -590,16 +600,24 @@ class _Writer:
         self._thread.start()
 
     def submit(self, rows: _Rows, checkpoint: dict) -> None:
+        """Hands a batch over; `checkpoint` is the one to write once its rows are synced."""
         self._jobs.put((rows, checkpoint))
 
     def wait(self) -> None:
-        """Returns once every batch handed over is counted; raises the writer's error if one failed."""
+        """Returns once every batch handed over is written; raises the writer's error if one failed."""
         self._jobs.join()
         if self._error is not None:
             raise self._error
 
+    def flush(self) -> None:
+        """wait(), then sync and count every batch written."""
+        self.submit(None, None)
+        self.wait()
+
     def close(self) -> None:
-        """Finishes the batch handed over (its error, if any, stays unraised), then the thread."""
+        """Finishes, syncs and counts the batches handed over (an error, if any, stays unraised),
+        then the thread."""
+        self._jobs.put((None, None))
         self._jobs.put(None)
         self._thread.join()
         self._close_files()
@@ -611,7 +629,16 @@ class _Writer:
 
     def _work(self) -> None:
         while True:
-            job = self._jobs.get()
+            try:
+                # Batches written while the main thread is busy (a long batch, a hang) are still
+                # synced and counted when due.
+                job = self._jobs.get(timeout=self._due())
+            except queue.Empty:
+                try:
+                    self._sync()
+                except BaseException as exc:  # noqa: BLE001 - raised again in the main thread by wait()
+                    self._error = exc
+                continue
             try:
                 if job is None:
                     return
@@ -623,18 +650,45 @@ class _Writer:
                 job = None  # the batch's memory goes now, not when the next batch arrives
                 self._jobs.task_done()
 
-    def _write(self, rows: _Rows, checkpoint: dict) -> None:
-        rows.ready()
+    def _write(self, rows: _Rows | None, checkpoint: dict | None) -> None:
+        if rows is not None:
+            rows.ready()
+            try:
+                self._write_rows(rows)
+            except BaseException:
+                # The batches written before this one are still counted, as a sync per batch would.
+                with contextlib.suppress(OSError):
+                    self._sync()
+                raise
+            self.written = checkpoint
+        if rows is None or time.monotonic() - self._synced_at >= self._sync_every_s:
+            self._sync()
+
+    def _due(self) -> float | None:
+        """Seconds until the rows written are due to be synced; None while there are none."""
+        if self.written is self.counted or self._error is not None:
+            return None
+        return max(0.0, self._sync_every_s - (time.monotonic() - self._synced_at))
+
+    def _write_rows(self, rows: _Rows) -> None:
         for name, (fd, base) in self._files.items():
             try:
-                if name in rows.values:
-                    for start, piece in rows.pieces(name):
-                        _pwrite_all(fd, memoryview(piece).cast("B"), base + start * self._row_bytes)
+                for start, piece in rows.pieces(name) if name in rows.values else ():
+                    _pwrite_all(fd, memoryview(piece).cast("B"), base + start * self._row_bytes)
+            except OSError as exc:
+                raise _naming(exc, os.path.join(self._output_dir, name)) from exc
+
+    def _sync(self) -> None:
+        if self.written is self.counted:
+            return
+        for name, (fd, _) in self._files.items():
+            try:
                 os.fdatasync(fd)
             except OSError as exc:
                 raise _naming(exc, os.path.join(self._output_dir, name)) from exc
-        # Only once its rows are on disk may the checkpoint count the batch.
-        _write_json(self._checkpoint_path, checkpoint)
+        # Only once its rows are on disk may the checkpoint count a batch.
+        _write_json(self._checkpoint_path, self.written)
+        self.counted, self._synced_at = self.written, time.monotonic()
 
 
 def _pwrite_all(fd: int, data: memoryview, position: int) -> None:
@@ -668,26 +722,34 @@ def run_extraction(
     order = np.argsort(-lengths, kind="stable")  # longest first, ties in dataset order
     total_samples, total_tokens = len(order), int(prep.offsets[-1])
     batch_size, done, batch_index = checkpoint["batch_size"], checkpoint["samples_done"], checkpoint["batches_done"]
-    tokens_done = int(lengths[order[:done]].sum())
+    tokens_upto = np.concatenate([[0], np.cumsum(lengths[order])])  # tokens of the first k samples of order
     on_event("phase", {
         "phase": "extracting", "total_tokens": total_tokens,
         "clamped_tokens": prep.clamped_tokens, "truncated_samples": prep.truncated_samples,
     })
-    progress(done, total_samples, tokens_done, total_tokens)
+    progress(done, total_samples, int(tokens_upto[done]), total_tokens)
 
     copy_stream = torch.cuda.Stream(spec.device) if spec.device.startswith("cuda") else None
-    writer = _Writer(spec.output_dir, starts, prep.info.hidden_size * np.dtype(spec.storage_dtype).itemsize)
+    row_bytes = prep.info.hidden_size * np.dtype(spec.storage_dtype).itemsize
+    writer = _Writer(spec.output_dir, starts, row_bytes, checkpoint, SYNC_EVERY_S)
     captured: dict[str, torch.Tensor] = {}
     handles = _register_hooks(_find_blocks(model, prep.info.num_layers), prep, captured)
-    handed_over = None  # the progress to report once the writer has counted the batch it holds
+    reported = checkpoint
+
+    def report() -> None:
+        """Progress counts the samples written; the checkpoint counts them within SYNC_EVERY_S."""
+        nonlocal reported
+        if writer.written is not reported:
+            reported = writer.written
+            progress(reported["samples_done"], total_samples, int(tokens_upto[reported["samples_done"]]), total_tokens)
+
     with heap_reuse(spec.device):
         try:
             while done < total_samples:
                 heartbeat()
                 if should_cancel():
-                    writer.wait()
-                    if handed_over:
-                        progress(*handed_over)
+                    writer.flush()
+                    report()
                     raise Cancelled(f"Cancelled after {done} of {total_samples} samples.")
                 # Longest first, so empty samples only ever share a batch with each other.
                 batch = [int(i) for i in order[done : done + batch_size] if lengths[i] > 0]
@@ -696,12 +758,11 @@ def run_extraction(
                     rows = _forward(model, spec, prep, batch, captured, copy_stream)
                 except Exception as exc:
                     failure = exc
-                # While this batch ran forward, the writer wrote the one before: now it is counted,
-                # or the writer's error is raised here, never mistaken for this batch's.
+                # While this batch ran forward, the writer wrote the one before (and, if it was
+                # time, synced and counted it), or its error is raised here, never mistaken for
+                # this batch's.
                 writer.wait()
-                if handed_over:
-                    progress(*handed_over)
-                    handed_over = None
+                report()
                 try:
                     if failure is not None:
                         raise failure
@@ -713,6 +774,8 @@ def run_extraction(
                     rows = None  # memory is freed below: until this block ends, the traceback pins it
                 failure = None
                 if rows is None:
+                    writer.flush()  # the checkpoint below counts every sample done: they are synced first
+                    report()
                     captured.clear()
                     gc.collect()
                     if spec.device.startswith("cuda"):
@@ -722,23 +785,22 @@ def run_extraction(
                     on_event("batch_size_reduced", reduced)
                     batch_size //= 2
                     checkpoint = {**checkpoint, "batch_size": batch_size}
-                    _write_json(checkpoint_path, checkpoint)  # the writer is idle: it waited above
+                    _write_json(checkpoint_path, checkpoint)  # the writer is idle: it was flushed above
                     continue
                 done = min(done + batch_size, total_samples)
                 batch_index += 1
-                tokens_done += int(lengths[batch].sum())
                 checkpoint = {**checkpoint, "samples_done": done, "batches_done": batch_index}
                 writer.submit(rows, checkpoint)
-                handed_over = (done, total_samples, tokens_done, total_tokens)
                 del rows
-            writer.wait()
-            if handed_over:
-                progress(*handed_over)
+            writer.flush()
+            report()
         finally:
-            # On the way out by an exception, the batch handed over is still written and counted.
+            # On the way out by an exception too, the batches handed over are written, synced,
+            # counted, and reported.
             writer.close()
             for handle in handles:
                 handle.remove()
+            report()
 
     on_event("phase", {"phase": "saving"})
     files = {OFFSETS: {"dtype": "int64", "shape": [total_samples + 1]}}

@@ -186,7 +186,10 @@ def test_resume_after_interruption_is_byte_identical_to_uninterrupted_run(models
 
 KILLED_RUN = """
 import os, sys
+from extraction import runner
 from extraction.runner import ExtractionSpec, run_extraction
+
+runner.SYNC_EVERY_S = float(os.environ["SYNC_EVERY_S"])
 
 def die_at_batch_3(name, context):
     if context["index"] == 3:
@@ -198,16 +201,19 @@ run_extraction(spec, progress=None, heartbeat=None, should_cancel=None, failpoin
 """
 
 
-def test_resume_after_the_process_died_is_byte_identical(models, samples_path, tmp_path):
+@pytest.mark.parametrize("sync_every_s, resumed_at", [(0, 3 * 4), (3600, 0)])
+def test_resume_after_the_process_died_is_byte_identical(models, samples_path, tmp_path, sync_every_s, resumed_at):
+    """Resumed from the last sync: after each batch when syncs are due every batch, from the
+    start when none was due yet. Either way the files come out identical."""
     options = dict(layers=(0, 2), hooks=("residual", "mlp"), batch_size=4)
     extract(models["gpt2"], samples_path, tmp_path / "straight", **options)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SYNC_EVERY_S": str(sync_every_s)}
     died = subprocess.run(
         [sys.executable, "-c", KILLED_RUN, models["gpt2"], samples_path, str(tmp_path / "resumed")], cwd=REPO, env=env
     )
     assert died.returncode == 9
     _, calls = extract(models["gpt2"], samples_path, tmp_path / "resumed", **options)
-    assert calls[0][0] == 3 * 4
+    assert calls[0][0] == resumed_at
     for name in ["offsets.npy", *layer_files(tmp_path / "straight")]:
         assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
 
@@ -457,13 +463,13 @@ def test_rows_are_written_while_the_next_batch_runs_forward(models, samples_path
 
         return wrapper
 
-    def slow_write(self, rows, checkpoint):
+    def slow_write(self, rows):
         time.sleep(0.2)
-        original_write(self, rows, checkpoint)
+        original_write(self, rows)
 
-    original_write = runner._Writer._write
+    original_write = runner._Writer._write_rows
     monkeypatch.setattr(runner, "_forward", timed("forward", runner._forward))
-    monkeypatch.setattr(runner._Writer, "_write", timed("write", slow_write))
+    monkeypatch.setattr(runner._Writer, "_write_rows", timed("write", slow_write))
     extract(models["gpt2"], samples_path, tmp_path, batch_size=16)
     assert len(spans["forward"]) == len(spans["write"]) == 4
     for (write_start, write_end), (next_start, _) in zip(spans["write"], spans["forward"][1:]):
@@ -483,6 +489,7 @@ def die_in_the_writer(fd, data, position):
     original(fd, data, position)
 
 runner._pwrite_all = die_in_the_writer
+runner.SYNC_EVERY_S = 0  # a checkpoint per batch, so the resume point is known
 model, data, out = sys.argv[1:]
 spec = runner.ExtractionSpec(model, data, out, layers=(0, 2), hooks=("residual", "mlp"), batch_size=4)
 runner.run_extraction(spec, progress=None, heartbeat=None, should_cancel=None)
@@ -565,8 +572,9 @@ def test_output_larger_than_the_free_space_is_refused_before_any_batch_then_comp
 
 
 def test_disk_filling_up_mid_run_fails_classified_keeps_a_consistent_checkpoint_and_resumes_identical(
-    models, samples_path, tmp_path, small_disk
+    models, samples_path, tmp_path, small_disk, monkeypatch
 ):
+    monkeypatch.setattr(runner, "SYNC_EVERY_S", 0)  # a checkpoint per batch, as on a slow model
     options = dict(layers=(0, 2), hooks=("residual", "mlp"), batch_size=4)
     extract(models["gpt2"], samples_path, tmp_path / "straight", **options)
     disk = small_disk.mount(tmp_path / "disk", "2m")
@@ -593,31 +601,76 @@ def test_disk_filling_up_mid_run_fails_classified_keeps_a_consistent_checkpoint_
         assert (disk / "out" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
 
 
-def _faults_and_rss(allocate) -> tuple[int, int]:
-    """Minor page faults taken by allocate(), and the resident memory after it (bytes)."""
-    import resource
+HEAP_REUSE_RUN = """
+import json, os, resource, torch
+from extraction import runner
 
+def measured(allocate):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     allocate()
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     with open("/proc/self/statm") as f:
-        return faults, int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, rss
+
+def batches():
+    for _ in range(6):
+        torch.ones(64 * 2**20 // 4, dtype=torch.float32)  # a batch's activations, filled, freed at once
+
+outside, _ = measured(batches)
+with runner.heap_reuse("cpu"):
+    batches()
+    inside, rss_inside = measured(batches)
+_, rss_after = measured(lambda: None)
+again, _ = measured(batches)
+print(json.dumps(dict(outside=outside, inside=inside, rss_inside=rss_inside, rss_after=rss_after, again=again)))
+"""
 
 
 @pytest.mark.skipif(runner._MALLOPT is None, reason="needs glibc's allocator (mallopt), which the worker image has")
 def test_heap_reuse_keeps_freed_activations_for_the_next_batch_and_gives_them_back_after_the_run():
-    size = 64 * 2**20  # one batch's activations, well over glibc's mmap threshold
+    # In a process of its own, as a worker starts: this one's heap holds whatever earlier tests left.
+    done = subprocess.run([sys.executable, "-c", HEAP_REUSE_RUN], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, check=True)
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    pages = 64 * 2**20 // 4096  # of one batch
+    assert seen["outside"] > 5 * pages, "glibc maps (and faults in) a large block afresh every time"
+    assert seen["inside"] < 2 * pages, f"{seen['inside']} page faults for 6 batches: their memory was re-faulted"
+    assert seen["rss_after"] < seen["rss_inside"] - 32 * 2**20, "the run's heap stays resident after the run"
+    assert seen["again"] > 5 * pages, "glibc's own setting is back after the run"
 
-    def batch():
-        torch.ones(size // 4, dtype=torch.float32)  # filled, freed at once
 
-    outside, _ = _faults_and_rss(batch)
-    with runner.heap_reuse("cpu"):
-        batch()
-        inside, rss_inside = _faults_and_rss(batch)
-    assert outside > size // 4096 // 2, "glibc maps (and faults in) a large block afresh every time"
-    assert inside < outside / 20, f"{inside} page faults for the second batch: its memory was given back and re-faulted"
-    _, rss_after = _faults_and_rss(lambda: None)
-    assert rss_after < rss_inside - size // 2, "the run's heap stays resident after the run"
-    again, _ = _faults_and_rss(batch)
-    assert again > size // 4096 // 2, "glibc's own setting is back after the run"
+def test_files_are_synced_when_a_sync_is_due_not_after_every_batch(models, samples_path, tmp_path, monkeypatch):
+    syncs, counted = [], []
+    original_sync, original_json = os.fdatasync, runner._write_json
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (syncs.append(fd), original_sync(fd)))
+    monkeypatch.setattr(runner, "_write_json", lambda path, obj: (counted.append(obj.get("samples_done")),
+                                                                   original_json(path, obj)))
+    options = dict(layers=(0, 2), hooks=("residual", "mlp"), batch_size=4)  # 13 batches, 4 files
+    monkeypatch.setattr(runner, "SYNC_EVERY_S", 3600)
+    _, calls = extract(models["gpt2"], samples_path, tmp_path / "rare", **options)
+    assert len(syncs) == 4, "one sync of each file, at the end"
+    assert [c[0] for c in calls] == [0, *range(4, len(TEXTS), 4), len(TEXTS)], "progress moves batch by batch"
+    assert [n for n in counted if n is not None] == [0, len(TEXTS)], "checkpoints: the new one, then the last"
+    counted.clear()
+    syncs.clear()
+    monkeypatch.setattr(runner, "SYNC_EVERY_S", 0)
+    _, calls = extract(models["gpt2"], samples_path, tmp_path / "every", **options)
+    assert len(syncs) == 13 * 4
+    assert [n for n in counted if n is not None] == [0, *range(4, len(TEXTS), 4), len(TEXTS)]
+    assert [c[0] for c in calls] == [0, *range(4, len(TEXTS), 4), len(TEXTS)]
+    for name in ["offsets.npy", *layer_files(tmp_path / "rare"), "metadata.json"]:
+        assert (tmp_path / "rare" / name).read_bytes() == (tmp_path / "every" / name).read_bytes(), name
+
+
+def test_batches_before_a_long_batch_are_synced_and_counted_while_it_runs(models, samples_path, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "SYNC_EVERY_S", 0.1)
+    on_disk = []
+
+    def batch_3_takes_long(name, context):
+        if context["index"] == 3:
+            time.sleep(0.5)
+            on_disk.append(json.loads((tmp_path / "checkpoint.json").read_text())["samples_done"])
+
+    spec = ExtractionSpec(models["gpt2"], samples_path, str(tmp_path), (1,), ("residual",), 4)
+    run_extraction(spec, progress=None, heartbeat=None, should_cancel=None, failpoint=batch_3_takes_long)
+    assert on_disk == [3 * 4], "the batches written before the long one wait for it to be counted"
