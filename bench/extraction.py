@@ -511,16 +511,19 @@ def bench_model(name, config, model_class, layers, args, workdir: Path) -> tuple
 
     rss, runs = [], []
     runners = [None, *([args.also_runner] if args.also_runner else [])]
+    # N is the first quarter of the samples and 4N the same N samples 4 times over: the same
+    # longest batch, so only the dataset's size differs (and the pair costs one run's time).
+    base = data_path.read_text().splitlines(keepends=True)[: max(1, len(sequences) // 4)]
+    base_tokens = int(ctx.lengths[: len(base)].sum())
     for times in (1, 4) if args.rss else ():
-        # 4N is the same samples 4 times over: the same longest batch, so only dataset size differs.
         path = workdir / f"{model_dir.name}-rss-{times}.jsonl"
         with open(path, "w") as f:
-            f.write(data_path.read_text() * times)
+            f.write("".join(base) * times)
         runs += [(path, runner_path) for runner_path in runners]
     if runs:
         peaks = iter(peak_rss_mb(runs, model_dir, layers, args.batch_size, args.max_len, args.device))
         for times in (1, 4):
-            rss.append([f"{times * len(sequences)} samples, {times * ctx.tokens} tokens",
+            rss.append([f"{times * len(base)} samples, {times * base_tokens} tokens",
                         *(f"{next(peaks):.0f}" for _ in runners)])
 
     hidden = config.hidden_size
@@ -578,7 +581,7 @@ def main() -> None:
     parser.add_argument("--slow-reps", type=int, default=None,
                         help=f"repetitions of {', '.join(SLOW)} (default 1)")
     parser.add_argument("--pair-reps", type=int, default=None,
-                        help="repetitions of runner and bare-stop (default 5, quick 1)")
+                        help="repetitions of runner and bare-stop (default 4, quick 1)")
     parser.add_argument("--samples", type=int, default=None, help="samples (N) per model (default 64, quick 16)")
     parser.add_argument("--max-len", type=int, default=256, help="length cap in tokens (default 256)")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -593,7 +596,7 @@ def main() -> None:
     args = parser.parse_args()
     args.reps = args.reps or (1 if args.quick else 3)
     args.slow_reps = args.slow_reps or 1
-    args.pair_reps = max(args.pair_reps or (1 if args.quick else 5), args.reps)
+    args.pair_reps = max(args.pair_reps or (1 if args.quick else 4), args.reps)
     args.samples = args.samples or (16 if args.quick else 64)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"--device {args.device}: this machine has no CUDA device; nothing measured.")
