@@ -4,6 +4,7 @@ Each test saves screenshots of the states it reaches under tests/artifacts/.
 """
 
 import json
+import re
 import shutil
 
 import pytest
@@ -24,7 +25,7 @@ expect.set_options(timeout=60_000)
 FAIL_AT_CHUNK_12 = json.dumps({"training.generate": [
     {"action": "error", "at": 12, "attempt": 1, "message": "Injected generator failure at chunk 12"},
     {"action": "sleep", "seconds": 0.12},
-]})
+], "training.embed": {"action": "sleep", "seconds": 1.0}})  # embedding long enough to be watched
 
 SAW_PROGRESS = """() => {
     window.sawProgress = false;
@@ -95,7 +96,7 @@ def test_a_failed_generation_proceeds_then_review_and_training_complete_without_
     row = page.locator(f"#run-row-{run.pk}")
     card = page.locator(f"#run-{run.pk}")
     expect(row.locator("[data-status-label]")).to_have_text("generating_failed")
-    expect(row.locator("[data-field=progress_label]")).to_have_text(f"8/{total}")
+    expect(row.locator("[data-progress-cell] [data-field=progress_label]")).to_have_text(f"8/{total}")
     expect(card.locator(".alert-error")).to_contain_text("Injected generator failure at chunk 12")
     expect(card.locator("[data-progress]")).to_have_count(0)
     expect(card.locator(".spinner")).to_have_count(0)
@@ -121,7 +122,7 @@ def test_a_failed_generation_proceeds_then_review_and_training_complete_without_
     review = card.locator("[data-review]")
     expect(review).to_be_visible()
     expect(row.locator("[data-status-label]")).to_have_text("generated")
-    expect(row.locator("[data-field=progress_label]")).to_have_text("—")
+    expect(row.locator("[data-progress-cell] [data-field=progress_label]")).to_have_text("—")
     pairs = TrainingRun.objects.get().pair_count
     assert TrainingRun.objects.get().processed_chunks == total
     expect(review.locator("[data-count=pending]")).to_have_text(str(pairs))
@@ -146,13 +147,18 @@ def test_a_failed_generation_proceeds_then_review_and_training_complete_without_
 
     review.locator("input[name=epochs]").fill("3")
     review.locator("[data-train]").click()
+    # Before the first epoch the encoder embeds every chunk and query: the card counts them live.
+    # (and the card says a worker holds the run, not "Waiting for a worker").
+    embedding = re.compile(r"Training the adapter\s*·\s*Embedding [1-9][\d,]* of [\d,]+ texts")
+    expect(workflow.locator(".stats")).to_contain_text(embedding)
+    screenshot(page, "training-04b-embedding")
     result = workflow.locator("[data-result]")
     expect(result).to_be_visible(timeout=90_000)
     expect(result.locator("[data-recall-k]")).to_have_count(3)
     expect(result.locator("[data-loss-chart] svg")).to_be_visible()
     expect(result.locator("[data-loss-chart] circle")).to_have_count(3)
     expect(row.locator("[data-status-label]")).to_have_text("completed")
-    expect(row.locator("[data-field=progress_label]")).to_have_text("—")
+    expect(row.locator("[data-progress-cell] [data-field=progress_label]")).to_have_text("—")
     expect(row.locator(".recall-cell")).to_contain_text("→")
     expect(workflow.locator("[data-generate]")).to_be_enabled()
     expect(workflow.locator(".spinner")).to_have_count(0)
@@ -232,7 +238,7 @@ def test_one_row_opens_at_a_time_and_refresh_updates_only_its_row(site, staff_us
     expect(panel(active)).to_be_visible()
     TrainingRun.objects.filter(pk=active.pk).update(processed_chunks=9, pair_count=18)
     page.locator(f"#run-row-{active.pk} .icon-button").click()
-    expect(page.locator(f"#run-row-{active.pk} [data-field=progress_label]")).to_have_text(f"9/{active.total_chunks}")
+    expect(page.locator(f"#run-row-{active.pk} [data-progress-cell] [data-field=progress_label]")).to_have_text(f"9/{active.total_chunks}")
     expect(panel(active).locator("[data-field=processed_chunks]")).to_have_text("9")
     expect(page.locator(f"#run-{active.pk} [data-field=processed_chunks]")).to_have_text("3")
     assert page.evaluate("jobsiteLive.rowRefreshes") == 1
@@ -294,7 +300,7 @@ def test_stop_mid_generation_shows_the_run_stopped_and_proceed_finishes_it(site,
     assert stopped.status == "generating_failed" and stopped.error_type == "CANCELLED"
     assert 0 < stopped.processed_chunks < total
     row = page.locator(f"#run-row-{run.pk}")
-    expect(row.locator("[data-field=progress_label]")).to_have_text(f"{stopped.processed_chunks}/{total}")
+    expect(row.locator("[data-progress-cell] [data-field=progress_label]")).to_have_text(f"{stopped.processed_chunks}/{total}")
     # The row is redrawn as a stopped one: its error type shows, the refresh icon of active rows goes.
     expect(row.locator(".run-main")).to_contain_text("CANCELLED")
     expect(row.locator("[data-refresh]")).to_have_count(0)

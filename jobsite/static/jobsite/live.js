@@ -384,8 +384,11 @@
     const job = message.payload || {};
     const at = Date.parse(message.created_at) || serverNow();
     const workerWrote = progress || isRunning(card, job.status);
+    // A card drawn while its phase waited for a worker ("Waiting for a worker") learns from
+    // the first progress that one holds it now: drawn again, it says what the worker does.
+    const claimed = progress && isActive(card) && !isRunning(card);
     apply(card, job, at, workerWrote ? at : 0);
-    if (!progress) {
+    if (!progress || claimed) {
       redraw(card);
       redrawHistory();
     }
