@@ -89,7 +89,7 @@ def test_failure_mid_training_resumes_from_the_checkpoint(small_corpus, settings
     run_training_phase(run.pk)
     run = reload(run)
     assert run.status == "training_failed" and run.epochs_done == 3 and len(run.loss_curve) == 3
-    assert run.progress_label == f"{run.processed_chunks}/{run.total_chunks}"
+    assert run.progress_label == "3 of 5 epochs", "the failed row says where training stopped"
     pairs_before = run.pairs.count()
     training_run_proceed(run=run)
     run_training_phase(run.pk)
