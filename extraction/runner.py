@@ -435,17 +435,19 @@ def _open_outputs(spec: ExtractionSpec, prep: _Prepared) -> tuple[dict[str, int]
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 _GLIBC_DEFAULT_THRESHOLD = 128 * 1024
-try:
-    _LIBC = ctypes.CDLL(None)
-    _MALLOPT, _MALLOC_TRIM = _LIBC.mallopt, _LIBC.malloc_trim
-except (OSError, AttributeError):  # not glibc (musl, macOS): its allocator is left as it is
-    _MALLOPT = _MALLOC_TRIM = None
 _SYNC_FILE_RANGE_WRITE = 2  # start writeback of the dirty pages, without waiting for it (Linux)
 try:
-    _SYNC_FILE_RANGE = ctypes.CDLL(None, use_errno=True).sync_file_range
+    _LIBC = ctypes.CDLL(None)  # the C library the process already has
+except OSError:
+    _LIBC = None
+# glibc's allocator knobs (musl and macOS lack them: their allocator is left as it is), and
+# Linux's writeback hint (elsewhere the sync does all the writing back).
+_MALLOPT, _MALLOC_TRIM, _SYNC_FILE_RANGE = (getattr(_LIBC, name, None)
+                                           for name in ("mallopt", "malloc_trim", "sync_file_range"))
+if _MALLOC_TRIM is None:
+    _MALLOPT = None
+if _SYNC_FILE_RANGE is not None:
     _SYNC_FILE_RANGE.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-except (OSError, AttributeError):  # not Linux: the sync does all the writing back
-    _SYNC_FILE_RANGE = None
 
 
 @contextlib.contextmanager

@@ -28,6 +28,8 @@ from jobsite.demo import build_tiny_causal_lm, train_tokenizer
 from jobsite.errors import ErrorType, JobInputError, classify_error, error_sentence, is_oom
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
+from tests.conftest import missing
+
 WORDS = "the a quick brown fox jumps over lazy dog river stone light shadow market garden numbers".split()
 TEXTS = [
     "Hello world.",
@@ -626,8 +628,9 @@ print(json.dumps(dict(outside=outside, inside=inside, rss_inside=rss_inside, rss
 """
 
 
-@pytest.mark.skipif(runner._MALLOPT is None, reason="needs glibc's allocator (mallopt), which the worker image has")
 def test_heap_reuse_keeps_freed_activations_for_the_next_batch_and_gives_them_back_after_the_run():
+    if runner._MALLOPT is None:
+        missing("needs glibc's allocator (mallopt), which the worker image and CI have")
     # In a process of its own, as a worker starts: this one's heap holds whatever earlier tests left.
     done = subprocess.run([sys.executable, "-c", HEAP_REUSE_RUN], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                           capture_output=True, text=True, check=True)
