@@ -9,7 +9,7 @@ from pydantic import field_validator
 
 from extraction import selectors, services
 from extraction.constants import VALID_BATCH_SIZES
-from extraction.models import Extraction, ModelRecord
+from extraction.models import Dataset, Extraction, ModelRecord
 from jobsite.api import staff_required
 from jobsite.services import job_resume
 
@@ -181,7 +181,7 @@ def register_dataset(request, payload: DatasetIn):
 )
 def start_extraction(request, model_id: int, payload: ExtractionIn):
     model = _model(model_id)
-    dataset = selectors.dataset_find(str(payload.dataset_id))
+    dataset = Dataset.objects.filter(pk=payload.dataset_id).first()  # an id, never a name
     if dataset is None:
         raise HttpError(404, f"Dataset {payload.dataset_id} does not exist; GET /api/v1/datasets lists them.")
     extraction, created = services.extraction_start(

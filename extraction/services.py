@@ -12,10 +12,13 @@ from django.utils import timezone
 
 from extraction.constants import HOOK_TYPES, VALID_BATCH_SIZES
 from extraction.models import Dataset, Extraction, ModelRecord
-from jobsite.errors import JobInputError
+from jobsite.errors import JobInputError, check_text
 from jobsite.lifecycle import TransitionError
 from jobsite.paths import resolve_under
 from jobsite.services import job_enqueue, job_request_cancel
+
+
+NAME_LIMIT = ModelRecord._meta.get_field("name").max_length  # Dataset's is the same
 
 
 def model_register(*, path: str, name: str = "") -> ModelRecord:
@@ -27,20 +30,29 @@ def model_register(*, path: str, name: str = "") -> ModelRecord:
     existing = ModelRecord.objects.filter(path=str(resolved)).first()
     if existing:
         return existing
+    name = check_text(name.strip() or resolved.name, "The model name", NAME_LIMIT)
     info = inspect_model(str(resolved))
-    name = name or resolved.name
-    if ModelRecord.objects.filter(name=name).exists():
-        raise JobInputError(f"A model named {name!r} already exists; choose another name.")
-    return ModelRecord.objects.create(
-        name=name,
-        path=str(resolved),
+    return _register(ModelRecord, "model", name, resolved, dict(
         architecture=info.architecture,
         model_type=info.model_type,
         num_layers=info.num_layers,
         hidden_size=info.hidden_size,
         vocab_size=info.vocab_size,
         supported_hooks=list(info.supported_hooks),
-    )
+    ))
+
+
+def _register(model_class, what: str, name: str, resolved, fields: dict):
+    """Creates the record, or returns the one a concurrent request made for the same path
+    (as a second request would have found it); a name another path holds is refused."""
+    try:
+        with transaction.atomic():
+            return model_class.objects.create(name=name, path=str(resolved), **fields)
+    except IntegrityError:
+        record = model_class.objects.filter(path=str(resolved)).first()
+        if record is not None:
+            return record
+        raise JobInputError(f"A {what} named {name!r} already exists; choose another name.") from None
 
 
 def dataset_register(*, path: str, name: str = "") -> Dataset:
@@ -52,13 +64,11 @@ def dataset_register(*, path: str, name: str = "") -> Dataset:
     existing = Dataset.objects.filter(path=str(resolved)).first()
     if existing:
         return existing
+    name = check_text(name.strip() or resolved.stem, "The dataset name", NAME_LIMIT)
     info = inspect_dataset(str(resolved))
-    name = name or resolved.stem
-    if Dataset.objects.filter(name=name).exists():
-        raise JobInputError(f"A dataset named {name!r} already exists; choose another name.")
-    return Dataset.objects.create(
-        name=name, path=str(resolved), format=info.format, num_samples=info.num_samples, size_bytes=info.size_bytes
-    )
+    return _register(Dataset, "dataset", name, resolved, dict(
+        format=info.format, num_samples=info.num_samples, size_bytes=info.size_bytes
+    ))
 
 
 def validate_parameters(
@@ -189,11 +199,13 @@ def extraction_retry(
         raise TransitionError(
             f"Extraction {extraction.pk} is {extraction.status}; only a failed or cancelled extraction can be retried."
         )
-    new_max_samples = max_samples if max_samples is not None else extraction.max_samples
+    reason = check_text(reason.strip(), "The retry reason", Extraction._meta.get_field("retry_reason").max_length)
+    # `is None`, not `or`: a 0 given is refused by the checks, never silently replaced.
     retry, created = extraction_start(
         model=extraction.model, dataset=extraction.dataset, layers=extraction.layers, hooks=extraction.hooks,
-        batch_size=batch_size or extraction.batch_size, max_samples=new_max_samples,
-        max_length=max_length or extraction.max_length, storage_dtype=extraction.storage_dtype,
+        batch_size=extraction.batch_size if batch_size is None else batch_size,
+        max_samples=extraction.max_samples if max_samples is None else max_samples,
+        max_length=extraction.max_length if max_length is None else max_length, storage_dtype=extraction.storage_dtype,
         auto_retry_on_oom=extraction.auto_retry_on_oom, user=user, original=extraction,
         retry_reason=reason or (f"{extraction.error_type}: {extraction.error_message}"[:500] if extraction.error_type else "retry"),
     )

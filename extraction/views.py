@@ -179,6 +179,8 @@ def extraction_page(request):
             )
         except JobInputError as exc:
             form.add_error(field_for_error(str(exc), form.fields), str(exc))
+        except TransitionError as exc:  # the same request failed before: its retry is the way on
+            form.add_error(None, str(exc))
         else:
             if created:
                 messages.success(request, f"Extraction {extraction.pk} is queued.")

@@ -52,6 +52,15 @@ class JobInputError(ValueError):
     """The job's parameters or inputs are wrong; retrying unchanged cannot help."""
 
 
+def check_text(value: str, label: str, limit: int) -> str:
+    """A user's text as the database will hold it, or a sentence saying why it cannot be."""
+    if "\x00" in value:
+        raise JobInputError(f"{label} contains a NUL character; remove it.")
+    if len(value) > limit:
+        raise JobInputError(f"{label} is {len(value):,} characters long; the most is {limit:,}.")
+    return value
+
+
 class StorageError(OSError):
     """The output cannot be written (no space, read-only, no permission); its message is a sentence."""
 

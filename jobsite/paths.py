@@ -19,6 +19,8 @@ def resolve_under(path: str | Path, roots: list[Path], what: str) -> Path:
             raise JobInputError(f"The {what} path {path} is outside the allowed directories ({allowed}); move it there.")
         if not resolved.exists():
             raise JobInputError(f"The {what} path {path} does not exist.")
+    except JobInputError:
+        raise  # already a sentence (it is a ValueError too)
     except (OSError, RuntimeError, ValueError) as exc:  # too long, a symlink loop, unreadable
         raise JobInputError(f"The {what} path {str(path)[:200]} cannot be used: {exc}.") from None
     return resolved

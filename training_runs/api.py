@@ -182,8 +182,8 @@ def create_corpus(request, payload: CorpusIn):
 
 
 @router.post("/training/corpora/upload", response={201: CorpusOut, 422: Message}, auth=staff_required)
-def upload_corpus(request, name: Form[str], files: File[list[UploadedFile]], chunk_size: Form[int] = 500,
-                  chunk_overlap: Form[int] = 50):
+def upload_corpus(request, name: Form[str], files: File[list[UploadedFile]],
+                  chunk_size: int = Form(500, ge=50, le=20000), chunk_overlap: int = Form(50, ge=0)):
     uploads = [(f.name, f.read(services.MAX_UPLOAD_BYTES + 1)) for f in files]
     return Status(201, services.corpus_create(name=name, uploads=uploads, chunk_size=chunk_size,
                                               chunk_overlap=chunk_overlap))
@@ -238,7 +238,7 @@ def remove_run(request, run_id: int):
 
 @router.get("/training/runs/{run_id}/pairs", response={200: list[PairOut], 404: Message})
 def list_pairs(request, run_id: int, review: TrainingPair.Review | None = None,
-               limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)):
+               limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=10**9)):
     return selectors.pair_list(run=_run(run_id), review=review)[offset : offset + limit]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 from django.conf import settings
@@ -59,50 +60,131 @@ def _documents(root: Path) -> list[tuple[str, str]]:
                     documents.append((f"{path.name}:{number}", str(record["text"])))
                 except (ValueError, KeyError, TypeError):
                     raise JobInputError(f"Line {number} of {path.name} must be a JSON object with a \"text\".") from None
+                _refuse_nul(documents[-1][1], f"Line {number} of {path.name}")
         else:
+            _refuse_nul(text, path.name)
             documents.append((str(path.relative_to(root) if root.is_dir() else path.name), text))
     return documents
+
+
+def _refuse_nul(text: str, where: str) -> None:
+    # PostgreSQL text cannot hold NUL; a file with one is binary or damaged, not a document.
+    if "\x00" in text:
+        raise JobInputError(
+            f"{where} contains a NUL character (at character {text.index(chr(0)):,}); "
+            "remove it or convert the file to plain text first."
+        )
+
+
+def _checked_uploads(uploads: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """Every file is checked before any is written, so a refused upload leaves nothing behind."""
+    checked: dict[str, bytes] = {}
+    for filename, content in uploads:
+        safe = Path(filename).name
+        if Path(safe).suffix not in CORPUS_SUFFIXES or "\x00" in safe:
+            raise JobInputError(f"{safe}: upload .txt, .md or .jsonl files only.")
+        if len(content) > MAX_UPLOAD_BYTES:
+            raise JobInputError(f"{safe} is larger than {MAX_UPLOAD_BYTES // 2**20} MB; split it.")
+        if safe in checked:
+            raise JobInputError(f"{safe} is uploaded twice; upload each file once.")
+        checked[safe] = content
+    return list(checked.items())
+
+
+def _corpus_folder(name: str) -> Path:
+    corpora = settings.JOBSITE_DATA_DIR / "corpora"
+    folder = corpora / name
+    if folder.resolve().parent != corpora.resolve():
+        raise JobInputError(f"The corpus name {name!r} does not name a folder inside the corpora folder; "
+                            "choose another.")
+    return folder
+
+
+def _already_exists(name: str) -> JobInputError:
+    return JobInputError(f"A corpus named {name!r} already exists; choose another name.")
 
 
 def corpus_create(
     *, name: str, path: str = "", uploads: list[tuple[str, bytes]] | None = None, chunk_size: int = 500,
     chunk_overlap: int = 50,
 ) -> Corpus:
-    """A corpus from a file or directory under JOBSITE_DATA_DIR, or from uploaded files."""
+    """A corpus from a file or directory under JOBSITE_DATA_DIR, or from uploaded files.
+
+    Uploads are written to a fresh hidden folder and moved to corpora/<name> only once the
+    corpus row is saved, so a refused or concurrent upload never leaves files for the next
+    corpus of that name to pick up. A name is never reused: a second corpus of the same name
+    is refused, not merged or replaced."""
     from training_runs.generator import chunk_text  # noqa: PLC0415
 
-    if not re.fullmatch(r"[\w.-]{1,100}", name or ""):
-        raise JobInputError("The corpus name must be 1-100 letters, digits, '.', '_' or '-'.")
+    # A letter or digit first: "." and ".." would name the corpora folder or the data directory.
+    if not re.fullmatch(r"[^\W_][\w.-]{0,99}", name or ""):
+        raise JobInputError(
+            "The corpus name must be 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit."
+        )
+    if not 50 <= chunk_size <= 20000:
+        raise JobInputError("chunk_size must be between 50 and 20000 characters.")
+    if not 0 <= chunk_overlap < chunk_size // 2:
+        raise JobInputError(f"chunk_overlap must be between 0 and {chunk_size // 2 - 1} for chunk_size {chunk_size}.")
     if Corpus.objects.filter(name=name).exists():
-        raise JobInputError(f"A corpus named {name!r} already exists; choose another name.")
+        raise _already_exists(name)
+    staging = None
     if uploads:
-        root = settings.JOBSITE_DATA_DIR / "corpora" / name
-        root.mkdir(parents=True, exist_ok=True)
-        for filename, content in uploads:
-            safe = Path(filename).name
-            if Path(safe).suffix not in CORPUS_SUFFIXES:
-                raise JobInputError(f"{safe}: upload .txt, .md or .jsonl files only.")
-            if len(content) > MAX_UPLOAD_BYTES:
-                raise JobInputError(f"{safe} is larger than {MAX_UPLOAD_BYTES // 2**20} MB; split it.")
-            (root / safe).write_bytes(content)
+        checked = _checked_uploads(uploads)
+        root = _corpus_folder(name)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".upload", dir=root.parent))
+        for filename, content in checked:
+            (staging / filename).write_bytes(content)
     elif path:
         root = resolve_under(path, [settings.JOBSITE_DATA_DIR], "corpus")
     else:
         raise JobInputError("Give a path under the data directory or upload files.")
-    documents = _documents(root)
-    chunks = [
-        (document, piece)
-        for document, text in documents
-        for piece in chunk_text(text, size=chunk_size, overlap=chunk_overlap)
-    ]
-    if not chunks:
-        raise JobInputError("The documents contain no text.")
-    with transaction.atomic():
-        corpus = Corpus.objects.create(name=name, source=str(root), chunk_size=chunk_size,
-                                       chunk_overlap=chunk_overlap, num_documents=len(documents))
-        Chunk.objects.bulk_create(
-            Chunk(corpus=corpus, index=i, document=document, text=text) for i, (document, text) in enumerate(chunks)
-        )
+    try:
+        documents = _documents(staging or root)
+        chunks = [
+            (document, piece)
+            for document, text in documents
+            for piece in chunk_text(text, size=chunk_size, overlap=chunk_overlap)
+        ]
+        if not chunks:
+            raise JobInputError("The documents contain no text.")
+        return _corpus_save(name=name, root=root, staging=staging, chunk_size=chunk_size,
+                            chunk_overlap=chunk_overlap, num_documents=len(documents), chunks=chunks)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _corpus_save(*, name: str, root: Path, staging: Path | None, chunks: list[tuple[str, str]], **fields) -> Corpus:
+    """The unique name decides between concurrent requests: the one whose row is saved moves
+    its files into place; every other one gets the same sentence as a later request."""
+    moved = False
+    try:
+        with transaction.atomic():
+            corpus = Corpus.objects.create(name=name, source=str(root), **fields)
+            Chunk.objects.bulk_create(
+                Chunk(corpus=corpus, index=i, document=document, text=text) for i, (document, text) in enumerate(chunks)
+            )
+            if staging is not None:
+                # Inside the transaction: a folder that cannot be moved rolls the row back.
+                try:
+                    staging.rename(root)
+                except OSError as exc:
+                    if root.exists():
+                        raise JobInputError(
+                            f"The folder corpora/{name} already exists in the data directory; "
+                            "choose another name or remove that folder."
+                        ) from None
+                    raise JobInputError(f"The folder corpora/{name} cannot be created: {exc.strerror}.") from None
+                moved = True
+    except IntegrityError:
+        if Corpus.objects.filter(name=name).exists():
+            raise _already_exists(name) from None
+        raise
+    except BaseException:
+        if moved:  # the commit failed after the move: no row points at these files
+            shutil.rmtree(root, ignore_errors=True)
+        raise
     return corpus
 
 
@@ -213,18 +295,22 @@ def training_run_train(
     _require_available()
     if run.status != Status.GENERATED:
         raise TransitionError(f"Training run {run.pk} is {run.status}; only a generated run can start training.")
+    # `is None`, not `or`: an explicit 0 is a wrong value to refuse, not a request for the default.
+    params = {"epochs": run.epochs if epochs is None else epochs,
+              "train_batch_size": run.train_batch_size if batch_size is None else batch_size,
+              "learning_rate": run.learning_rate if learning_rate is None else learning_rate}
+    if not 1 <= params["epochs"] <= 1000:
+        raise JobInputError(f"epochs must be between 1 and 1000; got {params['epochs']}.")
+    if not 2 <= params["train_batch_size"] <= 4096:
+        raise JobInputError(f"batch_size must be between 2 and 4096; got {params['train_batch_size']}.")
+    if not 0 < params["learning_rate"] < 1:
+        raise JobInputError("learning_rate must be between 0 and 1, e.g. 0.001.")
     approved = run.pairs.filter(review=TrainingPair.Review.APPROVED).count()
     if approved < settings.JOBSITE_MIN_APPROVED_PAIRS:
         raise JobInputError(
             f"Training needs at least {settings.JOBSITE_MIN_APPROVED_PAIRS} approved pairs; "
             f"training run {run.pk} has {approved}. Approve more pairs first."
         )
-    params = {"epochs": epochs or run.epochs, "train_batch_size": batch_size or run.train_batch_size,
-              "learning_rate": learning_rate or run.learning_rate}
-    if not 1 <= params["epochs"] <= 1000 or not 2 <= params["train_batch_size"] <= 4096:
-        raise JobInputError("epochs must be 1-1000 and batch_size 2-4096.")
-    if not 0 < params["learning_rate"] < 1:
-        raise JobInputError("learning_rate must be between 0 and 1, e.g. 0.001.")
     # Every chunk and approved query is embedded first: the page counts them from the start.
     texts_total = run.corpus.chunks.count() + approved
     with transaction.atomic():

@@ -1,9 +1,11 @@
-"""Issue 5's hand list of bad inputs, through the API: each answer is a 422 that names the fix."""
+"""Bad inputs through the API: each answer is a 422 that names the fix, never a 500."""
 
 import json
 import shutil
 
 import pytest
+
+from extraction.models import Extraction
 
 pytestmark = pytest.mark.django_db
 
@@ -80,3 +82,108 @@ def test_a_dataset_outside_the_data_directory_is_refused(staff_client, tmp_path)
     outside.write_text("hello\n")
     response = post(staff_client, "/api/v1/datasets", {"path": str(outside)})
     assert response.status_code == 422 and "outside the allowed directories" in response.json()["message"]
+
+
+def break_config(models_root, tiny_model_dir, name, change):
+    """A copy of the tiny model whose files `change(directory)` spoils."""
+    broken = models_root / name
+    shutil.copytree(tiny_model_dir, broken)
+    change(broken)
+    return broken
+
+
+def config_with(**fields):
+    def change(directory):
+        config = json.loads((directory / "config.json").read_text())
+        (directory / "config.json").write_text(json.dumps({**config, **fields}))
+
+    return change
+
+
+def write(name, text):
+    return lambda directory: (directory / name).write_text(text)
+
+
+@pytest.mark.parametrize(
+    ("change", "sentence"),
+    [
+        (write("config.json", "{not json"), "config.json is not valid JSON"),
+        (write("config.json", "123"), "config.json must hold a JSON object"),
+        (write("config.json", "[" * 100_000), "config.json is not valid JSON"),
+        (config_with(n_layer="x"), "transformers cannot read this config (Validation error for field 'n_layer'"),
+        (config_with(n_layer=0), "num_hidden_layers is 0; it must be a whole number from 1 to 1024"),
+        # A million blocks would keep the request building a skeleton for hours.
+        (config_with(n_layer=1_000_000), "num_hidden_layers is 1000000"),
+        (config_with(n_head=0), "transformers cannot build a model from this config (integer division or modulo"),
+        (config_with(vocab_size=0), "a vocabulary of 0 tokens"),
+        (write("model.safetensors.index.json", "{}"), "is not a valid weights index"),
+        (write("model.safetensors.index.json", '{"weight_map": {"w": "../../elsewhere.safetensors"}}'),
+         "is not a valid weights index"),
+    ],
+)
+def test_a_broken_config_or_index_is_a_sentence_not_a_500(staff_client, models_root, tiny_model_dir, change,
+                                                            sentence):
+    response = register_model(staff_client, break_config(models_root, tiny_model_dir, "broken", change))
+    assert response.status_code == 422, response.content
+    assert sentence in response.json()["message"]
+
+
+def test_an_odd_architectures_field_falls_back_to_the_class_name(staff_client, models_root, tiny_model_dir):
+    odd = break_config(models_root, tiny_model_dir, "odd", config_with(architectures=5))
+    response = register_model(staff_client, odd)
+    assert response.status_code == 201 and response.json()["architecture"] == "GPT2Model"
+
+
+def test_a_deeply_nested_dataset_line_is_a_sentence(staff_client, settings):
+    path = settings.JOBSITE_DATA_DIR / "deep.jsonl"
+    path.write_text('{"text": "ok"}\n' + "[" * 100_000 + "\n")
+    response = post(staff_client, "/api/v1/datasets", {"path": str(path)})
+    assert response.status_code == 422
+    assert "Line 2 of the dataset nests JSON too deeply to read." in response.json()["message"]
+
+
+@pytest.mark.parametrize(
+    ("name", "sentence"),
+    [("a\u0000b", "name contains a NUL character"), ("n" * 201, "name is 201 characters long; the most is 200")],
+)
+def test_names_the_database_cannot_hold_are_refused(staff_client, settings, models_root, tiny_model_dir, name,
+                                                    sentence):
+    shutil.copytree(tiny_model_dir, models_root / "m1")
+    response = post(staff_client, "/api/v1/models", {"path": str(models_root / "m1"), "name": name})
+    assert response.status_code == 422 and f"The model {sentence}" in response.json()["message"]
+    (settings.JOBSITE_DATA_DIR / "d.txt").write_text("hello\n")
+    response = post(staff_client, "/api/v1/datasets", {"path": str(settings.JOBSITE_DATA_DIR / "d.txt"), "name": name})
+    assert response.status_code == 422 and f"The dataset {sentence}" in response.json()["message"]
+
+
+@pytest.mark.parametrize(
+    ("reason", "sentence"),
+    [("x" * 501, "The retry reason is 501 characters long; the most is 500."),
+     ("a\u0000b", "The retry reason contains a NUL character")],
+)
+def test_a_retry_reason_the_database_cannot_hold_is_refused(staff_client, fake_model, make_extraction, reason,
+                                                            sentence):
+    failed = make_extraction("failed", error_type="OOM")
+    response = post(staff_client, f"/api/v1/models/{fake_model.pk}/extractions/{failed.pk}/retry", {"reason": reason})
+    assert response.status_code == 422 and sentence in response.json()["message"]
+    assert Extraction.objects.count() == 1
+
+
+def test_dataset_id_is_an_id_even_when_another_dataset_is_named_like_it(staff_client, fake_model, fake_dataset,
+                                                                         django_capture_on_commit_callbacks):
+    from extraction.models import Dataset
+
+    Dataset.objects.create(name=str(fake_dataset.pk), path="/data/other.txt", format="txt", num_samples=5,
+                           size_bytes=10)
+    with django_capture_on_commit_callbacks(execute=False):
+        response = post(staff_client, f"/api/v1/models/{fake_model.pk}/extractions",
+                        {"dataset_id": fake_dataset.pk, "layers": [0], "hooks": ["residual"]})
+    assert response.status_code == 201
+    assert Extraction.objects.get().dataset_id == fake_dataset.pk
+
+
+def test_the_outside_message_is_said_once(staff_client, tmp_path):
+    outside = tmp_path / "elsewhere.txt"
+    outside.write_text("hello\n")
+    message = post(staff_client, "/api/v1/datasets", {"path": str(outside)}).json()["message"]
+    assert message.startswith("The dataset path") and "cannot be used" not in message

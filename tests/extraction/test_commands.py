@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+from django.utils import timezone
 from django.core.management import CommandError, call_command
 
 from extraction.models import Extraction
@@ -82,3 +83,31 @@ def test_extraction_cancel_and_retry_refuse_with_sentences(make_extraction):
         call_command("extraction", "retry", str(done.pk))
     with pytest.raises(CommandError, match="Extraction 999 does not exist"):
         call_command("extraction", "cancel", "999")
+
+
+def test_extract_again_what_failed_says_to_retry_it(model_record, dataset, django_capture_on_commit_callbacks):
+    args = ("extract", "tiny-gpt2", "samples", "--layers", "0")
+    with django_capture_on_commit_callbacks(execute=False):
+        call_command(*args)
+    Extraction.objects.update(status="failed", error_type="OOM", error_message="CUDA out of memory.",
+                              finished_at=timezone.now())
+    with pytest.raises(CommandError, match=r"failed \(OOM: CUDA out of memory.\); retry it"):
+        call_command(*args)
+    assert Extraction.objects.count() == 1
+
+
+@pytest.mark.parametrize("limit", ["-1", "0", "x"])
+def test_extraction_list_refuses_a_limit_below_one(limit):
+    with pytest.raises(CommandError, match="argument --limit: must be a whole number of at least 1"):
+        call_command("extraction", "list", "--limit", limit)
+
+
+@pytest.mark.parametrize(("option", "sentence"), [
+    ("--max-length", "max_length must be a positive number"),
+    ("--max-samples", "max_samples must be between 1 and 100"),
+])
+def test_extraction_retry_refuses_a_zero_instead_of_ignoring_it(make_extraction, option, sentence):
+    failed = make_extraction("failed", error_type="OOM")
+    with pytest.raises(CommandError, match=sentence):
+        call_command("extraction", "retry", str(failed.pk), option, "0")
+    assert Extraction.objects.count() == 1

@@ -393,3 +393,17 @@ def test_files_of_another_extraction_are_not_reachable_through_this_one(staff_cl
     other = make_extraction("completed")
     assert staff_client.get(f"/extractions/{other.pk}/files/metadata.json").status_code == 404
     assert b"has written no files yet" in staff_client.get(f"/extractions/{other.pk}/files/").content
+
+
+def test_starting_again_what_failed_is_a_form_error_that_says_to_retry_it(
+    staff_client, fake_model, fake_dataset, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks(execute=False):
+        staff_client.post(PAGE, start_data(fake_model, fake_dataset))
+    Extraction.objects.update(status="failed", error_type="OOM", error_message="CUDA out of memory.",
+                              finished_at=timezone.now())
+    response = staff_client.post(PAGE, start_data(fake_model, fake_dataset))
+    assert response.status_code == 400
+    assert "retry it instead of starting it again" in " ".join(response.context["form"].non_field_errors())
+    assert "retry it" in response.content.decode()
+    assert Extraction.objects.count() == 1

@@ -138,3 +138,29 @@ def test_train_wait_draws_the_embedding_bar_then_the_epochs_bar(small_corpus, se
     assert embedding[-1].startswith(f"run {run.pk} embedding: 100%") and f" {texts}/{texts} " in embedding[-1]
     assert epochs[-1].startswith(f"run {run.pk} training: 100%") and " 2/2 " in epochs[-1]
     assert "completed" in epochs[-1] and "completed" in out.getvalue()
+
+
+@pytest.mark.parametrize("pairs", ["1,x", "1,", ""])
+def test_review_command_refuses_pair_ids_that_are_not_numbers(small_corpus, pairs):
+    run = training_run_generate(corpus=small_corpus)
+    run_training_phase(run.pk)
+    with pytest.raises(CommandError, match=f"--pairs must be pair ids separated by commas, e.g. 4,5,6; got '{pairs}'"):
+        call_command("training", "review", str(run.pk), "approve", "--pairs", pairs)
+    assert not TrainingPair.objects.filter(run=run).exclude(review="pending").exists()
+
+
+@pytest.mark.parametrize("epochs", ["0", "-3"])
+def test_train_command_refuses_epochs_below_one_instead_of_training_the_default(small_corpus, epochs):
+    run = training_run_generate(corpus=small_corpus)
+    run_training_phase(run.pk)
+    call_command("training", "review", str(run.pk), "approve", stdout=io.StringIO())
+    with pytest.raises(CommandError, match=f"epochs must be between 1 and 1000; got {epochs}."):
+        call_command("training", "train", str(run.pk), "--epochs", epochs)
+    assert TrainingRun.objects.get(pk=run.pk).status == "generated"
+
+
+def test_status_command_for_run_zero_says_it_does_not_exist(small_corpus, capsys):
+    training_run_generate(corpus=small_corpus)
+    with pytest.raises(CommandError, match="Training run 0 does not exist"):
+        call_command("training", "status", "0")
+    assert capsys.readouterr().out == ""

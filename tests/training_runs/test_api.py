@@ -1,8 +1,9 @@
 import json
+import threading
 
 import pytest
 
-from training_runs.models import TrainingRun
+from training_runs.models import Corpus, TrainingRun
 from training_runs.tasks import run_training_phase
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -125,3 +126,145 @@ def test_a_run_reads_embedding_progress_then_epochs(staff_client, small_corpus):
     body = staff_client.get(f"/api/v1/training/runs/{run.pk}").json()
     assert body["progress"] == "3 of 8 epochs"
     assert (body["progress_done"], body["progress_total"]) == (3, 8)
+
+
+def upload(client, name, files, **fields):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    return client.post("/api/v1/training/corpora/upload", {
+        "name": name, "files": [SimpleUploadedFile(filename, content) for filename, content in files], **fields,
+    })
+
+
+SOME_TEXT = b"Plenty of text about bicycles, chains and the oil they need, enough for one chunk."
+
+
+@pytest.mark.parametrize("name", ["..", ".", ".hidden", "_private", "-x"])
+def test_a_corpus_name_that_is_not_a_folder_inside_the_corpora_folder_is_refused(staff_client, settings, name):
+    data_dir = settings.JOBSITE_DATA_DIR
+    (data_dir / "admin-password.txt").write_text("the administrator's password\n")
+    response = upload(staff_client, name, [("admin-password.txt", SOME_TEXT)])
+    assert response.status_code == 422
+    assert "The corpus name must be 1-100 letters" in response.json()["message"]
+    assert (data_dir / "admin-password.txt").read_text() == "the administrator's password\n"
+    assert not (data_dir / "corpora").exists()
+    (data_dir / "src").mkdir()
+    (data_dir / "src" / "doc.txt").write_bytes(SOME_TEXT)
+    response = post(staff_client, "/api/v1/training/corpora", {"name": name, "path": "src"})
+    assert response.status_code == 422 and "corpus name" in response.json()["message"]
+    assert not Corpus.objects.exists()
+
+
+def test_a_refused_upload_leaves_no_file_for_the_next_corpus_of_that_name(staff_client, settings):
+    corpora = settings.JOBSITE_DATA_DIR / "corpora"
+    refused = upload(staff_client, "u2", [("a.txt", SOME_TEXT), ("b.pdf", b"%PDF")])
+    assert refused.status_code == 422 and "b.pdf: upload .txt, .md or .jsonl files only" in refused.json()["message"]
+    assert not (corpora / "u2").exists()
+    # A file that fails only once it is read (not UTF-8) is refused after the others were written.
+    refused = upload(staff_client, "u2", [("a.txt", SOME_TEXT), ("b.txt", b"\xff\xfe not text")])
+    assert refused.status_code == 422 and "b.txt is not valid UTF-8" in refused.json()["message"]
+    assert list(corpora.iterdir()) == []
+
+    created = upload(staff_client, "u2", [("c.txt", SOME_TEXT)])
+    assert created.status_code == 201, created.content
+    corpus = Corpus.objects.get(name="u2")
+    assert set(corpus.chunks.values_list("document", flat=True)) == {"c.txt"}
+    assert sorted(p.name for p in (corpora / "u2").iterdir()) == ["c.txt"]
+
+    again = upload(staff_client, "u2", [("d.txt", SOME_TEXT)])
+    assert again.status_code == 422
+    assert again.json()["message"] == "A corpus named 'u2' already exists; choose another name."
+    assert sorted(p.name for p in (corpora / "u2").iterdir()) == ["c.txt"]
+    assert sorted(p.name for p in corpora.iterdir()) == ["u2"]
+
+
+def test_a_file_with_a_nul_character_is_refused_naming_the_file(staff_client, settings):
+    source = settings.JOBSITE_DATA_DIR / "src"
+    source.mkdir()
+    (source / "fine.md").write_bytes(SOME_TEXT)
+    (source / "nul.txt").write_bytes(b"hello there \x00 world, this is some text about bicycles and oil.")
+    response = post(staff_client, "/api/v1/training/corpora", {"name": "nulc", "path": "src"})
+    assert response.status_code == 422
+    assert response.json()["message"] == (
+        "nul.txt contains a NUL character (at character 12); remove it or convert the file to plain text first."
+    )
+    response = upload(staff_client, "u1", [("fine.md", SOME_TEXT), ("nul.txt", b"some text \x00 with a nul byte.")])
+    assert response.status_code == 422 and response.json()["message"].startswith("nul.txt contains a NUL character")
+    escaped = json.dumps({"text": "a record with \x00 inside"}).encode()
+    response = upload(staff_client, "u1", [("records.jsonl", escaped)])
+    assert response.status_code == 422
+    assert response.json()["message"].startswith("Line 1 of records.jsonl contains a NUL character")
+    assert not Corpus.objects.exists()
+    assert list((settings.JOBSITE_DATA_DIR / "corpora").iterdir()) == []
+
+
+@pytest.mark.parametrize("chunk_size", [2**40, -5, 10])
+def test_an_upload_chunk_size_out_of_range_is_422(staff_client, settings, chunk_size):
+    response = upload(staff_client, "huge", [("h.txt", SOME_TEXT)], chunk_size=str(chunk_size))
+    assert response.status_code == 422 and "chunk_size" in response.json()["message"]
+    assert not Corpus.objects.exists()
+
+
+def test_a_pairs_page_out_of_range_is_422(staff_client, small_corpus):
+    run = TrainingRun.objects.create(corpus=small_corpus, status="generated")
+    url = f"/api/v1/training/runs/{run.pk}/pairs"
+    for query in ({"offset": 2**70}, {"offset": 2**62}, {"offset": -1}, {"limit": 2**70}, {"limit": 0}):
+        response = staff_client.get(url, query)
+        assert response.status_code == 422, (query, response.content)
+        assert next(iter(query)) in response.json()["message"]
+    assert staff_client.get(url, {"offset": 10**9}).json() == []
+
+
+@pytest.mark.parametrize("how", ["path", "upload"])
+def test_concurrent_identical_corpus_requests_make_one_corpus_and_the_sentence_for_the_rest(
+    staff_user, settings, monkeypatch, how
+):
+    from django.db import connection
+    from django.test import Client
+
+    from training_runs import services
+
+    source = settings.JOBSITE_DATA_DIR / "src"
+    source.mkdir()
+    (source / "doc.txt").write_bytes(SOME_TEXT * 20)
+    # Every request passes the "already exists?" check before any saves: the race, every time.
+    requests = 6
+    barrier = threading.Barrier(requests)
+    documents = services._documents
+
+    def documents_after_every_check(root):
+        barrier.wait(timeout=30)
+        return documents(root)
+
+    monkeypatch.setattr(services, "_documents", documents_after_every_check)
+    outcomes = []
+
+    def request():
+        client = Client()
+        client.force_login(staff_user)
+        try:
+            if how == "path":
+                response = post(client, "/api/v1/training/corpora", {"name": "same", "path": "src"})
+            else:
+                response = upload(client, "same", [("doc.txt", SOME_TEXT * 20)])
+            outcomes.append((response.status_code, response.json()))
+        except Exception as exc:  # noqa: BLE001 - a 500 is the failure this test is about
+            outcomes.append((500, repr(exc)))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=request) for _ in range(requests)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(status for status, _ in outcomes) == [201] + [422] * (requests - 1), outcomes
+    for status, body in outcomes:
+        if status == 422:
+            assert body["message"] == "A corpus named 'same' already exists; choose another name."
+    corpus = Corpus.objects.get()
+    assert corpus.chunks.count() > 1
+    if how == "upload":
+        corpora = settings.JOBSITE_DATA_DIR / "corpora"
+        assert [p.name for p in corpora.iterdir()] == ["same"]
+        assert [p.name for p in (corpora / "same").iterdir()] == ["doc.txt"]

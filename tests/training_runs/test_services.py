@@ -207,6 +207,28 @@ def test_training_needs_enough_approved_pairs(small_corpus, settings):
         training_run_review(run=run, decision="approved", pair_ids=[10**9])
 
 
+@pytest.mark.parametrize(("params", "sentence"), [
+    ({"epochs": 0}, "epochs must be between 1 and 1000; got 0."),
+    ({"epochs": -1}, "epochs must be between 1 and 1000; got -1."),
+    ({"batch_size": 0}, "batch_size must be between 2 and 4096; got 0."),
+    ({"learning_rate": 0.0}, "learning_rate must be between 0 and 1, e.g. 0.001."),
+])
+def test_train_refuses_zero_instead_of_using_the_default(small_corpus, params, sentence):
+    run = generate_and_approve(small_corpus)
+    with pytest.raises(JobInputError) as refused:
+        training_run_train(run=run, **params)
+    assert str(refused.value) == sentence
+    assert reload(run).status == "generated"
+
+
+def test_train_over_the_api_refuses_zero_epochs(staff_client, small_corpus):
+    run = generate_and_approve(small_corpus)
+    response = staff_client.post(f"/api/v1/training/runs/{run.pk}/train", data=json.dumps({"epochs": 0}),
+                                 content_type="application/json")
+    assert response.status_code == 422 and response.json()["message"].startswith("epochs:")
+    assert reload(run).status == "generated"
+
+
 def test_training_is_unavailable_without_an_encoder(small_corpus, settings):
     from training_runs.services import training_availability
 

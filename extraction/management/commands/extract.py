@@ -1,3 +1,4 @@
+import argparse
 import time
 
 from django.core.management.base import BaseCommand, CommandError
@@ -7,6 +8,18 @@ from extraction import selectors, services
 from extraction.constants import VALID_BATCH_SIZES
 from extraction.models import Extraction
 from jobsite.errors import JobInputError
+from jobsite.lifecycle import TransitionError
+
+
+def positive(value: str) -> int:
+    """argparse type: a whole number of at least 1 (argparse turns the error into a usage line)."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {value!r}")
+    return number
 
 
 def csv(value: str) -> list[str]:
@@ -42,7 +55,7 @@ class Command(BaseCommand):
                 max_length=options["max_length"], storage_dtype=options["dtype"],
                 auto_retry_on_oom=options["auto_retry_on_oom"],
             )
-        except JobInputError as exc:
+        except (JobInputError, TransitionError) as exc:
             raise CommandError(str(exc))
         verb = "Queued" if created else "Already running: identical"
         self.stdout.write(f"{verb} extraction {extraction.pk} ({model.name} on {dataset.name}).")

@@ -3,7 +3,7 @@ import json
 from django.core.management.base import BaseCommand, CommandError
 
 from extraction import selectors, services
-from extraction.management.commands.extract import follow
+from extraction.management.commands.extract import follow, positive
 from extraction.constants import VALID_BATCH_SIZES
 from extraction.models import Extraction
 from jobsite.errors import JobInputError
@@ -18,7 +18,7 @@ class Command(BaseCommand):
         listing = sub.add_parser("list", help="extractions, newest first")
         listing.add_argument("--status", choices=Extraction.Status.values)
         listing.add_argument("--json", action="store_true", help="machine-readable output")
-        listing.add_argument("--limit", type=int, default=50)
+        listing.add_argument("--limit", type=positive, default=50, help="at most this many (default 50)")
         cancel = sub.add_parser("cancel", help="cancel a queued or running extraction")
         cancel.add_argument("extraction_id", type=int)
         retry = sub.add_parser("retry", help="retry a failed or cancelled extraction as a new linked job")

@@ -78,8 +78,8 @@ class Command(BaseCommand):
             self.follow(run)
 
     def do_review(self, options):
+        ids = None if options["pairs"] is None else _pair_ids(options["pairs"])
         run = self._run(options["run_id"])
-        ids = [int(i) for i in options["pairs"].split(",")] if options["pairs"] else None
         decision = "approved" if options["decision"] == "approve" else "rejected"
         updated = services.training_run_review(run=run, decision=decision, pair_ids=ids)
         counts = services.review_counts(run)
@@ -115,7 +115,7 @@ class Command(BaseCommand):
         self.stdout.write(f"Training run {options['run_id']} removed with its pairs and files.")
 
     def do_status(self, options):
-        runs = [self._run(options["run_id"])] if options["run_id"] else list(TrainingRun.objects.all()[:50])
+        runs = [self._run(options["run_id"])] if options["run_id"] is not None else list(TrainingRun.objects.all()[:50])
         if options["json"]:
             self.stdout.write(json.dumps([r.event_payload() for r in runs], indent=2))
             return
@@ -165,6 +165,13 @@ class Command(BaseCommand):
         bar.total, bar.n = getattr(run, total), getattr(run, done)
         bar.set_postfix_str(run.status)
         bar.refresh()
+
+
+def _pair_ids(value: str) -> list[int]:
+    try:
+        return [int(part) for part in value.split(",")]
+    except ValueError:
+        raise CommandError(f"--pairs must be pair ids separated by commas, e.g. 4,5,6; got {value!r}.") from None
 
 
 def _stage(run: TrainingRun, phase: str) -> str:
