@@ -27,13 +27,13 @@ def dataset_list() -> QuerySet[Dataset]:
 
 def model_find(name_or_id: str) -> ModelRecord | None:
     query = ModelRecord.objects.filter(name=name_or_id)
-    if name_or_id.isdigit():
+    if name_or_id.isdecimal():  # isdigit() also takes "²", which int() refuses
         query = query | ModelRecord.objects.filter(pk=int(name_or_id))
     return query.first()
 
 
 def dataset_find(name_or_id: str) -> Dataset | None:
     query = Dataset.objects.filter(name=name_or_id)
-    if name_or_id.isdigit():
+    if name_or_id.isdecimal():  # isdigit() also takes "²", which int() refuses
         query = query | Dataset.objects.filter(pk=int(name_or_id))
     return query.first()

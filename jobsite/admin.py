@@ -1,13 +1,37 @@
-"""What every job kind's admin shares: bulk actions that call a service per selected job."""
+"""What the admins share: bulk actions that call a service per selected job, and a guard against
+tampered changelist requests."""
 
 from django.contrib import messages
+from django.contrib.admin import helpers
+from django.contrib.admin.views.main import ERROR_FLAG
+from django.core.exceptions import ValidationError
+from django.http import HttpResponseRedirect
 from django.utils.translation import ngettext
 
 from jobsite.errors import JobInputError
 from jobsite.lifecycle import TransitionError
 
 
-class JobActionsMixin:
+class TamperProofMixin:
+    """What Django's admin takes as it comes and the database then refuses with a 500: a selected
+    id that is not a number, and a NUL in a filter value (PostgreSQL text cannot hold one)."""
+
+    def changelist_view(self, request, extra_context=None):
+        if any("\x00" in key or any("\x00" in value for value in values) for key, values in request.GET.lists()):
+            return HttpResponseRedirect(f"{request.path}?{ERROR_FLAG}=1")  # Django's answer to a bad lookup
+        return super().changelist_view(request, extra_context)
+
+    def response_action(self, request, queryset):
+        try:
+            for value in request.POST.getlist(helpers.ACTION_CHECKBOX_NAME):
+                self.model._meta.pk.to_python(value)
+        except ValidationError:
+            self.message_user(request, "The selection was not understood; no action was taken.", messages.WARNING)
+            return None
+        return super().response_action(request, queryset)
+
+
+class JobActionsMixin(TamperProofMixin):
     def _each(self, request, jobs, act, done_singular: str, done_plural: str) -> None:
         """act(job) for each job: a message for every refusal, one for what was done
         ("%(count)d" in the sentences)."""

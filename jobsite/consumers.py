@@ -31,7 +31,7 @@ class EventConsumer(AsyncJsonWebsocketConsumer):
         if user is None or not user.is_authenticated:
             await self.close(code=4401)
             return
-        query = parse_qs(self.scope.get("query_string", b"").decode())
+        query = parse_qs(self.scope.get("query_string", b"").decode(errors="replace"))
         try:
             self.cursor = max(0, int(query.get("after", ["0"])[0] or 0))
         except ValueError:
@@ -63,6 +63,16 @@ class EventConsumer(AsyncJsonWebsocketConsumer):
             logger.warning("channel layer unavailable; %s follows the event table only", self.channel_name)
             return False
         return True
+
+    async def receive(self, text_data=None, bytes_data=None, **kwargs):
+        """A frame that is not a JSON object is ignored: the base class would raise, and an
+        exception here closes the socket (and its live stream) with 1011."""
+        try:
+            content = await self.decode_json(text_data) if text_data else None
+        except (ValueError, RecursionError):
+            return
+        if isinstance(content, dict):
+            await self.receive_json(content, **kwargs)
 
     async def receive_json(self, content, **kwargs):
         # The only message a client sends is a ping; answering proves the socket is alive.

@@ -2,7 +2,7 @@ from django.contrib import admin, messages
 from django.template.response import TemplateResponse
 from django.utils.translation import ngettext
 
-from jobsite.admin import JobActionsMixin
+from jobsite.admin import JobActionsMixin, TamperProofMixin
 from jobsite.errors import JobInputError
 from jobsite.lifecycle import TransitionError
 from training_runs import services
@@ -10,7 +10,7 @@ from training_runs.models import Chunk, Corpus, TrainingPair, TrainingRun
 
 
 @admin.register(Corpus)
-class CorpusAdmin(admin.ModelAdmin):
+class CorpusAdmin(TamperProofMixin, admin.ModelAdmin):
     list_display = ["name", "num_documents", "chunk_size", "chunk_overlap", "source", "created_at"]
     readonly_fields = ["source", "num_documents", "chunk_size", "chunk_overlap"]
 
@@ -20,7 +20,7 @@ class CorpusAdmin(admin.ModelAdmin):
 
 
 @admin.register(Chunk)
-class ChunkAdmin(admin.ModelAdmin):
+class ChunkAdmin(TamperProofMixin, admin.ModelAdmin):
     list_display = ["index", "corpus", "document"]
     list_filter = ["corpus"]
     search_fields = ["text", "document"]
@@ -91,7 +91,7 @@ class TrainingRunAdmin(JobActionsMixin, admin.ModelAdmin):
 
 
 @admin.register(TrainingPair)
-class TrainingPairAdmin(admin.ModelAdmin):
+class TrainingPairAdmin(TamperProofMixin, admin.ModelAdmin):
     list_display = ["id", "run", "query", "chunk", "review"]
     list_filter = ["review", "run"]
     search_fields = ["query", "chunk__text"]
@@ -106,7 +106,8 @@ class TrainingPairAdmin(admin.ModelAdmin):
 
     def _review(self, request, queryset, decision):
         updated = 0
-        for run_id in queryset.values_list("run", flat=True).distinct():
+        # A set, not .distinct(): the default ordering's columns would make each pair's run distinct.
+        for run_id in sorted(set(queryset.values_list("run", flat=True))):
             run = TrainingRun.objects.get(pk=run_id)
             ids = list(queryset.filter(run=run).values_list("pk", flat=True))
             try:

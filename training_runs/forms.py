@@ -28,7 +28,7 @@ class IdListField(forms.Field):
 
     def to_python(self, value):
         items = [str(item) for item in value or ()]
-        if not all(item.isdigit() and len(item) <= 9 for item in items):
+        if not all(item.isdecimal() and len(item) <= 9 for item in items):  # isdigit() takes "²", int() does not
             raise forms.ValidationError("Pair ids are numbers.")
         return [int(item) for item in items]
 

@@ -156,7 +156,7 @@ def row_view(run: TrainingRun, *, open_id: int | None = None) -> dict:
 
 def _open_id(request) -> int | None:
     value = request.GET.get("open", "")
-    return int(value) if value.isdigit() and len(value) <= 9 else None
+    return int(value) if value.isdecimal() and len(value) <= 9 else None  # isdigit() takes "²", int() does not
 
 
 def _workflow_context(request, *, seq: int) -> dict:

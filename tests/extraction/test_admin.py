@@ -68,3 +68,22 @@ def test_oom_at_batch_size_one_suggests_a_shorter_max_length_and_the_retry_uses_
     act(admin_client_logged, "retry_with_suggested", [failed])
     retry = Extraction.objects.get(original_extraction=failed)
     assert retry.batch_size == 1 and retry.max_length == 256
+
+
+@pytest.mark.parametrize("selected", [["abc"], ["\x00"], ["²"], ["1", "x"]])
+def test_an_action_on_ids_that_are_not_numbers_is_a_warning_not_a_500(admin_client_logged, make_extraction, selected):
+    queued = make_extraction("queued")
+    response = admin_client_logged.post(reverse(CHANGELIST), {"action": "cancel", "_selected_action": selected},
+                                        follow=True)
+    assert response.status_code == 200
+    assert "The selection was not understood; no action was taken." in response.content.decode()
+    queued.refresh_from_db()
+    assert queued.status == "queued"
+
+
+@pytest.mark.parametrize("query", [{"status__exact": "\x00"}, {"error_type__exact": "a\x00b"}])
+def test_a_filter_value_with_a_nul_redirects_like_any_bad_lookup(admin_client_logged, make_extraction, query):
+    make_extraction("failed", error_type="OOM")
+    response = admin_client_logged.get(reverse(CHANGELIST), query)
+    assert response.status_code == 302 and response["Location"].endswith("?e=1")
+    assert admin_client_logged.get(response["Location"]).status_code == 200

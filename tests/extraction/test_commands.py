@@ -111,3 +111,8 @@ def test_extraction_retry_refuses_a_zero_instead_of_ignoring_it(make_extraction,
     with pytest.raises(CommandError, match=sentence):
         call_command("extraction", "retry", str(failed.pk), option, "0")
     assert Extraction.objects.count() == 1
+
+
+def test_a_model_argument_that_only_looks_like_an_id_is_a_sentence(model_record, dataset):
+    with pytest.raises(CommandError, match="does not exist|outside the allowed directories"):
+        call_command("extract", "²", "samples", "--layers", "0")

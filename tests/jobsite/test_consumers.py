@@ -3,8 +3,10 @@ import json
 
 import pytest
 import websockets
+from channels.testing import WebsocketCommunicator
 from django.test import Client
 
+from jobsite.consumers import EventConsumer
 from jobsite.events import publish
 
 
@@ -93,3 +95,32 @@ def test_with_redis_down_the_socket_still_delivers_every_event_from_the_table(st
     replayed, live, events = asyncio.run(scenario())
     assert replayed[0]["seq"] == before.seq
     assert [m["seq"] for m in live] == [e.seq for e in events]
+
+
+async def communicator(user, query_string: bytes = b"") -> WebsocketCommunicator:
+    ws = WebsocketCommunicator(EventConsumer.as_asgi(), "/ws/events/")
+    ws.scope["user"] = user
+    ws.scope["query_string"] = query_string
+    return ws
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("frame", [{"text_data": "{"}, {"text_data": "[1]"}, {"text_data": "5"}, {"text_data": "null"},
+                                   {"text_data": "\x00"}, {"text_data": "[" * 100_000},
+                                   {"bytes_data": b"\x00\x01"}])
+async def test_a_frame_that_is_not_a_json_object_is_ignored_and_the_socket_stays_open(staff_user, frame):
+    ws = await communicator(staff_user)
+    connected, _ = await ws.connect()
+    assert connected
+    await ws.send_to(**frame)
+    await ws.send_json_to({"type": "ping"})
+    assert (await ws.receive_json_from(timeout=5))["type"] == "pong"
+    await ws.disconnect()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_query_string_that_is_not_utf8_is_refused_with_4400(staff_user):
+    ws = await communicator(staff_user, b"after=\xff")
+    connected, code = await ws.connect()
+    assert not connected and code == 4400
+    await ws.disconnect()

@@ -69,6 +69,37 @@ def test_admin_bulk_approves_pairs(superuser_client, small_corpus):
     assert TrainingPair.objects.filter(run=run, review="approved").count() == 5
 
 
+@pytest.fixture
+def generated_run(db):
+    """A generated run with six pending pairs, created directly (no worker, no encoder)."""
+    from django.utils import timezone
+
+    from training_runs.models import Chunk, Corpus
+
+    corpus = Corpus.objects.create(name="handbook", source="/data/handbook", num_documents=1)
+    Chunk.objects.bulk_create(Chunk(corpus=corpus, index=i, document="h.md", text=f"Section {i}") for i in range(6))
+    run = TrainingRun.objects.create(corpus=corpus, status="generated", total_chunks=6, processed_chunks=6,
+                                     pair_count=6, generated_at=timezone.now())
+    TrainingPair.objects.bulk_create(TrainingPair(run=run, chunk=c, query=f"q {c.index}") for c in corpus.chunks.all())
+    return run
+
+
+def test_admin_approving_three_pairs_of_one_run_reviews_them_once(superuser_client, generated_run):
+    pairs = list(TrainingPair.objects.filter(run=generated_run)[:3])
+    page = act(superuser_client, "trainingpair", "approve", pairs).content.decode()
+    assert "3 pairs approved." in page
+    assert Event.objects.filter(topic=generated_run.topic, type="training.pairs_reviewed").count() == 1
+
+
+@pytest.mark.parametrize("selected", [["abc"], ["\x00"], ["²"]])
+@pytest.mark.parametrize("confirmed", ["", "yes"])
+def test_admin_remove_with_tampered_ids_is_a_warning_not_a_500(superuser_client, generated_run, selected, confirmed):
+    page = act(superuser_client, "trainingrun", "remove", [], _selected_action=selected, confirmed=confirmed)
+    assert page.status_code == 200
+    assert "The selection was not understood; no action was taken." in page.content.decode()
+    assert TrainingRun.objects.filter(pk=generated_run.pk).exists()
+
+
 def test_commands_generate_review_status_and_refusals(small_corpus, capsys, settings):
     call_command("training", "generate", "small")
     run = TrainingRun.objects.get()

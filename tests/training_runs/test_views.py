@@ -323,6 +323,7 @@ def test_train_through_the_page_starts_phase_two(staff_client, generated_run):
         ({"decision": "approved", "pair": ["x"]}, "No pair was reviewed"),
         ({"decision": "approved", "pair": ["99999999"]}, "do not belong to training run"),
         ({"one": "1:perhaps"}, "No pair was reviewed"),
+        ({"decision": "approved", "pair": ["²"]}, "No pair was reviewed"),
     ],
 )
 def test_bad_review_input_is_a_message(staff_client, generated_run, data, sentence):
@@ -400,6 +401,13 @@ def test_the_row_fragment_redraws_one_run(staff_client, make_run):
     run = failed(make_run)
     html = staff_client.get(f"/training/runs/{run.pk}/row/").content.decode()
     assert html.strip().startswith(f'<tbody id="run-row-{run.pk}"') and html.strip().endswith("</tbody>")
+
+
+@pytest.mark.parametrize("path", ["/training/history/?open=²", "/training/runs/{pk}/row/?open=²"])
+def test_an_open_id_that_only_looks_like_a_number_opens_no_row(staff_client, make_run, path):
+    run = failed(make_run)
+    response = staff_client.get(path.format(pk=run.pk))
+    assert response.status_code == 200 and f'id="run-row-{run.pk}"' in response.content.decode()
 
 
 # -- proceed and delete --------------------------------------------------------------------------
