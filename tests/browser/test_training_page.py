@@ -13,6 +13,7 @@ from playwright.sync_api import expect
 
 from tests.browser.conftest import screenshot
 from tests.conftest import DEMO_CORPUS
+from jobsite.events import publish
 from training_runs import services
 from training_runs.models import TrainingRun
 
@@ -146,6 +147,12 @@ def test_a_failed_generation_proceeds_then_review_and_training_complete_without_
     expect(review.locator("[data-train]")).to_be_enabled()
 
     review.locator("input[name=epochs]").fill("3")
+    # Typed, then the focus moves on: a live event for the run must not put the default back
+    # (the form would then train 8 epochs where the person chose 3).
+    page.keyboard.press("Tab")
+    publish(run.topic, "training.pairs_reviewed", TrainingRun.objects.get().event_payload())
+    page.wait_for_timeout(1500)
+    expect(review.locator("input[name=epochs]")).to_have_value("3")
     review.locator("[data-train]").click()
     # Before the first epoch the encoder embeds every chunk and query: the card counts them live.
     # (and the card says a worker holds the run, not "Waiting for a worker").

@@ -216,8 +216,39 @@
   const busy = (element) => Boolean(
     element.querySelector("details[open]")
     || element.querySelector("input[data-pick]:checked")
+    || element.querySelector("[data-edited]")
     || (element.contains(document.activeElement) && document.activeElement.matches("input, select, textarea"))
   );
+  // A field typed into ("3" epochs) is kept until its form is sent, or for EDIT_HOLD_MS after the
+  // last keystroke if it never is: a redraw would put the default back, and the form would then
+  // send what the person did not choose.
+  const EDIT_HOLD_MS = 60000;
+  let editHold = null;
+  document.addEventListener("input", (event) => {
+    const field = event.target;
+    if (!(field instanceof Element) || !field.matches("input:not([data-pick]), select, textarea")) return;
+    field.dataset.edited = "1";
+    clearTimeout(editHold);
+    editHold = setTimeout(() => {
+      document.querySelectorAll("[data-edited]").forEach((el) => delete el.dataset.edited);
+      redrawDirty();
+    }, EDIT_HOLD_MS);
+  });
+  document.addEventListener("htmx:beforeRequest", (event) => {
+    const form = event.detail.elt;
+    if (form instanceof HTMLFormElement) form.querySelectorAll("[data-edited]").forEach((el) => delete el.dataset.edited);
+  });
+  // A redraw asked for before the person started typing may answer after: it is dropped then,
+  // and the element stays dirty, to be drawn once they are done.
+  document.addEventListener("htmx:beforeSwap", (event) => {
+    const config = event.detail.requestConfig;
+    const target = event.detail.target;
+    const trigger = config && config.triggeringEvent;
+    if (trigger && trigger.type === "jobsite-refresh" && target && target.id && busy(target)) {
+      event.detail.shouldSwap = false;
+      dirty.add(target.id);
+    }
+  });
   function redraw(element) {
     if (!element || !window.htmx) return;
     dirty.add(element.id);
