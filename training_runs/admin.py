@@ -106,8 +106,8 @@ class TrainingPairAdmin(TamperProofMixin, admin.ModelAdmin):
 
     def _review(self, request, queryset, decision):
         updated = 0
-        # A set, not .distinct(): the default ordering's columns would make each pair's run distinct.
-        for run_id in sorted(set(queryset.values_list("run", flat=True))):
+        # order_by(): the default ordering's columns would otherwise make each pair's run distinct.
+        for run_id in queryset.order_by("run_id").values_list("run_id", flat=True).distinct():
             run = TrainingRun.objects.get(pk=run_id)
             ids = list(queryset.filter(run=run).values_list("pk", flat=True))
             try:

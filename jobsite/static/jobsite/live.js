@@ -238,17 +238,7 @@
     const form = event.detail.elt;
     if (form instanceof HTMLFormElement) form.querySelectorAll("[data-edited]").forEach((el) => delete el.dataset.edited);
   });
-  // A redraw asked for before the person started typing may answer after: it is dropped then,
-  // and the element stays dirty, to be drawn once they are done.
-  document.addEventListener("htmx:beforeSwap", (event) => {
-    const config = event.detail.requestConfig;
-    const target = event.detail.target;
-    const trigger = config && config.triggeringEvent;
-    if (trigger && trigger.type === "jobsite-refresh" && target && target.id && busy(target)) {
-      event.detail.shouldSwap = false;
-      dirty.add(target.id);
-    }
-  });
+
   function redraw(element) {
     if (!element || !window.htmx) return;
     dirty.add(element.id);
@@ -281,6 +271,16 @@
     if (url && url.includes("/accounts/login/")) {
       event.detail.shouldSwap = false;
       window.location.reload();
+      return;
+    }
+    // A redraw asked for before the person started typing may answer after: it is dropped then,
+    // and the element stays dirty, to be drawn once they are done.
+    const config = event.detail.requestConfig;
+    const target = event.detail.target;
+    const trigger = config && config.triggeringEvent;
+    if (trigger && trigger.type === "jobsite-refresh" && target && target.id && busy(target)) {
+      event.detail.shouldSwap = false;
+      dirty.add(target.id);
     }
   });
 
