@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/extraction.py            # the full run (< 3 min on 2 CPU cores)
     .venv/bin/python bench/extraction.py --quick    # a smoke run
-    .venv/bin/python bench/extraction.py --device cuda
+    .venv/bin/python bench/extraction.py --device cuda --model-dtype bfloat16 --batch-size 64 --samples 1024
+    bash bench/gpu-check.sh                         # the prepared check for a lent GPU machine
 
 Two models are built from configs with fixed seeds (random weights, nothing downloaded): a
 GPT-2-small-shaped GPT2Model and a Pythia-70m-shaped GPTNeoXModel. The data are token ids
@@ -70,6 +71,7 @@ from extraction import runner as jobsite_runner  # noqa: E402
 from jobsite.demo import train_tokenizer  # noqa: E402
 
 HOOKS = ("residual", "mlp", "attention")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SEED = 0
 QUIET = 0.25  # a run is "quiet" when other processes kept fewer cores than this busy meanwhile
 
@@ -143,28 +145,36 @@ def pad_fraction(lengths: np.ndarray, batches: list[np.ndarray]) -> float:
 
 
 class Context:
-    def __init__(self, model_dir, data_path, sequences, layers, batch_size, max_length, device):
+    def __init__(self, model_dir, data_path, sequences, layers, batch_size, max_length, device,
+                 model_dtype="float32"):
         self.model_dir, self.data_path, self.device = str(model_dir), str(data_path), device
+        self.model_dtype = model_dtype
         self.sequences, self.layers, self.batch_size, self.max_length = sequences, layers, batch_size, max_length
         self.lengths = np.array([len(s) for s in sequences], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])
         self.tokens = int(self.lengths.sum())
         self.sorted_batches = cut(np.argsort(-self.lengths, kind="stable"), batch_size)
         self.dataset_batches = cut(np.arange(len(sequences)), batch_size)
-        self.model = AutoModel.from_pretrained(self.model_dir, local_files_only=True).to(device).eval()
-        num_layers = self.model.config.num_hidden_layers
-        self.blocks_path, self.blocks = next(
-            (name, m) for name, m in self.model.named_modules()
-            if isinstance(m, torch.nn.ModuleList) and len(m) == num_layers
-        )
+        self.model = self.load()
+        self.blocks_path, self.blocks = find_blocks(self.model)
         self.attention_name = next(n for n in ("attn", "attention", "self_attn") if hasattr(self.blocks[0], n))
         self.nnsight_model = None
+
+    def load(self, dtype: str | None = None) -> torch.nn.Module:
+        """The model afresh, in the run's dtype unless told."""
+        dtype = DTYPES[dtype or self.model_dtype]
+        return AutoModel.from_pretrained(self.model_dir, local_files_only=True, dtype=dtype).to(self.device).eval()
+
+    def flops_per_token(self) -> int:
+        """2 x the parameters of the blocks a run goes through (the embedding is a lookup): the
+        FLOPs of one real token, attention's length-dependent part left out."""
+        return 2 * sum(p.numel() for block in self.blocks[: self.layers[-1] + 1] for p in block.parameters())
 
     def names(self, hooks=HOOKS) -> list[str]:
         return [f"layer_{layer}_{hook}.npy" for layer in self.layers for hook in hooks]
 
-    def points(self, layer: int) -> dict[str, torch.nn.Module]:
-        block = self.blocks[layer]
+    def points(self, layer: int, blocks=None) -> dict[str, torch.nn.Module]:
+        block = (self.blocks if blocks is None else blocks)[layer]
         return {"residual": block, "mlp": block.mlp, "attention": getattr(block, self.attention_name)}
 
     def inputs(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,17 +191,29 @@ class Context:
             torch.cuda.synchronize()
 
 
-def capture_hooks(ctx: Context, captured: dict, stop: bool) -> list:
+def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    num_layers = model.config.num_hidden_layers
+    return next((name, m) for name, m in model.named_modules()
+                if isinstance(m, torch.nn.ModuleList) and len(m) == num_layers)
+
+
+def host(value: torch.Tensor) -> np.ndarray:
+    """A tensor as float32 numpy (numpy has no bfloat16), as a user would save it."""
+    return value.float().cpu().numpy()
+
+
+def capture_hooks(ctx: Context, captured: dict, stop: bool, blocks=None) -> list:
     def capture(name):
         def hook(module, args, output):
             captured.setdefault(name, []).append(output[0] if isinstance(output, tuple) else output)
 
         return hook
 
-    handles = [ctx.points(layer)[hook].register_forward_hook(capture(f"layer_{layer}_{hook}.npy"))
+    blocks = ctx.blocks if blocks is None else blocks
+    handles = [ctx.points(layer, blocks)[hook].register_forward_hook(capture(f"layer_{layer}_{hook}.npy"))
                for layer in ctx.layers for hook in HOOKS]
     if stop:
-        handles.append(ctx.blocks[ctx.layers[-1]].register_forward_hook(raise_stop))
+        handles.append(blocks[ctx.layers[-1]].register_forward_hook(raise_stop))
     return handles
 
 
@@ -206,7 +228,8 @@ def save_rows(out: Path, rows: dict[str, list[np.ndarray]]) -> None:
 
 def tool_runner(ctx: Context, out: Path, module=jobsite_runner, storage_dtype: str = "float32") -> dict:
     spec = module.ExtractionSpec(ctx.model_dir, ctx.data_path, str(out), tuple(ctx.layers), HOOKS, ctx.batch_size,
-                                 max_length=ctx.max_length, device=ctx.device, storage_dtype=storage_dtype)
+                                 max_length=ctx.max_length, device=ctx.device, storage_dtype=storage_dtype,
+                                 model_dtype=ctx.model_dtype)
     marks = {}
 
     def mark(kind, payload):
@@ -235,9 +258,8 @@ def runner_without(ctx: Context, out: Path, *, sync: bool = False, rows: bool = 
 def tool_bare_stop(ctx: Context, out: Path) -> dict:
     # Loaded afresh like the runner's own model (outside the timing, as the runner's load is):
     # the first batches through a new model instance run a few per cent slower here.
-    model = AutoModel.from_pretrained(ctx.model_dir, local_files_only=True).to(ctx.device).eval()
-    blocks = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == len(ctx.blocks))
-    blocks[ctx.layers[-1]].register_forward_hook(raise_stop)
+    model = ctx.load()
+    find_blocks(model)[1][ctx.layers[-1]].register_forward_hook(raise_stop)
     # With the runner's allocator setting (jobsite_runner.heap_reuse), so that the pair
     # compares what writing costs and nothing else.
     with torch.inference_mode(), jobsite_runner.heap_reuse(ctx.device):
@@ -270,7 +292,7 @@ def tool_per_sample(ctx: Context, out: Path) -> dict:
         with torch.inference_mode():
             for seq in ctx.sequences:
                 ctx.model(input_ids=torch.from_numpy(seq)[None].to(ctx.device), use_cache=False)
-        save_rows(out, {name: [t[0].cpu().numpy() for t in parts] for name, parts in captured.items()})
+        save_rows(out, {name: [host(t[0]) for t in parts] for name, parts in captured.items()})
         return {"seconds": time.perf_counter() - start}
     finally:
         for handle in handles:
@@ -286,7 +308,7 @@ def tool_hidden_states(ctx: Context, out: Path) -> dict:
             hidden = ctx.model(input_ids=input_ids, attention_mask=mask, use_cache=False,
                                output_hidden_states=True).hidden_states
             for layer in ctx.layers:
-                values = hidden[layer + 1].cpu().numpy()
+                values = host(hidden[layer + 1])
                 rows[f"layer_{layer}_residual.npy"] += [values[r, : ctx.lengths[i]] for r, i in enumerate(batch)]
     save_rows(out, rows)
     return {"seconds": time.perf_counter() - start}
@@ -315,27 +337,29 @@ def tool_nnsight(ctx: Context, out: Path) -> dict:
                     saved[f"layer_{layer}_residual.npy"] = block.output.save()
                 tracer.stop()
             for name, value in saved.items():
-                value = (value[0] if isinstance(value, tuple) else value).cpu().numpy()
+                value = host(value[0] if isinstance(value, tuple) else value)
                 rows[name] += [value[r, : ctx.lengths[i]] for r, i in enumerate(batch)]
     save_rows(out, rows)
     return {"seconds": time.perf_counter() - start}
 
 
 def reference(ctx: Context) -> dict[str, np.ndarray]:
-    """Each sample alone, unpadded: the values every tool's non-pad rows must equal."""
+    """Each sample alone, unpadded, in float32: the values every tool's non-pad rows must
+    equal (a bfloat16 or float16 run shows how far its dtype moves them)."""
+    model = ctx.model if ctx.model_dtype == "float32" else ctx.load("float32")
     captured: dict[str, list] = {}
-    handles = capture_hooks(ctx, captured, stop=True)
+    handles = capture_hooks(ctx, captured, stop=True, blocks=find_blocks(model)[1])
     try:
         with torch.inference_mode():
             for seq in ctx.sequences:
                 try:
-                    ctx.model(input_ids=torch.from_numpy(seq)[None].to(ctx.device), use_cache=False)
+                    model(input_ids=torch.from_numpy(seq)[None].to(ctx.device), use_cache=False)
                 except Stop:
                     pass
     finally:
         for handle in handles:
             handle.remove()
-    return {name: np.concatenate([t[0].float().cpu().numpy() for t in parts]) for name, parts in captured.items()}
+    return {name: np.concatenate([host(t[0]) for t in parts]) for name, parts in captured.items()}
 
 
 def max_difference(out: Path, ref: dict[str, np.ndarray]) -> float | None:
@@ -349,18 +373,92 @@ def disk_bytes(out: Path) -> int:
     return sum(p.stat().st_size for p in out.iterdir() if p.is_file())
 
 
+# --- the GPU's figures -----------------------------------------------------------------
+
+# Dense bfloat16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s, matched against the
+# device's name in this order ("H100 PCIe" before "H100", "L40S" before "L40" before "L4").
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0),
+                    ("L40S", 362.1), ("L40", 181.0), ("L4", 121.0))
+
+
+def peak_tflops(device: str, given: float | None) -> tuple[float | None, str]:
+    if given:
+        return given, "given with --peak-tflops"
+    if not device.startswith("cuda"):
+        return None, "no peak known for a cpu: pass --peak-tflops"
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_TFLOPS:
+        if key in name:
+            return value, f"{name}'s dense bfloat16 peak"
+    return None, f"{name}: peak unknown, pass --peak-tflops"
+
+
+def flop_bound(ctx: Context, rate: dict, given: float | None) -> tuple[str, float | None]:
+    """Achieved FLOP/s counted as 2 x parameters run x real tokens, and its share of the peak."""
+    per_token = ctx.flops_per_token()
+    achieved = {tool: per_token * rate[tool] / 1e12 for tool in ("runner", "bare-stop")}
+    text = (f"FLOP-bound limit: 2 x {per_token / 2e6:.1f} M parameters in the blocks run = {per_token / 1e6:.1f} "
+            f"MFLOP a real token; the runner did {achieved['runner']:.3g} TFLOP/s, bare-stop "
+            f"{achieved['bare-stop']:.3g}")
+    peak, source = peak_tflops(ctx.device, given)
+    if peak is None:
+        return f"{text} ({source}).", None
+    fraction = achieved["runner"] / peak
+    return f"{text}: the runner at {fraction:.2%} of {peak:g} TFLOP/s ({source}; model {ctx.model_dtype}).", fraction
+
+
+def oom_halving(ctx: Context, out: Path, ref: dict) -> str:
+    """A real torch.cuda.OutOfMemoryError: the device is filled but for the runner's model and
+    room for 2.5 batches of the run's batch size (measured by a run at that size), then the
+    runner is asked for 4 times that batch size with auto_retry_on_oom and halves in place."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(ctx.device)
+    before = torch.cuda.memory_allocated(ctx.device)
+    tool_runner(ctx, out / "measure")
+    peak = torch.cuda.max_memory_allocated(ctx.device) - before
+    model_bytes = sum(p.numel() * p.element_size() for p in ctx.model.parameters())
+    room = model_bytes + int(2.5 * max(0, peak - model_bytes))
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(ctx.device)
+    asked = 4 * ctx.batch_size
+    events = []
+    ballast = torch.empty(max(0, free - room), dtype=torch.uint8, device=ctx.device)
+    try:
+        spec = jobsite_runner.ExtractionSpec(
+            ctx.model_dir, ctx.data_path, str(out / "oom"), tuple(ctx.layers), HOOKS, asked, max_length=ctx.max_length,
+            device=ctx.device, model_dtype=ctx.model_dtype, auto_retry_on_oom=True)
+        start = time.perf_counter()
+        result = jobsite_runner.run_extraction(spec, progress=None, heartbeat=None, should_cancel=None,
+                                               on_event=lambda kind, payload: events.append((kind, payload)))
+        seconds = time.perf_counter() - start
+    finally:
+        del ballast
+        torch.cuda.empty_cache()
+    halvings = [payload for kind, payload in events if kind == "batch_size_reduced"]
+    setting = (f"the device filled but for {room / 2**20:.0f} MiB (the model's {model_bytes / 2**20:.0f} MiB and "
+               f"2.5 times the {(peak - model_bytes) / 2**20:.0f} MiB a run at batch size {ctx.batch_size} took "
+               f"beyond it), batch size {asked} asked with auto_retry_on_oom")
+    if not halvings:
+        return f"No OutOfMemoryError came: {setting}; the run finished at batch size {result.batch_size}."
+    steps = ", then ".join(f"{h['from']} -> {h['to']}" for h in halvings)
+    diff = max_difference(out / "oom", ref)
+    return (f"Real OutOfMemoryError, halved in place: {setting}: {steps}; {result.samples} samples finished at "
+            f"batch size {result.batch_size} in {seconds:.2f} s, max abs diff {diff:.1e} against the reference.")
+
+
 # --- the run ---------------------------------------------------------------------------
 
 
 def peak_rss_mb(runs: list[tuple], model_dir: Path, layers, batch_size: int, max_length: int,
-                device: str) -> list[float]:
+                device: str, model_dtype: str) -> list[float]:
     """Each (dataset, runner file or None) by the runner alone in a fresh process: its peak
     resident memory. The processes run side by side: memory, not time, is measured here."""
     with tempfile.TemporaryDirectory(dir=model_dir.parent) as tmp:
         children = [
             subprocess.Popen([sys.executable, __file__, "--rss-child", str(model_dir), str(data_path),
                               os.path.join(tmp, str(number)), ",".join(map(str, layers)), str(batch_size),
-                              str(max_length), device, runner_path or ""], stdout=subprocess.PIPE, text=True)
+                              str(max_length), device, model_dtype, runner_path or ""],
+                             stdout=subprocess.PIPE, text=True)
             for number, (data_path, runner_path) in enumerate(runs)
         ]
         outputs = [child.communicate()[0] for child in children]
@@ -370,10 +468,10 @@ def peak_rss_mb(runs: list[tuple], model_dir: Path, layers, batch_size: int, max
 
 
 def rss_child(argv: list[str]) -> None:
-    model_dir, data_path, out, layers, batch_size, max_length, device, runner_path = argv
+    model_dir, data_path, out, layers, batch_size, max_length, device, model_dtype, runner_path = argv
     module = load_runner(runner_path) if runner_path else jobsite_runner
     spec = module.ExtractionSpec(model_dir, data_path, out, tuple(int(x) for x in layers.split(",")), HOOKS,
-                                 int(batch_size), max_length=int(max_length), device=device)
+                                 int(batch_size), max_length=int(max_length), device=device, model_dtype=model_dtype)
     module.run_extraction(spec, progress=None, heartbeat=None, should_cancel=None)
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the (large) parent across fork + exec.
     with open("/proc/self/status") as f:
@@ -427,7 +525,8 @@ def bench_model(name, config, model_class, layers, args, workdir: Path) -> tuple
     lengths = sample_lengths(args.samples, args.max_len, SEED)
     data_path = workdir / f"{model_dir.name}-data.jsonl"
     sequences = write_dataset(data_path, lengths, config.vocab_size, SEED)
-    ctx = Context(model_dir, data_path, sequences, layers, args.batch_size, args.max_len, args.device)
+    ctx = Context(model_dir, data_path, sequences, layers, args.batch_size, args.max_len, args.device,
+                  args.model_dtype)
     ref = reference(ctx)
 
     tools = {
@@ -529,10 +628,20 @@ def bench_model(name, config, model_class, layers, args, workdir: Path) -> tuple
             f.write("".join(base) * times)
         runs += [(path, runner_path) for runner_path in runners]
     if runs:
-        peaks = iter(peak_rss_mb(runs, model_dir, layers, args.batch_size, args.max_len, args.device))
+        peaks = iter(peak_rss_mb(runs, model_dir, layers, args.batch_size, args.max_len, args.device,
+                                 args.model_dtype))
         for times in (1, 4):
             rss.append([f"{times * len(base)} samples, {times * base_tokens} tokens",
                         *(f"{next(peaks):.0f}" for _ in runners)])
+
+    flop_text, flop_fraction = flop_bound(ctx, rate, args.peak_tflops)
+    oom_text = None
+    if args.device.startswith("cuda") and args.oom:
+        with tempfile.TemporaryDirectory(dir=workdir) as out:
+            try:
+                oom_text = oom_halving(ctx, Path(out), ref)
+            except Exception as exc:  # noqa: BLE001 - reported in the output; the other figures still count
+                oom_text = f"Real OutOfMemoryError, halved in place: not measured ({type(exc).__name__}: {exc})."
 
     hidden = config.hidden_size
     blocks_run = layers[-1] + 1
@@ -546,7 +655,7 @@ def bench_model(name, config, model_class, layers, args, workdir: Path) -> tuple
         f"{SIGMA}) clipped to "
         f"{int(lengths.min())}-{args.max_len} (longest here {int(lengths.max())}), batch size {args.batch_size}, "
         f"repetitions interleaved: {args.pair_reps} for runner and bare-stop, {args.reps} for nnsight, "
-        f"{args.slow_reps} for {', '.join(SLOW)}; device {args.device}.",
+        f"{args.slow_reps} for {', '.join(SLOW)}; device {args.device}, model {args.model_dtype}.",
         "",
         table(["tool", "real tokens/s (median)", "runner ÷ tool", "quiet runs only (n)", "runner ÷ tool, quiet",
                "max abs diff vs per-sample ref", "MB on disk", "page faults (k)",
@@ -561,6 +670,9 @@ def bench_model(name, config, model_class, layers, args, workdir: Path) -> tuple
         f"tokenisation, files, metadata): median {statistics.median(extra['end_to_end']):.2f} s against "
         f"{median['runner']:.2f} s extracting.",
         "",
+        flop_text,
+        "",
+        *([oom_text, ""] if oom_text else []),
         f"Pad fraction at batch size {args.batch_size}: {pad_fraction(ctx.lengths, ctx.dataset_batches):.1%} in "
         f"dataset order, {pad_fraction(ctx.lengths, ctx.sorted_batches):.1%} bucketed (length-sorted); for 1000 "
         f"samples of the same distribution {pad_fraction(big, cut(np.arange(len(big)), args.batch_size)):.1%} and "
@@ -576,7 +688,8 @@ def bench_model(name, config, model_class, layers, args, workdir: Path) -> tuple
                "ratios": {tool: rate["runner"] / rate[tool] for tool in tools},
                "quiet": {tool: quiet_rate["runner"] / quiet_rate[tool] for tool in quiet_rate
                          if "runner" in quiet_rate},
-               "quiet_paired": statistics.median(quiet_pairs) if quiet_pairs else None}
+               "quiet_paired": statistics.median(quiet_pairs) if quiet_pairs else None,
+               "flop_fraction": flop_fraction}
     return "\n".join(lines), summary
 
 
@@ -587,6 +700,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: shrunk models, few samples, 1 repetition")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--model-dtype", default="float32", choices=sorted(DTYPES),
+                        help="the model's dtype for every tool (default float32; the reference stays float32)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's peak for the FLOP-bound ratio (known CUDA devices are looked up)")
+    parser.add_argument("--no-oom", dest="oom", action="store_false",
+                        help="on cuda, skip the real OutOfMemoryError halved in place")
     parser.add_argument("--reps", type=int, default=None, help="repetitions of nnsight (default 3, quick 1)")
     parser.add_argument("--slow-reps", type=int, default=None,
                         help=f"repetitions of {', '.join(SLOW)} (default 1)")
@@ -608,6 +727,8 @@ def main() -> None:
     args.slow_reps = args.slow_reps or 1
     args.pair_reps = max(args.pair_reps or (1 if args.quick else 4), args.reps)
     args.samples = args.samples or (16 if args.quick else 64)
+    if args.model_dtype != "float32" and not args.device.startswith("cuda"):
+        parser.error(f"--model-dtype {args.model_dtype} needs --device cuda (the runner takes float32 on the cpu)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"--device {args.device}: this machine has no CUDA device; nothing measured.")
         return
@@ -669,6 +790,8 @@ def verdict(summary: dict) -> str:
         write = (f"write cost {'met' if paired >= WRITE_TARGET else 'not met'} by the median ({paired:.3f}) but "
                  f"not resolved: the pairs span {low:.3f}-{high:.3f} and bare-stop's own runs differ by up to "
                  f"{summary['bare_spread']:.0%} (more --pair-reps, a quieter machine)")
+    if summary.get("flop_fraction") is not None:
+        write += f"; the runner at {summary['flop_fraction']:.2%} of the FLOP-bound limit"
     nnsight = summary["ratios"].get("nnsight")
     if nnsight is None:
         return write + "; nnsight not measured"
