@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test migrate demo clean
+.PHONY: run test migrate demo bench clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ run: demo
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The benchmarks (not part of test): bench/RESULTS.md says what they print and what was measured.
+bench: $(STAMP)
+	$(PY) -m pip install -q -r bench/requirements.txt
+	$(PY) bench/extraction.py
+	$(PY) bench/jobs.py
 
 clean:
 	rm -rf .data tests/artifacts
