@@ -763,6 +763,14 @@ class _Writer:
         self.counted, self._synced_at = self.written, time.monotonic()
 
 
+def _release_pinned() -> None:
+    """torch keeps a cuda run's pinned host blocks cached (torch.cuda.empty_cache() does not
+    free them); they go back once the run is over, so an idle worker does not hold its peak."""
+    release = getattr(torch._C, "_host_emptyCache", None)
+    if release is not None:
+        release()
+
+
 def _pwrite_all(fd: int, data: memoryview, position: int) -> None:
     while data:
         written = os.pwrite(fd, data, position)
@@ -873,6 +881,8 @@ def run_extraction(
             for handle in handles:
                 handle.remove()
             report()
+            if copy_stream is not None:
+                _release_pinned()
 
     on_event("phase", {"phase": "saving"})
     files = {OFFSETS: {"dtype": "int64", "shape": [total_samples + 1]}}

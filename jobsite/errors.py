@@ -41,6 +41,7 @@ RETRYABLE = frozenset({ErrorType.WORKER_LOST, ErrorType.TIMEOUT, ErrorType.DATAB
 _OOM_MESSAGES = (
     " out of memory.",
     "CUDA out of memory",
+    "CUDA error: out of memory",  # a cudaMalloc outside the caching allocator (lazy module load, cuBLAS workspace)
     "DefaultCPUAllocator: can't allocate memory",
     "CUDNN_STATUS_NOT_SUPPORTED",
     "MPS backend out of memory",

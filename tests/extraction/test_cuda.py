@@ -5,6 +5,8 @@ CI has no GPU; these run on a CUDA host (`pytest -m cuda`).
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 import torch
@@ -68,6 +70,8 @@ def test_bf16_model_on_cuda_stays_close_to_float32(model_dir, dataset, tmp_path)
 
 def _fill_gpu_leaving(free_bytes: int) -> torch.Tensor:
     """Hold all but free_bytes of the device so a large batch genuinely does not fit."""
+    gc.collect()  # an earlier test's caught error holds its tensors in a reference cycle
+    torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info()
     return torch.empty(max(0, free - free_bytes), dtype=torch.uint8, device="cuda")
 

@@ -275,6 +275,20 @@ def test_injected_oom_without_auto_retry_reraises_an_oom_error(models, samples_p
     assert json.loads((tmp_path / "checkpoint.json").read_text())["samples_done"] == 8
 
 
+@pytest.mark.parametrize("message, oom", [
+    ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 139.81 GiB", True),
+    # A failed cudaMalloc outside the caching allocator (a kernel's module loaded lazily, a
+    # cuBLAS workspace) reaches Python as a plain RuntimeError without the final period.
+    ("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported at some other API call", True),
+    ("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+     "8589934592 bytes.", True),
+    ("CUDA error: device-side assert triggered", False),
+    ("Expected all tensors to be on the same device, but found at least two devices, cuda:0 and cpu!", False),
+])
+def test_out_of_memory_is_recognised_by_its_message(message, oom):
+    assert is_oom(RuntimeError(message)) is oom
+
+
 def test_seed_from_checkpoint_resumes_at_new_batch_size_without_recomputing(models, samples_path, tmp_path):
     model, options = models["gpt2"], dict(layers=(1, 3), hooks=("residual", "mlp"))
     with pytest.raises(RuntimeError):
