@@ -104,6 +104,7 @@ class ExtractionOut(Schema):
     total_tokens: int
     clamped_tokens: int
     truncated_samples: int
+    inf_values: int
     attempt: int
     heartbeat_at: datetime | None
     heartbeat_seq: int

@@ -115,6 +115,8 @@ class Extraction(Job):
     # Token ids outside the model's vocabulary, replaced by the nearest valid id.
     clamped_tokens = models.PositiveBigIntegerField(default=0)
     truncated_samples = models.PositiveIntegerField(default=0)
+    # float16 files only: values beyond float16's range (+-65504), stored as +-inf.
+    inf_values = models.PositiveBigIntegerField(default=0)
     # The batch size in force: smaller than batch_size after out-of-memory halving.
     current_batch_size = models.PositiveIntegerField(null=True, blank=True)
 
@@ -176,6 +178,7 @@ class Extraction(Job):
             "total_tokens": self.total_tokens,
             "clamped_tokens": self.clamped_tokens,
             "truncated_samples": self.truncated_samples,
+            "inf_values": self.inf_values,
             "original_extraction_id": self.original_extraction_id,
             "retry_count": self.retry_count,
         }

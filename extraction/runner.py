@@ -104,6 +104,7 @@ class ExtractionResult:
     truncated_samples: int
     batch_size: int
     files: list[str]
+    inf_values: int = 0  # values stored as +-inf; counted in float16 files, where beyond +-65504 is inf
 
 
 # --- model ---------------------------------------------------------------------------
@@ -648,7 +649,7 @@ class _Writer:
     """
 
     def __init__(self, output_dir: str, starts: dict[str, int], row_bytes: int, counted: dict,
-                 sync_every_s: float):
+                 sync_every_s: float, count_inf: bool = False):
         self._files: dict[str, tuple[int, int]] = {}  # name -> (descriptor, byte offset of row 0)
         try:
             for name, start in starts.items():
@@ -659,6 +660,9 @@ class _Writer:
         self._row_bytes = row_bytes
         self._sync_every_s, self._synced_at = sync_every_s, time.monotonic()
         self.counted = self.written = counted  # checkpoints: the one on disk, and the one of the rows written
+        # float16 holds +-65504 at most: a value beyond it is stored as inf, so the rows written
+        # are counted for it (the count travels in the checkpoint, so a resume keeps it).
+        self._count_inf, self.inf_values = count_inf, int(counted.get("inf_values", 0))
         self._output_dir = output_dir
         self._checkpoint_path = os.path.join(output_dir, CHECKPOINT)
         self._jobs: queue.Queue = queue.Queue(maxsize=1)
@@ -721,12 +725,15 @@ class _Writer:
         if rows is not None:
             rows.ready()
             try:
-                self._write_rows(rows)
+                infs = self._write_rows(rows)
             except BaseException:
                 # The batches written before this one are still counted, as a sync per batch would.
                 with contextlib.suppress(OSError):
                     self._sync()
                 raise
+            if self._count_inf:
+                self.inf_values += infs
+                checkpoint = {**checkpoint, "inf_values": self.inf_values}
             self.written = checkpoint
             if _SYNC_FILE_RANGE is not None:
                 # The disk starts on these rows now, while the next batch runs forward, so the
@@ -742,13 +749,19 @@ class _Writer:
             return None
         return max(0.0, self._sync_every_s - (time.monotonic() - self._synced_at))
 
-    def _write_rows(self, rows: _Rows) -> None:
+    def _write_rows(self, rows: _Rows) -> int:
+        """Writes each sample's rows where they belong; returns the infinite values among them
+        (counted only when asked)."""
+        infs = 0
         for name, (fd, base) in self._files.items():
             try:
                 for start, piece in rows.pieces(name) if name in rows.values else ():
                     _pwrite_all(fd, memoryview(piece).cast("B"), base + start * self._row_bytes)
+                    if self._count_inf:
+                        infs += int(np.count_nonzero(np.isinf(piece)))
             except OSError as exc:
                 raise _naming(exc, os.path.join(self._output_dir, name)) from exc
+        return infs
 
     def _sync(self) -> None:
         if self.written is self.counted:
@@ -811,7 +824,8 @@ def run_extraction(
 
     copy_stream = torch.cuda.Stream(spec.device) if spec.device.startswith("cuda") else None
     row_bytes = prep.info.hidden_size * np.dtype(spec.storage_dtype).itemsize
-    writer = _Writer(spec.output_dir, starts, row_bytes, checkpoint, SYNC_EVERY_S)
+    writer = _Writer(spec.output_dir, starts, row_bytes, checkpoint, SYNC_EVERY_S,
+                     count_inf=spec.storage_dtype == "float16")
     captured: dict[str, torch.Tensor] = {}
     handles = _register_hooks(_find_blocks(model, prep.info.num_layers), prep, captured)
     reported = checkpoint
@@ -864,7 +878,8 @@ def run_extraction(
                     reduced = {"from": batch_size, "to": batch_size // 2, "batch_index": batch_index, "message": message}
                     on_event("batch_size_reduced", reduced)
                     batch_size //= 2
-                    checkpoint = {**checkpoint, "batch_size": batch_size}
+                    # From the writer's checkpoint: it is this one, plus what the writer counts.
+                    checkpoint = {**writer.counted, "batch_size": batch_size}
                     _write_json(checkpoint_path, checkpoint)  # the writer is idle: it was flushed above
                     continue
                 done = min(done + batch_size, total_samples)
@@ -889,7 +904,8 @@ def run_extraction(
     for name in prep.file_names():
         files[name] = {"dtype": spec.storage_dtype, "shape": [total_tokens, prep.info.hidden_size]}
     result = ExtractionResult(
-        total_samples, total_tokens, prep.clamped_tokens, prep.truncated_samples, batch_size, [*files, METADATA]
+        total_samples, total_tokens, prep.clamped_tokens, prep.truncated_samples, batch_size, [*files, METADATA],
+        writer.inf_values,
     )
     metadata = {
         "model_path": spec.model_path,
@@ -901,7 +917,8 @@ def run_extraction(
         "hidden_size": prep.info.hidden_size,
         "max_length": spec.max_length,
         "files": files,
-        **{key: getattr(result, key) for key in ("samples", "tokens", "clamped_tokens", "truncated_samples")},
+        **{key: getattr(result, key)
+           for key in ("samples", "tokens", "clamped_tokens", "truncated_samples", "inf_values")},
     }
     _write_json(os.path.join(spec.output_dir, METADATA), metadata)
     return result

@@ -282,6 +282,6 @@ def extraction_run(extraction: Extraction, lease) -> None:
         Extraction.Status.COMPLETED,
         samples_processed=result.samples, total_samples=result.samples, tokens_processed=result.tokens,
         total_tokens=result.tokens, clamped_tokens=result.clamped_tokens,
-        truncated_samples=result.truncated_samples, current_batch_size=result.batch_size,
+        truncated_samples=result.truncated_samples, inf_values=result.inf_values, current_batch_size=result.batch_size,
         error_type="", error_message="", suggested_retry_params={}, progress_at=timezone.now(),
     )

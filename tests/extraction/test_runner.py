@@ -289,6 +289,56 @@ def test_out_of_memory_is_recognised_by_its_message(message, oom):
     assert is_oom(RuntimeError(message)) is oom
 
 
+@pytest.fixture(scope="module")
+def loud_model(models, tmp_path_factory):
+    """The tiny GPT-2 with layer 1's MLP output scaled up: many of its values pass float16's 65504."""
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp("loud") / "gpt2"
+    shutil.copytree(models["gpt2"], path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_proj.weight.mul_(1e8)
+    model.save_pretrained(path)
+    return str(path)
+
+
+LOUD = dict(layers=(1,), hooks=("mlp", "residual"), batch_size=8)
+
+
+def stored_infs(output_dir):
+    return sum(int(np.isinf(load(output_dir, name)).sum()) for name in layer_files(output_dir))
+
+
+def test_float16_values_beyond_its_range_are_counted(loud_model, samples_path, tmp_path):
+    exact, _ = extract(loud_model, samples_path, tmp_path / "f32", **LOUD)
+    assert exact.inf_values == 0 and stored_infs(tmp_path / "f32") == 0
+    assert np.abs(load(tmp_path / "f32", "layer_1_mlp.npy")).max() > 65504
+
+    result, _ = extract(loud_model, samples_path, tmp_path / "f16", storage_dtype="float16", **LOUD)
+    assert result.inf_values == stored_infs(tmp_path / "f16") > 0
+    assert json.loads((tmp_path / "f16" / "metadata.json").read_text())["inf_values"] == result.inf_values
+
+
+def test_the_inf_count_survives_a_resume_and_a_halved_batch(loud_model, samples_path, tmp_path):
+    options = dict(storage_dtype="float16", **LOUD)
+    straight, _ = extract(loud_model, samples_path, tmp_path / "straight", **options)
+    with pytest.raises(ValueError, match="injected"):
+        extract(loud_model, samples_path, tmp_path / "resumed", failpoint=fail_at(3, ValueError("injected")),
+                **options)
+    resumed, calls = extract(loud_model, samples_path, tmp_path / "resumed", **options)
+    assert calls[0][0] == 3 * 8  # it did resume
+
+    def oom_once(name, context):  # the third batch, at batch size 8 only
+        if context["index"] == 2 and context["batch_size"] == 8:
+            raise RuntimeError(OOM_MESSAGE)
+
+    halved, _ = extract(loud_model, samples_path, tmp_path / "halved", auto_retry_on_oom=True, failpoint=oom_once,
+                        **options)
+    assert halved.batch_size == 4
+    assert resumed.inf_values == halved.inf_values == straight.inf_values == stored_infs(tmp_path / "halved") > 0
+
+
 def test_seed_from_checkpoint_resumes_at_new_batch_size_without_recomputing(models, samples_path, tmp_path):
     model, options = models["gpt2"], dict(layers=(1, 3), hooks=("residual", "mlp"))
     with pytest.raises(RuntimeError):

@@ -291,3 +291,51 @@ def test_full_or_read_only_disk_fails_as_storage_with_a_sentence_and_the_retry_c
     again.refresh_from_db()
     assert again.status == "completed" and again.samples_processed == dataset.num_samples
     assert (again.output_dir / "metadata.json").exists()
+
+
+def test_float16_values_beyond_its_range_are_counted_and_shown(tiny_model_dir, dataset, settings, staff_client):
+    """A model whose activations pass float16's 65504: the job, its events, the API, the card
+    and the extract command all say how many values were stored as infinity."""
+    import shutil
+
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from extraction.services import model_register
+
+    loud = settings.JOBSITE_MODEL_ROOTS[0] / "loud-gpt2"
+    shutil.copytree(tiny_model_dir, loud)
+    model = AutoModelForCausalLM.from_pretrained(loud)
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_proj.weight.mul_(1e8)
+    model.save_pretrained(loud)
+    record = model_register(path=str(loud), name="loud-gpt2")
+
+    exact = start(record, dataset, layers=[1], hooks=["mlp"])
+    run_extraction(exact.pk)
+    exact.refresh_from_db()
+    assert exact.status == "completed" and exact.inf_values == 0
+
+    job = start(record, dataset, layers=[1], hooks=["mlp"], storage_dtype="float16")
+    run_extraction(job.pk)
+    job.refresh_from_db()
+    stored = np.load(job.output_dir / "layer_1_mlp.npy")
+    assert job.status == "completed" and job.inf_values == int(np.isinf(stored).sum()) > 0
+    completed = Event.objects.filter(topic=job.topic, type="extraction.completed").get()
+    assert completed.payload["inf_values"] == job.inf_values
+    api = staff_client.get(f"/api/v1/models/{record.pk}/extractions/{job.pk}").json()
+    assert api["inf_values"] == job.inf_values
+    card = staff_client.get(f"/extractions/{job.pk}/card/").content.decode()
+    assert f"{job.inf_values} values stored as infinity" in card and "float32 storage" in card
+    assert "stored as infinity" not in staff_client.get(f"/extractions/{exact.pk}/card/").content.decode()
+
+    from io import StringIO
+
+    from django.core.management.base import BaseCommand
+
+    from extraction.management.commands.extract import follow
+
+    command = BaseCommand(stdout=StringIO(), stderr=StringIO())
+    follow(command, job, poll_s=0)
+    assert f"Warning: {job.inf_values} values were beyond float16's range" in command.stdout.getvalue()

@@ -82,6 +82,8 @@ def follow(command: BaseCommand, extraction: Extraction, poll_s: float = 0.5) ->
             f"Extraction {extraction.pk} completed: {extraction.total_samples} samples, "
             f"{extraction.total_tokens} tokens in {extraction.output_dir}"
             + (f" ({extraction.clamped_tokens} token ids clamped to the vocabulary)" if extraction.clamped_tokens else "")
+            + (f". Warning: {extraction.inf_values} values were beyond float16's range (+-65504) and are stored as "
+               "infinity; extract again with --dtype float32 to keep them" if extraction.inf_values else "")
         )
         return
     if extraction.status == Extraction.Status.CANCELLED:
