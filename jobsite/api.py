@@ -3,7 +3,7 @@
 Every refusal is a 4xx with a `message` sentence that says what to change.
 """
 
-from django.http import HttpRequest
+from django.http import HttpRequest, JsonResponse
 from ninja import NinjaAPI, Schema, Status
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.security import SessionAuth
@@ -30,10 +30,23 @@ staff_required = StaffRequired()
 api = NinjaAPI(title="jobsite", version="1", urls_namespace="api", docs_url="/docs", auth=login_required)
 
 
+_SOURCES = ("body", "query", "path", "header", "cookie", "form", "file")
+
+
+def _location(loc) -> str:
+    """The field a validation error is about: ("query", "k") -> "k", ("body", "payload", "layers", 0) ->
+    "layers.0" (the body's own parameter name means nothing to a client)."""
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in _SOURCES:
+        if parts.pop(0) == "body" and parts:
+            parts.pop(0)
+    return ".".join(parts)
+
+
 def _sentence_for(errors: list[dict]) -> str:
     parts = []
     for error in errors:
-        location = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body", "payload", "query", "path"))
+        location = _location(error.get("loc", ()))
         message = str(error.get("msg", "is invalid")).removeprefix("Value error, ")
         parts.append(f"{location}: {message}" if location else message)
     return "; ".join(parts) or "The request is invalid."
@@ -62,6 +75,12 @@ def on_authentication_error(request, exc):
 @api.exception_handler(HttpError)
 def on_http_error(request, exc: HttpError):
     return api.create_response(request, {"message": str(exc)}, status=exc.status_code)
+
+
+def not_found(request, path: str = ""):
+    """Any /api/v1/ path no endpoint answers: JSON like every other refusal, not the HTML 404 page."""
+    return JsonResponse({"message": f"No API endpoint at {request.path}; the endpoints are listed at /api/v1/docs."},
+                        status=404)
 
 
 class HealthOut(Schema):

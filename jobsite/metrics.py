@@ -6,7 +6,9 @@ this web process's) and a restart does not reset them.
 
 from __future__ import annotations
 
-from django.db.models import Count, Max, Min
+from django.db.models import Count, F, Max, Min, Value
+from django.db.models.fields.json import KeyTextTransform
+from django.db.models.functions import Concat
 from django.http import HttpResponse
 from django.utils import timezone
 from prometheus_client import CollectorRegistry, generate_latest
@@ -41,10 +43,17 @@ class JobsCollector:
         yield oldest
 
         events = CounterMetricFamily("jobsite_events", "Events written, by kind and type", labels=["kind", "type"])
-        for type_, n in Event.objects.values_list("type").annotate(n=Count("seq")):
+        for type_, n in Event.objects.exclude(type__endswith=".retry_started").values_list("type").annotate(
+                n=Count("seq")):
             kind, _, name = type_.partition(".")
             if name in COUNTED_EVENTS:
                 events.add_metric([kind, name], n)
+        for model in job_models():
+            # A person's retry tells the old job's topic and the new job's: counted once, where
+            # the event is about its own job (an automatic retry has only that one).
+            retries = Event.objects.filter(type=f"{model.KIND}.retry_started").annotate(
+                own=Concat(Value(f"{model.KIND}."), KeyTextTransform("id", "payload"))).filter(topic=F("own"))
+            events.add_metric([model.KIND, "retry_started"], retries.count())
         yield events
 
         last = Event.objects.aggregate(last=Max("created_at"))["last"]

@@ -64,6 +64,7 @@ INSTALLED_APPS = [
     "channels",
     "django_q",
     "django_htmx",
+    "ninja",  # its Swagger UI from its own static files (without it the docs page loads it from a CDN)
     "jobsite",
     "extraction",
     "training_runs",

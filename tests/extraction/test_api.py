@@ -157,11 +157,31 @@ def test_model_symlink_pointing_outside_the_roots_is_refused(staff_client, setti
     assert response.status_code == 422 and "outside the allowed directories" in response.json()["message"]
 
 
-def test_openapi_docs_are_served(staff_client):
+def test_openapi_docs_are_served_without_the_internet(staff_client):
+    from django.contrib.staticfiles import finders
+
     assert staff_client.get("/api/docs").status_code == 302
     schema = staff_client.get("/api/v1/openapi.json")
     assert schema.status_code == 200
     assert "/api/v1/models/{model_id}/extractions/{extraction_id}/retry" in schema.json()["paths"]
+    # The Swagger UI comes from this server's static files: nothing is fetched from a CDN.
+    page = staff_client.get("/api/v1/docs").content.decode()
+    assert "cdn." not in page and "/static/ninja/swagger-ui-bundle.js" in page
+    assert finders.find("ninja/swagger-ui-bundle.js")
+
+
+@pytest.mark.parametrize("path", ["/api/v1/nothing", "/api/v1/models/1/nothing", "/api/v1/training/runs/1/x/y"])
+def test_an_unknown_api_path_is_a_json_404_with_a_sentence(staff_client, path):
+    response = staff_client.get(path)
+    assert response.status_code == 404 and response["Content-Type"] == "application/json"
+    assert response.json()["message"] == f"No API endpoint at {path}; the endpoints are listed at /api/v1/docs."
+
+
+def test_a_bad_query_parameter_is_named_in_the_sentence(staff_client):
+    response = staff_client.get("/api/v1/training/runs/1/search", {"query": "", "k": 0})
+    assert response.status_code == 422
+    message = response.json()["message"]
+    assert message.startswith("query: String should have at least 1 character") and "; k: " in message
 
 
 def test_resume_of_a_live_job_is_409_and_of_a_stalled_one_requeues(staff_client, make_extraction, fake_model, settings):

@@ -49,6 +49,27 @@ def test_metrics_count_jobs_by_kind_status_and_error(client, make_extraction):
 
 
 @pytest.mark.django_db
+def test_metrics_count_a_retry_once(client, model_record, dataset, django_capture_on_commit_callbacks):
+    """A person's retry is told on the old job's topic and on the new one's; an automatic
+    retry on its own job's only: each is one retry."""
+    from extraction.services import extraction_retry, extraction_start
+    from jobsite.services import job_requeue
+
+    with django_capture_on_commit_callbacks():
+        job, _ = extraction_start(model=model_record, dataset=dataset, layers=[0], hooks=["residual"], batch_size=4)
+    job.status, job.finished_at = "failed", timezone.now()
+    job.save()
+    with django_capture_on_commit_callbacks():
+        retry = extraction_retry(extraction=job, batch_size=2, reason="smaller batches")
+    assert 'jobsite_events_total{kind="extraction",type="retry_started"} 1.0' in client.get("/metrics").content.decode()
+    retry.status, retry.finished_at = "failed", timezone.now()
+    retry.save()
+    with django_capture_on_commit_callbacks():
+        job_requeue(retry, automatic=True, reason="worker lost")
+    assert 'jobsite_events_total{kind="extraction",type="retry_started"} 2.0' in client.get("/metrics").content.decode()
+
+
+@pytest.mark.django_db
 def test_jobs_recover_prints_what_it_changed(make_extraction, settings, capsys):
     settings.JOBSITE_STALL_AFTER_S = 5
     call_command("jobs", "recover")
