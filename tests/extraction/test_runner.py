@@ -287,6 +287,8 @@ def test_injected_oom_without_auto_retry_reraises_an_oom_error(models, samples_p
 ])
 def test_out_of_memory_is_recognised_by_its_message(message, oom):
     assert is_oom(RuntimeError(message)) is oom
+    # torch raises CUDA errors as AcceleratorError, a RuntimeError
+    assert is_oom(torch.AcceleratorError(message)) is oom
 
 
 @pytest.fixture(scope="module")
