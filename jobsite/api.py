@@ -77,10 +77,27 @@ def on_http_error(request, exc: HttpError):
     return api.create_response(request, {"message": str(exc)}, status=exc.status_code)
 
 
-def not_found(request, path: str = ""):
-    """Any /api/v1/ path no endpoint answers: JSON like every other refusal, not the HTML 404 page."""
-    return JsonResponse({"message": f"No API endpoint at {request.path}; the endpoints are listed at /api/v1/docs."},
-                        status=404)
+def json_refusals(get_response):
+    """Middleware: the refusals Django answers itself under /api/v1/ (a path no endpoint
+    answers, a method an endpoint does not take) as JSON sentences, like the API's own."""
+
+    def middleware(request):
+        response = get_response(request)
+        if (not request.path.startswith("/api/v1/") or not 400 <= response.status_code < 500
+                or response.get("Content-Type", "").startswith("application/json")):
+            return response
+        if response.status_code == 404:
+            message = f"No API endpoint at {request.path}; the endpoints are listed at /api/v1/docs."
+        elif response.status_code == 405:
+            message = f"{request.method} is not allowed on {request.path}; it takes {response.get('Allow', '')}."
+        else:
+            message = f"{response.reason_phrase}."
+        refusal = JsonResponse({"message": message}, status=response.status_code)
+        if response.has_header("Allow"):
+            refusal["Allow"] = response["Allow"]
+        return refusal
+
+    return middleware
 
 
 class HealthOut(Schema):

@@ -1,16 +1,15 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
-from django.urls import include, path, re_path
+from django.urls import include, path
 from django.views.generic import RedirectView
 
 from jobsite import views
-from jobsite.api import api, not_found
+from jobsite.api import api
 from jobsite.metrics import metrics_view
 
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", api.urls),
-    re_path(r"^api/v1/(?P<path>.*)$", not_found),  # after the API: only paths no endpoint answers
     path("api/docs", RedirectView.as_view(url="/api/v1/docs", permanent=False)),
     path("metrics", metrics_view, name="metrics"),
     path("", views.home, name="home"),

@@ -170,11 +170,25 @@ def test_openapi_docs_are_served_without_the_internet(staff_client):
     assert finders.find("ninja/swagger-ui-bundle.js")
 
 
-@pytest.mark.parametrize("path", ["/api/v1/nothing", "/api/v1/models/1/nothing", "/api/v1/training/runs/1/x/y"])
+@pytest.mark.parametrize("path", ["/api/v1/nothing", "/api/v1/models/1/nothing", "/api/v1/training/runs/1/x/y",
+                                  "/api/v1/"])
 def test_an_unknown_api_path_is_a_json_404_with_a_sentence(staff_client, path):
     response = staff_client.get(path)
     assert response.status_code == 404 and response["Content-Type"] == "application/json"
     assert response.json()["message"] == f"No API endpoint at {path}; the endpoints are listed at /api/v1/docs."
+
+
+def test_a_method_an_endpoint_does_not_take_is_a_json_405_naming_the_ones_it_does(staff_client):
+    response = staff_client.put("/api/v1/models")
+    assert response.status_code == 405 and response["Content-Type"] == "application/json"
+    assert set(response["Allow"].split(", ")) == {"GET", "POST"}
+    assert response.json()["message"] == f"PUT is not allowed on /api/v1/models; it takes {response['Allow']}."
+    assert staff_client.get("/api/v1/models/1/extractions/1/cancel").json()["message"].startswith("GET is not allowed")
+
+
+def test_pages_keep_their_html_404(staff_client):
+    response = staff_client.get("/extractions/99999/card/")
+    assert response.status_code == 404 and response["Content-Type"].startswith("text/html")
 
 
 def test_a_bad_query_parameter_is_named_in_the_sentence(staff_client):
