@@ -143,6 +143,27 @@ def test_a_failure_shows_the_alert_and_retry_with_suggested_params_completes(
     screenshot(reader, "07-read-only")
 
 
+def test_an_event_redraws_once_and_the_page_then_stays_quiet(site, staff_user, make_extraction):
+    """An open page costs nothing while nothing happens: one event, one redraw of each part."""
+    from jobsite.events import publish
+
+    job = make_extraction("completed")
+    site.start_web()
+    page = site.page(staff_user)
+    fragments = []
+    page.on("request", lambda r: fragments.append(r.url) if re.search(r"/(active|history|card)/$", r.url) else None)
+    page.goto(site.url("/extractions/"))
+    expect(page.locator("[data-live-status]")).to_have_text("live")
+    publish(job.topic, "extraction.completed", job.event_payload())
+    for _ in range(60):  # page.wait_for_timeout lets Playwright deliver the request events
+        if fragments:
+            break
+        page.wait_for_timeout(500)
+    assert fragments, "the event asked for no redraw"
+    page.wait_for_timeout(8000)
+    assert len(fragments) <= 2, f"redraws kept coming after the event: {fragments}"
+
+
 def test_a_reload_mid_job_reattaches_at_once(site, staff_user, model_record, dataset):
     site.start_worker(JOBSITE_FAILPOINTS=slow_batches(0.4))
     site.start_web()

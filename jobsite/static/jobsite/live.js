@@ -261,10 +261,6 @@
   document.addEventListener("toggle", (event) => {
     if (event.target instanceof HTMLDetailsElement && !event.target.open) redrawDirty();
   }, true);
-  document.addEventListener("htmx:afterRequest", (event) => {
-    const element = event.detail.elt;
-    if (event.detail.successful && element && element.id) dirty.delete(element.id);
-  });
   document.addEventListener("htmx:beforeSwap", (event) => {
     // A session that expired answers with the login page: never paste it into a card.
     const url = event.detail.xhr && event.detail.xhr.responseURL;
@@ -278,9 +274,17 @@
     const config = event.detail.requestConfig;
     const target = event.detail.target;
     const trigger = config && config.triggeringEvent;
-    if (trigger && trigger.type === "jobsite-refresh" && target && target.id && busy(target)) {
+    if (!trigger || trigger.type !== "jobsite-refresh") return;
+    if (target && target.id && busy(target)) {
       event.detail.shouldSwap = false;
       dirty.add(target.id);
+    } else if (event.detail.shouldSwap) {
+      // Drawn: no longer dirty. Cleared here, while the element is still in the page: after an
+      // outerHTML swap htmx reports the request on a detached element that has lost its id,
+      // and a mark left behind would redraw the element every few seconds for ever.
+      const element = event.detail.elt;
+      if (element && element.id) dirty.delete(element.id);
+      if (target && target.id) dirty.delete(target.id);
     }
   });
 
