@@ -117,13 +117,23 @@ def _lineage_rows(extractions: list[Extraction]) -> list[dict]:
     return rows
 
 
-def _attention() -> list[Extraction]:
-    """Active jobs, and failed ones nobody has retried yet."""
+def _selected(request) -> int | None:
+    """The job a person opened from the history (?job=<id>): its card is shown with the others."""
+    value = request.GET.get("job", "")
+    return int(value) if value.isdecimal() and len(value) <= 18 else None
+
+
+def _attention(selected: int | None = None) -> list[Extraction]:
+    """Active jobs, failed ones nobody has retried yet, and the one a person opened (a cancelled
+    or completed job's card holds its Retry and its files)."""
     active = list(selectors.extraction_list().filter(status__in=Extraction.ACTIVE))
     failed = list(
         selectors.extraction_list().filter(status=Extraction.Status.FAILED, retries__isnull=True)[:ATTENTION_FAILED_LIMIT]
     )
-    return sorted(active + failed, key=lambda e: (e.created_at, e.pk), reverse=True)
+    jobs = active + failed
+    if selected is not None and all(job.pk != selected for job in jobs):
+        jobs += list(selectors.extraction_list().filter(pk=selected))
+    return sorted(jobs, key=lambda e: (e.created_at, e.pk), reverse=True)
 
 
 def _history() -> list[dict]:
@@ -145,7 +155,8 @@ def _page_context(request, form=None) -> dict:
     form = form or ExtractionStartForm()
     context.update(
         form=form,
-        attention=[job_view(e, seq=seq) for e in _attention()],
+        attention=[job_view(e, seq=seq) for e in _attention(_selected(request))],
+        selected=_selected(request),
         history=_history(),
         datasets=selectors.dataset_list(),
         can_act=request.user.is_staff,
@@ -156,7 +167,8 @@ def _page_context(request, form=None) -> dict:
 
 def _back_to(extraction_id: int | None = None):
     url = reverse("extraction:list")
-    return redirect(f"{url}#extraction-{extraction_id}" if extraction_id else url)
+    # ?job= keeps the card on the page whatever its status (a cancel, a refused retry).
+    return redirect(f"{url}?job={extraction_id}#extraction-{extraction_id}" if extraction_id else url)
 
 
 # -- pages and fragments ---------------------------------------------------------------------
@@ -199,7 +211,8 @@ def extraction_page(request):
 def attention_fragment(request):
     seq = last_event_seq()
     return render(request, "extraction/_attention.html", {
-        "attention": [job_view(e, seq=seq) for e in _attention()], "can_act": request.user.is_staff,
+        "attention": [job_view(e, seq=seq) for e in _attention(_selected(request))], "selected": _selected(request),
+        "can_act": request.user.is_staff,
         "retry_batch_sizes": RetryForm.base_fields["batch_size"].choices,
     })
 

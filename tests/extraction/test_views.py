@@ -133,7 +133,7 @@ def test_start_queues_one_extraction_and_the_identical_request_shows_the_existin
     with django_capture_on_commit_callbacks(execute=False):
         first = staff_client.post(PAGE, start_data(fake_model, fake_dataset, max_samples="20"), follow=True)
     job = Extraction.objects.get()
-    assert first.redirect_chain[-1][0] == f"{PAGE}#extraction-{job.pk}"
+    assert first.redirect_chain[-1][0] == f"{PAGE}?job={job.pk}#extraction-{job.pk}"
     assert f"Extraction {job.pk} is queued." in messages_of(first)
     assert (job.layers, job.hooks, job.batch_size, job.max_samples) == ([0, 1], ["residual", "mlp"], 8, 20)
     assert job.created_by.username == "staff"
@@ -407,3 +407,24 @@ def test_starting_again_what_failed_is_a_form_error_that_says_to_retry_it(
     assert "retry it instead of starting it again" in " ".join(response.context["form"].non_field_errors())
     assert "retry it" in response.content.decode()
     assert Extraction.objects.count() == 1
+
+
+def test_a_job_opened_from_the_history_shows_its_card_and_retry_whatever_its_status(staff_client, make_extraction):
+    """A cancelled job is not 'needing attention', but the history links to its card, which
+    holds its Retry; the live redraw of the panel keeps it there."""
+    cancelled = make_extraction("cancelled")
+    page = staff_client.get(PAGE).content.decode()
+    assert f'id="extraction-{cancelled.pk}"' not in page
+    assert f'href="?job={cancelled.pk}#extraction-{cancelled.pk}"' in page  # its history row
+
+    opened = staff_client.get(PAGE, {"job": cancelled.pk}).content.decode()
+    assert f'id="extraction-{cancelled.pk}"' in opened and "Retry…" in opened
+    fragment = staff_client.get("/extractions/active/", {"job": cancelled.pk}).content.decode()
+    assert f'id="extraction-{cancelled.pk}"' in fragment
+    assert f'hx-get="/extractions/active/?job={cancelled.pk}"' in fragment
+
+
+@pytest.mark.parametrize("junk", ["abc", "²", "9" * 40, "-1", "99999"])
+def test_a_job_parameter_that_names_no_job_is_ignored(staff_client, junk):
+    response = staff_client.get(PAGE, {"job": junk})
+    assert response.status_code == 200 and "Nothing is running" in response.content.decode()
