@@ -27,6 +27,7 @@ from extraction.api import CANCEL_WAIT_S
 from extraction.forms import ExtractionStartForm, RetryForm, field_for_error
 from extraction.models import Extraction
 from jobsite.errors import ErrorType, JobInputError
+from jobsite.health import workers_missing
 from jobsite.lifecycle import TransitionError
 from jobsite.selectors import last_event_seq
 from jobsite.views import STAFF_ONLY, duration, iso, live_context, resume_with_message, staff_required
@@ -117,6 +118,13 @@ def _lineage_rows(extractions: list[Extraction]) -> list[dict]:
     return rows
 
 
+def _no_worker() -> str:
+    """Why queued jobs are not moving, when no worker runs and some wait (else '')."""
+    if not selectors.extraction_list().filter(status__in=Extraction.ACTIVE).exists():
+        return ""
+    return workers_missing()
+
+
 def _selected(request) -> int | None:
     """The job a person opened from the history (?job=<id>): its card is shown with the others."""
     value = request.GET.get("job", "")
@@ -157,6 +165,7 @@ def _page_context(request, form=None) -> dict:
         form=form,
         attention=[job_view(e, seq=seq) for e in _attention(_selected(request))],
         selected=_selected(request),
+        no_worker=_no_worker(),
         history=_history(),
         datasets=selectors.dataset_list(),
         can_act=request.user.is_staff,
@@ -212,6 +221,7 @@ def attention_fragment(request):
     seq = last_event_seq()
     return render(request, "extraction/_attention.html", {
         "attention": [job_view(e, seq=seq) for e in _attention(_selected(request))], "selected": _selected(request),
+        "no_worker": _no_worker(),
         "can_act": request.user.is_staff,
         "retry_batch_sizes": RetryForm.base_fields["batch_size"].choices,
     })

@@ -46,6 +46,15 @@ def _workers() -> dict:
             "workers": workers}
 
 
+def workers_missing() -> str:
+    """'' while a worker runs; else the sentence that says none does (pages show it)."""
+    try:
+        part = _workers()
+    except Exception:  # noqa: BLE001 - a page must render even when the cache is down
+        return ""
+    return "" if part["ok"] else part["detail"]
+
+
 def _stalled_jobs() -> dict:
     stalled = [
         job.topic for model in job_models()

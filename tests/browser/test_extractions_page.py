@@ -237,6 +237,11 @@ def test_stalled_and_slow_jobs_offer_resume_retry_and_a_confirmed_cancel(site, s
     slow_card = page.locator(f"#extraction-{slow.pk}")
     expect(slow_card.locator("[data-slow-notice]")).to_contain_text("Taking longer than expected")
     expect(slow_card.locator(".spinner")).to_be_hidden()
+    # One Cancel each: the notice's, not the card's own beside it.
+    expect(stalled_card.get_by_role("button", name="Cancel")).to_have_count(1)
+    expect(slow_card.get_by_role("button", name="Cancel")).to_have_count(1)
+    # No worker runs in this test: the page says why nothing moves.
+    expect(page.locator("[data-no-worker]")).to_contain_text("No worker is running")
     screenshot(page, "12-stalled-and-slow")
 
     slow_card.locator("[data-slow-notice]").get_by_role("button", name="Cancel").click()

@@ -428,3 +428,22 @@ def test_a_job_opened_from_the_history_shows_its_card_and_retry_whatever_its_sta
 def test_a_job_parameter_that_names_no_job_is_ignored(staff_client, junk):
     response = staff_client.get(PAGE, {"job": junk})
     assert response.status_code == 200 and "Nothing is running" in response.content.decode()
+
+
+def test_waiting_jobs_without_a_worker_say_none_is_running(staff_client, make_extraction):
+    assert "No worker is running" not in staff_client.get(PAGE).content.decode()  # nothing waits
+    queued = make_extraction("queued")
+    page = staff_client.get(PAGE).content.decode()
+    assert "No worker is running" in page and "start `manage.py qcluster`" in page
+    assert "No worker is running" in staff_client.get("/extractions/active/").content.decode()
+    assert f'id="extraction-{queued.pk}"' in page
+
+
+def test_a_stalled_card_is_drawn_stalled_with_one_cancel_and_one_attempt(staff_client, make_extraction, settings):
+    settings.JOBSITE_STALL_AFTER_S = 5
+    stale = timezone.now() - timedelta(seconds=120)
+    job = make_extraction("extracting", heartbeat_at=stale, started_at=stale, worker="gone:1", attempt=1)
+    card = staff_client.get(f"/extractions/{job.pk}/card/").content.decode()
+    # Drawn stalled from the start (not a second later by the page's clock): the notice shows, with
+    # its own Resume and Cancel, and is-stalled hides the card's main Cancel (site.css).
+    assert 'class="job is-stalled"' in card and "data-stalled-notice>" in card
