@@ -262,3 +262,20 @@ def test_stalled_and_slow_jobs_offer_resume_retry_and_a_confirmed_cancel(site, s
     assert resumed.status == "queued" and resumed.error_type == "WORKER_LOST"
     expect(page.locator(f"#extraction-{stalled.pk} [data-status-label]")).to_have_text("queued")
     expect(page.locator(f"#extraction-{stalled.pk} [data-stalled-notice]")).to_have_count(0)
+
+
+def test_a_narrow_window_keeps_the_pages_to_its_width(site, staff_user, make_extraction):
+    """At 420 px the page does not scroll sideways: the top bar wraps, wide tables scroll in their panel."""
+    for status in ("completed", "cancelled", "failed"):
+        make_extraction(status)
+    site.start_web()
+    page = site.page(staff_user)
+    page.set_viewport_size({"width": 420, "height": 900})
+    for path in ("/extractions/", "/training/"):
+        page.goto(site.url(path))
+        page.wait_for_load_state("networkidle")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 420, path
+        bar = page.locator(".topbar").bounding_box()
+        name = page.locator(".topbar .username").bounding_box()
+        assert name["x"] + name["width"] <= bar["x"] + bar["width"] and name["y"] + name["height"] <= bar["y"] + bar["height"]
+    screenshot(page, "14-narrow-window")
