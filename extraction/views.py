@@ -30,7 +30,7 @@ from jobsite.errors import ErrorType, JobInputError
 from jobsite.health import workers_missing
 from jobsite.lifecycle import TransitionError
 from jobsite.selectors import last_event_seq
-from jobsite.views import STAFF_ONLY, duration, iso, live_context, resume_with_message, staff_required
+from jobsite.views import STAFF_ONLY, duration, form_problems, iso, live_context, resume_with_message, staff_required
 
 TOPIC = "extraction."
 HISTORY_LIMIT = 300
@@ -281,7 +281,7 @@ def extraction_retry(request, pk: int):
     extraction = selectors.extraction_get(extraction_id=pk)
     form = RetryForm(request.POST)
     if not form.is_valid():
-        problems = "; ".join(f"{name.replace('_', ' ')}: {' '.join(errors)}" for name, errors in form.errors.items())
+        problems = form_problems(form)
         messages.error(request, f"Extraction {pk} was not retried. {problems}")
         return _back_to(pk)
     try:

@@ -41,6 +41,17 @@ def staff_required(view):
     return wrapped
 
 
+def form_problems(form) -> str:
+    """A refused form's errors as one sentence for a message, each under its field's label
+    ("Queries per chunk: Ensure this value is less than or equal to 20."), not its name."""
+    parts = []
+    for name, errors in form.errors.items():
+        field = form.fields.get(name)
+        label = (field.label if field is not None and field.label else name.replace("_", " ").capitalize())
+        parts.append(f"{label}: {' '.join(errors)}" if name != "__all__" else " ".join(errors))
+    return " ".join(parts)
+
+
 def live_context(*, topic: str) -> dict:
     """The data attributes of a live page's <body>; call it before reading the job rows."""
     return {

@@ -19,7 +19,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from jobsite.errors import ErrorType, JobInputError
 from jobsite.lifecycle import TransitionError
 from jobsite.selectors import last_event_seq
-from jobsite.views import STAFF_ONLY, duration, iso, live_context, resume_with_message, staff_required
+from jobsite.views import STAFF_ONLY, duration, form_problems, iso, live_context, resume_with_message, staff_required
 from training_runs import selectors, services
 from training_runs.forms import GenerateForm, ReviewForm, TrainForm
 from training_runs.models import TrainingPair, TrainingRun
@@ -230,7 +230,7 @@ def row_fragment(request, pk: int):
 def training_generate(request):
     form = GenerateForm(request.POST)
     if not form.is_valid():
-        problems = "; ".join(f"{name}: {' '.join(errors)}" for name, errors in form.errors.items())
+        problems = form_problems(form)
         messages.error(request, f"No generation was started. {problems}")
         return _back()
     corpus = form.cleaned_data["corpus"]

@@ -292,10 +292,10 @@ def test_retry_with_edited_parameters(staff_client, make_extraction, django_capt
 @pytest.mark.parametrize(
     ("data", "sentence"),
     [
-        ({"batch_size": "3"}, "batch size: Select a valid choice"),
-        ({"max_samples": "-1"}, "max samples: Ensure this value is greater than or equal to 1"),
+        ({"batch_size": "3"}, "Batch size: Select a valid choice"),
+        ({"max_samples": "-1"}, "Max samples: Ensure this value is greater than or equal to 1"),
         ({"max_samples": "5000"}, "max_samples must be between 1 and 100"),
-        ({"max_length": "x"}, "max length: Enter a whole number"),
+        ({"max_length": "x"}, "Max length: Enter a whole number"),
     ],
 )
 def test_bad_retry_parameters_are_a_message_and_start_nothing(staff_client, make_extraction, data, sentence):

@@ -487,16 +487,16 @@ def test_an_action_in_the_wrong_state_is_a_message(staff_client, make_run, statu
 @pytest.mark.parametrize(
     ("data", "sentence"),
     [
-        ({"corpus": "999", "generator": "local"}, "corpus: Select a valid choice"),
-        ({"corpus": "x", "generator": "local"}, "corpus: Select a valid choice"),
-        ({"generator": "local"}, "corpus: This field is required."),
-        ({"corpus": "{corpus}", "generator": "gpt-9"}, "generator: Select a valid choice"),
+        ({"corpus": "999", "generator": "local"}, "Corpus: Select a valid choice"),
+        ({"corpus": "x", "generator": "local"}, "Corpus: Select a valid choice"),
+        ({"generator": "local"}, "Corpus: This field is required."),
+        ({"corpus": "{corpus}", "generator": "gpt-9"}, "Generator: Select a valid choice"),
         ({"corpus": "{corpus}", "generator": "local", "queries_per_chunk": "0"},
-         "queries_per_chunk: Ensure this value is greater than or equal to 1."),
+         "No generation was started. Queries per chunk: Ensure this value is greater than or equal to 1."),
         ({"corpus": "{corpus}", "generator": "local", "queries_per_chunk": "21"},
-         "queries_per_chunk: Ensure this value is less than or equal to 20."),
+         "Queries per chunk: Ensure this value is less than or equal to 20."),
         ({"corpus": "{corpus}", "generator": "local", "queries_per_chunk": "many"},
-         "queries_per_chunk: Enter a whole number."),
+         "Queries per chunk: Enter a whole number."),
     ],
 )
 def test_bad_generate_input_is_a_message_and_starts_nothing(staff_client, corpus, data, sentence):
