@@ -17,6 +17,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from jobsite.errors import ErrorType, JobInputError
+from jobsite.health import workers_missing
 from jobsite.lifecycle import TransitionError
 from jobsite.selectors import last_event_seq
 from jobsite.views import STAFF_ONLY, duration, form_problems, iso, live_context, resume_with_message, staff_required
@@ -168,6 +169,8 @@ def _workflow_context(request, *, seq: int) -> dict:
         "has_corpora": corpora.exists(),
         "current": run_view(current, seq=seq) if current else None,
         "blocking_sentence": services.blocking_sentence(current) if current else "",
+        # A run generating or training with no worker alive does not move: the page says why.
+        "no_worker": workers_missing() if current and current.status in TrainingRun.ACTIVE else "",
         "latest": latest,
         "latest_recall": recall_rows(latest) if latest else [],
         "latest_chart": loss_chart(latest.loss_curve) if latest else None,

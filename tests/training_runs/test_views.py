@@ -184,6 +184,22 @@ def test_generate_from_the_page_starts_a_run(staff_client, corpus):
     assert 'data-running-statuses=""' in card, "no stall check before a worker holds it"
 
 
+def test_a_run_that_waits_without_a_worker_says_none_is_running(staff_client, make_run):
+    run = make_run("generating")
+    html = staff_client.get(PAGE).content.decode()
+    assert f"No worker is running</strong> (no worker cluster is running: start `manage.py qcluster`): training run {run.pk} waits" in html
+    assert "No worker is running" in staff_client.get(PAGE + "workflow/").content.decode()
+
+
+def test_a_run_waiting_for_a_person_does_not_ask_for_a_worker(staff_client, generated_run):
+    assert "No worker is running" not in staff_client.get(PAGE).content.decode()
+
+
+def test_pages_have_an_icon(staff_client):
+    html = staff_client.get(PAGE).content.decode()
+    assert '<link rel="icon" href="/static/jobsite/favicon.svg"' in html
+
+
 def test_an_active_run_shows_its_live_progress_bar(staff_client, make_run, settings):
     now = timezone.now()
     run = make_run("generating", processed_chunks=3, pair_count=6, worker="host:1", started_at=now, heartbeat_at=now,
