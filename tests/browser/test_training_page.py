@@ -298,9 +298,12 @@ def test_stop_mid_generation_shows_the_run_stopped_and_proceed_finishes_it(site,
 
     card.get_by_role("button", name="Stop").click()
     expect(page.locator(".message-success")).to_contain_text(f"Training run {run.pk} stop")
-    expect(card.locator(".alert-error")).to_contain_text("Stopped: CANCELLED")
-    expect(card.locator(".alert-error")).to_contain_text("Stopped on request after")
-    expect(card.locator(".alert-error")).to_contain_text("Proceed continues where it stopped")
+    # Stopped on request: a warning and a "stopped" badge, not a failure, with Proceed on the card.
+    expect(card.locator(".alert-warning")).to_contain_text("Stopped: CANCELLED")
+    expect(card.locator(".alert-warning")).to_contain_text("Stopped on request after")
+    expect(card.locator(".alert-warning")).to_contain_text("Proceed continues where it stopped")
+    expect(card.locator("[data-status-label]")).to_have_text("stopped")
+    expect(card.get_by_role("button", name="Proceed")).to_be_visible()
     expect(card.locator("[data-progress]")).to_have_count(0)
     expect(card.locator(".spinner")).to_have_count(0)
     stopped = TrainingRun.objects.get()
@@ -313,8 +316,7 @@ def test_stop_mid_generation_shows_the_run_stopped_and_proceed_finishes_it(site,
     expect(row.locator("[data-refresh]")).to_have_count(0)
     screenshot(page, "training-13-stopped")
 
-    page.locator(f"#run-row-{run.pk} [data-accordion-toggle]").click()
-    page.locator(f"#run-detail-{run.pk}").get_by_role("button", name="Proceed").click()
+    card.get_by_role("button", name="Proceed").click()  # the row's own Proceed is covered above
     expect(page.locator(f"#run-row-{run.pk} [data-status-label]")).to_have_text("generated", timeout=90_000)
     done = TrainingRun.objects.get()
     assert done.processed_chunks == total and done.pairs.values("chunk_id").distinct().count() == total

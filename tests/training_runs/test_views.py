@@ -245,6 +245,19 @@ def test_a_run_stopped_while_embedding_says_how_far_it_got(staff_client, make_ru
     assert "480 of 1,479 texts were embedded before it stopped (attempt 1)." in card
     row = row_html(html, run.pk)
     assert "Training stopped while embedding: 480 of 1,479 texts are embedded. Proceed embeds the rest" in row
+    # Stopped on request reads as a pause, not a failure: badge, alert, card, blocking sentence.
+    assert '<span class="badge badge-cancelled" data-status-label>stopped</span>' in card
+    assert '<span class="badge badge-cancelled" data-status-label>stopped</span>' in row
+    assert 'class="alert alert-warning"' in card and "alert-error" not in card and "data-card-proceed" in card
+    assert f"while training run {run.pk} is stopped; " in html
+
+
+def test_a_run_that_failed_is_drawn_failed(staff_client, make_run):
+    run = make_run("generating_failed", processed_chunks=3, attempt=1, error_type="UNKNOWN", error_message="boom")
+    html = staff_client.get(PAGE).content.decode()
+    card = section(html, f"run-{run.pk}")
+    assert "data-status-label>generating_failed</span>" in card and 'class="alert alert-error"' in card
+    assert f"while training run {run.pk} is generating_failed; " in html
 
 
 def test_a_silent_worker_shows_no_heartbeat_and_resume_requeues_the_run(staff_client, settings, make_run):
