@@ -59,7 +59,13 @@ def job_view(extraction: Extraction, *, seq: int = 0) -> dict:
     if e.status in (e.Status.EXTRACTING, e.Status.SAVING) and e.started_at and e.progress_at and e.tokens_processed:
         elapsed = (e.progress_at - e.started_at).total_seconds()
         rate = e.tokens_processed / elapsed if elapsed > 0 else None
-    eta = (e.total_tokens - e.tokens_processed) / rate if rate and e.total_tokens else None
+    eta = None
+    if rate and e.total_tokens and e.samples_processed and e.total_samples:
+        # Longest samples run first: the token rate alone promises too little time, the sample
+        # rate too much; the page refines this from the progress it sees (live.js timeLeft).
+        elapsed = e.tokens_processed / rate
+        eta = elapsed * ((e.total_tokens - e.tokens_processed) / e.tokens_processed
+                         + (e.total_samples - e.samples_processed) / e.samples_processed) / 2
     retry_in = (e.next_attempt_at - now).total_seconds() if e.status == e.Status.QUEUED and e.next_attempt_at else None
     percent = 100.0 if e.status in (e.Status.SAVING, e.Status.COMPLETED) else e.percent
     phase = PHASES.get(e.status, "")

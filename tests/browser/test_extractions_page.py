@@ -264,6 +264,28 @@ def test_stalled_and_slow_jobs_offer_resume_retry_and_a_confirmed_cancel(site, s
     expect(page.locator(f"#extraction-{stalled.pk} [data-stalled-notice]")).to_have_count(0)
 
 
+def test_the_time_left_is_fitted_to_what_each_sample_and_each_token_cost(site, staff_user):
+    """live.js's estimate, fed progress points of a run where each sample costs 20 ms and each
+    token 1 ms: the tokens/s estimate alone would be 2.5 times short here."""
+    site.start_web()
+    page = site.page(staff_user)
+    page.goto(site.url("/extractions/"))
+    # Longest first: 16 samples a batch, 200 then 120, 60, 20 tokens a sample.
+    points, t, k, s = [], 0.0, 0, 0
+    for tokens_per_sample in (200, 120, 60, 20):
+        points.append([t * 1000, k, s])
+        t, k, s = t + 16 * 0.020 + 16 * tokens_per_sample * 0.001, k + 16 * tokens_per_sample, s + 16
+    points.append([t * 1000, k, s])
+    left = page.evaluate("([p, k, s]) => jobsiteTimeLeft(p, k, s)", [points, 16 * 10 * 4, 16 * 4])
+    assert left == pytest.approx(16 * 4 * 0.020 + 16 * 10 * 4 * 0.001)  # 64 samples of 10 tokens left
+    token_rate_only = (16 * 10 * 4) / (k / t)
+    assert token_rate_only < left / 2.4
+    # Batches that all hold the same tokens per sample cannot tell the two costs apart: the mean.
+    even = [[i * 1000, i * 160, i * 16] for i in range(4)]
+    assert page.evaluate("([p, k, s]) => jobsiteTimeLeft(p, k, s)", [even, 320, 32]) == pytest.approx(2.0)
+    assert page.evaluate("([p, k, s]) => jobsiteTimeLeft(p, k, s)", [even[:1], 320, 32]) is None
+
+
 def test_a_narrow_window_keeps_the_pages_to_its_width(site, staff_user, make_extraction):
     """At 420 px the page does not scroll sideways: the top bar wraps, wide tables scroll in their panel."""
     for status in ("completed", "cancelled", "failed"):

@@ -288,6 +288,35 @@
     }
   });
 
+  // -- Time left -------------------------------------------------------------------------------
+  // Samples run longest first, so a batch late in a run holds fewer tokens: tokens/s alone
+  // promises too little time (seen 2-5x short on a small model, where each batch's own cost
+  // dominates), samples/s alone too much. The recent progress points are fitted as
+  //   seconds = perSample * samples + perToken * tokens
+  // (least squares over their increments); where that fit is not determined, the two simple
+  // estimates are averaged. points: [ms, tokens, samples], oldest first. Returns seconds or null.
+  function timeLeft(points, tokensLeft, samplesLeft) {
+    if (points.length < 2 || tokensLeft < 0 || samplesLeft < 0) return null;
+    let ss = 0, kk = 0, sk = 0, sy = 0, ky = 0;
+    for (let i = 1; i < points.length; i += 1) {
+      const dy = (points[i][0] - points[i - 1][0]) / 1000;
+      const dk = points[i][1] - points[i - 1][1];
+      const ds = points[i][2] - points[i - 1][2];
+      ss += ds * ds; kk += dk * dk; sk += ds * dk; sy += ds * dy; ky += dk * dy;
+    }
+    const det = ss * kk - sk * sk;
+    if (det > 1e-6 * ss * kk) {
+      const perSample = (sy * kk - ky * sk) / det;
+      const perToken = (ky * ss - sy * sk) / det;
+      if (perSample >= 0 && perToken >= 0) return perSample * samplesLeft + perToken * tokensLeft;
+    }
+    const [t0, k0, s0] = points[0];
+    const [t1, k1, s1] = points[points.length - 1];
+    if (t1 <= t0 || k1 <= k0 || s1 <= s0) return null;
+    return ((t1 - t0) / 1000) * (tokensLeft / (k1 - k0) + samplesLeft / (s1 - s0)) / 2;
+  }
+  window.jobsiteTimeLeft = timeLeft;  // for people debugging a page, and the browser tests
+
   // -- Applying a job's state (an event's payload or the JSON API's answer) ------------------
   function apply(card, job, at, alive) {
     const known = remember(card);
@@ -315,7 +344,7 @@
     if (typeof tokens === "number" && tokens > 0) {
       const last = known.points[known.points.length - 1];
       if (last && tokens < last[1]) known.points = [];
-      if (!last || at > last[0]) known.points.push([at, tokens]);
+      if (!last || at > last[0]) known.points.push([at, tokens, typeof done === "number" ? done : 0]);
       while (known.points.length > 2 && at - known.points[0][0] > 15000) known.points.shift();
       if (known.points.length >= 2) {
         const [t0, k0] = known.points[0];
@@ -323,9 +352,9 @@
         if (t1 > t0) {
           const rate = ((k1 - k0) * 1000) / (t1 - t0);
           setText(card, "[data-rate]", Math.round(rate).toLocaleString("en-US"));
-          if (rate > 0 && typeof tokensTotal === "number" && tokensTotal >= tokens) {
-            setText(card, "[data-eta]", duration(((tokensTotal - tokens) / rate) * 1000));
-          }
+          const left = typeof tokensTotal === "number" && typeof total === "number" && typeof done === "number"
+            ? timeLeft(known.points, tokensTotal - tokens, total - done) : null;
+          if (rate > 0 && left !== null) setText(card, "[data-eta]", duration(left * 1000));
         }
       }
     }
