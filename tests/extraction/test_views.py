@@ -192,6 +192,17 @@ def test_the_time_left_weighs_the_samples_left_as_well_as_the_tokens(staff_clien
     assert "ETA <span data-eta>22 s</span>" in html or "ETA <span data-eta>23 s</span>" in html
 
 
+def test_a_resumed_attempt_says_its_count_restarts_from_the_checkpoint(staff_client, make_extraction):
+    now = timezone.now()
+    first = make_extraction("extracting", samples_processed=6, total_samples=100, started_at=now, heartbeat_at=now,
+                            attempt=1, worker="host:1")
+    again = make_extraction("extracting", samples_processed=0, total_samples=100, started_at=now, heartbeat_at=now,
+                            attempt=2, worker="host:2")
+    assert "data-resumed" not in staff_client.get(f"/extractions/{first.pk}/card/").content.decode()
+    card = staff_client.get(f"/extractions/{again.pk}/card/").content.decode()
+    assert "Attempt 2 continues from the last checkpoint: the count can step back a little" in card
+
+
 def test_a_running_extraction_shows_live_progress(staff_client, make_extraction):
     now = timezone.now()
     job = make_extraction("extracting", samples_processed=25, total_samples=100, tokens_processed=500,
