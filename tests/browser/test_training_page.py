@@ -138,9 +138,12 @@ def test_a_failed_generation_proceeds_then_review_and_training_complete_without_
     review.get_by_role("button", name="Approve selected").click()
     expect(review.locator("[data-count=approved]")).to_have_text("2")
     third = boxes.nth(2).get_attribute("value")
+    fourth = boxes.nth(3).get_attribute("value")
     review.get_by_role("button", name=f"Reject pair {third}", exact=True).click()
     expect(review.locator("[data-count=rejected]")).to_have_text("1")
     expect(review.locator(f"#pair-{third} .badge")).to_have_text("rejected")
+    # The page was redrawn; the focus waits on the next pair's Reject, for the keyboard's next decision.
+    expect(review.get_by_role("button", name=f"Reject pair {fourth}", exact=True)).to_be_focused()
     review.get_by_role("button", name="Approve all pending").click()
     expect(review.locator("[data-count=pending]")).to_have_text("0")
     expect(review.locator("[data-count=approved]")).to_have_text(str(pairs - 1))

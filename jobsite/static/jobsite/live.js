@@ -118,6 +118,30 @@
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", startAccordion);
   else startAccordion();
 
+  // Reviewing pair after pair from the keyboard: each decision redraws the page, which would
+  // drop the focus back to its top. It moves to the same button of the next pair instead (or
+  // stays on this pair's row when it is the last).
+  let refocus = null;
+  document.addEventListener("htmx:beforeRequest", (event) => {
+    const trigger = event.detail.requestConfig && event.detail.requestConfig.triggeringEvent;
+    const button = trigger && trigger.submitter;
+    const row = button && button.closest && button.closest("tr[data-pair]");
+    refocus = null;
+    if (!row || !button.value) return;
+    let next = row.nextElementSibling;
+    while (next && !next.matches("tr[data-pair]")) next = next.nextElementSibling;
+    refocus = { row: (next || row).id, decision: button.value.split(":").pop() };
+  });
+  document.addEventListener("htmx:afterSettle", () => {
+    if (!refocus) return;
+    const { row: id, decision } = refocus;
+    refocus = null;
+    const row = document.getElementById(id);
+    const buttons = row ? Array.from(row.querySelectorAll("button[name=one]")).filter((b) => !b.disabled) : [];
+    const target = buttons.find((b) => b.value.endsWith(`:${decision}`)) || buttons[0];
+    if (target) target.focus();
+  });
+
   // A form sent by htmx that the server refuses (403 not staff, 404 gone) shows the server's
   // page in place of the main content, as the same form shows it without JavaScript.
   document.addEventListener("htmx:beforeSwap", (event) => {
@@ -217,7 +241,8 @@
     element.querySelector("details[open]")
     || element.querySelector("input[data-pick]:checked")
     || element.querySelector("[data-edited]")
-    || (element.contains(document.activeElement) && document.activeElement.matches("input, select, textarea"))
+    // A focused field, or a pair's review button: someone deciding pair after pair from the keyboard.
+    || (element.contains(document.activeElement) && document.activeElement.matches("input, select, textarea, tr[data-pair] button"))
   );
   // A field typed into ("3" epochs) is kept until its form is sent, or for EDIT_HOLD_MS after the
   // last keystroke if it never is: a redraw would put the default back, and the form would then
