@@ -6,7 +6,7 @@ this web process's) and a restart does not reset them.
 
 from __future__ import annotations
 
-from django.db.models import Count, F, Max, Min, Value
+from django.db.models import Count, F, Max, Min, TextField, Value
 from django.db.models.fields.json import KeyTextTransform
 from django.db.models.functions import Concat
 from django.http import HttpResponse
@@ -52,7 +52,8 @@ class JobsCollector:
             # A person's retry tells the old job's topic and the new job's: counted once, where
             # the event is about its own job (an automatic retry has only that one).
             retries = Event.objects.filter(type=f"{model.KIND}.retry_started").annotate(
-                own=Concat(Value(f"{model.KIND}."), KeyTextTransform("id", "payload"))).filter(topic=F("own"))
+                own=Concat(Value(f"{model.KIND}."), KeyTextTransform("id", "payload"), output_field=TextField()),
+            ).filter(topic=F("own"))
             events.add_metric([model.KIND, "retry_started"], retries.count())
         yield events
 

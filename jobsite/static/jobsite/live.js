@@ -121,26 +121,31 @@
   // Reviewing pair after pair from the keyboard: each decision redraws the page, which would
   // drop the focus back to its top. It moves to the same button of the next pair instead (or
   // stays on this pair's row when it is the last).
+  // Only the same decision's button, never the other one: a second Enter must not flip a pair.
   let refocus = null;
+  let lastReviewAt = 0;
   document.addEventListener("htmx:beforeRequest", (event) => {
     const trigger = event.detail.requestConfig && event.detail.requestConfig.triggeringEvent;
     const button = trigger && trigger.submitter;
     const row = button && button.closest && button.closest("tr[data-pair]");
     refocus = null;
     if (!row || !button.value) return;
-    let next = row.nextElementSibling;
-    while (next && !next.matches("tr[data-pair]")) next = next.nextElementSibling;
-    refocus = { row: (next || row).id, decision: button.value.split(":").pop() };
+    lastReviewAt = Date.now();
+    refocus = { row: row.id, decision: button.value.split(":").pop() };
   });
   document.addEventListener("htmx:afterSettle", () => {
     if (!refocus) return;
     const { row: id, decision } = refocus;
     refocus = null;
-    const row = document.getElementById(id);
-    const buttons = row ? Array.from(row.querySelectorAll("button[name=one]")).filter((b) => !b.disabled) : [];
-    const target = buttons.find((b) => b.value.endsWith(`:${decision}`)) || buttons[0];
-    if (target) target.focus();
+    let row = document.getElementById(id);
+    for (row = row && row.nextElementSibling; row; row = row.nextElementSibling) {
+      if (!row.matches("tr[data-pair]")) continue;
+      const same = Array.from(row.querySelectorAll("button[name=one]"))
+        .find((b) => !b.disabled && b.value.endsWith(`:${decision}`));
+      if (same) { same.focus(); return; }
+    }
   });
+  window.jobsiteReviewedAt = () => lastReviewAt;
 
   // A form sent by htmx that the server refuses (403 not staff, 404 gone) shows the server's
   // page in place of the main content, as the same form shows it without JavaScript.
@@ -241,13 +246,17 @@
     element.querySelector("details[open]")
     || element.querySelector("input[data-pick]:checked")
     || element.querySelector("[data-edited]")
-    // A focused field, or a pair's review button: someone deciding pair after pair from the keyboard.
-    || (element.contains(document.activeElement) && document.activeElement.matches("input, select, textarea, tr[data-pair] button"))
+    || (element.contains(document.activeElement) && document.activeElement.matches("input, select, textarea"))
+    // A pair's review button with the focus, within a while of the last decision: someone deciding
+    // pair after pair from the keyboard (not for ever: a redraw from elsewhere must land).
+    || (element.contains(document.activeElement) && document.activeElement.matches("tr[data-pair] button")
+        && Date.now() - window.jobsiteReviewedAt() < REVIEW_HOLD_MS)
   );
   // A field typed into ("3" epochs) is kept until its form is sent, or for EDIT_HOLD_MS after the
   // last keystroke if it never is: a redraw would put the default back, and the form would then
   // send what the person did not choose.
   const EDIT_HOLD_MS = 60000;
+  const REVIEW_HOLD_MS = 20000;
   let editHold = null;
   document.addEventListener("input", (event) => {
     const field = event.target;
@@ -342,6 +351,9 @@
   }
   window.jobsiteTimeLeft = timeLeft;  // for people debugging a page, and the browser tests
 
+  // A run stopped on request is "stopped", as the server draws it, not its *_failed status.
+  const statusLabel = (job) => (String(job.status).endsWith("_failed") && job.error_type === "CANCELLED" ? "stopped" : job.status);
+
   // -- Applying a job's state (an event's payload or the JSON API's answer) ------------------
   function apply(card, job, at, alive) {
     const known = remember(card);
@@ -369,7 +381,8 @@
     if (typeof tokens === "number" && tokens > 0) {
       const last = known.points[known.points.length - 1];
       if (last && tokens < last[1]) known.points = [];
-      if (!last || at > last[0]) known.points.push([at, tokens, typeof done === "number" ? done : 0]);
+      // Only points that moved: a poll that finds the same counts would drop its wait from the fit.
+      if (!last || (at > last[0] && tokens !== last[1])) known.points.push([at, tokens, typeof done === "number" ? done : 0]);
       while (known.points.length > 2 && at - known.points[0][0] > 15000) known.points.shift();
       if (known.points.length >= 2) {
         const [t0, k0] = known.points[0];
@@ -394,10 +407,10 @@
       known.moved = Math.max(known.moved, at);
     }
     if (status) {
-      const label = job.cancel_requested && isRunning(card, status) ? "cancelling" : status;
+      const label = job.cancel_requested && isRunning(card, status) ? "cancelling" : statusLabel(job);
       card.querySelectorAll("[data-status-label]").forEach((el) => {
         el.textContent = label;
-        el.className = `badge badge-${label}`;
+        el.className = `badge badge-${label === "stopped" ? "cancelled" : label}`;
       });
     }
     return changed;
@@ -415,9 +428,10 @@
     });
     const changed = Boolean(job.status) && job.status !== row.dataset.status;
     if (job.status) {
+      const label = statusLabel(job);
       row.querySelectorAll("[data-status-label]").forEach((el) => {
-        el.textContent = job.status;
-        el.className = `badge badge-${job.status}`;
+        el.textContent = label;
+        el.className = `badge badge-${label === "stopped" ? "cancelled" : label}`;
       });
     }
     return changed;
