@@ -30,7 +30,9 @@ from jobsite.errors import ErrorType, JobInputError
 from jobsite.health import workers_missing
 from jobsite.lifecycle import TransitionError
 from jobsite.selectors import last_event_seq
-from jobsite.views import STAFF_ONLY, duration, form_problems, iso, live_context, resume_with_message, staff_required
+from jobsite.views import (
+    STAFF_ONLY, duration, form_problems, id_param, iso, live_context, resume_with_message, staff_required,
+)
 
 TOPIC = "extraction."
 HISTORY_LIMIT = 300
@@ -124,19 +126,6 @@ def _lineage_rows(extractions: list[Extraction]) -> list[dict]:
     return rows
 
 
-def _no_worker() -> str:
-    """Why queued jobs are not moving, when no worker runs and some wait (else '')."""
-    if not selectors.extraction_list().filter(status__in=Extraction.ACTIVE).exists():
-        return ""
-    return workers_missing()
-
-
-def _selected(request) -> int | None:
-    """The job a person opened from the history (?job=<id>): its card is shown with the others."""
-    value = request.GET.get("job", "")
-    return int(value) if value.isdecimal() and len(value) <= 18 else None
-
-
 def _attention(selected: int | None = None) -> list[Extraction]:
     """Active jobs, failed ones nobody has retried yet, and the one a person opened (a cancelled
     or completed job's card holds its Retry and its files)."""
@@ -148,6 +137,19 @@ def _attention(selected: int | None = None) -> list[Extraction]:
     if selected is not None and all(job.pk != selected for job in jobs):
         jobs += list(selectors.extraction_list().filter(pk=selected))
     return sorted(jobs, key=lambda e: (e.created_at, e.pk), reverse=True)
+
+
+def _attention_context(request, seq: int) -> dict:
+    """The "Active and needing attention" panel: its cards, the job a person opened from the
+    history (?job=<id>), and why nothing moves when jobs wait and no worker runs."""
+    selected = id_param(request, "job")
+    jobs = _attention(selected)
+    waiting = any(job.status in Extraction.ACTIVE for job in jobs)
+    return {
+        "attention": [job_view(e, seq=seq) for e in jobs], "selected": selected,
+        "no_worker": workers_missing() if waiting else "",
+        "can_act": request.user.is_staff, "retry_batch_sizes": RetryForm.base_fields["batch_size"].choices,
+    }
 
 
 def _history() -> list[dict]:
@@ -169,13 +171,9 @@ def _page_context(request, form=None) -> dict:
     form = form or ExtractionStartForm()
     context.update(
         form=form,
-        attention=[job_view(e, seq=seq) for e in _attention(_selected(request))],
-        selected=_selected(request),
-        no_worker=_no_worker(),
         history=_history(),
         datasets=selectors.dataset_list(),
-        can_act=request.user.is_staff,
-        retry_batch_sizes=RetryForm.base_fields["batch_size"].choices,
+        **_attention_context(request, seq),
     )
     return context
 
@@ -224,13 +222,7 @@ def extraction_page(request):
 @login_required
 @require_GET
 def attention_fragment(request):
-    seq = last_event_seq()
-    return render(request, "extraction/_attention.html", {
-        "attention": [job_view(e, seq=seq) for e in _attention(_selected(request))], "selected": _selected(request),
-        "no_worker": _no_worker(),
-        "can_act": request.user.is_staff,
-        "retry_batch_sizes": RetryForm.base_fields["batch_size"].choices,
-    })
+    return render(request, "extraction/_attention.html", _attention_context(request, last_event_seq()))
 
 
 @login_required

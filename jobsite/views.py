@@ -44,12 +44,15 @@ def staff_required(view):
 def form_problems(form) -> str:
     """A refused form's errors as one sentence for a message, each under its field's label
     ("Queries per chunk: Ensure this value is less than or equal to 20."), not its name."""
-    parts = []
-    for name, errors in form.errors.items():
-        field = form.fields.get(name)
-        label = (field.label if field is not None and field.label else name.replace("_", " ").capitalize())
-        parts.append(f"{label}: {' '.join(errors)}" if name != "__all__" else " ".join(errors))
-    return " ".join(parts)
+    return " ".join(f"{form[name].label}: {' '.join(errors)}" if name in form.fields else " ".join(errors)
+                    for name, errors in form.errors.items())
+
+
+def id_param(request, name: str) -> int | None:
+    """A job id from the query string (?job=12, ?open=12); anything else is no id.
+    isdecimal, not isdigit: isdigit() takes "²", which int() refuses."""
+    value = request.GET.get(name, "")
+    return int(value) if value.isdecimal() and len(value) <= 18 else None
 
 
 def live_context(*, topic: str) -> dict:

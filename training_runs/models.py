@@ -125,6 +125,14 @@ class TrainingRun(Job):
         return settings.JOBSITE_DATA_DIR / "training_runs" / str(self.pk)
 
     @property
+    def status_label(self) -> str:
+        """What the pages call the status: a run stopped on request is "stopped" (it is kept in a
+        *_failed status with CANCELLED, since the design has no stopped status), not failed."""
+        if self.status in self.RETRYABLE_FROM and self.error_type == ErrorType.CANCELLED:
+            return "stopped"
+        return self.status
+
+    @property
     def is_embedding(self) -> bool:
         """In the training phase with texts still to embed: the epochs have not started."""
         return self.status in (self.Status.TRAINING, self.Status.TRAINING_FAILED) and (

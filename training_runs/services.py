@@ -14,7 +14,7 @@ from django.db.models import Count
 from django.utils import timezone
 
 from jobsite import failpoints
-from jobsite.errors import ErrorType, JobInputError
+from jobsite.errors import JobInputError
 from jobsite.events import publish
 from jobsite.lifecycle import TransitionError
 from jobsite.paths import resolve_under
@@ -220,9 +220,8 @@ def _require_available() -> None:
 
 
 def blocking_sentence(run: TrainingRun) -> str:
-    stopped = run.status in TrainingRun.RETRYABLE_FROM and run.error_type == ErrorType.CANCELLED
     return (
-        f"A new generation cannot start while training run {run.pk} is {'stopped' if stopped else run.status}; "
+        f"A new generation cannot start while training run {run.pk} is {run.status_label}; "
         f"{NEXT_STEP[run.status]} first."
     )
 

@@ -20,7 +20,9 @@ from jobsite.errors import ErrorType, JobInputError
 from jobsite.health import workers_missing
 from jobsite.lifecycle import TransitionError
 from jobsite.selectors import last_event_seq
-from jobsite.views import STAFF_ONLY, duration, form_problems, iso, live_context, resume_with_message, staff_required
+from jobsite.views import (
+    STAFF_ONLY, duration, form_problems, id_param, iso, live_context, resume_with_message, staff_required,
+)
 from training_runs import selectors, services
 from training_runs.forms import GenerateForm, ReviewForm, TrainForm
 from training_runs.models import TrainingPair, TrainingRun
@@ -156,8 +158,7 @@ def row_view(run: TrainingRun, *, open_id: int | None = None) -> dict:
 
 
 def _open_id(request) -> int | None:
-    value = request.GET.get("open", "")
-    return int(value) if value.isdecimal() and len(value) <= 9 else None  # isdigit() takes "²", int() does not
+    return id_param(request, "open")
 
 
 def _workflow_context(request, *, seq: int) -> dict:

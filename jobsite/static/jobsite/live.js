@@ -145,7 +145,6 @@
       if (same) { same.focus(); return; }
     }
   });
-  window.jobsiteReviewedAt = () => lastReviewAt;
 
   // A form sent by htmx that the server refuses (403 not staff, 404 gone) shows the server's
   // page in place of the main content, as the same form shows it without JavaScript.
@@ -250,7 +249,7 @@
     // A pair's review button with the focus, within a while of the last decision: someone deciding
     // pair after pair from the keyboard (not for ever: a redraw from elsewhere must land).
     || (element.contains(document.activeElement) && document.activeElement.matches("tr[data-pair] button")
-        && Date.now() - window.jobsiteReviewedAt() < REVIEW_HOLD_MS)
+        && Date.now() - lastReviewAt < REVIEW_HOLD_MS)
   );
   // A field typed into ("3" epochs) is kept until its form is sent, or for EDIT_HOLD_MS after the
   // last keystroke if it never is: a redraw would put the default back, and the form would then
