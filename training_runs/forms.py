@@ -62,3 +62,49 @@ class ReviewForm(forms.Form):
 
 class TrainForm(forms.Form):
     epochs = forms.IntegerField(required=False, min_value=1, max_value=1000)
+
+
+class MultipleFileInput(forms.ClearableFileInput):
+    allow_multiple_selected = True
+
+
+class MultipleFileField(forms.FileField):
+    """Every chosen file (Django's documented way to take several files in one field)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("widget", MultipleFileInput(attrs={"accept": ".txt,.md,.jsonl"}))
+        super().__init__(*args, **kwargs)
+
+    def clean(self, data, initial=None):
+        single = super().clean
+        if isinstance(data, (list, tuple)):
+            return [single(item, initial) for item in data]
+        return [single(data, initial)] if data else []
+
+
+class CorpusForm(forms.Form):
+    """A corpus from uploaded documents or from a path under the data directory; the service
+    checks names, sizes and contents, as it does for the API."""
+
+    name = forms.CharField(max_length=100, help_text="letters, digits, '.', '_' or '-'")
+    files = MultipleFileField(required=False, label="Documents", help_text=".txt, .md or .jsonl (one {\"text\": …} a line)")
+    path = forms.CharField(max_length=1000, required=False, label="or a path",
+                           help_text="a file or folder under the data directory")
+    chunk_size = forms.IntegerField(label="Chunk size", min_value=50, max_value=20000, initial=500,
+                                    help_text="characters")
+    chunk_overlap = forms.IntegerField(label="Overlap", min_value=0, max_value=9999, initial=50,
+                                       help_text="characters")
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("label_suffix", "")
+        super().__init__(*args, **kwargs)
+
+    def clean(self):
+        data = super().clean()
+        if self.errors:
+            return data
+        if data.get("files") and data.get("path"):
+            raise forms.ValidationError("Upload documents or give a path, not both.")
+        if not data.get("files") and not data.get("path"):
+            raise forms.ValidationError("Choose documents to upload, or give a path under the data directory.")
+        return data

@@ -8,6 +8,7 @@ urlpatterns = [
     path("", views.training_page, name="page"),
     path("workflow/", views.workflow_fragment, name="workflow"),
     path("history/", views.history_fragment, name="history"),
+    path("corpora/", views.training_corpus_create, name="corpus_create"),
     path("generate/", views.training_generate, name="generate"),
     path("runs/<int:pk>/row/", views.row_fragment, name="row"),
     path("runs/<int:pk>/review/", views.training_review, name="review"),

@@ -9,6 +9,7 @@ why and nothing else: no action on it could succeed.
 from __future__ import annotations
 
 from django.conf import settings
+from django.db.models import Count
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.shortcuts import redirect, render
@@ -24,7 +25,7 @@ from jobsite.views import (
     STAFF_ONLY, duration, form_problems, id_param, iso, live_context, resume_with_message, staff_required,
 )
 from training_runs import selectors, services
-from training_runs.forms import GenerateForm, ReviewForm, TrainForm
+from training_runs.forms import CorpusForm, GenerateForm, ReviewForm, TrainForm
 from training_runs.models import TrainingPair, TrainingRun
 
 TOPIC = "training."
@@ -165,8 +166,11 @@ def _workflow_context(request, *, seq: int) -> dict:
     current = selectors.training_run_open()
     latest = selectors.training_run_list(status=Status.COMPLETED).first()
     corpora = selectors.corpus_list()
+    # ?corpus= (set after a corpus is created) picks it in the Generate form.
+    chosen = id_param(request, "corpus")
     return {
-        "form": GenerateForm(),
+        "form": GenerateForm(initial={"corpus": chosen} if chosen else None),
+        "chosen_corpus": chosen,
         "has_corpora": corpora.exists(),
         "current": run_view(current, seq=seq) if current else None,
         "blocking_sentence": services.blocking_sentence(current) if current else "",
@@ -178,6 +182,14 @@ def _workflow_context(request, *, seq: int) -> dict:
         "can_act": request.user.is_staff,
         "staff_only_sentence": STAFF_ONLY,
         "min_approved_pairs": settings.JOBSITE_MIN_APPROVED_PAIRS,
+    }
+
+
+def _corpora_context(request, corpus_form: CorpusForm | None = None) -> dict:
+    return {
+        "corpora": selectors.corpus_list().annotate(num_chunks=Count("chunks")),
+        "corpus_form": corpus_form or CorpusForm(),
+        "can_act": request.user.is_staff,
     }
 
 
@@ -194,16 +206,21 @@ def _back(run_id: int | None = None):
 
 # -- page and fragments -----------------------------------------------------------------------
 
-@login_required
-@require_GET
-def training_page(request):
+def _page(request, *, corpus_form: CorpusForm | None = None, status: int = 200):
     available, reason = services.training_availability()
     if not available:
         return render(request, "training_runs/unavailable.html", {"reason": reason})
     context = live_context(topic=TOPIC)  # the seq first: an event written meanwhile is replayed
     context.update(_workflow_context(request, seq=context["live"]["after"]))
+    context.update(_corpora_context(request, corpus_form))
     context.update(_history_context(request))
-    return render(request, "training_runs/training.html", context)
+    return render(request, "training_runs/training.html", context, status=status)
+
+
+@login_required
+@require_GET
+def training_page(request):
+    return _page(request)
 
 
 @login_required
@@ -228,6 +245,36 @@ def row_fragment(request, pk: int):
 
 
 # -- actions -----------------------------------------------------------------------------------
+
+# A service's refusal names what is wrong; its first matching words pick the field it shows under.
+_CORPUS_FIELD_WORDS = (("corpus name", "name"), ("named", "name"), ("chunk_overlap", "chunk_overlap"),
+                       ("chunk_size", "chunk_size"), ("corpus path", "path"), ("upload", "files"),
+                       ("larger than", "files"))
+
+
+@staff_required
+@require_POST
+def training_corpus_create(request):
+    """A corpus from the page's form; a refusal shows the page again with the form's errors."""
+    form = CorpusForm(request.POST, request.FILES)
+    if form.is_valid():
+        data = form.cleaned_data
+        uploads = [(f.name, f.read(services.MAX_UPLOAD_BYTES + 1)) for f in data["files"]]
+        try:
+            corpus = services.corpus_create(name=data["name"], path=data["path"], uploads=uploads,
+                                            chunk_size=data["chunk_size"], chunk_overlap=data["chunk_overlap"])
+        except JobInputError as exc:
+            lowered = str(exc).lower()
+            field = next((f for word, f in _CORPUS_FIELD_WORDS if word in lowered), None)
+            form.add_error(field, str(exc))
+        else:
+            chunks = corpus.chunks.count()
+            messages.success(request, f"Corpus {corpus.name} is ready: {corpus.num_documents:,} "
+                                      f"document{'s' if corpus.num_documents != 1 else ''}, {chunks:,} "
+                                      f"chunk{'s' if chunks != 1 else ''}. Generate pairs from it below.")
+            return redirect(f"{reverse('training_runs:page')}?corpus={corpus.pk}#workflow")
+    return _page(request, corpus_form=form, status=400)
+
 
 @staff_required
 @require_POST

@@ -15,7 +15,7 @@ from tests.browser.conftest import screenshot
 from tests.conftest import DEMO_CORPUS
 from jobsite.events import publish
 from training_runs import services
-from training_runs.models import TrainingRun
+from training_runs.models import Corpus, TrainingRun
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -323,3 +323,37 @@ def test_stop_mid_generation_shows_the_run_stopped_and_proceed_finishes_it(site,
     expect(page.locator(f"#run-row-{run.pk} [data-status-label]")).to_have_text("generated", timeout=90_000)
     done = TrainingRun.objects.get()
     assert done.processed_chunks == total and done.pairs.values("chunk_id").distinct().count() == total
+
+
+def test_a_corpus_uploaded_from_the_page_is_picked_and_generated_from(site, staff_user, training_env, tmp_path):
+    site.start_web(**training_env)
+    page = site.page(staff_user)
+    page.goto(site.url("/training/"))
+    expect(page.locator("#workflow [data-no-corpora]")).to_contain_text("create one from documents")
+    expect(page.locator("#workflow [data-generate]")).to_be_disabled()
+    form = page.locator("[data-corpus-form]")
+    expect(form).to_be_visible()  # open by itself while there is no corpus
+
+    # A PDF is refused under its field, and what was typed stays.
+    (tmp_path / "manual.pdf").write_bytes(b"%PDF-1.7")
+    form.locator("#id_name").fill("field-guides")
+    form.locator("#id_files").set_input_files(str(tmp_path / "manual.pdf"))
+    form.locator("[data-create-corpus]").click()
+    expect(form.locator(".field-files .field-error")).to_have_text("manual.pdf: upload .txt, .md or .jsonl files only.")
+    expect(form.locator("#id_name")).to_have_value("field-guides")
+    screenshot(page, "training-15-corpus-refused")
+
+    form.locator("#id_files").set_input_files([str(DEMO_CORPUS / "telescope-setup.md"),
+                                               str(DEMO_CORPUS / "tide-pool-field-notes.md")])
+    form.locator("[data-create-corpus]").click()
+    corpus = Corpus.objects.get(name="field-guides")
+    chunks = corpus.chunks.count()
+    expect(page.locator(".message-success")).to_have_text(
+        f"Corpus field-guides is ready: 2 documents, {chunks} chunks. Generate pairs from it below.")
+    expect(page.locator(f"#corpus-{corpus.pk}")).to_contain_text("field-guides")
+    expect(page.locator("#id_corpus")).to_have_value(str(corpus.pk))
+    screenshot(page, "training-16-corpus-created")
+
+    page.locator("#workflow [data-generate]").click()
+    expect(page.locator(".message-success")).to_contain_text(
+        f"is generating pairs for the {chunks} chunks of field-guides")

@@ -100,20 +100,23 @@ def test_a_reader_sees_the_page_read_only(client, plain_user, make_run, corpus):
     assert "Only staff users can start, cancel or retry jobs" in html
     assert re.search(r"<fieldset[^>]*disabled", section(html, "workflow"))
     assert "Read only: ask an administrator to proceed with it or delete it." in html
-    for action in ("/proceed/", "/delete/", "/review/", "/train/", "/resume/"):
+    for action in ("/proceed/", "/delete/", "/review/", "/train/", "/resume/", "/corpora/"):
         assert action not in html
+    assert "handbook" in section(html, "corpora"), "a reader still sees the corpora"
 
 
-@pytest.mark.parametrize("path", ["generate/", "runs/{id}/review/", "runs/{id}/train/", "runs/{id}/proceed/",
+@pytest.mark.parametrize("path", ["generate/", "corpora/", "runs/{id}/review/", "runs/{id}/train/", "runs/{id}/proceed/",
                                   "runs/{id}/resume/", "runs/{id}/delete/"])
 def test_a_user_who_is_not_staff_cannot_post_any_action(client, plain_user, make_run, corpus, path):
     run = failed(make_run)
     client.force_login(plain_user)
-    data = {"corpus": corpus.pk, "generator": "local", "decision": "approved", "scope": "all", "confirmed": "1"}
+    data = {"corpus": corpus.pk, "generator": "local", "decision": "approved", "scope": "all", "confirmed": "1",
+            "name": "other", "path": "corpora-src", "chunk_size": 500, "chunk_overlap": 50}
     response = client.post(PAGE + path.format(id=run.pk), data)
     assert response.status_code == 403
     assert b"Only staff users" in response.content
     assert list(TrainingRun.objects.values_list("pk", "status")) == [(run.pk, "generating_failed")]
+    assert list(Corpus.objects.values_list("name", flat=True)) == ["handbook"]
 
 
 def test_the_page_embeds_the_live_topic_and_the_delays(staff_client, settings, corpus):
@@ -590,3 +593,88 @@ def test_generate_from_the_page_takes_the_queries_per_chunk(staff_client, corpus
     assert 'name="queries_per_chunk"' in section(html, "workflow")
     staff_client.post(PAGE + "generate/", {"corpus": corpus.pk, "generator": "local", "queries_per_chunk": "3"})
     assert TrainingRun.objects.get().queries_per_chunk == 3
+
+
+# -- corpora ------------------------------------------------------------------------------------
+
+def upload(name: str, text: str):
+    from django.core.files.uploadedfile import SimpleUploadedFile  # noqa: PLC0415
+    return SimpleUploadedFile(name, text.encode())
+
+
+CORPUS_FIELDS = {"chunk_size": 200, "chunk_overlap": 20}
+
+
+def test_without_corpora_the_page_offers_the_new_corpus_form_open(staff_client):
+    html = staff_client.get(PAGE).content.decode()
+    assert re.search(r"<fieldset[^>]*disabled", section(html, "workflow")), "Generate waits for a corpus"
+    assert 'href="#corpora"' in section(html, "workflow")
+    corpora = section(html, "corpora")
+    assert "No corpora yet." in corpora
+    assert re.search(r'<details class="corpus-editor" open>', corpora)
+    assert 'enctype="multipart/form-data"' in corpora and 'type="file"' in corpora and "multiple" in corpora
+
+
+def test_uploaded_documents_become_a_corpus_picked_for_generation(staff_client, settings, corpus):
+    text = "Brakes need new pads when they squeal. " * 12
+    response = staff_client.post(PAGE + "corpora/", {
+        "name": "manuals", "files": [upload("brakes.md", text), upload("chain.txt", "Oil the chain monthly.")],
+        **CORPUS_FIELDS,
+    })
+    created = Corpus.objects.get(name="manuals")
+    assert response.status_code == 302
+    assert response["Location"] == f"/training/?corpus={created.pk}#workflow"
+    assert created.num_documents == 2 and created.chunk_size == 200 and created.chunk_overlap == 20
+    chunks = created.chunks.count()
+    assert chunks > 2, "the long document is cut into chunks of 200 characters"
+    assert (settings.JOBSITE_DATA_DIR / "corpora" / "manuals" / "brakes.md").read_text() == text
+
+    page = staff_client.get(response["Location"])
+    assert f"Corpus manuals is ready: 2 documents, {chunks} chunks. Generate pairs from it below." in messages_of(page)
+    html = page.content.decode()
+    assert re.search(rf'<option value="{created.pk}" selected>manuals</option>', section(html, "workflow"))
+    assert f'hx-get="/training/workflow/?corpus={created.pk}"' in html, "a live redraw keeps the choice"
+    row = re.search(rf'<tr id="corpus-{created.pk}".*?</tr>', html)[0]
+    assert ">manuals<" in row and f">{chunks}<" in row and ">200 · 20<" in row
+
+    staff_client.post(PAGE + "generate/", {"corpus": created.pk, "generator": "local"})
+    assert TrainingRun.objects.get().total_chunks == chunks
+
+
+def test_a_corpus_from_a_path_under_the_data_directory(staff_client, settings):
+    folder = settings.JOBSITE_DATA_DIR / "docs"
+    folder.mkdir(parents=True)
+    (folder / "a.txt").write_text("Tyres hold 4 bar. " * 5)
+    (folder / "b.jsonl").write_text('{"text": "Lights must work at night."}\n{"text": "Bells ring twice."}\n')
+    response = staff_client.post(PAGE + "corpora/", {"name": "docs", "path": "docs", **CORPUS_FIELDS})
+    assert response.status_code == 302
+    assert Corpus.objects.get(name="docs").num_documents == 3
+
+
+@pytest.mark.parametrize("data, files, field, sentence", [
+    ({"name": "x"}, {}, None, "Choose documents to upload, or give a path under the data directory."),
+    ({"name": "x", "path": "docs"}, {"files": [upload("a.txt", "text")]}, None,
+     "Upload documents or give a path, not both."),
+    ({"name": "../up"}, {"files": [upload("a.txt", "text")]}, "name", "The corpus name must be 1-100 letters"),
+    ({"name": "handbook"}, {"files": [upload("a.txt", "text")]}, "name", "A corpus named 'handbook' already exists"),
+    ({"name": "x"}, {"files": [upload("notes.pdf", "%PDF")]}, "files", "notes.pdf: upload .txt, .md or .jsonl files only."),
+    ({"name": "x"}, {"files": [upload("a.txt", "a\x00b")]}, None, "a.txt contains a NUL character"),
+    ({"name": "x"}, {"files": [upload("a.txt", "   ")]}, None, "The documents contain no text."),
+    ({"name": "x", "chunk_overlap": 150}, {"files": [upload("a.txt", "text")]}, "chunk_overlap",
+     "chunk_overlap must be between 0 and 99 for chunk_size 200."),
+    ({"name": "x", "chunk_size": 10}, {"files": [upload("a.txt", "text")]}, "chunk_size",
+     "Ensure this value is greater than or equal to 50."),
+    ({"name": "x", "path": "../../etc"}, {}, "path", "is outside the allowed directories"),
+])
+def test_a_refused_corpus_shows_the_form_again_with_the_reason(staff_client, settings, corpus, data, files, field,
+                                                                 sentence):
+    response = staff_client.post(PAGE + "corpora/", {**CORPUS_FIELDS, **data, **files})
+    assert response.status_code == 400
+    form = response.context["corpus_form"]
+    errors = form.errors.get(field or "__all__", [])
+    assert any(sentence in error for error in errors), form.errors
+    html = section(response.content.decode(), "corpora")
+    assert re.search(r'<details class="corpus-editor" open>', html), "the form stays open with the reason"
+    assert f'value="{data["name"]}"' in html, "what was typed is kept"
+    assert list(Corpus.objects.values_list("name", flat=True)) == ["handbook"]
+    assert not (settings.JOBSITE_DATA_DIR / "corpora" / "x").exists()
