@@ -79,3 +79,21 @@ class RetryForm(forms.Form):
     )
     max_samples = forms.IntegerField(required=False, min_value=1)
     max_length = forms.IntegerField(required=False, min_value=1, max_value=MAX_LENGTH_LIMIT)
+
+
+class RegisterForm(forms.Form):
+    """A model (a save_pretrained directory) or a dataset (a .txt or .jsonl file) already on
+    the server, by its path; the service checks the path and reads what it holds. The kind is
+    the form's prefix (model-path, dataset-path), so both forms share one page."""
+
+    path = forms.CharField(max_length=1000)
+    name = forms.CharField(max_length=200, required=False, help_text="empty: the folder's or file's name")
+
+    def __init__(self, *args, kind: str = "model", **kwargs):
+        kwargs.setdefault("label_suffix", "")
+        kwargs.setdefault("prefix", kind)
+        super().__init__(*args, **kwargs)
+        self.fields["path"].help_text = (
+            "the directory save_pretrained wrote, under a model root" if kind == "model"
+            else "a .txt (one sample a line) or .jsonl file under the data directory"
+        )

@@ -24,7 +24,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from extraction import selectors, services
 from extraction.api import CANCEL_WAIT_S
-from extraction.forms import ExtractionStartForm, RetryForm, field_for_error
+from extraction.forms import ExtractionStartForm, RegisterForm, RetryForm, field_for_error
 from extraction.models import Extraction
 from jobsite.errors import ErrorType, JobInputError
 from jobsite.health import workers_missing
@@ -165,14 +165,20 @@ def _history() -> list[dict]:
     return sections
 
 
-def _page_context(request, form=None) -> dict:
+def _page_context(request, form=None, register_form: RegisterForm | None = None) -> dict:
     context = live_context(topic=TOPIC)  # the seq first: an event written meanwhile is replayed
     seq = context["live"]["after"]
     form = form or ExtractionStartForm()
+    register = {"model": RegisterForm(kind="model"), "dataset": RegisterForm(kind="dataset")}
+    if register_form is not None:
+        register[register_form.prefix] = register_form
     context.update(
         form=form,
         history=_history(),
         datasets=selectors.dataset_list(),
+        register_pairs=[(register["model"], "A model"), (register["dataset"], "A dataset")],
+        model_roots=[str(root) for root in settings.JOBSITE_MODEL_ROOTS],
+        data_dir=str(settings.JOBSITE_DATA_DIR),
         **_attention_context(request, seq),
     )
     return context
@@ -217,6 +223,39 @@ def extraction_page(request):
                 )
             return _back_to(extraction.pk)
     return render(request, "extraction/extractions.html", _page_context(request, form), status=400)
+
+
+@staff_required
+@require_POST
+def register(request):
+    """A model or a dataset by its path on the server; a refusal shows the page again with the
+    form's error, and a path already registered names the record it already is."""
+    kind = request.POST.get("kind", "")
+    if kind not in ("model", "dataset"):
+        messages.error(request, "Register a model or a dataset.")
+        return _back_to()
+    form = RegisterForm(request.POST, kind=kind)
+    if form.is_valid():
+        path, name = form.cleaned_data["path"], form.cleaned_data["name"]
+        asked_at = timezone.now()
+        try:
+            if kind == "model":
+                record = services.model_register(path=path, name=name)
+            else:
+                record = services.dataset_register(path=path, name=name)
+        except JobInputError as exc:
+            form.add_error("name" if " named " in str(exc) else "path", str(exc))
+        else:
+            if record.created_at < asked_at:  # the service hands back the record a path already has
+                messages.info(request, f"{record.path} is already registered as the {kind} {record.name}.")
+            elif kind == "model":
+                messages.success(request, f"Model {record.name} is registered: {record.architecture}, "
+                                          f"{record.num_layers} layers, hidden size {record.hidden_size}.")
+            else:
+                messages.success(request, f"Dataset {record.name} is registered: {record.num_samples:,} "
+                                          f"sample{'s' if record.num_samples != 1 else ''}.")
+            return redirect(f"{reverse('extraction:list')}#start")
+    return render(request, "extraction/extractions.html", _page_context(request, register_form=form), status=400)
 
 
 @login_required

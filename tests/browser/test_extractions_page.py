@@ -14,7 +14,7 @@ from playwright.sync_api import expect
 from extraction.models import Extraction
 from extraction.services import extraction_start
 from tests.browser.conftest import screenshot
-from tests.conftest import TEXTS, wait_for
+from tests.conftest import TEXTS, wait_for, write_dataset
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -301,3 +301,33 @@ def test_a_narrow_window_keeps_the_pages_to_its_width(site, staff_user, make_ext
         name = page.locator(".topbar .username").bounding_box()
         assert name["x"] + name["width"] <= bar["x"] + bar["width"] and name["y"] + name["height"] <= bar["y"] + bar["height"]
     screenshot(page, "14-narrow-window")
+
+
+def test_a_model_and_a_dataset_registered_from_the_page_start_an_extraction(site, staff_user, settings,
+                                                                            tiny_model_dir):
+    settings.JOBSITE_MODEL_ROOTS = [*settings.JOBSITE_MODEL_ROOTS, tiny_model_dir.parent]
+    write_dataset(settings, "notes.jsonl", [json.dumps({"text": text}) for text in TEXTS[:5]])
+    site.start_web()
+    page = site.page(staff_user)
+    page.goto(site.url("/extractions/"))
+    model_form, dataset_form = page.locator("[data-register=model]"), page.locator("[data-register=dataset]")
+
+    dataset_form.locator("#id_dataset-path").fill("datasets/notes.csv")
+    dataset_form.get_by_role("button", name="Register dataset").click()
+    expect(page.locator("[data-register=dataset] .field-error")).to_contain_text("datasets/notes.csv does not exist")
+    screenshot(page, "24-register-refused")
+
+    page.locator("#id_model-path").fill(str(tiny_model_dir))
+    page.get_by_role("button", name="Register model").click()
+    expect(page.locator(".message-success")).to_have_text(
+        "Model tiny-gpt2 is registered: GPT2LMHeadModel, 3 layers, hidden size 32.")
+    page.locator("#id_dataset-path").fill("datasets/notes.jsonl")
+    page.get_by_role("button", name="Register dataset").click()
+    expect(page.locator(".message-success")).to_have_text("Dataset notes is registered: 5 samples.")
+    expect(page.locator("#datasets")).to_contain_text("notes")
+    screenshot(page, "25-registered")
+
+    page.get_by_role("button", name="Start extraction").click()
+    expect(page.locator(".message-success")).to_contain_text("is queued.")
+    job = Extraction.objects.get()
+    assert (job.model.name, job.dataset.name, job.total_samples) == ("tiny-gpt2", "notes", 5)

@@ -8,8 +8,9 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from extraction.models import Extraction
+from extraction.models import Dataset, Extraction, ModelRecord
 from jobsite.models import Event
+from tests.conftest import write_dataset
 
 pytestmark = pytest.mark.django_db
 
@@ -69,19 +70,21 @@ def test_reader_sees_the_page_with_actions_disabled_and_a_sentence(client, plain
     assert re.search(r"<fieldset[^>]*disabled", html)
     assert "Retry (with suggested params)" not in html
     assert "Read only: ask an administrator" in html
+    assert "/extractions/register/" not in html
 
 
 @pytest.mark.parametrize("path", ["", "{id}/cancel/", "{id}/retry/", "{id}/retry-suggested/", "{id}/resume/",
-                                  "{id}/restart/"])
+                                  "{id}/restart/", "register/"])
 def test_a_user_who_is_not_staff_cannot_post_any_action(client, plain_user, make_extraction, fake_model, fake_dataset,
                                                          path):
     job = failed_oom(make_extraction)
     client.force_login(plain_user)
-    data = {**start_data(fake_model, fake_dataset), "confirmed": "1"}
+    data = {**start_data(fake_model, fake_dataset), "confirmed": "1", "kind": "dataset", "dataset-path": "x.txt"}
     response = client.post(PAGE + path.format(id=job.pk), data)
     assert response.status_code == 403
     assert b"Only staff users" in response.content
     assert Extraction.objects.count() == 1
+    assert Dataset.objects.count() == 1
     assert Extraction.objects.get().status == "failed"
 
 
@@ -469,3 +472,64 @@ def test_a_stalled_card_is_drawn_stalled_with_one_cancel_and_one_attempt(staff_c
     # Drawn stalled from the start (not a second later by the page's clock): the notice shows, with
     # its own Resume and Cancel, and is-stalled hides the card's main Cancel (site.css).
     assert 'class="job is-stalled"' in card and "data-stalled-notice>" in card
+
+
+# -- registering models and datasets ---------------------------------------------------------------
+
+def test_a_model_and_a_dataset_registered_from_the_page_can_be_started(staff_client, settings, tiny_model_dir):
+    settings.JOBSITE_MODEL_ROOTS = [*settings.JOBSITE_MODEL_ROOTS, tiny_model_dir.parent]
+    write_dataset(settings, "reviews.txt", ["good bike", "bad brakes", "fine"])
+    html = staff_client.get(PAGE).content.decode()
+    assert 'data-register="model"' in html and 'data-register="dataset"' in html
+    assert str(tiny_model_dir.parent) in html, "the page says where a model may be"
+
+    response = staff_client.post(PAGE + "register/", {"kind": "model", "model-path": str(tiny_model_dir),
+                                                      "model-name": ""}, follow=True)
+    model = ModelRecord.objects.get()
+    assert (model.name, model.num_layers, model.hidden_size) == ("tiny-gpt2", 3, 32)
+    assert "Model tiny-gpt2 is registered: GPT2LMHeadModel, 3 layers, hidden size 32." in messages_of(response)
+    response = staff_client.post(PAGE + "register/", {"kind": "dataset", "dataset-path": "datasets/reviews.txt",
+                                                      "dataset-name": "bike reviews"}, follow=True)
+    dataset = Dataset.objects.get()
+    assert (dataset.name, dataset.num_samples) == ("bike reviews", 3)
+    assert "Dataset bike reviews is registered: 3 samples." in messages_of(response)
+    html = response.content.decode()
+    assert re.search(rf'<option value="{model.pk}"[^>]*>tiny-gpt2</option>', html)
+    assert re.search(rf'<option value="{dataset.pk}"[^>]*>bike reviews</option>', html)
+
+    again = staff_client.post(PAGE + "register/", {"kind": "dataset", "dataset-path": "datasets/reviews.txt"},
+                              follow=True)
+    assert f"{dataset.path} is already registered as the dataset bike reviews." in messages_of(again)
+    assert Dataset.objects.count() == 1
+
+    started = staff_client.post(PAGE, start_data(model, dataset, layers="0"), follow=True)
+    assert Extraction.objects.get().status == "queued"
+    assert f"Extraction {Extraction.objects.get().pk} is queued." in messages_of(started)
+
+
+@pytest.mark.parametrize("data, field, sentence", [
+    ({"kind": "dataset", "dataset-path": ""}, "path", "This field is required."),
+    ({"kind": "dataset", "dataset-path": "../../etc/passwd"}, "path", "is outside the allowed directories"),
+    ({"kind": "dataset", "dataset-path": "datasets/missing.txt"}, "path", "does not exist"),
+    ({"kind": "dataset", "dataset-path": "datasets/table.csv"}, "path", "must be a .txt (one sample a line) or .jsonl"),
+    ({"kind": "dataset", "dataset-path": "datasets/other.txt", "dataset-name": "taken"}, "name",
+     "A dataset named 'taken' already exists; choose another name."),
+    ({"kind": "model", "model-path": "/etc"}, "path", "is outside the allowed directories"),
+    ({"kind": "model", "model-path": "empty"}, "path", "No config.json found in"),
+])
+def test_a_refused_registration_shows_its_form_again_with_the_reason(staff_client, settings, data, field, sentence):
+    write_dataset(settings, "table.csv", ["a,b"])
+    write_dataset(settings, "other.txt", ["x"])
+    taken = write_dataset(settings, "taken.txt", ["y"])
+    Dataset.objects.create(name="taken", path=str(taken), format="txt", num_samples=1, size_bytes=2)
+    (settings.JOBSITE_DATA_DIR / "models" / "empty").mkdir(parents=True)
+    response = staff_client.post(PAGE + "register/", data)
+    assert response.status_code == 400
+    form = next(f for f, _ in response.context["register_pairs"] if f.prefix == data["kind"])
+    assert any(sentence in error for error in form.errors[field]), form.errors
+    assert (Dataset.objects.count(), ModelRecord.objects.count()) == (1, 0)
+
+
+def test_a_registration_without_a_kind_is_a_message(staff_client):
+    response = staff_client.post(PAGE + "register/", {"kind": "weights"}, follow=True)
+    assert "Register a model or a dataset." in messages_of(response)
