@@ -310,7 +310,7 @@ def test_a_model_and_a_dataset_registered_from_the_page_start_an_extraction(site
     site.start_web()
     page = site.page(staff_user)
     page.goto(site.url("/extractions/"))
-    model_form, dataset_form = page.locator("[data-register=model]"), page.locator("[data-register=dataset]")
+    dataset_form = page.locator("[data-register=dataset]")
 
     dataset_form.locator("#id_dataset-path").fill("datasets/notes.csv")
     dataset_form.get_by_role("button", name="Register dataset").click()
