@@ -154,7 +154,7 @@ class TrainingRun(Job):
     @property
     def progress_label(self) -> str:
         if self.status in (self.Status.GENERATING, self.Status.GENERATING_FAILED):
-            return f"{self.processed_chunks}/{self.total_chunks}"
+            return f"{self.processed_chunks:,}/{self.total_chunks:,}"
         # A failed training phase shows where it stopped, as the running one shows where it is.
         if self.is_embedding:
             return f"Embedding {self.embedding_label}"

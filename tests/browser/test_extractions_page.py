@@ -331,3 +331,28 @@ def test_a_model_and_a_dataset_registered_from_the_page_start_an_extraction(site
     expect(page.locator(".message-success")).to_contain_text("is queued.")
     job = Extraction.objects.get()
     assert (job.model.name, job.dataset.name, job.total_samples) == ("tiny-gpt2", "notes", 5)
+
+
+def test_counts_read_the_same_drawn_and_updated_live(site, staff_user, make_extraction):
+    """12,480 of 20,000 whether the server drew it or a progress event wrote it in place."""
+    from jobsite.events import publish
+
+    now = timezone.now()
+    job = make_extraction("extracting", started_at=now, heartbeat_at=now, progress_at=now, queued_at=now,
+                          worker="host:1", attempt=1, samples_processed=1500, total_samples=20000,
+                          tokens_processed=96000, total_tokens=1_280_000)
+    site.start_web()
+    page = site.page(staff_user)
+    page.goto(site.url("/extractions/"))
+    card = page.locator(f"#extraction-{job.pk}")
+    expect(card.locator("[data-field=samples_processed]")).to_have_text("1,500")
+    expect(card.locator("[data-field=total_samples]")).to_have_text("20,000")
+    expect(page.locator(f"#row-{job.pk}")).to_contain_text("1,500/20,000")
+    expect(page.locator("[data-live-status]")).to_have_text("live")
+
+    job.samples_processed, job.tokens_processed, job.heartbeat_at = 12480, 798_720, timezone.now()
+    job.save()
+    publish(job.topic, "extraction.progress", job.event_payload())
+    expect(card.locator("[data-field=samples_processed]")).to_have_text("12,480")
+    expect(card.locator("[data-field=total_samples]")).to_have_text("20,000")
+    expect(card.locator("[data-percent]")).to_have_text("62.4")

@@ -678,3 +678,12 @@ def test_a_refused_corpus_shows_the_form_again_with_the_reason(staff_client, set
     assert f'value="{data["name"]}"' in html, "what was typed is kept"
     assert list(Corpus.objects.values_list("name", flat=True)) == ["handbook"]
     assert not (settings.JOBSITE_DATA_DIR / "corpora" / "x").exists()
+
+
+def test_counts_over_a_thousand_read_with_separators_in_the_card_and_the_row(staff_client, make_run):
+    run = make_run("generating", processed_chunks=1200, total_chunks=1500, pair_count=2400)
+    html = staff_client.get(PAGE).content.decode()
+    card = section(html, f"run-{run.pk}")
+    assert '<span data-field="processed_chunks">1,200</span>/<span data-field="total_chunks">1,500</span> chunks' in card
+    assert '<span data-field="pair_count">2,400</span> pairs' in card
+    assert "1,200/1,500" in row_html(html, run.pk)

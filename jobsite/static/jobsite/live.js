@@ -207,6 +207,8 @@
   const isRunning = (card, status) => statusesOf(card, "runningStatuses").includes(status || card.dataset.status);
   const cards = () => Array.from(document.querySelectorAll("[data-job]"));
   const cardFor = (topic) => cards().find((card) => card.dataset.topic === topic) || null;
+  // Counts read as the server draws them (intcomma): 12,480 whether drawn or updated live.
+  const shown = (value) => (typeof value === "number" ? value.toLocaleString("en-US") : String(value));
   const setText = (root, selector, text) => root.querySelectorAll(selector).forEach((el) => { el.textContent = text; });
 
   function showStatus() {
@@ -359,7 +361,7 @@
     const before = card.dataset.status;
     card.querySelectorAll("[data-field]").forEach((el) => {
       const value = job[el.dataset.field];
-      if (value !== undefined && value !== null) el.textContent = String(value);
+      if (value !== undefined && value !== null) el.textContent = shown(value);
     });
 
     const done = job[card.dataset.doneField];
@@ -423,7 +425,7 @@
   function follow(row, job) {
     row.querySelectorAll("[data-field]").forEach((el) => {
       const value = job[el.dataset.field];
-      if (value !== undefined && value !== null) el.textContent = String(value);
+      if (value !== undefined && value !== null) el.textContent = shown(value);
     });
     const changed = Boolean(job.status) && job.status !== row.dataset.status;
     if (job.status) {
