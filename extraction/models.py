@@ -3,6 +3,8 @@ from pathlib import Path
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
+from django.utils import timezone
+from django.utils.timesince import timesince
 
 from extraction.constants import VALID_BATCH_SIZES
 from jobsite.errors import ErrorType
@@ -156,6 +158,16 @@ class Extraction(Job):
     @property
     def percent(self) -> float:
         return 100.0 * self.samples_processed / self.total_samples if self.total_samples else 0.0
+
+    def identical_sentence(self) -> str:
+        """Who already asked for what a new request asks, and where it stands: a second person
+        (or a second tab) learns whose job it joins, not only its number."""
+        age = (timezone.now() - self.created_at).total_seconds()
+        when = "just now" if age < 60 else f"{timesince(self.created_at)} ago"
+        who = f" by {self.created_by.get_username()}" if self.created_by_id else ""
+        return (f"Extraction {self.pk}, started{who} {when}, already extracts the same dataset, layers, hooks and "
+                f"limits with {self.model.name}: it is {self.status} ({self.samples_processed:,}/"
+                f"{self.total_samples:,} samples).")
 
     def suggest_retry_params(self, error_type: str) -> dict:
         size = self.current_batch_size or self.batch_size

@@ -210,7 +210,7 @@ def extraction_retry(
         retry_reason=reason or (f"{extraction.error_type}: {extraction.error_message}"[:500] if extraction.error_type else "retry"),
     )
     if not created:
-        raise TransitionError(f"An identical extraction ({retry.pk}) is already {retry.status}; follow that one.")
+        raise TransitionError(f"{retry.identical_sentence()} Follow that one; no second copy was started.")
     return retry
 
 

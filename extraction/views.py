@@ -216,11 +216,7 @@ def extraction_page(request):
             if created:
                 messages.success(request, f"Extraction {extraction.pk} is queued.")
             else:
-                messages.info(
-                    request,
-                    f"An identical extraction ({extraction.pk}) is already {extraction.status}; here it is, "
-                    "no second copy was started.",
-                )
+                messages.info(request, f"{extraction.identical_sentence()} Here it is; no second copy was started.")
             return _back_to(extraction.pk)
     return render(request, "extraction/extractions.html", _page_context(request, form), status=400)
 

@@ -17,6 +17,12 @@ def test_extract_queues_by_names_and_says_so(model_record, dataset, capsys):
     job = Extraction.objects.get()
     assert job.layers == [0, 1] and job.hooks == ["residual", "mlp"] and job.batch_size == 4
     assert f"Queued extraction {job.pk}" in capsys.readouterr().out
+    call_command("extract", "tiny-gpt2", "samples", "--layers", "0,1", "--hooks", "residual,mlp", "--batch-size", "8")
+    assert Extraction.objects.count() == 1, "the same request from a second terminal starts nothing"
+    assert capsys.readouterr().out.strip() == (
+        f"Extraction {job.pk}, started just now, already extracts the same dataset, layers, hooks and limits with "
+        f"tiny-gpt2: it is queued (0/{job.total_samples} samples). No second copy was started."
+    )
 
 
 def test_extract_with_a_path_registers_the_dataset(model_record, settings, capsys):

@@ -146,7 +146,10 @@ def test_start_queues_one_extraction_and_the_identical_request_shows_the_existin
         second = staff_client.post(PAGE, start_data(fake_model, fake_dataset, max_samples="20", batch_size="16"),
                                    follow=True)
     assert Extraction.objects.count() == 1
-    assert any(f"An identical extraction ({job.pk}) is already queued" in m for m in messages_of(second))
+    assert messages_of(second) == [
+        f"Extraction {job.pk}, started by staff just now, already extracts the same dataset, layers, hooks and limits "
+        f"with {fake_model.name}: it is queued (0/20 samples). Here it is; no second copy was started."
+    ]
 
 
 def test_the_page_embeds_the_last_event_seq_and_the_delays_from_settings(staff_client, settings, make_extraction):
@@ -303,7 +306,11 @@ def test_retry_with_suggested_params_creates_the_linked_job(staff_client, make_e
 
     again = staff_client.post(f"/extractions/{job.pk}/retry-suggested/", follow=True)
     assert Extraction.objects.count() == 2
-    assert f"An identical extraction ({retry.pk}) is already queued" in messages_of(again)[0]
+    assert messages_of(again) == [
+        f"Extraction {job.pk} was not retried: Extraction {retry.pk}, started by staff just now, already extracts the "
+        f"same dataset, layers, hooks and limits with fake: it is queued (0/100 samples). Follow that one; no second "
+        "copy was started."
+    ]
 
 
 def test_retry_with_edited_parameters(staff_client, make_extraction, django_capture_on_commit_callbacks):

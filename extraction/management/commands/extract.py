@@ -57,8 +57,10 @@ class Command(BaseCommand):
             )
         except (JobInputError, TransitionError) as exc:
             raise CommandError(str(exc))
-        verb = "Queued" if created else "Already running: identical"
-        self.stdout.write(f"{verb} extraction {extraction.pk} ({model.name} on {dataset.name}).")
+        if created:
+            self.stdout.write(f"Queued extraction {extraction.pk} ({model.name} on {dataset.name}).")
+        else:
+            self.stdout.write(f"{extraction.identical_sentence()} No second copy was started.")
         if options["wait"]:
             follow(self, extraction)
 
