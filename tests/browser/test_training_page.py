@@ -357,3 +357,35 @@ def test_a_corpus_uploaded_from_the_page_is_picked_and_generated_from(site, staf
     page.locator("#workflow [data-generate]").click()
     expect(page.locator(".message-success")).to_contain_text(
         f"is generating pairs for the {chunks} chunks of field-guides")
+
+
+def test_a_success_message_leaves_by_itself_and_any_message_can_be_dismissed(site, staff_user, training_env,
+                                                                               corpus):
+    """An answer to an action ("is generating pairs") goes stale as the run moves on: it leaves
+    after 20 s, or at once by its Dismiss button; an error stays until dismissed."""
+    site.start_web(**training_env)
+    page = site.page(staff_user)
+    page.clock.install()
+    page.goto(site.url("/training/"))
+    page.locator("#workflow [data-generate]").click()
+    message = page.locator(".message-success")
+    expect(message).to_contain_text("is generating pairs for the")
+    expect(message.get_by_role("button", name="Dismiss")).to_be_visible()
+    page.clock.fast_forward(10_000)
+    expect(message).to_be_visible()
+    page.clock.fast_forward(11_000)
+    expect(message).to_have_count(0)
+
+    run = TrainingRun.objects.get()
+    page.locator(f"#run-{run.pk}").get_by_role("button", name="Stop").click()
+    expect(message).to_contain_text(f"Training run {run.pk} stopped")
+    message.get_by_role("button", name="Dismiss").click()
+    expect(message).to_have_count(0)
+
+    # A refusal (the Generate form sent while a run is open, as from a second tab) stays.
+    page.evaluate("document.querySelector('[data-generate]').disabled = false")
+    page.locator("#workflow [data-generate]").click()
+    error = page.locator(".message-error")
+    expect(error).to_contain_text(f"training run {run.pk}")
+    page.clock.fast_forward(60_000)
+    expect(error).to_be_visible()

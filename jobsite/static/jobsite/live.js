@@ -52,7 +52,31 @@
     if (ask(form, () => event.detail.issueRequest(true))) event.preventDefault();
   });
 
+  // -- Messages (every page) --------------------------------------------------------------------
+  // A message answers the action just taken ("Extraction 12 is queued."); on a live page it turns
+  // stale as the job moves on. Each one can be dismissed; a success or an info leaves by itself
+  // after MESSAGE_TTL_MS (not while the pointer or the focus is on it); an error or a warning stays.
+  const MESSAGE_TTL_MS = 20000;
+  function armMessages(root) {
+    (root || document).querySelectorAll("[data-message]:not([data-armed])").forEach((message) => {
+      message.dataset.armed = "1";
+      const close = message.querySelector("[data-dismiss]");
+      if (close) close.hidden = false;
+      if (!message.matches(".message-success, .message-info")) return;
+      const leave = () => {
+        if (!message.isConnected) return;
+        if (message.matches(":hover, :focus-within")) { setTimeout(leave, 5000); return; }
+        message.remove();
+      };
+      setTimeout(leave, MESSAGE_TTL_MS);
+    });
+  }
+  document.addEventListener("DOMContentLoaded", () => armMessages(document));
+  document.addEventListener("htmx:load", (event) => armMessages(event.detail && event.detail.elt));
+
   document.addEventListener("click", (event) => {
+    const dismiss = event.target.closest && event.target.closest("[data-dismiss]");
+    if (dismiss && dismiss.closest("[data-message]")) dismiss.closest("[data-message]").remove();
     const closer = event.target.closest && event.target.closest("[data-close-details]");
     if (closer && closer.closest("details")) closer.closest("details").open = false;
   });
