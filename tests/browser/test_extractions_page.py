@@ -356,3 +356,32 @@ def test_counts_read_the_same_drawn_and_updated_live(site, staff_user, make_extr
     expect(card.locator("[data-field=samples_processed]")).to_have_text("12,480")
     expect(card.locator("[data-field=total_samples]")).to_have_text("20,000")
     expect(card.locator("[data-percent]")).to_have_text("62.4")
+
+
+def test_a_region_redraw_older_than_a_card_it_replaces_draws_that_card_again(site, staff_user, make_extraction):
+    """A region rendered before an event can answer after the card drawn since: the older card
+    it brings is drawn again at once instead of staying until the next event."""
+    now = timezone.now()
+    job = make_extraction("extracting", started_at=now, heartbeat_at=now, progress_at=now, queued_at=now,
+                          worker="host:1", attempt=1, samples_processed=10, total_samples=100)
+    site.start_web()
+    page = site.page(staff_user)
+    cards = []
+    page.on("request", lambda r: cards.append(r.url) if r.url.endswith(f"/extractions/{job.pk}/card/") else None)
+    page.goto(site.url("/extractions/"))
+    expect(page.locator("[data-live-status]")).to_have_text("live")
+    # The card on the page shows a later event than any the region's answer can know of.
+    page.evaluate(f"document.getElementById('extraction-{job.pk}').dataset.seq = '999999'")
+    page.evaluate("document.getElementById('active').dispatchEvent(new CustomEvent('jobsite-refresh'))")
+    for _ in range(40):
+        if cards:
+            break
+        page.wait_for_timeout(250)
+    assert cards, "the older card stayed"
+    assert page.evaluate("jobsiteLive.staleRedraws") == 1
+    expect(page.locator(f"#extraction-{job.pk}")).not_to_have_attribute("data-seq", "999999")
+
+    # A region that is not older leaves its cards alone.
+    page.evaluate("document.getElementById('active').dispatchEvent(new CustomEvent('jobsite-refresh'))")
+    page.wait_for_timeout(1500)
+    assert len(cards) == 1 and page.evaluate("jobsiteLive.staleRedraws") == 1

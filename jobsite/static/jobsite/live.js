@@ -214,6 +214,7 @@
     events: 0,
     polls: 0,
     rowRefreshes: 0,
+    staleRedraws: 0,
     polling: false,
     lastMessageAt: Date.now(),
   };
@@ -338,6 +339,7 @@
       event.detail.shouldSwap = false;
       dirty.add(target.id);
     } else if (event.detail.shouldSwap) {
+      if (target && target.matches("[data-live-region]")) noteShownCards(target);
       // Drawn: no longer dirty. Cleared here, while the element is still in the page: after an
       // outerHTML swap htmx reports the request on a detached element that has lost its id,
       // and a mark left behind would redraw the element every few seconds for ever.
@@ -345,6 +347,28 @@
       if (element && element.id) dirty.delete(element.id);
       if (target && target.id) dirty.delete(target.id);
     }
+  });
+
+  // A region's redraw and a card's redraw can cross: the region, rendered before an event, may
+  // answer after the card drawn since, and would paste the older card over the newer. Every card
+  // carries the seq it shows (data-seq: drawn at, or the last progress event applied to it); a
+  // card that came back older than the one it replaced is drawn again at once.
+  let shownBefore = null;
+  function noteShownCards(region) {
+    shownBefore = new Map(Array.from(region.querySelectorAll("[data-job]"))
+      .map((card) => [card.dataset.topic, parseInt(card.dataset.seq || "0", 10) || 0]));
+  }
+  document.addEventListener("htmx:afterSwap", () => {
+    if (!shownBefore) return;
+    const before = shownBefore;
+    shownBefore = null;
+    before.forEach((seq, topic) => {
+      const card = cardFor(topic);
+      if (card && (parseInt(card.dataset.seq || "0", 10) || 0) < seq) {
+        state.staleRedraws += 1;
+        redraw(card);
+      }
+    });
   });
 
   // -- Time left -------------------------------------------------------------------------------
@@ -516,6 +540,7 @@
     // the first progress that one holds it now: drawn again, it says what the worker does.
     const claimed = progress && isActive(card) && !isRunning(card);
     apply(card, job, at, workerWrote ? at : 0);
+    if (progress) card.dataset.seq = String(message.seq);  // it shows this event now
     if (!progress || claimed) {
       redraw(card);
       redrawHistory();
