@@ -205,7 +205,9 @@ def test_the_page_catches_up_after_the_server_restarts_mid_job(site, staff_user,
 
 
 def test_without_socket_messages_the_page_polls_the_api_until_completion(site, staff_user, model_record, dataset):
-    site.start_worker(JOBSITE_FAILPOINTS=slow_batches(0.2))
+    # Four batches of 0.6 s: polls a second apart must see the bar between 0 and 100 (at 0.2 s a
+    # batch the run could finish between two polls on a busy machine).
+    site.start_worker(JOBSITE_FAILPOINTS=slow_batches(0.6))
     site.start_web(JOBSITE_POLL_FALLBACK_S=1)
     page = site.page(staff_user)
     # The socket opens but never carries a message, like a proxy that swallows them.
