@@ -742,6 +742,9 @@ def main() -> None:
         print(f"--device {args.device}: this machine has no CUDA device; nothing measured.")
         return
     transformers.logging.set_verbosity_error()
+    names = list(model_configs(args.quick))
+    if args.only and not any(name.startswith(args.only) for name in names):
+        parser.error(f"--only {args.only} names no model here; the models are {', '.join(names)}")
 
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())

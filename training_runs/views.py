@@ -9,9 +9,9 @@ why and nothing else: no action on it could succeed.
 from __future__ import annotations
 
 from django.conf import settings
-from django.db.models import Count
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.db.models import Count
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils import timezone
