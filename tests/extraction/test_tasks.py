@@ -327,7 +327,7 @@ def test_float16_values_beyond_its_range_are_counted_and_shown(tiny_model_dir, d
     api = staff_client.get(f"/api/v1/models/{record.pk}/extractions/{job.pk}").json()
     assert api["inf_values"] == job.inf_values
     card = staff_client.get(f"/extractions/{job.pk}/card/").content.decode()
-    assert f"{job.inf_values} values stored as infinity" in card and "float32 storage" in card
+    assert f"{job.inf_values:,} values stored as infinity" in card and "float32 storage" in card
     assert "stored as infinity" not in staff_client.get(f"/extractions/{exact.pk}/card/").content.decode()
 
     from io import StringIO
@@ -338,4 +338,4 @@ def test_float16_values_beyond_its_range_are_counted_and_shown(tiny_model_dir, d
 
     command = BaseCommand(stdout=StringIO(), stderr=StringIO())
     follow(command, job, poll_s=0)
-    assert f"Warning: {job.inf_values} values were beyond float16's range" in command.stdout.getvalue()
+    assert f"Warning: {job.inf_values:,} values were beyond float16's range" in command.stdout.getvalue()

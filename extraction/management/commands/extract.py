@@ -81,10 +81,10 @@ def follow(command: BaseCommand, extraction: Extraction, poll_s: float = 0.5) ->
             time.sleep(poll_s)
     if extraction.status == Extraction.Status.COMPLETED:
         command.stdout.write(
-            f"Extraction {extraction.pk} completed: {extraction.total_samples} samples, "
-            f"{extraction.total_tokens} tokens in {extraction.output_dir}"
-            + (f" ({extraction.clamped_tokens} token ids clamped to the vocabulary)" if extraction.clamped_tokens else "")
-            + (f". Warning: {extraction.inf_values} values were beyond float16's range (+-65504) and are stored as "
+            f"Extraction {extraction.pk} completed: {extraction.total_samples:,} samples, "
+            f"{extraction.total_tokens:,} tokens in {extraction.output_dir}"
+            + (f" ({extraction.clamped_tokens:,} token ids clamped to the vocabulary)" if extraction.clamped_tokens else "")
+            + (f". Warning: {extraction.inf_values:,} values were beyond float16's range (+-65504) and are stored as "
                "infinity; extract again with --dtype float32 to keep them" if extraction.inf_values else "")
         )
         return
