@@ -3,7 +3,8 @@ from typing import Literal
 
 from django.http import Http404
 from django.shortcuts import get_object_or_404
-from ninja import Field, Router, Schema, Status
+from ninja import Field, File, Form, Router, Schema, Status
+from ninja.files import UploadedFile
 from ninja.errors import HttpError
 from pydantic import field_validator
 
@@ -172,6 +173,13 @@ def list_datasets(request):
 @router.post("/datasets", response={201: DatasetOut, 422: Message}, auth=staff_required)
 def register_dataset(request, payload: DatasetIn):
     return Status(201, services.dataset_register(path=payload.path, name=payload.name))
+
+
+@router.post("/datasets/upload", response={201: DatasetOut, 422: Message}, auth=staff_required,
+             summary="Upload a .txt or .jsonl dataset (kept under the data directory) and register it")
+def upload_dataset(request, file: File[UploadedFile], name: Form[str] = ""):
+    return Status(201, services.dataset_upload(filename=file.name, name=name,
+                                               content=file.read(services.MAX_DATASET_UPLOAD_BYTES + 1)))
 
 
 @router.post(

@@ -83,17 +83,33 @@ class RetryForm(forms.Form):
 
 class RegisterForm(forms.Form):
     """A model (a save_pretrained directory) or a dataset (a .txt or .jsonl file) already on
-    the server, by its path; the service checks the path and reads what it holds. The kind is
-    the form's prefix (model-path, dataset-path), so both forms share one page."""
+    the server, by its path, or a dataset file uploaded; the services check the path or the
+    file and read what it holds. The kind is the form's prefix (model-path, dataset-path), so
+    both forms share one page."""
 
-    path = forms.CharField(max_length=1000)
+    path = forms.CharField(max_length=1000, required=False)
+    upload = forms.FileField(required=False, label="or upload a file",
+                             widget=forms.ClearableFileInput(attrs={"accept": ".txt,.jsonl"}))
     name = forms.CharField(max_length=200, required=False, help_text="empty: the folder's or file's name")
 
     def __init__(self, *args, kind: str = "model", **kwargs):
         kwargs.setdefault("label_suffix", "")
         kwargs.setdefault("prefix", kind)
         super().__init__(*args, **kwargs)
-        self.fields["path"].help_text = (
-            "the directory save_pretrained wrote, under a model root" if kind == "model"
-            else "a .txt (one sample a line) or .jsonl file under the data directory"
-        )
+        if kind == "model":
+            del self.fields["upload"]
+            self.fields["path"].required = True
+            self.fields["path"].help_text = "the directory save_pretrained wrote, under a model root"
+        else:
+            self.fields["path"].help_text = "a .txt (one sample a line) or .jsonl file under the data directory"
+            self.fields["upload"].help_text = "kept under the data directory, at most 200 MB"
+
+    def clean(self):
+        data = super().clean()
+        if "upload" not in self.fields or self.errors:
+            return data
+        if data.get("path") and data.get("upload"):
+            raise forms.ValidationError("Give a path or upload a file, not both.")
+        if not data.get("path") and not data.get("upload"):
+            raise forms.ValidationError("Give the path of a file under the data directory, or upload one.")
+        return data

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import tempfile
 import time
+from pathlib import Path
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -69,6 +73,60 @@ def dataset_register(*, path: str, name: str = "") -> Dataset:
     return _register(Dataset, "dataset", name, resolved, dict(
         format=info.format, num_samples=info.num_samples, size_bytes=info.size_bytes
     ))
+
+
+MAX_DATASET_UPLOAD_BYTES = 200 * 2**20
+UPLOADS = "datasets/uploaded"  # under JOBSITE_DATA_DIR
+
+
+def dataset_upload(*, filename: str, content: bytes, name: str = "") -> Dataset:
+    """A dataset file sent by a person (page or API), kept under the data directory as
+    datasets/uploaded/<name><suffix> and registered like any other. It is read and checked
+    before it takes its place, so a refused upload leaves no file behind; a name already in
+    use, as a dataset or as an uploaded file, is refused rather than replaced."""
+    from extraction.runner import inspect_dataset  # noqa: PLC0415
+
+    suffix = Path(filename).suffix.lower()
+    if suffix not in (".txt", ".jsonl"):
+        raise JobInputError(f"{Path(filename).name}: upload a .txt (one sample a line) or .jsonl file.")
+    if len(content) > MAX_DATASET_UPLOAD_BYTES:
+        raise JobInputError(f"{Path(filename).name} is larger than {MAX_DATASET_UPLOAD_BYTES // 2**20} MB; "
+                            "put it under the data directory and register it by its path.")
+    name = check_text(name.strip() or Path(filename).stem, "The dataset name", NAME_LIMIT)
+    if not re.fullmatch(r"[^\W_][\w.-]{0,99}", name):
+        raise JobInputError("The dataset name of an upload must be 1-100 letters, digits, '.', '_' or '-', "
+                            "starting with a letter or digit (it names the file).")
+    if Dataset.objects.filter(name=name).exists():
+        raise JobInputError(f"A dataset named {name!r} already exists; choose another name.")
+    folder = settings.JOBSITE_DATA_DIR / UPLOADS
+    target = folder / f"{name}{suffix}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = tempfile.NamedTemporaryFile(dir=folder, prefix=f".{name}.", suffix=suffix, delete=False)
+    except OSError as exc:
+        raise JobInputError(f"The upload cannot be kept in the data directory: {exc.strerror}.") from None
+    try:
+        with staging:
+            staging.write(content)
+    except OSError as exc:
+        os.unlink(staging.name)
+        raise JobInputError(f"The upload cannot be kept in the data directory: {exc.strerror}.") from None
+    try:
+        info = inspect_dataset(staging.name)
+        try:
+            os.link(staging.name, target)  # never over a file that is there already
+        except FileExistsError:
+            raise JobInputError(f"The file {UPLOADS}/{target.name} already exists in the data directory; "
+                                "choose another name, or register that file by its path.") from None
+    finally:
+        os.unlink(staging.name)
+    try:
+        return _register(Dataset, "dataset", name, target, dict(
+            format=info.format, num_samples=info.num_samples, size_bytes=info.size_bytes
+        ))
+    except BaseException:
+        target.unlink(missing_ok=True)  # a concurrent upload took the name: nothing points at it
+        raise
 
 
 def validate_parameters(

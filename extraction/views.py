@@ -230,17 +230,22 @@ def register(request):
     if kind not in ("model", "dataset"):
         messages.error(request, "Register a model or a dataset.")
         return _back_to()
-    form = RegisterForm(request.POST, kind=kind)
+    form = RegisterForm(request.POST, request.FILES, kind=kind)
     if form.is_valid():
-        path, name = form.cleaned_data["path"], form.cleaned_data["name"]
+        path, name, upload = form.cleaned_data["path"], form.cleaned_data["name"], form.cleaned_data.get("upload")
         asked_at = timezone.now()
         try:
             if kind == "model":
                 record = services.model_register(path=path, name=name)
+            elif upload:
+                record = services.dataset_upload(filename=upload.name, name=name,
+                                                 content=upload.read(services.MAX_DATASET_UPLOAD_BYTES + 1))
             else:
                 record = services.dataset_register(path=path, name=name)
         except JobInputError as exc:
-            form.add_error("name" if " named " in str(exc) else "path", str(exc))
+            message = str(exc)  # a taken or unusable name says so; anything else is about the file
+            about_name = "another name" in message or "dataset name" in message
+            form.add_error("name" if about_name else "upload" if upload else "path", message)
         else:
             if record.created_at < asked_at:  # the service hands back the record a path already has
                 messages.info(request, f"{record.path} is already registered as the {kind} {record.name}.")

@@ -131,10 +131,15 @@ def corpus_create(
     if uploads:
         checked = _checked_uploads(uploads)
         root = _corpus_folder(name)
-        root.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".upload", dir=root.parent))
-        for filename, content in checked:
-            (staging / filename).write_bytes(content)
+        try:
+            root.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".upload", dir=root.parent))
+            for filename, content in checked:
+                (staging / filename).write_bytes(content)
+        except OSError as exc:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise JobInputError(f"The upload cannot be kept in the data directory: {exc.strerror}.") from None
     elif path:
         root = resolve_under(path, [settings.JOBSITE_DATA_DIR], "corpus")
     else:

@@ -515,7 +515,8 @@ def test_a_model_and_a_dataset_registered_from_the_page_can_be_started(staff_cli
 
 
 @pytest.mark.parametrize("data, field, sentence", [
-    ({"kind": "dataset", "dataset-path": ""}, "path", "This field is required."),
+    ({"kind": "dataset", "dataset-path": ""}, "__all__", "Give the path of a file under the data directory, or upload one."),
+    ({"kind": "model", "model-path": ""}, "path", "This field is required."),
     ({"kind": "dataset", "dataset-path": "../../etc/passwd"}, "path", "is outside the allowed directories"),
     ({"kind": "dataset", "dataset-path": "datasets/missing.txt"}, "path", "does not exist"),
     ({"kind": "dataset", "dataset-path": "datasets/table.csv"}, "path", "must be a .txt (one sample a line) or .jsonl"),
@@ -540,3 +541,72 @@ def test_a_refused_registration_shows_its_form_again_with_the_reason(staff_clien
 def test_a_registration_without_a_kind_is_a_message(staff_client):
     response = staff_client.post(PAGE + "register/", {"kind": "weights"}, follow=True)
     assert "Register a model or a dataset." in messages_of(response)
+
+
+def uploaded(name: str, text: str):
+    from django.core.files.uploadedfile import SimpleUploadedFile  # noqa: PLC0415
+    return SimpleUploadedFile(name, text.encode())
+
+
+def test_a_dataset_uploaded_from_the_page_is_kept_under_the_data_directory_and_registered(staff_client, settings):
+    lines = "\n".join(json.dumps({"text": f"sample {i}"}) for i in range(7)) + "\n"
+    response = staff_client.post(PAGE + "register/", {"kind": "dataset", "dataset-upload": uploaded("Notes.JSONL", lines),
+                                                      "dataset-name": ""}, follow=True)
+    dataset = Dataset.objects.get()
+    kept = settings.JOBSITE_DATA_DIR / "datasets" / "uploaded" / "Notes.jsonl"
+    assert (dataset.name, dataset.num_samples, dataset.format, dataset.path) == ("Notes", 7, "jsonl", str(kept))
+    assert kept.read_text() == lines
+    assert "Dataset Notes is registered: 7 samples." in messages_of(response)
+    assert [p.name for p in kept.parent.iterdir()] == ["Notes.jsonl"], "no staging file is left behind"
+
+
+@pytest.mark.parametrize("data, field, sentence", [
+    ({"dataset-upload": ("table.csv", "a,b\n")}, "upload", "table.csv: upload a .txt (one sample a line) or .jsonl"),
+    ({"dataset-upload": ("bad.jsonl", "{not json\n")}, "upload", "Line 1 of the dataset is not JSON."),
+    ({"dataset-upload": ("empty.txt", "")}, "upload", "The submitted file is empty."),
+    ({"dataset-upload": ("blank.txt", "\n\n")}, "upload", "The dataset is empty."),
+    ({"dataset-upload": ("a.txt", "x\n"), "dataset-name": "taken"}, "name",
+     "A dataset named 'taken' already exists; choose another name."),
+    ({"dataset-upload": ("a.txt", "x\n"), "dataset-name": "../up"}, "name",
+     "The dataset name of an upload must be 1-100 letters"),
+    ({"dataset-upload": ("kept.txt", "x\n")}, "name", "The file datasets/uploaded/kept.txt already exists"),
+    ({"dataset-upload": ("a.txt", "x\n"), "dataset-path": "datasets/taken.txt"}, "__all__",
+     "Give a path or upload a file, not both."),
+    ({}, "__all__", "Give the path of a file under the data directory, or upload one."),
+])
+def test_a_refused_dataset_upload_says_why_and_leaves_no_file(staff_client, settings, data, field, sentence):
+    taken = write_dataset(settings, "taken.txt", ["y"])
+    Dataset.objects.create(name="taken", path=str(taken), format="txt", num_samples=1, size_bytes=2)
+    uploads = settings.JOBSITE_DATA_DIR / "datasets" / "uploaded"
+    uploads.mkdir(parents=True)
+    (uploads / "kept.txt").write_text("someone's file\n")
+    post = {key: uploaded(*value) if isinstance(value, tuple) else value for key, value in data.items()}
+    response = staff_client.post(PAGE + "register/", {"kind": "dataset", **post})
+    assert response.status_code == 400
+    form = next(f for f, _ in response.context["register_pairs"] if f.prefix == "dataset")
+    assert any(sentence in error for error in form.errors[field]), form.errors
+    assert list(Dataset.objects.values_list("name", flat=True)) == ["taken"]
+    assert sorted(p.name for p in uploads.iterdir()) == ["kept.txt"]
+    assert (uploads / "kept.txt").read_text() == "someone's file\n"
+
+
+def test_the_api_uploads_a_dataset_and_refuses_a_bad_one_with_422(staff_client, settings):
+    response = staff_client.post("/api/v1/datasets/upload", {"file": uploaded("lines.txt", "a b\nc d\n"),
+                                                             "name": "lines"})
+    assert response.status_code == 201, response.content
+    assert response.json()["num_samples"] == 2 and response.json()["name"] == "lines"
+    refused = staff_client.post("/api/v1/datasets/upload", {"file": uploaded("lines.txt", "again\n"), "name": "lines"})
+    assert refused.status_code == 422
+    assert refused.json()["message"] == "A dataset named 'lines' already exists; choose another name."
+    missing = staff_client.post("/api/v1/datasets/upload", {"name": "x"})
+    assert missing.status_code == 422 and "file" in json.dumps(missing.json())
+
+
+def test_an_upload_to_a_full_disk_is_a_sentence_and_leaves_nothing(staff_client, settings, small_disk):
+    uploads = small_disk.mount(settings.JOBSITE_DATA_DIR / "datasets" / "uploaded", "64k")
+    big = "a sample line that fills the disk\n" * 4000  # 136 kB
+    response = staff_client.post(PAGE + "register/", {"kind": "dataset", "dataset-upload": uploaded("big.txt", big)})
+    assert response.status_code == 400
+    form = next(f for f, _ in response.context["register_pairs"] if f.prefix == "dataset")
+    assert form.errors["upload"] == ["The upload cannot be kept in the data directory: No space left on device."]
+    assert list(uploads.iterdir()) == [] and Dataset.objects.count() == 0

@@ -687,3 +687,14 @@ def test_counts_over_a_thousand_read_with_separators_in_the_card_and_the_row(sta
     assert '<span data-field="processed_chunks">1,200</span>/<span data-field="total_chunks">1,500</span> chunks' in card
     assert '<span data-field="pair_count">2,400</span> pairs' in card
     assert "1,200/1,500" in row_html(html, run.pk)
+
+
+def test_a_corpus_upload_to_a_full_disk_is_a_sentence_and_leaves_nothing(staff_client, settings, small_disk):
+    corpora = small_disk.mount(settings.JOBSITE_DATA_DIR / "corpora", "64k")
+    response = staff_client.post(PAGE + "corpora/", {"name": "big", "files": [upload("big.md", "Oil chains. " * 12000)],
+                                                     **CORPUS_FIELDS})
+    assert response.status_code == 400
+    assert response.context["corpus_form"].errors["files"] == [
+        "The upload cannot be kept in the data directory: No space left on device."
+    ]
+    assert list(corpora.iterdir()) == [] and not Corpus.objects.exists()
