@@ -163,7 +163,7 @@ class Extraction(Job):
         """Who already asked for what a new request asks, and where it stands: a second person
         (or a second tab) learns whose job it joins, not only its number."""
         age = (timezone.now() - self.created_at).total_seconds()
-        when = "just now" if age < 60 else f"{timesince(self.created_at)} ago"
+        when = "just now" if age < 60 else f"{timesince(self.created_at).replace(chr(0xA0), ' ')} ago"
         who = f" by {self.created_by.get_username()}" if self.created_by_id else ""
         return (f"Extraction {self.pk}, started{who} {when}, already extracts the same dataset, layers, hooks and "
                 f"limits with {self.model.name}: it is {self.status} ({self.samples_processed:,}/"

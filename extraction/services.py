@@ -69,7 +69,10 @@ def dataset_register(*, path: str, name: str = "") -> Dataset:
     if existing:
         return existing
     name = check_text(name.strip() or resolved.stem, "The dataset name", NAME_LIMIT)
-    info = inspect_dataset(str(resolved))
+    try:
+        info = inspect_dataset(str(resolved))
+    except OSError as exc:
+        raise JobInputError(f"The dataset {path} cannot be read: {exc.strerror}.") from None
     return _register(Dataset, "dataset", name, resolved, dict(
         format=info.format, num_samples=info.num_samples, size_bytes=info.size_bytes
     ))
@@ -79,17 +82,18 @@ MAX_DATASET_UPLOAD_BYTES = 200 * 2**20
 UPLOADS = "datasets/uploaded"  # under JOBSITE_DATA_DIR
 
 
-def dataset_upload(*, filename: str, content: bytes, name: str = "") -> Dataset:
+def dataset_upload(*, filename: str, content: bytes, name: str = "", size: int | None = None) -> Dataset:
     """A dataset file sent by a person (page or API), kept under the data directory as
     datasets/uploaded/<name><suffix> and registered like any other. It is read and checked
     before it takes its place, so a refused upload leaves no file behind; a name already in
-    use, as a dataset or as an uploaded file, is refused rather than replaced."""
+    use, as a dataset or as an uploaded file, is refused rather than replaced. `size`, where
+    the caller knows it without reading the file, is what the size limit is checked against."""
     from extraction.runner import inspect_dataset  # noqa: PLC0415
 
     suffix = Path(filename).suffix.lower()
     if suffix not in (".txt", ".jsonl"):
         raise JobInputError(f"{Path(filename).name}: upload a .txt (one sample a line) or .jsonl file.")
-    if len(content) > MAX_DATASET_UPLOAD_BYTES:
+    if (len(content) if size is None else size) > MAX_DATASET_UPLOAD_BYTES:
         raise JobInputError(f"{Path(filename).name} is larger than {MAX_DATASET_UPLOAD_BYTES // 2**20} MB; "
                             "put it under the data directory and register it by its path.")
     name = check_text(name.strip() or Path(filename).stem, "The dataset name", NAME_LIMIT)

@@ -238,13 +238,15 @@ def register(request):
             if kind == "model":
                 record = services.model_register(path=path, name=name)
             elif upload:
-                record = services.dataset_upload(filename=upload.name, name=name,
-                                                 content=upload.read(services.MAX_DATASET_UPLOAD_BYTES + 1))
+                # A file over the limit is refused from its size, before it is read into memory.
+                content = b"" if upload.size > services.MAX_DATASET_UPLOAD_BYTES else upload.read()
+                record = services.dataset_upload(filename=upload.name, name=name, content=content,
+                                                 size=upload.size)
             else:
                 record = services.dataset_register(path=path, name=name)
         except JobInputError as exc:
             message = str(exc)  # a taken or unusable name says so; anything else is about the file
-            about_name = "another name" in message or "dataset name" in message
+            about_name = message.startswith((f"The {kind} name", f"A {kind} named", f"The file {services.UPLOADS}/"))
             form.add_error("name" if about_name else "upload" if upload else "path", message)
         else:
             if record.created_at < asked_at:  # the service hands back the record a path already has

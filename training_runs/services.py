@@ -42,7 +42,7 @@ class TrainingRunBlocked(TransitionError):
 
 def _documents(root: Path) -> list[tuple[str, str]]:
     files = sorted(p for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file())
-    files = [p for p in files if p.suffix in CORPUS_SUFFIXES]
+    files = [p for p in files if p.suffix.lower() in CORPUS_SUFFIXES]
     if not files:
         raise JobInputError(f"No .txt, .md or .jsonl documents in {root.name}; add some.")
     documents = []
@@ -51,7 +51,9 @@ def _documents(root: Path) -> list[tuple[str, str]]:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise JobInputError(f"{path.name} is not valid UTF-8 text; convert it first.") from None
-        if path.suffix == ".jsonl":
+        except OSError as exc:
+            raise JobInputError(f"{path.name} cannot be read: {exc.strerror}.") from None
+        if path.suffix.lower() == ".jsonl":
             for number, line in enumerate(text.splitlines(), start=1):
                 if not line.strip():
                     continue
@@ -76,15 +78,19 @@ def _refuse_nul(text: str, where: str) -> None:
         )
 
 
+def too_big_sentence(filename: str) -> str:
+    return f"{Path(filename).name} is larger than {MAX_UPLOAD_BYTES // 2**20} MB; split it."
+
+
 def _checked_uploads(uploads: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
     """Every file is checked before any is written, so a refused upload leaves nothing behind."""
     checked: dict[str, bytes] = {}
     for filename, content in uploads:
         safe = Path(filename).name
-        if Path(safe).suffix not in CORPUS_SUFFIXES or "\x00" in safe:
+        if Path(safe).suffix.lower() not in CORPUS_SUFFIXES or "\x00" in safe:
             raise JobInputError(f"{safe}: upload .txt, .md or .jsonl files only.")
         if len(content) > MAX_UPLOAD_BYTES:
-            raise JobInputError(f"{safe} is larger than {MAX_UPLOAD_BYTES // 2**20} MB; split it.")
+            raise JobInputError(too_big_sentence(safe))
         if safe in checked:
             raise JobInputError(f"{safe} is uploaded twice; upload each file once.")
         checked[safe] = content

@@ -246,10 +246,13 @@ def row_fragment(request, pk: int):
 
 # -- actions -----------------------------------------------------------------------------------
 
-# A service's refusal names what is wrong; its first matching words pick the field it shows under.
-_CORPUS_FIELD_WORDS = (("corpus name", "name"), ("named", "name"), ("chunk_overlap", "chunk_overlap"),
-                       ("chunk_size", "chunk_size"), ("corpus path", "path"), ("upload", "files"),
-                       ("larger than", "files"))
+def _corpus_field(message: str, uploading: bool) -> str:
+    """The field a service's refusal belongs under: a name, a chunk setting, else the documents."""
+    if message.startswith(("The corpus name", "A corpus named", "The folder corpora/")):
+        return "name"
+    if message.startswith(("chunk_overlap", "chunk_size")):
+        return message.split(" ", 1)[0]
+    return "files" if uploading else "path"
 
 
 @staff_required
@@ -259,14 +262,17 @@ def training_corpus_create(request):
     form = CorpusForm(request.POST, request.FILES)
     if form.is_valid():
         data = form.cleaned_data
+        # Sizes first, from what Django already knows: nothing is read into memory for a refusal.
+        too_big = next((f for f in data["files"] if f.size > services.MAX_UPLOAD_BYTES), None)
+        if too_big is not None:
+            form.add_error("files", services.too_big_sentence(too_big.name))
+            return _page(request, corpus_form=form, status=400)
         uploads = [(f.name, f.read(services.MAX_UPLOAD_BYTES + 1)) for f in data["files"]]
         try:
             corpus = services.corpus_create(name=data["name"], path=data["path"], uploads=uploads,
                                             chunk_size=data["chunk_size"], chunk_overlap=data["chunk_overlap"])
         except JobInputError as exc:
-            lowered = str(exc).lower()
-            field = next((f for word, f in _CORPUS_FIELD_WORDS if word in lowered), None)
-            form.add_error(field, str(exc))
+            form.add_error(_corpus_field(str(exc), bool(uploads)), str(exc))
         else:
             chunks = corpus.chunks.count()
             messages.success(request, f"Corpus {corpus.name} is ready: {corpus.num_documents:,} "

@@ -447,7 +447,7 @@ def test_a_job_opened_from_the_history_shows_its_card_and_retry_whatever_its_sta
     cancelled = make_extraction("cancelled")
     page = staff_client.get(PAGE).content.decode()
     assert f'id="extraction-{cancelled.pk}"' not in page
-    assert f'href="?job={cancelled.pk}#extraction-{cancelled.pk}"' in page  # its history row
+    assert f'href="/extractions/?job={cancelled.pk}#extraction-{cancelled.pk}"' in page  # its history row
 
     opened = staff_client.get(PAGE, {"job": cancelled.pk}).content.decode()
     assert f'id="extraction-{cancelled.pk}"' in opened and "Retry…" in opened

@@ -658,8 +658,10 @@ def test_a_corpus_from_a_path_under_the_data_directory(staff_client, settings):
     ({"name": "../up"}, {"files": [upload("a.txt", "text")]}, "name", "The corpus name must be 1-100 letters"),
     ({"name": "handbook"}, {"files": [upload("a.txt", "text")]}, "name", "A corpus named 'handbook' already exists"),
     ({"name": "x"}, {"files": [upload("notes.pdf", "%PDF")]}, "files", "notes.pdf: upload .txt, .md or .jsonl files only."),
-    ({"name": "x"}, {"files": [upload("a.txt", "a\x00b")]}, None, "a.txt contains a NUL character"),
-    ({"name": "x"}, {"files": [upload("a.txt", "   ")]}, None, "The documents contain no text."),
+    ({"name": "x"}, {"files": [upload("a.txt", "a\x00b")]}, "files", "a.txt contains a NUL character"),
+    ({"name": "x"}, {"files": [upload("a.txt", "   ")]}, "files", "The documents contain no text."),
+    ({"name": "x", "path": "unnamed"}, {}, "path", "The corpus path unnamed does not exist."),
+    ({"name": "x"}, {"files": [upload("renamed.pdf", "%PDF")]}, "files", "renamed.pdf: upload .txt, .md or .jsonl"),
     ({"name": "x", "chunk_overlap": 150}, {"files": [upload("a.txt", "text")]}, "chunk_overlap",
      "chunk_overlap must be between 0 and 99 for chunk_size 200."),
     ({"name": "x", "chunk_size": 10}, {"files": [upload("a.txt", "text")]}, "chunk_size",
@@ -698,3 +700,29 @@ def test_a_corpus_upload_to_a_full_disk_is_a_sentence_and_leaves_nothing(staff_c
         "The upload cannot be kept in the data directory: No space left on device."
     ]
     assert list(corpora.iterdir()) == [] and not Corpus.objects.exists()
+
+
+def test_upper_case_extensions_are_documents_too(staff_client, settings):
+    response = staff_client.post(PAGE + "corpora/", {"name": "shouting", "files": [upload("NOTES.TXT", "Oil the chain."),
+                                                                                   upload("Guide.MD", "Pump tyres.")],
+                                                     **CORPUS_FIELDS})
+    assert response.status_code == 302
+    assert Corpus.objects.get(name="shouting").num_documents == 2
+
+
+def test_a_file_over_the_limit_is_refused_from_its_size(staff_client, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = None
+    big = upload("big.txt", "x" * (services.MAX_UPLOAD_BYTES + 1))
+    response = staff_client.post(PAGE + "corpora/", {"name": "big", "files": [big], **CORPUS_FIELDS})
+    assert response.status_code == 400
+    assert response.context["corpus_form"].errors["files"] == ["big.txt is larger than 20 MB; split it."]
+    assert not Corpus.objects.exists()
+
+
+def test_links_on_a_refused_form_page_lead_back_to_the_page(staff_client, make_run):
+    run = failed(make_run)
+    response = staff_client.post(PAGE + "corpora/", {"name": "", **CORPUS_FIELDS})
+    assert response.status_code == 400
+    html = response.content.decode()
+    assert f'href="/training/?open={run.pk}#run-row-{run.pk}"' in html
+    assert 'href="?open=' not in html, "relative to /training/corpora/, which only takes POST"

@@ -76,7 +76,15 @@
 
   document.addEventListener("click", (event) => {
     const dismiss = event.target.closest && event.target.closest("[data-dismiss]");
-    if (dismiss && dismiss.closest("[data-message]")) dismiss.closest("[data-message]").remove();
+    if (dismiss && dismiss.closest("[data-message]")) {
+      const message = dismiss.closest("[data-message]");
+      // The focus goes to the next message's button (or the page's content), not back to <body>.
+      const next = Array.from(document.querySelectorAll("[data-message] [data-dismiss]")).find((b) => b !== dismiss);
+      message.remove();
+      const main = document.querySelector("main");
+      if (next) next.focus();
+      else if (main) { main.tabIndex = -1; main.focus({ preventScroll: true }); }
+    }
     const closer = event.target.closest && event.target.closest("[data-close-details]");
     if (closer && closer.closest("details")) closer.closest("details").open = false;
   });
@@ -358,7 +366,9 @@
     shownBefore = new Map(Array.from(region.querySelectorAll("[data-job]"))
       .map((card) => [card.dataset.topic, parseInt(card.dataset.seq || "0", 10) || 0]));
   }
-  document.addEventListener("htmx:afterSwap", () => {
+  // After the settle, not the swap: htmx attaches a new card's hx-trigger listener during the
+  // settle, and a redraw asked for before then would be lost.
+  document.addEventListener("htmx:afterSettle", () => {
     if (!shownBefore) return;
     const before = shownBefore;
     shownBefore = null;
