@@ -116,7 +116,10 @@ def dataset_upload(*, filename: str, content: bytes, name: str = "", size: int |
         os.unlink(staging.name)
         raise JobInputError(f"The upload cannot be kept in the data directory: {exc.strerror}.") from None
     try:
-        info = inspect_dataset(staging.name)
+        try:
+            info = inspect_dataset(staging.name)
+        except JobInputError as exc:  # named after the file sent, not the staging copy
+            raise JobInputError(f"{Path(filename).name}: {exc}") from None
         try:
             os.link(staging.name, target)  # never over a file that is there already
         except FileExistsError:

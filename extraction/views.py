@@ -168,7 +168,9 @@ def _history() -> list[dict]:
 def _page_context(request, form=None, register_form: RegisterForm | None = None) -> dict:
     context = live_context(topic=TOPIC)  # the seq first: an event written meanwhile is replayed
     seq = context["live"]["after"]
-    form = form or ExtractionStartForm()
+    # ?model= and ?dataset= (set after one is registered) pick it in the start form.
+    picked = {key: id_param(request, key) for key in ("model", "dataset")}
+    form = form or ExtractionStartForm(initial={key: pk for key, pk in picked.items() if pk})
     register = {"model": RegisterForm(kind="model"), "dataset": RegisterForm(kind="dataset")}
     if register_form is not None:
         register[register_form.prefix] = register_form
@@ -257,7 +259,7 @@ def register(request):
             else:
                 messages.success(request, f"Dataset {record.name} is registered: {record.num_samples:,} "
                                           f"sample{'s' if record.num_samples != 1 else ''}.")
-            return redirect(f"{reverse('extraction:list')}#start")
+            return redirect(f"{reverse('extraction:list')}?{kind}={record.pk}#start")
     return render(request, "extraction/extractions.html", _page_context(request, register_form=form), status=400)
 
 

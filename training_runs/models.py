@@ -159,7 +159,7 @@ class TrainingRun(Job):
         if self.is_embedding:
             return f"Embedding {self.embedding_label}"
         if self.status in (self.Status.TRAINING, self.Status.TRAINING_FAILED):
-            return f"{self.epochs_done} of {self.epochs} epochs"
+            return f"{self.epochs_done} of {self.epochs} epoch{'s' if self.epochs != 1 else ''}"
         return "—"
 
     # A failed run waits for a person: Proceed resumes it where it stopped, Remove discards it.

@@ -231,8 +231,9 @@ def _require_available() -> None:
 
 
 def blocking_sentence(run: TrainingRun) -> str:
+    state = "waiting for review" if run.status == Status.GENERATED else run.status_label
     return (
-        f"A new generation cannot start while training run {run.pk} is {run.status_label}; "
+        f"A new generation cannot start while training run {run.pk} is {state}; "
         f"{NEXT_STEP[run.status]} first."
     )
 

@@ -187,7 +187,8 @@ def _workflow_context(request, *, seq: int) -> dict:
 
 def _corpora_context(request, corpus_form: CorpusForm | None = None) -> dict:
     return {
-        "corpora": selectors.corpus_list().annotate(num_chunks=Count("chunks")),
+        # order_by again: Meta.ordering does not apply to a query with GROUP BY.
+        "corpora": selectors.corpus_list().annotate(num_chunks=Count("chunks")).order_by("name"),
         "corpus_form": corpus_form or CorpusForm(),
         "can_act": request.user.is_staff,
     }
@@ -320,8 +321,8 @@ def training_review(request, pk: int):
     counts = services.review_counts(run)
     messages.success(
         request,
-        f"{updated} pair{'s' if updated != 1 else ''} {decision}. Training run {pk} now has "
-        f"{counts['approved']} approved, {counts['rejected']} rejected and {counts['pending']} pending.",
+        f"{updated:,} pair{'s' if updated != 1 else ''} {decision}. Training run {pk} now has "
+        f"{counts['approved']:,} approved, {counts['rejected']:,} rejected and {counts['pending']:,} pending.",
     )
     return _back(pk)
 
@@ -339,7 +340,8 @@ def training_train(request, pk: int):
     except (JobInputError, TransitionError) as exc:
         messages.error(request, str(exc))
         return _back(pk)
-    messages.success(request, f"Training run {pk} is training on its approved pairs for {run.epochs} epochs.")
+    messages.success(request, f"Training run {pk} is training on its approved pairs for {run.epochs} "
+                              f"epoch{'s' if run.epochs != 1 else ''}.")
     return _back(pk)
 
 

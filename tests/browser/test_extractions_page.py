@@ -358,6 +358,7 @@ def test_counts_read_the_same_drawn_and_updated_live(site, staff_user, make_extr
     expect(card.locator("[data-field=samples_processed]")).to_have_text("12,480")
     expect(card.locator("[data-field=total_samples]")).to_have_text("20,000")
     expect(card.locator("[data-percent]")).to_have_text("62.4")
+    expect(page.locator(f"#row-{job.pk}")).to_contain_text("12,480/20,000")  # the history row follows
 
 
 def test_a_region_redraw_older_than_a_card_it_replaces_draws_that_card_again(site, staff_user, make_extraction):

@@ -503,6 +503,7 @@ def test_a_model_and_a_dataset_registered_from_the_page_can_be_started(staff_cli
     html = response.content.decode()
     assert re.search(rf'<option value="{model.pk}"[^>]*>tiny-gpt2</option>', html)
     assert re.search(rf'<option value="{dataset.pk}"[^>]*>bike reviews</option>', html)
+    assert response.redirect_chain[-1][0] == f"{PAGE}?dataset={dataset.pk}#start"
 
     again = staff_client.post(PAGE + "register/", {"kind": "dataset", "dataset-path": "datasets/reviews.txt"},
                               follow=True)
@@ -512,6 +513,10 @@ def test_a_model_and_a_dataset_registered_from_the_page_can_be_started(staff_cli
     started = staff_client.post(PAGE, start_data(model, dataset, layers="0"), follow=True)
     assert Extraction.objects.get().status == "queued"
     assert f"Extraction {Extraction.objects.get().pk} is queued." in messages_of(started)
+
+    Dataset.objects.create(name="aaa first", path="/elsewhere/a.txt", format="txt", num_samples=1, size_bytes=2)
+    picked = staff_client.get(f"{PAGE}?dataset={dataset.pk}&model={model.pk}").content.decode()
+    assert re.search(rf'<option value="{dataset.pk}" selected>bike reviews</option>', picked), "the new one is picked"
 
 
 @pytest.mark.parametrize("data, field, sentence", [
@@ -562,9 +567,9 @@ def test_a_dataset_uploaded_from_the_page_is_kept_under_the_data_directory_and_r
 
 @pytest.mark.parametrize("data, field, sentence", [
     ({"dataset-upload": ("table.csv", "a,b\n")}, "upload", "table.csv: upload a .txt (one sample a line) or .jsonl"),
-    ({"dataset-upload": ("bad.jsonl", "{not json\n")}, "upload", "Line 1 of the dataset is not JSON."),
+    ({"dataset-upload": ("bad.jsonl", "{not json\n")}, "upload", "bad.jsonl: Line 1 of the dataset is not JSON."),
     ({"dataset-upload": ("empty.txt", "")}, "upload", "The submitted file is empty."),
-    ({"dataset-upload": ("blank.txt", "\n\n")}, "upload", "The dataset is empty."),
+    ({"dataset-upload": ("blank.txt", "\n\n")}, "upload", "blank.txt: The dataset is empty."),
     ({"dataset-upload": ("a.txt", "x\n"), "dataset-name": "taken"}, "name",
      "A dataset named 'taken' already exists; choose another name."),
     ({"dataset-upload": ("a.txt", "x\n"), "dataset-name": "../up"}, "name",

@@ -25,7 +25,7 @@ def test_settings_say_available_and_name_the_blocking_run(staff_client, generate
     body = staff_client.get("/api/v1/training/settings").json()
     assert body["is_available"] is True and body["reason"] == ""
     assert body["blocking_run_id"] == generated_run.pk
-    assert f"training run {generated_run.pk} is generated" in body["blocking_sentence"]
+    assert f"training run {generated_run.pk} is waiting for review" in body["blocking_sentence"]
 
 
 def test_settings_explain_why_training_is_unavailable(staff_client, settings, db):
@@ -38,7 +38,7 @@ def test_second_generation_is_409_naming_the_blocking_run(staff_client, small_co
     response = post(staff_client, "/api/v1/training/runs", {"corpus_id": small_corpus.pk})
     assert response.status_code == 409
     assert response.json()["message"] == (
-        f"A new generation cannot start while training run {generated_run.pk} is generated; "
+        f"A new generation cannot start while training run {generated_run.pk} is waiting for review; "
         "review its pairs and train it first."
     )
 

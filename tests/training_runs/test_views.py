@@ -163,7 +163,8 @@ def test_generate_is_disabled_with_the_sentence_naming_the_blocking_run(staff_cl
     run = make_run(status, error_type="UNKNOWN" if "failed" in status else "")
     html = staff_client.get(PAGE).content.decode()
     sentence = services.blocking_sentence(run)
-    assert f"training run {run.pk} is {status}" in sentence
+    said = {"generated": "waiting for review"}.get(status, status)
+    assert f"training run {run.pk} is {said}" in sentence
     assert f'<p class="note" id="generate-blocked" data-blocking-sentence>{sentence}</p>' in html
     button = re.search(r"<button[^>]*data-generate[^>]*>", html)[0]
     assert "disabled" in button
@@ -726,3 +727,23 @@ def test_links_on_a_refused_form_page_lead_back_to_the_page(staff_client, make_r
     html = response.content.decode()
     assert f'href="/training/?open={run.pk}#run-row-{run.pk}"' in html
     assert 'href="?open=' not in html, "relative to /training/corpora/, which only takes POST"
+
+
+def test_rejecting_every_pending_pair_asks_first_and_the_answer_counts_with_separators(staff_client, generated_run):
+    html = staff_client.get(PAGE).content.decode()
+    assert f'data-confirm="Reject all 12 pending pairs of training run {generated_run.pk}?"' in html
+    TrainingPair.objects.bulk_create(
+        TrainingPair(run=generated_run, chunk=generated_run.corpus.chunks.first(), query=f"q {i}") for i in range(1200)
+    )
+    response = staff_client.post(PAGE + f"runs/{generated_run.pk}/review/", {"decision": "rejected", "scope": "all"},
+                                 follow=True)
+    assert (f"1,212 pairs rejected. Training run {generated_run.pk} now has 0 approved, 1,212 rejected and 0 pending."
+            in messages_of(response))
+
+
+def test_corpora_are_listed_by_name(staff_client, corpus):
+    for name in ("zeta", "Alpha", "mid"):
+        Corpus.objects.create(name=name, source="/x", num_documents=1)
+    html = section(staff_client.get(PAGE).content.decode(), "corpora")
+    names = re.findall(r'<tr id="corpus-\d+" data-corpus><td>([^<]+)</td>', html)
+    assert names == sorted(names) and len(names) == 4
