@@ -326,7 +326,8 @@ def training_run_train(
     # Every chunk and approved query is embedded first: the page counts them from the start.
     texts_total = run.corpus.chunks.count() + approved
     with transaction.atomic():
-        transition(run, Status.TRAINING, training_started_at=timezone.now(), worker="", epochs_done=0,
+        # attempt=0: the phase counts its own attempts ("attempt 1" on a first training, not 2).
+        transition(run, Status.TRAINING, training_started_at=timezone.now(), worker="", epochs_done=0, attempt=0,
                    texts_total=texts_total, texts_embedded=0, queued_at=timezone.now(), enqueued_at=None, **params)
         job_enqueue(run)
     return run

@@ -84,11 +84,12 @@ def test_failure_mid_generation_keeps_counts_and_proceed_generates_only_the_rest
 
 def test_failure_mid_training_resumes_from_the_checkpoint(small_corpus, settings):
     run = generate_and_approve(small_corpus)
-    settings.JOBSITE_FAILPOINTS = json.dumps({"training.epoch": {"action": "error", "at": 3, "attempt": 2}})
+    settings.JOBSITE_FAILPOINTS = json.dumps({"training.epoch": {"action": "error", "at": 3, "attempt": 1}})
     training_run_train(run=run, epochs=5)
     run_training_phase(run.pk)
     run = reload(run)
     assert run.status == "training_failed" and run.epochs_done == 3 and len(run.loss_curve) == 3
+    assert run.attempt == 1, "the training phase counts its own attempts"
     assert run.progress_label == "3 of 5 epochs", "the failed row says where training stopped"
     pairs_before = run.pairs.count()
     training_run_proceed(run=run)
