@@ -178,8 +178,7 @@ def register_dataset(request, payload: DatasetIn):
 @router.post("/datasets/upload", response={201: DatasetOut, 422: Message}, auth=staff_required,
              summary="Upload a .txt or .jsonl dataset (kept under the data directory) and register it")
 def upload_dataset(request, file: File[UploadedFile], name: Form[str] = ""):
-    return Status(201, services.dataset_upload(filename=file.name, name=name,
-                                               content=file.read(services.MAX_DATASET_UPLOAD_BYTES + 1)))
+    return Status(201, services.dataset_upload(upload=file, name=name))
 
 
 @router.post(

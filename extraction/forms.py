@@ -9,6 +9,7 @@ from django import forms
 from extraction import selectors
 from extraction.constants import HOOK_TYPES, VALID_BATCH_SIZES
 from extraction.models import Extraction
+from jobsite.forms import require_one_of
 
 BATCH_SIZE_CHOICES = [(size, str(size)) for size in VALID_BATCH_SIZES]
 MAX_LENGTH_LIMIT = 1_000_000
@@ -108,8 +109,6 @@ class RegisterForm(forms.Form):
         data = super().clean()
         if "upload" not in self.fields or self.errors:
             return data
-        if data.get("path") and data.get("upload"):
-            raise forms.ValidationError("Give a path or upload a file, not both.")
-        if not data.get("path") and not data.get("upload"):
-            raise forms.ValidationError("Give the path of a file under the data directory, or upload one.")
+        require_one_of(data, "path", "upload", both="Give a path or upload a file, not both.",
+                       neither="Give the path of a file under the data directory, or upload one.")
         return data

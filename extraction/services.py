@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from django.utils import timezone
 
 from extraction.constants import HOOK_TYPES, VALID_BATCH_SIZES
 from extraction.models import Dataset, Extraction, ModelRecord
-from jobsite.errors import JobInputError, check_text
+from jobsite.errors import JobInputError, check_file_name, check_text, not_kept
 from jobsite.lifecycle import TransitionError
 from jobsite.paths import resolve_under
 from jobsite.services import job_enqueue, job_request_cancel
@@ -82,51 +81,45 @@ MAX_DATASET_UPLOAD_BYTES = 200 * 2**20
 UPLOADS = "datasets/uploaded"  # under JOBSITE_DATA_DIR
 
 
-def dataset_upload(*, filename: str, content: bytes, name: str = "", size: int | None = None) -> Dataset:
-    """A dataset file sent by a person (page or API), kept under the data directory as
-    datasets/uploaded/<name><suffix> and registered like any other. It is read and checked
-    before it takes its place, so a refused upload leaves no file behind; a name already in
-    use, as a dataset or as an uploaded file, is refused rather than replaced. `size`, where
-    the caller knows it without reading the file, is what the size limit is checked against."""
+def dataset_upload(*, upload, name: str = "") -> Dataset:
+    """A dataset file sent by a person (an uploaded file with .name, .size and .read(), from the
+    page or the API), kept under the data directory as datasets/uploaded/<name><suffix> and
+    registered like any other. It is checked from its size before it is read, and read and
+    checked before it takes its place, so a refused upload leaves no file behind; a name
+    already in use, as a dataset or as an uploaded file, is refused rather than replaced."""
     from extraction.runner import inspect_dataset  # noqa: PLC0415
 
+    filename = Path(upload.name).name
     suffix = Path(filename).suffix.lower()
     if suffix not in (".txt", ".jsonl"):
-        raise JobInputError(f"{Path(filename).name}: upload a .txt (one sample a line) or .jsonl file.")
-    if (len(content) if size is None else size) > MAX_DATASET_UPLOAD_BYTES:
-        raise JobInputError(f"{Path(filename).name} is larger than {MAX_DATASET_UPLOAD_BYTES // 2**20} MB; "
+        raise JobInputError(f"{filename}: upload a .txt (one sample a line) or .jsonl file.")
+    if upload.size > MAX_DATASET_UPLOAD_BYTES:
+        raise JobInputError(f"{filename} is larger than {MAX_DATASET_UPLOAD_BYTES // 2**20} MB; "
                             "put it under the data directory and register it by its path.")
-    name = check_text(name.strip() or Path(filename).stem, "The dataset name", NAME_LIMIT)
-    if not re.fullmatch(r"[^\W_][\w.-]{0,99}", name):
-        raise JobInputError("The dataset name of an upload must be 1-100 letters, digits, '.', '_' or '-', "
-                            "starting with a letter or digit (it names the file).")
+    name = check_file_name(check_text(name.strip() or Path(filename).stem, "The dataset name", NAME_LIMIT),
+                           "The dataset name of an upload")
     if Dataset.objects.filter(name=name).exists():
         raise JobInputError(f"A dataset named {name!r} already exists; choose another name.")
     folder = settings.JOBSITE_DATA_DIR / UPLOADS
     target = folder / f"{name}{suffix}"
+    staging = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        staging = tempfile.NamedTemporaryFile(dir=folder, prefix=f".{name}.", suffix=suffix, delete=False)
-    except OSError as exc:
-        raise JobInputError(f"The upload cannot be kept in the data directory: {exc.strerror}.") from None
-    try:
-        with staging:
-            staging.write(content)
-    except OSError as exc:
-        os.unlink(staging.name)
-        raise JobInputError(f"The upload cannot be kept in the data directory: {exc.strerror}.") from None
-    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{name}.", suffix=suffix, delete=False) as staging:
+            staging.write(upload.read())
         try:
             info = inspect_dataset(staging.name)
         except JobInputError as exc:  # named after the file sent, not the staging copy
-            raise JobInputError(f"{Path(filename).name}: {exc}") from None
-        try:
-            os.link(staging.name, target)  # never over a file that is there already
-        except FileExistsError:
-            raise JobInputError(f"The file {UPLOADS}/{target.name} already exists in the data directory; "
-                                "choose another name, or register that file by its path.") from None
+            raise JobInputError(f"{filename}: {exc}") from None
+        os.link(staging.name, target)  # never over a file that is there already
+    except FileExistsError:
+        raise JobInputError(f"The file {UPLOADS}/{target.name} already exists in the data directory; "
+                            "choose another name, or register that file by its path.") from None
+    except OSError as exc:
+        raise not_kept(exc) from None
     finally:
-        os.unlink(staging.name)
+        if staging is not None:
+            os.unlink(staging.name)
     try:
         return _register(Dataset, "dataset", name, target, dict(
             format=info.format, num_samples=info.num_samples, size_bytes=info.size_bytes

@@ -240,10 +240,7 @@ def register(request):
             if kind == "model":
                 record = services.model_register(path=path, name=name)
             elif upload:
-                # A file over the limit is refused from its size, before it is read into memory.
-                content = b"" if upload.size > services.MAX_DATASET_UPLOAD_BYTES else upload.read()
-                record = services.dataset_upload(filename=upload.name, name=name, content=content,
-                                                 size=upload.size)
+                record = services.dataset_upload(upload=upload, name=name)
             else:
                 record = services.dataset_register(path=path, name=name)
         except JobInputError as exc:

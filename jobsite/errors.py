@@ -6,6 +6,7 @@ Pure Python (torch optional): runners import it, so it must not import Django.
 from __future__ import annotations
 
 import errno
+import re
 
 
 class ErrorType:
@@ -60,6 +61,19 @@ def check_text(value: str, label: str, limit: int) -> str:
     if len(value) > limit:
         raise JobInputError(f"{label} is {len(value):,} characters long; the most is {limit:,}.")
     return value
+
+
+def check_file_name(name: str, label: str) -> str:
+    """A name that also names a file or folder in the data directory: a letter or digit first,
+    since "." and ".." would name the folder above."""
+    if not re.fullmatch(r"[^\W_][\w.-]{0,99}", name or ""):
+        raise JobInputError(f"{label} must be 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit.")
+    return name
+
+
+def not_kept(exc: OSError) -> JobInputError:
+    """An upload the data directory cannot hold (full, read-only, a name too long)."""
+    return JobInputError(f"The upload cannot be kept in the data directory: {exc.strerror}.")
 
 
 class StorageError(OSError):

@@ -184,8 +184,7 @@ def create_corpus(request, payload: CorpusIn):
 @router.post("/training/corpora/upload", response={201: CorpusOut, 422: Message}, auth=staff_required)
 def upload_corpus(request, name: Form[str], files: File[list[UploadedFile]],
                   chunk_size: int = Form(500, ge=50, le=20000), chunk_overlap: int = Form(50, ge=0)):
-    uploads = [(f.name, f.read(services.MAX_UPLOAD_BYTES + 1)) for f in files]
-    return Status(201, services.corpus_create(name=name, uploads=uploads, chunk_size=chunk_size,
+    return Status(201, services.corpus_create(name=name, uploads=files, chunk_size=chunk_size,
                                               chunk_overlap=chunk_overlap))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from django import forms
 
+from jobsite.forms import require_one_of
 from training_runs import selectors
 from training_runs.models import TrainingPair, TrainingRun
 
@@ -103,8 +104,6 @@ class CorpusForm(forms.Form):
         data = super().clean()
         if self.errors:
             return data
-        if data.get("files") and data.get("path"):
-            raise forms.ValidationError("Upload documents or give a path, not both.")
-        if not data.get("files") and not data.get("path"):
-            raise forms.ValidationError("Choose documents to upload, or give a path under the data directory.")
+        require_one_of(data, "files", "path", both="Upload documents or give a path, not both.",
+                       neither="Choose documents to upload, or give a path under the data directory.")
         return data

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -14,7 +13,7 @@ from django.db.models import Count
 from django.utils import timezone
 
 from jobsite import failpoints
-from jobsite.errors import JobInputError
+from jobsite.errors import JobInputError, check_file_name, not_kept
 from jobsite.events import publish
 from jobsite.lifecycle import TransitionError
 from jobsite.paths import resolve_under
@@ -78,23 +77,21 @@ def _refuse_nul(text: str, where: str) -> None:
         )
 
 
-def too_big_sentence(filename: str) -> str:
-    return f"{Path(filename).name} is larger than {MAX_UPLOAD_BYTES // 2**20} MB; split it."
-
-
-def _checked_uploads(uploads: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
-    """Every file is checked before any is written, so a refused upload leaves nothing behind."""
-    checked: dict[str, bytes] = {}
-    for filename, content in uploads:
-        safe = Path(filename).name
+def _checked_uploads(uploads) -> list[tuple[str, bytes]]:
+    """(name, content) of uploaded files (each with .name, .size and .read(), as Django's are).
+    Every file is checked, from its size, before any is read into memory or written, so a
+    refused upload leaves nothing behind."""
+    names: list[str] = []
+    for upload in uploads:
+        safe = Path(upload.name).name
         if Path(safe).suffix.lower() not in CORPUS_SUFFIXES or "\x00" in safe:
             raise JobInputError(f"{safe}: upload .txt, .md or .jsonl files only.")
-        if len(content) > MAX_UPLOAD_BYTES:
-            raise JobInputError(too_big_sentence(safe))
-        if safe in checked:
+        if upload.size > MAX_UPLOAD_BYTES:
+            raise JobInputError(f"{safe} is larger than {MAX_UPLOAD_BYTES // 2**20} MB; split it.")
+        if safe in names:
             raise JobInputError(f"{safe} is uploaded twice; upload each file once.")
-        checked[safe] = content
-    return list(checked.items())
+        names.append(safe)
+    return [(safe, upload.read()) for safe, upload in zip(names, uploads)]
 
 
 def _corpus_folder(name: str) -> Path:
@@ -111,7 +108,7 @@ def _already_exists(name: str) -> JobInputError:
 
 
 def corpus_create(
-    *, name: str, path: str = "", uploads: list[tuple[str, bytes]] | None = None, chunk_size: int = 500,
+    *, name: str, path: str = "", uploads: list | None = None, chunk_size: int = 500,
     chunk_overlap: int = 50,
 ) -> Corpus:
     """A corpus from a file or directory under JOBSITE_DATA_DIR, or from uploaded files.
@@ -122,11 +119,7 @@ def corpus_create(
     is refused, not merged or replaced."""
     from training_runs.generator import chunk_text  # noqa: PLC0415
 
-    # A letter or digit first: "." and ".." would name the corpora folder or the data directory.
-    if not re.fullmatch(r"[^\W_][\w.-]{0,99}", name or ""):
-        raise JobInputError(
-            "The corpus name must be 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit."
-        )
+    check_file_name(name, "The corpus name")
     if not 50 <= chunk_size <= 20000:
         raise JobInputError("chunk_size must be between 50 and 20000 characters.")
     if not 0 <= chunk_overlap < chunk_size // 2:
@@ -145,7 +138,7 @@ def corpus_create(
         except OSError as exc:
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
-            raise JobInputError(f"The upload cannot be kept in the data directory: {exc.strerror}.") from None
+            raise not_kept(exc) from None
     elif path:
         root = resolve_under(path, [settings.JOBSITE_DATA_DIR], "corpus")
     else:

@@ -263,17 +263,11 @@ def training_corpus_create(request):
     form = CorpusForm(request.POST, request.FILES)
     if form.is_valid():
         data = form.cleaned_data
-        # Sizes first, from what Django already knows: nothing is read into memory for a refusal.
-        too_big = next((f for f in data["files"] if f.size > services.MAX_UPLOAD_BYTES), None)
-        if too_big is not None:
-            form.add_error("files", services.too_big_sentence(too_big.name))
-            return _page(request, corpus_form=form, status=400)
-        uploads = [(f.name, f.read(services.MAX_UPLOAD_BYTES + 1)) for f in data["files"]]
         try:
-            corpus = services.corpus_create(name=data["name"], path=data["path"], uploads=uploads,
+            corpus = services.corpus_create(name=data["name"], path=data["path"], uploads=data["files"],
                                             chunk_size=data["chunk_size"], chunk_overlap=data["chunk_overlap"])
         except JobInputError as exc:
-            form.add_error(_corpus_field(str(exc), bool(uploads)), str(exc))
+            form.add_error(_corpus_field(str(exc), bool(data["files"])), str(exc))
         else:
             chunks = corpus.chunks.count()
             messages.success(request, f"Corpus {corpus.name} is ready: {corpus.num_documents:,} "

@@ -413,14 +413,25 @@
   // A run stopped on request is "stopped", as the server draws it, not its *_failed status.
   const statusLabel = (job) => (String(job.status).endsWith("_failed") && job.error_type === "CANCELLED" ? "stopped" : job.status);
 
+  // What a card and a following row both show: the job's fields ([data-field]) and its badge.
+  function copyFields(root, job) {
+    root.querySelectorAll("[data-field]").forEach((el) => {
+      const value = job[el.dataset.field];
+      if (value !== undefined && value !== null) el.textContent = shown(value);
+    });
+  }
+  function setBadges(root, label) {
+    root.querySelectorAll("[data-status-label]").forEach((el) => {
+      el.textContent = label;
+      el.className = `badge badge-${label === "stopped" ? "cancelled" : label}`;
+    });
+  }
+
   // -- Applying a job's state (an event's payload or the JSON API's answer) ------------------
   function apply(card, job, at, alive) {
     const known = remember(card);
     const before = card.dataset.status;
-    card.querySelectorAll("[data-field]").forEach((el) => {
-      const value = job[el.dataset.field];
-      if (value !== undefined && value !== null) el.textContent = shown(value);
-    });
+    copyFields(card, job);
 
     const done = job[card.dataset.doneField];
     const total = job[card.dataset.totalField];
@@ -467,10 +478,7 @@
     }
     if (status) {
       const label = job.cancel_requested && isRunning(card, status) ? "cancelling" : statusLabel(job);
-      card.querySelectorAll("[data-status-label]").forEach((el) => {
-        el.textContent = label;
-        el.className = `badge badge-${label === "stopped" ? "cancelled" : label}`;
-      });
+      setBadges(card, label);
     }
     return changed;
   }
@@ -481,18 +489,9 @@
   const followers = (topic) => Array.from(document.querySelectorAll("[data-follow]"))
     .filter((row) => row.dataset.topic === topic);
   function follow(row, job) {
-    row.querySelectorAll("[data-field]").forEach((el) => {
-      const value = job[el.dataset.field];
-      if (value !== undefined && value !== null) el.textContent = shown(value);
-    });
+    copyFields(row, job);
     const changed = Boolean(job.status) && job.status !== row.dataset.status;
-    if (job.status) {
-      const label = statusLabel(job);
-      row.querySelectorAll("[data-status-label]").forEach((el) => {
-        el.textContent = label;
-        el.className = `badge badge-${label === "stopped" ? "cancelled" : label}`;
-      });
-    }
+    if (job.status) setBadges(row, statusLabel(job));
     return changed;
   }
   async function refreshRow(row) {
