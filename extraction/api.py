@@ -11,16 +11,14 @@ from pydantic import field_validator
 from extraction import selectors, services
 from extraction.constants import VALID_BATCH_SIZES
 from extraction.models import Dataset, Extraction, ModelRecord
-from jobsite.api import staff_required
+from extraction.services import BATCH_SIZES_SENTENCE
+from jobsite.api import Message, Refusal, staff_required
 from jobsite.services import job_resume
 
 router = Router(tags=["extraction"])
 
 # A running job stops within one batch; the answer waits that long so it can say "cancelled".
 CANCEL_WAIT_S = 5.0
-
-BATCH_SIZES_SENTENCE = f"batch_size must be one of {', '.join(map(str, VALID_BATCH_SIZES))}"
-
 
 def _check_batch_size(value):
     if value is not None and value not in VALID_BATCH_SIZES:
@@ -136,9 +134,6 @@ class CancelOut(Schema):
     message: str
 
 
-class Message(Schema):
-    message: str
-
 
 def _model(model_id: int) -> ModelRecord:
     try:
@@ -160,7 +155,7 @@ def list_models(request):
     return selectors.model_list()
 
 
-@router.post("/models", response={201: ModelOut, 422: Message}, auth=staff_required)
+@router.post("/models", response={201: ModelOut, 422: Refusal}, auth=staff_required)
 def register_model(request, payload: ModelIn):
     return Status(201, services.model_register(path=payload.path, name=payload.name))
 
@@ -170,12 +165,12 @@ def list_datasets(request):
     return selectors.dataset_list()
 
 
-@router.post("/datasets", response={201: DatasetOut, 422: Message}, auth=staff_required)
+@router.post("/datasets", response={201: DatasetOut, 422: Refusal}, auth=staff_required)
 def register_dataset(request, payload: DatasetIn):
     return Status(201, services.dataset_register(path=payload.path, name=payload.name))
 
 
-@router.post("/datasets/upload", response={201: DatasetOut, 422: Message}, auth=staff_required,
+@router.post("/datasets/upload", response={201: DatasetOut, 422: Refusal}, auth=staff_required,
              summary="Upload a .txt or .jsonl dataset (kept under the data directory) and register it")
 def upload_dataset(request, file: File[UploadedFile], name: Form[str] = ""):
     return Status(201, services.dataset_upload(upload=file, name=name))
@@ -183,7 +178,7 @@ def upload_dataset(request, file: File[UploadedFile], name: Form[str] = ""):
 
 @router.post(
     "/models/{model_id}/extractions",
-    response={201: ExtractionOut, 200: ExtractionOut, 404: Message, 422: Message},
+    response={201: ExtractionOut, 200: ExtractionOut, 404: Message, 422: Refusal},
     auth=staff_required,
     summary="Start an extraction (an identical active request returns the existing job with 200)",
 )
@@ -228,7 +223,7 @@ def cancel_extraction(request, model_id: int, extraction_id: int):
 
 @router.post(
     "/models/{model_id}/extractions/{extraction_id}/retry",
-    response={201: ExtractionOut, 404: Message, 409: Message, 422: Message},
+    response={201: ExtractionOut, 404: Message, 409: Message, 422: Refusal},
     auth=staff_required,
 )
 def retry_extraction(request, model_id: int, extraction_id: int, payload: RetryIn | None = None):

@@ -14,21 +14,6 @@ from jobsite.forms import require_one_of
 BATCH_SIZE_CHOICES = [(size, str(size)) for size in VALID_BATCH_SIZES]
 MAX_LENGTH_LIMIT = 1_000_000
 
-# A service's JobInputError names what is wrong; its first matching word picks the field.
-_FIELD_WORDS = (
-    ("max_samples", "max_samples"), ("max_length", "max_length"), ("batch_size", "batch_size"),
-    ("storage_dtype", "storage_dtype"), ("layer", "layers"), ("hook", "hooks"),
-)
-
-
-def field_for_error(message: str, fields) -> str | None:
-    lowered = message.lower()
-    for word, field in _FIELD_WORDS:
-        if word in lowered and field in fields:
-            return field
-    return None
-
-
 def parse_layers(text: str) -> list[int]:
     """'0,2', '0 2' or '0-3' (a range includes both ends)."""
     layers: list[int] = []

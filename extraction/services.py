@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -15,13 +16,13 @@ from django.utils import timezone
 
 from extraction.constants import HOOK_TYPES, VALID_BATCH_SIZES
 from extraction.models import Dataset, Extraction, ModelRecord
-from jobsite.errors import JobInputError, check_file_name, check_text, not_kept
+from jobsite.errors import JobInputError, check_file_name, check_record_name, check_text, not_kept
 from jobsite.lifecycle import TransitionError
 from jobsite.paths import resolve_under
 from jobsite.services import job_enqueue, job_request_cancel
 
 
-NAME_LIMIT = ModelRecord._meta.get_field("name").max_length  # Dataset's is the same
+BATCH_SIZES_SENTENCE = f"The batch size must be one of {', '.join(map(str, VALID_BATCH_SIZES))}"
 
 
 def model_register(*, path: str, name: str = "") -> ModelRecord:
@@ -29,12 +30,15 @@ def model_register(*, path: str, name: str = "") -> ModelRecord:
 
     resolved = resolve_under(path, settings.JOBSITE_MODEL_ROOTS, "model")
     if not resolved.is_dir():
-        raise JobInputError(f"The model path {path} is a file; give the directory save_pretrained wrote.")
+        raise JobInputError(f"The model path {path} is a file; give the directory save_pretrained wrote.", field="path")
     existing = ModelRecord.objects.filter(path=str(resolved)).first()
     if existing:
         return existing
-    name = check_text(name.strip() or resolved.name, "The model name", NAME_LIMIT)
-    info = inspect_model(str(resolved))
+    name = check_record_name(name.strip() or _name_from(resolved.name, "model"), "The model name")
+    try:
+        info = inspect_model(str(resolved))
+    except JobInputError as exc:  # about what the directory holds
+        raise JobInputError(str(exc), field="path") from None
     return _register(ModelRecord, "model", name, resolved, dict(
         architecture=info.architecture,
         model_type=info.model_type,
@@ -43,6 +47,12 @@ def model_register(*, path: str, name: str = "") -> ModelRecord:
         vocab_size=info.vocab_size,
         supported_hooks=list(info.supported_hooks),
     ))
+
+
+def _name_from(file_name: str, kind: str) -> str:
+    """A name for a record registered without one: its folder's or file's name, with what a
+    name may not hold ("model (copy)", "a..b") written as '-'."""
+    return re.sub(r"[^\w.-]+|\.{2,}", "-", file_name).strip("-._")[:100] or kind
 
 
 def _register(model_class, what: str, name: str, resolved, fields: dict):
@@ -55,7 +65,7 @@ def _register(model_class, what: str, name: str, resolved, fields: dict):
         record = model_class.objects.filter(path=str(resolved)).first()
         if record is not None:
             return record
-        raise JobInputError(f"A {what} named {name!r} already exists; choose another name.") from None
+        raise JobInputError(f"A {what} named {name!r} already exists; choose another name.", field="name") from None
 
 
 def dataset_register(*, path: str, name: str = "") -> Dataset:
@@ -63,15 +73,17 @@ def dataset_register(*, path: str, name: str = "") -> Dataset:
 
     resolved = resolve_under(path, [settings.JOBSITE_DATA_DIR], "dataset")
     if resolved.suffix not in (".txt", ".jsonl"):
-        raise JobInputError(f"The dataset {path} must be a .txt (one sample a line) or .jsonl file.")
+        raise JobInputError(f"The dataset {path} must be a .txt (one sample a line) or .jsonl file.", field="path")
     existing = Dataset.objects.filter(path=str(resolved)).first()
     if existing:
         return existing
-    name = check_text(name.strip() or resolved.stem, "The dataset name", NAME_LIMIT)
+    name = check_record_name(name.strip() or _name_from(resolved.stem, "dataset"), "The dataset name")
     try:
         info = inspect_dataset(str(resolved))
+    except JobInputError as exc:  # about what the file holds
+        raise JobInputError(str(exc), field="path") from None
     except OSError as exc:
-        raise JobInputError(f"The dataset {path} cannot be read: {exc.strerror}.") from None
+        raise JobInputError(f"The dataset {path} cannot be read: {exc.strerror}.", field="path") from None
     return _register(Dataset, "dataset", name, resolved, dict(
         format=info.format, num_samples=info.num_samples, size_bytes=info.size_bytes
     ))
@@ -92,14 +104,13 @@ def dataset_upload(*, upload, name: str = "") -> Dataset:
     filename = Path(upload.name).name
     suffix = Path(filename).suffix.lower()
     if suffix not in (".txt", ".jsonl"):
-        raise JobInputError(f"{filename}: upload a .txt (one sample a line) or .jsonl file.")
+        raise JobInputError(f"{filename}: upload a .txt (one sample a line) or .jsonl file.", field="file")
     if upload.size > MAX_DATASET_UPLOAD_BYTES:
         raise JobInputError(f"{filename} is larger than {MAX_DATASET_UPLOAD_BYTES // 2**20} MB; "
-                            "put it under the data directory and register it by its path.")
-    name = check_file_name(check_text(name.strip() or Path(filename).stem, "The dataset name", NAME_LIMIT),
-                           "The dataset name of an upload")
+                            "put it under the data directory and register it by its path.", field="file")
+    name = check_file_name(name.strip() or Path(filename).stem, "The dataset name of an upload")
     if Dataset.objects.filter(name=name).exists():
-        raise JobInputError(f"A dataset named {name!r} already exists; choose another name.")
+        raise JobInputError(f"A dataset named {name!r} already exists; choose another name.", field="name")
     folder = settings.JOBSITE_DATA_DIR / UPLOADS
     target = folder / f"{name}{suffix}"
     staging = None
@@ -110,13 +121,13 @@ def dataset_upload(*, upload, name: str = "") -> Dataset:
         try:
             info = inspect_dataset(staging.name)
         except JobInputError as exc:  # named after the file sent, not the staging copy
-            raise JobInputError(f"{filename}: {exc}") from None
+            raise JobInputError(f"{filename}: {exc}", field="file") from None
         os.link(staging.name, target)  # never over a file that is there already
     except FileExistsError:
         raise JobInputError(f"The file {UPLOADS}/{target.name} already exists in the data directory; "
-                            "choose another name, or register that file by its path.") from None
+                            "choose another name, or register that file by its path.", field="name") from None
     except OSError as exc:
-        raise not_kept(exc) from None
+        raise not_kept(exc, field="file") from None
     finally:
         if staging is not None:
             os.unlink(staging.name)
@@ -135,34 +146,35 @@ def validate_parameters(
 ) -> tuple[list[int], list[str]]:
     """Check a request against the model; each error names the fix."""
     if not layers:
-        raise JobInputError("Choose at least one layer.")
+        raise JobInputError("Choose at least one layer.", field="layers")
     bad_layers = [layer for layer in layers if not 0 <= layer < model.num_layers]
     if bad_layers:
         raise JobInputError(
-            f"Layer {bad_layers[0]} does not exist: {model.name} has layers 0-{model.num_layers - 1}."
+            f"Layer {bad_layers[0]} does not exist: {model.name} has layers 0-{model.num_layers - 1}.", field="layers",
         )
     if not hooks:
-        raise JobInputError(f"Choose at least one hook point from {', '.join(HOOK_TYPES)}.")
+        raise JobInputError(f"Choose at least one hook point from {', '.join(HOOK_TYPES)}.", field="hooks")
     unknown = [hook for hook in hooks if hook not in HOOK_TYPES]
     if unknown:
-        raise JobInputError(f"Hook {unknown[0]!r} is unknown; choose from {', '.join(HOOK_TYPES)}.")
+        raise JobInputError(f"Hook {unknown[0]!r} is unknown; choose from {', '.join(HOOK_TYPES)}.", field="hooks")
     unsupported = [hook for hook in hooks if hook not in model.supported_hooks]
     if unsupported:
         raise JobInputError(
             f"{model.name} ({model.architecture}) has no {unsupported[0]} hook point; "
-            f"it supports {', '.join(model.supported_hooks)}."
+            f"it supports {', '.join(model.supported_hooks)}.", field="hooks",
         )
     if batch_size not in VALID_BATCH_SIZES:
-        raise JobInputError(f"batch_size must be one of {', '.join(map(str, VALID_BATCH_SIZES))}; got {batch_size}.")
+        raise JobInputError(f"{BATCH_SIZES_SENTENCE}; got {batch_size}.", field="batch_size")
     if max_samples is not None and not 1 <= max_samples <= dataset.num_samples:
         raise JobInputError(
-            f"max_samples must be between 1 and {dataset.num_samples} (the samples in {dataset.name}); "
-            "leave it empty for all."
+            f"Max samples must be between 1 and {dataset.num_samples:,} (the samples in {dataset.name}); "
+            "leave it empty for all.", field="max_samples",
         )
     if not 1 <= max_length <= 1_000_000:
-        raise JobInputError("max_length must be a positive number of tokens, e.g. 512.")
+        raise JobInputError("Max length must be a positive number of tokens, e.g. 512.", field="max_length")
     if storage_dtype not in Extraction.StorageDtype.values:
-        raise JobInputError(f"storage_dtype must be one of {', '.join(Extraction.StorageDtype.values)}.")
+        raise JobInputError(f"The storage dtype must be one of {', '.join(Extraction.StorageDtype.values)}.",
+                            field="storage_dtype")
     return sorted(set(layers)), [hook for hook in HOOK_TYPES if hook in hooks]
 
 

@@ -24,9 +24,10 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from extraction import selectors, services
 from extraction.api import CANCEL_WAIT_S
-from extraction.forms import ExtractionStartForm, RegisterForm, RetryForm, field_for_error
+from extraction.forms import ExtractionStartForm, RegisterForm, RetryForm
 from extraction.models import Extraction
 from jobsite.errors import ErrorType, JobInputError
+from jobsite.forms import add_refusal
 from jobsite.health import workers_missing
 from jobsite.lifecycle import TransitionError
 from jobsite.selectors import last_event_seq
@@ -211,7 +212,7 @@ def extraction_page(request):
                 storage_dtype=data["storage_dtype"], auto_retry_on_oom=data["auto_retry_on_oom"], user=request.user,
             )
         except JobInputError as exc:
-            form.add_error(field_for_error(str(exc), form.fields), str(exc))
+            add_refusal(form, exc)
         except TransitionError as exc:  # the same request failed before: its retry is the way on
             form.add_error(None, str(exc))
         else:
@@ -244,9 +245,7 @@ def register(request):
             else:
                 record = services.dataset_register(path=path, name=name)
         except JobInputError as exc:
-            message = str(exc)  # a taken or unusable name says so; anything else is about the file
-            about_name = message.startswith((f"The {kind} name", f"A {kind} named", f"The file {services.UPLOADS}/"))
-            form.add_error("name" if about_name else "upload" if upload else "path", message)
+            add_refusal(form, exc, default="upload" if upload else "path", renamed={"file": "upload"})
         else:
             if record.created_at < asked_at:  # the service hands back the record a path already has
                 messages.info(request, f"{record.path} is already registered as the {kind} {record.name}.")

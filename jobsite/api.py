@@ -1,15 +1,25 @@
 """The JSON API: /api/v1/, OpenAPI at /api/docs. Reads need a login, writes need staff.
 
-Every refusal is a 4xx with a `message` sentence that says what to change.
+Every refusal is a 4xx with a `message` sentence that says what to change; a 422 about one
+input also names it in `field`.
 """
 
 from django.http import HttpRequest, JsonResponse
-from ninja import NinjaAPI, Schema, Status
+from ninja import Field, NinjaAPI, Schema, Status
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.security import SessionAuth
 
 from jobsite.errors import JobInputError
 from jobsite.lifecycle import TransitionError
+from jobsite.views import STAFF_ONLY
+
+
+class Message(Schema):
+    message: str
+
+
+class Refusal(Message):
+    field: str | None = Field(None, description="the input the message is about, when it is about one")
 
 
 class LoginRequired(SessionAuth):
@@ -20,7 +30,7 @@ class StaffRequired(SessionAuth):
     def authenticate(self, request: HttpRequest, key):
         user = super().authenticate(request, key)
         if user and not user.is_staff:
-            raise HttpError(403, "Only staff users can start, cancel or retry jobs; ask an administrator.")
+            raise HttpError(403, STAFF_ONLY)
         return user
 
 
@@ -54,12 +64,14 @@ def _sentence_for(errors: list[dict]) -> str:
 
 @api.exception_handler(ValidationError)
 def on_validation_error(request, exc: ValidationError):
-    return api.create_response(request, {"message": _sentence_for(exc.errors), "detail": exc.errors}, status=422)
+    field = _location(exc.errors[0].get("loc", ())).split(".")[0] if exc.errors else ""  # the input, not its item
+    return api.create_response(request, {"message": _sentence_for(exc.errors), "field": field or None,
+                                         "detail": exc.errors}, status=422)
 
 
 @api.exception_handler(JobInputError)
 def on_job_input_error(request, exc: JobInputError):
-    return api.create_response(request, {"message": str(exc)}, status=422)
+    return api.create_response(request, {"message": str(exc), "field": exc.field}, status=422)
 
 
 @api.exception_handler(TransitionError)

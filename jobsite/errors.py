@@ -51,29 +51,51 @@ _OOM_MESSAGES = (
 
 
 class JobInputError(ValueError):
-    """The job's parameters or inputs are wrong; retrying unchanged cannot help."""
+    """The job's parameters or inputs are wrong; retrying unchanged cannot help.
+
+    `field` names the input the sentence is about, by its API name ("batch_size", "path"),
+    where it is about one: the API answers it beside the message, and a page form shows the
+    sentence under that field."""
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
-def check_text(value: str, label: str, limit: int) -> str:
+def check_text(value: str, label: str, limit: int, *, field: str | None = None) -> str:
     """A user's text as the database will hold it, or a sentence saying why it cannot be."""
     if "\x00" in value:
-        raise JobInputError(f"{label} contains a NUL character; remove it.")
+        raise JobInputError(f"{label} contains a NUL character; remove it.", field=field)
     if len(value) > limit:
-        raise JobInputError(f"{label} is {len(value):,} characters long; the most is {limit:,}.")
+        raise JobInputError(f"{label} is {len(value):,} characters long; the most is {limit:,}.", field=field)
     return value
 
 
-def check_file_name(name: str, label: str) -> str:
-    """A name that also names a file or folder in the data directory: a letter or digit first,
-    since "." and ".." would name the folder above."""
-    if not re.fullmatch(r"[^\W_][\w.-]{0,99}", name or ""):
-        raise JobInputError(f"{label} must be 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit.")
+_PART = r"[^\W_][\w.-]*"  # a letter or digit first, since "." and ".." would name the folder above
+
+
+def check_file_name(name: str, label: str, *, field: str = "name") -> str:
+    """A name that also names a file or folder in the data directory."""
+    if len(name or "") > 100 or not re.fullmatch(_PART, name or ""):
+        raise JobInputError(f"{label} must be 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit.",
+                            field=field)
     return name
 
 
-def not_kept(exc: OSError) -> JobInputError:
+def check_record_name(name: str, label: str, *, field: str = "name") -> str:
+    """The name a person picks a model or dataset by (on a page, `extract --model`): words of
+    letters, digits, '.', '_' or '-', separated by spaces or by '/' as the Hub writes them
+    (EleutherAI/pythia-70m); never '..', a leading '/' or an empty part."""
+    if (len(name or "") > 100 or not re.fullmatch(r"[^\W_][\w. /-]*", name or "") or ".." in name
+            or "//" in name or name.endswith("/")):
+        raise JobInputError(f"{label} {name[:100]!r} cannot be used: use up to 100 letters, digits, spaces, '.', '_', "
+                            "'-' or '/', starting with a letter or digit, without '..'.", field=field)
+    return name
+
+
+def not_kept(exc: OSError, *, field: str) -> JobInputError:
     """An upload the data directory cannot hold (full, read-only, a name too long)."""
-    return JobInputError(f"The upload cannot be kept in the data directory: {exc.strerror}.")
+    return JobInputError(f"The upload cannot be kept in the data directory: {exc.strerror}.", field=field)
 
 
 class StorageError(OSError):

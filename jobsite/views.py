@@ -20,7 +20,8 @@ from jobsite.lifecycle import TransitionError
 from jobsite.selectors import last_event_seq
 from jobsite.services import job_resume
 
-STAFF_ONLY = "Only staff users can start, cancel or retry jobs; ask an administrator."
+STAFF_ONLY = ("Only staff users can start, cancel or retry jobs, or add models, datasets and corpora; "
+              "ask an administrator.")
 
 
 @login_required

@@ -8,7 +8,7 @@ from ninja import Field, File, Form, Query, Router, Schema, Status
 from ninja.errors import HttpError
 from ninja.files import UploadedFile
 
-from jobsite.api import staff_required
+from jobsite.api import Message, Refusal, staff_required
 from training_runs import selectors, services
 from training_runs.models import Corpus, TrainingPair, TrainingRun
 
@@ -147,9 +147,6 @@ class SearchHit(Schema):
     score: float
 
 
-class Message(Schema):
-    message: str
-
 
 def _run(run_id: int) -> TrainingRun:
     try:
@@ -175,20 +172,20 @@ def list_corpora(request):
     return selectors.corpus_list()
 
 
-@router.post("/training/corpora", response={201: CorpusOut, 422: Message}, auth=staff_required)
+@router.post("/training/corpora", response={201: CorpusOut, 422: Refusal}, auth=staff_required)
 def create_corpus(request, payload: CorpusIn):
     return Status(201, services.corpus_create(name=payload.name, path=payload.path, chunk_size=payload.chunk_size,
                                               chunk_overlap=payload.chunk_overlap))
 
 
-@router.post("/training/corpora/upload", response={201: CorpusOut, 422: Message}, auth=staff_required)
+@router.post("/training/corpora/upload", response={201: CorpusOut, 422: Refusal}, auth=staff_required)
 def upload_corpus(request, name: Form[str], files: File[list[UploadedFile]],
                   chunk_size: int = Form(500, ge=50, le=20000), chunk_overlap: int = Form(50, ge=0)):
     return Status(201, services.corpus_create(name=name, uploads=files, chunk_size=chunk_size,
                                               chunk_overlap=chunk_overlap))
 
 
-@router.post("/training/runs", response={201: RunOut, 404: Message, 409: Message, 422: Message}, auth=staff_required)
+@router.post("/training/runs", response={201: RunOut, 404: Message, 409: Message, 422: Refusal}, auth=staff_required)
 def start_run(request, payload: RunIn):
     corpus = Corpus.objects.filter(pk=payload.corpus_id).first()
     if corpus is None:
@@ -208,7 +205,7 @@ def get_run(request, run_id: int):
     return _run(run_id)
 
 
-@router.post("/training/runs/{run_id}/train", response={200: RunOut, 404: Message, 409: Message, 422: Message},
+@router.post("/training/runs/{run_id}/train", response={200: RunOut, 404: Message, 409: Message, 422: Refusal},
              auth=staff_required)
 def train_run(request, run_id: int, payload: TrainIn | None = None):
     payload = payload or TrainIn()
@@ -223,7 +220,7 @@ def stop_run(request, run_id: int):
     return services.training_run_stop(run=_run(run_id))
 
 
-@router.post("/training/runs/{run_id}/proceed", response={200: RunOut, 404: Message, 409: Message, 422: Message},
+@router.post("/training/runs/{run_id}/proceed", response={200: RunOut, 404: Message, 409: Message, 422: Refusal},
              auth=staff_required)
 def proceed_run(request, run_id: int):
     return services.training_run_proceed(run=_run(run_id))
@@ -242,14 +239,14 @@ def list_pairs(request, run_id: int, review: TrainingPair.Review | None = None,
 
 
 @router.post("/training/runs/{run_id}/pairs/review",
-             response={200: ReviewOut, 404: Message, 409: Message, 422: Message}, auth=staff_required)
+             response={200: ReviewOut, 404: Message, 409: Message, 422: Refusal}, auth=staff_required)
 def review_pairs(request, run_id: int, payload: ReviewIn):
     run = _run(run_id)
     updated = services.training_run_review(run=run, decision=payload.decision, pair_ids=payload.pair_ids)
     return {"updated": updated, "review_counts": services.review_counts(run)}
 
 
-@router.get("/training/runs/{run_id}/search", response={200: list[SearchHit], 404: Message, 422: Message})
+@router.get("/training/runs/{run_id}/search", response={200: list[SearchHit], 404: Message, 422: Refusal})
 def search_run(request, run_id: int, query: str = Query(..., min_length=1, max_length=2000),
                k: int = Query(5, ge=1, le=100)):
     """The k chunks nearest to the query through the run's trained adapter."""

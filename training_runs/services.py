@@ -39,19 +39,19 @@ class TrainingRunBlocked(TransitionError):
 # --- corpus ------------------------------------------------------------------------------
 
 
-def _documents(root: Path) -> list[tuple[str, str]]:
+def _documents(root: Path, field: str) -> list[tuple[str, str]]:
     files = sorted(p for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file())
     files = [p for p in files if p.suffix.lower() in CORPUS_SUFFIXES]
     if not files:
-        raise JobInputError(f"No .txt, .md or .jsonl documents in {root.name}; add some.")
+        raise JobInputError(f"No .txt, .md or .jsonl documents in {root.name}; add some.", field=field)
     documents = []
     for path in files:
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
-            raise JobInputError(f"{path.name} is not valid UTF-8 text; convert it first.") from None
+            raise JobInputError(f"{path.name} is not valid UTF-8 text; convert it first.", field=field) from None
         except OSError as exc:
-            raise JobInputError(f"{path.name} cannot be read: {exc.strerror}.") from None
+            raise JobInputError(f"{path.name} cannot be read: {exc.strerror}.", field=field) from None
         if path.suffix.lower() == ".jsonl":
             for number, line in enumerate(text.splitlines(), start=1):
                 if not line.strip():
@@ -60,20 +60,21 @@ def _documents(root: Path) -> list[tuple[str, str]]:
                     record = json.loads(line)
                     documents.append((f"{path.name}:{number}", str(record["text"])))
                 except (ValueError, KeyError, TypeError):
-                    raise JobInputError(f"Line {number} of {path.name} must be a JSON object with a \"text\".") from None
-                _refuse_nul(documents[-1][1], f"Line {number} of {path.name}")
+                    raise JobInputError(f"Line {number} of {path.name} must be a JSON object with a \"text\".",
+                                        field=field) from None
+                _refuse_nul(documents[-1][1], f"Line {number} of {path.name}", field)
         else:
-            _refuse_nul(text, path.name)
+            _refuse_nul(text, path.name, field)
             documents.append((str(path.relative_to(root) if root.is_dir() else path.name), text))
     return documents
 
 
-def _refuse_nul(text: str, where: str) -> None:
+def _refuse_nul(text: str, where: str, field: str) -> None:
     # PostgreSQL text cannot hold NUL; a file with one is binary or damaged, not a document.
     if "\x00" in text:
         raise JobInputError(
             f"{where} contains a NUL character (at character {text.index(chr(0)):,}); "
-            "remove it or convert the file to plain text first."
+            "remove it or convert the file to plain text first.", field=field,
         )
 
 
@@ -85,11 +86,11 @@ def _checked_uploads(uploads) -> list[tuple[str, bytes]]:
     for upload in uploads:
         safe = Path(upload.name).name
         if Path(safe).suffix.lower() not in CORPUS_SUFFIXES or "\x00" in safe:
-            raise JobInputError(f"{safe}: upload .txt, .md or .jsonl files only.")
+            raise JobInputError(f"{safe}: upload .txt, .md or .jsonl files only.", field="files")
         if upload.size > MAX_UPLOAD_BYTES:
-            raise JobInputError(f"{safe} is larger than {MAX_UPLOAD_BYTES // 2**20} MB; split it.")
+            raise JobInputError(f"{safe} is larger than {MAX_UPLOAD_BYTES // 2**20} MB; split it.", field="files")
         if safe in names:
-            raise JobInputError(f"{safe} is uploaded twice; upload each file once.")
+            raise JobInputError(f"{safe} is uploaded twice; upload each file once.", field="files")
         names.append(safe)
     return [(safe, upload.read()) for safe, upload in zip(names, uploads)]
 
@@ -99,12 +100,12 @@ def _corpus_folder(name: str) -> Path:
     folder = corpora / name
     if folder.resolve().parent != corpora.resolve():
         raise JobInputError(f"The corpus name {name!r} does not name a folder inside the corpora folder; "
-                            "choose another.")
+                            "choose another.", field="name")
     return folder
 
 
 def _already_exists(name: str) -> JobInputError:
-    return JobInputError(f"A corpus named {name!r} already exists; choose another name.")
+    return JobInputError(f"A corpus named {name!r} already exists; choose another name.", field="name")
 
 
 def corpus_create(
@@ -121,9 +122,10 @@ def corpus_create(
 
     check_file_name(name, "The corpus name")
     if not 50 <= chunk_size <= 20000:
-        raise JobInputError("chunk_size must be between 50 and 20000 characters.")
+        raise JobInputError("The chunk size must be between 50 and 20,000 characters.", field="chunk_size")
     if not 0 <= chunk_overlap < chunk_size // 2:
-        raise JobInputError(f"chunk_overlap must be between 0 and {chunk_size // 2 - 1} for chunk_size {chunk_size}.")
+        raise JobInputError(f"The overlap must be between 0 and {chunk_size // 2 - 1} characters for a chunk size of "
+                            f"{chunk_size:,}.", field="chunk_overlap")
     if Corpus.objects.filter(name=name).exists():
         raise _already_exists(name)
     staging = None
@@ -138,25 +140,29 @@ def corpus_create(
         except OSError as exc:
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
-            raise not_kept(exc) from None
+            raise not_kept(exc, field="files") from None
     elif path:
         root = resolve_under(path, [settings.JOBSITE_DATA_DIR], "corpus")
     else:
-        raise JobInputError("Give a path under the data directory or upload files.")
+        raise JobInputError("Give a path under the data directory or upload files.", field="path")
     try:
-        documents = _documents(staging or root)
+        field = "files" if staging else "path"
+        documents = _documents(staging or root, field)
         chunks = [
             (document, piece)
             for document, text in documents
             for piece in chunk_text(text, size=chunk_size, overlap=chunk_overlap)
         ]
         if not chunks:
-            raise JobInputError("The documents contain no text.")
+            raise JobInputError("The documents contain no text.", field=field)
         return _corpus_save(name=name, root=root, staging=staging, chunk_size=chunk_size,
                             chunk_overlap=chunk_overlap, num_documents=len(documents), chunks=chunks)
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+CORPORA_TOPIC = "training.corpora"
 
 
 def _corpus_save(*, name: str, root: Path, staging: Path | None, chunks: list[tuple[str, str]], **fields) -> Corpus:
@@ -169,6 +175,8 @@ def _corpus_save(*, name: str, root: Path, staging: Path | None, chunks: list[tu
             Chunk.objects.bulk_create(
                 Chunk(corpus=corpus, index=i, document=document, text=text) for i, (document, text) in enumerate(chunks)
             )
+            # Open pages list it (and offer it in the Generate form) without a reload.
+            publish(CORPORA_TOPIC, "training.corpus_created", {"id": corpus.pk, "name": corpus.name})
             if staging is not None:
                 # Inside the transaction: a folder that cannot be moved rolls the row back.
                 try:
@@ -177,9 +185,10 @@ def _corpus_save(*, name: str, root: Path, staging: Path | None, chunks: list[tu
                     if root.exists():
                         raise JobInputError(
                             f"The folder corpora/{name} already exists in the data directory; "
-                            "choose another name or remove that folder."
+                            "choose another name or remove that folder.", field="name",
                         ) from None
-                    raise JobInputError(f"The folder corpora/{name} cannot be created: {exc.strerror}.") from None
+                    raise JobInputError(f"The folder corpora/{name} cannot be created: {exc.strerror}.",
+                                        field="files") from None
                 moved = True
     except IntegrityError:
         if Corpus.objects.filter(name=name).exists():
@@ -201,7 +210,7 @@ def training_availability() -> tuple[bool, str]:
     if not path:
         return False, "No encoder is configured: set JOBSITE_ENCODER_PATH to a local encoder directory."
     try:
-        resolved = resolve_under(path, settings.JOBSITE_MODEL_ROOTS, "encoder")
+        resolved = resolve_under(path, settings.JOBSITE_MODEL_ROOTS, "encoder", field=None)
     except JobInputError as exc:
         return False, f"{exc} Run `manage.py setup_demo` for the MiniLM encoder."
     missing = [n for n in ("config.json", "model.safetensors") if not (resolved / n).is_file()]
@@ -242,9 +251,9 @@ def training_run_generate(
     get one run and, for every other one, the sentence naming it."""
     _require_available()
     if generator not in TrainingRun.Generator.values:
-        raise JobInputError(f"generator must be one of {', '.join(TrainingRun.Generator.values)}.")
+        raise JobInputError(f"The generator must be one of {', '.join(TrainingRun.Generator.values)}.", field="generator")
     if not 1 <= queries_per_chunk <= 20:
-        raise JobInputError("queries_per_chunk must be between 1 and 20.")
+        raise JobInputError("Queries per chunk must be between 1 and 20.", field="queries_per_chunk")
     blocking = _blocking_run()
     if blocking:
         raise TrainingRunBlocked(blocking_sentence(blocking))
@@ -269,14 +278,14 @@ def training_run_review(*, run: TrainingRun, decision: str, pair_ids: list[int] 
     if run.status not in (Status.GENERATED, Status.TRAINING_FAILED):
         raise TransitionError(f"Training run {run.pk} is {run.status}; pairs are reviewed once generation is done.")
     if decision not in (TrainingPair.Review.APPROVED, TrainingPair.Review.REJECTED):
-        raise JobInputError("decision must be approved or rejected.")
+        raise JobInputError("The decision must be approved or rejected.", field="decision")
     pairs = run.pairs.all()
     if pair_ids is None:
         pairs = pairs.filter(review=TrainingPair.Review.PENDING)
     else:
         unknown = set(pair_ids) - set(pairs.filter(pk__in=pair_ids).values_list("pk", flat=True))
         if unknown:
-            raise JobInputError(f"Pairs {sorted(unknown)[:5]} do not belong to training run {run.pk}.")
+            raise JobInputError(f"Pairs {sorted(unknown)[:5]} do not belong to training run {run.pk}.", field="pair_ids")
         pairs = pairs.filter(pk__in=pair_ids)
     with transaction.atomic():
         count = pairs.update(review=decision)
@@ -305,11 +314,12 @@ def training_run_train(
               "train_batch_size": run.train_batch_size if batch_size is None else batch_size,
               "learning_rate": run.learning_rate if learning_rate is None else learning_rate}
     if not 1 <= params["epochs"] <= 1000:
-        raise JobInputError(f"epochs must be between 1 and 1000; got {params['epochs']}.")
+        raise JobInputError(f"Epochs must be between 1 and 1,000; got {params['epochs']}.", field="epochs")
     if not 2 <= params["train_batch_size"] <= 4096:
-        raise JobInputError(f"batch_size must be between 2 and 4096; got {params['train_batch_size']}.")
+        raise JobInputError(f"The batch size must be between 2 and 4,096; got {params['train_batch_size']}.",
+                            field="batch_size")
     if not 0 < params["learning_rate"] < 1:
-        raise JobInputError("learning_rate must be between 0 and 1, e.g. 0.001.")
+        raise JobInputError("The learning rate must be between 0 and 1, e.g. 0.001.", field="learning_rate")
     approved = run.pairs.filter(review=TrainingPair.Review.APPROVED).count()
     if approved < settings.JOBSITE_MIN_APPROVED_PAIRS:
         raise JobInputError(
@@ -378,7 +388,8 @@ def _generator(run: TrainingRun):
     from training_runs.generator import CausalLMGenerator, LocalGenerator  # noqa: PLC0415
 
     if run.generator == TrainingRun.Generator.CAUSAL_LM:
-        path = resolve_under(settings.JOBSITE_GENERATOR_MODEL_PATH, settings.JOBSITE_MODEL_ROOTS, "generator model")
+        path = resolve_under(settings.JOBSITE_GENERATOR_MODEL_PATH, settings.JOBSITE_MODEL_ROOTS, "generator model",
+                             field=None)
         return CausalLMGenerator(model_path=str(path), queries_per_chunk=run.queries_per_chunk,
                                  device=settings.JOBSITE_DEVICE)
     return LocalGenerator(queries_per_chunk=run.queries_per_chunk)
@@ -417,7 +428,7 @@ def _train(run: TrainingRun, lease) -> None:
     approved = run.pairs.filter(review=TrainingPair.Review.APPROVED).order_by("pk")
     train, held_out = split_pairs([(p.pk, p.query, positions[p.chunk_id]) for p in approved])
     spec = TrainSpec(
-        encoder_path=str(resolve_under(settings.JOBSITE_ENCODER_PATH, settings.JOBSITE_MODEL_ROOTS, "encoder")),
+        encoder_path=str(resolve_under(settings.JOBSITE_ENCODER_PATH, settings.JOBSITE_MODEL_ROOTS, "encoder", field=None)),
         output_dir=str(run.output_dir), epochs=run.epochs, batch_size=run.train_batch_size,
         learning_rate=run.learning_rate, device=settings.JOBSITE_DEVICE,
     )

@@ -9,6 +9,7 @@ urlpatterns = [
     path("workflow/", views.workflow_fragment, name="workflow"),
     path("history/", views.history_fragment, name="history"),
     path("corpora/", views.training_corpus_create, name="corpus_create"),
+    path("corpora/list/", views.corpora_fragment, name="corpora"),
     path("generate/", views.training_generate, name="generate"),
     path("runs/<int:pk>/row/", views.row_fragment, name="row"),
     path("runs/<int:pk>/review/", views.training_review, name="review"),

@@ -18,6 +18,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from jobsite.errors import ErrorType, JobInputError
+from jobsite.forms import add_refusal
 from jobsite.health import workers_missing
 from jobsite.lifecycle import TransitionError
 from jobsite.selectors import last_event_seq
@@ -209,8 +210,9 @@ def _back(run_id: int | None = None):
 
 def _page(request, *, corpus_form: CorpusForm | None = None, status: int = 200):
     available, reason = services.training_availability()
-    if not available:
-        return render(request, "training_runs/unavailable.html", {"reason": reason})
+    if not available:  # corpora can be prepared meanwhile; a refused one keeps its sentence
+        return render(request, "training_runs/unavailable.html",
+                      {"reason": reason, **_corpora_context(request, corpus_form)}, status=status)
     context = live_context(topic=TOPIC)  # the seq first: an event written meanwhile is replayed
     context.update(_workflow_context(request, seq=context["live"]["after"]))
     context.update(_corpora_context(request, corpus_form))
@@ -232,6 +234,12 @@ def workflow_fragment(request):
 
 @login_required
 @require_GET
+def corpora_fragment(request):
+    return render(request, "training_runs/_corpora_list.html", _corpora_context(request))
+
+
+@login_required
+@require_GET
 def history_fragment(request):
     return render(request, "training_runs/_history.html", _history_context(request))
 
@@ -247,15 +255,6 @@ def row_fragment(request, pk: int):
 
 # -- actions -----------------------------------------------------------------------------------
 
-def _corpus_field(message: str, uploading: bool) -> str:
-    """The field a service's refusal belongs under: a name, a chunk setting, else the documents."""
-    if message.startswith(("The corpus name", "A corpus named", "The folder corpora/")):
-        return "name"
-    if message.startswith(("chunk_overlap", "chunk_size")):
-        return message.split(" ", 1)[0]
-    return "files" if uploading else "path"
-
-
 @staff_required
 @require_POST
 def training_corpus_create(request):
@@ -267,7 +266,7 @@ def training_corpus_create(request):
             corpus = services.corpus_create(name=data["name"], path=data["path"], uploads=data["files"],
                                             chunk_size=data["chunk_size"], chunk_overlap=data["chunk_overlap"])
         except JobInputError as exc:
-            form.add_error(_corpus_field(str(exc), bool(data["files"])), str(exc))
+            add_refusal(form, exc, default="files" if data["files"] else "path")
         else:
             chunks = corpus.chunks.count()
             messages.success(request, f"Corpus {corpus.name} is ready: {corpus.num_documents:,} "

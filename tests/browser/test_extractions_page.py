@@ -138,7 +138,7 @@ def test_a_failure_shows_the_alert_and_retry_with_suggested_params_completes(
 
     reader = site.page(plain_user)
     reader.goto(site.url("/extractions/"))
-    expect(reader.locator("[data-staff-note]")).to_contain_text("Only staff users can start, cancel or retry jobs")
+    expect(reader.locator("[data-staff-note]")).to_contain_text("Only staff users can start, cancel or retry jobs, or add models, datasets and corpora")
     expect(reader.get_by_role("button", name="Start extraction")).to_be_disabled()
     screenshot(reader, "07-read-only")
 

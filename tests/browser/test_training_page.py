@@ -272,7 +272,7 @@ def test_one_row_opens_at_a_time_and_refresh_updates_only_its_row(site, staff_us
     screenshot(reader, "training-11-read-only")
 
 
-def test_without_an_encoder_the_page_shows_only_the_reason(site, staff_user, db):
+def test_without_an_encoder_the_page_shows_the_reason_and_the_corpora(site, staff_user, db):
     site.start_web(JOBSITE_ENCODER_PATH="")
     page = site.page(staff_user)
     page.goto(site.url("/training/"))
@@ -280,7 +280,8 @@ def test_without_an_encoder_the_page_shows_only_the_reason(site, staff_user, db)
     expect(main.locator("h1")).to_have_text("Training")
     expect(main.locator(".alert")).to_have_count(1)
     expect(main.locator(".alert")).to_contain_text("No encoder is configured: set JOBSITE_ENCODER_PATH")
-    expect(main.locator("#workflow, #history, form, table")).to_have_count(0)
+    expect(main.locator("#workflow, #history, [data-generate]")).to_have_count(0)
+    expect(main.locator("#corpora [data-create-corpus]")).to_be_visible()  # corpora can be prepared meanwhile
     screenshot(page, "training-12-unavailable")
 
 
@@ -325,7 +326,8 @@ def test_stop_mid_generation_shows_the_run_stopped_and_proceed_finishes_it(site,
     assert done.processed_chunks == total and done.pairs.values("chunk_id").distinct().count() == total
 
 
-def test_a_corpus_uploaded_from_the_page_is_picked_and_generated_from(site, staff_user, training_env, tmp_path):
+def test_a_corpus_uploaded_from_the_page_is_picked_and_generated_from(site, staff_user, training_env, tmp_path,
+                                                                     settings):
     site.start_web(**training_env)
     page = site.page(staff_user)
     page.goto(site.url("/training/"))
@@ -353,6 +355,16 @@ def test_a_corpus_uploaded_from_the_page_is_picked_and_generated_from(site, staf
     expect(page.locator(f"#corpus-{corpus.pk}")).to_contain_text("field-guides")
     expect(page.locator("#id_corpus")).to_have_value(str(corpus.pk))
     screenshot(page, "training-16-corpus-created")
+
+    # A corpus made elsewhere (another tab, the API) is listed and offered without a reload,
+    # and the one just created stays picked.
+    source = settings.JOBSITE_DATA_DIR / "handbook-src"
+    source.mkdir(parents=True)
+    shutil.copy(DEMO_CORPUS / "expense-policy.md", source / "expense-policy.md")
+    other = services.corpus_create(name="handbook", path=str(source), chunk_size=800, chunk_overlap=0)
+    expect(page.locator(f"#corpus-{other.pk}")).to_contain_text("handbook")
+    expect(page.locator(f"#id_corpus option[value='{other.pk}']")).to_have_count(1)
+    expect(page.locator("#id_corpus")).to_have_value(str(corpus.pk))
 
     page.locator("#workflow [data-generate]").click()
     expect(page.locator(".message-success")).to_contain_text(

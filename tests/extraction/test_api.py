@@ -49,15 +49,17 @@ def test_invalid_batch_size_is_422_naming_the_valid_sizes(staff_client, fake_mod
         ({"layers": []}, "layers"),
         ({"hooks": ["logits"]}, "hooks"),
         ({"max_samples": 0}, "max_samples"),
-        ({"max_samples": 10**9}, "max_samples must be between 1 and 100"),
+        ({"max_samples": 10**9}, "Max samples must be between 1 and 100"),
         ({"max_length": -5}, "max_length"),
         ({"storage_dtype": "int8"}, "storage_dtype"),
     ],
 )
-def test_bad_parameters_are_422_with_a_sentence(staff_client, fake_model, fake_dataset, overrides, sentence):
+def test_bad_parameters_are_422_with_a_sentence_and_the_field(staff_client, fake_model, fake_dataset, overrides,
+                                                               sentence):
     response = post(staff_client, start_url(fake_model), body(fake_dataset, **overrides))
     assert response.status_code == 422
     assert sentence in response.json()["message"]
+    assert response.json()["field"] == next(iter(overrides)), "a client can show the sentence beside its input"
 
 
 def test_malformed_json_is_a_4xx_not_a_500(staff_client, fake_model):

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from extraction.models import Extraction
+from extraction.models import Dataset, Extraction, ModelRecord
 
 pytestmark = pytest.mark.django_db
 
@@ -142,18 +142,37 @@ def test_a_deeply_nested_dataset_line_is_a_sentence(staff_client, settings):
     assert "Line 2 of the dataset nests JSON too deeply to read." in response.json()["message"]
 
 
-@pytest.mark.parametrize(
-    ("name", "sentence"),
-    [("a\u0000b", "name contains a NUL character"), ("n" * 201, "name is 201 characters long; the most is 200")],
-)
-def test_names_the_database_cannot_hold_are_refused(staff_client, settings, models_root, tiny_model_dir, name,
-                                                    sentence):
+@pytest.mark.parametrize("name", ["a\u0000b", "n" * 101, "../../x", "/etc", "a//b", "a/", "-x", "name\twith tab"])
+def test_names_a_person_cannot_pick_by_are_refused(staff_client, settings, models_root, tiny_model_dir, name):
     shutil.copytree(tiny_model_dir, models_root / "m1")
     response = post(staff_client, "/api/v1/models", {"path": str(models_root / "m1"), "name": name})
-    assert response.status_code == 422 and f"The model {sentence}" in response.json()["message"]
+    assert response.status_code == 422 and response.json()["field"] == "name"
+    assert "The model name " in response.json()["message"] and "cannot be used" in response.json()["message"]
     (settings.JOBSITE_DATA_DIR / "d.txt").write_text("hello\n")
     response = post(staff_client, "/api/v1/datasets", {"path": str(settings.JOBSITE_DATA_DIR / "d.txt"), "name": name})
-    assert response.status_code == 422 and f"The dataset {sentence}" in response.json()["message"]
+    assert response.status_code == 422 and response.json()["field"] == "name"
+    assert "The dataset name " in response.json()["message"]
+    assert not ModelRecord.objects.exists() and not Dataset.objects.exists()
+
+
+def test_names_as_the_hub_writes_them_and_with_spaces_are_kept(staff_client, settings, models_root, tiny_model_dir):
+    shutil.copytree(tiny_model_dir, models_root / "m1")
+    response = post(staff_client, "/api/v1/models", {"path": str(models_root / "m1"), "name": "EleutherAI/pythia-70m"})
+    assert response.status_code == 201 and response.json()["name"] == "EleutherAI/pythia-70m"
+    (settings.JOBSITE_DATA_DIR / "d.txt").write_text("hello\n")
+    response = post(staff_client, "/api/v1/datasets", {"path": str(settings.JOBSITE_DATA_DIR / "d.txt"),
+                                                       "name": "bike reviews v2.1"})
+    assert response.status_code == 201 and response.json()["name"] == "bike reviews v2.1"
+
+
+def test_a_record_registered_without_a_name_takes_a_usable_one_from_its_path(staff_client, settings, models_root,
+                                                                            tiny_model_dir):
+    shutil.copytree(tiny_model_dir, models_root / "gpt2 (copy)")
+    response = post(staff_client, "/api/v1/models", {"path": str(models_root / "gpt2 (copy)")})
+    assert response.status_code == 201 and response.json()["name"] == "gpt2-copy"
+    (settings.JOBSITE_DATA_DIR / "..reviews...txt").write_text("hello\n")
+    response = post(staff_client, "/api/v1/datasets", {"path": str(settings.JOBSITE_DATA_DIR / "..reviews...txt")})
+    assert response.status_code == 201 and response.json()["name"] == "reviews"
 
 
 @pytest.mark.parametrize(

@@ -109,8 +109,8 @@ def test_extraction_list_refuses_a_limit_below_one(limit):
 
 
 @pytest.mark.parametrize(("option", "sentence"), [
-    ("--max-length", "max_length must be a positive number"),
-    ("--max-samples", "max_samples must be between 1 and 100"),
+    ("--max-length", "Max length must be a positive number"),
+    ("--max-samples", "Max samples must be between 1 and 100"),
 ])
 def test_extraction_retry_refuses_a_zero_instead_of_ignoring_it(make_extraction, option, sentence):
     failed = make_extraction("failed", error_type="OOM")

@@ -66,7 +66,7 @@ def test_reader_sees_the_page_with_actions_disabled_and_a_sentence(client, plain
     failed_oom(make_extraction)
     client.force_login(plain_user)
     html = client.get(PAGE).content.decode()
-    assert "Only staff users can start, cancel or retry jobs" in html
+    assert "Only staff users can start, cancel or retry jobs, or add models, datasets and corpora" in html
     assert re.search(r"<fieldset[^>]*disabled", html)
     assert "Retry (with suggested params)" not in html
     assert "Read only: ask an administrator" in html
@@ -102,7 +102,7 @@ def test_a_user_who_is_not_staff_cannot_post_any_action(client, plain_user, make
         ({"batch_size": "3"}, "batch_size", "Select a valid choice"),
         ({"batch_size": "eight"}, "batch_size", "Select a valid choice"),
         ({"max_samples": "0"}, "max_samples", "greater than or equal to 1"),
-        ({"max_samples": "1000000"}, "max_samples", "max_samples must be between 1 and 100"),
+        ({"max_samples": "1000000"}, "max_samples", "Max samples must be between 1 and 100"),
         ({"max_length": "-5"}, "max_length", "greater than or equal to 1"),
         ({"max_length": "ten"}, "max_length", "Enter a whole number"),
         ({"storage_dtype": "int8"}, "storage_dtype", "Select a valid choice"),
@@ -326,7 +326,7 @@ def test_retry_with_edited_parameters(staff_client, make_extraction, django_capt
     [
         ({"batch_size": "3"}, "Batch size: Select a valid choice"),
         ({"max_samples": "-1"}, "Max samples: Ensure this value is greater than or equal to 1"),
-        ({"max_samples": "5000"}, "max_samples must be between 1 and 100"),
+        ({"max_samples": "5000"}, "Max samples must be between 1 and 100"),
         ({"max_length": "x"}, "Max length: Enter a whole number"),
     ],
 )
@@ -527,6 +527,8 @@ def test_a_model_and_a_dataset_registered_from_the_page_can_be_started(staff_cli
     ({"kind": "dataset", "dataset-path": "datasets/table.csv"}, "path", "must be a .txt (one sample a line) or .jsonl"),
     ({"kind": "dataset", "dataset-path": "datasets/other.txt", "dataset-name": "taken"}, "name",
      "A dataset named 'taken' already exists; choose another name."),
+    ({"kind": "dataset", "dataset-path": "datasets/other.txt", "dataset-name": "../../x"}, "name",
+     "The dataset name '../../x' cannot be used"),
     ({"kind": "model", "model-path": "/etc"}, "path", "is outside the allowed directories"),
     ({"kind": "model", "model-path": "empty"}, "path", "No config.json found in"),
 ])

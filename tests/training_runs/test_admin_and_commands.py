@@ -185,7 +185,7 @@ def test_train_command_refuses_epochs_below_one_instead_of_training_the_default(
     run = training_run_generate(corpus=small_corpus)
     run_training_phase(run.pk)
     call_command("training", "review", str(run.pk), "approve", stdout=io.StringIO())
-    with pytest.raises(CommandError, match=f"epochs must be between 1 and 1000; got {epochs}."):
+    with pytest.raises(CommandError, match=f"Epochs must be between 1 and 1,000; got {epochs}."):
         call_command("training", "train", str(run.pk), "--epochs", epochs)
     assert TrainingRun.objects.get(pk=run.pk).status == "generated"
 

@@ -66,13 +66,20 @@ def test_bad_input_is_4xx_with_a_sentence(staff_client, small_corpus):
     assert post(staff_client, "/api/v1/training/runs", {"corpus_id": 999}).status_code == 404
     response = post(staff_client, "/api/v1/training/runs", {"corpus_id": small_corpus.pk, "queries_per_chunk": 0})
     assert response.status_code == 422 and "queries_per_chunk" in response.json()["message"]
+    assert response.json()["field"] == "queries_per_chunk"
     response = post(staff_client, "/api/v1/training/runs", {"corpus_id": small_corpus.pk, "generator": "gpt5"})
     assert response.status_code == 422
     assert staff_client.get("/api/v1/training/runs/999").status_code == 404
     response = post(staff_client, "/api/v1/training/corpora", {"name": "x", "path": "/etc"})
     assert response.status_code == 422 and "outside the allowed directories" in response.json()["message"]
+    assert response.json()["field"] == "path"
     response = post(staff_client, "/api/v1/training/corpora", {"name": "../evil", "path": "corpora-src"})
     assert response.status_code == 422 and "corpus name" in response.json()["message"]
+    assert response.json()["field"] == "name"
+    response = post(staff_client, "/api/v1/training/corpora", {"name": "x", "path": "corpora-src", "chunk_size": 200,
+                                                              "chunk_overlap": 100})
+    assert response.json() == {"message": "The overlap must be between 0 and 99 characters for a chunk size of 200.",
+                               "field": "chunk_overlap"}
 
 
 def test_upload_makes_a_corpus_and_refuses_other_files(staff_client, settings):
@@ -232,9 +239,9 @@ def test_concurrent_identical_corpus_requests_make_one_corpus_and_the_sentence_f
     barrier = threading.Barrier(requests)
     documents = services._documents
 
-    def documents_after_every_check(root):
+    def documents_after_every_check(root, field):
         barrier.wait(timeout=30)
-        return documents(root)
+        return documents(root, field)
 
     monkeypatch.setattr(services, "_documents", documents_after_every_check)
     outcomes = []

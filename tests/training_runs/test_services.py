@@ -209,10 +209,10 @@ def test_training_needs_enough_approved_pairs(small_corpus, settings):
 
 
 @pytest.mark.parametrize(("params", "sentence"), [
-    ({"epochs": 0}, "epochs must be between 1 and 1000; got 0."),
-    ({"epochs": -1}, "epochs must be between 1 and 1000; got -1."),
-    ({"batch_size": 0}, "batch_size must be between 2 and 4096; got 0."),
-    ({"learning_rate": 0.0}, "learning_rate must be between 0 and 1, e.g. 0.001."),
+    ({"epochs": 0}, "Epochs must be between 1 and 1,000; got 0."),
+    ({"epochs": -1}, "Epochs must be between 1 and 1,000; got -1."),
+    ({"batch_size": 0}, "The batch size must be between 2 and 4,096; got 0."),
+    ({"learning_rate": 0.0}, "The learning rate must be between 0 and 1, e.g. 0.001."),
 ])
 def test_train_refuses_zero_instead_of_using_the_default(small_corpus, params, sentence):
     run = generate_and_approve(small_corpus)

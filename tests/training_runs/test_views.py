@@ -97,7 +97,7 @@ def test_a_reader_sees_the_page_read_only(client, plain_user, make_run, corpus):
     failed(make_run)
     client.force_login(plain_user)
     html = client.get(PAGE + f"?open={TrainingRun.objects.get().pk}").content.decode()
-    assert "Only staff users can start, cancel or retry jobs" in html
+    assert "Only staff users can start, cancel or retry jobs, or add models, datasets and corpora" in html
     assert re.search(r"<fieldset[^>]*disabled", section(html, "workflow"))
     assert "Read only: ask an administrator to proceed with it or delete it." in html
     for action in ("/proceed/", "/delete/", "/review/", "/train/", "/resume/", "/corpora/"):
@@ -132,8 +132,8 @@ def test_the_page_embeds_the_live_topic_and_the_delays(staff_client, settings, c
 # -- the gate ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("problem", ["unset", "missing files"])
-def test_when_training_is_unavailable_only_the_header_and_one_warning_show(staff_client, settings, tmp_path,
-                                                                           make_run, problem):
+def test_when_training_is_unavailable_only_the_warning_and_the_corpora_show(staff_client, settings, tmp_path,
+                                                                             make_run, problem):
     failed(make_run)
     if problem == "unset":
         settings.JOBSITE_ENCODER_PATH = ""
@@ -150,9 +150,25 @@ def test_when_training_is_unavailable_only_the_header_and_one_warning_show(staff
     assert re.findall(r"<h1>(.*?)</h1>", content) == ["Training"]
     assert len(re.findall(r'class="alert', content)) == 1
     assert reason in content
-    for absent in ('id="workflow"', 'id="history"', "<form", "<table", "data-live"):
+    for absent in ('id="workflow"', 'id="history"', "data-generate", "data-live"):
         assert absent not in content
     assert "data-live-topic" not in html
+    assert 'id="corpora"' in content and "data-create-corpus" in content, "corpora can be prepared meanwhile"
+
+
+def test_a_corpus_is_created_while_training_is_unavailable_and_a_refusal_keeps_its_sentence(staff_client, settings):
+    settings.JOBSITE_ENCODER_PATH = ""
+    refused = staff_client.post(PAGE + "corpora/", {**CORPUS_FIELDS, "name": "x", "chunk_overlap": 150,
+                                                    "files": [upload("a.txt", "text")]})
+    assert refused.status_code == 400
+    html = refused.content.decode()
+    assert "Training is unavailable." in html
+    assert "The overlap must be between 0 and 99 characters for a chunk size of 200." in section(html, "corpora")
+    created = staff_client.post(PAGE + "corpora/", {**CORPUS_FIELDS, "name": "notes",
+                                                    "files": [upload("a.txt", "Tyres hold 4 bar. " * 5)]})
+    assert created.status_code == 302
+    page = staff_client.get(created.url).content.decode()
+    assert "Corpus notes is ready: 1 document" in page and 'id="corpus-' in section(page, "corpora")
 
 
 # -- the workflow card ---------------------------------------------------------------------------
@@ -642,6 +658,19 @@ def test_uploaded_documents_become_a_corpus_picked_for_generation(staff_client, 
     assert TrainingRun.objects.get().total_chunks == chunks
 
 
+def test_a_new_corpus_is_announced_and_its_list_redraws_on_its_own(staff_client, corpus):
+    response = staff_client.post(PAGE + "corpora/", {**CORPUS_FIELDS, "name": "notes",
+                                                     "files": [upload("a.txt", "Tyres hold 4 bar. " * 5)]})
+    assert response.status_code == 302
+    notes = Corpus.objects.get(name="notes")
+    event = Event.objects.get(topic="training.corpora")
+    assert (event.type, event.payload) == ("training.corpus_created", {"id": notes.pk, "name": "notes"})
+    html = staff_client.get(PAGE + "corpora/list/").content.decode()
+    assert '<div id="corpora-list" data-redraw-on="training.corpora"' in html
+    assert re.findall(r'<tr id="corpus-(\d+)"', html) == [str(corpus.pk), str(notes.pk)]  # by name
+    assert "<form" not in html, "a redraw leaves the New corpus form and what is typed in it alone"
+
+
 def test_a_corpus_from_a_path_under_the_data_directory(staff_client, settings):
     folder = settings.JOBSITE_DATA_DIR / "docs"
     folder.mkdir(parents=True)
@@ -664,7 +693,7 @@ def test_a_corpus_from_a_path_under_the_data_directory(staff_client, settings):
     ({"name": "x", "path": "unnamed"}, {}, "path", "The corpus path unnamed does not exist."),
     ({"name": "x"}, {"files": [upload("renamed.pdf", "%PDF")]}, "files", "renamed.pdf: upload .txt, .md or .jsonl"),
     ({"name": "x", "chunk_overlap": 150}, {"files": [upload("a.txt", "text")]}, "chunk_overlap",
-     "chunk_overlap must be between 0 and 99 for chunk_size 200."),
+     "The overlap must be between 0 and 99 characters for a chunk size of 200."),
     ({"name": "x", "chunk_size": 10}, {"files": [upload("a.txt", "text")]}, "chunk_size",
      "Ensure this value is greater than or equal to 50."),
     ({"name": "x", "path": "../../etc"}, {}, "path", "is outside the allowed directories"),

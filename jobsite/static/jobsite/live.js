@@ -534,6 +534,10 @@
 
     const progress = String(message.type || "").endsWith(".progress");
     followers(message.topic).forEach((row) => follow(row, message.payload || {}));
+    // Lists of things that are not jobs (the corpora) say which topic redraws them.
+    document.querySelectorAll("[data-redraw-on]").forEach((list) => {
+      if (list.dataset.redrawOn === message.topic) redraw(list);
+    });
     const card = cardFor(message.topic);
     if (!card) {
       redrawRegion();
