@@ -93,6 +93,11 @@ class Site:
         self.pages.append(page)
         page.set_default_timeout(60_000)
         page.on("pageerror", lambda error: self.errors.append(str(error)))
+        # htmx reports its own mistakes as console errors: a redraw aborted by the next one, a
+        # swap or a target that failed. (A request that fails while the server is down is not one.)
+        page.on("console", lambda message: message.type == "error"
+                and message.text.startswith(("htmx:sendAbort", "htmx:swapError", "htmx:targetError"))
+                and self.errors.append(message.text))
         return page
 
     def report(self) -> None:

@@ -15,7 +15,7 @@ from tests.browser.conftest import screenshot
 from tests.conftest import DEMO_CORPUS
 from jobsite.events import publish
 from training_runs import services
-from training_runs.models import Corpus, TrainingRun
+from training_runs.models import Corpus, TrainingPair, TrainingRun
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -401,3 +401,27 @@ def test_a_success_message_leaves_by_itself_and_any_message_can_be_dismissed(sit
     expect(error).to_contain_text(f"training run {run.pk}")
     page.clock.fast_forward(60_000)
     expect(error).to_be_visible()
+
+
+def test_a_number_typed_then_another_action_keeps_the_number_when_the_page_is_redrawn(site, staff_user,
+                                                                                     training_env, corpus):
+    """Epochs typed, then a pair rejected: the rejection's answer redraws the whole page, and
+    the typed number stays (Train would otherwise train the default's 8 epochs)."""
+    run = make_run(corpus, "generated")
+    pairs = TrainingPair.objects.bulk_create(
+        TrainingPair(run=run, chunk=chunk, query=f"what does part {chunk.index} say", review="approved")
+        for chunk in corpus.chunks.all()[:6])
+    site.start_web(**training_env)
+    page = site.page(staff_user)
+    page.goto(site.url("/training/"))
+    expect(page.locator("[data-live-status]")).to_have_text("live")
+    review = page.locator(f"#run-{run.pk} [data-review]")
+    review.locator("input[name=epochs]").fill("3")
+    review.get_by_role("button", name=f"Reject pair {pairs[0].pk}", exact=True).click()
+    expect(page.locator(".message-success")).to_contain_text("1 pair rejected")
+    expect(review.locator("[data-count=rejected]")).to_have_text("1")
+    expect(review.locator("input[name=epochs]")).to_have_value("3")
+    review.locator("[data-train]").click()
+    expect(page.locator(".message-success")).to_contain_text(
+        f"Training run {run.pk} is training on its approved pairs for 3 epochs")
+    assert TrainingRun.objects.get().epochs == 3

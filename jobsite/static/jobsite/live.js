@@ -307,13 +307,65 @@
     if (form instanceof HTMLFormElement) form.querySelectorAll("[data-edited]").forEach((el) => delete el.dataset.edited);
   });
 
+  // An action's answer redraws the page (hx-target main) whenever it comes. A field typed into
+  // elsewhere meanwhile (epochs typed while "Approve all" was on its way, its result already
+  // drawn live) keeps what was typed: it is found again by its form's action and its name.
+  let carried = null;
+  const sentForm = (elt) => (elt instanceof HTMLFormElement ? elt : (elt && elt.closest && elt.closest("form")) || null);
+  function carryEdits(event) {
+    const target = event.detail.target;
+    if (!event.detail.shouldSwap || !target || !target.querySelectorAll) return;
+    const sent = sentForm(event.detail.requestConfig && event.detail.requestConfig.elt);
+    carried = Array.from(target.querySelectorAll("[data-edited]"))
+      .filter((field) => field.form && field.form !== sent && field.name)
+      .map((field) => ({ action: field.form.getAttribute("action"), name: field.name, value: field.value }));
+  }
+  document.addEventListener("htmx:afterSettle", () => {
+    if (!carried) return;
+    const fields = carried;
+    carried = null;
+    fields.forEach(({ action, name, value }) => {
+      const form = Array.from(document.forms).find((candidate) => candidate.getAttribute("action") === action);
+      const field = form && form.elements.namedItem(name);
+      if (field && "value" in field && !field.disabled && field.value !== value) {
+        field.value = value;
+        field.dataset.edited = "1";
+      }
+    });
+  });
+
+  // A redraw asked for while a request of the same part of the page (the element, the region
+  // around it, or a card in it) is on its way waits for that request's answer, then runs: hx-sync
+  // would abort the older request instead, which htmx reports as an error.
+  const waiting = new Set();
+  const inFlight = (element) => {
+    const part = element.closest("[data-live-region]") || element;
+    return part.classList.contains("htmx-request") || Boolean(part.querySelector(".htmx-request"));
+  };
   function redraw(element) {
     if (!element || !window.htmx) return;
     dirty.add(element.id);
     if (busy(element)) return;
+    if (inFlight(element)) {
+      waiting.add(element.id);
+      return;
+    }
+    waiting.delete(element.id);
     // Not bubbling: a card's redraw must not also redraw the region that contains it.
     element.dispatchEvent(new CustomEvent("jobsite-refresh", { bubbles: false }));
   }
+  function redrawWaiting() {
+    for (const id of Array.from(waiting)) {
+      const element = document.getElementById(id);
+      if (!element) waiting.delete(id);
+      else if (!inFlight(element)) redraw(element);
+    }
+  }
+  // After the answer's settle (an outerHTML swap reports the request on the detached element,
+  // which no longer reaches the document); every second too, for an answer that never swapped.
+  ["htmx:afterSettle", "htmx:afterRequest"].forEach((name) => {
+    document.addEventListener(name, () => { if (waiting.size) setTimeout(redrawWaiting, 0); });
+  });
   const debounced = (fn, ms) => {
     let timer = null;
     return () => { clearTimeout(timer); timer = setTimeout(fn, ms); };
@@ -342,7 +394,10 @@
     const config = event.detail.requestConfig;
     const target = event.detail.target;
     const trigger = config && config.triggeringEvent;
-    if (!trigger || trigger.type !== "jobsite-refresh") return;
+    if (!trigger || trigger.type !== "jobsite-refresh") {
+      carryEdits(event);
+      return;
+    }
     if (target && target.id && busy(target)) {
       event.detail.shouldSwap = false;
       dirty.add(target.id);
@@ -624,6 +679,7 @@
       lastPollRound = Date.now();
       cards().filter((card) => isActive(card)).forEach(poll);
     }
+    if (waiting.size) redrawWaiting();
     if (dirty.size && Date.now() - lastDirtyTry > 3000) {
       lastDirtyTry = Date.now();
       redrawDirty();
