@@ -39,9 +39,10 @@ def chunk_text(text: str, *, size: int, overlap: int) -> list[str]:
     """Paragraphs packed up to `size` characters; a longer paragraph is cut at word
     boundaries with `overlap` characters repeated at the start of the next piece."""
     if size < 50:
-        raise JobInputError("chunk_size must be at least 50 characters.")
+        raise JobInputError("The chunk size must be at least 50 characters.", field="chunk_size")
     if not 0 <= overlap < size // 2:
-        raise JobInputError(f"chunk_overlap must be between 0 and {size // 2 - 1} for chunk_size {size}.")
+        raise JobInputError(f"The overlap must be between 0 and {size // 2 - 1} characters for a chunk size of {size:,}.",
+                            field="chunk_overlap")
     pieces: list[str] = []
     for paragraph in (p.strip() for p in re.split(r"\n\s*\n", text)):
         if not paragraph:
@@ -55,11 +56,25 @@ def chunk_text(text: str, *, size: int, overlap: int) -> list[str]:
         pieces.append(paragraph)
     chunks: list[str] = []
     for piece in pieces:
-        if chunks and len(chunks[-1]) + 2 + len(piece) <= size and not piece.startswith("#"):
+        # A heading starts a chunk, and never stays alone: a chunk of only "# Beehive Notes"
+        # says nothing to retrieve, yet would get queries and win searches for its words.
+        heading_only = bool(chunks) and all(line.startswith("#") for line in chunks[-1].splitlines() if line.strip())
+        if chunks and (heading_only or (len(chunks[-1]) + 2 + len(piece) <= size and not piece.startswith("#"))):
             chunks[-1] = f"{chunks[-1]}\n\n{piece}"
         else:
             chunks.append(piece)
     return [c for c in chunks if c]
+
+
+# What a model's byte-level decoding can yield that is not text: NUL (which PostgreSQL text
+# cannot hold), other control characters, and U+FFFD for a character cut in half.
+_NOT_TEXT = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ufffd]")
+
+
+def clean_query(text: str) -> str:
+    """A generated query as one line of text, at most 200 characters."""
+    first_line = text.strip().split("\n")[0]
+    return " ".join(_NOT_TEXT.sub("", first_line).split())[:200]
 
 
 def _stable_seed(*parts: object) -> int:
@@ -144,7 +159,7 @@ class CausalLMGenerator:
         results = []
         for i, chunk in enumerate(chunks):
             mine = texts[i * self.queries_per_chunk : (i + 1) * self.queries_per_chunk]
-            cleaned = list(dict.fromkeys(q.strip().split("\n")[0][:200] for q in mine if q.strip()))
+            cleaned = [query for query in dict.fromkeys(map(clean_query, mine)) if query]
             # A model that writes nothing usable for a chunk must not leave it without a pair.
             results.append(cleaned or self.fallback.generate([chunk])[0])
         return results

@@ -349,3 +349,36 @@ def test_stop_while_embedding_ends_the_phase_before_any_epoch_and_proceed_contin
     # The batches embedded before the stop count at once; the epochs follow the embedding.
     assert resumed[0]["progress_label"] == f"Embedding {kept:,} of {texts:,} texts"
     assert [p["progress_label"] for p in resumed[-3:]] == ["0 of 2 epochs", "1 of 2 epochs", "2 of 2 epochs"]
+
+
+def test_the_causal_lm_generator_writes_text_postgresql_can_hold_for_every_chunk(small_corpus, settings, tiny_model_dir,
+                                                                                monkeypatch):
+    """A byte-level model decodes to anything, NUL and control bytes included (seen from the
+    demo model: 'out\\ufffdway\\x04 dep…'); PostgreSQL refused the pairs and every run failed."""
+    settings.JOBSITE_MODEL_ROOTS = [*settings.JOBSITE_MODEL_ROOTS, tiny_model_dir.parent]
+    settings.JOBSITE_GENERATOR_MODEL_PATH = str(tiny_model_dir)
+    load = generator_module.CausalLMGenerator.__init__
+
+    def with_raw_bytes(self, **kwargs):  # what the model may write, every time
+        load(self, **kwargs)
+        decode = self.tokenizer.batch_decode
+        self.tokenizer.batch_decode = lambda *a, **k: [f"\x00wh\x04at  {text}\ufffd" for text in decode(*a, **k)]
+
+    monkeypatch.setattr(generator_module.CausalLMGenerator, "__init__", with_raw_bytes)
+    run = training_run_generate(corpus=small_corpus, generator="causal_lm", queries_per_chunk=2)
+    run_training_phase(run.pk)
+    run = reload(run)
+    assert (run.status, run.error_message) == ("generated", "")
+    assert set(run.pairs.values_list("chunk", flat=True)) == set(small_corpus.chunks.values_list("pk", flat=True))
+    for query in run.pairs.values_list("query", flat=True):
+        assert query.startswith("what") and query == generator_module.clean_query(query), repr(query)
+
+
+def test_a_heading_never_stays_a_chunk_of_its_own():
+    paragraph = " ".join(["Inspect every frame for eggs and capped brood before closing the hive."] * 12)
+    text = f"# Beehive Inspection Notes\n\n## Spring\n\n{paragraph}\n\n### B-08 Heron\n\nSeen at dawn."
+    chunks = generator_module.chunk_text(text, size=300, overlap=0)
+    assert chunks[0].startswith("# Beehive Inspection Notes\n\n## Spring\n\nInspect every frame")
+    assert chunks[-1] == "### B-08 Heron\n\nSeen at dawn."
+    for chunk in chunks:
+        assert not all(line.startswith("#") for line in chunk.splitlines() if line.strip()), chunk
