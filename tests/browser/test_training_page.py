@@ -357,7 +357,9 @@ def test_a_corpus_uploaded_from_the_page_is_picked_and_generated_from(site, staf
     screenshot(page, "training-16-corpus-created")
 
     # A corpus made elsewhere (another tab, the API) is listed and offered without a reload,
-    # and the one just created stays picked.
+    # the one just created stays picked, and a number typed into the form meanwhile stays too.
+    page.locator("#id_queries_per_chunk").fill("5")
+    page.keyboard.press("Tab")
     source = settings.JOBSITE_DATA_DIR / "handbook-src"
     source.mkdir(parents=True)
     shutil.copy(DEMO_CORPUS / "expense-policy.md", source / "expense-policy.md")
@@ -365,10 +367,12 @@ def test_a_corpus_uploaded_from_the_page_is_picked_and_generated_from(site, staf
     expect(page.locator(f"#corpus-{other.pk}")).to_contain_text("handbook")
     expect(page.locator(f"#id_corpus option[value='{other.pk}']")).to_have_count(1)
     expect(page.locator("#id_corpus")).to_have_value(str(corpus.pk))
+    expect(page.locator("#id_queries_per_chunk")).to_have_value("5")
 
     page.locator("#workflow [data-generate]").click()
     expect(page.locator(".message-success")).to_contain_text(
         f"is generating pairs for the {chunks} chunks of field-guides")
+    assert TrainingRun.objects.get().queries_per_chunk == 5
 
 
 def test_a_success_message_leaves_by_itself_and_any_message_can_be_dismissed(site, staff_user, training_env,

@@ -275,62 +275,63 @@
   // -- Redraws through htmx -------------------------------------------------------------------
   const dirty = new Set();
   // A person editing inside an element (an open "Retry…" form, a focused field, ticked boxes) keeps it
-  // until they are done: the redraw waits, marked dirty, and runs once the editor closes.
+  // until they are done: the redraw waits, marked dirty, and runs once the editor closes. A field
+  // typed into and left is not a reason to wait: its value is carried over the redraw (below).
   const busy = (element) => Boolean(
     element.querySelector("details[open]")
     || element.querySelector("input[data-pick]:checked")
-    || element.querySelector("[data-edited]")
     || (element.contains(document.activeElement) && document.activeElement.matches("input, select, textarea"))
     // A pair's review button with the focus, within a while of the last decision: someone deciding
     // pair after pair from the keyboard (not for ever: a redraw from elsewhere must land).
     || (element.contains(document.activeElement) && document.activeElement.matches("tr[data-pair] button")
         && Date.now() - lastReviewAt < REVIEW_HOLD_MS)
   );
-  // A field typed into ("3" epochs) is kept until its form is sent, or for EDIT_HOLD_MS after the
-  // last keystroke if it never is: a redraw would put the default back, and the form would then
-  // send what the person did not choose.
-  const EDIT_HOLD_MS = 60000;
   const REVIEW_HOLD_MS = 20000;
-  let editHold = null;
+  // A field typed into ("3" epochs, a corpus picked) is marked until its form is sent.
   document.addEventListener("input", (event) => {
     const field = event.target;
-    if (!(field instanceof Element) || !field.matches("input:not([data-pick]), select, textarea")) return;
+    if (!(field instanceof Element) || !field.matches("input:not([data-pick]):not([type=file]), select, textarea")) return;
     field.dataset.edited = "1";
-    clearTimeout(editHold);
-    editHold = setTimeout(() => {
-      document.querySelectorAll("[data-edited]").forEach((el) => delete el.dataset.edited);
-      redrawDirty();
-    }, EDIT_HOLD_MS);
   });
   document.addEventListener("htmx:beforeRequest", (event) => {
     const form = event.detail.elt;
     if (form instanceof HTMLFormElement) form.querySelectorAll("[data-edited]").forEach((el) => delete el.dataset.edited);
   });
 
-  // An action's answer redraws the page (hx-target main) whenever it comes. A field typed into
-  // elsewhere meanwhile (epochs typed while "Approve all" was on its way, its result already
-  // drawn live) keeps what was typed: it is found again by its form's action and its name.
-  let carried = null;
+  // Whatever redraws a part of the page (a live update, an action's answer to hx-target main,
+  // whenever it comes), a field typed into there and not sent keeps what was typed, so the form
+  // never sends a default the person did not choose. Fields are found again by their form (its
+  // action, and which of the forms with that action) and their name (and value, for a box).
+  let carried = [];
   const sentForm = (elt) => (elt instanceof HTMLFormElement ? elt : (elt && elt.closest && elt.closest("form")) || null);
+  const sameAction = (action) => Array.from(document.forms).filter((form) => form.getAttribute("action") === action);
   function carryEdits(event) {
     const target = event.detail.target;
     if (!event.detail.shouldSwap || !target || !target.querySelectorAll) return;
     const sent = sentForm(event.detail.requestConfig && event.detail.requestConfig.elt);
-    carried = Array.from(target.querySelectorAll("[data-edited]"))
+    Array.from(target.querySelectorAll("[data-edited]"))
       .filter((field) => field.form && field.form !== sent && field.name)
-      .map((field) => ({ action: field.form.getAttribute("action"), name: field.name, value: field.value }));
+      .forEach((field) => {
+        const action = field.form.getAttribute("action");
+        carried.push({
+          action, nth: sameAction(action).indexOf(field.form), name: field.name, value: field.value,
+          box: field.matches("[type=checkbox], [type=radio]"), checked: field.checked,
+        });
+      });
   }
   document.addEventListener("htmx:afterSettle", () => {
-    if (!carried) return;
+    if (!carried.length) return;
     const fields = carried;
-    carried = null;
-    fields.forEach(({ action, name, value }) => {
-      const form = Array.from(document.forms).find((candidate) => candidate.getAttribute("action") === action);
-      const field = form && form.elements.namedItem(name);
-      if (field && "value" in field && !field.disabled && field.value !== value) {
-        field.value = value;
-        field.dataset.edited = "1";
-      }
+    carried = [];
+    fields.forEach(({ action, nth, name, value, box, checked }) => {
+      const form = sameAction(action)[nth];
+      if (!form) return;
+      const field = Array.from(form.elements).find((el) => el.name === name && (!box || el.value === value));
+      if (!field || field.disabled) return;
+      if (box) field.checked = checked;
+      else if (field.matches("select") && !Array.from(field.options).some((option) => option.value === value)) return;
+      else field.value = value;
+      field.dataset.edited = "1";
     });
   });
 
@@ -402,6 +403,7 @@
       event.detail.shouldSwap = false;
       dirty.add(target.id);
     } else if (event.detail.shouldSwap) {
+      carryEdits(event);
       if (target && target.matches("[data-live-region]")) noteShownCards(target);
       // Drawn: no longer dirty. Cleared here, while the element is still in the page: after an
       // outerHTML swap htmx reports the request on a detached element that has lost its id,
