@@ -317,6 +317,9 @@ def test_a_model_and_a_dataset_registered_from_the_page_start_an_extraction(site
     dataset_form.locator("#id_dataset-path").fill("datasets/notes.csv")
     dataset_form.get_by_role("button", name="Register dataset").click()
     expect(page.locator("[data-register=dataset] .field-error")).to_contain_text("datasets/notes.csv does not exist")
+    # The form is far down the page: the refused field is scrolled to and has the focus.
+    expect(dataset_form.locator("#id_dataset-path")).to_be_focused()
+    expect(dataset_form.locator(".field-error")).to_be_in_viewport()
     screenshot(page, "24-register-refused")
 
     page.locator("#id_model-path").fill(str(tiny_model_dir))
@@ -333,6 +336,12 @@ def test_a_model_and_a_dataset_registered_from_the_page_start_an_extraction(site
     expect(page.locator(".message-success")).to_contain_text("is queued.")
     job = Extraction.objects.get()
     assert (job.model.name, job.dataset.name, job.total_samples) == ("tiny-gpt2", "notes", 5)
+    # The answer scrolls to the new card, whose header shows below the sticky message.
+    header = page.locator(f"#extraction-{job.pk} .job-head").first
+    expect(header).to_be_in_viewport()
+    page.wait_for_timeout(300)
+    message = page.locator(".messages").bounding_box()
+    assert header.bounding_box()["y"] >= message["y"] + message["height"], (header.bounding_box(), message)
 
 
 def test_counts_read_the_same_drawn_and_updated_live(site, staff_user, make_extraction):

@@ -19,6 +19,25 @@
 (() => {
   "use strict";
 
+  // -- A refused form (every page) -------------------------------------------------------------
+  // A page drawn again with a refused form (400) may have it far below the top: its first field
+  // with an error takes the focus and is scrolled to, or the form itself for a reason about the
+  // whole form, so the person sees why at once.
+  function showRefusal() {
+    const error = document.querySelector("form .field-error, form .alert-error");
+    if (!error) return;
+    const holder = error.closest("[id$='_error']");
+    const field = holder ? document.getElementById(holder.id.replace(/_error$/, "")) : null;
+    const form = error.closest("form");
+    const details = form.closest("details");
+    if (details) details.open = true;
+    (field || form).scrollIntoView({ block: "center" });
+    const focusable = field || form.querySelector("input:not([type=hidden]), select, textarea");
+    if (focusable) focusable.focus({ preventScroll: true });
+  }
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", showRefusal);
+  else showRefusal();
+
   // -- Confirmation before destructive actions (every page) ---------------------------------
   // Without JavaScript the server shows a confirmation page instead (the form lacks `confirmed`).
   function ask(form, onYes) {
