@@ -13,6 +13,7 @@ from jobsite.forms import require_one_of
 
 BATCH_SIZE_CHOICES = [(size, str(size)) for size in VALID_BATCH_SIZES]
 MAX_LENGTH_LIMIT = 1_000_000
+MAX_LENGTH_SENTENCE = f"At most {MAX_LENGTH_LIMIT:,} tokens."
 
 def parse_layers(text: str) -> list[int]:
     """'0,2', '0 2' or '0-3' (a range includes both ends)."""
@@ -41,7 +42,8 @@ class ExtractionStartForm(forms.Form):
     )
     batch_size = forms.TypedChoiceField(choices=BATCH_SIZE_CHOICES, coerce=int, initial=8)
     max_samples = forms.IntegerField(required=False, min_value=1, help_text="empty: all samples")
-    max_length = forms.IntegerField(initial=512, min_value=1, max_value=MAX_LENGTH_LIMIT, help_text="tokens")
+    max_length = forms.IntegerField(initial=512, min_value=1, max_value=MAX_LENGTH_LIMIT, help_text="tokens",
+                                    error_messages={"max_value": MAX_LENGTH_SENTENCE})
     storage_dtype = forms.ChoiceField(
         choices=[(value, value) for value in Extraction.StorageDtype.values], initial="float32", label="dtype",
     )
@@ -64,7 +66,8 @@ class RetryForm(forms.Form):
         choices=[("", "same")] + BATCH_SIZE_CHOICES, coerce=int, empty_value=None, required=False,
     )
     max_samples = forms.IntegerField(required=False, min_value=1)
-    max_length = forms.IntegerField(required=False, min_value=1, max_value=MAX_LENGTH_LIMIT)
+    max_length = forms.IntegerField(required=False, min_value=1, max_value=MAX_LENGTH_LIMIT,
+                                    error_messages={"max_value": MAX_LENGTH_SENTENCE})
 
 
 class RegisterForm(forms.Form):

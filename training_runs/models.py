@@ -133,6 +133,16 @@ class TrainingRun(Job):
         return self.status
 
     @property
+    def state_phrase(self) -> str:
+        """The status as a sentence says it: "training run 8 has a failed generation"."""
+        if self.status_label == "stopped":
+            return "is stopped"
+        return {
+            self.Status.GENERATING: "is generating pairs", self.Status.GENERATED: "is waiting for review",
+            self.Status.GENERATING_FAILED: "has a failed generation", self.Status.TRAINING_FAILED: "has a failed training",
+        }.get(self.status, f"is {self.status}")
+
+    @property
     def is_embedding(self) -> bool:
         """In the training phase with texts still to embed: the epochs have not started."""
         return self.status in (self.Status.TRAINING, self.Status.TRAINING_FAILED) and (

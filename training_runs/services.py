@@ -233,9 +233,8 @@ def _require_available() -> None:
 
 
 def blocking_sentence(run: TrainingRun) -> str:
-    state = "waiting for review" if run.status == Status.GENERATED else run.status_label
     return (
-        f"A new generation cannot start while training run {run.pk} is {state}; "
+        f"A new generation cannot start while training run {run.pk} {run.state_phrase}; "
         f"{NEXT_STEP[run.status]} first."
     )
 
@@ -276,7 +275,7 @@ def training_run_generate(
 def training_run_review(*, run: TrainingRun, decision: str, pair_ids: list[int] | None = None) -> int:
     """Approve or reject pairs (all pending ones when pair_ids is None); returns how many."""
     if run.status not in (Status.GENERATED, Status.TRAINING_FAILED):
-        raise TransitionError(f"Training run {run.pk} is {run.status}; pairs are reviewed once generation is done.")
+        raise TransitionError(f"Training run {run.pk} {run.state_phrase}; pairs are reviewed once generation is done.")
     if decision not in (TrainingPair.Review.APPROVED, TrainingPair.Review.REJECTED):
         raise JobInputError("The decision must be approved or rejected.", field="decision")
     pairs = run.pairs.all()
@@ -308,7 +307,7 @@ def training_run_train(
 
     _require_available()
     if run.status != Status.GENERATED:
-        raise TransitionError(f"Training run {run.pk} is {run.status}; only a generated run can start training.")
+        raise TransitionError(f"Training run {run.pk} {run.state_phrase}; only a generated run can start training.")
     # `is None`, not `or`: an explicit 0 is a wrong value to refuse, not a request for the default.
     params = {"epochs": run.epochs if epochs is None else epochs,
               "train_batch_size": run.train_batch_size if batch_size is None else batch_size,
@@ -341,7 +340,7 @@ def training_run_stop(*, run: TrainingRun) -> TrainingRun:
     run waits in its failed status ("stopped on request"), with what it did kept, for
     Proceed or Delete."""
     if run.status not in TrainingRun.RUNNING:
-        raise TransitionError(f"Training run {run.pk} is {run.status}; only a generating or training run can be stopped.")
+        raise TransitionError(f"Training run {run.pk} {run.state_phrase}; only a generating or training run can be stopped.")
     return job_request_cancel(run)
 
 
@@ -349,7 +348,7 @@ def training_run_proceed(*, run: TrainingRun) -> TrainingRun:
     """After a failure: generation continues with the chunks that have no pairs yet;
     training resumes from its last checkpoint with the approved pairs."""
     if run.status not in TrainingRun.RETRYABLE_FROM:
-        raise TransitionError(f"Training run {run.pk} is {run.status}; only a failed run can proceed.")
+        raise TransitionError(f"Training run {run.pk} {run.state_phrase}; only a failed run can proceed.")
     _require_available()
     with transaction.atomic():
         job_requeue(run, automatic=False, reason="proceed", clear_error=True, event_type="training.proceeded")
@@ -359,7 +358,7 @@ def training_run_proceed(*, run: TrainingRun) -> TrainingRun:
 def training_run_remove(*, run: TrainingRun, user=None) -> None:
     """Delete a failed run, its pairs and its files; the removal stays in the event log."""
     if run.status not in TrainingRun.RETRYABLE_FROM:
-        raise TransitionError(f"Training run {run.pk} is {run.status}; only a failed run can be removed.")
+        raise TransitionError(f"Training run {run.pk} {run.state_phrase}; only a failed run can be removed.")
     output_dir = run.output_dir
     with transaction.atomic():
         locked = TrainingRun.objects.select_for_update().filter(pk=run.pk, status=run.status).first()

@@ -193,7 +193,7 @@ def test_delete_asks_in_a_dialog_then_the_history_and_the_generate_button_update
     generate = page.locator("#workflow [data-generate]")
     expect(generate).to_be_disabled()
     expect(page.locator("[data-blocking-sentence]")).to_have_text(
-        f"A new generation cannot start while training run {failed.pk} is generating_failed; "
+        f"A new generation cannot start while training run {failed.pk} has a failed generation; "
         "proceed with it or delete it first.")
     screenshot(page, "training-06-generate-blocked")
 

@@ -180,6 +180,16 @@ def test_a_failed_extraction_shows_its_error_the_suggested_parameters_and_the_re
     assert 'class="progress' not in html and "spinner" not in html and "Waiting" not in html
 
 
+@pytest.mark.parametrize("error_type, plain_retry", [("VALIDATION", False), ("UNKNOWN", True), ("WORKER_LOST", True)])
+def test_invalid_input_is_retried_with_edited_parameters_not_unchanged(staff_client, make_extraction, error_type,
+                                                                        plain_retry):
+    job = make_extraction("failed", error_type=error_type, error_message="Layer 9 does not exist")
+    html = staff_client.get(f"/extractions/{job.pk}/card/").content.decode()
+    assert (f"/extractions/{job.pk}/retry-suggested/" in html) is plain_retry, "unchanged, it fails again"
+    primary = re.search(r'<summary class="button( primary)?">Retry…</summary>', html)[1]
+    assert bool(primary) is not plain_retry, "the editor is the way on when an unchanged retry cannot help"
+
+
 def test_terminal_cards_never_show_a_bar_or_a_spinner(staff_client, make_extraction):
     for status in ("completed", "cancelled"):
         job = make_extraction(status, samples_processed=100, total_samples=100)

@@ -104,7 +104,7 @@ def test_commands_generate_review_status_and_refusals(small_corpus, capsys, sett
     call_command("training", "generate", "small")
     run = TrainingRun.objects.get()
     assert f"Training run {run.pk} is generating pairs for {run.total_chunks} chunks." in capsys.readouterr().out
-    with pytest.raises(CommandError, match=f"training run {run.pk} is generating; wait for it to finish generating first"):
+    with pytest.raises(CommandError, match=f"training run {run.pk} is generating pairs; wait for it to finish generating first"):
         call_command("training", "generate", "small")
     run_training_phase(run.pk)
     call_command("training", "review", str(run.pk), "approve")

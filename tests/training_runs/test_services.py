@@ -190,7 +190,7 @@ def test_the_blocking_sentence_names_the_blocking_run_and_its_status(small_corpu
     with pytest.raises(TrainingRunBlocked) as blocked:
         training_run_generate(corpus=small_corpus)
     assert str(blocked.value) == (
-        f"A new generation cannot start while training run {run.pk} is generating_failed; "
+        f"A new generation cannot start while training run {run.pk} has a failed generation; "
         "proceed with it or delete it first."
     )
 
@@ -300,7 +300,8 @@ def test_stop_before_a_worker_takes_the_run_stops_it_at_once_and_no_worker_runs_
 def test_stop_is_refused_unless_generating_or_training(small_corpus, status):
     run = TrainingRun.objects.create(corpus=small_corpus, status=status, total_chunks=4,
                                      finished_at=timezone.now() if status == "completed" else None)
-    with pytest.raises(TransitionError, match=f"is {status}; only a generating or training run can be stopped"):
+    said = {"generated": "is waiting for review", "completed": "is completed", "generating_failed": "has a failed generation"}
+    with pytest.raises(TransitionError, match=f"{said[status]}; only a generating or training run can be stopped"):
         training_run_stop(run=run)
 
 

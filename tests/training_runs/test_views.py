@@ -179,8 +179,9 @@ def test_generate_is_disabled_with_the_sentence_naming_the_blocking_run(staff_cl
     run = make_run(status, error_type="UNKNOWN" if "failed" in status else "")
     html = staff_client.get(PAGE).content.decode()
     sentence = services.blocking_sentence(run)
-    said = {"generated": "waiting for review"}.get(status, status)
-    assert f"training run {run.pk} is {said}" in sentence
+    said = {"generating": "is generating pairs", "generated": "is waiting for review", "training": "is training",
+            "generating_failed": "has a failed generation", "training_failed": "has a failed training"}[status]
+    assert f"training run {run.pk} {said}; " in sentence
     assert f'<p class="note" id="generate-blocked" data-blocking-sentence>{sentence}</p>' in html
     button = re.search(r"<button[^>]*data-generate[^>]*>", html)[0]
     assert "disabled" in button
@@ -277,7 +278,7 @@ def test_a_run_that_failed_is_drawn_failed(staff_client, make_run):
     html = staff_client.get(PAGE).content.decode()
     card = section(html, f"run-{run.pk}")
     assert "data-status-label>generating_failed</span>" in card and 'class="alert alert-error"' in card
-    assert f"while training run {run.pk} is generating_failed; " in html
+    assert f"while training run {run.pk} has a failed generation; " in html
 
 
 def test_a_silent_worker_shows_no_heartbeat_and_resume_requeues_the_run(staff_client, settings, make_run):
