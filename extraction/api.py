@@ -3,6 +3,7 @@ from typing import Literal
 
 from django.http import Http404
 from django.shortcuts import get_object_or_404
+from django.utils import timezone
 from ninja import Field, File, Form, Router, Schema, Status
 from ninja.files import UploadedFile
 from ninja.errors import HttpError
@@ -155,9 +156,17 @@ def list_models(request):
     return selectors.model_list()
 
 
-@router.post("/models", response={201: ModelOut, 422: Refusal}, auth=staff_required)
+def _registered(register, **kwargs):
+    """201 with the record made now; 200 with the one the path already had."""
+    asked_at = timezone.now()
+    record = register(**kwargs)
+    return Status(201 if record.created_at >= asked_at else 200, record)
+
+
+@router.post("/models", response={201: ModelOut, 200: ModelOut, 422: Refusal}, auth=staff_required,
+             summary="Register a model directory (200 with its record when the path is registered already)")
 def register_model(request, payload: ModelIn):
-    return Status(201, services.model_register(path=payload.path, name=payload.name))
+    return _registered(services.model_register, path=payload.path, name=payload.name)
 
 
 @router.get("/datasets", response=list[DatasetOut])
@@ -165,9 +174,10 @@ def list_datasets(request):
     return selectors.dataset_list()
 
 
-@router.post("/datasets", response={201: DatasetOut, 422: Refusal}, auth=staff_required)
+@router.post("/datasets", response={201: DatasetOut, 200: DatasetOut, 422: Refusal}, auth=staff_required,
+             summary="Register a dataset file (200 with its record when the path is registered already)")
 def register_dataset(request, payload: DatasetIn):
-    return Status(201, services.dataset_register(path=payload.path, name=payload.name))
+    return _registered(services.dataset_register, path=payload.path, name=payload.name)
 
 
 @router.post("/datasets/upload", response={201: DatasetOut, 422: Refusal}, auth=staff_required,

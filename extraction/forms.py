@@ -39,6 +39,7 @@ class ExtractionStartForm(forms.Form):
     layers = forms.CharField(max_length=200, initial="0", help_text="e.g. 0,2 or 0-3")
     hooks = forms.MultipleChoiceField(
         choices=[(hook, hook) for hook in HOOK_TYPES], initial=["residual"], widget=forms.CheckboxSelectMultiple,
+        error_messages={"required": "Choose at least one hook point."},
     )
     batch_size = forms.TypedChoiceField(choices=BATCH_SIZE_CHOICES, coerce=int, initial=8)
     max_samples = forms.IntegerField(required=False, min_value=1, help_text="empty: all samples")
@@ -78,7 +79,8 @@ class RegisterForm(forms.Form):
 
     path = forms.CharField(max_length=1000, required=False)
     upload = forms.FileField(required=False, label="or upload a file",
-                             widget=forms.ClearableFileInput(attrs={"accept": ".txt,.jsonl"}))
+                             widget=forms.ClearableFileInput(attrs={"accept": ".txt,.jsonl"}),
+                             error_messages={"empty": "The chosen file is empty; a dataset needs at least one sample."})
     name = forms.CharField(max_length=200, required=False, help_text="empty: the folder's or file's name")
 
     def __init__(self, *args, kind: str = "model", **kwargs):

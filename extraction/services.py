@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from extraction.constants import HOOK_TYPES, VALID_BATCH_SIZES
 from extraction.models import Dataset, Extraction, ModelRecord
-from jobsite.errors import JobInputError, check_file_name, check_record_name, check_text, not_kept
+from jobsite.errors import JobInputError, check_record_name, check_text, not_kept
 from jobsite.lifecycle import TransitionError
 from jobsite.paths import resolve_under
 from jobsite.services import job_enqueue, job_request_cancel
@@ -108,15 +108,17 @@ def dataset_upload(*, upload, name: str = "") -> Dataset:
     if upload.size > MAX_DATASET_UPLOAD_BYTES:
         raise JobInputError(f"{filename} is larger than {MAX_DATASET_UPLOAD_BYTES // 2**20} MB; "
                             "put it under the data directory and register it by its path.", field="file")
-    name = check_file_name(name.strip() or Path(filename).stem, "The dataset name of an upload")
+    # Named as by path (spaces, "team/notes" allowed); its file takes that name written as a file name.
+    name = check_record_name(name.strip() or _name_from(Path(filename).stem, "dataset"), "The dataset name")
     if Dataset.objects.filter(name=name).exists():
         raise JobInputError(f"A dataset named {name!r} already exists; choose another name.", field="name")
     folder = settings.JOBSITE_DATA_DIR / UPLOADS
-    target = folder / f"{name}{suffix}"
+    stem = _name_from(name, "dataset")
+    target = folder / f"{stem}{suffix}"
     staging = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{name}.", suffix=suffix, delete=False) as staging:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{stem}.", suffix=suffix, delete=False) as staging:
             staging.write(upload.read())
         try:
             info = inspect_dataset(staging.name)

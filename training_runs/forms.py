@@ -74,6 +74,7 @@ class MultipleFileField(forms.FileField):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("widget", MultipleFileInput(attrs={"accept": ".txt,.md,.jsonl"}))
+        kwargs.setdefault("error_messages", {"empty": "A chosen file is empty; choose documents with text."})
         super().__init__(*args, **kwargs)
 
     def clean(self, data, initial=None):

@@ -165,6 +165,18 @@ def test_names_as_the_hub_writes_them_and_with_spaces_are_kept(staff_client, set
     assert response.status_code == 201 and response.json()["name"] == "bike reviews v2.1"
 
 
+def test_a_path_registered_again_answers_200_with_its_record(staff_client, settings, models_root, tiny_model_dir):
+    shutil.copytree(tiny_model_dir, models_root / "m1")
+    (settings.JOBSITE_DATA_DIR / "d.txt").write_text("hello\n")
+    for url, body in (("/api/v1/models", {"path": str(models_root / "m1")}),
+                      ("/api/v1/datasets", {"path": str(settings.JOBSITE_DATA_DIR / "d.txt")})):
+        first = post(staff_client, url, body)
+        again = post(staff_client, url, {**body, "name": "another"})
+        assert (first.status_code, again.status_code) == (201, 200)
+        assert again.json() == first.json(), "the record the path already has, not a second one"
+    assert (ModelRecord.objects.count(), Dataset.objects.count()) == (1, 1)
+
+
 def test_a_record_registered_without_a_name_takes_a_usable_one_from_its_path(staff_client, settings, models_root,
                                                                             tiny_model_dir):
     shutil.copytree(tiny_model_dir, models_root / "gpt2 (copy)")

@@ -71,6 +71,7 @@ def test_reader_sees_the_page_with_actions_disabled_and_a_sentence(client, plain
     assert "Retry (with suggested params)" not in html
     assert "Read only: ask an administrator" in html
     assert "/extractions/register/" not in html
+    assert 'href="/admin/"' not in html, "a link that would only answer 'not authorized'"
 
 
 @pytest.mark.parametrize("path", ["", "{id}/cancel/", "{id}/retry/", "{id}/retry-suggested/", "{id}/resume/",
@@ -97,7 +98,7 @@ def test_a_user_who_is_not_staff_cannot_post_any_action(client, plain_user, make
         ({"layers": ""}, "layers", "This field is required"),
         ({"layers": "3-1"}, "layers", "runs backwards"),
         ({"layers": "9"}, "layers", "Layer 9 does not exist: fake has layers 0-3."),
-        ({"hooks": []}, "hooks", "This field is required"),
+        ({"hooks": []}, "hooks", "Choose at least one hook point."),
         ({"hooks": ["logits"]}, "hooks", "Select a valid choice"),
         ({"batch_size": "3"}, "batch_size", "Select a valid choice"),
         ({"batch_size": "eight"}, "batch_size", "Select a valid choice"),
@@ -565,6 +566,15 @@ def uploaded(name: str, text: str):
     return SimpleUploadedFile(name, text.encode())
 
 
+def test_an_uploaded_dataset_is_named_as_one_registered_by_path(staff_client, settings):
+    response = staff_client.post(PAGE + "register/", {"kind": "dataset", "dataset-upload": uploaded("x.txt", "a\nb\n"),
+                                                      "dataset-name": "bike reviews/2026"}, follow=True)
+    dataset = Dataset.objects.get()
+    kept = settings.JOBSITE_DATA_DIR / "datasets" / "uploaded" / "bike-reviews-2026.txt"
+    assert (dataset.name, dataset.path, kept.read_text()) == ("bike reviews/2026", str(kept), "a\nb\n")
+    assert "Dataset bike reviews/2026 is registered: 2 samples." in messages_of(response)
+
+
 def test_a_dataset_uploaded_from_the_page_is_kept_under_the_data_directory_and_registered(staff_client, settings):
     lines = "\n".join(json.dumps({"text": f"sample {i}"}) for i in range(7)) + "\n"
     response = staff_client.post(PAGE + "register/", {"kind": "dataset", "dataset-upload": uploaded("Notes.JSONL", lines),
@@ -580,12 +590,12 @@ def test_a_dataset_uploaded_from_the_page_is_kept_under_the_data_directory_and_r
 @pytest.mark.parametrize("data, field, sentence", [
     ({"dataset-upload": ("table.csv", "a,b\n")}, "upload", "table.csv: upload a .txt (one sample a line) or .jsonl"),
     ({"dataset-upload": ("bad.jsonl", "{not json\n")}, "upload", "bad.jsonl: Line 1 of the dataset is not JSON."),
-    ({"dataset-upload": ("empty.txt", "")}, "upload", "The submitted file is empty."),
+    ({"dataset-upload": ("empty.txt", "")}, "upload", "The chosen file is empty; a dataset needs at least one sample."),
     ({"dataset-upload": ("blank.txt", "\n\n")}, "upload", "blank.txt: The dataset is empty."),
     ({"dataset-upload": ("a.txt", "x\n"), "dataset-name": "taken"}, "name",
      "A dataset named 'taken' already exists; choose another name."),
     ({"dataset-upload": ("a.txt", "x\n"), "dataset-name": "../up"}, "name",
-     "The dataset name of an upload must be 1-100 letters"),
+     "The dataset name '../up' cannot be used"),
     ({"dataset-upload": ("kept.txt", "x\n")}, "name", "The file datasets/uploaded/kept.txt already exists"),
     ({"dataset-upload": ("a.txt", "x\n"), "dataset-path": "datasets/taken.txt"}, "__all__",
      "Give a path or upload a file, not both."),
