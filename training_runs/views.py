@@ -8,6 +8,8 @@ why and nothing else: no action on it could succeed.
 
 from __future__ import annotations
 
+from urllib.parse import urlencode
+
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -88,8 +90,9 @@ def loss_chart(losses: list[float]) -> dict | None:
     }
 
 
-def run_view(run: TrainingRun, *, seq: int = 0) -> dict:
-    """Everything the workflow card shows for the open run, computed once here."""
+def run_view(run: TrainingRun, *, seq: int = 0, pairs_page: int = 1) -> dict:
+    """Everything the workflow card shows for the open run, computed once here; the pairs to
+    review are shown PAIRS_SHOWN at a time, page `pairs_page`."""
     now = timezone.now()
     active = run.status in TrainingRun.ACTIVE
     held = active and bool(run.worker)  # a phase waits for a worker until one takes it
@@ -134,11 +137,19 @@ def run_view(run: TrainingRun, *, seq: int = 0) -> dict:
     }
     if run.status == Status.GENERATED:
         counts = services.review_counts(run)
-        pairs = list(selectors.pair_list(run=run)[:PAIRS_SHOWN])
+        total_pairs = sum(counts.values())
+        pages = max(1, -(-total_pairs // PAIRS_SHOWN))
+        page = min(max(1, pairs_page), pages)
+        first = (page - 1) * PAIRS_SHOWN
+        pairs = list(selectors.pair_list(run=run)[first:first + PAIRS_SHOWN])
         view.update(
             counts=counts,
             pairs=pairs,
-            pairs_total=sum(counts.values()),
+            pairs_total=total_pairs,
+            pairs_page=page,
+            pairs_pages=pages,
+            pairs_first=first + 1,
+            pairs_last=first + len(pairs),
             train_blocked=train_blocked_sentence(run, counts[TrainingPair.Review.APPROVED]),
         )
     return view
@@ -167,13 +178,17 @@ def _workflow_context(request, *, seq: int) -> dict:
     current = selectors.training_run_open()
     latest = selectors.training_run_list(status=Status.COMPLETED).first()
     corpora = selectors.corpus_list()
-    # ?corpus= (set after a corpus is created) picks it in the Generate form.
+    # ?corpus= (set after a corpus is created) picks it in the Generate form; ?pairs= is the page
+    # of pairs under review. Live redraws ask for the same.
     chosen = id_param(request, "corpus")
+    pairs_page = id_param(request, "pairs") or 1
+    query = urlencode({key: value for key, value in (("corpus", chosen), ("pairs", pairs_page)) if value and value != 1})
     return {
+        "workflow_url": reverse("training_runs:workflow") + (f"?{query}" if query else ""),
         "form": GenerateForm(initial={"corpus": chosen} if chosen else None),
         "chosen_corpus": chosen,
         "has_corpora": corpora.exists(),
-        "current": run_view(current, seq=seq) if current else None,
+        "current": run_view(current, seq=seq, pairs_page=pairs_page) if current else None,
         "blocking_sentence": services.blocking_sentence(current) if current else "",
         # A run generating or training with no worker alive does not move: the page says why.
         "no_worker": workers_missing() if current and current.status in TrainingRun.ACTIVE else "",
@@ -201,9 +216,10 @@ def _history_context(request) -> dict:
     return {"rows": [row_view(run, open_id=open_id) for run in runs], "can_act": request.user.is_staff}
 
 
-def _back(run_id: int | None = None):
+def _back(run_id: int | None = None, *, pairs_page: str = ""):
     url = reverse("training_runs:page")
-    return redirect(f"{url}#run-{run_id}" if run_id else url)
+    page = f"?pairs={pairs_page}" if pairs_page.isdecimal() and pairs_page not in ("0", "1") else ""
+    return redirect(f"{url}{page}#run-{run_id}" if run_id else url)
 
 
 # -- page and fragments -----------------------------------------------------------------------
@@ -304,20 +320,20 @@ def training_review(request, pk: int):
     form = ReviewForm(request.POST)
     if not form.is_valid():
         messages.error(request, f"No pair was reviewed: {' '.join(form.errors.get('__all__', []) or ['bad input.'])}")
-        return _back(pk)
+        return _back(pk, pairs_page=request.POST.get("pairs", "")[:6])
     decision, pair_ids = form.cleaned_data["decision"], form.cleaned_data["pair_ids"]
     try:
         updated = services.training_run_review(run=run, decision=decision, pair_ids=pair_ids)
     except (JobInputError, TransitionError) as exc:
         messages.error(request, str(exc))
-        return _back(pk)
+        return _back(pk, pairs_page=request.POST.get("pairs", "")[:6])
     counts = services.review_counts(run)
     messages.success(
         request,
         f"{updated:,} pair{'s' if updated != 1 else ''} {decision}. Training run {pk} now has "
         f"{counts['approved']:,} approved, {counts['rejected']:,} rejected and {counts['pending']:,} pending.",
     )
-    return _back(pk)
+    return _back(pk, pairs_page=request.POST.get("pairs", "")[:6])
 
 
 @staff_required

@@ -777,3 +777,21 @@ def test_corpora_are_listed_by_name(staff_client, corpus):
     html = section(staff_client.get(PAGE).content.decode(), "corpora")
     names = re.findall(r'<tr id="corpus-\d+" data-corpus><td>([^<]+)</td>', html)
     assert names == sorted(names) and len(names) == 4
+
+
+def test_every_pair_can_be_reached_page_by_page_and_a_decision_keeps_the_page(staff_client, generated_run):
+    chunk = generated_run.corpus.chunks.first()
+    TrainingPair.objects.bulk_create(
+        TrainingPair(run=generated_run, chunk=chunk, query=f"page query {i}") for i in range(640))
+    total = generated_run.pairs.count()
+    html = staff_client.get(PAGE).content.decode()
+    assert f"Pairs 1–300 of {total}" in html and 'rel="next"' in html and 'rel="prev"' not in html
+    last = staff_client.get(PAGE + "?pairs=3").content.decode()
+    assert f"Pairs 601–{total} of {total}" in last and 'rel="prev"' in last and 'rel="next"' not in last
+    shown = [int(pk) for pk in re.findall(r'<tr id="pair-(\d+)"', last)]
+    assert len(shown) == total - 600 and not set(shown) & set(map(int, re.findall(r'<tr id="pair-(\d+)"', html)))
+    assert 'hx-get="/training/workflow/?pairs=3"' in last, "a live redraw keeps the page"
+    response = staff_client.post(PAGE + f"runs/{generated_run.pk}/review/", {"one": f"{shown[-1]}:rejected", "pairs": "3"})
+    assert response.url == f"{PAGE}?pairs=3#run-{generated_run.pk}"
+    assert TrainingPair.objects.get(pk=shown[-1]).review == "rejected"
+    assert f"Pairs 601–{total} of {total}" in staff_client.get(PAGE + "?pairs=99").content.decode()
