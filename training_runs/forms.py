@@ -41,11 +41,12 @@ class ReviewForm(forms.Form):
     """One pair ("one" = "<pair id>:<decision>", a per-pair button), the ticked pairs, or
     every pending pair (scope "all")."""
 
-    one = forms.RegexField(regex=r"^\d{1,9}:(approved|rejected)$", required=False)
+    one = forms.RegexField(regex=r"^\d{1,9}:(approved|rejected)$", required=False, label="Pair",
+                           error_messages={"invalid": "Send a pair id and a decision, e.g. 12:approved."})
     decision = forms.ChoiceField(choices=DECISIONS, required=False)
     scope = forms.ChoiceField(choices=[("selected", "selected"), ("all", "all pending")], required=False)
     # Any id is accepted here; the service refuses pairs of another run by name.
-    pair = IdListField(required=False)
+    pair = IdListField(required=False, label="Pairs")
 
     def clean(self):
         data = super().clean()

@@ -3,11 +3,12 @@
 Views are thin callers of training_runs.services (and jobsite.views.resume_with_message for a run
 whose worker went silent); a service's JobInputError or TransitionError becomes a message.
 Reading needs a login, every POST needs staff. While training is unavailable the page says
-why and nothing else: no action on it could succeed.
+why and lists the corpora, which can still be prepared: no run could succeed.
 """
 
 from __future__ import annotations
 
+import math
 from urllib.parse import urlencode
 
 from django.conf import settings
@@ -78,7 +79,11 @@ def loss_chart(losses: list[float]) -> dict | None:
     def y(value: float) -> float:
         return round(top + plot_h * (high - value) / span, 1)
 
-    points = [{"x": x(i), "y": y(v), "epoch": i + 1, "loss": f"{v:.4g}"} for i, v in enumerate(losses)]
+    # Every loss with the same decimals, enough for 3 significant digits of the smallest:
+    # "1.140 → 0.216", not "1.14 → 0.2162".
+    smallest = min((abs(v) for v in losses if v), default=1.0)
+    decimals = min(8, max(0, 2 - math.floor(math.log10(smallest))))
+    points = [{"x": x(i), "y": y(v), "epoch": i + 1, "loss": f"{v:.{decimals}f}"} for i, v in enumerate(losses)]
     step = max(1, round(count / 8))
     x_ticks = [p for i, p in enumerate(points) if i % step == 0 or i == count - 1]
     y_ticks = [{"y": y(v), "label": f"{v:.3g}"} for v in sorted({high, (high + low) / 2, low}, reverse=True)]
@@ -86,7 +91,7 @@ def loss_chart(losses: list[float]) -> dict | None:
         "width": width, "height": height, "left": left, "right": width - right, "top": top,
         "bottom": height - bottom, "mid_x": left + plot_w / 2, "points": points,
         "polyline": " ".join(f"{p['x']},{p['y']}" for p in points),
-        "x_ticks": x_ticks, "y_ticks": y_ticks, "first": f"{losses[0]:.4g}", "last": f"{losses[-1]:.4g}",
+        "x_ticks": x_ticks, "y_ticks": y_ticks, "first": points[0]["loss"], "last": points[-1]["loss"],
     }
 
 
@@ -319,7 +324,7 @@ def training_review(request, pk: int):
     run = selectors.training_run_get(run_id=pk)
     form = ReviewForm(request.POST)
     if not form.is_valid():
-        messages.error(request, f"No pair was reviewed: {' '.join(form.errors.get('__all__', []) or ['bad input.'])}")
+        messages.error(request, f"No pair was reviewed. {form_problems(form)}")
         return _back(pk, pairs_page=request.POST.get("pairs", "")[:6])
     decision, pair_ids = form.cleaned_data["decision"], form.cleaned_data["pair_ids"]
     try:

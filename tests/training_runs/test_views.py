@@ -369,11 +369,11 @@ def test_train_through_the_page_starts_phase_two(staff_client, generated_run):
     [
         ({}, "Choose approve or reject."),
         ({"decision": "approved", "scope": "selected"}, "Tick at least one pair first"),
-        ({"decision": "maybe", "scope": "all"}, "No pair was reviewed"),
-        ({"decision": "approved", "pair": ["x"]}, "No pair was reviewed"),
+        ({"decision": "maybe", "scope": "all"}, "No pair was reviewed. Decision: Select a valid choice."),
+        ({"decision": "approved", "pair": ["x"]}, "No pair was reviewed. Pairs: Pair ids are numbers."),
         ({"decision": "approved", "pair": ["99999999"]}, "do not belong to training run"),
-        ({"one": "1:perhaps"}, "No pair was reviewed"),
-        ({"decision": "approved", "pair": ["²"]}, "No pair was reviewed"),
+        ({"one": "1:perhaps"}, "No pair was reviewed. Pair: Send a pair id and a decision, e.g. 12:approved."),
+        ({"decision": "approved", "pair": ["²"]}, "No pair was reviewed. Pairs: Pair ids are numbers."),
     ],
 )
 def test_bad_review_input_is_a_message(staff_client, generated_run, data, sentence):
@@ -442,7 +442,7 @@ def test_a_completed_run_shows_recall_before_and_after_and_the_loss_chart(staff_
     for k, before, after in ((1, "0.25", "0.50"), (5, "0.50", "0.75"), (10, "0.75", "1.00")):
         assert re.search(rf'recall@{k}</th><td class="num">{before}</td>.*?<td class="num better">{after}</td>', result)
     chart = result[result.index("<svg"):result.index("</svg>")]
-    assert 'aria-label="Training loss per epoch, from 2.1 to 0.7"' in chart
+    assert 'aria-label="Training loss per epoch, from 2.100 to 0.700"' in chart
     assert len(re.findall(r"<circle", chart)) == 4 and "<polyline" in chart
     assert "0.25 → <strong>0.50</strong>" in row_html(html, run.pk)
 
