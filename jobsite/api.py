@@ -22,11 +22,27 @@ class Refusal(Message):
     field: str | None = Field(None, description="the input the message is about, when it is about one")
 
 
+CSRF_SENTENCE = ("The CSRF token is missing or wrong: send the csrftoken cookie's value in an X-CSRFToken "
+                 "header with every write.")
+
+
 class LoginRequired(SessionAuth):
-    """Session login (with CSRF on writes from the browser)."""
+    """Session login (with CSRF on writes from the browser). Without a login the answer is
+    'log in first' (401), not the CSRF refusal that ninja's check would give before it."""
+
+    def __call__(self, request: HttpRequest):
+        if not request.user.is_authenticated:
+            return None
+        return super().__call__(request)
+
+    def _get_key(self, request: HttpRequest):
+        try:
+            return super()._get_key(request)
+        except HttpError as exc:  # ninja's own sentence is "CSRF check Failed"
+            raise HttpError(403, CSRF_SENTENCE) from exc
 
 
-class StaffRequired(SessionAuth):
+class StaffRequired(LoginRequired):
     def authenticate(self, request: HttpRequest, key):
         user = super().authenticate(request, key)
         if user and not user.is_staff:

@@ -97,7 +97,12 @@ def test_api_writes_from_a_browser_session_need_the_csrf_token(staff_user, fake_
     browser.force_login(staff_user)
     body = '{"dataset_id": %d, "layers": [0], "hooks": ["residual"]}' % fake_dataset.pk
     refused = browser.post(f"/api/v1/models/{fake_model.pk}/extractions", data=body, content_type="application/json")
-    assert refused.status_code in (401, 403)
+    assert refused.status_code == 403
+    assert refused.json()["message"].startswith("The CSRF token is missing or wrong: send the csrftoken cookie's value")
+    anonymous = Client(enforce_csrf_checks=True).post(f"/api/v1/models/{fake_model.pk}/extractions", data=body,
+                                                      content_type="application/json")
+    assert (anonymous.status_code, anonymous.json()["message"]) == (
+        401, "Log in first (session cookie); writes also need staff."), "not a CSRF refusal to someone not logged in"
     from django.middleware.csrf import _get_new_csrf_string
 
     token = _get_new_csrf_string()  # what the csrftoken cookie of a page holds
