@@ -174,7 +174,7 @@ class TrainingRun(Job):
 
     # A failed run waits for a person: Proceed resumes it where it stopped, Remove discards it.
     NEXT_STEPS = {
-        ErrorType.CANCELLED: "Stopped on request: Proceed continues where it stopped; Delete discards the run.",
+        ErrorType.CANCELLED: "Proceed continues where it stopped; Delete discards the run.",
         ErrorType.STORAGE: "Free space or fix permissions in the data directory, then Proceed.",
         ErrorType.DATABASE: "Proceed once the database is back: the run resumes where it stopped.",
         ErrorType.TIMEOUT: "Proceed resumes where it stopped; raise JOBSITE_TIMEOUT_S if it keeps timing out.",

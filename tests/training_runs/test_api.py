@@ -114,7 +114,7 @@ def test_stop_answers_the_run_and_409_once_it_is_no_longer_running(staff_client,
     assert response.status_code == 200, response.content
     body = response.json()
     assert body["status"] == "generating_failed" and body["error_type"] == "CANCELLED"
-    assert body["next_step"].startswith("Stopped on request: Proceed continues")
+    assert body["next_step"].startswith("Proceed continues")
     again = post(staff_client, f"/api/v1/training/runs/{started['id']}/stop")
     assert again.status_code == 409
     assert again.json()["message"].endswith("only a generating or training run can be stopped.")

@@ -274,7 +274,7 @@ def test_stop_mid_generation_keeps_the_pairs_waits_as_stopped_and_proceed_finish
     assert run.status == "generating_failed" and run.error_type == "CANCELLED"
     assert run.error_message == f"Stopped on request after {run.processed_chunks} of {run.total_chunks} chunks."
     assert 3 <= run.processed_chunks < run.total_chunks and not run.cancel_requested
-    assert run.next_step.startswith("Stopped on request: Proceed continues")
+    assert run.next_step.startswith("Proceed continues")
     assert run.pairs.count() == run.pair_count > 0
     stopped = Event.objects.filter(topic=run.topic, type="training.generating_failed").get()
     assert stopped.payload["error_type"] == "CANCELLED"

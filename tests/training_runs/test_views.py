@@ -263,6 +263,7 @@ def test_a_run_stopped_while_embedding_says_how_far_it_got(staff_client, make_ru
     html = staff_client.get(f"{PAGE}?open={run.pk}").content.decode()
     card = section(html, f"run-{run.pk}")
     assert "Stopped: CANCELLED" in card and "Stopped on request while embedding (480 of 1,479 texts)." in card
+    assert "(Stopped on request)" not in card and "Stopped on request: " not in card, "said once, in the message"
     assert "480 of 1,479 texts were embedded before it stopped (attempt 1)." in card
     row = row_html(html, run.pk)
     assert "Training stopped while embedding: 480 of 1,479 texts are embedded. Proceed embeds the rest" in row
