@@ -3,7 +3,6 @@ from typing import Literal
 
 from django.http import Http404
 from django.shortcuts import get_object_or_404
-from django.utils import timezone
 from ninja import Field, File, Form, Router, Schema, Status
 from ninja.files import UploadedFile
 from ninja.errors import HttpError
@@ -158,9 +157,8 @@ def list_models(request):
 
 def _registered(register, **kwargs):
     """201 with the record made now; 200 with the one the path already had."""
-    asked_at = timezone.now()
-    record = register(**kwargs)
-    return Status(201 if record.created_at >= asked_at else 200, record)
+    record, created = services.registered(register, **kwargs)
+    return Status(201 if created else 200, record)
 
 
 @router.post("/models", response={201: ModelOut, 200: ModelOut, 422: Refusal}, auth=staff_required,

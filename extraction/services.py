@@ -38,7 +38,8 @@ def model_register(*, path: str, name: str = "") -> ModelRecord:
     try:
         info = inspect_model(str(resolved))
     except JobInputError as exc:  # about what the directory holds
-        raise JobInputError(str(exc), field="path") from None
+        exc.field = "path"
+        raise
     return _register(ModelRecord, "model", name, resolved, dict(
         architecture=info.architecture,
         model_type=info.model_type,
@@ -47,6 +48,14 @@ def model_register(*, path: str, name: str = "") -> ModelRecord:
         vocab_size=info.vocab_size,
         supported_hooks=list(info.supported_hooks),
     ))
+
+
+def registered(register, **kwargs):
+    """(record, made now?) from model_register, dataset_register or dataset_upload: False when
+    the service handed back the record the path already had."""
+    asked_at = timezone.now()
+    record = register(**kwargs)
+    return record, record.created_at >= asked_at
 
 
 def _name_from(file_name: str, kind: str) -> str:
@@ -81,7 +90,8 @@ def dataset_register(*, path: str, name: str = "") -> Dataset:
     try:
         info = inspect_dataset(str(resolved))
     except JobInputError as exc:  # about what the file holds
-        raise JobInputError(str(exc), field="path") from None
+        exc.field = "path"
+        raise
     except OSError as exc:
         raise JobInputError(f"The dataset {path} cannot be read: {exc.strerror}.", field="path") from None
     return _register(Dataset, "dataset", name, resolved, dict(

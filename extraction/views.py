@@ -236,18 +236,17 @@ def register(request):
     form = RegisterForm(request.POST, request.FILES, kind=kind)
     if form.is_valid():
         path, name, upload = form.cleaned_data["path"], form.cleaned_data["name"], form.cleaned_data.get("upload")
-        asked_at = timezone.now()
         try:
             if kind == "model":
-                record = services.model_register(path=path, name=name)
+                record, created = services.registered(services.model_register, path=path, name=name)
             elif upload:
-                record = services.dataset_upload(upload=upload, name=name)
+                record, created = services.registered(services.dataset_upload, upload=upload, name=name)
             else:
-                record = services.dataset_register(path=path, name=name)
+                record, created = services.registered(services.dataset_register, path=path, name=name)
         except JobInputError as exc:
             add_refusal(form, exc, default="upload" if upload else "path", renamed={"file": "upload"})
         else:
-            if record.created_at < asked_at:  # the service hands back the record a path already has
+            if not created:
                 messages.info(request, f"{record.path} is already registered as the {kind} {record.name}.")
             elif kind == "model":
                 messages.success(request, f"Model {record.name} is registered: {record.architecture}, "

@@ -35,14 +35,19 @@ TEMPLATES = (
 WORD = re.compile(r"[A-Za-z][A-Za-z'\-]+|\d+(?:[.:]\d+)?")
 
 
-def chunk_text(text: str, *, size: int, overlap: int) -> list[str]:
-    """Paragraphs packed up to `size` characters; a longer paragraph is cut at word
-    boundaries with `overlap` characters repeated at the start of the next piece."""
-    if size < 50:
-        raise JobInputError("The chunk size must be at least 50 characters.", field="chunk_size")
+def check_chunking(size: int, overlap: int) -> None:
+    """A chunk size and overlap chunk_text can cut with, or a sentence saying which is wrong."""
+    if not 50 <= size <= 20000:
+        raise JobInputError("The chunk size must be between 50 and 20,000 characters.", field="chunk_size")
     if not 0 <= overlap < size // 2:
         raise JobInputError(f"The overlap must be between 0 and {size // 2 - 1} characters for a chunk size of {size:,}.",
                             field="chunk_overlap")
+
+
+def chunk_text(text: str, *, size: int, overlap: int) -> list[str]:
+    """Paragraphs packed up to `size` characters; a longer paragraph is cut at word
+    boundaries with `overlap` characters repeated at the start of the next piece."""
+    check_chunking(size, overlap)
     pieces: list[str] = []
     for paragraph in (p.strip() for p in re.split(r"\n\s*\n", text)):
         if not paragraph:

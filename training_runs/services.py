@@ -39,19 +39,19 @@ class TrainingRunBlocked(TransitionError):
 # --- corpus ------------------------------------------------------------------------------
 
 
-def _documents(root: Path, field: str) -> list[tuple[str, str]]:
+def _documents(root: Path) -> list[tuple[str, str]]:
     files = sorted(p for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file())
     files = [p for p in files if p.suffix.lower() in CORPUS_SUFFIXES]
     if not files:
-        raise JobInputError(f"No .txt, .md or .jsonl documents in {root.name}; add some.", field=field)
+        raise JobInputError(f"No .txt, .md or .jsonl documents in {root.name}; add some.")
     documents = []
     for path in files:
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
-            raise JobInputError(f"{path.name} is not valid UTF-8 text; convert it first.", field=field) from None
+            raise JobInputError(f"{path.name} is not valid UTF-8 text; convert it first.") from None
         except OSError as exc:
-            raise JobInputError(f"{path.name} cannot be read: {exc.strerror}.", field=field) from None
+            raise JobInputError(f"{path.name} cannot be read: {exc.strerror}.") from None
         if path.suffix.lower() == ".jsonl":
             for number, line in enumerate(text.splitlines(), start=1):
                 if not line.strip():
@@ -60,21 +60,20 @@ def _documents(root: Path, field: str) -> list[tuple[str, str]]:
                     record = json.loads(line)
                     documents.append((f"{path.name}:{number}", str(record["text"])))
                 except (ValueError, KeyError, TypeError):
-                    raise JobInputError(f"Line {number} of {path.name} must be a JSON object with a \"text\".",
-                                        field=field) from None
-                _refuse_nul(documents[-1][1], f"Line {number} of {path.name}", field)
+                    raise JobInputError(f"Line {number} of {path.name} must be a JSON object with a \"text\".") from None
+                _refuse_nul(documents[-1][1], f"Line {number} of {path.name}")
         else:
-            _refuse_nul(text, path.name, field)
+            _refuse_nul(text, path.name)
             documents.append((str(path.relative_to(root) if root.is_dir() else path.name), text))
     return documents
 
 
-def _refuse_nul(text: str, where: str, field: str) -> None:
+def _refuse_nul(text: str, where: str) -> None:
     # PostgreSQL text cannot hold NUL; a file with one is binary or damaged, not a document.
     if "\x00" in text:
         raise JobInputError(
             f"{where} contains a NUL character (at character {text.index(chr(0)):,}); "
-            "remove it or convert the file to plain text first.", field=field,
+            "remove it or convert the file to plain text first."
         )
 
 
@@ -118,14 +117,10 @@ def corpus_create(
     corpus row is saved, so a refused or concurrent upload never leaves files for the next
     corpus of that name to pick up. A name is never reused: a second corpus of the same name
     is refused, not merged or replaced."""
-    from training_runs.generator import chunk_text  # noqa: PLC0415
+    from training_runs.generator import check_chunking, chunk_text  # noqa: PLC0415
 
     check_file_name(name, "The corpus name")
-    if not 50 <= chunk_size <= 20000:
-        raise JobInputError("The chunk size must be between 50 and 20,000 characters.", field="chunk_size")
-    if not 0 <= chunk_overlap < chunk_size // 2:
-        raise JobInputError(f"The overlap must be between 0 and {chunk_size // 2 - 1} characters for a chunk size of "
-                            f"{chunk_size:,}.", field="chunk_overlap")
+    check_chunking(chunk_size, chunk_overlap)
     if Corpus.objects.filter(name=name).exists():
         raise _already_exists(name)
     staging = None
@@ -146,15 +141,18 @@ def corpus_create(
     else:
         raise JobInputError("Give a path under the data directory or upload files.", field="path")
     try:
-        field = "files" if staging else "path"
-        documents = _documents(staging or root, field)
-        chunks = [
-            (document, piece)
-            for document, text in documents
-            for piece in chunk_text(text, size=chunk_size, overlap=chunk_overlap)
-        ]
-        if not chunks:
-            raise JobInputError("The documents contain no text.", field=field)
+        try:
+            documents = _documents(staging or root)
+            chunks = [
+                (document, piece)
+                for document, text in documents
+                for piece in chunk_text(text, size=chunk_size, overlap=chunk_overlap)
+            ]
+            if not chunks:
+                raise JobInputError("The documents contain no text.")
+        except JobInputError as exc:  # about the documents given: uploaded, or under the path
+            exc.field = "files" if staging else "path"
+            raise
         return _corpus_save(name=name, root=root, staging=staging, chunk_size=chunk_size,
                             chunk_overlap=chunk_overlap, num_documents=len(documents), chunks=chunks)
     finally:

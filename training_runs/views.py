@@ -322,23 +322,24 @@ def training_generate(request):
 @require_POST
 def training_review(request, pk: int):
     run = selectors.training_run_get(run_id=pk)
+    page = request.POST.get("pairs", "")[:6]  # the page of pairs the decision was made on
     form = ReviewForm(request.POST)
     if not form.is_valid():
         messages.error(request, f"No pair was reviewed. {form_problems(form)}")
-        return _back(pk, pairs_page=request.POST.get("pairs", "")[:6])
+        return _back(pk, pairs_page=page)
     decision, pair_ids = form.cleaned_data["decision"], form.cleaned_data["pair_ids"]
     try:
         updated = services.training_run_review(run=run, decision=decision, pair_ids=pair_ids)
     except (JobInputError, TransitionError) as exc:
         messages.error(request, str(exc))
-        return _back(pk, pairs_page=request.POST.get("pairs", "")[:6])
+        return _back(pk, pairs_page=page)
     counts = services.review_counts(run)
     messages.success(
         request,
         f"{updated:,} pair{'s' if updated != 1 else ''} {decision}. Training run {pk} now has "
         f"{counts['approved']:,} approved, {counts['rejected']:,} rejected and {counts['pending']:,} pending.",
     )
-    return _back(pk, pairs_page=request.POST.get("pairs", "")[:6])
+    return _back(pk, pairs_page=page)
 
 
 @staff_required

@@ -239,9 +239,9 @@ def test_concurrent_identical_corpus_requests_make_one_corpus_and_the_sentence_f
     barrier = threading.Barrier(requests)
     documents = services._documents
 
-    def documents_after_every_check(root, field):
+    def documents_after_every_check(root):
         barrier.wait(timeout=30)
-        return documents(root, field)
+        return documents(root)
 
     monkeypatch.setattr(services, "_documents", documents_after_every_check)
     outcomes = []

@@ -414,15 +414,14 @@
     const config = event.detail.requestConfig;
     const target = event.detail.target;
     const trigger = config && config.triggeringEvent;
-    if (!trigger || trigger.type !== "jobsite-refresh") {
-      carryEdits(event);
-      return;
-    }
-    if (target && target.id && busy(target)) {
+    const liveRedraw = Boolean(trigger) && trigger.type === "jobsite-refresh";
+    if (liveRedraw && target && target.id && busy(target)) {
       event.detail.shouldSwap = false;
       dirty.add(target.id);
-    } else if (event.detail.shouldSwap) {
-      carryEdits(event);
+      return;
+    }
+    carryEdits(event);  // any swap that lands: a live redraw or an action's answer
+    if (liveRedraw && event.detail.shouldSwap) {
       if (target && target.matches("[data-live-region]")) noteShownCards(target);
       // Drawn: no longer dirty. Cleared here, while the element is still in the page: after an
       // outerHTML swap htmx reports the request on a detached element that has lost its id,
