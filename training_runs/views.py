@@ -187,9 +187,11 @@ def _workflow_context(request, *, seq: int) -> dict:
     # of pairs under review. Live redraws ask for the same.
     chosen = id_param(request, "corpus")
     pairs_page = id_param(request, "pairs") or 1
-    query = urlencode({key: value for key, value in (("corpus", chosen), ("pairs", pairs_page)) if value and value != 1})
+    query = {"corpus": chosen} if chosen else {}
+    if pairs_page > 1:
+        query["pairs"] = pairs_page
     return {
-        "workflow_url": reverse("training_runs:workflow") + (f"?{query}" if query else ""),
+        "workflow_url": reverse("training_runs:workflow") + (f"?{urlencode(query)}" if query else ""),
         "form": GenerateForm(initial={"corpus": chosen} if chosen else None),
         "chosen_corpus": chosen,
         "has_corpora": corpora.exists(),
