@@ -87,6 +87,7 @@ def job_view(extraction: Extraction, *, seq: int = 0) -> dict:
         "bar_width": f"{percent:.1f}",
         "rate": f"{rate:,.0f}" if rate else "—",
         "eta": duration(eta) if eta is not None else "—",
+        "eta_s": eta,
         "heartbeat_age": f"{heartbeat_age:.0f}" if heartbeat_age is not None else "",
         "stalled": stalled,
         "slow": slow,

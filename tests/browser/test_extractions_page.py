@@ -288,6 +288,88 @@ def test_the_time_left_is_fitted_to_what_each_sample_and_each_token_cost(site, s
     assert page.evaluate("([p, k, s]) => jobsiteTimeLeft(p, k, s)", [even[:1], 320, 32]) is None
 
 
+def seconds_in(text: str) -> int:
+    """'2 min 6 s' -> 126, as live.js and the server write a duration."""
+    units = {"h": 3600, "min": 60, "s": 1}
+    return sum(int(n) * units[u] for n, u in re.findall(r"(\d+) (h|min|s)\b", text))
+
+
+def test_the_time_left_counts_down_and_one_slow_batch_does_not_swing_it(site, staff_user, make_extraction):
+    """A run of 60 batches, longest first, each taking 0.6-1.4 times its usual time, replayed
+    into the page as the socket delivers progress: the time left moves little at each event,
+    counts down between events, and stays near the time the run really has left."""
+    batches = 60
+    tokens = [16 * round(256 - 252 * b / (batches - 1)) for b in range(batches)]
+    noise = [(0.6, 1.4, 1.0, 0.7, 1.3)[b % 5] for b in range(batches)]
+    took = [(0.3 + k * 0.0003) * f for k, f in zip(tokens, noise)]  # seconds each batch took
+    now = timezone.now()
+    job = make_extraction("extracting", started_at=now, heartbeat_at=now, progress_at=now, queued_at=now,
+                          worker="host:1", attempt=1, samples_processed=0, total_samples=16 * batches,
+                          tokens_processed=0, total_tokens=sum(tokens))
+    site.start_web()
+    page = site.page(staff_user)
+    page.clock.install()
+    page.goto(site.url("/extractions/"))
+    eta = page.locator(f"#extraction-{job.pk} [data-eta]")
+    expect(eta).to_have_text("—")
+    page.clock.pause_at(page.evaluate("Date.now()") + 1000)
+    payload = job.event_payload()
+
+    def event(b: int) -> None:
+        """Batch b (0-based) is written: the progress event the worker publishes."""
+        done = {"samples_processed": 16 * (b + 1), "tokens_processed": sum(tokens[: b + 1])}
+        at = page.evaluate("new Date().toISOString()")
+        page.evaluate("(m) => jobsiteLive.receive(m)", {
+            "seq": 1_000_000 + b, "topic": job.topic, "type": "extraction.progress", "created_at": at,
+            "payload": {**payload, **done, "heartbeat_at": at, "progress_at": at}})
+
+    shown, jumps = [], []
+    for b in range(batches - 1):
+        page.clock.run_for(round(took[b] * 1000))
+        before = seconds_in(eta.inner_text())
+        event(b)
+        after = seconds_in(eta.inner_text())
+        if shown and b != batches // 2 + 1:  # (the event after the pause below may rise more)
+            jumps.append((b, before, after))
+        shown.append((b, after, sum(took[b + 1 :])))
+        if b == batches // 2:
+            # No event for 3 s (a long batch): the time left counts down meanwhile.
+            page.clock.run_for(3000)
+            assert after - 4 <= seconds_in(eta.inner_text()) <= after - 2, eta.inner_text()
+    # Each event moves the time left by at most a third (or 3 s), whatever the batch took.
+    assert [j for j in jumps[3:] if abs(j[2] - j[1]) > max(3, j[1] / 3)] == [], jumps
+    # And what it shows stays near the truth from the first tenth of the run on.
+    for b, left, truth in shown[batches // 10 : -5]:
+        assert truth * 0.6 - 2 <= left <= truth * 1.5 + 2, (b, left, truth)
+    assert shown[-1][1] <= 3
+
+
+def test_the_time_left_the_server_drew_counts_down_and_a_redraw_does_not_put_it_back(site, staff_user,
+                                                                                    make_extraction):
+    """A card drawn 40 s into a run says 60 s left; 5 s later, with no event, 55 s; the card drawn
+    again by the server (which still knows only the last progress) keeps counting down."""
+    now = timezone.now()
+    job = make_extraction("extracting", started_at=now - timedelta(seconds=40), heartbeat_at=now, progress_at=now,
+                          queued_at=now, worker="host:1", attempt=1, samples_processed=40, total_samples=100,
+                          tokens_processed=4000, total_tokens=10000)
+    site.start_web()
+    page = site.page(staff_user)
+    page.clock.install()
+    page.goto(site.url("/extractions/"))
+    eta = page.locator(f"#extraction-{job.pk} [data-eta]")
+    expect(eta).to_have_text(re.compile(r"^\d+ s$"))
+    first = seconds_in(eta.inner_text())
+    assert 55 <= first <= 60  # 60 s as of the last progress, drawn a moment after it
+    page.clock.run_for(5000)
+    assert first - 6 <= seconds_in(eta.inner_text()) <= first - 4
+    with page.expect_response(lambda r: r.url.endswith(f"/extractions/{job.pk}/card/")):
+        page.evaluate(f"document.getElementById('extraction-{job.pk}').dispatchEvent(new CustomEvent('jobsite-refresh'))")
+    page.wait_for_timeout(100)  # the swap, well short of the next second's tick
+    assert first - 6 <= seconds_in(eta.inner_text()) <= first - 4
+    page.clock.run_for(2000)
+    assert first - 8 <= seconds_in(eta.inner_text()) <= first - 6
+
+
 def test_a_narrow_window_keeps_the_pages_to_its_width(site, staff_user, make_extraction):
     """At 420 px the page does not scroll sideways: the top bar wraps, wide tables scroll in their panel."""
     for status in ("completed", "cancelled", "failed"):

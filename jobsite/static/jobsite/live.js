@@ -279,7 +279,11 @@
   function remember(card) {
     let known = memory.get(card.dataset.topic);
     if (!known || known.card !== card) {
-      const previous = known || { alive: 0, moved: 0, done: null, points: [], polledAt: 0 };
+      // The time left the server drew (as of the last progress) is where the countdown starts.
+      const drawn = parseFloat((card.querySelector("[data-eta]") || { dataset: {} }).dataset.leftS);
+      const progressAt = Date.parse(card.dataset.progressAt || "");
+      const left = Number.isFinite(drawn) && progressAt ? { seconds: drawn, at: progressAt } : null;
+      const previous = known || { alive: 0, moved: 0, done: null, points: [], polledAt: 0, left };
       known = {
         ...previous,
         card,
@@ -472,8 +476,11 @@
       const ds = points[i][2] - points[i - 1][2];
       ss += ds * ds; kk += dk * dk; sk += ds * dk; sy += ds * dy; ky += dk * dy;
     }
+    // Two costs are fitted only from three increments or more, and only where samples and tokens
+    // did not move in step: fitted from fewer, or from nearly proportional ones, a batch's noise
+    // swings them (and the time left with them) several-fold from one event to the next.
     const det = ss * kk - sk * sk;
-    if (det > 1e-6 * ss * kk) {
+    if (points.length >= 4 && det > 0.02 * ss * kk) {
       const perSample = (sy * kk - ky * sk) / det;
       const perToken = (ky * ss - sy * sk) / det;
       if (perSample >= 0 && perToken >= 0) return perSample * samplesLeft + perToken * tokensLeft;
@@ -484,6 +491,28 @@
     return ((t1 - t0) / 1000) * (tokensLeft / (k1 - k0) + samplesLeft / (s1 - s0)) / 2;
   }
   window.jobsiteTimeLeft = timeLeft;  // for people debugging a page, and the browser tests
+
+  // What the card shows is a countdown from the last time left shown, moved towards each new
+  // estimate by a share that grows with the time since (a quarter after a second, most of it
+  // after ten): one slow or quick batch nudges it, a lasting change of pace takes it over
+  // within seconds. left: {seconds, at (ms)}.
+  const LEFT_SETTLE_MS = 4000;
+  function smoothLeft(previous, estimate, at) {
+    if (!previous || at <= previous.at) return { seconds: estimate, at };
+    const counted = Math.max(0, previous.seconds - (at - previous.at) / 1000);
+    const share = 1 - Math.exp(-(at - previous.at) / LEFT_SETTLE_MS);
+    return { seconds: counted + share * (estimate - counted), at };
+  }
+  window.jobsiteSmoothLeft = smoothLeft;
+  // Counts down between events (every second, and over a card drawn again by the server).
+  function showLeft(card, known, now) {
+    if (!known.left || !isRunning(card)) return;
+    setText(card, "[data-eta]", duration(Math.max(0, known.left.seconds * 1000 - (now - known.left.at))));
+  }
+  // Before the browser paints the card drawn again (with the server's figure as of the last progress).
+  document.addEventListener("htmx:afterSwap", () => {
+    for (const card of cards()) showLeft(card, remember(card), serverNow());
+  });
 
   // A run stopped on request is "stopped", as the server draws it, not its *_failed status.
   const statusLabel = (job) => (String(job.status).endsWith("_failed") && job.error_type === "CANCELLED" ? "stopped" : job.status);
@@ -537,7 +566,10 @@
           setText(card, "[data-rate]", Math.round(rate).toLocaleString("en-US"));
           const left = typeof tokensTotal === "number" && typeof total === "number" && typeof done === "number"
             ? timeLeft(known.points, tokensTotal - tokens, total - done) : null;
-          if (rate > 0 && left !== null) setText(card, "[data-eta]", duration(left * 1000));
+          if (rate > 0 && left !== null) {
+            known.left = smoothLeft(known.left, left, at);
+            showLeft(card, known, at);
+          }
         }
       }
     }
@@ -600,6 +632,8 @@
     refreshRow(row);
   });
 
+  // A message as the socket delivers it, e.g. to replay a run's progress into a page by hand.
+  state.receive = (message) => onEvent(message);
   function onEvent(message) {
     if (typeof message.seq !== "number" || message.seq <= state.lastSeq) return;
     state.lastSeq = message.seq;
@@ -673,6 +707,7 @@
       }
       anyActive = true;
       const known = remember(card);
+      showLeft(card, known, now);
       let stalled = false;
       if (isRunning(card, status) && known.alive) {
         const age = Math.max(0, now - known.alive);
