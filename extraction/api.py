@@ -9,9 +9,8 @@ from ninja.errors import HttpError
 from pydantic import field_validator
 
 from extraction import selectors, services
-from extraction.constants import VALID_BATCH_SIZES
+from extraction.constants import BATCH_SIZES_SENTENCE, VALID_BATCH_SIZES
 from extraction.models import Dataset, Extraction, ModelRecord
-from extraction.services import BATCH_SIZES_SENTENCE
 from jobsite.api import Message, Refusal, staff_required
 from jobsite.services import job_resume
 

@@ -39,7 +39,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig,
 from transformers.utils import logging as transformers_logging
 
 # Cancelled is re-exported from jobsite.errors: the worker tells a cancel from a failure by it.
-from extraction.constants import HOOK_TYPES, VALID_BATCH_SIZES
+from extraction.constants import BATCH_SIZES_SENTENCE, HOOK_TYPES, VALID_BATCH_SIZES
 from jobsite.errors import Cancelled, JobInputError, StorageError, is_oom
 
 
@@ -317,7 +317,7 @@ class _Prepared:
 def _validate(spec: ExtractionSpec, info: ModelInfo, config: PretrainedConfig) -> tuple[list[int], list[str]]:
     """The layers (sorted) and hooks (in HOOK_TYPES order) to extract, once spec is checked."""
     if spec.batch_size not in VALID_BATCH_SIZES:
-        raise JobInputError(f"batch_size must be one of {', '.join(map(str, VALID_BATCH_SIZES))}.")
+        raise JobInputError(f"{BATCH_SIZES_SENTENCE}; got {spec.batch_size}.", field="batch_size")
     supported = ", ".join(info.supported_hooks)
     for hook in spec.hooks:
         if hook not in HOOK_TYPES:
@@ -334,19 +334,23 @@ def _validate(spec: ExtractionSpec, info: ModelInfo, config: PretrainedConfig) -
         raise JobInputError(f"Choose at least one layer: this model has layers 0-{last}.")
     positions = getattr(config, "max_position_embeddings", None)
     if spec.max_length < 1 or (positions and spec.max_length > positions):
-        raise JobInputError(f"max_length must be between 1 and {positions or 'the model context'}.")
+        raise JobInputError(f"Max length must be between 1 and {positions or 'the model context'} tokens; "
+                            f"got {spec.max_length}.", field="max_length")
     if spec.max_samples is not None and spec.max_samples < 1:
-        raise JobInputError("max_samples must be at least 1, or empty for every sample.")
+        raise JobInputError("Max samples must be at least 1, or empty for every sample.", field="max_samples")
     if spec.storage_dtype not in _STORAGE_DTYPES:
-        raise JobInputError("storage_dtype must be float32 or float16.")
+        raise JobInputError("The storage dtype must be float32 or float16.", field="storage_dtype")
     if spec.model_dtype not in _MODEL_DTYPES:
-        raise JobInputError("model_dtype must be float32, bfloat16 or float16.")
+        raise JobInputError("The model dtype must be float32, bfloat16 or float16.", field="model_dtype")
     if spec.device != "cpu" and not spec.device.startswith("cuda"):
-        raise JobInputError("device must be cpu or cuda.")
+        raise JobInputError(f"This worker's device is {spec.device!r}; set JOBSITE_DEVICE to cpu, cuda or cuda:N "
+                            "and restart the worker.")
     if spec.device.startswith("cuda") and not torch.cuda.is_available():
-        raise JobInputError("This worker has no CUDA device; use device cpu.")
+        raise JobInputError(f"This worker is set to run on {spec.device} but has no CUDA device: set "
+                            "JOBSITE_DEVICE=cpu for it, or run it on a GPU host, then retry.")
     if spec.device == "cpu" and spec.model_dtype != "float32":
-        raise JobInputError(f"model_dtype {spec.model_dtype} needs a cuda device; use float32 on cpu.")
+        raise JobInputError(f"The model dtype {spec.model_dtype} needs a CUDA device; use float32 on the cpu.",
+                            field="model_dtype")
     return sorted(set(spec.layers)), [h for h in HOOK_TYPES if h in spec.hooks]
 
 

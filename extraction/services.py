@@ -14,7 +14,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from extraction.constants import HOOK_TYPES, VALID_BATCH_SIZES
+from extraction.constants import BATCH_SIZES_SENTENCE, HOOK_TYPES, VALID_BATCH_SIZES
 from extraction.models import Dataset, Extraction, ModelRecord
 from jobsite.errors import JobInputError, check_record_name, check_text, not_kept
 from jobsite.lifecycle import TransitionError
@@ -22,7 +22,6 @@ from jobsite.paths import resolve_under
 from jobsite.services import job_enqueue, job_request_cancel
 
 
-BATCH_SIZES_SENTENCE = f"The batch size must be one of {', '.join(map(str, VALID_BATCH_SIZES))}"
 
 
 def model_register(*, path: str, name: str = "") -> ModelRecord:

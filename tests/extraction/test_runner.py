@@ -383,7 +383,14 @@ def write(path, content: bytes) -> str:
 BAD_SPECS = {
     "unknown hook": (dict(hooks=("foo",)), "Hook 'foo' is unknown; choose from residual, mlp, attention."),
     "layer out of range": (dict(layers=(1, 7)), "Layer 7 does not exist: this model has layers 0-3."),
-    "batch size 3": (dict(batch_size=3), "batch_size must be one of 1, 2, 4, 8, 16, 32, 64, 128, 256, 512."),
+    "batch size 3": (dict(batch_size=3), "The batch size must be one of 1, 2, 4, 8, 16, 32, 64, 128, 256, 512; got 3."),
+    "max length 0": (dict(max_length=0), "Max length must be between 1 and 1024 tokens; got 0."),
+    "max samples 0": (dict(max_samples=0), "Max samples must be at least 1, or empty for every sample."),
+    "storage dtype": (dict(storage_dtype="int8"), "The storage dtype must be float32 or float16."),
+    "bf16 on the cpu": (dict(model_dtype="bfloat16"),
+                        "The model dtype bfloat16 needs a CUDA device; use float32 on the cpu."),
+    "device": (dict(device="tpu"), "This worker's device is 'tpu'; set JOBSITE_DEVICE to cpu, cuda or cuda:N and "
+               "restart the worker."),
 }
 
 
@@ -393,6 +400,13 @@ def test_bad_spec_raises_job_input_error_with_the_fix(models, samples_path, tmp_
         extract(models["gpt2"], samples_path, tmp_path, **change)
     assert str(caught.value) == sentence
     assert not (tmp_path / "checkpoint.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this host has a CUDA device")
+def test_a_worker_set_to_cuda_on_a_host_without_one_says_which_setting_to_change(models, samples_path, tmp_path):
+    with pytest.raises(JobInputError, match=r"^This worker is set to run on cuda but has no CUDA device: set "
+                                            r"JOBSITE_DEVICE=cpu for it, or run it on a GPU host, then retry\.$"):
+        extract(models["gpt2"], samples_path, tmp_path, device="cuda")
 
 
 @pytest.mark.parametrize(
