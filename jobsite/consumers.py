@@ -19,9 +19,9 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
 from jobsite.events import GROUP
+from jobsite.selectors import LATE_COMMIT_S as GAP_WAIT_S
 from jobsite.selectors import events_after
 
-GAP_WAIT_S = 5.0
 logger = logging.getLogger(__name__)
 
 

@@ -17,7 +17,7 @@ from django.shortcuts import redirect
 from django.utils import timezone
 
 from jobsite.lifecycle import TransitionError
-from jobsite.selectors import last_event_seq
+from jobsite.selectors import replay_from_seq
 from jobsite.services import job_resume
 
 STAFF_ONLY = ("Only staff users can start, cancel or retry jobs, or add models, datasets and corpora; "
@@ -60,7 +60,7 @@ def live_context(*, topic: str) -> dict:
     """The data attributes of a live page's <body>; call it before reading the job rows."""
     return {
         "live": {
-            "after": last_event_seq(),
+            "after": replay_from_seq(),
             "topic": topic,
             "server_now": timezone.now().isoformat(),
             "poll_fallback_s": settings.JOBSITE_POLL_FALLBACK_S,

@@ -370,6 +370,71 @@ def test_the_time_left_the_server_drew_counts_down_and_a_redraw_does_not_put_it_
     assert first - 8 <= seconds_in(eta.inner_text()) <= first - 6
 
 
+class LateCommit:
+    """A job's completion written in a transaction that takes its event's seq now and commits
+    only when told: meanwhile an event with a higher seq can commit first."""
+
+    def __init__(self, job):
+        import threading
+
+        self.job, self.seq, self.go = job, None, threading.Event()
+        self.taken = threading.Event()
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+        assert self.taken.wait(30)
+
+    def _run(self):
+        from django.db import connection, transaction
+
+        from jobsite.events import publish
+
+        try:
+            with transaction.atomic():
+                Extraction.objects.filter(pk=self.job.pk).update(status="completed", finished_at=timezone.now(),
+                                                                 samples_processed=self.job.total_samples)
+                self.job.refresh_from_db()
+                self.seq = publish(self.job.topic, "extraction.completed", self.job.event_payload()).seq
+                self.taken.set()
+                assert self.go.wait(30)
+        finally:
+            connection.close()
+
+    def commit(self):
+        self.go.set()
+        self.thread.join(30)
+
+
+def test_an_event_that_commits_after_a_later_one_still_reaches_the_page(site, staff_user, make_extraction):
+    """Two transactions: the completion of one job takes seq N, another job's progress takes N + 1
+    and commits first. The page, which already saw N + 1, still shows the completion, and so does a
+    page drawn between the two commits, without waiting for the poll that covers a silent socket."""
+    from jobsite.events import publish
+
+    now = timezone.now()
+    running = dict(started_at=now, heartbeat_at=now, progress_at=now, queued_at=now, worker="host:1", attempt=1,
+                   samples_processed=10, total_samples=100)
+    first, second, busy = (make_extraction("extracting", **running) for _ in range(3))
+    site.start_web(JOBSITE_POLL_FALLBACK_S="600", JOBSITE_STALL_AFTER_S="600")
+    page = site.page(staff_user)
+    page.goto(site.url("/extractions/"))
+    expect(page.locator("[data-live-status]")).to_have_text("live")
+
+    late = LateCommit(first)
+    later = publish(busy.topic, "extraction.progress", busy.event_payload()).seq
+    assert later > late.seq
+    page.wait_for_function("(seq) => jobsiteLive.lastSeq >= seq", arg=later)
+    late.commit()
+    expect(page.locator(f"#extraction-{first.pk} [data-status-label]")).to_have_text("completed", timeout=15_000)
+
+    # A page drawn while the completion is not yet committed shows the job running, and then completed.
+    late = LateCommit(second)
+    publish(busy.topic, "extraction.progress", busy.event_payload())
+    page.reload()
+    expect(page.locator(f"#extraction-{second.pk} [data-status-label]")).to_have_text("extracting")
+    late.commit()
+    expect(page.locator(f"#extraction-{second.pk} [data-status-label]")).to_have_text("completed", timeout=15_000)
+
+
 def test_a_narrow_window_keeps_the_pages_to_its_width(site, staff_user, make_extraction):
     """At 420 px the page does not scroll sideways: the top bar wraps, wide tables scroll in their panel."""
     for status in ("completed", "cancelled", "failed"):

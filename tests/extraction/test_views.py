@@ -153,15 +153,19 @@ def test_start_queues_one_extraction_and_the_identical_request_shows_the_existin
     ]
 
 
-def test_the_page_embeds_the_last_event_seq_and_the_delays_from_settings(staff_client, settings, make_extraction):
+def test_the_page_replays_the_last_seconds_of_events_and_embeds_the_delays_from_settings(staff_client, settings,
+                                                                                         make_extraction):
+    """The stream starts before the events of the last 5 s: one that committed after the page
+    read its rows (with a seq below one committed before) still reaches the page."""
     settings.JOBSITE_POLL_FALLBACK_S = 2
     settings.JOBSITE_SLOW_AFTER_S = 7
     settings.JOBSITE_STALL_AFTER_S = 3
     make_extraction("queued")
+    settled = Event.objects.create(topic="extraction.1", type="extraction.progress", payload={},
+                                   created_at=timezone.now() - timedelta(seconds=6))
     Event.objects.create(topic="extraction.1", type="extraction.progress", payload={})
-    last = Event.objects.order_by("-seq").first().seq
     html = staff_client.get(PAGE).content.decode()
-    assert f'data-live-after="{last}"' in html
+    assert f'data-live-after="{settled.seq}"' in html
     assert 'data-poll-fallback-s="2"' in html and 'data-slow-after-s="7"' in html and 'data-stall-after-s="3"' in html
     assert "django_htmx/htmx-2.min.js" in html and "jobsite/live.js" in html
     for link in ('href="/extractions/"', 'href="/training/"', 'href="/admin/"', 'href="/api/docs"',

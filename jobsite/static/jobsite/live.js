@@ -234,6 +234,10 @@
   // Exposed for people debugging a page (and for the browser tests).
   const state = {
     lastSeq: parseInt(body.dataset.liveAfter || "0", 10) || 0,
+    // Every event up to this seq has reached the page (the stream's own cursor, from its pongs);
+    // a reconnect asks for what follows. Events above it are told apart by their seq (`seen`):
+    // one committed late, below a seq already seen, still counts.
+    resumeAfter: parseInt(body.dataset.liveAfter || "0", 10) || 0,
     socket: null,
     connected: false,
     attempts: 0,
@@ -634,9 +638,11 @@
 
   // A message as the socket delivers it, e.g. to replay a run's progress into a page by hand.
   state.receive = (message) => onEvent(message);
+  const seen = new Set();
   function onEvent(message) {
-    if (typeof message.seq !== "number" || message.seq <= state.lastSeq) return;
-    state.lastSeq = message.seq;
+    if (typeof message.seq !== "number" || message.seq <= state.resumeAfter || seen.has(message.seq)) return;
+    seen.add(message.seq);
+    state.lastSeq = Math.max(state.lastSeq, message.seq);
     state.events += 1;
     state.lastMessageAt = Date.now();
     if (state.polling) { state.polling = false; showStatus(); }
@@ -653,9 +659,15 @@
       redrawHistory();
       return;
     }
-    // A card drawn after this progress event already shows it (or something newer).
-    if (progress && message.seq <= (parseInt(card.dataset.seq || "0", 10) || 0)) return;
     const job = message.payload || {};
+    if (message.seq <= (parseInt(card.dataset.seq || "0", 10) || 0)) {
+      // An event from before the card was drawn (replayed, or committed late): the card shows its
+      // progress or something newer. Any other change is asked of the server, which knows whether
+      // it came before or after what the card shows; the event's payload is not drawn over it.
+      if (!progress) redraw(card);
+      if (!progress && job.status && job.status !== card.dataset.status) redrawHistory();
+      return;
+    }
     const at = Date.parse(message.created_at) || serverNow();
     const workerWrote = progress || isRunning(card, job.status);
     // A card drawn while its phase waited for a worker ("Waiting for a worker") learns from
@@ -746,7 +758,7 @@
   function connect() {
     showStatus();
     const scheme = window.location.protocol === "https:" ? "wss:" : "ws:";
-    const url = `${scheme}//${window.location.host}/ws/events/?after=${state.lastSeq}&topic=${encodeURIComponent(config.topic)}`;
+    const url = `${scheme}//${window.location.host}/ws/events/?after=${state.resumeAfter}&topic=${encodeURIComponent(config.topic)}`;
     let socket;
     try {
       socket = new WebSocket(url);
@@ -775,7 +787,14 @@
     socket.onmessage = (event) => {
       let message;
       try { message = JSON.parse(event.data); } catch (error) { return; }
-      if (message.type === "pong") { awaitingPong = 0; return; }
+      if (message.type === "pong") {
+        awaitingPong = 0;
+        if (typeof message.seq === "number" && message.seq > state.resumeAfter) {
+          state.resumeAfter = message.seq;
+          seen.forEach((seq) => { if (seq <= message.seq) seen.delete(seq); });
+        }
+        return;
+      }
       onEvent(message);
     };
     socket.onclose = (event) => {
