@@ -121,10 +121,11 @@ def test_a_user_who_is_not_staff_cannot_post_any_action(client, plain_user, make
 
 def test_the_page_embeds_the_live_topic_and_the_delays(staff_client, settings, corpus):
     settings.JOBSITE_POLL_FALLBACK_S = 2
-    Event.objects.create(topic="training.1", type="training.progress", payload={})
-    last = Event.objects.order_by("-seq").first().seq
+    settled = Event.objects.create(topic="training.1", type="training.progress", payload={},
+                                   created_at=timezone.now() - timedelta(seconds=6))
+    Event.objects.create(topic="training.1", type="training.progress", payload={})  # replayed: the last 5 s
     html = staff_client.get(PAGE).content.decode()
-    assert f'data-live-after="{last}"' in html and 'data-live-topic="training."' in html
+    assert f'data-live-after="{settled.seq}"' in html and 'data-live-topic="training."' in html
     assert 'data-poll-fallback-s="2"' in html and "jobsite/live.js" in html
     assert 'href="/training/" aria-current="page"' in html
 
