@@ -25,6 +25,7 @@ def env_bool(name: str, default: bool) -> bool:
 SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "jobsite-local-development-key-change-me-in-production")
 DEBUG = env_bool("DJANGO_DEBUG", False)
 ALLOWED_HOSTS = os.environ.get("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost,testserver").split(",")
+CSRF_FAILURE_VIEW = "jobsite.views.csrf_failure"
 CSRF_TRUSTED_ORIGINS = [o for o in os.environ.get("DJANGO_CSRF_TRUSTED_ORIGINS", "").split(",") if o]
 
 JOBSITE_DATA_DIR = Path(os.environ.get("JOBSITE_DATA_DIR", BASE_DIR / ".data")).resolve()

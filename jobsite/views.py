@@ -13,7 +13,8 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
-from django.shortcuts import redirect
+from django.shortcuts import redirect, render
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils import timezone
 
 from jobsite.lifecycle import TransitionError
@@ -40,6 +41,19 @@ def staff_required(view):
         return view(request, *args, **kwargs)
 
     return wrapped
+
+
+CSRF_PAGE_SENTENCE = ("This form was not sent: its security token is missing or out of date (the page was open "
+                      "across a new login, or its cookies were cleared). Nothing was changed; go back to the page, "
+                      "reload it and do it again.")
+
+
+def csrf_failure(request, reason=""):
+    """A form refused by the CSRF check: a page that says so (and links back), not Django's
+    debugging page; an htmx form shows it in place of the page's content."""
+    referer = request.META.get("HTTP_REFERER", "")
+    back = referer if url_has_allowed_host_and_scheme(referer, {request.get_host()}) else ""
+    return render(request, "403.html", {"exception": CSRF_PAGE_SENTENCE, "back": back}, status=403)
 
 
 def form_problems(form) -> str:

@@ -429,3 +429,56 @@ def test_a_number_typed_then_another_action_keeps_the_number_when_the_page_is_re
     expect(page.locator(".message-success")).to_contain_text(
         f"Training run {run.pk} is training on its approved pairs for 3 epochs")
     assert TrainingRun.objects.get().epochs == 3
+
+
+def test_reject_all_pending_asks_then_rejects_every_pending_pair(site, staff_user, training_env, corpus):
+    """Asked in a dialog, then every pending pair is rejected (the decided ones stay as they are)."""
+    run = make_run(corpus, "generated")
+    chunks = list(corpus.chunks.all()[:5])
+    TrainingPair.objects.bulk_create(
+        TrainingPair(run=run, chunk=chunk, query=f"what does part {chunk.index} say",
+                     review="approved" if i == 0 else "pending")
+        for i, chunk in enumerate(chunks))
+    site.start_web(**training_env)
+    page = site.page(staff_user)
+    page.goto(site.url("/training/"))
+    review = page.locator(f"#run-{run.pk} [data-review]")
+    review.get_by_role("button", name="Reject all pending").click()
+    dialog = page.locator("#confirm-dialog")
+    expect(dialog).to_contain_text(f"Reject all 4 pending pairs of training run {run.pk}?")
+    dialog.get_by_role("button", name="Yes, reject them").click()
+    expect(page.locator(".message-success")).to_contain_text("4 pairs rejected")
+    expect(review.locator("[data-count=rejected]")).to_have_text("4")
+    expect(review.locator("[data-count=approved]")).to_have_text("1")
+    assert sorted(run.pairs.values_list("review", flat=True)) == ["approved"] + ["rejected"] * 4
+
+
+def test_an_action_the_server_cannot_do_or_never_gets_says_so_on_the_page(site, staff_user, training_env, corpus):
+    """A form whose security token is out of date gets a page that says so; a server error and
+    a server that cannot be reached each leave an error message; none of them is silent."""
+    run = make_run(corpus, "generated")
+    TrainingPair.objects.bulk_create(
+        TrainingPair(run=run, chunk=chunk, query=f"what does part {chunk.index} say")
+        for chunk in corpus.chunks.all()[:3])
+    site.start_web(**training_env)
+    page = site.page(staff_user)
+    page.goto(site.url("/training/"))
+    review = page.locator(f"#run-{run.pk} [data-review]")
+
+    page.route(f"**/training/runs/{run.pk}/review/", lambda route: route.fulfill(status=500, body="oops"))
+    review.get_by_role("button", name="Approve all pending").click()
+    expect(page.locator(".message-error")).to_contain_text("The server could not do this (error 500)")
+    page.unroute(f"**/training/runs/{run.pk}/review/")
+    page.route(f"**/training/runs/{run.pk}/review/", lambda route: route.abort())
+    page.locator(".message-error").get_by_role("button", name="Dismiss").click()
+    review.get_by_role("button", name="Approve all pending").click()
+    expect(page.locator(".message-error")).to_contain_text("The server could not be reached, so this was not sent")
+    page.unroute(f"**/training/runs/{run.pk}/review/")
+    assert set(run.pairs.values_list("review", flat=True)) == {"pending"}
+
+    page.evaluate("document.querySelectorAll('input[name=csrfmiddlewaretoken]').forEach((i) => { i.value = 'x'.repeat(64); })")
+    review.get_by_role("button", name="Approve all pending").click()
+    expect(page.locator("main")).to_contain_text("This form was not sent: its security token is missing or out of date")
+    page.get_by_role("link", name="Back to the page").click()
+    expect(page.locator(f"#run-{run.pk} [data-review]")).to_be_visible()
+    assert set(run.pairs.values_list("review", flat=True)) == {"pending"}

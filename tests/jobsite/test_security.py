@@ -112,6 +112,23 @@ def test_api_writes_from_a_browser_session_need_the_csrf_token(staff_user, fake_
     assert accepted.status_code == 201
 
 
+def test_a_page_form_without_its_csrf_token_gets_a_page_that_says_so(staff_user, make_extraction):
+    """Not Django's debugging page: a sentence, a link back to the page the form was on, nothing done."""
+    job = make_extraction("extracting")
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(staff_user)
+    refused = browser.post(f"/extractions/{job.pk}/cancel/", HTTP_REFERER="http://testserver/extractions/?job=1")
+    assert refused.status_code == 403
+    html = refused.content.decode()
+    assert "This form was not sent: its security token is missing or out of date" in html
+    assert '<a href="http://testserver/extractions/?job=1">Back to the page</a>' in html
+    assert "CSRF verification failed" not in html
+    job.refresh_from_db()
+    assert not job.cancel_requested
+    elsewhere = browser.post(f"/extractions/{job.pk}/cancel/", HTTP_REFERER="https://evil.example/")
+    assert '<a href="/">Back to the pages</a>' in elsewhere.content.decode()
+
+
 @pytest.mark.django_db
 def test_admin_is_refused_to_non_staff(client, plain_user):
     client.force_login(plain_user)

@@ -199,12 +199,52 @@
 
   // A form sent by htmx that the server refuses (403 not staff, 404 gone) shows the server's
   // page in place of the main content, as the same form shows it without JavaScript.
+  // (The form is the request's element; the event's own `elt` can be the element swapped.)
+  const sentByForm = (detail) => (detail.requestConfig && detail.requestConfig.elt || detail.elt) instanceof HTMLFormElement;
   document.addEventListener("htmx:beforeSwap", (event) => {
     const status = event.detail.xhr && event.detail.xhr.status;
-    if ((status === 403 || status === 404) && event.detail.elt instanceof HTMLFormElement) {
+    if ((status === 403 || status === 404) && sentByForm(event.detail)) {
       event.detail.shouldSwap = true;
       event.detail.isError = false;
     }
+  });
+
+  // Any other refusal of a form (a server error) and a form that never reached the server say so,
+  // at the top of the page: an action is never silently lost.
+  function showError(text) {
+    const main = document.querySelector("main");
+    if (!main) return;
+    let list = main.querySelector(":scope > .messages");
+    if (!list) {
+      list = document.createElement("ul");
+      list.className = "messages";
+      main.prepend(list);
+    }
+    const item = document.createElement("li");
+    item.className = "message message-error";
+    item.setAttribute("role", "alert");
+    item.dataset.message = "";
+    const sentence = document.createElement("span");
+    sentence.textContent = text;
+    const close = document.createElement("button");
+    close.type = "button";
+    close.className = "message-close";
+    close.dataset.dismiss = "";
+    close.setAttribute("aria-label", "Dismiss");
+    item.append(sentence, " ", close);
+    list.append(item);
+    armMessages(list);
+    item.scrollIntoView({ block: "nearest" });
+  }
+  document.addEventListener("htmx:responseError", (event) => {
+    if (!sentByForm(event.detail)) return;  // a live redraw tries again by itself
+    const status = event.detail.xhr ? event.detail.xhr.status : 0;
+    showError(`The server could not do this (error ${status}); nothing may have changed. Reload the page to see `
+      + "where things stand, then try again; if it keeps failing, the server's log says why.");
+  });
+  document.addEventListener("htmx:sendError", (event) => {
+    if (!sentByForm(event.detail)) return;
+    showError("The server could not be reached, so this was not sent. Try again once it is back.");
   });
 
   const body = document.body;
