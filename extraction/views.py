@@ -59,7 +59,11 @@ def job_view(extraction: Extraction, *, seq: int = 0) -> dict:
     idle_s = (now - last_move).total_seconds() if active else None
     slow = bool(active and not stalled and idle_s is not None and idle_s > settings.JOBSITE_SLOW_AFTER_S)
     rate = None
-    if e.status in (e.Status.EXTRACTING, e.Status.SAVING) and e.started_at and e.progress_at and e.tokens_processed:
+    # The rate is this attempt's own: a resumed attempt's counts include the work of the ones before
+    # it (the page measures its rate from the progress it sees), and a stalled job has none.
+    resumed = e.attempt > 1 or e.resumed_samples
+    if (e.status in (e.Status.EXTRACTING, e.Status.SAVING) and e.started_at and e.progress_at and e.tokens_processed
+            and not resumed and not stalled):
         elapsed = (e.progress_at - e.started_at).total_seconds()
         rate = e.tokens_processed / elapsed if elapsed > 0 else None
     eta = None

@@ -435,6 +435,34 @@ def test_an_event_that_commits_after_a_later_one_still_reaches_the_page(site, st
     expect(page.locator(f"#extraction-{second.pk} [data-status-label]")).to_have_text("completed", timeout=15_000)
 
 
+def test_when_the_last_worker_dies_the_card_drops_its_rate_and_the_page_says_no_worker_runs(site, staff_user,
+                                                                                            make_extraction):
+    """Every worker SIGKILLed while the page is open: once the card is stalled it shows no rate or
+    time left (nothing moves) and, without a reload, the page says that no worker runs at all."""
+    from jobsite.health import workers_missing
+
+    now = timezone.now()
+    job = make_extraction("extracting", started_at=now - timedelta(seconds=10), heartbeat_at=now, progress_at=now,
+                          queued_at=now, worker="elsewhere:1", attempt=1, samples_processed=40, total_samples=100,
+                          tokens_processed=4000, total_tokens=10000)
+    worker = site.start_worker(JOBSITE_STALL_AFTER_S=600)
+    wait_for(lambda: not workers_missing(), message="the worker cluster to be up")
+    site.start_web(JOBSITE_STALL_AFTER_S=15)
+    page = site.page(staff_user)
+    page.goto(site.url("/extractions/"))
+    card = page.locator(f"#extraction-{job.pk}")
+    expect(card.locator("[data-rate]")).to_have_text("400")
+    expect(page.locator("[data-no-worker]")).to_have_count(0)
+
+    worker.kill()
+    wait_for(workers_missing, timeout=30, message="the cluster to be gone")
+    expect(card.locator("[data-stalled-notice]")).to_be_visible(timeout=30_000)
+    expect(card.locator("[data-rate]")).to_have_text("—")
+    expect(card.locator("[data-eta]")).to_have_text("—")
+    expect(page.locator("[data-no-worker]")).to_contain_text("No worker is running")
+    screenshot(page, "extractions-no-worker-live")
+
+
 def test_a_narrow_window_keeps_the_pages_to_its_width(site, staff_user, make_extraction):
     """At 420 px the page does not scroll sideways: the top bar wraps, wide tables scroll in their panel."""
     for status in ("completed", "cancelled", "failed"):

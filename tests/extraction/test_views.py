@@ -237,6 +237,28 @@ def test_a_running_extraction_shows_live_progress(staff_client, make_extraction)
     assert 'data-stalled-notice hidden' in html and 'data-slow-notice hidden' in html
 
 
+@pytest.mark.parametrize("how", ["a second attempt", "a retry seeded from its original", "stalled"])
+def test_a_card_shows_no_rate_it_cannot_measure(staff_client, settings, make_extraction, how):
+    """A resumed attempt's counts hold the earlier attempts' work (300 tokens/s would read as 5,000),
+    and a stalled job moves at no rate at all: '—' until the page measures one."""
+    now = timezone.now()
+    fields = dict(samples_processed=60, total_samples=100, tokens_processed=6000, total_tokens=10000,
+                  started_at=now - timedelta(seconds=2), progress_at=now, heartbeat_at=now, attempt=1,
+                  worker="host:1")
+    if how == "a second attempt":
+        fields["attempt"] = 2
+    elif how == "a retry seeded from its original":
+        fields["resumed_samples"] = 50
+    else:
+        fields["heartbeat_at"] = now - timedelta(seconds=settings.JOBSITE_STALL_AFTER_S + 5)
+    job = make_extraction("extracting", **fields)
+    html = staff_client.get(f"/extractions/{job.pk}/card/").content.decode()
+    assert "<span data-rate>—</span> tokens/s" in html and "ETA <span data-eta>—</span>" in html
+    fresh = make_extraction("extracting", **{**fields, "attempt": 1, "resumed_samples": 0, "heartbeat_at": now})
+    html = staff_client.get(f"/extractions/{fresh.pk}/card/").content.decode()
+    assert "<span data-rate>3,000</span> tokens/s" in html
+
+
 def test_a_running_job_without_heartbeat_shows_resume_and_cancel(staff_client, settings, make_extraction):
     settings.JOBSITE_STALL_AFTER_S = 30
     old = timezone.now() - timedelta(seconds=95)

@@ -327,7 +327,7 @@
       const drawn = parseFloat((card.querySelector("[data-eta]") || { dataset: {} }).dataset.leftS);
       const progressAt = Date.parse(card.dataset.progressAt || "");
       const left = Number.isFinite(drawn) && progressAt ? { seconds: drawn, at: progressAt } : null;
-      const previous = known || { alive: 0, moved: 0, done: null, points: [], polledAt: 0, left };
+      const previous = known || { alive: 0, moved: 0, done: null, points: [], polledAt: 0, left, stallRedrawnAt: 0 };
       known = {
         ...previous,
         card,
@@ -759,7 +759,6 @@
       }
       anyActive = true;
       const known = remember(card);
-      showLeft(card, known, now);
       let stalled = false;
       if (isRunning(card, status) && known.alive) {
         const age = Math.max(0, now - known.alive);
@@ -767,6 +766,19 @@
         // Heartbeats are written to the row, not pushed: ask the API before calling it a stall.
         if (age > config.stallAfterMs / 2 && Date.now() - known.polledAt > Math.min(5000, config.stallAfterMs / 4)) poll(card);
         stalled = age > config.stallAfterMs;
+      }
+      if (stalled) {
+        // Nothing moves: no rate, no time left. The part of the page around the card is drawn
+        // again (at once, then every half minute), so that it says whether any worker runs at all.
+        setText(card, "[data-rate]", "—");
+        setText(card, "[data-eta]", "—");
+        if (Date.now() - known.stallRedrawnAt > 30000) {
+          known.stallRedrawnAt = Date.now();
+          redrawRegion();
+        }
+      } else {
+        known.stallRedrawnAt = 0;
+        showLeft(card, known, now);
       }
       const idle = now - known.moved;
       const slow = !stalled && idle > config.slowAfterMs;
