@@ -11,7 +11,7 @@ from pydantic import field_validator
 from extraction import selectors, services
 from extraction.constants import BATCH_SIZES_SENTENCE, VALID_BATCH_SIZES
 from extraction.models import Dataset, Extraction, ModelRecord
-from jobsite.api import Message, Refusal, staff_required
+from jobsite.api import Input, Message, Refusal, staff_required
 from jobsite.services import job_resume
 
 router = Router(tags=["extraction"])
@@ -37,7 +37,7 @@ class ModelOut(Schema):
     supported_hooks: list[str]
 
 
-class ModelIn(Schema):
+class ModelIn(Input):
     path: str = Field(description="a save_pretrained directory under JOBSITE_MODEL_ROOTS")
     name: str = ""
 
@@ -51,12 +51,12 @@ class DatasetOut(Schema):
     size_bytes: int
 
 
-class DatasetIn(Schema):
+class DatasetIn(Input):
     path: str = Field(description="a .txt or .jsonl file under JOBSITE_DATA_DIR")
     name: str = ""
 
 
-class ExtractionIn(Schema):
+class ExtractionIn(Input):
     dataset_id: int
     layers: list[int] = Field(min_length=1, examples=[[0, 1]])
     hooks: list[Literal["residual", "mlp", "attention"]] = Field(min_length=1, examples=[["residual"]])
@@ -74,7 +74,7 @@ class ExtractionIn(Schema):
         return _check_batch_size(value)
 
 
-class RetryIn(Schema):
+class RetryIn(Input):
     batch_size: int | None = None
     max_samples: int | None = Field(None, gt=0)
     max_length: int | None = Field(None, gt=0, le=1_000_000)
@@ -235,8 +235,9 @@ def cancel_extraction(request, model_id: int, extraction_id: int):
 )
 def retry_extraction(request, model_id: int, extraction_id: int, payload: RetryIn | None = None):
     payload = payload or RetryIn()
+    extraction = _extraction(model_id, extraction_id)
     retry = services.extraction_retry(
-        extraction=_extraction(model_id, extraction_id), batch_size=payload.batch_size,
+        extraction=extraction, batch_size=payload.batch_size,
         max_samples=payload.max_samples, max_length=payload.max_length, reason=payload.reason, user=request.user,
     )
     return Status(201, retry)

@@ -22,6 +22,9 @@ class ModelRecord(models.Model):
     hidden_size = models.PositiveIntegerField()
     vocab_size = models.PositiveIntegerField()
     supported_hooks = models.JSONField(default=list)
+    # The most tokens a sample may have (config max_position_embeddings): a longer max length is
+    # refused at start. Null: registered before jobsite kept it; 0: the config names no limit.
+    max_positions = models.PositiveIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -175,6 +178,10 @@ class Extraction(Job):
             if size > 1:
                 return {"batch_size": max(1, size // 2)}
             return {"batch_size": 1, "max_length": max(1, self.max_length // 2)}
+        # Queued before starts were checked against the model's position limit: the runner refused it.
+        limit = self.model.max_positions if error_type == ErrorType.VALIDATION else None
+        if limit and self.max_length > limit:
+            return {"max_length": limit}
         return {}
 
     def event_payload(self) -> dict:

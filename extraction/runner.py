@@ -71,6 +71,8 @@ class ModelInfo:
     hidden_size: int
     vocab_size: int  # rows of the input embedding: ids at or above it are clamped
     supported_hooks: tuple[str, ...]
+    # The most tokens a sample may have (the config's max_position_embeddings); None: it names none.
+    max_positions: int | None = None
 
 
 @dataclass(frozen=True)
@@ -241,8 +243,14 @@ def _inspect(path: str) -> tuple[ModelInfo, PretrainedConfig, PreTrainedTokenize
         hidden_size=config.hidden_size,
         vocab_size=vocab_size,
         supported_hooks=tuple(h for h in HOOK_TYPES if h in _hook_points(blocks[0])),
+        max_positions=_max_positions(config),
     )
     return info, config, tokenizer
+
+
+def _max_positions(config: PretrainedConfig) -> int | None:
+    positions = getattr(config, "max_position_embeddings", None)
+    return positions if isinstance(positions, int) and not isinstance(positions, bool) and positions > 0 else None
 
 
 def inspect_model(path: str) -> ModelInfo:

@@ -46,7 +46,24 @@ def model_register(*, path: str, name: str = "") -> ModelRecord:
         hidden_size=info.hidden_size,
         vocab_size=info.vocab_size,
         supported_hooks=list(info.supported_hooks),
+        max_positions=info.max_positions or 0,
     ))
+
+
+def model_max_positions(*, model: ModelRecord) -> int | None:
+    """The most tokens a sample may have for this model, None when its config names no limit. A
+    record registered before jobsite kept the limit reads it from its directory once and keeps it;
+    when that directory no longer reads, the runner's own check says what is wrong."""
+    if model.max_positions is None:
+        from extraction.runner import inspect_model  # noqa: PLC0415
+
+        try:
+            info = inspect_model(model.path)
+        except (JobInputError, OSError):
+            return None
+        model.max_positions = info.max_positions or 0
+        ModelRecord.objects.filter(pk=model.pk, max_positions__isnull=True).update(max_positions=model.max_positions)
+    return model.max_positions or None
 
 
 def registered(register, **kwargs):
@@ -183,6 +200,12 @@ def validate_parameters(
         )
     if not 1 <= max_length <= 1_000_000:
         raise JobInputError("Max length must be a positive number of tokens, e.g. 512.", field="max_length")
+    positions = model_max_positions(model=model)
+    if positions and max_length > positions:
+        raise JobInputError(
+            f"Max length {max_length:,} is beyond {model.name}'s position limit: "
+            f"it reads at most {positions:,} tokens.", field="max_length",
+        )
     if storage_dtype not in Extraction.StorageDtype.values:
         raise JobInputError(f"The storage dtype must be one of {', '.join(Extraction.StorageDtype.values)}.",
                             field="storage_dtype")
@@ -227,9 +250,12 @@ def extraction_start(
 
             publish(extraction.topic, "extraction.queued", extraction.event_payload())
             if original is not None:
-                payload = {**extraction.event_payload(), "automatic": False, "reason": retry_reason}
-                publish(original.topic, "extraction.retry_started", payload)
-                publish(extraction.topic, "extraction.retry_started", payload)
+                said = {"automatic": False, "reason": retry_reason}
+                # Each topic's payload is its own job (a page following the original draws the
+                # original), with the other one named.
+                publish(original.topic, "extraction.retry_started",
+                        {**original.event_payload(), **said, "retry_id": extraction.pk})
+                publish(extraction.topic, "extraction.retry_started", {**extraction.event_payload(), **said})
             job_enqueue(extraction)
     except IntegrityError:
         active = Extraction.objects.filter(
@@ -280,7 +306,8 @@ def extraction_retry(
         raise TransitionError(
             f"Extraction {extraction.pk} is {extraction.status}; only a failed or cancelled extraction can be retried."
         )
-    reason = check_text(reason.strip(), "The retry reason", Extraction._meta.get_field("retry_reason").max_length)
+    reason = check_text(reason.strip(), "The retry reason", Extraction._meta.get_field("retry_reason").max_length,
+                        field="reason")
     # `is None`, not `or`: a 0 given is refused by the checks, never silently replaced.
     retry, created = extraction_start(
         model=extraction.model, dataset=extraction.dataset, layers=extraction.layers, hooks=extraction.hooks,
@@ -295,12 +322,22 @@ def extraction_retry(
     return retry
 
 
-def extraction_retry_suggested(*, extraction: Extraction, user=None, via: str) -> Extraction:
-    """Retry with the parameters the failure suggested (half the batch size after an OOM)."""
-    params = extraction.suggested_retry_params or {}
+def extraction_retry_suggested(
+    *, extraction: Extraction, batch_size: int | None = None, max_samples: int | None = None,
+    max_length: int | None = None, user=None, via: str,
+) -> Extraction:
+    """Retry with the parameters the failure suggested (half the batch size after an OOM); a
+    parameter given as well is what the person asked for, so it overrides the suggestion."""
+    suggested = extraction.suggested_retry_params or {}
+    asked = {"batch_size": batch_size, "max_samples": max_samples, "max_length": max_length}
+    given = {name: value for name, value in asked.items() if value is not None}
+    params = {**suggested, **given}
+    reason = f"retried {via}" + (f" with suggested parameters {suggested}" if suggested else "")
+    if given:
+        reason += f" overridden by {given}" if suggested else f" with {given}"
     return extraction_retry(
-        extraction=extraction, batch_size=params.get("batch_size"), max_length=params.get("max_length"), user=user,
-        reason=f"retried {via} with suggested parameters {params}" if params else f"retried {via}",
+        extraction=extraction, batch_size=params.get("batch_size"), max_samples=params.get("max_samples"),
+        max_length=params.get("max_length"), user=user, reason=reason,
     )
 
 
@@ -349,14 +386,19 @@ def extraction_run(extraction: Extraction, lease) -> None:
 
             publish(extraction.topic, "extraction.batch_size_reduced", {**extraction.event_payload(), **payload})
 
-    result = runner.run_extraction(
-        spec,
-        progress=progress,
-        heartbeat=lease.heartbeat,
-        should_cancel=lease.should_cancel,
-        on_event=on_event,
-        failpoint=failpoints.make(settings.JOBSITE_FAILPOINTS, attempt=extraction.attempt),
-    )
+    try:
+        result = runner.run_extraction(
+            spec,
+            progress=progress,
+            heartbeat=lease.heartbeat,
+            should_cancel=lease.should_cancel,
+            on_event=on_event,
+            failpoint=failpoints.make(settings.JOBSITE_FAILPOINTS, attempt=extraction.attempt),
+        )
+    except JobInputError as exc:
+        if exc.field == "max_length":  # queued before its model's limit was kept: the failure suggests it
+            model_max_positions(model=extraction.model)
+        raise
     if extraction.status != Extraction.Status.SAVING:
         lease.set_status(Extraction.Status.SAVING)
     lease.set_status(

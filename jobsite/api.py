@@ -4,10 +4,13 @@ Every refusal is a 4xx with a `message` sentence that says what to change; a 422
 input also names it in `field`.
 """
 
+import pydantic
 from django.http import HttpRequest, JsonResponse
 from ninja import Field, NinjaAPI, Schema, Status
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.security import SessionAuth
+from pydantic import ConfigDict, model_validator
+from pydantic_core import PydanticCustomError
 
 from jobsite.errors import JobInputError
 from jobsite.lifecycle import TransitionError
@@ -20,6 +23,37 @@ class Message(Schema):
 
 class Refusal(Message):
     field: str | None = Field(None, description="the input the message is about, when it is about one")
+
+
+class Input(Schema):
+    """A request body. A field it does not have is refused, never dropped: a misspelled
+    optional field would otherwise silently mean its default (`pairs` for `pair_ids`: every
+    pending pair)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _unknown_fields_name_the_fields(cls, data, handler):
+        try:
+            return handler(data)
+        except pydantic.ValidationError as exc:
+            unknown = [error for error in exc.errors() if error["type"] == "extra_forbidden"]
+            if not unknown:
+                raise
+            fields = _listed(list(cls.model_fields))
+            # First: a misspelled field is also a "missing" one, and the misspelling is what to fix.
+            raise pydantic.ValidationError.from_exception_data(exc.title, [
+                {**error, "type": PydanticCustomError(
+                    "extra_forbidden",
+                    "Unknown field '{name}'; the fields are {fields}." if i == 0 else "Unknown field '{name}'.",
+                    {"name": str(error["loc"][-1]), "fields": fields},
+                )} for i, error in enumerate(unknown)
+            ] + [error for error in exc.errors() if error["type"] != "extra_forbidden"]) from None
+
+
+def _listed(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 CSRF_SENTENCE = ("The CSRF token is missing or wrong: send the csrftoken cookie's value in an X-CSRFToken "
@@ -74,8 +108,10 @@ def _sentence_for(errors: list[dict]) -> str:
     for error in errors:
         location = _location(error.get("loc", ()))
         message = str(error.get("msg", "is invalid")).removeprefix("Value error, ")
-        parts.append(f"{location}: {message}" if location else message)
-    return "; ".join(parts) or "The request is invalid."
+        named = error.get("type") == "extra_forbidden"  # the sentence names the field itself
+        parts.append(f"{location}: {message}" if location and not named else message)
+    # "; " joins them as one sentence: only the last keeps its full stop.
+    return "; ".join([part.removesuffix(".") for part in parts[:-1]] + parts[-1:]) or "The request is invalid."
 
 
 @api.exception_handler(ValidationError)

@@ -6,9 +6,7 @@ this web process's) and a restart does not reset them.
 
 from __future__ import annotations
 
-from django.db.models import Count, F, Max, Min, TextField, Value
-from django.db.models.fields.json import KeyTextTransform
-from django.db.models.functions import Concat
+from django.db.models import Count, Max, Min
 from django.http import HttpResponse
 from django.utils import timezone
 from prometheus_client import CollectorRegistry, generate_latest
@@ -49,11 +47,9 @@ class JobsCollector:
             if name in COUNTED_EVENTS:
                 events.add_metric([kind, name], n)
         for model in job_models():
-            # A person's retry tells the old job's topic and the new job's: counted once, where
-            # the event is about its own job (an automatic retry has only that one).
-            retries = Event.objects.filter(type=f"{model.KIND}.retry_started").annotate(
-                own=Concat(Value(f"{model.KIND}."), KeyTextTransform("id", "payload"), output_field=TextField()),
-            ).filter(topic=F("own"))
+            # A person's retry tells the old job's topic (naming the new one in `retry_id`) and the
+            # new job's: counted once, on the new job's (an automatic retry has only that one).
+            retries = Event.objects.filter(type=f"{model.KIND}.retry_started").exclude(payload__has_key="retry_id")
             events.add_metric([model.KIND, "retry_started"], retries.count())
         yield events
 

@@ -73,14 +73,27 @@ def job_resume(job: Job) -> Job:
 
     It continues from its checkpoint like an automatic retry, whatever attempts remain.
     """
-    label = job._meta.verbose_name
     if not job.is_stalled:
-        raise TransitionError(f"This {label} is {job.status} and its worker is alive; only a stalled {label} can be resumed.")
+        raise TransitionError(_not_stalled(job))
     message = f"Resumed by a person after {job.heartbeat_age_s:.0f} s without a heartbeat."
     with transaction.atomic():
         transition(job, job.failed_status(), error_type="WORKER_LOST", error_message=message, cancel_requested=False)
         job_requeue(job, automatic=False, reason=message)
     return job
+
+
+def _not_stalled(job: Job) -> str:
+    """Why Resume does not apply, as the job stands: only a running job has a worker that lives."""
+    label = job._meta.verbose_name
+    only = f"only a stalled {label} can be resumed"
+    if job.status in job.RUNNING and job.worker:
+        return f"This {label} is {job.status} and its worker is alive; {only}."
+    if job.status in job.ACTIVE:
+        return f"This {label} is {job.status} and waits for a worker; {only}."
+    # A kind may say its status as a sentence does ("is waiting for review", "is stopped").
+    state = getattr(job, "state_phrase", f"is {job.status}")
+    then = job.next_step or (f"Retry starts a new {label}." if job.retry_available else "")
+    return f"This {label} {state}; it has no worker, and {only}." + (f" {then}" if then else "")
 
 
 def job_requeue(job: Job, *, automatic: bool, reason: str, delay_s: float = 0, clear_error: bool = False,

@@ -8,7 +8,7 @@ from ninja import Field, File, Form, Query, Router, Schema, Status
 from ninja.errors import HttpError
 from ninja.files import UploadedFile
 
-from jobsite.api import Message, Refusal, staff_required
+from jobsite.api import Input, Message, Refusal, staff_required
 from training_runs import selectors, services
 from training_runs.models import Corpus, TrainingPair, TrainingRun
 
@@ -39,20 +39,20 @@ class CorpusOut(Schema):
         return obj.chunks.count()
 
 
-class CorpusIn(Schema):
+class CorpusIn(Input):
     name: str
     path: str = Field(description="a file or directory under JOBSITE_DATA_DIR")
     chunk_size: int = Field(500, ge=50, le=20000)
     chunk_overlap: int = Field(50, ge=0)
 
 
-class RunIn(Schema):
+class RunIn(Input):
     corpus_id: int
     generator: Literal["local", "causal_lm"] = "local"
     queries_per_chunk: int = Field(2, ge=1, le=20)
 
 
-class TrainIn(Schema):
+class TrainIn(Input):
     epochs: int | None = Field(None, ge=1, le=1000)
     batch_size: int | None = Field(None, ge=2, le=4096)
     learning_rate: float | None = Field(None, gt=0, lt=1)
@@ -129,7 +129,7 @@ class PairOut(Schema):
         return obj.chunk.text
 
 
-class ReviewIn(Schema):
+class ReviewIn(Input):
     decision: Literal["approved", "rejected"]
     pair_ids: list[int] | None = Field(None, description="omit to decide every pending pair")
 
@@ -246,7 +246,7 @@ def review_pairs(request, run_id: int, payload: ReviewIn):
     return {"updated": updated, "review_counts": services.review_counts(run)}
 
 
-@router.get("/training/runs/{run_id}/search", response={200: list[SearchHit], 404: Message, 422: Refusal})
+@router.get("/training/runs/{run_id}/search", response={200: list[SearchHit], 404: Message, 409: Message, 422: Refusal})
 def search_run(request, run_id: int, query: str = Query(..., min_length=1, max_length=2000),
                k: int = Query(5, ge=1, le=100)):
     """The k chunks nearest to the query through the run's trained adapter."""

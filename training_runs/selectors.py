@@ -7,6 +7,7 @@ from django.db.models import QuerySet
 from django.shortcuts import get_object_or_404
 
 from jobsite.errors import JobInputError
+from jobsite.lifecycle import TransitionNotAllowed
 from training_runs.models import Corpus, TrainingPair, TrainingRun
 
 
@@ -39,14 +40,14 @@ def training_run_search(*, run: TrainingRun, query: str, k: int = 5) -> list[dic
 
     from training_runs.trainer import ADAPTER, apply_adapter, embed, load_adapter  # noqa: PLC0415
 
-    if run.status != TrainingRun.Status.COMPLETED:
-        raise JobInputError(f"Training run {run.pk} is {run.status}; search needs a completed run.")
+    if run.status != TrainingRun.Status.COMPLETED:  # the run's state, not the query, is what is wrong
+        raise TransitionNotAllowed(f"Training run {run.pk} {run.state_phrase}; search needs a completed run.")
     adapter_path = os.path.join(run.output_dir, ADAPTER)
     index_path = os.path.join(run.output_dir, "index.npy")
     if not (os.path.exists(adapter_path) and os.path.exists(index_path)):
         raise JobInputError(f"Training run {run.pk} has no saved adapter; train it again.")
     if not query.strip():
-        raise JobInputError("The query is empty.")
+        raise JobInputError("The query is empty.", field="query")
     chunks = np.load(index_path)
     vector = apply_adapter(load_adapter(adapter_path), embed(settings.JOBSITE_ENCODER_PATH, [query]))
     scores = (vector @ chunks.T)[0]

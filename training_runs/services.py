@@ -11,6 +11,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Count
 from django.utils import timezone
+from django.utils.timesince import timesince
 
 from jobsite import failpoints
 from jobsite.errors import JobInputError, check_file_name, not_kept
@@ -231,10 +232,31 @@ def _require_available() -> None:
 
 
 def blocking_sentence(run: TrainingRun) -> str:
+    """Whose run blocks a new one and where it stands, as an extraction's double start says
+    it: a stale tab learns whose work it would cut across, not only a run number."""
     return (
-        f"A new generation cannot start while training run {run.pk} {run.state_phrase}; "
-        f"{NEXT_STEP[run.status]} first."
+        f"A new generation cannot start while training run {run.pk}, {_started(run)}, {run.state_phrase} "
+        f"({_standing(run)}); {NEXT_STEP[run.status]} first."
     )
+
+
+def _started(run: TrainingRun) -> str:
+    age = (timezone.now() - run.created_at).total_seconds()
+    when = "just now" if age < 60 else f"{timesince(run.created_at, depth=1).replace(chr(0xA0), ' ')} ago"
+    who = f" by {run.created_by.get_username()}" if run.created_by_id else ""
+    return f"started{who} {when}"
+
+
+def _standing(run: TrainingRun) -> str:
+    """What the run's phase counts so far: "120/425 chunks", "850 pairs", "embedding 480 of 1,479 texts",
+    "3 of 8 epochs"."""
+    if run.status in (Status.GENERATING, Status.GENERATING_FAILED):
+        return f"{run.processed_chunks:,}/{run.total_chunks:,} chunks"
+    if run.status == Status.GENERATED:
+        return f"{run.pair_count:,} pairs"
+    if run.is_embedding:
+        return f"embedding {run.embedding_label}"
+    return f"{run.epochs_done} of {run.epochs} epoch{'s' if run.epochs != 1 else ''}"
 
 
 def _blocking_run() -> TrainingRun | None:

@@ -132,6 +132,22 @@ def site(browser, start_daphne, start_worker):
     assert not made.errors, f"JavaScript errors on the page: {made.errors}"
 
 
+def page_on_held_clock(site, user, path: str):
+    """A page at `path` whose clock then moves only when the test moves it (page.clock.run_for)."""
+    page = site.page(user)
+    page.clock.install()
+    page.goto(site.url(path))
+    page.clock.pause_at(page.evaluate("Date.now()") + 1000)
+    return page
+
+
+def deliver(page, seq: int, topic: str, type_: str, payload: dict) -> None:
+    """A message as the page's socket delivers it, sent and heartbeating at the page's clock."""
+    at = page.evaluate("new Date().toISOString()")
+    page.evaluate("(m) => jobsiteLive.receive(m)", {
+        "seq": seq, "topic": topic, "type": type_, "created_at": at, "payload": {**payload, "heartbeat_at": at}})
+
+
 def screenshot(page, name: str, full_page: bool = True) -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / f"{name}.png"

@@ -13,7 +13,7 @@ from playwright.sync_api import expect
 
 from extraction.models import Extraction
 from extraction.services import extraction_start
-from tests.browser.conftest import screenshot
+from tests.browser.conftest import deliver, page_on_held_clock, screenshot
 from tests.conftest import TEXTS, wait_for, write_dataset
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration, pytest.mark.django_db(transaction=True)]
@@ -307,21 +307,15 @@ def test_the_time_left_counts_down_and_one_slow_batch_does_not_swing_it(site, st
                           worker="host:1", attempt=1, samples_processed=0, total_samples=16 * batches,
                           tokens_processed=0, total_tokens=sum(tokens))
     site.start_web()
-    page = site.page(staff_user)
-    page.clock.install()
-    page.goto(site.url("/extractions/"))
+    page = page_on_held_clock(site, staff_user, "/extractions/")
     eta = page.locator(f"#extraction-{job.pk} [data-eta]")
     expect(eta).to_have_text("—")
-    page.clock.pause_at(page.evaluate("Date.now()") + 1000)
     payload = job.event_payload()
 
     def event(b: int) -> None:
         """Batch b (0-based) is written: the progress event the worker publishes."""
         done = {"samples_processed": 16 * (b + 1), "tokens_processed": sum(tokens[: b + 1])}
-        at = page.evaluate("new Date().toISOString()")
-        page.evaluate("(m) => jobsiteLive.receive(m)", {
-            "seq": 1_000_000 + b, "topic": job.topic, "type": "extraction.progress", "created_at": at,
-            "payload": {**payload, **done, "heartbeat_at": at, "progress_at": at}})
+        deliver(page, 1_000_000 + b, job.topic, "extraction.progress", {**payload, **done})
 
     shown, jumps = [], []
     for b in range(batches - 1):

@@ -11,7 +11,7 @@ import pytest
 from django.utils import timezone
 from playwright.sync_api import expect
 
-from tests.browser.conftest import screenshot
+from tests.browser.conftest import deliver, page_on_held_clock, screenshot
 from tests.conftest import DEMO_CORPUS
 from jobsite.events import publish
 from training_runs import services
@@ -91,7 +91,7 @@ def test_a_failed_generation_proceeds_then_review_and_training_complete_without_
     run = TrainingRun.objects.get()
     expect(workflow.locator("[data-generate]")).to_be_disabled()
     expect(workflow.locator("[data-blocking-sentence]")).to_contain_text(
-        f"A new generation cannot start while training run {run.pk} is")
+        f"A new generation cannot start while training run {run.pk}, started by")
 
     # The failure reaches the card and the history row by itself.
     row = page.locator(f"#run-row-{run.pk}")
@@ -193,8 +193,8 @@ def test_delete_asks_in_a_dialog_then_the_history_and_the_generate_button_update
     generate = page.locator("#workflow [data-generate]")
     expect(generate).to_be_disabled()
     expect(page.locator("[data-blocking-sentence]")).to_have_text(
-        f"A new generation cannot start while training run {failed.pk} has a failed generation; "
-        "proceed with it or delete it first.")
+        f"A new generation cannot start while training run {failed.pk}, started just now, has a failed generation "
+        f"({failed.processed_chunks}/{failed.total_chunks:,} chunks); proceed with it or delete it first.")
     screenshot(page, "training-06-generate-blocked")
 
     page.locator(f"#run-row-{failed.pk} [data-accordion-toggle]").click()
@@ -482,3 +482,47 @@ def test_an_action_the_server_cannot_do_or_never_gets_says_so_on_the_page(site, 
     page.get_by_role("link", name="Back to the page").click()
     expect(page.locator(f"#run-{run.pk} [data-review]")).to_be_visible()
     assert set(run.pairs.values_list("review", flat=True)) == {"pending"}
+
+
+def test_a_running_step_says_how_long_it_has_left(site, staff_user, training_env, corpus):
+    """Generation at a chunk a second: as many seconds left as chunks, counting down. Training:
+    its embedding step at 10 texts a second, then its epochs, each with its own estimate."""
+    now = timezone.now()
+    run = make_run(corpus, "generating", processed_chunks=0, started_at=now, heartbeat_at=now,
+                   progress_at=now, worker="host:1", attempt=1)
+    chunks = run.total_chunks
+    assert chunks > 15
+    site.start_web(**training_env)
+    page = page_on_held_clock(site, staff_user, "/training/")
+    eta = page.locator(f"#run-{run.pk} [data-eta]")
+    expect(eta).to_have_text("—")
+    payload = run.event_payload()
+    seq = iter(range(1_000_000, 2_000_000))
+
+    def progress(**counts):
+        deliver(page, next(seq), run.topic, "training.progress", {**payload, **counts})
+
+    for second in range(1, 11):
+        page.clock.run_for(1000)
+        progress(processed_chunks=second)
+    left = chunks - 10
+    expect(eta).to_have_text(f"{left} s")
+    page.clock.run_for(3000)
+    expect(eta).to_have_text(f"{left - 3} s")
+
+    # The training step, drawn by the server, embeds 100 texts and then trains 4 epochs.
+    TrainingRun.objects.filter(pk=run.pk).update(status="training", processed_chunks=chunks, texts_total=100,
+                                                 texts_embedded=0, epochs=4, epochs_done=0)
+    run.refresh_from_db()
+    payload = run.event_payload()
+    with page.expect_response(lambda r: "/training/" in r.url and r.request.method == "GET"):
+        deliver(page, next(seq), run.topic, "training.training", payload)
+    page.clock.run_for(100)
+    expect(page.locator(f"#run-{run.pk}")).to_contain_text("left in this step")
+    for second in range(1, 5):
+        page.clock.run_for(1000)
+        progress(texts_embedded=10 * second, progress_done=10 * second, progress_total=100)
+    expect(eta).to_have_text(re.compile(r"^(5|6|7|8) s$"))  # 60 texts left at 10 a second
+    page.clock.run_for(1000)
+    progress(texts_embedded=100, progress_done=1, progress_total=4, epochs_done=1)
+    expect(eta).to_have_text("—")  # the embedding's time left is not the epochs'

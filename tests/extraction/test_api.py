@@ -236,3 +236,41 @@ def test_starting_an_identical_failed_request_again_points_to_its_retry(staff_cl
     assert Extraction.objects.count() == 1
     retry = post(staff_client, f"{start_url(fake_model)}/{job.pk}/retry", {"batch_size": 4})
     assert retry.status_code == 201
+
+
+def test_an_unknown_field_is_422_naming_it_and_starts_nothing(staff_client, fake_model, fake_dataset):
+    response = post(staff_client, start_url(fake_model), body(fake_dataset, dtype="int8"))
+    assert response.status_code == 422
+    assert response.json()["message"] == (
+        "Unknown field 'dtype'; the fields are dataset_id, layers, hooks, batch_size, max_samples, max_length, "
+        "storage_dtype and auto_retry_on_oom."
+    )
+    assert response.json()["field"] == "dtype"
+    assert Extraction.objects.count() == 0
+
+
+def test_a_misspelled_required_field_is_named_before_the_missing_one(staff_client, fake_model, fake_dataset):
+    request = body(fake_dataset)
+    request["dataset"] = request.pop("dataset_id")
+    response = post(staff_client, start_url(fake_model), request)
+    assert response.status_code == 422 and response.json()["field"] == "dataset"
+    assert response.json()["message"].startswith("Unknown field 'dataset'; the fields are dataset_id, ")
+    assert response.json()["message"].endswith("; dataset_id: Field required")
+
+
+def test_a_retry_with_an_unknown_field_is_422_and_retries_nothing(staff_client, make_extraction, fake_model):
+    failed = make_extraction("failed", error_type="OOM")
+    response = post(staff_client, f"{start_url(fake_model)}/{failed.pk}/retry", {"batch_sise": 4})
+    assert response.status_code == 422 and response.json()["field"] == "batch_sise"
+    assert response.json()["message"] == (
+        "Unknown field 'batch_sise'; the fields are batch_size, max_samples, max_length and reason.")
+    assert Extraction.objects.count() == 1
+
+
+def test_a_retry_reason_too_long_is_422_naming_the_reason(staff_client, make_extraction, fake_model):
+    failed = make_extraction("failed", error_type="OOM")
+    response = post(staff_client, f"{start_url(fake_model)}/{failed.pk}/retry", {"reason": "x" * 100_000})
+    assert response.status_code == 422
+    assert response.json() == {"message": "The retry reason is 100,000 characters long; the most is 500.",
+                               "field": "reason"}
+    assert Extraction.objects.count() == 1

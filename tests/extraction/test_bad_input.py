@@ -1,9 +1,11 @@
-"""Bad inputs through the API: each answer is a 422 that names the fix, never a 500."""
+"""Bad inputs through the API (and the pages and commands where the same refusal matters): each
+answer is a 422 that names the fix, never a 500."""
 
 import json
 import shutil
 
 import pytest
+from django.utils import timezone
 
 from extraction.models import Dataset, Extraction, ModelRecord
 
@@ -218,3 +220,84 @@ def test_the_outside_message_is_said_once(staff_client, tmp_path):
     outside.write_text("hello\n")
     message = post(staff_client, "/api/v1/datasets", {"path": str(outside)}).json()["message"]
     assert message.startswith("The dataset path") and "cannot be used" not in message
+
+
+BEYOND_1024 = "Max length 2,000 is beyond tiny-gpt2's position limit: it reads at most 1,024 tokens."
+
+
+def test_registration_keeps_the_models_position_limit(model_record):
+    assert model_record.max_positions == 1024
+
+
+def test_a_max_length_beyond_the_position_limit_is_refused_at_start_on_its_field(staff_client, model_record, dataset):
+    url = f"/api/v1/models/{model_record.pk}/extractions"
+    response = post(staff_client, url, {"dataset_id": dataset.pk, "layers": [0], "hooks": ["residual"],
+                                        "max_length": 2000})
+    assert response.status_code == 422
+    assert response.json() == {"message": BEYOND_1024, "field": "max_length"}
+    assert Extraction.objects.count() == 0
+
+
+def test_the_start_form_shows_the_position_limit_under_max_length(staff_client, model_record, dataset):
+    response = staff_client.post("/extractions/", {
+        "model": model_record.pk, "dataset": dataset.pk, "layers": "0", "hooks": ["residual"], "batch_size": "8",
+        "max_samples": "", "max_length": "2000", "storage_dtype": "float32",
+    })
+    assert response.status_code == 400
+    assert response.context["form"].errors["max_length"] == [BEYOND_1024]
+    assert Extraction.objects.count() == 0
+
+
+def test_a_retry_beyond_the_position_limit_is_refused_by_the_api_and_the_page(staff_client, model_record, dataset):
+    failed = Extraction.objects.create(
+        model=model_record, dataset=dataset, layers=[0], hooks=["residual"], status="failed", error_type="OOM",
+        finished_at=timezone.now(), fingerprint="failed-oom", total_samples=dataset.num_samples,
+    )
+    url = f"/api/v1/models/{model_record.pk}/extractions/{failed.pk}/retry"
+    response = post(staff_client, url, {"max_length": 2000})
+    assert response.status_code == 422
+    assert response.json() == {"message": BEYOND_1024, "field": "max_length"}
+    response = staff_client.post(f"/extractions/{failed.pk}/retry/", {"max_length": "2000"}, follow=True)
+    assert [str(m) for m in response.context["messages"]] == [f"Extraction {failed.pk} was not retried: {BEYOND_1024}"]
+    assert Extraction.objects.count() == 1
+
+
+def test_a_model_registered_before_the_limit_was_kept_is_refused_too_and_keeps_it(staff_client, model_record,
+                                                                                   dataset):
+    ModelRecord.objects.filter(pk=model_record.pk).update(max_positions=None)
+    url = f"/api/v1/models/{model_record.pk}/extractions"
+    response = post(staff_client, url, {"dataset_id": dataset.pk, "layers": [0], "hooks": ["residual"],
+                                        "max_length": 2000})
+    assert response.status_code == 422
+    assert response.json() == {"message": BEYOND_1024, "field": "max_length"}
+    model_record.refresh_from_db()
+    assert model_record.max_positions == 1024
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_job_queued_before_the_check_fails_in_the_worker_and_its_suggested_retry_completes(
+    staff_client, model_record, dataset, settings
+):
+    """A job queued before starts were checked (its model registered before the limit was kept)
+    is refused by the runner; the failure suggests the limit, and that retry completes."""
+    from extraction.tasks import run_extraction
+
+    settings.JOBSITE_FAILPOINTS = ""
+    ModelRecord.objects.filter(pk=model_record.pk).update(max_positions=None)
+    old = Extraction.objects.create(
+        model=model_record, dataset=dataset, layers=[0], hooks=["residual"], max_length=2000, fingerprint="old",
+        total_samples=dataset.num_samples,
+    )
+    run_extraction(old.pk)
+    old.refresh_from_db()
+    assert (old.status, old.error_type) == ("failed", "VALIDATION")
+    assert old.error_message == "Max length must be between 1 and 1024 tokens; got 2000."
+    assert old.suggested_retry_params == {"max_length": 1024}
+    response = staff_client.post(f"/extractions/{old.pk}/retry-suggested/", follow=True)
+    retry = Extraction.objects.exclude(pk=old.pk).get()
+    assert [str(m) for m in response.context["messages"]] == [
+        f'Extraction {retry.pk} retries extraction {old.pk} with {{"max_length": 1024}}.'
+    ]
+    run_extraction(retry.pk)
+    retry.refresh_from_db()
+    assert (retry.status, retry.max_length, retry.total_samples) == ("completed", 1024, dataset.num_samples)

@@ -81,6 +81,16 @@ def test_extraction_list_json_is_machine_readable(make_extraction, capsys):
     assert rows[0]["id"] == failed.pk and rows[0]["error_type"] == "OOM" and rows[0]["retry_available"] is True
 
 
+def test_extraction_list_tells_a_failure_from_a_job_resumed_after_one(make_extraction, capsys):
+    failed = make_extraction("failed", error_type="OOM", error_message="CUDA out of memory.")
+    resumed = make_extraction("extracting", error_type="WORKER_LOST", worker="host:2", attempt=2,
+                              error_message="Resumed by a person after 188 s without a heartbeat.")
+    call_command("extraction", "list")
+    lines = {int(line.split()[0]): line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert lines[failed.pk].endswith(" OOM: CUDA out of memory.")
+    assert lines[resumed.pk].endswith(" resumed after WORKER_LOST: Resumed by a person after 188 s without a heartbeat.")
+
+
 def test_extraction_cancel_and_retry_refuse_with_sentences(make_extraction):
     done = make_extraction("completed")
     with pytest.raises(CommandError, match="only a queued or running extraction can be cancelled"):
@@ -122,3 +132,49 @@ def test_extraction_retry_refuses_a_zero_instead_of_ignoring_it(make_extraction,
 def test_a_model_argument_that_only_looks_like_an_id_is_a_sentence(model_record, dataset):
     with pytest.raises(CommandError, match="does not exist|outside the allowed directories"):
         call_command("extract", "²", "samples", "--layers", "0")
+
+
+def test_extract_refuses_a_max_length_beyond_the_position_limit(model_record, dataset):
+    with pytest.raises(CommandError) as refused:
+        call_command("extract", "tiny-gpt2", "samples", "--layers", "0", "--max-length", "2000")
+    assert str(refused.value) == "Max length 2,000 is beyond tiny-gpt2's position limit: it reads at most 1,024 tokens."
+    assert Extraction.objects.count() == 0
+
+
+@pytest.mark.parametrize("suggested", [[], ["--suggested"]])
+def test_extraction_retry_refuses_a_max_length_beyond_the_position_limit(make_extraction, fake_model, suggested):
+    fake_model.max_positions = 512
+    fake_model.save()
+    failed = make_extraction("failed", error_type="OOM", batch_size=64, suggested_retry_params={"batch_size": 32})
+    with pytest.raises(CommandError) as refused:
+        call_command("extraction", "retry", str(failed.pk), *suggested, "--max-length", "600")
+    assert str(refused.value) == "Max length 600 is beyond fake's position limit: it reads at most 512 tokens."
+    assert Extraction.objects.count() == 1
+
+
+def test_explicit_flags_override_the_suggested_ones(make_extraction, capsys, django_capture_on_commit_callbacks):
+    failed = make_extraction("failed", error_type="OOM", batch_size=64, max_length=512,
+                             suggested_retry_params={"batch_size": 32})
+    with django_capture_on_commit_callbacks(execute=False):
+        call_command("extraction", "retry", str(failed.pk), "--suggested", "--batch-size", "8", "--max-length", "128")
+    retry = Extraction.objects.exclude(pk=failed.pk).get()
+    assert capsys.readouterr().out.strip() == f"Extraction {retry.pk} retries {failed.pk} with batch size 8."
+    assert (retry.batch_size, retry.max_length) == (8, 128)
+    assert retry.retry_reason == ("retried from the command line with suggested parameters {'batch_size': 32} "
+                                  "overridden by {'batch_size': 8, 'max_length': 128}")
+
+
+def test_suggested_params_fill_what_no_flag_gives(make_extraction, capsys, django_capture_on_commit_callbacks):
+    failed = make_extraction("failed", error_type="OOM", batch_size=1, max_length=512,
+                             suggested_retry_params={"batch_size": 1, "max_length": 256})
+    with django_capture_on_commit_callbacks(execute=False):
+        call_command("extraction", "retry", str(failed.pk), "--suggested", "--max-samples", "10")
+    retry = Extraction.objects.exclude(pk=failed.pk).get()
+    assert (retry.batch_size, retry.max_length, retry.max_samples) == (1, 256, 10)
+
+
+def test_retry_help_says_explicit_flags_override_the_suggestion(settings):
+    shown = subprocess.run([sys.executable, "manage.py", "extraction", "retry", "--help"], cwd=REPO,
+                           env=process_env(settings), capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0
+    assert "--max-length given as well override the suggestion" in " ".join(shown.stdout.split())

@@ -88,7 +88,11 @@ def test_user_retry_after_oom_with_suggested_batch_size_completes_and_reuses_don
     retry.refresh_from_db()
     assert retry.status == "completed"
     assert retry.resumed_samples == 16
-    assert "extraction.retry_started" in event_types(job)
+    # Each job's page hears of the retry about its own job: the original stays failed there.
+    told = Event.objects.get(topic=job.topic, type="extraction.retry_started").payload
+    assert (told["id"], told["status"], told["retry_id"]) == (job.pk, "failed", retry.pk)
+    told = Event.objects.get(topic=retry.topic, type="extraction.retry_started").payload
+    assert (told["id"], told["status"], told["original_extraction_id"]) == (retry.pk, "queued", job.pk)
 
 
 def test_cancel_stops_a_running_extraction_within_a_batch(model_record, dataset, settings):

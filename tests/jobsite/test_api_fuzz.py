@@ -34,3 +34,27 @@ def test_no_generated_request_gets_a_server_error(staff_user, fake_model, fake_d
 
         probe()
     assert server_errors == []
+
+
+@pytest.mark.django_db
+def test_every_json_body_refuses_an_unknown_field_naming_it(staff_client):
+    """A misspelled optional field must never fall back to its default (`pairs` for `pair_ids`
+    meant every pending pair), so every JSON body refuses a field it does not have."""
+    import json
+    import re
+
+    schema = staff_client.get("/api/v1/openapi.json").json()
+    checked = []
+    for path, methods in schema["paths"].items():
+        for method, operation in methods.items():
+            if "application/json" not in operation.get("requestBody", {}).get("content", {}):
+                continue
+            url = re.sub(r"\{[^}]+\}", "1", path)
+            response = getattr(staff_client, method)(url, data=json.dumps({"no_such_field": 1}),
+                                                     content_type="application/json")
+            assert response.status_code == 422, (method, path, response.content)
+            assert response.json()["field"] == "no_such_field", (method, path)
+            message = response.json()["message"]
+            assert message.startswith("Unknown field 'no_such_field'; the fields are "), (method, path)
+            checked.append(f"{method} {path}")
+    assert len(checked) >= 8, checked

@@ -90,3 +90,64 @@ def test_events_are_pushed_only_after_commit(make_extraction, django_capture_on_
     for callback in callbacks:
         callback()
     assert [event.type for event in pushed] == ["extraction.loading"]
+
+
+RESUME_REFUSALS = [
+    ("cancelled", {}, "This extraction is cancelled; it has no worker, and only a stalled extraction can be resumed. "
+                      "Retry starts a new extraction."),
+    ("completed", {}, "This extraction is completed; it has no worker, and only a stalled extraction can be resumed."),
+    ("failed", {"error_type": "OOM"},
+     "This extraction is failed; it has no worker, and only a stalled extraction can be resumed. "
+     "Retry with the suggested (half) batch size, or turn on auto retry on OOM."),
+    ("queued", {}, "This extraction is queued and waits for a worker; only a stalled extraction can be resumed."),
+    ("extracting", {"worker": "w:1"},
+     "This extraction is extracting and its worker is alive; only a stalled extraction can be resumed."),
+]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("status", "fields", "sentence"), RESUME_REFUSALS)
+def test_resume_refusal_says_where_the_extraction_stands(staff_client, make_extraction, status, fields, sentence):
+    from django.utils import timezone
+
+    if status == "extracting":
+        fields = {**fields, "started_at": timezone.now(), "heartbeat_at": timezone.now()}
+    job = make_extraction(status, **fields)
+    response = staff_client.post(f"/api/v1/models/{job.model_id}/extractions/{job.pk}/resume",
+                                 content_type="application/json")
+    assert response.status_code == 409
+    assert response.json()["message"] == sentence
+    job.refresh_from_db()
+    assert job.status == status
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("status", "fields", "sentence"), [
+    ("completed", {}, "This training run is completed; it has no worker, and only a stalled training run can be "
+                      "resumed."),
+    ("generated", {}, "This training run is waiting for review; it has no worker, and only a stalled training run can "
+                      "be resumed."),
+    ("generating_failed", {"error_type": "CANCELLED", "error_message": "Stopped on request after 4 of 12 chunks."},
+     "This training run is stopped; it has no worker, and only a stalled training run can be resumed. Proceed "
+     "continues where it stopped; Delete discards the run."),
+    ("generating", {}, "This training run is generating and waits for a worker; only a stalled training run can be "
+                       "resumed."),
+    ("training", {"worker": "w:1"},
+     "This training run is training and its worker is alive; only a stalled training run can be resumed."),
+])
+def test_resume_refusal_says_where_the_training_run_stands(staff_client, status, fields, sentence):
+    from django.contrib.messages import get_messages
+    from django.utils import timezone
+
+    from training_runs.models import Corpus, TrainingRun
+
+    corpus = Corpus.objects.create(name="handbook", source="/data/handbook", num_documents=1)
+    if status == "completed":
+        fields = {**fields, "finished_at": timezone.now()}
+    if fields.get("worker"):
+        fields = {**fields, "started_at": timezone.now(), "heartbeat_at": timezone.now()}
+    run = TrainingRun.objects.create(corpus=corpus, status=status, total_chunks=12, **fields)
+    response = staff_client.post(f"/training/runs/{run.pk}/resume/")
+    assert [str(m) for m in get_messages(response.wsgi_request)] == [sentence]
+    run.refresh_from_db()
+    assert run.status == status

@@ -104,7 +104,9 @@ def test_commands_generate_review_status_and_refusals(small_corpus, capsys, sett
     call_command("training", "generate", "small")
     run = TrainingRun.objects.get()
     assert f"Training run {run.pk} is generating pairs for {run.total_chunks} chunks." in capsys.readouterr().out
-    with pytest.raises(CommandError, match=f"training run {run.pk} is generating pairs; wait for it to finish generating first"):
+    with pytest.raises(CommandError, match=re.escape(
+            f"training run {run.pk}, started just now, is generating pairs (0/{run.total_chunks} chunks); "
+            "wait for it to finish generating first.")):
         call_command("training", "generate", "small")
     run_training_phase(run.pk)
     call_command("training", "review", str(run.pk), "approve")
@@ -123,6 +125,34 @@ def test_remove_command_needs_confirmation(failed_run, monkeypatch):
         call_command("training", "remove", str(failed_run.pk))
     assert TrainingRun.objects.filter(pk=failed_run.pk).exists()
     call_command("training", "remove", str(failed_run.pk), "--yes")
+    assert not TrainingRun.objects.filter(pk=failed_run.pk).exists()
+
+
+def test_remove_command_refuses_a_run_that_cannot_be_removed_before_asking(small_corpus, monkeypatch):
+    run = training_run_generate(corpus=small_corpus)
+    run_training_phase(run.pk)
+    monkeypatch.setattr("builtins.input", lambda prompt: pytest.fail(f"asked {prompt!r}"))
+    with pytest.raises(CommandError, match=re.escape(
+            f"Training run {run.pk} is waiting for review; only a failed run can be removed.")):
+        call_command("training", "remove", str(run.pk))
+    assert TrainingRun.objects.filter(pk=run.pk).exists()
+
+
+def test_remove_command_without_an_answer_removes_nothing_and_names_yes(failed_run, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # `< /dev/null`: input() meets the end of the file
+    with pytest.raises(CommandError, match=re.escape(
+            f"No answer to the confirmation; nothing removed. To remove without a prompt, run "
+            f"`manage.py training remove {failed_run.pk} --yes`.")) as refused:
+        call_command("training", "remove", str(failed_run.pk), stdout=io.StringIO())
+    assert refused.value.returncode == 1
+    assert TrainingRun.objects.filter(pk=failed_run.pk).exists()
+
+
+def test_remove_command_takes_a_yes_piped_in(failed_run, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n"))
+    out = io.StringIO()
+    call_command("training", "remove", str(failed_run.pk), stdout=out)
+    assert f"Training run {failed_run.pk} removed with its pairs and files." in out.getvalue()
     assert not TrainingRun.objects.filter(pk=failed_run.pk).exists()
 
 

@@ -25,7 +25,8 @@ def test_settings_say_available_and_name_the_blocking_run(staff_client, generate
     body = staff_client.get("/api/v1/training/settings").json()
     assert body["is_available"] is True and body["reason"] == ""
     assert body["blocking_run_id"] == generated_run.pk
-    assert f"training run {generated_run.pk} is waiting for review" in body["blocking_sentence"]
+    sentence = body["blocking_sentence"]
+    assert f"training run {generated_run.pk}, started by staff just now, is waiting for review (" in sentence
 
 
 def test_settings_explain_why_training_is_unavailable(staff_client, settings, db):
@@ -38,9 +39,27 @@ def test_second_generation_is_409_naming_the_blocking_run(staff_client, small_co
     response = post(staff_client, "/api/v1/training/runs", {"corpus_id": small_corpus.pk})
     assert response.status_code == 409
     assert response.json()["message"] == (
-        f"A new generation cannot start while training run {generated_run.pk} is waiting for review; "
-        "review its pairs and train it first."
+        f"A new generation cannot start while training run {generated_run.pk}, started by staff just now, is "
+        f"waiting for review ({generated_run.pair_count:,} pairs); review its pairs and train it first."
     )
+
+
+def test_a_second_generation_names_who_started_the_generating_run_when_and_its_progress(staff_client, small_corpus):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    started = post(staff_client, "/api/v1/training/runs", {"corpus_id": small_corpus.pk}).json()
+    TrainingRun.objects.filter(pk=started["id"]).update(
+        processed_chunks=5, created_at=timezone.now() - timedelta(minutes=5, seconds=10))
+    response = post(staff_client, "/api/v1/training/runs", {"corpus_id": small_corpus.pk})
+    assert response.status_code == 409
+    assert response.json()["message"] == (
+        f"A new generation cannot start while training run {started['id']}, started by staff 5 minutes ago, is "
+        f"generating pairs (5/{started['total_chunks']} chunks); wait for it to finish generating first."
+    )
+    body = staff_client.get("/api/v1/training/settings").json()
+    assert body["blocking_sentence"] == response.json()["message"]
 
 
 def test_review_then_train_flow_and_wrong_state_answers(staff_client, generated_run):
@@ -59,7 +78,39 @@ def test_review_then_train_flow_and_wrong_state_answers(staff_client, generated_
     texts = generated_run.corpus.chunks.count() + everything["review_counts"]["approved"]
     assert response.json()["progress"] == f"Embedding 0 of {texts:,} texts"
     assert staff_client.delete(run_url).status_code == 409
-    assert staff_client.get(f"{run_url}/search", {"query": "brakes"}).status_code == 422
+    response = staff_client.get(f"{run_url}/search", {"query": "brakes"})
+    assert response.status_code == 409
+    assert response.json() == {
+        "message": f"Training run {generated_run.pk} is training; search needs a completed run."}
+
+
+def test_search_on_a_run_that_is_not_completed_is_409_with_a_sentence(staff_client, generated_run):
+    response = staff_client.get(f"/api/v1/training/runs/{generated_run.pk}/search", {"query": "bees"})
+    assert response.status_code == 409
+    assert response.json() == {
+        "message": f"Training run {generated_run.pk} is waiting for review; search needs a completed run."}
+
+
+def test_a_misspelled_review_field_is_422_naming_it_and_approves_nothing(staff_client, generated_run):
+    pair = generated_run.pairs.first()
+    response = post(staff_client, f"/api/v1/training/runs/{generated_run.pk}/pairs/review",
+                    {"decision": "approved", "pairs": [pair.pk]})
+    assert response.status_code == 422
+    assert response.json()["message"] == "Unknown field 'pairs'; the fields are decision and pair_ids."
+    assert response.json()["field"] == "pairs"
+    assert not generated_run.pairs.exclude(review="pending").exists()
+
+
+@pytest.mark.parametrize(("url", "body", "unknown"), [
+    ("/api/v1/training/runs", {"corpus": 1}, "corpus"),
+    ("/api/v1/training/corpora", {"name": "x", "path": "src", "overlap": 10}, "overlap"),
+    ("/api/v1/training/runs/1/train", {"epoch": 3}, "epoch"),
+])
+def test_an_unknown_training_field_is_422_naming_it(staff_client, url, body, unknown):
+    response = post(staff_client, url, body)
+    assert response.status_code == 422 and response.json()["field"] == unknown
+    assert response.json()["message"].startswith(f"Unknown field '{unknown}'; the fields are ")
+    assert not TrainingRun.objects.exists() and not Corpus.objects.exists()
 
 
 def test_bad_input_is_4xx_with_a_sentence(staff_client, small_corpus):

@@ -1,6 +1,7 @@
 import json
 import threading
 import time
+from datetime import timedelta
 
 import pytest
 from django.db import connection
@@ -180,7 +181,7 @@ def test_twenty_concurrent_generate_requests_make_exactly_one_run(small_corpus):
     assert TrainingRun.objects.count() == 1
     for kind, value in outcomes:
         if kind == "blocked":
-            assert f"training run {created[0]} is generating" in value
+            assert f"training run {created[0]}, started just now, is generating pairs (" in value
 
 
 def test_the_blocking_sentence_names_the_blocking_run_and_its_status(small_corpus, settings):
@@ -190,9 +191,29 @@ def test_the_blocking_sentence_names_the_blocking_run_and_its_status(small_corpu
     with pytest.raises(TrainingRunBlocked) as blocked:
         training_run_generate(corpus=small_corpus)
     assert str(blocked.value) == (
-        f"A new generation cannot start while training run {run.pk} has a failed generation; "
-        "proceed with it or delete it first."
+        f"A new generation cannot start while training run {run.pk}, started just now, has a failed generation "
+        f"(0/{run.total_chunks} chunks); proceed with it or delete it first."
     )
+
+
+@pytest.mark.parametrize(("fields", "standing"), [
+    ({"status": "training", "texts_total": 1479, "texts_embedded": 480},
+     "is training (embedding 480 of 1,479 texts); wait for its training to finish first."),
+    ({"status": "training", "texts_total": 1479, "texts_embedded": 1479, "epochs": 8, "epochs_done": 3},
+     "is training (3 of 8 epochs); wait for its training to finish first."),
+    ({"status": "generated", "pair_count": 850},
+     "is waiting for review (850 pairs); review its pairs and train it first."),
+])
+def test_the_blocking_sentence_says_who_started_the_run_when_and_where_it_stands(
+    small_corpus, django_user_model, fields, standing
+):
+    owner = django_user_model.objects.create_user("ada")
+    run = TrainingRun.objects.create(corpus=small_corpus, created_by=owner,
+                                     created_at=timezone.now() - timedelta(hours=2, minutes=1), **fields)
+    with pytest.raises(TrainingRunBlocked) as blocked:
+        training_run_generate(corpus=small_corpus)
+    assert str(blocked.value) == (
+        f"A new generation cannot start while training run {run.pk}, started by ada 2 hours ago, {standing}")
 
 
 def test_training_needs_enough_approved_pairs(small_corpus, settings):

@@ -182,7 +182,7 @@ def test_generate_is_disabled_with_the_sentence_naming_the_blocking_run(staff_cl
     sentence = services.blocking_sentence(run)
     said = {"generating": "is generating pairs", "generated": "is waiting for review", "training": "is training",
             "generating_failed": "has a failed generation", "training_failed": "has a failed training"}[status]
-    assert f"training run {run.pk} {said}; " in sentence
+    assert f"training run {run.pk}, started just now, {said} (" in sentence
     assert f'<p class="note" id="generate-blocked" data-blocking-sentence>{sentence}</p>' in html
     button = re.search(r"<button[^>]*data-generate[^>]*>", html)[0]
     assert "disabled" in button
@@ -272,7 +272,7 @@ def test_a_run_stopped_while_embedding_says_how_far_it_got(staff_client, make_ru
     assert '<span class="badge badge-cancelled" data-status-label>stopped</span>' in card
     assert '<span class="badge badge-cancelled" data-status-label>stopped</span>' in row
     assert 'class="alert alert-warning"' in card and "alert-error" not in card and "data-card-proceed" in card
-    assert f"while training run {run.pk} is stopped; " in html
+    assert f"while training run {run.pk}, started just now, is stopped (embedding 480 of 1,479 texts); " in html
 
 
 def test_a_run_that_failed_is_drawn_failed(staff_client, make_run):
@@ -280,7 +280,7 @@ def test_a_run_that_failed_is_drawn_failed(staff_client, make_run):
     html = staff_client.get(PAGE).content.decode()
     card = section(html, f"run-{run.pk}")
     assert "data-status-label>generating_failed</span>" in card and 'class="alert alert-error"' in card
-    assert f"while training run {run.pk} has a failed generation; " in html
+    assert f"while training run {run.pk}, started just now, has a failed generation (3/12 chunks); " in html
 
 
 def test_a_silent_worker_shows_no_heartbeat_and_resume_requeues_the_run(staff_client, settings, make_run):
@@ -523,7 +523,7 @@ def test_an_unknown_run_is_a_404_page_never_a_500(staff_client, corpus, path):
         ("generating", "delete/", {"confirmed": "1"}, "only a failed run can be removed"),
         ("generating", "train/", {}, "only a generated run can start training"),
         ("generating", "review/", {"decision": "approved", "scope": "all"}, "pairs are reviewed once generation is done"),
-        ("generating", "resume/", {}, "its worker is alive; only a stalled"),
+        ("generating", "resume/", {}, "waits for a worker; only a stalled"),
         ("generated", "train/", {}, "Training needs at least 4 approved pairs"),
         ("generated", "train/", {"epochs": "0"}, "epochs: Ensure this value is greater than or equal to 1."),
     ],

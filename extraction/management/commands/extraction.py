@@ -26,7 +26,9 @@ class Command(BaseCommand):
         retry.add_argument("--batch-size", type=int, choices=VALID_BATCH_SIZES)
         retry.add_argument("--max-samples", type=int)
         retry.add_argument("--max-length", type=int)
-        retry.add_argument("--suggested", action="store_true", help="use the parameters the failure suggested")
+        retry.add_argument("--suggested", action="store_true",
+                           help="use the parameters the failure suggested; --batch-size, --max-samples or "
+                                "--max-length given as well override the suggestion")
         retry.add_argument("--wait", action="store_true")
 
     def handle(self, *args, **options):
@@ -53,6 +55,8 @@ class Command(BaseCommand):
         for e in rows:
             progress = f"{e.samples_processed}/{e.total_samples}"
             error = f"{e.error_type}: {e.error_message[:60]}" if e.error_type else ""
+            if error and e.status in Extraction.ACTIVE:  # the failure is behind it: it runs (or waits) again
+                error = f"resumed after {error}"
             self.stdout.write(f"{e.pk:>5}  {e.status:<11} {progress:<15} {e.model.name[:16]:<16} {e.dataset.name[:16]:<16} {error}")
 
     def do_cancel(self, options):
@@ -62,13 +66,12 @@ class Command(BaseCommand):
 
     def do_retry(self, options):
         original = self._get(options["extraction_id"])
+        given = dict(batch_size=options["batch_size"], max_samples=options["max_samples"],
+                     max_length=options["max_length"])
         if options["suggested"]:
-            retry = services.extraction_retry_suggested(extraction=original, via="from the command line")
+            retry = services.extraction_retry_suggested(extraction=original, via="from the command line", **given)
         else:
-            retry = services.extraction_retry(
-                extraction=original, batch_size=options["batch_size"], max_samples=options["max_samples"],
-                max_length=options["max_length"], reason="retried from the command line",
-            )
+            retry = services.extraction_retry(extraction=original, reason="retried from the command line", **given)
         self.stdout.write(f"Extraction {retry.pk} retries {original.pk} with batch size {retry.batch_size}.")
         if options["wait"]:
             follow(self, retry)

@@ -596,6 +596,13 @@
 
     const tokens = job[card.dataset.rateField];
     const tokensTotal = job[card.dataset.rateTotalField];
+    // A new step of the job (a training run's embedding, then its epochs) counts something else.
+    if (typeof tokensTotal === "number" && known.rateTotal !== undefined && tokensTotal !== known.rateTotal) {
+      known.points = [];
+      known.left = null;
+      setText(card, "[data-eta]", "—");
+    }
+    if (typeof tokensTotal === "number") known.rateTotal = tokensTotal;
     if (typeof tokens === "number" && tokens > 0) {
       const last = known.points[known.points.length - 1];
       if (last && tokens < last[1]) known.points = [];

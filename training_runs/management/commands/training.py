@@ -107,8 +107,17 @@ class Command(BaseCommand):
 
     def do_remove(self, options):
         run = self._run(options["run_id"])
+        # Refused before the question, so nobody confirms a removal that cannot happen.
+        if run.status not in TrainingRun.RETRYABLE_FROM:
+            raise CommandError(f"Training run {run.pk} {run.state_phrase}; only a failed run can be removed.")
         if not options["yes"]:
-            answer = input(f"Remove training run {run.pk} ({run.status}, {run.pair_count} pairs) and its files? [y/N] ")
+            try:
+                answer = input(f"Remove training run {run.pk} ({run.status}, {run.pair_count} pairs) and its files? "
+                               "[y/N] ")
+            except EOFError:  # no terminal and nothing piped in: no answer is a no
+                self.stdout.write("")  # end the question's line
+                raise CommandError(f"No answer to the confirmation; nothing removed. To remove without a prompt, run "
+                                   f"`manage.py training remove {run.pk} --yes`.") from None
             if answer.strip().lower() not in ("y", "yes"):
                 raise CommandError("Nothing removed.")
         services.training_run_remove(run=run)
