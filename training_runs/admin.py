@@ -73,11 +73,14 @@ class TrainingRunAdmin(JobActionsMixin, admin.ModelAdmin):
 
     @admin.action(description="Remove selected failed runs (with their pairs and files)", permissions=["view"])
     def remove(self, request, queryset):
-        refused = [run for run in queryset if run.status not in TrainingRun.RETRYABLE_FROM]
-        for run in refused:
-            self.message_user(request, f"Training run {run.pk} is {run.status}; only a failed run can be removed.",
-                              messages.ERROR)
-        removable = [run for run in queryset if run.status in TrainingRun.RETRYABLE_FROM]
+        removable = []
+        for run in queryset:
+            try:
+                services.training_run_check_removable(run=run)
+            except TransitionError as exc:
+                self.message_user(request, str(exc), messages.ERROR)
+            else:
+                removable.append(run)
         if not removable:
             return None
         if request.POST.get("confirmed") != "yes":

@@ -375,10 +375,15 @@ def training_run_proceed(*, run: TrainingRun) -> TrainingRun:
     return run
 
 
-def training_run_remove(*, run: TrainingRun, user=None) -> None:
-    """Delete a failed run, its pairs and its files; the removal stays in the event log."""
+def training_run_check_removable(*, run: TrainingRun) -> None:
+    """Refuses, with the sentence every caller shows, to remove a run that has not failed."""
     if run.status not in TrainingRun.RETRYABLE_FROM:
         raise TransitionError(f"Training run {run.pk} {run.state_phrase}; only a failed run can be removed.")
+
+
+def training_run_remove(*, run: TrainingRun, user=None) -> None:
+    """Delete a failed run, its pairs and its files; the removal stays in the event log."""
+    training_run_check_removable(run=run)
     output_dir = run.output_dir
     with transaction.atomic():
         locked = TrainingRun.objects.select_for_update().filter(pk=run.pk, status=run.status).first()

@@ -7,6 +7,7 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.db import connection
 from django.urls import reverse
+from django.utils import timezone
 
 from jobsite.models import Event
 from tests.conftest import wait_for
@@ -49,6 +50,15 @@ def test_admin_remove_asks_for_confirmation_then_removes(superuser_client, faile
     assert "1 run removed." in page
     assert not TrainingRun.objects.filter(pk=failed_run.pk).exists()
     assert Event.objects.filter(topic=failed_run.topic, type="training.removed").exists()
+
+
+def test_admin_remove_refuses_a_run_that_has_not_failed_with_its_state(superuser_client, failed_run):
+    done = TrainingRun.objects.create(corpus=failed_run.corpus, status="completed", finished_at=timezone.now(),
+                                      total_chunks=failed_run.total_chunks)
+    page = act(superuser_client, "trainingrun", "remove", [done, failed_run]).content.decode()
+    assert f"Training run {done.pk} is completed; only a failed run can be removed." in page
+    assert "Remove these training runs?" in page  # the failed one is still offered
+    assert TrainingRun.objects.filter(pk=done.pk).exists()
 
 
 def test_admin_proceed_requeues_and_refuses_generated_runs(superuser_client, failed_run):

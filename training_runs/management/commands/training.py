@@ -107,9 +107,7 @@ class Command(BaseCommand):
 
     def do_remove(self, options):
         run = self._run(options["run_id"])
-        # Refused before the question, so nobody confirms a removal that cannot happen.
-        if run.status not in TrainingRun.RETRYABLE_FROM:
-            raise CommandError(f"Training run {run.pk} {run.state_phrase}; only a failed run can be removed.")
+        services.training_run_check_removable(run=run)  # before the question: nobody confirms what cannot happen
         if not options["yes"]:
             try:
                 answer = input(f"Remove training run {run.pk} ({run.status}, {run.pair_count} pairs) and its files? "
