@@ -32,7 +32,7 @@ from jobsite.health import workers_missing
 from jobsite.lifecycle import TransitionError
 from jobsite.selectors import last_event_seq
 from jobsite.views import (
-    STAFF_ONLY, duration, form_problems, id_param, iso, live_context, resume_with_message, staff_required,
+    STAFF_ONLY, duration, form_problems, id_param, iso, live_context, post_only, resume_with_message, staff_required,
 )
 
 TOPIC = "extraction."
@@ -230,7 +230,7 @@ def extraction_page(request):
 
 
 @staff_required
-@require_POST
+@post_only(lambda request: f"{reverse('extraction:list')}#register")
 def register(request):
     """A model or a dataset by its path on the server; a refusal shows the page again with the
     form's error, and a path already registered names the record it already is."""
@@ -318,7 +318,7 @@ def extraction_cancel(request, pk: int):
 
 
 @staff_required
-@require_POST
+@post_only(lambda request, pk: f"{reverse('extraction:list')}?job={pk}#extraction-{pk}")
 def extraction_retry(request, pk: int):
     extraction = selectors.extraction_get(extraction_id=pk)
     form = RetryForm(request.POST)
@@ -425,9 +425,20 @@ def extraction_files(request, pk: int):
             metadata = json.dumps(json.loads(Path(files["metadata.json"].path).read_text()), indent=2)
         except (OSError, ValueError):
             metadata = None
+    # A run that did not complete: its files hold the samples its checkpoint counts, and zeros elsewhere.
+    samples_done = None
+    if metadata is None and "checkpoint.json" in files:
+        try:
+            samples_done = int(json.loads(Path(files["checkpoint.json"].path).read_text())["samples_done"])
+        except (OSError, ValueError, KeyError, TypeError):
+            samples_done = None
     rows = [{"name": name, "size": entry.stat(follow_symlinks=False).st_size} for name, entry in files.items()]
     return render(request, "extraction/files.html", {
         "job": extraction, "files": rows, "metadata": metadata, "total": sum(r["size"] for r in rows),
+        "samples_done": samples_done,
+        "partial_state": "is still running" if extraction.status in Extraction.ACTIVE
+        else "was cancelled before it finished" if extraction.status == Extraction.Status.CANCELLED
+        else "failed before it finished",
     })
 
 

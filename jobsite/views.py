@@ -13,6 +13,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
+from django.http import HttpResponseNotAllowed
 from django.shortcuts import redirect, render
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils import timezone
@@ -54,6 +55,25 @@ def csrf_failure(request, reason=""):
     referer = request.META.get("HTTP_REFERER", "")
     back = referer if url_has_allowed_host_and_scheme(referer, {request.get_host()}) else ""
     return render(request, "403.html", {"exception": CSRF_PAGE_SENTENCE, "back": back}, status=403)
+
+
+def post_only(back_to):
+    """An address a form posts to: POST does the action; GET (the address bar after a refused
+    form was drawn there again, reloaded or bookmarked) goes to the page the form is on, not to
+    a bare 405. back_to(request, **kwargs) gives that page's address."""
+
+    def decorate(view):
+        @wraps(view)
+        def wrapped(request, *args, **kwargs):
+            if request.method in ("GET", "HEAD"):
+                return redirect(back_to(request, **kwargs))
+            if request.method != "POST":
+                return HttpResponseNotAllowed(["POST"])
+            return view(request, *args, **kwargs)
+
+        return wrapped
+
+    return decorate
 
 
 def form_problems(form) -> str:

@@ -107,6 +107,11 @@ class TrainingPairAdmin(TamperProofMixin, admin.ModelAdmin):
     def has_change_permission(self, request, obj=None):
         return False
 
+    def has_delete_permission(self, request, obj=None):
+        # A pair is approved or rejected, never deleted: its run counts its pairs, and a
+        # trained run's pairs are what its adapter was trained on. Removing the run removes them.
+        return False
+
     def _review(self, request, queryset, decision):
         updated = 0
         # order_by(): the default ordering's columns would otherwise make each pair's run distinct.

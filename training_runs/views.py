@@ -26,7 +26,7 @@ from jobsite.health import workers_missing
 from jobsite.lifecycle import TransitionError
 from jobsite.selectors import last_event_seq
 from jobsite.views import (
-    STAFF_ONLY, duration, form_problems, id_param, iso, live_context, resume_with_message, staff_required,
+    STAFF_ONLY, duration, form_problems, id_param, iso, live_context, post_only, resume_with_message, staff_required,
 )
 from training_runs import selectors, services
 from training_runs.forms import CorpusForm, GenerateForm, ReviewForm, TrainForm
@@ -279,7 +279,7 @@ def row_fragment(request, pk: int):
 # -- actions -----------------------------------------------------------------------------------
 
 @staff_required
-@require_POST
+@post_only(lambda request: f"{reverse('training_runs:page')}#corpora")
 def training_corpus_create(request):
     """A corpus from the page's form; a refusal shows the page again with the form's errors."""
     form = CorpusForm(request.POST, request.FILES)
@@ -300,7 +300,7 @@ def training_corpus_create(request):
 
 
 @staff_required
-@require_POST
+@post_only(lambda request: f"{reverse('training_runs:page')}#workflow")
 def training_generate(request):
     form = GenerateForm(request.POST)
     if not form.is_valid():

@@ -343,3 +343,28 @@ def test_float16_values_beyond_its_range_are_counted_and_shown(tiny_model_dir, d
     command = BaseCommand(stdout=StringIO(), stderr=StringIO())
     follow(command, job, poll_s=0)
     assert f"Warning: {job.inf_values:,} values were beyond float16's range" in command.stdout.getvalue()
+
+
+def test_a_failed_extractions_files_page_says_which_samples_hold_activations(model_record, dataset, settings,
+                                                                           staff_client):
+    """The page's recipe for the samples done is the runner's order: those samples' rows are
+    written, every other sample's rows are zeros."""
+    import numpy as np
+
+    settings.JOBSITE_FAILPOINTS = '{"extraction.batch": {"action": "oom", "at": 2, "min_batch_size": 8}}'
+    job = start(model_record, dataset, batch_size=8)
+    run_extraction(job.pk)
+    job.refresh_from_db()
+    assert job.status == "failed" and job.samples_processed == 16 < job.total_samples
+    html = staff_client.get(f"/extractions/{job.pk}/files/").content.decode()
+    assert "Partial output." in html
+    assert f"This extraction failed before it finished: 16 of {job.total_samples} samples hold activations" in html
+    assert "done = np.lexsort((np.arange(len(lengths)), -lengths))[:16]" in html
+
+    out = job.output_dir
+    offsets = np.load(out / "offsets.npy")
+    lengths = np.diff(offsets)
+    done = np.lexsort((np.arange(len(lengths)), -lengths))[:16]
+    acts = np.load(out / "layer_0_residual.npy", mmap_mode="r")
+    written = {i for i in range(len(lengths)) if np.any(acts[offsets[i]:offsets[i + 1]] != 0)}
+    assert written == set(done.tolist())

@@ -148,3 +148,20 @@ def test_no_pickle_in_our_code():
             if re.search(pattern, text):
                 offenders.append(f"{path.relative_to(REPO)}: {pattern}")
     assert offenders == []
+
+
+@pytest.mark.django_db
+def test_an_address_that_does_not_exist_says_so_in_words(staff_user):
+    browser = Client()
+    browser.force_login(staff_user)
+    for path in ("/foo/", "/training/6/delete/"):
+        response = browser.get(path)
+        html = response.content.decode()
+        assert response.status_code == 404 and "There is nothing at this address." in html, path
+        assert "Resolver404" not in html
+
+
+@pytest.mark.django_db
+def test_admin_pages_name_the_sites_icon(admin_client):
+    html = admin_client.get("/admin/").content.decode()
+    assert '<link rel="icon" href="/static/jobsite/favicon.svg" type="image/svg+xml">' in html

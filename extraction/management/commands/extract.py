@@ -1,11 +1,13 @@
 import argparse
 import time
 
+from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
 from extraction import selectors, services
 from extraction.constants import VALID_BATCH_SIZES
+from extraction.forms import parse_layers
 from extraction.models import Extraction
 from jobsite.errors import JobInputError
 from jobsite.lifecycle import TransitionError
@@ -32,7 +34,7 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("model")
         parser.add_argument("dataset")
-        parser.add_argument("--layers", required=True, help="comma separated block indices, e.g. 0,3")
+        parser.add_argument("--layers", required=True, help="block indices, e.g. 0,3 or 0-3 (a range includes both ends)")
         parser.add_argument("--hooks", default="residual", help="comma separated: residual,mlp,attention")
         parser.add_argument("--batch-size", type=int, default=8, choices=VALID_BATCH_SIZES)
         parser.add_argument("--max-samples", type=int)
@@ -44,9 +46,9 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options):
         try:
-            layers = [int(layer) for layer in csv(options["layers"])]
-        except ValueError:
-            raise CommandError(f"--layers must be comma separated integers such as 0,3; got {options['layers']!r}.")
+            layers = parse_layers(options["layers"])  # as the page's Layers field reads them
+        except ValidationError as exc:
+            raise CommandError(f"--layers {options['layers']!r}: {' '.join(exc.messages)}") from None
         try:
             model = selectors.model_find(options["model"]) or services.model_register(path=options["model"])
             dataset = selectors.dataset_find(options["dataset"]) or services.dataset_register(path=options["dataset"])
