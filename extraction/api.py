@@ -62,7 +62,8 @@ class ExtractionIn(Input):
     hooks: list[Literal["residual", "mlp", "attention"]] = Field(min_length=1, examples=[["residual"]])
     batch_size: int = 8
     max_samples: int | None = Field(None, gt=0)
-    max_length: int = Field(512, gt=0, le=1_000_000)
+    max_length: int | None = Field(None, gt=0, le=1_000_000,
+                                   description="tokens; omitted: 512, or the model's position limit when smaller")
     storage_dtype: Literal["float32", "float16"] = "float32"
     auto_retry_on_oom: bool = False
 
@@ -75,8 +76,10 @@ class ExtractionIn(Input):
 
 
 class RetryIn(Input):
+    """A key left out keeps the original's value; "max_samples": null asks for all samples."""
+
     batch_size: int | None = None
-    max_samples: int | None = Field(None, gt=0)
+    max_samples: int | None = Field(None, gt=0, description="null: all samples; omitted: the original's")
     max_length: int | None = Field(None, gt=0, le=1_000_000)
     reason: str = ""
 
@@ -236,9 +239,12 @@ def cancel_extraction(request, model_id: int, extraction_id: int):
 def retry_extraction(request, model_id: int, extraction_id: int, payload: RetryIn | None = None):
     payload = payload or RetryIn()
     extraction = _extraction(model_id, extraction_id)
+    max_samples = payload.max_samples
+    if max_samples is None and "max_samples" in payload.model_fields_set:
+        max_samples = services.ALL_SAMPLES
     retry = services.extraction_retry(
         extraction=extraction, batch_size=payload.batch_size,
-        max_samples=payload.max_samples, max_length=payload.max_length, reason=payload.reason, user=request.user,
+        max_samples=max_samples, max_length=payload.max_length, reason=payload.reason, user=request.user,
     )
     return Status(201, retry)
 

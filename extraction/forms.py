@@ -6,7 +6,7 @@ import re
 
 from django import forms
 
-from extraction import selectors
+from extraction import selectors, services
 from extraction.constants import HOOK_TYPES, VALID_BATCH_SIZES
 from extraction.models import Extraction
 from jobsite.forms import require_one_of
@@ -43,7 +43,8 @@ class ExtractionStartForm(forms.Form):
     )
     batch_size = forms.TypedChoiceField(choices=BATCH_SIZE_CHOICES, coerce=int, initial=8)
     max_samples = forms.IntegerField(required=False, min_value=1, help_text="empty: all samples")
-    max_length = forms.IntegerField(initial=512, min_value=1, max_value=MAX_LENGTH_LIMIT, help_text="tokens",
+    # Not prefilled: a 512 there would be refused for a model that reads fewer tokens.
+    max_length = forms.IntegerField(required=False, min_value=1, max_value=MAX_LENGTH_LIMIT,
                                     error_messages={"max_value": MAX_LENGTH_SENTENCE})
     storage_dtype = forms.ChoiceField(
         choices=[(value, value) for value in Extraction.StorageDtype.values], initial="float32", label="dtype",
@@ -55,13 +56,22 @@ class ExtractionStartForm(forms.Form):
         super().__init__(*args, **kwargs)
         self.fields["model"].queryset = selectors.model_list()
         self.fields["dataset"].queryset = selectors.dataset_list()
+        default = services.DEFAULT_MAX_LENGTH
+        smaller = [f"{model.name}: {model.max_positions:,}" for model in self.fields["model"].queryset
+                   if model.max_positions and model.max_positions < default]
+        self.fields["max_length"].widget.attrs["placeholder"] = str(default)
+        self.fields["max_length"].help_text = (
+            f"tokens; empty: {default}, or the model's position limit when smaller"
+            + (f" ({'; '.join(smaller)})" if smaller else "")
+        )
 
     def clean_layers(self):
         return parse_layers(self.cleaned_data["layers"])
 
 
 class RetryForm(forms.Form):
-    """A person's retry with edited parameters; an empty field keeps the original's value."""
+    """A person's retry with edited parameters; a field left out keeps the original's value. The
+    editor shows the original's max samples, so emptying that field asks for all samples."""
 
     batch_size = forms.TypedChoiceField(
         choices=[("", "same")] + BATCH_SIZE_CHOICES, coerce=int, empty_value=None, required=False,
@@ -69,6 +79,12 @@ class RetryForm(forms.Form):
     max_samples = forms.IntegerField(required=False, min_value=1)
     max_length = forms.IntegerField(required=False, min_value=1, max_value=MAX_LENGTH_LIMIT,
                                     error_messages={"max_value": MAX_LENGTH_SENTENCE})
+
+    def clean_max_samples(self):
+        value = self.cleaned_data["max_samples"]
+        if value is None and self.add_prefix("max_samples") in self.data:
+            return services.ALL_SAMPLES
+        return value
 
 
 class RegisterForm(forms.Form):

@@ -21,7 +21,11 @@ from jobsite.lifecycle import TransitionError
 from jobsite.paths import resolve_under
 from jobsite.services import job_enqueue, job_request_cancel
 
-
+# What extraction_retry takes as max_samples to mean every sample of the dataset: None there
+# already means "the original's", which may be a limit.
+ALL_SAMPLES = "all"
+# The max length a start that names none gets, unless the model reads fewer tokens.
+DEFAULT_MAX_LENGTH = 512
 
 
 def model_register(*, path: str, name: str = "") -> ModelRecord:
@@ -64,6 +68,12 @@ def model_max_positions(*, model: ModelRecord) -> int | None:
         model.max_positions = info.max_positions or 0
         ModelRecord.objects.filter(pk=model.pk, max_positions__isnull=True).update(max_positions=model.max_positions)
     return model.max_positions or None
+
+
+def default_max_length(*, model: ModelRecord) -> int:
+    """The max length of a start that names none: 512, or the model's position limit when it
+    reads fewer tokens, so a start with defaults is never refused for its default."""
+    return min(DEFAULT_MAX_LENGTH, model_max_positions(model=model) or DEFAULT_MAX_LENGTH)
 
 
 def registered(register, **kwargs):
@@ -222,10 +232,13 @@ def request_fingerprint(*, dataset: Dataset, layers, hooks, max_samples, max_len
 
 def extraction_start(
     *, model: ModelRecord, dataset: Dataset, layers: list[int], hooks: list[str], batch_size: int = 8,
-    max_samples: int | None = None, max_length: int = 512, storage_dtype: str = "float32",
+    max_samples: int | None = None, max_length: int | None = None, storage_dtype: str = "float32",
     auto_retry_on_oom: bool = False, user=None, original: Extraction | None = None, retry_reason: str = "",
 ) -> tuple[Extraction, bool]:
-    """Queue an extraction, or return the identical one already active (created=False)."""
+    """Queue an extraction, or return the identical one already active (created=False). No
+    max_length is default_max_length's; max_samples None is all of the dataset."""
+    if max_length is None:
+        max_length = default_max_length(model=model)
     layers, hooks = validate_parameters(
         model=model, dataset=dataset, layers=layers, hooks=hooks, batch_size=batch_size,
         max_samples=max_samples, max_length=max_length, storage_dtype=storage_dtype,
@@ -297,10 +310,11 @@ def extraction_wait_stopped(*, extraction: Extraction, timeout_s: float) -> Extr
 
 
 def extraction_retry(
-    *, extraction: Extraction, batch_size: int | None = None, max_samples: int | None = None,
+    *, extraction: Extraction, batch_size: int | None = None, max_samples: int | str | None = None,
     max_length: int | None = None, reason: str = "", user=None,
 ) -> Extraction:
-    """A person's retry: a new extraction linked to this one. When only the batch size
+    """A person's retry: a new extraction linked to this one. A parameter left None keeps this
+    one's; max_samples=ALL_SAMPLES asks for the whole dataset. When only the batch size
     changes, the new one starts from the samples this one already completed."""
     if not extraction.retry_available:
         raise TransitionError(
@@ -309,11 +323,15 @@ def extraction_retry(
     reason = check_text(reason.strip(), "The retry reason", Extraction._meta.get_field("retry_reason").max_length,
                         field="reason")
     # `is None`, not `or`: a 0 given is refused by the checks, never silently replaced.
+    if max_samples is None:
+        max_samples = extraction.max_samples
+    elif max_samples == ALL_SAMPLES:
+        max_samples = None
     retry, created = extraction_start(
         model=extraction.model, dataset=extraction.dataset, layers=extraction.layers, hooks=extraction.hooks,
         batch_size=extraction.batch_size if batch_size is None else batch_size,
-        max_samples=extraction.max_samples if max_samples is None else max_samples,
-        max_length=extraction.max_length if max_length is None else max_length, storage_dtype=extraction.storage_dtype,
+        max_samples=max_samples, max_length=extraction.max_length if max_length is None else max_length,
+        storage_dtype=extraction.storage_dtype,
         auto_retry_on_oom=extraction.auto_retry_on_oom, user=user, original=extraction,
         retry_reason=reason or (f"{extraction.error_type}: {extraction.error_message}"[:500] if extraction.error_type else "retry"),
     )
@@ -323,7 +341,7 @@ def extraction_retry(
 
 
 def extraction_retry_suggested(
-    *, extraction: Extraction, batch_size: int | None = None, max_samples: int | None = None,
+    *, extraction: Extraction, batch_size: int | None = None, max_samples: int | str | None = None,
     max_length: int | None = None, user=None, via: str,
 ) -> Extraction:
     """Retry with the parameters the failure suggested (half the batch size after an OOM); a

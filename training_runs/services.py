@@ -200,6 +200,14 @@ def _corpus_save(*, name: str, root: Path, staging: Path | None, chunks: list[tu
     return corpus
 
 
+def corpus_made_from(*, path: str) -> Corpus | None:
+    """The corpus already made from this file or directory under the data directory (its
+    `source`, the resolved path): giving the path again means that corpus, not a second one.
+    The newest, should the page have made more than one from it."""
+    root = resolve_under(path, [settings.JOBSITE_DATA_DIR], "corpus")
+    return Corpus.objects.filter(source=str(root)).order_by("-created_at", "-pk").first()
+
+
 # --- availability --------------------------------------------------------------------------
 
 
@@ -263,11 +271,9 @@ def _blocking_run() -> TrainingRun | None:
     return TrainingRun.objects.exclude(status=Status.COMPLETED).order_by("pk").first()
 
 
-def training_run_generate(
-    *, corpus: Corpus, generator: str = "local", queries_per_chunk: int = 2, user=None
-) -> TrainingRun:
-    """Start phase 1. The database allows one non-completed run, so concurrent requests
-    get one run and, for every other one, the sentence naming it."""
+def training_run_check_generate(*, generator: str = "local", queries_per_chunk: int = 2) -> None:
+    """Every refusal of a new generation that does not depend on the corpus: a caller that
+    makes the corpus for it (`training generate <path>`) asks first, so a refusal makes nothing."""
     _require_available()
     if generator not in TrainingRun.Generator.values:
         raise JobInputError(f"The generator must be one of {', '.join(TrainingRun.Generator.values)}.", field="generator")
@@ -276,6 +282,14 @@ def training_run_generate(
     blocking = _blocking_run()
     if blocking:
         raise TrainingRunBlocked(blocking_sentence(blocking))
+
+
+def training_run_generate(
+    *, corpus: Corpus, generator: str = "local", queries_per_chunk: int = 2, user=None
+) -> TrainingRun:
+    """Start phase 1. The database allows one non-completed run, so concurrent requests
+    get one run and, for every other one, the sentence naming it."""
+    training_run_check_generate(generator=generator, queries_per_chunk=queries_per_chunk)
     try:
         with transaction.atomic():
             run = TrainingRun.objects.create(
@@ -292,10 +306,47 @@ def training_run_generate(
     return run
 
 
+def training_run_generate_from_path(
+    *, path: str, name: str = "", chunk_size: int = 500, generator: str = "local", queries_per_chunk: int = 2,
+    user=None,
+) -> tuple[TrainingRun, Corpus, bool]:
+    """Start phase 1 on the corpus made from `path`: the one made from it before, or, when
+    there is none or a `name` is given, a new one (named after the file or directory unless
+    `name` says otherwise). Returns (run, corpus, whether the corpus is new).
+
+    Every refusal comes before a corpus is made, and a run refused at the last moment (a
+    concurrent start) takes the new corpus back with it: a refused generation leaves nothing
+    that the same request would later trip over."""
+    training_run_check_generate(generator=generator, queries_per_chunk=queries_per_chunk)
+    corpus = None if name else corpus_made_from(path=path)
+    if corpus is not None:
+        run = training_run_generate(corpus=corpus, generator=generator, queries_per_chunk=queries_per_chunk, user=user)
+        return run, corpus, False
+    if not name:
+        name = resolve_under(path, [settings.JOBSITE_DATA_DIR], "corpus").stem or "corpus"
+        taken = Corpus.objects.filter(name=name).first()
+        if taken is not None:
+            raise JobInputError(f"A corpus named {name!r} already exists, made from {taken.source}; "
+                                f"the corpus made from {path} needs another name.", field="name")
+    with transaction.atomic():
+        corpus = corpus_create(name=name, path=path, chunk_size=chunk_size)
+        run = training_run_generate(corpus=corpus, generator=generator, queries_per_chunk=queries_per_chunk, user=user)
+    return run, corpus, True
+
+
+# Why a run in each status that cannot be reviewed refuses it; follows "Training run 8 is completed; ".
+NOT_REVIEWABLE = {
+    Status.GENERATING: "pairs are reviewed once generation is done.",
+    Status.GENERATING_FAILED: "pairs are reviewed once generation is done, so proceed with it first.",
+    Status.TRAINING: "its pairs cannot be reviewed while they are used for training.",
+    Status.COMPLETED: "its pairs were used for training and can no longer be reviewed.",
+}
+
+
 def training_run_review(*, run: TrainingRun, decision: str, pair_ids: list[int] | None = None) -> int:
     """Approve or reject pairs (all pending ones when pair_ids is None); returns how many."""
     if run.status not in (Status.GENERATED, Status.TRAINING_FAILED):
-        raise TransitionError(f"Training run {run.pk} {run.state_phrase}; pairs are reviewed once generation is done.")
+        raise TransitionError(f"Training run {run.pk} {run.state_phrase}; {NOT_REVIEWABLE[run.status]}")
     if decision not in (TrainingPair.Review.APPROVED, TrainingPair.Review.REJECTED):
         raise JobInputError("The decision must be approved or rejected.", field="decision")
     pairs = run.pairs.all()

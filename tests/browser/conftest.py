@@ -132,6 +132,14 @@ def site(browser, start_daphne, start_worker):
     assert not made.errors, f"JavaScript errors on the page: {made.errors}"
 
 
+def settled(page, events: int) -> None:
+    """A page starts its stream before the last seconds' events (one may have committed after the
+    page read its rows): waits until the `events` replayed have redrawn what they redraw."""
+    page.wait_for_function("(n) => jobsiteLive.events >= n", arg=events)
+    page.wait_for_timeout(600)  # the redraws of the region and the history wait 250 and 400 ms
+    page.wait_for_function("() => !document.querySelector('.htmx-request')")
+
+
 def page_on_held_clock(site, user, path: str):
     """A page at `path` whose clock then moves only when the test moves it (page.clock.run_for)."""
     page = site.page(user)

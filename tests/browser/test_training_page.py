@@ -11,7 +11,7 @@ import pytest
 from django.utils import timezone
 from playwright.sync_api import expect
 
-from tests.browser.conftest import deliver, page_on_held_clock, screenshot
+from tests.browser.conftest import deliver, page_on_held_clock, screenshot, settled
 from tests.conftest import DEMO_CORPUS
 from jobsite.events import publish
 from training_runs import services
@@ -228,6 +228,7 @@ def test_one_row_opens_at_a_time_and_refresh_updates_only_its_row(site, staff_us
     page = site.page(staff_user)
     page.goto(site.url("/training/"))
     expect(page.locator("[data-live-status]")).to_have_text("live")
+    settled(page, events=1)  # the corpus's creation, seconds ago
 
     def panel(run):
         return page.locator(f"#run-detail-{run.pk}")
@@ -488,8 +489,8 @@ def test_an_action_the_server_cannot_do_or_never_gets_says_so_on_the_page(site, 
 
 
 def test_a_running_step_says_how_long_it_has_left(site, staff_user, training_env, corpus):
-    """Generation at a chunk a second: as many seconds left as chunks, counting down. Training:
-    its embedding step at 10 texts a second, then its epochs, each with its own estimate."""
+    """Generation at a chunk a second: as many seconds left as chunks, counting down. Training: no
+    time left while it embeds (long chunks, then short queries), then its epochs' own."""
     now = timezone.now()
     run = make_run(corpus, "generating", processed_chunks=0, started_at=now, heartbeat_at=now,
                    progress_at=now, worker="host:1", attempt=1)
@@ -515,17 +516,24 @@ def test_a_running_step_says_how_long_it_has_left(site, staff_user, training_env
 
     # The training step, drawn by the server, embeds 100 texts and then trains 4 epochs.
     TrainingRun.objects.filter(pk=run.pk).update(status="training", processed_chunks=chunks, texts_total=100,
-                                                 texts_embedded=0, epochs=4, epochs_done=0)
+                                                 texts_embedded=0, epochs=8, epochs_done=0)
     run.refresh_from_db()
     payload = run.event_payload()
     with page.expect_response(lambda r: "/training/" in r.url and r.request.method == "GET"):
         deliver(page, next(seq), run.topic, "training.training", payload)
     page.clock.run_for(100)
-    expect(page.locator(f"#run-{run.pk}")).to_contain_text("left in this step")
+    # Embedding runs the long chunks first, then the short queries: texts/s cannot tell its time left.
+    step = page.locator(f"#run-{run.pk} [data-eta-step]")
+    expect(step).to_be_hidden()
     for second in range(1, 5):
         page.clock.run_for(1000)
         progress(texts_embedded=10 * second, progress_done=10 * second, progress_total=100)
-    expect(eta).to_have_text(re.compile(r"^(5|6|7|8) s$"))  # 60 texts left at 10 a second
-    page.clock.run_for(1000)
-    progress(texts_embedded=100, progress_done=1, progress_total=4, epochs_done=1)
-    expect(eta).to_have_text("—")  # the embedding's time left is not the epochs'
+    expect(step).to_be_hidden()
+    for epoch in range(1, 4):  # 2 s an epoch, 8 epochs
+        page.clock.run_for(2000)
+        progress(texts_embedded=100, progress_done=epoch, progress_total=8, epochs_done=epoch)
+        if epoch == 1:
+            expect(step).to_be_visible()
+            expect(eta).to_have_text("—")  # one epoch tells no pace yet
+    expect(step).to_contain_text("left in this step")
+    expect(eta).to_have_text(re.compile(r"^(9|10|11) s$"))  # 5 epochs left at 2 s each

@@ -274,3 +274,26 @@ def test_a_retry_reason_too_long_is_422_naming_the_reason(staff_client, make_ext
     assert response.json() == {"message": "The retry reason is 100,000 characters long; the most is 500.",
                                "field": "reason"}
     assert Extraction.objects.count() == 1
+
+
+@pytest.fixture
+def cancelled_of_2000(make_extraction, fake_dataset):
+    """Cancelled after it was started with max_samples 2000 on a dataset of 3,000."""
+    fake_dataset.num_samples = 3000
+    fake_dataset.save()
+    return make_extraction("cancelled", max_samples=2000, total_samples=2000)
+
+
+@pytest.mark.parametrize("retry_body, max_samples, total", [
+    ({"max_samples": None}, None, 3000),
+    ({}, 2000, 2000),
+    ({"batch_size": 4}, 2000, 2000),
+    ({"max_samples": 100}, 100, 100),
+])
+def test_retry_max_samples_null_means_all_and_omitted_keeps_the_originals(
+    staff_client, fake_model, cancelled_of_2000, django_capture_on_commit_callbacks, retry_body, max_samples, total
+):
+    with django_capture_on_commit_callbacks(execute=False):
+        response = post(staff_client, f"{start_url(fake_model)}/{cancelled_of_2000.pk}/retry", retry_body)
+    assert response.status_code == 201, response.json()
+    assert (response.json()["max_samples"], response.json()["total_samples"]) == (max_samples, total)

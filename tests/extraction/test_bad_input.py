@@ -301,3 +301,68 @@ def test_a_job_queued_before_the_check_fails_in_the_worker_and_its_suggested_ret
     run_extraction(retry.pk)
     retry.refresh_from_db()
     assert (retry.status, retry.max_length, retry.total_samples) == ("completed", 1024, dataset.num_samples)
+
+
+@pytest.fixture
+def short_model(db):
+    """A model whose config reads at most 128 tokens, fewer than the default max length."""
+    return ModelRecord.objects.create(
+        name="tiny neox", path="/models/tiny-neox", architecture="GPTNeoXForCausalLM", model_type="gpt_neox",
+        num_layers=2, hidden_size=32, vocab_size=300, supported_hooks=["residual", "mlp", "attention"],
+        max_positions=128,
+    )
+
+
+BEYOND_128 = "Max length 512 is beyond tiny neox's position limit: it reads at most 128 tokens."
+
+
+def test_a_start_with_the_default_max_length_takes_a_smaller_position_limit(staff_client, short_model, fake_dataset,
+                                                                            fake_model,
+                                                                            django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=False):
+        short = post(staff_client, f"/api/v1/models/{short_model.pk}/extractions",
+                     {"dataset_id": fake_dataset.pk, "layers": [0], "hooks": ["residual"]})
+        unknown = post(staff_client, f"/api/v1/models/{fake_model.pk}/extractions",
+                       {"dataset_id": fake_dataset.pk, "layers": [0], "hooks": ["residual"]})
+    assert (short.status_code, short.json()["max_length"]) == (201, 128)
+    assert (unknown.status_code, unknown.json()["max_length"]) == (201, 512), "no limit known: the default stands"
+
+
+def test_an_explicit_max_length_beyond_a_smaller_limit_is_still_refused(staff_client, short_model, fake_dataset):
+    response = post(staff_client, f"/api/v1/models/{short_model.pk}/extractions",
+                    {"dataset_id": fake_dataset.pk, "layers": [0], "hooks": ["residual"], "max_length": 512})
+    assert response.status_code == 422
+    assert response.json() == {"message": BEYOND_128, "field": "max_length"}
+    assert Extraction.objects.count() == 0
+
+
+def test_the_start_form_leaves_max_length_to_the_model_and_names_smaller_limits(
+    staff_client, short_model, fake_dataset, django_capture_on_commit_callbacks
+):
+    form = staff_client.get("/extractions/").context["form"]
+    assert form["max_length"].value() is None, "a prefilled 512 would be refused for tiny neox"
+    assert form.fields["max_length"].help_text == (
+        "tokens; empty: 512, or the model's position limit when smaller (tiny neox: 128)"
+    )
+    with django_capture_on_commit_callbacks(execute=False):
+        response = staff_client.post("/extractions/", {
+            "model": short_model.pk, "dataset": fake_dataset.pk, "layers": "0", "hooks": ["residual"],
+            "batch_size": "8", "max_samples": "", "max_length": "", "storage_dtype": "float32",
+        })
+    assert response.status_code == 302
+    assert Extraction.objects.get().max_length == 128
+    response = staff_client.post("/extractions/", {
+        "model": short_model.pk, "dataset": fake_dataset.pk, "layers": "0", "hooks": ["mlp"],
+        "batch_size": "8", "max_samples": "", "max_length": "512", "storage_dtype": "float32",
+    })
+    assert response.status_code == 400
+    assert response.context["form"].errors["max_length"] == [BEYOND_128]
+
+
+def test_the_extract_command_without_a_max_length_takes_a_smaller_position_limit(short_model, fake_dataset,
+                                                                                 django_capture_on_commit_callbacks):
+    from django.core.management import call_command
+
+    with django_capture_on_commit_callbacks(execute=False):
+        call_command("extract", short_model.name, fake_dataset.name, "--layers", "0")
+    assert Extraction.objects.get().max_length == 128

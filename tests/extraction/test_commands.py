@@ -33,11 +33,18 @@ def test_extract_with_a_path_registers_the_dataset(model_record, settings, capsy
     assert Extraction.objects.get().dataset.name == "fresh"
 
 
+def test_extract_reads_layer_ranges_as_the_page_does(model_record, dataset, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=False):
+        call_command("extract", "tiny-gpt2", "samples", "--layers", "0-1,2")
+    assert Extraction.objects.get().layers == [0, 1, 2]
+
+
 @pytest.mark.parametrize(
     ("args", "sentence"),
     [
         (["--layers", "7"], "Layer 7 does not exist"),
-        (["--layers", "zero"], "--layers must be comma separated integers"),
+        (["--layers", "zero"], "--layers .zero.: Write layers as numbers separated by commas, e.g. 0,2 or 0-3."),
+        (["--layers", "3-1"], "The range 3-1 runs backwards; write it as 1-3."),
         (["--layers", "0", "--hooks", "logits"], "Hook 'logits' is unknown"),
     ],
 )
@@ -178,3 +185,34 @@ def test_retry_help_says_explicit_flags_override_the_suggestion(settings):
                            env=process_env(settings), capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0
     assert "--max-length given as well override the suggestion" in " ".join(shown.stdout.split())
+
+
+@pytest.mark.parametrize("flags, max_samples", [
+    (["--max-samples", "all"], None),
+    ([], 2000),
+    (["--max-samples", "10"], 10),
+    (["--suggested", "--max-samples", "all"], None),
+])
+def test_extraction_retry_max_samples_all_means_every_sample(make_extraction, fake_dataset, flags, max_samples,
+                                                             django_capture_on_commit_callbacks):
+    fake_dataset.num_samples = 3000
+    fake_dataset.save()
+    cancelled = make_extraction("cancelled", max_samples=2000, total_samples=2000)
+    with django_capture_on_commit_callbacks(execute=False):
+        call_command("extraction", "retry", str(cancelled.pk), *flags)
+    retry = Extraction.objects.exclude(pk=cancelled.pk).get()
+    assert (retry.max_samples, retry.total_samples) == (max_samples, max_samples or 3000)
+
+
+def test_extraction_retry_refuses_a_max_samples_that_is_neither_a_number_nor_all(make_extraction):
+    cancelled = make_extraction("cancelled")
+    with pytest.raises(CommandError, match="give a number of samples or 'all', not 'most'"):
+        call_command("extraction", "retry", str(cancelled.pk), "--max-samples", "most")
+
+
+def test_retry_help_says_max_samples_all_means_the_whole_dataset(settings):
+    shown = subprocess.run([sys.executable, "manage.py", "extraction", "retry", "--help"], cwd=REPO,
+                           env=process_env(settings), capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0
+    assert "--max-samples N|all a number of samples, or 'all' for the whole dataset (default: the original's)" in (
+        " ".join(shown.stdout.split()))

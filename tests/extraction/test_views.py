@@ -298,7 +298,13 @@ def test_missing_extractions_are_404_never_500(staff_client):
         assert staff_client.get(url).status_code == 404
     for path in ["cancel", "retry", "retry-suggested", "resume", "restart"]:
         assert staff_client.post(f"/extractions/999/{path}/", {"confirmed": "1"}).status_code == 404
-    assert staff_client.get("/extractions/1/retry/").status_code == 405
+    # The address of a form drawn again after a refusal, reloaded or bookmarked: back to the form's page.
+    for path, page in [("/extractions/1/retry/", "/extractions/?job=1#extraction-1"),
+                       ("/extractions/register/", "/extractions/#register"),
+                       ("/training/corpora/", "/training/#corpora"), ("/training/generate/", "/training/#workflow")]:
+        response = staff_client.get(path)
+        assert (response.status_code, response["Location"]) == (302, page), path
+    assert staff_client.put("/extractions/register/").status_code == 405
 
 
 # -- actions -------------------------------------------------------------------------------------
@@ -664,3 +670,35 @@ def test_an_upload_to_a_full_disk_is_a_sentence_and_leaves_nothing(staff_client,
     form = next(f for f, _ in response.context["register_pairs"] if f.prefix == "dataset")
     assert form.errors["upload"] == ["The upload cannot be kept in the data directory: No space left on device."]
     assert list(uploads.iterdir()) == [] and Dataset.objects.count() == 0
+
+
+def retry_editor_fields(html: str) -> dict[str, str]:
+    """What the card's Retry… editor would post untouched: its inputs' values and each select's
+    selected option (the first when none is)."""
+    editor = re.search(r'<form[^>]*class="retry-form".*?</form>', html, re.S)[0]
+    fields = {name: value for name, value in re.findall(r'<input type="number" name="(\w+)"[^>]*value="([^"]*)"', editor)}
+    for name, options in re.findall(r'<select name="(\w+)">(.*?)</select>', editor, re.S):
+        values = re.findall(r'<option value="([^"]*)"( selected)?', options)
+        fields[name] = next((value for value, selected in values if selected), values[0][0])
+    return fields
+
+
+@pytest.mark.parametrize("edit, max_samples", [
+    ({"max_samples": ""}, None),
+    ({}, 2000),
+    ({"batch_size": "4"}, 2000),
+])
+def test_an_emptied_max_samples_in_the_retry_editor_means_all_samples(staff_client, make_extraction, fake_dataset,
+                                                                     django_capture_on_commit_callbacks, edit,
+                                                                     max_samples):
+    fake_dataset.num_samples = 3000
+    fake_dataset.save()
+    job = make_extraction("cancelled", max_samples=2000, total_samples=2000)
+    html = staff_client.get(f"/extractions/{job.pk}/card/").content.decode()
+    assert re.search(r'name="max_samples" min="1" value="2000" placeholder="all \(3,000\)"', html)
+    with django_capture_on_commit_callbacks(execute=False):
+        response = staff_client.post(f"/extractions/{job.pk}/retry/", {**retry_editor_fields(html), **edit},
+                                     follow=True)
+    retry = Extraction.objects.exclude(pk=job.pk).get()
+    assert messages_of(response) == [f"Extraction {retry.pk} retries extraction {job.pk}."]
+    assert (retry.max_samples, retry.total_samples) == (max_samples, max_samples or 3000)

@@ -235,3 +235,139 @@ def test_status_command_for_run_zero_says_it_does_not_exist(small_corpus, capsys
     with pytest.raises(CommandError, match="Training run 0 does not exist"):
         call_command("training", "status", "0")
     assert capsys.readouterr().out == ""
+
+
+@pytest.fixture
+def handbook_file(settings):
+    """A one-document corpus source under the data directory, as `corpora/handbook/<file>.md`."""
+    folder = settings.JOBSITE_DATA_DIR / "corpora" / "handbook"
+    folder.mkdir(parents=True)
+    path = folder / "code-review-guidelines.md"
+    path.write_text("# Code review\n\n" + "Read the change twice before approving it. " * 40, encoding="utf-8")
+    return path
+
+
+def complete(run):
+    """The blocking run is done, as if trained (no worker needed for the command's choices)."""
+    TrainingRun.objects.filter(pk=run.pk).update(status="completed", finished_at=timezone.now())
+
+
+@pytest.mark.parametrize("target", ["corpora/handbook/code-review-guidelines.md", "corpora/handbook"])
+def test_generate_from_a_path_while_another_run_blocks_makes_no_corpus_and_works_once_unblocked(
+        small_corpus, handbook_file, target):
+    from training_runs.models import Corpus
+
+    blocking = training_run_generate(corpus=small_corpus)
+    out = io.StringIO()
+    refusal = re.escape(f"A new generation cannot start while training run {blocking.pk}")
+    with pytest.raises(CommandError, match=refusal):
+        call_command("training", "generate", target, stdout=out)
+    assert "Corpus" not in out.getvalue()
+    assert list(Corpus.objects.values_list("name", flat=True)) == ["small"]
+    with pytest.raises(CommandError, match=re.escape(f"while training run {blocking.pk}")):
+        call_command("training", "generate", target, stdout=out)  # the same refusal, not "already exists"
+    complete(blocking)
+    call_command("training", "generate", target, stdout=out)
+    name = handbook_file.stem if target.endswith(".md") else "handbook"
+    corpus = Corpus.objects.get(name=name)
+    assert corpus.source == str(handbook_file if target.endswith(".md") else handbook_file.parent)
+    assert f"Corpus {name}: 1 document, {corpus.chunks.count()} chunks." in out.getvalue()
+    assert TrainingRun.objects.get(status="generating").corpus == corpus
+
+
+def test_generate_with_a_path_given_again_uses_the_corpus_made_from_it(small_corpus, handbook_file):
+    from training_runs.models import Corpus
+
+    first = io.StringIO()
+    call_command("training", "generate", "corpora/handbook/code-review-guidelines.md", stdout=first)
+    corpus = Corpus.objects.get(name="code-review-guidelines")
+    complete(TrainingRun.objects.get(corpus=corpus))
+    again = io.StringIO()
+    call_command("training", "generate", str(handbook_file), stdout=again)  # absolute this time: the same file
+    assert Corpus.objects.count() == 2
+    run = TrainingRun.objects.get(status="generating")
+    assert run.corpus == corpus
+    assert (f"Corpus code-review-guidelines (made from {handbook_file} before): 1 document, "
+            f"{corpus.chunks.count()} chunks.") in again.getvalue()
+    assert f"Training run {run.pk} is generating pairs for {corpus.chunks.count()} chunks." in again.getvalue()
+
+
+def test_generate_with_name_makes_a_new_corpus_of_that_name_and_refuses_a_taken_one(small_corpus, handbook_file):
+    from training_runs.models import Corpus
+
+    out = io.StringIO()
+    call_command("training", "generate", "corpora/handbook", "--name", "guides", "--chunk-size", "200", stdout=out)
+    corpus = Corpus.objects.get(name="guides")
+    assert (corpus.source, corpus.chunk_size) == (str(handbook_file.parent), 200)
+    assert f"Corpus guides: 1 document, {corpus.chunks.count()} chunks." in out.getvalue()
+    complete(TrainingRun.objects.get(corpus=corpus))
+    with pytest.raises(CommandError, match=re.escape("A corpus named 'small' already exists; choose another name.")):
+        call_command("training", "generate", "corpora/handbook", "--name", "small")
+    assert Corpus.objects.count() == 2 and TrainingRun.objects.filter(status="generating").count() == 0
+
+
+def test_generate_from_a_path_whose_name_is_taken_by_another_corpus_says_to_use_name(small_corpus, settings):
+    from training_runs.models import Corpus
+
+    other = settings.JOBSITE_DATA_DIR / "elsewhere" / "small.md"
+    other.parent.mkdir(parents=True)
+    other.write_text("Another small document.", encoding="utf-8")
+    with pytest.raises(CommandError, match=re.escape(
+            f"A corpus named 'small' already exists, made from {small_corpus.source}; the corpus made from "
+            "elsewhere/small.md needs another name. Give the new corpus a name with --name.")):
+        call_command("training", "generate", "elsewhere/small.md")
+    assert Corpus.objects.count() == 1 and not TrainingRun.objects.exists()
+
+
+@pytest.mark.integration
+def test_generate_command_refused_by_a_blocking_run_exits_1_and_leaves_no_corpus(small_corpus, handbook_file, settings):
+    """A real process: the exit code and the sentence a script sees, and nothing left behind."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, process_env
+    from training_runs.models import Corpus
+
+    blocking = training_run_generate(corpus=small_corpus)
+    env = process_env(settings, JOBSITE_ENCODER_PATH=settings.JOBSITE_ENCODER_PATH)
+    for _ in range(2):  # the second time too: the refusal, never "already exists"
+        done = subprocess.run([sys.executable, "manage.py", "training", "generate",
+                               "corpora/handbook/code-review-guidelines.md"],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1, done.stderr
+        assert f"A new generation cannot start while training run {blocking.pk}" in done.stderr
+        assert "Corpus" not in done.stdout
+    assert list(Corpus.objects.values_list("name", flat=True)) == ["small"]
+
+
+@pytest.mark.parametrize(("status", "sentence"), [
+    ("generating", "is generating pairs; pairs are reviewed once generation is done."),
+    ("training", "is training; its pairs cannot be reviewed while they are used for training."),
+    ("completed", "is completed; its pairs were used for training and can no longer be reviewed."),
+])
+def test_review_command_refusal_says_why_the_runs_state_cannot_be_reviewed(generated_run, status, sentence):
+    TrainingRun.objects.filter(pk=generated_run.pk).update(
+        status=status, finished_at=timezone.now() if status == "completed" else None)
+    with pytest.raises(CommandError, match=re.escape(f"Training run {generated_run.pk} {sentence}")) as refused:
+        call_command("training", "review", str(generated_run.pk), "approve")
+    assert refused.value.returncode == 1
+    assert not TrainingPair.objects.filter(run=generated_run).exclude(review="pending").exists()
+
+
+def test_admin_offers_no_deletion_of_pairs_whose_run_counts_them(superuser_client, failed_run):
+    """A pair is approved or rejected; deleting one left the run's pair count stale."""
+    page = superuser_client.get(reverse("admin:training_runs_trainingpair_changelist")).content.decode()
+    assert 'value="approve"' in page and 'value="delete_selected"' not in page
+    pair = failed_run.pairs.first()
+    response = superuser_client.post(reverse("admin:training_runs_trainingpair_delete", args=[pair.pk]),
+                                     {"post": "yes"})
+    assert response.status_code == 403 and failed_run.pairs.filter(pk=pair.pk).exists()
+
+
+def test_admin_remove_confirmation_reads_each_runs_progress_once(superuser_client, failed_run):
+    page = act(superuser_client, "trainingrun", "remove", [failed_run]).content.decode()
+    assert f"Training run {failed_run.pk} — generating_failed, 8/{failed_run.total_chunks} chunks, " in page
+    TrainingRun.objects.filter(pk=failed_run.pk).update(status="training_failed", texts_total=1270, texts_embedded=192,
+                                                        error_type="CANCELLED")
+    page = act(superuser_client, "trainingrun", "remove", [failed_run]).content.decode()
+    assert f"Training run {failed_run.pk} — stopped, Embedding 192 of 1,270 texts, " in page

@@ -404,3 +404,69 @@ def test_a_heading_never_stays_a_chunk_of_its_own():
     assert chunks[-1] == "### B-08 Heron\n\nSeen at dawn."
     for chunk in chunks:
         assert not all(line.startswith("#") for line in chunk.splitlines() if line.strip()), chunk
+
+
+@pytest.fixture
+def guide_path(settings):
+    path = settings.JOBSITE_DATA_DIR / "corpora" / "guides" / "code-review-guidelines.md"
+    path.parent.mkdir(parents=True)
+    path.write_text("Read the change twice before approving it. " * 40, encoding="utf-8")
+    return path
+
+
+def test_generate_from_a_path_refused_by_a_blocking_run_makes_no_corpus(small_corpus, guide_path):
+    from training_runs.models import Corpus
+    from training_runs.services import training_run_generate_from_path
+
+    blocking = training_run_generate(corpus=small_corpus)
+    with pytest.raises(TrainingRunBlocked, match=f"while training run {blocking.pk}"):
+        training_run_generate_from_path(path=str(guide_path))
+    assert list(Corpus.objects.values_list("name", flat=True)) == ["small"]
+    assert not Event.objects.filter(type="training.corpus_created", payload__name="code-review-guidelines").exists()
+
+
+def test_generate_from_a_path_refused_at_the_last_moment_takes_its_new_corpus_back(small_corpus, guide_path,
+                                                                                   monkeypatch):
+    """Another start commits between the check and the insert: the unique index refuses the run,
+    and the corpus made for it goes with it, so the same request later is not told the name is taken."""
+    from training_runs import services
+    from training_runs.models import Corpus
+
+    blocking = TrainingRun.objects.create(corpus=small_corpus, status="generating", total_chunks=3)
+    real, calls = services._blocking_run, []
+    monkeypatch.setattr(services, "_blocking_run", lambda: real() if calls.append(1) or len(calls) > 2 else None)
+    with pytest.raises(TrainingRunBlocked, match=f"while training run {blocking.pk}"):
+        services.training_run_generate_from_path(path=str(guide_path))
+    assert len(calls) == 3  # both checks passed; the sentence names the run the index found
+    assert list(Corpus.objects.values_list("name", flat=True)) == ["small"]
+    assert TrainingRun.objects.get() == blocking
+
+
+def test_generate_from_a_path_uses_the_corpus_made_from_it_unless_given_a_name(small_corpus, guide_path):
+    from training_runs.models import Corpus
+    from training_runs.services import training_run_generate_from_path
+
+    run, corpus, created = training_run_generate_from_path(path="corpora/guides/code-review-guidelines.md")
+    assert created and corpus.name == "code-review-guidelines" and corpus.source == str(guide_path)
+    TrainingRun.objects.filter(pk=run.pk).update(status="completed", finished_at=timezone.now())
+    run, again, created = training_run_generate_from_path(path=str(guide_path))
+    assert (again, created, run.corpus) == (corpus, False, corpus)
+    TrainingRun.objects.filter(pk=run.pk).update(status="completed", finished_at=timezone.now())
+    run, named, created = training_run_generate_from_path(path=str(guide_path), name="reviews", chunk_size=200)
+    assert created and (named.name, named.source, named.chunk_size) == ("reviews", str(guide_path), 200)
+    assert Corpus.objects.count() == 3
+
+
+@pytest.mark.parametrize(("status", "why"), [
+    ("generating", "is generating pairs; pairs are reviewed once generation is done."),
+    ("generating_failed",
+     "has a failed generation; pairs are reviewed once generation is done, so proceed with it first."),
+    ("training", "is training; its pairs cannot be reviewed while they are used for training."),
+    ("completed", "is completed; its pairs were used for training and can no longer be reviewed."),
+])
+def test_review_refusal_says_why_each_state_cannot_be_reviewed(small_corpus, status, why):
+    run = TrainingRun.objects.create(corpus=small_corpus, status=status, total_chunks=3,
+                                     finished_at=timezone.now() if status == "completed" else None)
+    with pytest.raises(TransitionError) as refused:
+        training_run_review(run=run, decision="approved")
+    assert str(refused.value) == f"Training run {run.pk} {why}"

@@ -38,8 +38,8 @@ class Command(BaseCommand):
         parser.add_argument("--hooks", default="residual", help="comma separated: residual,mlp,attention")
         parser.add_argument("--batch-size", type=int, default=8, choices=VALID_BATCH_SIZES)
         parser.add_argument("--max-samples", type=int)
-        parser.add_argument("--max-length", type=int, default=512,
-                            help="tokens kept per sample (default 512), at most the model's position limit")
+        parser.add_argument("--max-length", type=int, default=None,
+                            help="tokens kept per sample (default 512, or the model's position limit when smaller)")
         parser.add_argument("--dtype", default="float32", choices=Extraction.StorageDtype.values)
         parser.add_argument("--auto-retry-on-oom", action="store_true")
         parser.add_argument("--wait", action="store_true", help="follow progress until the job ends (exit 1 if it fails)")

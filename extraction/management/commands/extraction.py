@@ -1,3 +1,4 @@
+import argparse
 import json
 
 from django.core.management.base import BaseCommand, CommandError
@@ -8,6 +9,15 @@ from extraction.constants import VALID_BATCH_SIZES
 from extraction.models import Extraction
 from jobsite.errors import JobInputError
 from jobsite.lifecycle import TransitionError
+
+
+def max_samples(value: str) -> int | str:
+    if value.strip().lower() == services.ALL_SAMPLES:
+        return services.ALL_SAMPLES
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give a number of samples or 'all', not {value!r}") from None
 
 
 class Command(BaseCommand):
@@ -24,7 +34,8 @@ class Command(BaseCommand):
         retry = sub.add_parser("retry", help="retry a failed or cancelled extraction as a new linked job")
         retry.add_argument("extraction_id", type=int)
         retry.add_argument("--batch-size", type=int, choices=VALID_BATCH_SIZES)
-        retry.add_argument("--max-samples", type=int)
+        retry.add_argument("--max-samples", type=max_samples, metavar="N|all",
+                           help="a number of samples, or 'all' for the whole dataset (default: the original's)")
         retry.add_argument("--max-length", type=int)
         retry.add_argument("--suggested", action="store_true",
                            help="use the parameters the failure suggested; --batch-size, --max-samples or "

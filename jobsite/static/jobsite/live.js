@@ -601,6 +601,8 @@
       known.points = [];
       known.left = null;
       setText(card, "[data-eta]", "—");
+      // A step whose time left could not be told (a training run's embedding) has ended.
+      card.querySelectorAll("[data-eta-step][hidden]").forEach((step) => { step.hidden = false; });
     }
     if (typeof tokensTotal === "number") known.rateTotal = tokensTotal;
     if (typeof tokens === "number" && tokens > 0) {

@@ -26,7 +26,10 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         sub = parser.add_subparsers(dest="action", required=True)
         generate = sub.add_parser("generate", help="start generating (query, chunk) pairs for a corpus")
-        generate.add_argument("corpus", help="corpus name, or a file/directory under the data directory (creates it)")
+        generate.add_argument("corpus", help="corpus name, or a file/directory under the data directory (the corpus "
+                                             "made from it before, or a new one)")
+        generate.add_argument("--name", default="", help="make a new corpus from the path, with this name "
+                                                          "(default: the file or directory name)")
         generate.add_argument("--generator", default="local", choices=TrainingRun.Generator.values)
         generate.add_argument("--queries-per-chunk", type=int, default=2)
         generate.add_argument("--chunk-size", type=int, default=500)
@@ -64,15 +67,21 @@ class Command(BaseCommand):
         return run
 
     def do_generate(self, options):
-        corpus = Corpus.objects.filter(name=options["corpus"]).first()
-        if corpus is None:
-            from pathlib import Path
-
-            corpus = services.corpus_create(name=Path(options["corpus"]).stem or "corpus", path=options["corpus"],
-                                            chunk_size=options["chunk_size"])
-            self.stdout.write(f"Corpus {corpus.name}: {corpus.num_documents} documents, {corpus.chunks.count()} chunks.")
-        run = services.training_run_generate(corpus=corpus, generator=options["generator"],
-                                             queries_per_chunk=options["queries_per_chunk"])
+        params = {"generator": options["generator"], "queries_per_chunk": options["queries_per_chunk"]}
+        corpus = None if options["name"] else Corpus.objects.filter(name=options["corpus"]).first()
+        if corpus is not None:
+            run = services.training_run_generate(corpus=corpus, **params)
+        else:
+            try:
+                run, corpus, created = services.training_run_generate_from_path(
+                    path=options["corpus"], name=options["name"], chunk_size=options["chunk_size"], **params)
+            except JobInputError as exc:
+                if exc.field == "name" and not options["name"]:  # the name came from the path: say how to pick one
+                    raise CommandError(f"{exc} Give the new corpus a name with --name.") from None
+                raise
+            made = "" if created else f" (made from {corpus.source} before)"
+            self.stdout.write(f"Corpus {corpus.name}{made}: {_count(corpus.num_documents, 'document')}, "
+                              f"{_count(corpus.chunks.count(), 'chunk')}.")
         self.stdout.write(f"Training run {run.pk} is generating pairs for {run.total_chunks} chunks.")
         if options["wait"]:
             self.follow(run)
@@ -172,6 +181,10 @@ class Command(BaseCommand):
         bar.total, bar.n = getattr(run, total), getattr(run, done)
         bar.set_postfix_str(run.status)
         bar.refresh()
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def _pair_ids(value: str) -> list[int]:
