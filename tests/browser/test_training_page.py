@@ -189,6 +189,7 @@ def test_delete_asks_in_a_dialog_then_the_history_and_the_generate_button_update
     page = site.page(staff_user)
     page.goto(site.url("/training/"))
     expect(page.locator("[data-live-status]")).to_have_text("live")
+    settled(page, events=1)  # the corpus's creation, seconds ago
 
     generate = page.locator("#workflow [data-generate]")
     expect(generate).to_be_disabled()

@@ -345,7 +345,9 @@
   // until they are done: the redraw waits, marked dirty, and runs once the editor closes. A field
   // typed into and left is not a reason to wait: its value is carried over the redraw (below).
   const busy = (element) => Boolean(
-    element.querySelector("details[open]")
+    // A confirmation asked (Delete, Cancel…): the form it will send stays until it is answered.
+    (document.getElementById("confirm-dialog") || {}).open
+    || element.querySelector("details[open]")
     || element.querySelector("input[data-pick]:checked")
     || (element.contains(document.activeElement) && document.activeElement.matches("input, select, textarea"))
     // A pair's review button with the focus, within a while of the last decision: someone deciding
