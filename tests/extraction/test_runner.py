@@ -402,8 +402,9 @@ def test_bad_spec_raises_job_input_error_with_the_fix(models, samples_path, tmp_
     assert not (tmp_path / "checkpoint.json").exists()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this host has a CUDA device")
-def test_a_worker_set_to_cuda_on_a_host_without_one_says_which_setting_to_change(models, samples_path, tmp_path):
+def test_a_worker_set_to_cuda_on_a_host_without_one_says_which_setting_to_change(models, samples_path, tmp_path,
+                                                                                 monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a host without CUDA, whatever this one has
     with pytest.raises(JobInputError, match=r"^This worker is set to run on cuda but has no CUDA device: set "
                                             r"JOBSITE_DEVICE=cpu for it, or run it on a GPU host, then retry\.$"):
         extract(models["gpt2"], samples_path, tmp_path, device="cuda")
