@@ -162,6 +162,10 @@ class TrainingRun(Job):
         return f"{self.texts_embedded:,} of {self.texts_total:,} texts"
 
     @property
+    def epochs_label(self) -> str:
+        return f"{self.epochs_done} of {self.epochs} epoch{'s' if self.epochs != 1 else ''}"
+
+    @property
     def progress_label(self) -> str:
         if self.status in (self.Status.GENERATING, self.Status.GENERATING_FAILED):
             return f"{self.processed_chunks:,}/{self.total_chunks:,}"
@@ -169,7 +173,7 @@ class TrainingRun(Job):
         if self.is_embedding:
             return f"Embedding {self.embedding_label}"
         if self.status in (self.Status.TRAINING, self.Status.TRAINING_FAILED):
-            return f"{self.epochs_done} of {self.epochs} epoch{'s' if self.epochs != 1 else ''}"
+            return self.epochs_label
         return "—"
 
     # A failed run waits for a person: Proceed resumes it where it stopped, Remove discards it.
@@ -196,7 +200,7 @@ class TrainingRun(Job):
         elif self.is_embedding:
             when = f"while embedding ({self.embedding_label})"
         else:
-            when = f"after {self.epochs_done} of {self.epochs} epochs"
+            when = f"after {self.epochs_label}"
         return self.failed_status(), {"error_type": ErrorType.CANCELLED, "error_message": f"Stopped on request {when}."}
 
     def failed_status(self) -> str:

@@ -264,7 +264,7 @@ def _standing(run: TrainingRun) -> str:
         return f"{run.pair_count:,} pairs"
     if run.is_embedding:
         return f"embedding {run.embedding_label}"
-    return f"{run.epochs_done} of {run.epochs} epoch{'s' if run.epochs != 1 else ''}"
+    return run.epochs_label
 
 
 def _blocking_run() -> TrainingRun | None:
