@@ -40,6 +40,9 @@ def transition(job: Job, to: str, *, event_type: str | None = None, payload: dic
         fields.setdefault("finished_at", now)
     else:
         fields["finished_at"] = None
+    if to not in model.RUNNING:
+        # A stop concerns the phase that runs: one that came as the phase ended must not stop the next.
+        fields.setdefault("cancel_requested", False)
     with transaction.atomic():
         updated = model.objects.filter(pk=job.pk, status=source).update(status=to, **fields)
         if updated == 0:

@@ -71,7 +71,7 @@ class TrainingRunAdmin(JobActionsMixin, admin.ModelAdmin):
         self._each(request, queryset, lambda run: services.training_run_proceed(run=run),
                    "%(count)d run proceeds.", "%(count)d runs proceed.")
 
-    @admin.action(description="Remove selected failed runs (with their pairs and files)", permissions=["view"])
+    @admin.action(description="Remove selected failed, stopped or unreviewed runs (with their pairs and files)", permissions=["view"])
     def remove(self, request, queryset):
         removable = []
         for run in queryset:

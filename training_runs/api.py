@@ -228,6 +228,7 @@ def proceed_run(request, run_id: int):
 
 @router.delete("/training/runs/{run_id}", response={200: Message, 404: Message, 409: Message}, auth=staff_required)
 def remove_run(request, run_id: int):
+    """Delete a failed, stopped or unreviewed run with its pairs and files; a running one must be stopped first."""
     services.training_run_remove(run=_run(run_id), user=request.user)
     return {"message": f"Training run {run_id} and its pairs and files are removed."}
 

@@ -23,7 +23,7 @@ STOPWORDS = frozenset(
     it's don't can't""".split()
 )
 TEMPLATES = (
-    "what does the handbook say about {a} {b}",
+    "what is said about {a} {b}",
     "{a} {b} {c}",
     "how do i handle {a} and {b}",
     "rules for {a} {b} {c}",
@@ -32,7 +32,9 @@ TEMPLATES = (
     "who is responsible for {a} {b}",
     "{a} {b} details",
 )
-WORD = re.compile(r"[A-Za-z][A-Za-z'\-]+|\d+(?:[.:]\d+)?")
+# A word in any script (letters, with an apostrophe or a hyphen inside: "don't", "half-day";
+# never one at its end), or a number ("9", "7.30").
+WORD = re.compile(r"[^\W\d_](?:[^\W\d_]|['\u2019\-](?=[^\W\d_]))+|\d+(?:[.:]\d+)?")
 
 
 def check_chunking(size: int, overlap: int) -> None:
@@ -106,11 +108,11 @@ class LocalGenerator:
 
     def _queries(self, chunk: str) -> list[str]:
         rng = random.Random(_stable_seed(self.seed, chunk))
-        sentences = [s for s in re.split(r"(?<=[.!?])\s+|\n+", chunk) if len(WORD.findall(s)) >= 3]
+        sentences = [s for s in re.split(r"(?<=[.!?])\s+|(?<=[\u3002\uff01\uff1f])|\n+", chunk) if len(WORD.findall(s)) >= 3]
         sentences = sentences or [chunk]
         queries: list[str] = []
         for attempt in range(self.queries_per_chunk * 4):
-            words = [w for w in WORD.findall(rng.choice(sentences)) if w.lower() not in STOPWORDS and not w.startswith("#")]
+            words = [w for w in WORD.findall(rng.choice(sentences)) if len(w) > 1 and w.lower() not in STOPWORDS]
             if len(words) < 2:
                 continue
             ranked = sorted(words, key=lambda w: (not w[0].isupper(), not w[0].isdigit(), -len(w), rng.random()))

@@ -70,6 +70,8 @@ class TrainingRun(Job):
     ACTIVE = RUNNING
     TERMINAL = frozenset({Status.COMPLETED})
     RETRYABLE_FROM = frozenset({Status.GENERATING_FAILED, Status.TRAINING_FAILED})
+    # A run waiting for review can be discarded too: nothing works on it, and it blocks new generations.
+    REMOVABLE = RETRYABLE_FROM | {Status.GENERATED}
     FAILED_IN = {Status.GENERATING: Status.GENERATING_FAILED, Status.TRAINING: Status.TRAINING_FAILED}
     TRANSITIONS = {
         Status.GENERATING: {Status.GENERATED, Status.GENERATING_FAILED},
@@ -176,6 +178,17 @@ class TrainingRun(Job):
             return self.epochs_label
         return "—"
 
+    @property
+    def proceed_sentence(self) -> str:
+        """What Proceed will do from where the run stands, in the words every caller shows."""
+        if self.status in (self.Status.GENERATING, self.Status.GENERATING_FAILED):
+            return f"generation continues after chunk {self.processed_chunks:,} of {self.total_chunks:,}"
+        if self.epochs_done:
+            return f"training resumes from its checkpoint after {self.epochs_label}"
+        if self.texts_embedded:
+            return f"embedding continues after {self.embedding_label}, then training starts"
+        return "training starts from its first epoch (the texts embedded before are kept)"
+
     # A failed run waits for a person: Proceed resumes it where it stopped, Remove discards it.
     NEXT_STEPS = {
         ErrorType.CANCELLED: "Proceed continues where it stopped; Delete discards the run.",
@@ -196,7 +209,7 @@ class TrainingRun(Job):
         """A stopped run has no status of its own: it waits in its phase's failed status, from
         where Proceed continues it and Delete discards it."""
         if self.status == self.Status.GENERATING:
-            when = f"after {self.processed_chunks} of {self.total_chunks} chunks"
+            when = f"after {self.processed_chunks:,} of {self.total_chunks:,} chunks"
         elif self.is_embedding:
             when = f"while embedding ({self.embedding_label})"
         else:

@@ -26,7 +26,7 @@ CORPUS_SUFFIXES = (".txt", ".md", ".jsonl")
 MAX_UPLOAD_BYTES = 20 * 2**20
 NEXT_STEP = {
     Status.GENERATING: "wait for it to finish generating",
-    Status.GENERATED: "review its pairs and train it",
+    Status.GENERATED: "review its pairs and train it (or delete it)",
     Status.TRAINING: "wait for its training to finish",
     Status.GENERATING_FAILED: "proceed with it or delete it",
     Status.TRAINING_FAILED: "proceed with it or delete it",
@@ -284,12 +284,29 @@ def training_run_check_generate(*, generator: str = "local", queries_per_chunk: 
         raise TrainingRunBlocked(blocking_sentence(blocking))
 
 
+def _require_enough_pairs(corpus: Corpus, queries_per_chunk: int) -> None:
+    """A generation that cannot give the pairs training needs is refused before it starts:
+    it would only end waiting for review with no way to train."""
+    chunks, needed = corpus.chunks.count(), settings.JOBSITE_MIN_APPROVED_PAIRS
+    if chunks * queries_per_chunk >= needed:
+        return
+    at_most = f"at {queries_per_chunk} quer{'ies' if queries_per_chunk != 1 else 'y'} per chunk it gives at most " \
+              f"{chunks * queries_per_chunk:,} pairs, and training needs {needed:,} approved"
+    if chunks == 0:
+        raise JobInputError(f"Corpus {corpus.name} has no chunks; give it documents with text.", field="corpus")
+    per_chunk = -(-needed // chunks)
+    fix = f"Ask for {per_chunk} queries per chunk or use a larger corpus." if per_chunk <= 20 else "Use a larger corpus."
+    raise JobInputError(f"Corpus {corpus.name} has {chunks:,} chunk{'s' if chunks != 1 else ''}; {at_most}. {fix}",
+                        field="queries_per_chunk")
+
+
 def training_run_generate(
     *, corpus: Corpus, generator: str = "local", queries_per_chunk: int = 2, user=None
 ) -> TrainingRun:
     """Start phase 1. The database allows one non-completed run, so concurrent requests
     get one run and, for every other one, the sentence naming it."""
     training_run_check_generate(generator=generator, queries_per_chunk=queries_per_chunk)
+    _require_enough_pairs(corpus, queries_per_chunk)
     try:
         with transaction.atomic():
             run = TrainingRun.objects.create(
@@ -358,9 +375,24 @@ def training_run_review(*, run: TrainingRun, decision: str, pair_ids: list[int] 
             raise JobInputError(f"Pairs {sorted(unknown)[:5]} do not belong to training run {run.pk}.", field="pair_ids")
         pairs = pairs.filter(pk__in=pair_ids)
     with transaction.atomic():
+        changed = pairs.exclude(review=decision).exists()
         count = pairs.update(review=decision)
+        if changed and run.status == Status.TRAINING_FAILED:
+            _forget_training(run)
         publish(run.topic, "training.pairs_reviewed", {**run.event_payload(), **review_counts(run)})
     return count
+
+
+def _forget_training(run: TrainingRun) -> None:
+    """Training resumes only on the pairs it started with: once they change, its epochs are
+    void and Proceed trains from the first epoch (the embeddings of the chunks, which did not
+    change, are kept). The run says so at once instead of claiming a checkpoint it will not use."""
+    fields = {"epochs_done": 0, "loss_curve": [], "metrics": {}, "texts_embedded": 0,
+              "texts_total": run.corpus.chunks.count() + run.pairs.filter(review=TrainingPair.Review.APPROVED).count()}
+    if not TrainingRun.objects.filter(pk=run.pk, status=Status.TRAINING_FAILED).update(**fields, updated_at=timezone.now()):
+        raise TransitionError(f"Training run {run.pk} changed while its pairs were reviewed; reload it.")
+    for name, value in fields.items():
+        setattr(run, name, value)
 
 
 def review_counts(run: TrainingRun) -> dict:
@@ -427,13 +459,18 @@ def training_run_proceed(*, run: TrainingRun) -> TrainingRun:
 
 
 def training_run_check_removable(*, run: TrainingRun) -> None:
-    """Refuses, with the sentence every caller shows, to remove a run that has not failed."""
-    if run.status not in TrainingRun.RETRYABLE_FROM:
-        raise TransitionError(f"Training run {run.pk} {run.state_phrase}; only a failed run can be removed.")
+    """Refuses, with the sentence every caller shows, to remove a run that works or is done.
+
+    A failed or stopped run can be removed, and so can one waiting for review: pairs made on
+    the wrong corpus, or too few to train on, must not block every new generation for ever."""
+    if run.status in TrainingRun.RUNNING:
+        raise TransitionError(f"Training run {run.pk} {run.state_phrase}; stop it first, then it can be removed.")
+    if run.status not in TrainingRun.REMOVABLE:
+        raise TransitionError(f"Training run {run.pk} {run.state_phrase}; a completed run is kept, with its adapter.")
 
 
 def training_run_remove(*, run: TrainingRun, user=None) -> None:
-    """Delete a failed run, its pairs and its files; the removal stays in the event log."""
+    """Delete a failed, stopped or unreviewed run, its pairs and its files; the removal stays in the event log."""
     training_run_check_removable(run=run)
     output_dir = run.output_dir
     with transaction.atomic():

@@ -340,14 +340,25 @@ def run_training(
 
 
 def split_pairs(pairs: Sequence[tuple[int, str, int]], eval_fraction: float = 0.2):
-    """Deterministic hold-out by content: (train, eval) lists of (query, chunk index).
+    """Deterministic hold-out of whole chunks: (train, eval) lists of (query, chunk index).
 
-    By the pair's text and chunk, not its id: the same corpus gives the same split whatever
-    ids the database handed out, so recall figures compare across runs and databases.
+    A chunk's pairs are all trained on or all held out, so recall measures how the adapter
+    finds chunks it never saw as a target (holding out single pairs would leave nearly every
+    held-out chunk among the training targets, and flatter the "after"); a held-out query
+    that is also a training query is dropped, since it would be found from memory. With two
+    chunks or more, at least one is held out and one trained on. Chosen by the chunk's
+    position, not by ids: the same corpus gives the same split in any database, so recall
+    figures compare across runs.
     """
-    train, held_out = [], []
-    for _pair_id, query, chunk_index in pairs:
-        key = f"{chunk_index}\0{query}".encode()
-        bucket = int(hashlib.sha256(key).hexdigest()[:8], 16) / 0xFFFFFFFF
-        (held_out if bucket < eval_fraction else train).append((query, chunk_index))
+    def bucket(chunk_index: int) -> float:
+        return int(hashlib.sha256(f"chunk {chunk_index}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+    chunks = sorted({chunk_index for _pair_id, _query, chunk_index in pairs}, key=bucket)
+    held = sum(bucket(c) < eval_fraction for c in chunks)
+    if len(chunks) > 1:
+        held = min(max(held, 1), len(chunks) - 1)
+    held_chunks = set(chunks[:held])
+    train = [(query, c) for _pair_id, query, c in pairs if c not in held_chunks]
+    seen = {query for query, _c in train}
+    held_out = [(query, c) for _pair_id, query, c in pairs if c in held_chunks and query not in seen]
     return train, held_out

@@ -315,7 +315,7 @@ def training_generate(request):
     except (JobInputError, TransitionError) as exc:
         messages.error(request, str(exc))
         return _back()
-    messages.success(request, f"Training run {run.pk} is generating pairs for the {run.total_chunks} chunks "
+    messages.success(request, f"Training run {run.pk} is generating pairs for the {run.total_chunks:,} chunks "
                               f"of {corpus.name}.")
     return _back(run.pk)
 
@@ -339,7 +339,8 @@ def training_review(request, pk: int):
     messages.success(
         request,
         f"{updated:,} pair{'s' if updated != 1 else ''} {decision}. Training run {pk} now has "
-        f"{counts['approved']:,} approved, {counts['rejected']:,} rejected and {counts['pending']:,} pending.",
+        f"{counts['approved']:,} approved, {counts['rejected']:,} rejected and {counts['pending']:,} pending."
+        + (f" Proceed: {run.proceed_sentence}." if run.status == Status.TRAINING_FAILED else ""),
     )
     return _back(pk, pairs_page=page)
 
@@ -371,13 +372,7 @@ def training_proceed(request, pk: int):
     except (JobInputError, TransitionError) as exc:
         messages.error(request, str(exc))
         return _back(pk)
-    if run.status == Status.GENERATING:
-        messages.success(request, f"Training run {pk} proceeds: generation continues after chunk "
-                                  f"{run.processed_chunks} of {run.total_chunks}.")
-    elif run.is_embedding:
-        messages.success(request, f"Training run {pk} proceeds: embedding continues after {run.embedding_label}.")
-    else:
-        messages.success(request, f"Training run {pk} proceeds: training resumes from its last checkpoint.")
+    messages.success(request, f"Training run {pk} proceeds: {run.proceed_sentence}.")
     return _back(pk)
 
 

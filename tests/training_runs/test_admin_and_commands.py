@@ -56,7 +56,7 @@ def test_admin_remove_refuses_a_run_that_has_not_failed_with_its_state(superuser
     done = TrainingRun.objects.create(corpus=failed_run.corpus, status="completed", finished_at=timezone.now(),
                                       total_chunks=failed_run.total_chunks)
     page = act(superuser_client, "trainingrun", "remove", [done, failed_run]).content.decode()
-    assert f"Training run {done.pk} is completed; only a failed run can be removed." in page
+    assert f"Training run {done.pk} is completed; a completed run is kept, with its adapter." in page
     assert "Remove these training runs?" in page  # the failed one is still offered
     assert TrainingRun.objects.filter(pk=done.pk).exists()
 
@@ -123,8 +123,6 @@ def test_commands_generate_review_status_and_refusals(small_corpus, capsys, sett
     assert "0 pending" in capsys.readouterr().out
     call_command("training", "status", "--json")
     assert json.loads(capsys.readouterr().out)[0]["status"] == "generated"
-    with pytest.raises(CommandError, match="only a failed run can be removed"):
-        call_command("training", "remove", str(run.pk), "--yes")
     with pytest.raises(CommandError, match="Training run 999 does not exist"):
         call_command("training", "proceed", "999")
 
@@ -140,12 +138,20 @@ def test_remove_command_needs_confirmation(failed_run, monkeypatch):
 
 def test_remove_command_refuses_a_run_that_cannot_be_removed_before_asking(small_corpus, monkeypatch):
     run = training_run_generate(corpus=small_corpus)
-    run_training_phase(run.pk)
     monkeypatch.setattr("builtins.input", lambda prompt: pytest.fail(f"asked {prompt!r}"))
     with pytest.raises(CommandError, match=re.escape(
-            f"Training run {run.pk} is waiting for review; only a failed run can be removed.")):
+            f"Training run {run.pk} is generating pairs; stop it first, then it can be removed.")):
         call_command("training", "remove", str(run.pk))
     assert TrainingRun.objects.filter(pk=run.pk).exists()
+
+
+def test_remove_command_discards_a_run_waiting_for_review(small_corpus, capsys):
+    run = training_run_generate(corpus=small_corpus)
+    run_training_phase(run.pk)
+    call_command("training", "review", str(run.pk), "reject")
+    call_command("training", "remove", str(run.pk), "--yes")
+    assert f"Training run {run.pk} removed with its pairs and files." in capsys.readouterr().out
+    assert not TrainingRun.objects.filter(pk=run.pk).exists()
 
 
 def test_remove_command_without_an_answer_removes_nothing_and_names_yes(failed_run, monkeypatch):

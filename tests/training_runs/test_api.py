@@ -40,7 +40,7 @@ def test_second_generation_is_409_naming_the_blocking_run(staff_client, small_co
     assert response.status_code == 409
     assert response.json()["message"] == (
         f"A new generation cannot start while training run {generated_run.pk}, started by staff just now, is "
-        f"waiting for review ({generated_run.pair_count:,} pairs); review its pairs and train it first."
+        f"waiting for review ({generated_run.pair_count:,} pairs); review its pairs and train it (or delete it) first."
     )
 
 

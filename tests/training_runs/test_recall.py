@@ -14,7 +14,7 @@ def test_training_measurably_improves_recall_on_the_demo_corpus(encoder, fast_ma
     run = training_run_generate(corpus=corpus)
     run_training_phase(run.pk)
     training_run_review(run=TrainingRun.objects.get(pk=run.pk), decision="approved")
-    training_run_train(run=TrainingRun.objects.get(pk=run.pk), epochs=6)
+    training_run_train(run=TrainingRun.objects.get(pk=run.pk))  # the default 8 epochs
     run_training_phase(run.pk)
     run = TrainingRun.objects.get(pk=run.pk)
     assert run.status == "completed", run.error_message

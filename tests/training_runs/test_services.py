@@ -100,24 +100,56 @@ def test_failure_mid_training_resumes_from_the_checkpoint(small_corpus, settings
     assert run.pairs.count() == pairs_before  # no regeneration
     assert (run.output_dir / "adapter.safetensors").exists()
 
-    # The resumed run ends where an uninterrupted one ends.
+    assert_same_as_an_uninterrupted_training(run, settings, epochs=5)
+
+
+def assert_same_as_an_uninterrupted_training(run, settings, *, epochs):
+    """The run's loss curve and adapter are those of one uninterrupted training on its approved pairs."""
     from safetensors.torch import load_file
 
     from training_runs.trainer import TrainSpec, run_training, split_pairs
 
-    positions = {pk: i for i, pk in enumerate(small_corpus.chunks.order_by("index").values_list("pk", flat=True))}
+    chunks = run.corpus.chunks.order_by("index")
+    positions = {pk: i for i, pk in enumerate(chunks.values_list("pk", flat=True))}
     approved = run.pairs.filter(review="approved").order_by("pk")
     train, held_out = split_pairs([(p.pk, p.query, positions[p.chunk_id]) for p in approved])
     reference = run_training(
         TrainSpec(encoder_path=settings.JOBSITE_ENCODER_PATH, output_dir=str(run.output_dir.parent / "reference"),
-                  epochs=5),
-        chunk_texts=list(small_corpus.chunks.order_by("index").values_list("text", flat=True)), train_pairs=train,
+                  epochs=epochs),
+        chunk_texts=list(chunks.values_list("text", flat=True)), train_pairs=train,
         eval_pairs=held_out, progress=lambda *a: None, heartbeat=lambda: None, should_cancel=lambda: False,
         failpoint=lambda *a: None,
     )
     assert run.loss_curve == reference.loss_curve
     resumed, uninterrupted = load_file(run.output_dir / "adapter.safetensors"), load_file(reference.adapter_path)
     assert all((resumed[k] == uninterrupted[k]).all() for k in resumed)
+
+
+def test_changing_the_pairs_of_a_failed_training_says_proceed_trains_again_and_it_does(small_corpus, settings):
+    run = generate_and_approve(small_corpus)
+    settings.JOBSITE_FAILPOINTS = json.dumps({"training.epoch": {"action": "error", "at": 2, "attempt": 1}})
+    training_run_train(run=run, epochs=4)
+    run_training_phase(run.pk)
+    run = reload(run)
+    assert run.status == "training_failed" and run.epochs_done == 2
+    assert run.proceed_sentence == "training resumes from its checkpoint after 2 of 4 epochs"
+    first = run.pairs.order_by("pk").first()
+    training_run_review(run=run, decision="approved", pair_ids=[first.pk])  # no change: the checkpoint still holds
+    assert reload(run).epochs_done == 2
+
+    texts_total = run.texts_total
+    training_run_review(run=run, decision="rejected", pair_ids=[first.pk])
+    run = reload(run)
+    assert (run.epochs_done, run.loss_curve, run.texts_embedded, run.texts_total) == (0, [], 0, texts_total - 1)
+    assert run.proceed_sentence == "training starts from its first epoch (the texts embedded before are kept)"
+    assert run.progress_label == "Embedding 0 of " + f"{texts_total - 1:,} texts"
+
+    settings.JOBSITE_FAILPOINTS = ""
+    training_run_proceed(run=run)
+    run_training_phase(run.pk)
+    run = reload(run)
+    assert run.status == "completed" and len(run.loss_curve) == 4
+    assert_same_as_an_uninterrupted_training(run, settings, epochs=4)
 
 
 def test_failure_again_returns_to_the_failed_state_with_the_new_error(small_corpus, settings):
@@ -148,14 +180,80 @@ def test_remove_leaves_no_pair_row_no_file_and_an_audit_event(small_corpus, sett
     assert removed.payload["status"] == "training_failed"
 
 
-@pytest.mark.parametrize("status", ["generating", "generated", "training", "completed"])
-def test_remove_and_proceed_are_refused_outside_the_failed_states(small_corpus, status):
+@pytest.mark.parametrize("status, why", [
+    ("generating", "is generating pairs; stop it first, then it can be removed"),
+    ("training", "is training; stop it first, then it can be removed"),
+    ("completed", "is completed; a completed run is kept, with its adapter"),
+])
+def test_remove_is_refused_while_a_run_works_and_once_it_completed(small_corpus, status, why):
     run = TrainingRun.objects.create(corpus=small_corpus, status=status,
                                      finished_at=None if status != "completed" else "2026-01-01T00:00Z")
-    with pytest.raises(TransitionError, match="only a failed run can be removed"):
+    with pytest.raises(TransitionError, match=f"Training run {run.pk} {why}."):
         training_run_remove(run=run)
+    assert TrainingRun.objects.filter(pk=run.pk).exists()
+
+
+@pytest.mark.parametrize("status", ["generating", "generated", "training", "completed"])
+def test_proceed_is_refused_outside_the_failed_states(small_corpus, status):
+    run = TrainingRun.objects.create(corpus=small_corpus, status=status,
+                                     finished_at=None if status != "completed" else "2026-01-01T00:00Z")
     with pytest.raises(TransitionError, match="only a failed run can proceed"):
         training_run_proceed(run=run)
+
+
+def test_a_run_waiting_for_review_can_be_removed_and_then_no_longer_blocks_a_generation(small_corpus):
+    run = training_run_generate(corpus=small_corpus)
+    run_training_phase(run.pk)
+    run = reload(run)
+    assert run.status == "generated" and run.pairs.exists()
+    with pytest.raises(TrainingRunBlocked, match="review its pairs and train it \\(or delete it\\) first"):
+        training_run_generate(corpus=small_corpus)
+    training_run_remove(run=run)
+    assert not TrainingRun.objects.filter(pk=run.pk).exists() and not TrainingPair.objects.filter(run_id=run.pk).exists()
+    assert Event.objects.filter(topic=run.topic, type="training.removed").get().payload["status"] == "generated"
+    assert training_run_generate(corpus=small_corpus).status == "generating"
+
+
+def test_a_generation_that_cannot_give_enough_pairs_to_train_is_refused_before_it_starts(small_corpus, settings):
+    from training_runs.services import corpus_create
+
+    source = settings.JOBSITE_DATA_DIR / "corpora-src" / "one.txt"
+    source.write_text("The bike shed door code changes on the first Monday of every month.\n")
+    one = corpus_create(name="one", path=str(source))
+    assert one.chunks.count() == 1 and settings.JOBSITE_MIN_APPROVED_PAIRS == 4
+    with pytest.raises(JobInputError, match=r"^Corpus one has 1 chunk; at 2 queries per chunk it gives at most 2 pairs, "
+                                            r"and training needs 4 approved\. Ask for 4 queries per chunk or use a larger "
+                                            r"corpus\.$") as refused:
+        training_run_generate(corpus=one, queries_per_chunk=2)
+    assert refused.value.field == "queries_per_chunk" and not TrainingRun.objects.exists()
+    settings.JOBSITE_MIN_APPROVED_PAIRS = 40
+    with pytest.raises(JobInputError, match=r"at most 20 pairs, and training needs 40 approved\. Use a larger corpus\.$"):
+        training_run_generate(corpus=one, queries_per_chunk=20)
+    settings.JOBSITE_MIN_APPROVED_PAIRS = 4
+    assert training_run_generate(corpus=one, queries_per_chunk=4).status == "generating"
+
+
+def test_a_stop_that_comes_as_generation_ends_does_not_stop_the_training_after_it(small_corpus, settings):
+    last = small_corpus.chunks.count() - 1
+    settings.JOBSITE_FAILPOINTS = json.dumps({"training.generate": {"action": "sleep", "seconds": 1.5, "at": last}})
+    run = training_run_generate(corpus=small_corpus)
+    worker = threading.Thread(target=run_training_phase, args=(run.pk,))
+    worker.start()
+    deadline = time.monotonic() + 30
+    while reload(run).processed_chunks < last // 8 * 8 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # the last batch asked whether to stop and sleeps before its chunks: the stop comes too late
+    assert training_run_stop(run=reload(run)).cancel_requested
+    worker.join(timeout=30)
+    run = reload(run)
+    assert run.status == "generated" and run.processed_chunks == run.total_chunks and not run.cancel_requested
+
+    settings.JOBSITE_FAILPOINTS = ""
+    training_run_review(run=run, decision="approved")
+    training_run_train(run=reload(run), epochs=2)
+    run_training_phase(run.pk)
+    run = reload(run)
+    assert run.status == "completed", run.error_message
 
 
 def test_twenty_concurrent_generate_requests_make_exactly_one_run(small_corpus):
@@ -202,7 +300,7 @@ def test_the_blocking_sentence_names_the_blocking_run_and_its_status(small_corpu
     ({"status": "training", "texts_total": 1479, "texts_embedded": 1479, "epochs": 8, "epochs_done": 3},
      "is training (3 of 8 epochs); wait for its training to finish first."),
     ({"status": "generated", "pair_count": 850},
-     "is waiting for review (850 pairs); review its pairs and train it first."),
+     "is waiting for review (850 pairs); review its pairs and train it (or delete it) first."),
 ])
 def test_the_blocking_sentence_says_who_started_the_run_when_and_where_it_stands(
     small_corpus, django_user_model, fields, standing

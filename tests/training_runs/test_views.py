@@ -340,6 +340,17 @@ def test_the_review_step_lists_pairs_with_their_chunk_and_counts(staff_client, g
             in review)
 
 
+def test_a_run_waiting_for_review_is_deleted_from_its_review_step_after_a_confirmation(staff_client, generated_run):
+    review = section(staff_client.get(PAGE).content.decode(), f"run-{generated_run.pk}")
+    form = re.search(r'<form[^>]*action="/training/runs/%d/delete/"[^>]*>' % generated_run.pk, review).group(0)
+    assert f'data-confirm="Delete training run {generated_run.pk}? Its 12 pairs and their reviews are removed' in form
+    assert TrainingRun.objects.filter(pk=generated_run.pk).exists(), "nothing is deleted before the confirmation"
+    response = staff_client.post(f"/training/runs/{generated_run.pk}/delete/", {"confirmed": "1"}, follow=True)
+    assert f"Training run {generated_run.pk} and its pairs and files are deleted." in messages_of(response)
+    assert not TrainingRun.objects.filter(pk=generated_run.pk).exists() and not TrainingPair.objects.exists()
+    assert "Generate" in section(response.content.decode(), "workflow")
+
+
 def test_review_one_pair_selected_pairs_and_all_pending_through_the_page(staff_client, generated_run):
     pairs = list(generated_run.pairs.order_by("pk").values_list("pk", flat=True))
     url = f"/training/runs/{generated_run.pk}/review/"
@@ -476,18 +487,20 @@ def test_proceed_after_a_generation_failure_continues_generating(staff_client, m
 
 
 def test_proceed_after_a_training_failure_resumes_training(staff_client, make_run):
-    run = failed(make_run, "training_failed", processed_chunks=12)
+    run = failed(make_run, "training_failed", processed_chunks=12, epochs=8, epochs_done=3, texts_total=40,
+                 texts_embedded=40)
     response = staff_client.post(f"/training/runs/{run.pk}/proceed/", follow=True)
     run.refresh_from_db()
     assert run.status == "training"
-    assert "training resumes from its last checkpoint" in messages_of(response)[0]
+    assert f"Training run {run.pk} proceeds: training resumes from its checkpoint after {run.epochs_label}." in \
+        messages_of(response)
 
 
 def test_proceed_after_a_stop_while_embedding_continues_the_embedding(staff_client, make_run):
     run = make_run("training_failed", processed_chunks=12, texts_total=1479, texts_embedded=480, attempt=1,
                    error_type="CANCELLED", error_message="Stopped on request while embedding (480 of 1,479 texts).")
     response = staff_client.post(f"/training/runs/{run.pk}/proceed/", follow=True)
-    assert f"Training run {run.pk} proceeds: embedding continues after 480 of 1,479 texts." in messages_of(response)
+    assert f"Training run {run.pk} proceeds: embedding continues after 480 of 1,479 texts, then training starts." in messages_of(response)
     card = section(response.content.decode(), f"run-{run.pk}")
     assert "Waiting for a worker" in card and '<span data-field="progress_label">Embedding 480 of 1,479 texts</span>' in card
 
@@ -520,7 +533,7 @@ def test_an_unknown_run_is_a_404_page_never_a_500(staff_client, corpus, path):
     ("status", "path", "data", "sentence"),
     [
         ("generated", "proceed/", {}, "only a failed run can proceed"),
-        ("generating", "delete/", {"confirmed": "1"}, "only a failed run can be removed"),
+        ("generating", "delete/", {"confirmed": "1"}, "is generating pairs; stop it first, then it can be removed."),
         ("generating", "train/", {}, "only a generated run can start training"),
         ("generating", "review/", {"decision": "approved", "scope": "all"}, "pairs are reviewed once generation is done"),
         ("generating", "resume/", {}, "waits for a worker; only a stalled"),

@@ -47,7 +47,7 @@ class Command(BaseCommand):
         proceed = sub.add_parser("proceed", help="continue a failed run where it stopped")
         proceed.add_argument("run_id", type=int)
         proceed.add_argument("--wait", action="store_true")
-        remove = sub.add_parser("remove", help="delete a failed run with its pairs and files")
+        remove = sub.add_parser("remove", help="delete a failed, stopped or unreviewed run with its pairs and files")
         remove.add_argument("run_id", type=int)
         remove.add_argument("--yes", action="store_true", help="do not ask for confirmation")
         status = sub.add_parser("status", help="runs and their progress")
@@ -82,7 +82,7 @@ class Command(BaseCommand):
             made = "" if created else f" (made from {corpus.source} before)"
             self.stdout.write(f"Corpus {corpus.name}{made}: {_count(corpus.num_documents, 'document')}, "
                               f"{_count(corpus.chunks.count(), 'chunk')}.")
-        self.stdout.write(f"Training run {run.pk} is generating pairs for {run.total_chunks} chunks.")
+        self.stdout.write(f"Training run {run.pk} is generating pairs for {_count(run.total_chunks, 'chunk')}.")
         if options["wait"]:
             self.follow(run)
 
@@ -92,8 +92,9 @@ class Command(BaseCommand):
         decision = "approved" if options["decision"] == "approve" else "rejected"
         updated = services.training_run_review(run=run, decision=decision, pair_ids=ids)
         counts = services.review_counts(run)
-        self.stdout.write(f"{updated} pairs {decision}; run {run.pk} now has {counts['approved']} approved, "
-                          f"{counts['rejected']} rejected, {counts['pending']} pending.")
+        then = f" Proceed: {run.proceed_sentence}." if run.status == TrainingRun.Status.TRAINING_FAILED else ""
+        self.stdout.write(f"{_count(updated, 'pair')} {decision}; run {run.pk} now has {counts['approved']:,} approved, "
+                          f"{counts['rejected']:,} rejected, {counts['pending']:,} pending.{then}")
 
     def do_train(self, options):
         run = services.training_run_train(run=self._run(options["run_id"]), epochs=options["epochs"])
@@ -110,7 +111,7 @@ class Command(BaseCommand):
 
     def do_proceed(self, options):
         run = services.training_run_proceed(run=self._run(options["run_id"]))
-        self.stdout.write(f"Training run {run.pk} proceeds: {run.status} ({run.progress_label}).")
+        self.stdout.write(f"Training run {run.pk} proceeds: {run.proceed_sentence}.")
         if options["wait"]:
             self.follow(run)
 
