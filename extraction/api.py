@@ -62,7 +62,7 @@ class ExtractionIn(Input):
     hooks: list[Literal["residual", "mlp", "attention"]] = Field(min_length=1, examples=[["residual"]])
     batch_size: int = 8
     max_samples: int | None = Field(None, gt=0)
-    max_length: int | None = Field(None, gt=0, le=1_000_000,
+    max_length: int | None = Field(None, gt=0,
                                    description="tokens; omitted: 512, or the model's position limit when smaller")
     storage_dtype: Literal["float32", "float16"] = "float32"
     auto_retry_on_oom: bool = False
@@ -80,7 +80,7 @@ class RetryIn(Input):
 
     batch_size: int | None = None
     max_samples: int | None = Field(None, gt=0, description="null: all samples; omitted: the original's")
-    max_length: int | None = Field(None, gt=0, le=1_000_000)
+    max_length: int | None = Field(None, gt=0, description="tokens, at most the model's position limit")
     reason: str = ""
 
     _batch_size = field_validator("batch_size")(_check_batch_size)

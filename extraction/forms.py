@@ -12,8 +12,7 @@ from extraction.models import Extraction
 from jobsite.forms import require_one_of
 
 BATCH_SIZE_CHOICES = [(size, str(size)) for size in VALID_BATCH_SIZES]
-MAX_LENGTH_LIMIT = 1_000_000
-MAX_LENGTH_SENTENCE = f"At most {MAX_LENGTH_LIMIT:,} tokens."
+
 
 def parse_layers(text: str) -> list[int]:
     """'0,2', '0 2' or '0-3' (a range includes both ends)."""
@@ -21,12 +20,15 @@ def parse_layers(text: str) -> list[int]:
     for part in re.split(r"[,\s]+", text.strip()):
         if not part:
             continue
-        match = re.fullmatch(r"(\d{1,4})(?:-(\d{1,4}))?", part)
+        # ASCII digits only: "٣" is not a layer anyone means to type.
+        match = re.fullmatch(r"([0-9]{1,30})(?:-([0-9]{1,30}))?", part)
         if not match:
             raise forms.ValidationError("Write layers as numbers separated by commas, e.g. 0,2 or 0-3.")
         first, last = int(match[1]), int(match[2] or match[1])
         if last < first:
             raise forms.ValidationError(f"The range {part} runs backwards; write it as {last}-{first}.")
+        if last - first >= 10_000:
+            raise forms.ValidationError(f"The range {part} is longer than any model's layers.")
         layers.extend(range(first, last + 1))
     if not layers:
         raise forms.ValidationError("Choose at least one layer, e.g. 0 or 0,2.")
@@ -44,8 +46,7 @@ class ExtractionStartForm(forms.Form):
     batch_size = forms.TypedChoiceField(choices=BATCH_SIZE_CHOICES, coerce=int, initial=8)
     max_samples = forms.IntegerField(required=False, min_value=1, help_text="empty: all samples")
     # Not prefilled: a 512 there would be refused for a model that reads fewer tokens.
-    max_length = forms.IntegerField(required=False, min_value=1, max_value=MAX_LENGTH_LIMIT,
-                                    error_messages={"max_value": MAX_LENGTH_SENTENCE})
+    max_length = forms.IntegerField(required=False, min_value=1)
     storage_dtype = forms.ChoiceField(
         choices=[(value, value) for value in Extraction.StorageDtype.values], initial="float32", label="dtype",
     )
@@ -77,8 +78,7 @@ class RetryForm(forms.Form):
         choices=[("", "same")] + BATCH_SIZE_CHOICES, coerce=int, empty_value=None, required=False,
     )
     max_samples = forms.IntegerField(required=False, min_value=1)
-    max_length = forms.IntegerField(required=False, min_value=1, max_value=MAX_LENGTH_LIMIT,
-                                    error_messages={"max_value": MAX_LENGTH_SENTENCE})
+    max_length = forms.IntegerField(required=False, min_value=1)
 
     def clean_max_samples(self):
         value = self.cleaned_data["max_samples"]

@@ -274,10 +274,12 @@ def _read_dataset(path: str) -> tuple[str, list[str | list[int]]]:
                 line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError:
                 raise JobInputError(f"The dataset is not valid UTF-8 (line {number}).") from None
-            if not line.strip():
-                continue
             if fmt == "txt":
+                # Every line is a sample, an empty one too (it has no tokens): sample i is line i + 1,
+                # so whatever a user keeps per line (labels) lines up with the output.
                 samples.append(line)
+                continue
+            if not line.strip():
                 continue
             try:
                 record = json.loads(line)
@@ -290,11 +292,15 @@ def _read_dataset(path: str) -> tuple[str, list[str | list[int]]]:
             if isinstance(text, str):
                 samples.append(text)
             elif isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                huge = next((i for i in ids if not -2**63 <= i < 2**63), None)
+                if huge is not None:
+                    raise JobInputError(f"Line {number} of the dataset has a token id that is not a 64-bit integer: "
+                                        f"{str(huge)[:30]}.")
                 samples.append(ids)
             else:
                 fields = '"text" string or an "input_ids" list of integers'
                 raise JobInputError(f"Line {number} of the dataset needs a {fields}.")
-    if not samples:
+    if not any(s if isinstance(s, list) else s.strip() for s in samples):
         raise JobInputError("The dataset is empty.")
     return fmt, samples
 

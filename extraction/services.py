@@ -125,6 +125,29 @@ def dataset_register(*, path: str, name: str = "") -> Dataset:
     ))
 
 
+def dataset_recount(dataset: Dataset) -> Dataset:
+    """The dataset as its file is now: a file whose size changed since it was registered (lines
+    appended, say) is read and counted again, so a start checks its limits against, and shows,
+    the samples the worker will read."""
+    from extraction.runner import inspect_dataset  # noqa: PLC0415
+
+    try:
+        size = os.path.getsize(dataset.path)
+    except OSError:
+        raise JobInputError(f"The file of dataset {dataset.name} ({dataset.path}) is gone; register it again.",
+                            field="dataset") from None
+    if size == dataset.size_bytes:
+        return dataset
+    try:
+        info = inspect_dataset(dataset.path)
+    except JobInputError as exc:
+        raise JobInputError(f"Dataset {dataset.name} changed since it was registered and cannot be read now: {exc}",
+                            field="dataset") from None
+    Dataset.objects.filter(pk=dataset.pk).update(num_samples=info.num_samples, size_bytes=info.size_bytes)
+    dataset.num_samples, dataset.size_bytes = info.num_samples, info.size_bytes
+    return dataset
+
+
 MAX_DATASET_UPLOAD_BYTES = 200 * 2**20
 UPLOADS = "datasets/uploaded"  # under JOBSITE_DATA_DIR
 
@@ -208,7 +231,7 @@ def validate_parameters(
             f"Max samples must be between 1 and {dataset.num_samples:,} (the samples in {dataset.name}); "
             "leave it empty for all.", field="max_samples",
         )
-    if not 1 <= max_length <= 1_000_000:
+    if max_length < 1:
         raise JobInputError("Max length must be a positive number of tokens, e.g. 512.", field="max_length")
     positions = model_max_positions(model=model)
     if positions and max_length > positions:
@@ -216,6 +239,8 @@ def validate_parameters(
             f"Max length {max_length:,} is beyond {model.name}'s position limit: "
             f"it reads at most {positions:,} tokens.", field="max_length",
         )
+    if max_length > 1_000_000:
+        raise JobInputError("Max length must be at most 1,000,000 tokens.", field="max_length")
     if storage_dtype not in Extraction.StorageDtype.values:
         raise JobInputError(f"The storage dtype must be one of {', '.join(Extraction.StorageDtype.values)}.",
                             field="storage_dtype")
@@ -239,6 +264,7 @@ def extraction_start(
     max_length is default_max_length's; max_samples None is all of the dataset."""
     if max_length is None:
         max_length = default_max_length(model=model)
+    dataset = dataset_recount(dataset)
     layers, hooks = validate_parameters(
         model=model, dataset=dataset, layers=layers, hooks=hooks, batch_size=batch_size,
         max_samples=max_samples, max_length=max_length, storage_dtype=storage_dtype,

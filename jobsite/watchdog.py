@@ -84,9 +84,33 @@ def run() -> list[str]:
         for job in unsent:
             job_enqueue(job)
             changed.append(f"{job.topic}: queued since {job.queued_at:%H:%M:%S} but never handed to the queue; sent again")
+        waiting = model.objects.filter(model.awaiting_worker(), enqueued_at__lt=lost_before).exclude(next_attempt_at__gt=now)
+        if waiting.exists() and free_workers() > 0:
+            for job in waiting:
+                job_enqueue(job)
+                changed.append(f"{job.topic}: waited since {job.enqueued_at:%H:%M:%S} while a worker was free (its task "
+                               "went with a cluster that died); sent again")
     for line in changed:
         logger.warning("watchdog: %s", line)
     return changed
+
+
+def free_workers() -> int:
+    """Worker processes of the live clusters that hold no job now.
+
+    A cluster takes a task from the queue before a worker is free for it; when that cluster
+    dies, the task stays locked in the broker for django-q2's `retry` (hours). A job that has
+    waited past the stall limit while a worker is free has lost its task that way: the
+    watchdog sends it again (a copy that turns up later finds the job taken and does nothing).
+    """
+    from django_q.status import Stat
+
+    clusters = [s for s in Stat.get_all() if getattr(s, "status", "") not in ("Stopped", "Stopping")]
+    workers = sum(len(getattr(s, "workers", []) or []) for s in clusters)
+    if not workers:
+        return 0
+    held = sum(m.objects.filter(status__in=m.RUNNING).exclude(worker="").count() for m in job_models())
+    return workers - held
 
 
 def _loop() -> None:

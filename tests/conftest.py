@@ -79,10 +79,13 @@ def fake_model(db):
 
 
 @pytest.fixture
-def fake_dataset(db):
+def fake_dataset(db, settings):
+    """A dataset row whose file is there (100 samples), as a start checks."""
     from extraction.models import Dataset
 
-    return Dataset.objects.create(name="fake", path="/data/fake.txt", format="txt", num_samples=100, size_bytes=1000)
+    path = write_dataset(settings, "fake.txt", [f"sample {i}" for i in range(100)])
+    return Dataset.objects.create(name="fake", path=str(path), format="txt", num_samples=100,
+                                  size_bytes=path.stat().st_size)
 
 
 @pytest.fixture

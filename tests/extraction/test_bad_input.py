@@ -229,22 +229,61 @@ def test_registration_keeps_the_models_position_limit(model_record):
     assert model_record.max_positions == 1024
 
 
-def test_a_max_length_beyond_the_position_limit_is_refused_at_start_on_its_field(staff_client, model_record, dataset):
+# However far beyond, the answer is the model's limit, not a bound of the form or the schema.
+FAR_BEYOND = [2000, 1_000_001, 10**20]
+
+
+def beyond(max_length: int) -> str:
+    return BEYOND_1024.replace("2,000", f"{max_length:,}")
+
+
+@pytest.mark.parametrize("max_length", FAR_BEYOND)
+def test_a_max_length_beyond_the_position_limit_is_refused_at_start_on_its_field(staff_client, model_record, dataset,
+                                                                                  max_length):
     url = f"/api/v1/models/{model_record.pk}/extractions"
     response = post(staff_client, url, {"dataset_id": dataset.pk, "layers": [0], "hooks": ["residual"],
-                                        "max_length": 2000})
+                                        "max_length": max_length})
     assert response.status_code == 422
-    assert response.json() == {"message": BEYOND_1024, "field": "max_length"}
+    assert response.json() == {"message": beyond(max_length), "field": "max_length"}
     assert Extraction.objects.count() == 0
 
 
-def test_the_start_form_shows_the_position_limit_under_max_length(staff_client, model_record, dataset):
+@pytest.mark.parametrize("max_length", FAR_BEYOND)
+def test_the_start_form_shows_the_position_limit_under_max_length(staff_client, model_record, dataset, max_length):
     response = staff_client.post("/extractions/", {
         "model": model_record.pk, "dataset": dataset.pk, "layers": "0", "hooks": ["residual"], "batch_size": "8",
-        "max_samples": "", "max_length": "2000", "storage_dtype": "float32",
+        "max_samples": "", "max_length": str(max_length), "storage_dtype": "float32",
     })
     assert response.status_code == 400
-    assert response.context["form"].errors["max_length"] == [BEYOND_1024]
+    assert response.context["form"].errors["max_length"] == [beyond(max_length)]
+    assert Extraction.objects.count() == 0
+
+
+def test_a_start_counts_a_dataset_file_that_grew_since_it_was_registered(staff_client, model_record, dataset):
+    registered = dataset.num_samples
+    with open(dataset.path, "a", encoding="utf-8") as f:
+        f.write("".join(f"appended line {i}\n" for i in range(50)))
+    url = f"/api/v1/models/{model_record.pk}/extractions"
+    response = post(staff_client, url, {"dataset_id": dataset.pk, "layers": [0], "hooks": ["residual"],
+                                        "max_samples": registered + 50})
+    assert response.status_code == 201, response.json()
+    assert response.json()["total_samples"] == registered + 50
+    assert Dataset.objects.get(pk=dataset.pk).num_samples == registered + 50
+    response = post(staff_client, url, {"dataset_id": dataset.pk, "layers": [1], "hooks": ["residual"],
+                                        "max_samples": registered + 51})
+    assert response.json() == {"field": "max_samples", "message": f"Max samples must be between 1 and "
+                               f"{registered + 50:,} (the samples in {dataset.name}); leave it empty for all."}
+
+
+def test_a_start_on_a_dataset_whose_file_is_gone_says_so(staff_client, model_record, dataset):
+    import os
+
+    os.remove(dataset.path)
+    response = post(staff_client, f"/api/v1/models/{model_record.pk}/extractions",
+                    {"dataset_id": dataset.pk, "layers": [0], "hooks": ["residual"]})
+    assert response.status_code == 422
+    assert response.json() == {"field": "dataset",
+                               "message": f"The file of dataset {dataset.name} ({dataset.path}) is gone; register it again."}
     assert Extraction.objects.count() == 0
 
 

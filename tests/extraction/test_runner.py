@@ -150,6 +150,29 @@ def test_files_are_in_dataset_order_and_offsets_match_token_counts(models, sampl
     assert sorted(result.files) == sorted(["offsets.npy", "layer_0_residual.npy", "layer_0_mlp.npy", "metadata.json"])
 
 
+def test_every_line_of_a_text_dataset_is_a_sample_an_empty_one_too(models, tmp_path):
+    path = write(tmp_path / "lines.txt", "first line\n\nthird line\n   \nfifth line\n".encode())
+    assert inspect_dataset(path).num_samples == 5
+    result, _ = extract(models["gpt2"], path, tmp_path / "out", layers=(0,), batch_size=2)
+    tokenizer = AutoTokenizer.from_pretrained(models["gpt2"], local_files_only=True)
+    counts = [len(tokenizer(line, add_special_tokens=False)["input_ids"])
+              for line in ["first line", "", "third line", "   ", "fifth line"]]
+    offsets = load(tmp_path / "out", "offsets.npy")
+    assert result.samples == 5 and offsets.tolist() == np.concatenate([[0], np.cumsum(counts)]).tolist()
+    assert offsets[1] == offsets[2], "line 2 is empty: sample 1 has no rows, and sample 2 is line 3"
+    alone = write(tmp_path / "third.txt", b"third line\n")
+    extract(models["gpt2"], alone, tmp_path / "third", layers=(0,), batch_size=1)
+    np.testing.assert_allclose(load(tmp_path / "out", "layer_0_residual.npy")[offsets[2]:offsets[3]],
+                               load(tmp_path / "third", "layer_0_residual.npy"), atol=1e-5, rtol=0)
+
+
+def test_a_token_id_beyond_64_bits_is_refused_with_its_line(tmp_path):
+    path = write(tmp_path / "ids.jsonl", b'{"input_ids": [1, 2]}\n{"input_ids": [1, 2, 99999999999999999999999]}\n')
+    with pytest.raises(JobInputError, match=r"^Line 2 of the dataset has a token id that is not a 64-bit integer: "
+                                            r"99999999999999999999999\.$"):
+        inspect_dataset(path)
+
+
 def test_ids_beyond_vocab_are_clamped_and_counted(models, tmp_path):
     vocab = inspect_model(models["gpt2"]).vocab_size
     path = tmp_path / "ids.jsonl"

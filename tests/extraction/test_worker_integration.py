@@ -35,6 +35,8 @@ def test_worker_killed_mid_run_is_detected_and_resumed_with_identical_files(
 ):
     job, _ = extraction_start(model=model_record, dataset=dataset, layers=[0, 2],
                               hooks=["residual", "mlp", "attention"], batch_size=4)
+    # Queued behind it: the cluster takes its task before its one worker is free, and dies with it.
+    behind, _ = extraction_start(model=model_record, dataset=dataset, layers=[1], hooks=["residual"], batch_size=4)
     slow = json.dumps({"extraction.batch": {"action": "sleep", "seconds": 0.4}})
     first = start_worker(JOBSITE_FAILPOINTS=slow, **FAST)
     wait_for(lambda: Extraction.objects.get(pk=job.pk).samples_processed >= 8, timeout=90,
@@ -66,6 +68,10 @@ def test_worker_killed_mid_run_is_detected_and_resumed_with_identical_files(
         assert produced[name] == expected[name], f"{name} differs from an uninterrupted run"
     offsets = np.load(job.output_dir / "offsets.npy")
     assert offsets[-1] == job.total_tokens
+
+    wait_for(lambda: Extraction.objects.get(pk=behind.pk).status == "completed", timeout=60,
+             message=f"the job queued behind it, whose task died with the first cluster\n{second.output()}")
+    assert Extraction.objects.get(pk=behind.pk).attempt == 1
 
 
 def test_cancel_reaches_a_hung_worker_through_its_heartbeat_thread(model_record, dataset, start_worker, settings):
