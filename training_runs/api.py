@@ -134,6 +134,10 @@ class ReviewIn(Input):
     pair_ids: list[int] | None = Field(None, description="omit to decide every pending pair")
 
 
+class PairEditIn(Input):
+    query: str = Field(description="the new query, one line of at most 200 characters; the pair is then approved")
+
+
 class ReviewOut(Schema):
     updated: int
     review_counts: dict
@@ -245,6 +249,15 @@ def review_pairs(request, run_id: int, payload: ReviewIn):
     run = _run(run_id)
     updated = services.training_run_review(run=run, decision=payload.decision, pair_ids=payload.pair_ids)
     return {"updated": updated, "review_counts": services.review_counts(run)}
+
+
+@router.patch("/training/runs/{run_id}/pairs/{pair_id}",
+              response={200: PairOut, 404: Message, 409: Message, 422: Refusal}, auth=staff_required)
+def edit_pair(request, run_id: int, pair_id: int, payload: PairEditIn):
+    """Rewrite a pair's query; the pair is approved (a person wrote it)."""
+    run = _run(run_id)
+    pair = services.training_run_pair_edit(run=run, pair_id=pair_id, query=payload.query)
+    return selectors.pair_list(run=run).get(pk=pair.pk)
 
 
 @router.get("/training/runs/{run_id}/search", response={200: list[SearchHit], 404: Message, 409: Message, 422: Refusal})

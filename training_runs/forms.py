@@ -62,6 +62,12 @@ class ReviewForm(forms.Form):
         return {"decision": data["decision"], "pair_ids": sorted(set(data["pair"]))}
 
 
+class PairEditForm(forms.Form):
+    query = forms.CharField(max_length=2000, strip=True, widget=forms.TextInput(attrs={"size": 80, "autofocus": True}),
+                            help_text="One line, at most 200 characters; saving approves the pair.")
+    pairs = forms.CharField(required=False, widget=forms.HiddenInput)  # the page of pairs to go back to
+
+
 class TrainForm(forms.Form):
     epochs = forms.IntegerField(required=False, min_value=1, max_value=1000)
 

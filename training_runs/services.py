@@ -14,7 +14,7 @@ from django.utils import timezone
 from django.utils.timesince import timesince
 
 from jobsite import failpoints
-from jobsite.errors import JobInputError, check_file_name, not_kept
+from jobsite.errors import JobInputError, check_file_name, check_text, not_kept
 from jobsite.events import publish
 from jobsite.lifecycle import TransitionError
 from jobsite.paths import resolve_under
@@ -381,6 +381,37 @@ def training_run_review(*, run: TrainingRun, decision: str, pair_ids: list[int] 
             _forget_training(run)
         publish(run.topic, "training.pairs_reviewed", {**run.event_payload(), **review_counts(run)})
     return count
+
+
+QUERY_LIMIT = 200  # characters; what a generator writes at most
+
+
+def training_run_pair_edit(*, run: TrainingRun, pair_id: int, query: str) -> TrainingPair:
+    """A reviewer rewrites a pair's query (one line, as a generator writes it); the pair is
+    then approved, since a person wrote it. Where a review can be made, and with what it does
+    to a failed training, as a review."""
+    if run.status not in (Status.GENERATED, Status.TRAINING_FAILED):
+        raise TransitionError(f"Training run {run.pk} {run.state_phrase}; {NOT_REVIEWABLE[run.status]}")
+    query = check_text(" ".join(query.split()), "The query", QUERY_LIMIT, field="query")
+    if not query:
+        raise JobInputError("The query is empty; write the question this chunk answers.", field="query")
+    pair = run.pairs.filter(pk=pair_id).first()
+    if pair is None:
+        raise JobInputError(f"Pair {pair_id} does not belong to training run {run.pk}.", field="pair_id")
+    if pair.query == query and pair.review == TrainingPair.Review.APPROVED:
+        return pair
+    twin = run.pairs.filter(chunk_id=pair.chunk_id, query=query).exclude(pk=pair.pk).first()
+    if twin is not None:
+        raise JobInputError(f"Pair {twin.pk} of the same chunk already asks this; approve that one and reject this one.",
+                            field="query")
+    with transaction.atomic():
+        if not run.pairs.filter(pk=pair.pk).update(query=query, review=TrainingPair.Review.APPROVED):
+            raise TransitionError(f"Pair {pair_id} was removed while you were editing it; reload the page.")
+        pair.query, pair.review = query, TrainingPair.Review.APPROVED
+        if run.status == Status.TRAINING_FAILED:
+            _forget_training(run)
+        publish(run.topic, "training.pairs_reviewed", {**run.event_payload(), **review_counts(run), "edited": pair.pk})
+    return pair
 
 
 def _forget_training(run: TrainingRun) -> None:

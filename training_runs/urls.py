@@ -13,6 +13,7 @@ urlpatterns = [
     path("generate/", views.training_generate, name="generate"),
     path("runs/<int:pk>/row/", views.row_fragment, name="row"),
     path("runs/<int:pk>/review/", views.training_review, name="review"),
+    path("runs/<int:pk>/pairs/<int:pair_id>/edit/", views.training_pair_edit, name="pair_edit"),
     path("runs/<int:pk>/train/", views.training_train, name="train"),
     path("runs/<int:pk>/proceed/", views.training_proceed, name="proceed"),
     path("runs/<int:pk>/resume/", views.training_resume, name="resume"),

@@ -29,7 +29,7 @@ from jobsite.views import (
     STAFF_ONLY, duration, form_problems, id_param, iso, live_context, post_only, resume_with_message, staff_required,
 )
 from training_runs import selectors, services
-from training_runs.forms import CorpusForm, GenerateForm, ReviewForm, TrainForm
+from training_runs.forms import CorpusForm, GenerateForm, PairEditForm, ReviewForm, TrainForm
 from training_runs.models import TrainingPair, TrainingRun
 
 TOPIC = "training."
@@ -343,6 +343,33 @@ def training_review(request, pk: int):
         + (f" Proceed: {run.proceed_sentence}." if run.status == Status.TRAINING_FAILED else ""),
     )
     return _back(pk, pairs_page=page)
+
+
+@staff_required
+@require_http_methods(["GET", "POST"])
+def training_pair_edit(request, pk: int, pair_id: int):
+    """A page of its own for one pair's query (the review table is one form already): the
+    chunk it must answer beside the query; saving approves the pair and goes back to its page."""
+    run = selectors.training_run_get(run_id=pk)
+    pair = selectors.pair_list(run=run).filter(pk=pair_id).first()
+    if pair is None:
+        messages.error(request, f"Pair {pair_id} does not belong to training run {pk}.")
+        return _back(pk)
+    form = PairEditForm(request.POST or None, initial={"query": pair.query, "pairs": request.GET.get("pairs", "")})
+    if request.method == "POST" and form.is_valid():
+        try:
+            services.training_run_pair_edit(run=run, pair_id=pair.pk, query=form.cleaned_data["query"])
+        except TransitionError as exc:
+            messages.error(request, str(exc))
+            return _back(pk)
+        except JobInputError as exc:
+            add_refusal(form, exc, default="query")
+        else:
+            messages.success(request, f"Pair {pair.pk} now asks “{' '.join(form.cleaned_data['query'].split())}” "
+                                      "and is approved.")
+            return _back(pk, pairs_page=form.cleaned_data["pairs"][:6])
+    status = 400 if request.method == "POST" else 200
+    return render(request, "training_runs/edit_pair.html", {"run": run, "pair": pair, "form": form}, status=status)
 
 
 @staff_required

@@ -377,3 +377,28 @@ def test_admin_remove_confirmation_reads_each_runs_progress_once(superuser_clien
                                                         error_type="CANCELLED")
     page = act(superuser_client, "trainingrun", "remove", [failed_run]).content.decode()
     assert f"Training run {failed_run.pk} — stopped, Embedding 192 of 1,270 texts, " in page
+
+
+def test_status_says_when_there_is_no_run_and_names_each_runs_corpus(small_corpus, capsys):
+    call_command("training", "status")
+    assert capsys.readouterr().out.strip() == ("No training runs yet; start one with "
+                                               "`manage.py training generate <corpus>`.")
+    run = training_run_generate(corpus=small_corpus)
+    run_training_phase(run.pk)
+    call_command("training", "status")
+    header, line = capsys.readouterr().out.splitlines()
+    assert header.split() == ["run", "status", "progress", "pairs", "corpus"]
+    assert line.split()[:2] == [str(run.pk), "generated"] and line.endswith("small")
+
+
+def test_edit_command_rewrites_a_query_and_approves_it(small_corpus, capsys):
+    run = training_run_generate(corpus=small_corpus)
+    run_training_phase(run.pk)
+    pair = run.pairs.order_by("pk").first()
+    call_command("training", "edit", str(run.pk), str(pair.pk), "where is the telescope kept")
+    assert capsys.readouterr().out.strip() == (f"Pair {pair.pk} of training run {run.pk} now asks "
+                                               "'where is the telescope kept' and is approved.")
+    pair.refresh_from_db()
+    assert (pair.query, pair.review) == ("where is the telescope kept", "approved")
+    with pytest.raises(CommandError, match=r"^The query is empty; write the question this chunk answers\.$"):
+        call_command("training", "edit", str(run.pk), str(pair.pk), "  ")

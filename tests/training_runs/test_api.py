@@ -326,3 +326,55 @@ def test_concurrent_identical_corpus_requests_make_one_corpus_and_the_sentence_f
         corpora = settings.JOBSITE_DATA_DIR / "corpora"
         assert [p.name for p in corpora.iterdir()] == ["same"]
         assert [p.name for p in (corpora / "same").iterdir()] == ["doc.txt"]
+
+
+def patch(client, url, body):
+    return client.patch(url, data=json.dumps(body), content_type="application/json")
+
+
+def test_a_reviewer_rewrites_a_query_and_the_pair_is_approved(staff_client, generated_run):
+    first, second = generated_run.pairs.order_by("pk")[:2]
+    url = f"/api/v1/training/runs/{generated_run.pk}/pairs/{first.pk}"
+    response = patch(staff_client, url, {"query": "  how often should the\nbike chain be oiled  "})
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert (body["id"], body["query"], body["review"]) == (first.pk, "how often should the bike chain be oiled",
+                                                           "approved")
+    first.refresh_from_db()
+    assert (first.query, first.review) == ("how often should the bike chain be oiled", "approved")
+    assert staff_client.get(f"/api/v1/training/runs/{generated_run.pk}").json()["review_counts"]["approved"] == 1
+
+    refusals = [
+        ({"query": "   "}, 422, "The query is empty; write the question this chunk answers."),
+        ({"query": "x" * 201}, 422, "The query is 201 characters long; the most is 200."),
+        ({"query": "a\x00b"}, 422, "The query contains a NUL character; remove it."),
+    ]
+    for body, status, message in refusals:
+        response = patch(staff_client, url, body)
+        assert (response.status_code, response.json()["message"]) == (status, message)
+    if second.chunk_id == first.chunk_id:
+        response = patch(staff_client, f"/api/v1/training/runs/{generated_run.pk}/pairs/{second.pk}",
+                         {"query": first.query})
+        assert response.json()["message"] == (f"Pair {first.pk} of the same chunk already asks this; approve that one "
+                                              "and reject this one.")
+    other = patch(staff_client, f"/api/v1/training/runs/{generated_run.pk}/pairs/999999", {"query": "fine"})
+    assert (other.status_code, other.json()["message"]) == (
+        422, f"Pair 999999 does not belong to training run {generated_run.pk}.")
+    first.refresh_from_db()
+    assert first.query == "how often should the bike chain be oiled", "a refused edit changes nothing"
+
+    generated_run.status = "training"
+    generated_run.save(update_fields=["status"])
+    response = patch(staff_client, url, {"query": "another"})
+    assert response.status_code == 409
+    assert response.json()["message"] == (f"Training run {generated_run.pk} is training; its pairs cannot be reviewed "
+                                          "while they are used for training.")
+
+
+def test_a_reader_cannot_rewrite_a_query(client, plain_user, generated_run):
+    client.force_login(plain_user)
+    pair = generated_run.pairs.first()
+    response = patch(client, f"/api/v1/training/runs/{generated_run.pk}/pairs/{pair.pk}", {"query": "mine now"})
+    assert response.status_code in (401, 403)
+    pair.refresh_from_db()
+    assert pair.query != "mine now"

@@ -817,3 +817,36 @@ def test_the_chosen_corpus_and_page_stay_across_live_redraws_whatever_the_corpus
     html = staff_client.get(PAGE + "?corpus=1").content.decode()
     assert 'hx-get="/training/workflow/?corpus=1"' in html, "corpus 1 was dropped from the redraw's address"
     assert re.search(rf'<option value="{first.pk}" selected>', html)
+
+
+def test_a_pair_is_edited_on_its_own_page_beside_its_chunk_and_the_review_returns_to_its_page(
+        staff_client, generated_run):
+    pair = generated_run.pairs.order_by("pk").last()
+    review = section(staff_client.get(PAGE).content.decode(), f"run-{generated_run.pk}")
+    assert f'href="/training/runs/{generated_run.pk}/pairs/{pair.pk}/edit/?pairs=1"' in review
+    url = f"/training/runs/{generated_run.pk}/pairs/{pair.pk}/edit/"
+    page = staff_client.get(url + "?pairs=2")
+    html = page.content.decode()
+    assert page.status_code == 200 and pair.chunk.text.split("\n")[0][:40] in html and f'value="{pair.query}"' in html
+    refused = staff_client.post(url, {"query": " ", "pairs": "2"})
+    assert refused.status_code == 400
+    assert refused.context["form"].errors["query"] == ["This field is required."]
+    refused = staff_client.post(url, {"query": "y" * 250, "pairs": "2"})
+    assert refused.context["form"].errors["query"] == ["The query is 250 characters long; the most is 200."]
+    response = staff_client.post(url, {"query": "when do bicycles need oil", "pairs": "2"})
+    assert response.status_code == 302 and response["Location"] == f"{PAGE}?pairs=2#run-{generated_run.pk}"
+    pair.refresh_from_db()
+    assert (pair.query, pair.review) == ("when do bicycles need oil", "approved")
+    response = staff_client.get(response["Location"])
+    assert f"Pair {pair.pk} now asks “when do bicycles need oil” and is approved." in messages_of(response)
+
+
+def test_a_reader_cannot_edit_a_pair(client, plain_user, generated_run):
+    client.force_login(plain_user)
+    pair = generated_run.pairs.first()
+    response = client.post(f"/training/runs/{generated_run.pk}/pairs/{pair.pk}/edit/", {"query": "mine"})
+    assert response.status_code in (302, 403)
+    pair.refresh_from_db()
+    assert pair.query != "mine"
+    review = section(client.get(PAGE).content.decode(), f"run-{generated_run.pk}")
+    assert "/edit/" not in review

@@ -38,6 +38,10 @@ class Command(BaseCommand):
         review.add_argument("run_id", type=int)
         review.add_argument("decision", choices=["approve", "reject"])
         review.add_argument("--pairs", help="comma separated pair ids (default: every pending pair)")
+        edit = sub.add_parser("edit", help="rewrite a pair's query (the pair is then approved)")
+        edit.add_argument("run_id", type=int)
+        edit.add_argument("pair_id", type=int)
+        edit.add_argument("query", help="the new query, in quotes")
         train = sub.add_parser("train", help="train the adapter on the approved pairs")
         train.add_argument("run_id", type=int)
         train.add_argument("--epochs", type=int)
@@ -96,6 +100,12 @@ class Command(BaseCommand):
         self.stdout.write(f"{_count(updated, 'pair')} {decision}; run {run.pk} now has {counts['approved']:,} approved, "
                           f"{counts['rejected']:,} rejected, {counts['pending']:,} pending.{then}")
 
+    def do_edit(self, options):
+        run = self._run(options["run_id"])
+        pair = services.training_run_pair_edit(run=run, pair_id=options["pair_id"], query=options["query"])
+        then = f" Proceed: {run.proceed_sentence}." if run.status == TrainingRun.Status.TRAINING_FAILED else ""
+        self.stdout.write(f"Pair {pair.pk} of training run {run.pk} now asks {pair.query!r} and is approved.{then}")
+
     def do_train(self, options):
         run = services.training_run_train(run=self._run(options["run_id"]), epochs=options["epochs"])
         self.stdout.write(f"Training run {run.pk} is training for {run.epochs} epochs.")
@@ -136,12 +146,17 @@ class Command(BaseCommand):
         if options["json"]:
             self.stdout.write(json.dumps([r.event_payload() for r in runs], indent=2))
             return
+        if not runs:
+            self.stdout.write("No training runs yet; start one with `manage.py training generate <corpus>`.")
+            return
+        self.stdout.write(f"{'run':>4}  {'status':<18} {'progress':<26} {'pairs':>7}  corpus")
         for run in runs:
-            line = f"{run.pk:>4}  {run.status:<18} {run.progress_label:<12} {run.pair_count:>6} pairs"
+            line = (f"{run.pk:>4}  {run.status_label:<18} {run.progress_label:<26} {run.pair_count:>7,}  "
+                    f"{run.corpus.name}")
             if run.metrics.get("after"):
                 before, after = run.metrics["before"], run.metrics["after"]
                 line += "  " + "  ".join(f"{k} {before[k]:.2f}->{after[k]:.2f}" for k in after)
-            if run.error_message:
+            if run.status in TrainingRun.RETRYABLE_FROM and run.error_message:  # an old error is not news
                 line += f"  {run.error_type}: {run.error_message[:80]}"
             self.stdout.write(line)
 
