@@ -1,9 +1,11 @@
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.template.response import TemplateResponse
 from django.utils.html import format_html
 
 from extraction import services
 from extraction.models import Dataset, Extraction, ModelRecord
 from jobsite.admin import JobActionsMixin, TamperProofMixin
+from jobsite.lifecycle import TransitionError
 
 BADGE_COLOURS = {
     "queued": "#6c757d", "loading": "#0d6efd", "extracting": "#0d6efd", "saving": "#0d6efd",
@@ -37,7 +39,7 @@ class ExtractionAdmin(JobActionsMixin, admin.ModelAdmin):
     list_display = ["id", "badge", "model", "dataset", "progress", "error_type", "attempt", "retry_of", "created_at"]
     list_filter = ["status", "error_type", "model", "dataset", "auto_retried"]
     search_fields = ["id", "error_message", "model__name", "dataset__name"]
-    actions = ["cancel", "retry", "retry_with_suggested"]
+    actions = ["cancel", "retry", "retry_with_suggested", "delete"]
     readonly_fields = [f.name for f in Extraction._meta.get_fields() if getattr(f, "concrete", False)]
     list_select_related = ["model", "dataset"]
 
@@ -45,6 +47,10 @@ class ExtractionAdmin(JobActionsMixin, admin.ModelAdmin):
         return False
 
     def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        # Deleting goes through the "delete" action: it refuses active jobs and takes the files with the rows.
         return False
 
     @admin.display(description="status", ordering="status")
@@ -82,6 +88,27 @@ class ExtractionAdmin(JobActionsMixin, admin.ModelAdmin):
 
         self._each(request, queryset, act, "%(count)d retry started with suggested parameters.",
                    "%(count)d retries started with suggested parameters.")
+
+    @admin.action(description="Delete selected finished extractions (with their files)", permissions=["view"])
+    def delete(self, request, queryset):
+        deletable = []
+        for extraction in queryset:
+            try:
+                services.extraction_check_deletable(extraction=extraction)
+            except TransitionError as exc:
+                self.message_user(request, self.refusal(extraction, exc), messages.ERROR)
+            else:
+                deletable.append(extraction)
+        if not deletable:
+            return None
+        if request.POST.get("confirmed") != "yes":
+            return TemplateResponse(request, "admin/extraction/confirm_delete.html", {
+                **self.admin_site.each_context(request), "title": "Delete extractions?", "extractions": deletable,
+                "opts": self.model._meta, "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
+            })
+        self._each(request, deletable, lambda e: services.extraction_delete(extraction=e, user=request.user),
+                   "%(count)d extraction deleted with its files.", "%(count)d extractions deleted with their files.")
+        return None
 
     def has_view_permission(self, request, obj=None):
         return request.user.is_active and request.user.is_staff

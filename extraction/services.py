@@ -322,6 +322,34 @@ def _refuse_repeat_of_a_failure(*, model: ModelRecord, fingerprint: str) -> None
         )
 
 
+def extraction_check_deletable(*, extraction: Extraction) -> None:
+    """A queued or running extraction is cancelled first: deleting its row under its worker
+    would leave files that no job owns."""
+    if extraction.status in Extraction.ACTIVE:
+        raise TransitionError(f"Extraction {extraction.pk} is {extraction.status}; cancel it first, then delete it.")
+
+
+def extraction_delete(*, extraction: Extraction, user=None) -> None:
+    """Delete a finished extraction and its output files; the deletion stays in the event log
+    (a retry of it keeps its own row and files, without the link back)."""
+    import shutil  # noqa: PLC0415
+
+    from jobsite.events import publish  # noqa: PLC0415
+
+    extraction_check_deletable(extraction=extraction)
+    output_dir = extraction.output_dir
+    with transaction.atomic():
+        locked = Extraction.objects.select_for_update().filter(pk=extraction.pk, status=extraction.status).first()
+        if locked is None:
+            raise TransitionError(f"Extraction {extraction.pk} changed while you were deleting it; reload it.")
+        publish(extraction.topic, "extraction.deleted", {
+            **extraction.event_payload(), "deleted_by": getattr(user, "username", "") or "",
+            "deleted_at": timezone.now().isoformat(),
+        })
+        locked.delete()
+        transaction.on_commit(lambda: shutil.rmtree(output_dir, ignore_errors=True))
+
+
 def extraction_cancel(*, extraction: Extraction) -> Extraction:
     return job_request_cancel(extraction)
 

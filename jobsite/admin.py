@@ -46,4 +46,5 @@ class JobActionsMixin(TamperProofMixin):
             self.message_user(request, ngettext(done_singular, done_plural, done) % {"count": done}, messages.SUCCESS)
 
     def refusal(self, job, exc: Exception) -> str:
-        return f"{job._meta.verbose_name.capitalize()} {job.pk}: {exc}"
+        name = f"{job._meta.verbose_name.capitalize()} {job.pk}"
+        return str(exc) if str(exc).startswith(name) else f"{name}: {exc}"  # a sentence that names it already

@@ -40,7 +40,7 @@ def _workers() -> dict:
     workers = sum(len(getattr(s, "workers", []) or []) for s in clusters)
     if not workers:
         detail = ("a worker cluster is starting but has no worker process yet" if clusters
-                  else "no worker cluster is running: start `manage.py qcluster`")
+                  else "start one with manage.py qcluster")
         return {"ok": False, "detail": detail, "clusters": len(clusters), "workers": 0}
     return {"ok": True, "detail": f"{len(clusters)} cluster(s), {workers} worker(s)", "clusters": len(clusters),
             "workers": workers}

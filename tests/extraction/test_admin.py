@@ -87,3 +87,26 @@ def test_a_filter_value_with_a_nul_redirects_like_any_bad_lookup(admin_client_lo
     response = admin_client_logged.get(reverse(CHANGELIST), query)
     assert response.status_code == 302 and response["Location"].endswith("?e=1")
     assert admin_client_logged.get(response["Location"]).status_code == 200
+
+
+def test_delete_refuses_an_active_job_and_takes_a_finished_ones_files_after_a_confirmation(
+        admin_client_logged, make_extraction, django_capture_on_commit_callbacks):
+    from jobsite.models import Event
+
+    running, done = make_extraction("extracting"), make_extraction("completed")
+    done.output_dir.mkdir(parents=True)
+    (done.output_dir / "layer_0_residual.npy").write_bytes(b"rows")
+    page = act(admin_client_logged, "delete", [running, done]).content.decode()
+    assert f"Extraction {running.pk} is extracting; cancel it first, then delete it." in page
+    assert "Delete these extractions?" in page and str(done.output_dir) in page
+    assert Extraction.objects.filter(pk=done.pk).exists(), "nothing is deleted before the confirmation"
+    with django_capture_on_commit_callbacks(execute=True):
+        page = admin_client_logged.post(reverse(CHANGELIST), {
+            "action": "delete", "_selected_action": [done.pk], "confirmed": "yes"}, follow=True).content.decode()
+    assert "1 extraction deleted with its files." in page
+    assert not Extraction.objects.filter(pk=done.pk).exists() and not done.output_dir.exists()
+    assert Extraction.objects.filter(pk=running.pk).exists()
+    assert Event.objects.filter(topic=done.topic, type="extraction.deleted").get().payload["deleted_by"] == "boss"
+    assert "delete_selected" not in admin_client_logged.get(reverse(CHANGELIST)).content.decode()
+    change = admin_client_logged.get(reverse("admin:extraction_extraction_change", args=[running.pk])).content.decode()
+    assert "deletelink" not in change

@@ -7,7 +7,7 @@ from django.utils import timezone
 from django.core.management import CommandError, call_command
 
 from extraction.models import Extraction
-from tests.conftest import REPO, process_env
+from tests.conftest import REPO, process_env, wait_for
 
 pytestmark = pytest.mark.django_db
 
@@ -216,3 +216,29 @@ def test_retry_help_says_max_samples_all_means_the_whole_dataset(settings):
     assert shown.returncode == 0
     assert "--max-samples N|all a number of samples, or 'all' for the whole dataset (default: the original's)" in (
         " ".join(shown.stdout.split()))
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_wait_without_a_worker_says_so_and_ctrl_c_leaves_the_job_queued(model_record, dataset, settings):
+    """A real process with no worker anywhere: the notice, then Ctrl-C (SIGINT) as a person sends it."""
+    import signal
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, "manage.py", "extract", "tiny-gpt2", "samples", "--layers", "0", "--wait"], cwd=REPO,
+        env=process_env(settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(Extraction.objects.exists, timeout=60, message="the queued extraction")
+        time.sleep(7)  # the command looks for a worker every 5 s
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    job = Extraction.objects.get()
+    assert process.returncode == 130, err
+    assert "No worker is running (start one with manage.py qcluster): the extraction waits until one starts." in err
+    assert (f"Stopped following extraction {job.pk}; it goes on (`manage.py extraction list` shows it, "
+            f"`manage.py extraction cancel {job.pk}` cancels it).") in err
+    assert "Traceback" not in err and "Enqueued" not in err
+    assert f"Queued extraction {job.pk}" in out
+    assert Extraction.objects.get().status == "queued"

@@ -13,7 +13,7 @@ def test_health_is_503_naming_the_workers_when_none_runs(client):
     assert response.status_code == 503
     body = response.json()
     assert body["failing"] == ["workers"]
-    assert "start `manage.py qcluster`" in body["parts"]["workers"]["detail"]
+    assert body["parts"]["workers"]["detail"] == "start one with manage.py qcluster"
     assert body["parts"]["database"]["ok"] and body["parts"]["broker"]["queue_depth"] == 0
 
 

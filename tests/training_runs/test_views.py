@@ -209,7 +209,7 @@ def test_generate_from_the_page_starts_a_run(staff_client, corpus):
 def test_a_run_that_waits_without_a_worker_says_none_is_running(staff_client, make_run):
     run = make_run("generating")
     html = staff_client.get(PAGE).content.decode()
-    assert f"No worker is running</strong> (no worker cluster is running: start `manage.py qcluster`): training run {run.pk} waits" in html
+    assert f"No worker is running</strong> (start one with manage.py qcluster): training run {run.pk} waits" in html
     assert "No worker is running" in staff_client.get(PAGE + "workflow/").content.decode()
 
 

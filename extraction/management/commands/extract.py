@@ -1,4 +1,5 @@
 import argparse
+import logging
 import time
 
 from django.core.exceptions import ValidationError
@@ -10,6 +11,7 @@ from extraction.constants import VALID_BATCH_SIZES
 from extraction.forms import parse_layers
 from extraction.models import Extraction
 from jobsite.errors import JobInputError
+from jobsite.health import workers_missing
 from jobsite.lifecycle import TransitionError
 
 
@@ -45,6 +47,7 @@ class Command(BaseCommand):
         parser.add_argument("--wait", action="store_true", help="follow progress until the job ends (exit 1 if it fails)")
 
     def handle(self, *args, **options):
+        logging.getLogger("django-q").setLevel(logging.WARNING)  # its "Enqueued" line is not this command's output
         try:
             layers = parse_layers(options["layers"])  # as the page's Layers field reads them
         except ValidationError as exc:
@@ -69,7 +72,22 @@ class Command(BaseCommand):
 
 
 def follow(command: BaseCommand, extraction: Extraction, poll_s: float = 0.5) -> None:
-    """Show a progress bar until the job is terminal; exit 1 with the failure sentence."""
+    """Show a progress bar until the job is terminal; exit 1 with the failure sentence. Ctrl-C
+    stops following, not the job (exit 130, saying how to cancel it)."""
+    try:
+        _follow(command, extraction, poll_s)
+    except KeyboardInterrupt:
+        raise CommandError(f"Stopped following extraction {extraction.pk}; it goes on (`manage.py extraction list` "
+                           f"shows it, `manage.py extraction cancel {extraction.pk}` cancels it).",
+                           returncode=130) from None
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
+def _follow(command: BaseCommand, extraction: Extraction, poll_s: float) -> None:
+    said_no_worker, checked_at = False, 0.0
     with tqdm(total=extraction.total_samples or None, unit="sample", desc=f"extraction {extraction.pk}",
               file=command.stderr._out) as bar:
         while True:
@@ -81,11 +99,20 @@ def follow(command: BaseCommand, extraction: Extraction, poll_s: float = 0.5) ->
             bar.refresh()
             if extraction.is_terminal:
                 break
+            if extraction.status in extraction.ACTIVE and time.monotonic() - checked_at > 5:
+                checked_at = time.monotonic()
+                missing = workers_missing()
+                if missing and not said_no_worker:
+                    bar.write(f"No worker is running ({missing}): the extraction waits until one starts.",
+                              file=command.stderr._out)
+                said_no_worker = bool(missing)
             time.sleep(poll_s)
     if extraction.status == Extraction.Status.COMPLETED:
         command.stdout.write(
-            f"Extraction {extraction.pk} completed: {extraction.total_samples:,} samples, "
-            f"{extraction.total_tokens:,} tokens in {extraction.output_dir}"
+            f"Extraction {extraction.pk} completed: {_plural(extraction.total_samples, 'sample')}, "
+            f"{_plural(extraction.total_tokens, 'token')} in {extraction.output_dir}"
+            + (f" ({_plural(extraction.truncated_samples, 'sample')} cut to {extraction.max_length:,} tokens)"
+               if extraction.truncated_samples else "")
             + (f" ({extraction.clamped_tokens:,} token ids clamped to the vocabulary)" if extraction.clamped_tokens else "")
             + (f". Warning: {extraction.inf_values:,} values were beyond float16's range (+-65504) and are stored as "
                "infinity; extract again with --dtype float32 to keep them" if extraction.inf_values else "")
@@ -94,4 +121,5 @@ def follow(command: BaseCommand, extraction: Extraction, poll_s: float = 0.5) ->
     if extraction.status == Extraction.Status.CANCELLED:
         raise CommandError(f"Extraction {extraction.pk} was cancelled.")
     hint = f" Suggested retry: {extraction.suggested_retry_params}." if extraction.suggested_retry_params else ""
-    raise CommandError(f"Extraction {extraction.pk} failed ({extraction.error_type}): {extraction.error_message}.{hint}")
+    raise CommandError(f"Extraction {extraction.pk} failed ({extraction.error_type}): "
+                       f"{extraction.error_message.rstrip('.')}.{hint}")
