@@ -87,7 +87,26 @@ class StaffRequired(LoginRequired):
 login_required = LoginRequired()
 staff_required = StaffRequired()
 
-api = NinjaAPI(title="jobsite", version="1", urls_namespace="api", docs_url="/docs", auth=login_required)
+class JobsiteAPI(NinjaAPI):
+    def validation_error_from_error_contexts(self, error_contexts) -> ValidationError:
+        """ninja's, keeping a refused value when it is a short scalar: "not '0,2'" tells the
+        client what it sent (ninja drops every input, so as not to echo whole bodies)."""
+        errors = []
+        for context in error_contexts:
+            model = context.model
+            for error in context.pydantic_validation_error.errors(include_url=False):
+                value = error.pop("input", None)
+                error["loc"] = (model.__ninja_param_source__,) + model.__ninja_flatten_map_reverse__.get(
+                    error["loc"], error["loc"])
+                if isinstance(value, (str, int, float)) and not isinstance(value, bool) and len(str(value)) <= 100:
+                    error["input"] = value
+                if isinstance((error.get("ctx") or {}).get("error"), Exception):
+                    error["ctx"]["error"] = str(error["ctx"]["error"])
+                errors.append(dict(error))
+        return ValidationError(errors)
+
+
+api = JobsiteAPI(title="jobsite", version="1", urls_namespace="api", docs_url="/docs", auth=login_required)
 
 
 _SOURCES = ("body", "query", "path", "header", "cookie", "form", "file")
@@ -103,15 +122,60 @@ def _location(loc) -> str:
     return ".".join(parts)
 
 
+def _subject(loc) -> str:
+    """What a phrase is about: "layers", "item 2 of layers" (an item of a list), "" for the body."""
+    parts = _location(loc).split(".") if loc else []
+    if len(parts) > 1 and parts[-1].isdigit():
+        return f"item {int(parts[-1]) + 1} of {'.'.join(parts[:-1])}"
+    return ".".join(parts)
+
+
+def _got(error: dict) -> str:
+    value = error.get("input")
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        return f", not {shown}"
+    return ""
+
+
+def _plural(count, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _phrase(error: dict) -> str:
+    """One validation error as a person says it: "layers must be a list, e.g. [0, 2], not '0,2'"."""
+    kind, ctx = error.get("type", ""), error.get("ctx") or {}
+    message = str(error.get("msg", "is invalid")).removeprefix("Value error, ")
+    subject = _subject(error.get("loc", ()))
+    if kind in ("value_error", "extra_forbidden", "assertion_error") or not subject:
+        return message  # our own sentences (they name what they are about)
+    phrases = {
+        "missing": "is required",
+        "int_parsing": f"must be a whole number{_got(error)}", "int_type": f"must be a whole number{_got(error)}",
+        "int_from_float": f"must be a whole number{_got(error)}",
+        "float_parsing": f"must be a number{_got(error)}", "float_type": f"must be a number{_got(error)}",
+        "bool_parsing": f"must be true or false{_got(error)}", "bool_type": f"must be true or false{_got(error)}",
+        "string_type": f"must be text in quotes{_got(error)}",
+        "list_type": f"must be a list, e.g. [0, 2]{_got(error)}",
+        "dict_type": "must be an object, e.g. {...}",
+        "too_short": f"needs at least {_plural(ctx.get('min_length', 1), 'item')}",
+        "too_long": f"takes at most {_plural(ctx.get('max_length', 0), 'item')}",
+        "string_too_short": f"needs at least {_plural(ctx.get('min_length', 1), 'character')}",
+        "string_too_long": f"takes at most {_plural(ctx.get('max_length', 0), 'character')}",
+        "greater_than": f"must be greater than {ctx.get('gt')}{_got(error)}",
+        "greater_than_equal": f"must be at least {ctx.get('ge')}{_got(error)}",
+        "less_than": f"must be less than {ctx.get('lt')}{_got(error)}",
+        "less_than_equal": f"must be at most {ctx.get('le')}{_got(error)}",
+        "literal_error": f"must be {ctx.get('expected')}{_got(error)}",
+        "enum": f"must be {ctx.get('expected')}{_got(error)}",
+    }
+    return f"{subject} {phrases.get(kind) or message.replace('Input should be', 'must be')}"
+
+
 def _sentence_for(errors: list[dict]) -> str:
-    parts = []
-    for error in errors:
-        location = _location(error.get("loc", ()))
-        message = str(error.get("msg", "is invalid")).removeprefix("Value error, ")
-        named = error.get("type") == "extra_forbidden"  # the sentence names the field itself
-        parts.append(f"{location}: {message}" if location and not named else message)
-    # "; " joins them as one sentence: only the last keeps its full stop.
-    return "; ".join([part.removesuffix(".") for part in parts[:-1]] + parts[-1:]) or "The request is invalid."
+    parts = [_phrase(error).removesuffix(".") for error in errors]
+    # "; " joins them as one sentence, which ends with one full stop.
+    return ("; ".join(parts) + ".") if parts else "The request is invalid."
 
 
 @api.exception_handler(ValidationError)

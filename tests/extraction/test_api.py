@@ -197,7 +197,22 @@ def test_a_bad_query_parameter_is_named_in_the_sentence(staff_client):
     response = staff_client.get("/api/v1/training/runs/1/search", {"query": "", "k": 0})
     assert response.status_code == 422
     message = response.json()["message"]
-    assert message.startswith("query: String should have at least 1 character") and "; k: " in message
+    assert message == "query needs at least 1 character; k must be at least 1, not '0'."
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"layers": "0,2"}, "layers must be a list, e.g. [0, 2], not '0,2'."),
+    ({"layers": []}, "layers needs at least 1 item."),
+    ({"layers": [0, "a"]}, "item 2 of layers must be a whole number, not 'a'."),
+    ({"hooks": ["logits"]}, "item 1 of hooks must be 'residual', 'mlp' or 'attention', not 'logits'."),
+    ({"max_samples": 0}, "max_samples must be greater than 0, not 0."),
+    ({"auto_retry_on_oom": "maybe"}, "auto_retry_on_oom must be true or false, not 'maybe'."),
+])
+def test_a_malformed_start_body_is_answered_in_sentences_a_person_reads(staff_client, fake_model, fake_dataset,
+                                                                        change, message):
+    response = post(staff_client, start_url(fake_model), {**body(fake_dataset), **change})
+    assert response.status_code == 422
+    assert response.json()["message"] == message and response.json()["field"] == next(iter(change))
 
 
 def test_resume_of_a_live_job_is_409_and_of_a_stalled_one_requeues(staff_client, make_extraction, fake_model, settings):
@@ -255,7 +270,7 @@ def test_a_misspelled_required_field_is_named_before_the_missing_one(staff_clien
     response = post(staff_client, start_url(fake_model), request)
     assert response.status_code == 422 and response.json()["field"] == "dataset"
     assert response.json()["message"].startswith("Unknown field 'dataset'; the fields are dataset_id, ")
-    assert response.json()["message"].endswith("; dataset_id: Field required")
+    assert response.json()["message"].endswith("; dataset_id is required.")
 
 
 def test_a_retry_with_an_unknown_field_is_422_and_retries_nothing(staff_client, make_extraction, fake_model):
