@@ -204,6 +204,9 @@ def _back_to(extraction_id: int | None = None):
 @require_http_methods(["GET", "POST"])
 def extraction_page(request):
     if request.method == "GET":
+        asked = id_param(request, "job")
+        if asked and not Extraction.objects.filter(pk=asked).exists():  # a link to a deleted job, say
+            messages.error(request, f"Extraction {asked} does not exist (it may have been deleted).")
         return render(request, "extraction/extractions.html", _page_context(request))
     if not request.user.is_staff:
         raise PermissionDenied(STAFF_ONLY)

@@ -186,7 +186,9 @@ def _workflow_context(request, *, seq: int) -> dict:
     # ?corpus= (set after a corpus is created) picks it in the Generate form; ?pairs= is the page
     # of pairs under review. Live redraws ask for the same.
     chosen = id_param(request, "corpus")
-    pairs_page = id_param(request, "pairs") or 1
+    wanted = request.GET.get("pairs", "")
+    # Beyond any count (too long for an id): the last page, as any page past the end is.
+    pairs_page = id_param(request, "pairs") or (10**18 if wanted.isascii() and wanted.isdigit() else 1)
     query = {"corpus": chosen} if chosen else {}
     if pairs_page > 1:
         query["pairs"] = pairs_page

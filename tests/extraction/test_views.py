@@ -705,3 +705,9 @@ def test_an_emptied_max_samples_in_the_retry_editor_means_all_samples(staff_clie
     retry = Extraction.objects.exclude(pk=job.pk).get()
     assert messages_of(response) == [f"Extraction {retry.pk} retries extraction {job.pk}."]
     assert (retry.max_samples, retry.total_samples) == (max_samples, max_samples or 3000)
+
+
+def test_a_link_to_a_job_that_no_longer_exists_says_so(staff_client, fake_model, fake_dataset):
+    response = staff_client.get(PAGE + "?job=999")
+    assert response.status_code == 200
+    assert [str(m) for m in response.context["messages"]] == ["Extraction 999 does not exist (it may have been deleted)."]

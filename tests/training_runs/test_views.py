@@ -810,6 +810,7 @@ def test_every_pair_can_be_reached_page_by_page_and_a_decision_keeps_the_page(st
     assert response.url == f"{PAGE}?pairs=3#run-{generated_run.pk}"
     assert TrainingPair.objects.get(pk=shown[-1]).review == "rejected"
     assert f"Pairs 601–{total} of {total}" in staff_client.get(PAGE + "?pairs=99").content.decode()
+    assert f"Pairs 601–{total} of {total}" in staff_client.get(PAGE + "?pairs=" + "9" * 25).content.decode()
 
 
 def test_the_chosen_corpus_and_page_stay_across_live_redraws_whatever_the_corpus_id(staff_client, corpus):
