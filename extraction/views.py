@@ -87,6 +87,8 @@ def job_view(extraction: Extraction, *, seq: int = 0) -> dict:
         "running": running,
         "label": "cancelling" if e.cancel_requested and running else e.status,
         "phase": phase,
+        # The page counts an automatic retry's wait down to this moment (live.js tick).
+        "retry_at": iso(e.next_attempt_at) if retry_in is not None and retry_in > 0 and not e.cancel_requested else "",
         "percent": f"{percent:.1f}".removesuffix(".0"),
         "bar_width": f"{percent:.1f}",
         "rate": f"{rate:,.0f}" if rate else "—",

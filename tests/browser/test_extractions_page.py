@@ -364,6 +364,25 @@ def test_the_time_left_the_server_drew_counts_down_and_a_redraw_does_not_put_it_
     assert first - 8 <= seconds_in(eta.inner_text()) <= first - 6
 
 
+def test_an_automatic_retrys_wait_counts_down_on_the_card(site, staff_user, make_extraction):
+    """Drawn once by the server ("in 40 s"), the wait then counts down each second by itself."""
+    now = timezone.now()
+    job = make_extraction("queued", queued_at=now, next_attempt_at=now + timedelta(seconds=40), attempt=1,
+                          auto_retried=True, error_type="WORKER_LOST", error_message="The worker process is gone.")
+    site.start_web()
+    page = site.page(staff_user)
+    page.clock.install()
+    page.goto(site.url("/extractions/"))
+    phase = page.locator(f"#extraction-{job.pk} [data-phase]")
+    expect(phase).to_have_text(re.compile(r"^Automatic retry in \d+ s$"))
+    first = seconds_in(phase.inner_text())
+    assert 34 <= first <= 40
+    page.clock.run_for(5000)
+    assert first - 6 <= seconds_in(phase.inner_text()) <= first - 4
+    page.clock.run_for(40000)
+    expect(phase).to_have_text("Automatic retry starting")
+
+
 class LateCommit:
     """A job's completion written in a transaction that takes its event's seq now and commits
     only when told: meanwhile an event with a higher seq can commit first."""

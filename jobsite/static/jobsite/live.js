@@ -769,6 +769,12 @@
         continue;
       }
       anyActive = true;
+      const retry = card.querySelector("[data-retry-at]");
+      if (retry) {
+        // An automatic retry's wait, counted down between redraws (the server drew it once).
+        const left = Date.parse(retry.dataset.retryAt) - now;
+        retry.textContent = left > 500 ? `Automatic retry in ${duration(left)}` : "Automatic retry starting";
+      }
       const known = remember(card);
       let stalled = false;
       if (isRunning(card, status) && known.alive) {
