@@ -345,7 +345,7 @@ def test_train_over_the_api_refuses_zero_epochs(staff_client, small_corpus):
     run = generate_and_approve(small_corpus)
     response = staff_client.post(f"/api/v1/training/runs/{run.pk}/train", data=json.dumps({"epochs": 0}),
                                  content_type="application/json")
-    assert response.status_code == 422 and response.json()["message"].startswith("epochs:")
+    assert response.status_code == 422 and response.json()["message"] == "epochs must be at least 1, not 0."
     assert reload(run).status == "generated"
 
 
