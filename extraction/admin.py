@@ -1,11 +1,9 @@
-from django.contrib import admin, messages
-from django.template.response import TemplateResponse
+from django.contrib import admin
 from django.utils.html import format_html
 
 from extraction import services
 from extraction.models import Dataset, Extraction, ModelRecord
 from jobsite.admin import JobActionsMixin, TamperProofMixin
-from jobsite.lifecycle import TransitionError
 
 BADGE_COLOURS = {
     "queued": "#6c757d", "loading": "#0d6efd", "extracting": "#0d6efd", "saving": "#0d6efd",
@@ -91,24 +89,12 @@ class ExtractionAdmin(JobActionsMixin, admin.ModelAdmin):
 
     @admin.action(description="Delete selected finished extractions (with their files)", permissions=["view"])
     def delete(self, request, queryset):
-        deletable = []
-        for extraction in queryset:
-            try:
-                services.extraction_check_deletable(extraction=extraction)
-            except TransitionError as exc:
-                self.message_user(request, self.refusal(extraction, exc), messages.ERROR)
-            else:
-                deletable.append(extraction)
-        if not deletable:
-            return None
-        if request.POST.get("confirmed") != "yes":
-            return TemplateResponse(request, "admin/extraction/confirm_delete.html", {
-                **self.admin_site.each_context(request), "title": "Delete extractions?", "extractions": deletable,
-                "opts": self.model._meta, "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
-            })
-        self._each(request, deletable, lambda e: services.extraction_delete(extraction=e, user=request.user),
-                   "%(count)d extraction deleted with its files.", "%(count)d extractions deleted with their files.")
-        return None
+        return self._each_once_confirmed(
+            request, queryset, check=lambda e: services.extraction_check_deletable(extraction=e),
+            act=lambda e: services.extraction_delete(extraction=e, user=request.user),
+            template="admin/extraction/confirm_delete.html", title="Delete extractions?", listed="extractions",
+            done_singular="%(count)d extraction deleted with its files.",
+            done_plural="%(count)d extractions deleted with their files.")
 
     def has_view_permission(self, request, obj=None):
         return request.user.is_active and request.user.is_staff

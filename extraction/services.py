@@ -19,7 +19,7 @@ from extraction.models import Dataset, Extraction, ModelRecord
 from jobsite.errors import JobInputError, check_record_name, check_text, not_kept
 from jobsite.lifecycle import TransitionError
 from jobsite.paths import resolve_under
-from jobsite.services import job_enqueue, job_request_cancel
+from jobsite.services import job_delete, job_enqueue, job_request_cancel
 
 # What extraction_retry takes as max_samples to mean every sample of the dataset: None there
 # already means "the original's", which may be a limit.
@@ -332,22 +332,8 @@ def extraction_check_deletable(*, extraction: Extraction) -> None:
 def extraction_delete(*, extraction: Extraction, user=None) -> None:
     """Delete a finished extraction and its output files; the deletion stays in the event log
     (a retry of it keeps its own row and files, without the link back)."""
-    import shutil  # noqa: PLC0415
-
-    from jobsite.events import publish  # noqa: PLC0415
-
     extraction_check_deletable(extraction=extraction)
-    output_dir = extraction.output_dir
-    with transaction.atomic():
-        locked = Extraction.objects.select_for_update().filter(pk=extraction.pk, status=extraction.status).first()
-        if locked is None:
-            raise TransitionError(f"Extraction {extraction.pk} changed while you were deleting it; reload it.")
-        publish(extraction.topic, "extraction.deleted", {
-            **extraction.event_payload(), "deleted_by": getattr(user, "username", "") or "",
-            "deleted_at": timezone.now().isoformat(),
-        })
-        locked.delete()
-        transaction.on_commit(lambda: shutil.rmtree(output_dir, ignore_errors=True))
+    job_delete(extraction, verb="deleted", user=user)
 
 
 def extraction_cancel(*, extraction: Extraction) -> Extraction:

@@ -6,6 +6,7 @@ from django.contrib.admin import helpers
 from django.contrib.admin.views.main import ERROR_FLAG
 from django.core.exceptions import ValidationError
 from django.http import HttpResponseRedirect
+from django.template.response import TemplateResponse
 from django.utils.translation import ngettext
 
 from jobsite.errors import JobInputError
@@ -48,3 +49,25 @@ class JobActionsMixin(TamperProofMixin):
     def refusal(self, job, exc: Exception) -> str:
         name = f"{job._meta.verbose_name.capitalize()} {job.pk}"
         return str(exc) if str(exc).startswith(name) else f"{name}: {exc}"  # a sentence that names it already
+
+    def _each_once_confirmed(self, request, jobs, *, check, act, template: str, title: str, listed: str,
+                             done_singular: str, done_plural: str):
+        """A destructive action: the jobs check() refuses get a message each; the rest are listed
+        on `template` (as `listed`) and acted on only when that page's form comes back confirmed."""
+        accepted = []
+        for job in jobs:
+            try:
+                check(job)
+            except TransitionError as exc:
+                self.message_user(request, self.refusal(job, exc), messages.ERROR)
+            else:
+                accepted.append(job)
+        if not accepted:
+            return None
+        if request.POST.get("confirmed") != "yes":
+            return TemplateResponse(request, template, {
+                **self.admin_site.each_context(request), "title": title, listed: accepted,
+                "opts": self.model._meta, "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+            })
+        self._each(request, accepted, act, done_singular, done_plural)
+        return None

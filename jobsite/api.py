@@ -12,7 +12,7 @@ from ninja.security import SessionAuth
 from pydantic import ConfigDict, model_validator
 from pydantic_core import PydanticCustomError
 
-from jobsite.errors import JobInputError
+from jobsite.errors import JobInputError, counted
 from jobsite.lifecycle import TransitionError
 from jobsite.views import STAFF_ONLY
 
@@ -138,36 +138,32 @@ def _got(error: dict) -> str:
     return ""
 
 
-def _plural(count, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
 def _phrase(error: dict) -> str:
     """One validation error as a person says it: "layers must be a list, e.g. [0, 2], not '0,2'"."""
     kind, ctx = error.get("type", ""), error.get("ctx") or {}
     message = str(error.get("msg", "is invalid")).removeprefix("Value error, ")
-    subject = _subject(error.get("loc", ()))
+    subject, got = _subject(error.get("loc", ())), _got(error)
     if kind in ("value_error", "extra_forbidden", "assertion_error") or not subject:
         return message  # our own sentences (they name what they are about)
     phrases = {
         "missing": "is required",
-        "int_parsing": f"must be a whole number{_got(error)}", "int_type": f"must be a whole number{_got(error)}",
-        "int_from_float": f"must be a whole number{_got(error)}",
-        "float_parsing": f"must be a number{_got(error)}", "float_type": f"must be a number{_got(error)}",
-        "bool_parsing": f"must be true or false{_got(error)}", "bool_type": f"must be true or false{_got(error)}",
-        "string_type": f"must be text in quotes{_got(error)}",
-        "list_type": f"must be a list, e.g. [0, 2]{_got(error)}",
+        "int_parsing": f"must be a whole number{got}", "int_type": f"must be a whole number{got}",
+        "int_from_float": f"must be a whole number{got}",
+        "float_parsing": f"must be a number{got}", "float_type": f"must be a number{got}",
+        "bool_parsing": f"must be true or false{got}", "bool_type": f"must be true or false{got}",
+        "string_type": f"must be text in quotes{got}",
+        "list_type": f"must be a list, e.g. [0, 2]{got}",
         "dict_type": "must be an object, e.g. {...}",
-        "too_short": f"needs at least {_plural(ctx.get('min_length', 1), 'item')}",
-        "too_long": f"takes at most {_plural(ctx.get('max_length', 0), 'item')}",
-        "string_too_short": f"needs at least {_plural(ctx.get('min_length', 1), 'character')}",
-        "string_too_long": f"takes at most {_plural(ctx.get('max_length', 0), 'character')}",
-        "greater_than": f"must be greater than {ctx.get('gt')}{_got(error)}",
-        "greater_than_equal": f"must be at least {ctx.get('ge')}{_got(error)}",
-        "less_than": f"must be less than {ctx.get('lt')}{_got(error)}",
-        "less_than_equal": f"must be at most {ctx.get('le')}{_got(error)}",
-        "literal_error": f"must be {ctx.get('expected')}{_got(error)}",
-        "enum": f"must be {ctx.get('expected')}{_got(error)}",
+        "too_short": f"needs at least {counted(ctx.get('min_length', 1), 'item')}",
+        "too_long": f"takes at most {counted(ctx.get('max_length', 0), 'item')}",
+        "string_too_short": f"needs at least {counted(ctx.get('min_length', 1), 'character')}",
+        "string_too_long": f"takes at most {counted(ctx.get('max_length', 0), 'character')}",
+        "greater_than": f"must be greater than {ctx.get('gt')}{got}",
+        "greater_than_equal": f"must be at least {ctx.get('ge')}{got}",
+        "less_than": f"must be less than {ctx.get('lt')}{got}",
+        "less_than_equal": f"must be at most {ctx.get('le')}{got}",
+        "literal_error": f"must be {ctx.get('expected')}{got}",
+        "enum": f"must be {ctx.get('expected')}{got}",
     }
     return f"{subject} {phrases.get(kind) or message.replace('Input should be', 'must be')}"
 

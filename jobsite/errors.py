@@ -9,6 +9,11 @@ import errno
 import re
 
 
+def counted(count: int, noun: str) -> str:
+    """"1 chunk", "1,113 chunks": a count as a sentence says it."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
 class ErrorType:
     OOM = "OOM"
     VALIDATION = "VALIDATION"

@@ -33,16 +33,21 @@ def _channel_layer() -> dict:
     return {"ok": True, "detail": "redis"}
 
 
-def _workers() -> dict:
+def live_workers() -> tuple[int, int]:
+    """(clusters, worker processes) of the django-q2 clusters that run and are not stopping."""
     from django_q.status import Stat
 
     clusters = [s for s in Stat.get_all() if getattr(s, "status", "") not in ("Stopped", "Stopping")]
-    workers = sum(len(getattr(s, "workers", []) or []) for s in clusters)
+    return len(clusters), sum(len(getattr(s, "workers", []) or []) for s in clusters)
+
+
+def _workers() -> dict:
+    clusters, workers = live_workers()
     if not workers:
         detail = ("a worker cluster is starting but has no worker process yet" if clusters
                   else "start one with manage.py qcluster")
-        return {"ok": False, "detail": detail, "clusters": len(clusters), "workers": 0}
-    return {"ok": True, "detail": f"{len(clusters)} cluster(s), {workers} worker(s)", "clusters": len(clusters),
+        return {"ok": False, "detail": detail, "clusters": clusters, "workers": 0}
+    return {"ok": True, "detail": f"{clusters} cluster(s), {workers} worker(s)", "clusters": clusters,
             "workers": workers}
 
 

@@ -67,4 +67,4 @@ def transition_cancelled(job: Job, *, payload: dict | None = None) -> Job:
     """A cancellation takes effect: the kind's cancelled status, or its failed one (kinds
     without a cancelled status say there that the job was stopped on request)."""
     to, fields = job.cancelled_outcome()
-    return transition(job, to, cancel_requested=False, payload=payload, **fields)
+    return transition(job, to, payload=payload, **fields)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
 from datetime import timedelta
 
 from django.conf import settings
@@ -68,6 +69,26 @@ def job_request_cancel(job: Job) -> Job:
     return job_request_cancel(current)
 
 
+def job_delete(job: Job, *, verb: str, user=None) -> None:
+    """Delete a job that no worker holds (the kind checks that first, in its own words), with
+    its output files once the deletion commits; the event `<kind>.<verb>` ("removed", "deleted")
+    keeps who did it and when."""
+    from jobsite.events import publish
+
+    model, output_dir = type(job), job.output_dir
+    with transaction.atomic():
+        locked = model.objects.select_for_update().filter(pk=job.pk, status=job.status).first()
+        if locked is None:
+            raise TransitionError(f"{model._meta.verbose_name.capitalize()} {job.pk} changed while you were "
+                                  f"{'removing' if verb == 'removed' else 'deleting'} it; reload it.")
+        publish(job.topic, f"{model.KIND}.{verb}", {
+            **job.event_payload(), f"{verb}_by": getattr(user, "username", "") or "",
+            f"{verb}_at": timezone.now().isoformat(),
+        })
+        locked.delete()
+        transaction.on_commit(lambda: shutil.rmtree(output_dir, ignore_errors=True))
+
+
 def job_resume(job: Job) -> Job:
     """A person's Resume of a stalled job: take it from its silent worker and queue it again.
 
@@ -77,7 +98,7 @@ def job_resume(job: Job) -> Job:
         raise TransitionError(_not_stalled(job))
     message = f"Resumed by a person after {job.heartbeat_age_s:.0f} s without a heartbeat."
     with transaction.atomic():
-        transition(job, job.failed_status(), error_type="WORKER_LOST", error_message=message, cancel_requested=False)
+        transition(job, job.failed_status(), error_type="WORKER_LOST", error_message=message)
         job_requeue(job, automatic=False, reason=message)
     return job
 
@@ -126,7 +147,6 @@ def job_fail(job: Job, *, exc: BaseException | None = None, error_type: str | No
         error_type=error_type,
         error_message=message,
         suggested_retry_params=job.suggest_retry_params(error_type),
-        cancel_requested=False,
     )
     with transaction.atomic():
         transition(job, job.failed_status(), **fields)

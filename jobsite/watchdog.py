@@ -64,6 +64,7 @@ def run() -> list[str]:
     """One pass over every job kind; returns a line per job it changed."""
     changed = []
     now = timezone.now()
+    free = None  # worker processes holding no job, asked once a pass and only when a job waits
     for model in job_models():
         for job in model.objects.filter(status__in=model.RUNNING).exclude(worker=""):
             verdict = diagnose(job, now)
@@ -84,8 +85,11 @@ def run() -> list[str]:
         for job in unsent:
             job_enqueue(job)
             changed.append(f"{job.topic}: queued since {job.queued_at:%H:%M:%S} but never handed to the queue; sent again")
-        waiting = model.objects.filter(model.awaiting_worker(), enqueued_at__lt=lost_before).exclude(next_attempt_at__gt=now)
-        if waiting.exists() and free_workers() > 0:
+        waiting = list(model.objects.filter(model.awaiting_worker(), enqueued_at__lt=lost_before)
+                       .exclude(next_attempt_at__gt=now))
+        if waiting and free is None:
+            free = free_workers()
+        if waiting and free > 0:
             for job in waiting:
                 job_enqueue(job)
                 changed.append(f"{job.topic}: waited since {job.enqueued_at:%H:%M:%S} while a worker was free (its task "
@@ -103,10 +107,9 @@ def free_workers() -> int:
     waited past the stall limit while a worker is free has lost its task that way: the
     watchdog sends it again (a copy that turns up later finds the job taken and does nothing).
     """
-    from django_q.status import Stat
+    from jobsite.health import live_workers
 
-    clusters = [s for s in Stat.get_all() if getattr(s, "status", "") not in ("Stopped", "Stopping")]
-    workers = sum(len(getattr(s, "workers", []) or []) for s in clusters)
+    _clusters, workers = live_workers()
     if not workers:
         return 0
     held = sum(m.objects.filter(status__in=m.RUNNING).exclude(worker="").count() for m in job_models())

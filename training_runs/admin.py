@@ -1,5 +1,4 @@
 from django.contrib import admin, messages
-from django.template.response import TemplateResponse
 from django.utils.translation import ngettext
 
 from jobsite.admin import JobActionsMixin, TamperProofMixin
@@ -73,24 +72,11 @@ class TrainingRunAdmin(JobActionsMixin, admin.ModelAdmin):
 
     @admin.action(description="Remove selected failed, stopped or unreviewed runs (with their pairs and files)", permissions=["view"])
     def remove(self, request, queryset):
-        removable = []
-        for run in queryset:
-            try:
-                services.training_run_check_removable(run=run)
-            except TransitionError as exc:
-                self.message_user(request, str(exc), messages.ERROR)
-            else:
-                removable.append(run)
-        if not removable:
-            return None
-        if request.POST.get("confirmed") != "yes":
-            return TemplateResponse(request, "admin/training_runs/confirm_remove.html", {
-                **self.admin_site.each_context(request), "title": "Remove training runs?", "runs": removable,
-                "opts": self.model._meta, "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
-            })
-        self._each(request, removable, lambda run: services.training_run_remove(run=run, user=request.user),
-                   "%(count)d run removed.", "%(count)d runs removed.")
-        return None
+        return self._each_once_confirmed(
+            request, queryset, check=lambda run: services.training_run_check_removable(run=run),
+            act=lambda run: services.training_run_remove(run=run, user=request.user),
+            template="admin/training_runs/confirm_remove.html", title="Remove training runs?", listed="runs",
+            done_singular="%(count)d run removed.", done_plural="%(count)d runs removed.")
 
 
 @admin.register(TrainingPair)

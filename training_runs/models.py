@@ -189,6 +189,11 @@ class TrainingRun(Job):
             return f"embedding continues after {self.embedding_label}, then training starts"
         return "training starts from its first epoch (the texts embedded before are kept)"
 
+    @property
+    def review_note(self) -> str:
+        """What a review's answer adds for a failed training: what Proceed will now do."""
+        return f" Proceed: {self.proceed_sentence}." if self.status == self.Status.TRAINING_FAILED else ""
+
     # A failed run waits for a person: Proceed resumes it where it stopped, Remove discards it.
     NEXT_STEPS = {
         ErrorType.CANCELLED: "Proceed continues where it stopped; Delete discards the run.",

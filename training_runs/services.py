@@ -18,7 +18,7 @@ from jobsite.errors import JobInputError, check_file_name, check_text, not_kept
 from jobsite.events import publish
 from jobsite.lifecycle import TransitionError
 from jobsite.paths import resolve_under
-from jobsite.services import job_enqueue, job_request_cancel, job_requeue
+from jobsite.services import job_delete, job_enqueue, job_request_cancel, job_requeue
 from training_runs.models import Chunk, Corpus, TrainingPair, TrainingRun
 
 Status = TrainingRun.Status
@@ -360,10 +360,22 @@ NOT_REVIEWABLE = {
 }
 
 
-def training_run_review(*, run: TrainingRun, decision: str, pair_ids: list[int] | None = None) -> int:
-    """Approve or reject pairs (all pending ones when pair_ids is None); returns how many."""
+def _require_reviewable(run: TrainingRun) -> None:
     if run.status not in (Status.GENERATED, Status.TRAINING_FAILED):
         raise TransitionError(f"Training run {run.pk} {run.state_phrase}; {NOT_REVIEWABLE[run.status]}")
+
+
+def _reviewed(run: TrainingRun, *, changed: bool, **payload) -> None:
+    """In the review's transaction: a failed training whose pairs changed has void epochs (it
+    trains on other pairs now), and the pages learn the new counts."""
+    if changed and run.status == Status.TRAINING_FAILED:
+        _forget_training(run)
+    publish(run.topic, "training.pairs_reviewed", {**run.event_payload(), **review_counts(run), **payload})
+
+
+def training_run_review(*, run: TrainingRun, decision: str, pair_ids: list[int] | None = None) -> int:
+    """Approve or reject pairs (all pending ones when pair_ids is None); returns how many."""
+    _require_reviewable(run)
     if decision not in (TrainingPair.Review.APPROVED, TrainingPair.Review.REJECTED):
         raise JobInputError("The decision must be approved or rejected.", field="decision")
     pairs = run.pairs.all()
@@ -377,9 +389,7 @@ def training_run_review(*, run: TrainingRun, decision: str, pair_ids: list[int] 
     with transaction.atomic():
         changed = pairs.exclude(review=decision).exists()
         count = pairs.update(review=decision)
-        if changed and run.status == Status.TRAINING_FAILED:
-            _forget_training(run)
-        publish(run.topic, "training.pairs_reviewed", {**run.event_payload(), **review_counts(run)})
+        _reviewed(run, changed=changed)
     return count
 
 
@@ -390,8 +400,7 @@ def training_run_pair_edit(*, run: TrainingRun, pair_id: int, query: str) -> Tra
     """A reviewer rewrites a pair's query (one line, as a generator writes it); the pair is
     then approved, since a person wrote it. Where a review can be made, and with what it does
     to a failed training, as a review."""
-    if run.status not in (Status.GENERATED, Status.TRAINING_FAILED):
-        raise TransitionError(f"Training run {run.pk} {run.state_phrase}; {NOT_REVIEWABLE[run.status]}")
+    _require_reviewable(run)
     query = check_text(" ".join(query.split()), "The query", QUERY_LIMIT, field="query")
     if not query:
         raise JobInputError("The query is empty; write the question this chunk answers.", field="query")
@@ -408,9 +417,7 @@ def training_run_pair_edit(*, run: TrainingRun, pair_id: int, query: str) -> Tra
         if not run.pairs.filter(pk=pair.pk).update(query=query, review=TrainingPair.Review.APPROVED):
             raise TransitionError(f"Pair {pair_id} was removed while you were editing it; reload the page.")
         pair.query, pair.review = query, TrainingPair.Review.APPROVED
-        if run.status == Status.TRAINING_FAILED:
-            _forget_training(run)
-        publish(run.topic, "training.pairs_reviewed", {**run.event_payload(), **review_counts(run), "edited": pair.pk})
+        _reviewed(run, changed=True, edited=pair.pk)
     return pair
 
 
@@ -503,17 +510,7 @@ def training_run_check_removable(*, run: TrainingRun) -> None:
 def training_run_remove(*, run: TrainingRun, user=None) -> None:
     """Delete a failed, stopped or unreviewed run, its pairs and its files; the removal stays in the event log."""
     training_run_check_removable(run=run)
-    output_dir = run.output_dir
-    with transaction.atomic():
-        locked = TrainingRun.objects.select_for_update().filter(pk=run.pk, status=run.status).first()
-        if locked is None:
-            raise TransitionError(f"Training run {run.pk} changed while you were removing it; reload it.")
-        publish(run.topic, "training.removed", {
-            **run.event_payload(), "removed_by": getattr(user, "username", "") or "",
-            "removed_at": timezone.now().isoformat(),
-        })
-        locked.delete()
-        transaction.on_commit(lambda: shutil.rmtree(output_dir, ignore_errors=True))
+    job_delete(run, verb="removed", user=user)
 
 
 # --- the worker side ------------------------------------------------------------------------

@@ -342,7 +342,7 @@ def training_review(request, pk: int):
         request,
         f"{updated:,} pair{'s' if updated != 1 else ''} {decision}. Training run {pk} now has "
         f"{counts['approved']:,} approved, {counts['rejected']:,} rejected and {counts['pending']:,} pending."
-        + (f" Proceed: {run.proceed_sentence}." if run.status == Status.TRAINING_FAILED else ""),
+        + run.review_note,
     )
     return _back(pk, pairs_page=page)
 

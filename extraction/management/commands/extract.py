@@ -10,7 +10,7 @@ from extraction import selectors, services
 from extraction.constants import VALID_BATCH_SIZES
 from extraction.forms import parse_layers
 from extraction.models import Extraction
-from jobsite.errors import JobInputError
+from jobsite.errors import JobInputError, counted
 from jobsite.health import workers_missing
 from jobsite.lifecycle import TransitionError
 
@@ -82,10 +82,6 @@ def follow(command: BaseCommand, extraction: Extraction, poll_s: float = 0.5) ->
                            returncode=130) from None
 
 
-def _plural(count: int, noun: str) -> str:
-    return f"{count:,} {noun}{'' if count == 1 else 's'}"
-
-
 def _follow(command: BaseCommand, extraction: Extraction, poll_s: float) -> None:
     said_no_worker, checked_at = False, 0.0
     with tqdm(total=extraction.total_samples or None, unit="sample", desc=f"extraction {extraction.pk}",
@@ -109,9 +105,9 @@ def _follow(command: BaseCommand, extraction: Extraction, poll_s: float) -> None
             time.sleep(poll_s)
     if extraction.status == Extraction.Status.COMPLETED:
         command.stdout.write(
-            f"Extraction {extraction.pk} completed: {_plural(extraction.total_samples, 'sample')}, "
-            f"{_plural(extraction.total_tokens, 'token')} in {extraction.output_dir}"
-            + (f" ({_plural(extraction.truncated_samples, 'sample')} cut to {extraction.max_length:,} tokens)"
+            f"Extraction {extraction.pk} completed: {counted(extraction.total_samples, 'sample')}, "
+            f"{counted(extraction.total_tokens, 'token')} in {extraction.output_dir}"
+            + (f" ({counted(extraction.truncated_samples, 'sample')} cut to {extraction.max_length:,} tokens)"
                if extraction.truncated_samples else "")
             + (f" ({extraction.clamped_tokens:,} token ids clamped to the vocabulary)" if extraction.clamped_tokens else "")
             + (f". Warning: {extraction.inf_values:,} values were beyond float16's range (+-65504) and are stored as "

@@ -4,7 +4,7 @@ import time
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
-from jobsite.errors import JobInputError
+from jobsite.errors import JobInputError, counted
 from jobsite.lifecycle import TransitionError
 from training_runs import services
 from training_runs.models import Corpus, TrainingRun
@@ -84,9 +84,9 @@ class Command(BaseCommand):
                     raise CommandError(f"{exc} Give the new corpus a name with --name.") from None
                 raise
             made = "" if created else f" (made from {corpus.source} before)"
-            self.stdout.write(f"Corpus {corpus.name}{made}: {_count(corpus.num_documents, 'document')}, "
-                              f"{_count(corpus.chunks.count(), 'chunk')}.")
-        self.stdout.write(f"Training run {run.pk} is generating pairs for {_count(run.total_chunks, 'chunk')}.")
+            self.stdout.write(f"Corpus {corpus.name}{made}: {counted(corpus.num_documents, 'document')}, "
+                              f"{counted(corpus.chunks.count(), 'chunk')}.")
+        self.stdout.write(f"Training run {run.pk} is generating pairs for {counted(run.total_chunks, 'chunk')}.")
         if options["wait"]:
             self.follow(run)
 
@@ -96,15 +96,13 @@ class Command(BaseCommand):
         decision = "approved" if options["decision"] == "approve" else "rejected"
         updated = services.training_run_review(run=run, decision=decision, pair_ids=ids)
         counts = services.review_counts(run)
-        then = f" Proceed: {run.proceed_sentence}." if run.status == TrainingRun.Status.TRAINING_FAILED else ""
-        self.stdout.write(f"{_count(updated, 'pair')} {decision}; run {run.pk} now has {counts['approved']:,} approved, "
-                          f"{counts['rejected']:,} rejected, {counts['pending']:,} pending.{then}")
+        self.stdout.write(f"{counted(updated, 'pair')} {decision}; run {run.pk} now has {counts['approved']:,} approved, "
+                          f"{counts['rejected']:,} rejected, {counts['pending']:,} pending.{run.review_note}")
 
     def do_edit(self, options):
         run = self._run(options["run_id"])
         pair = services.training_run_pair_edit(run=run, pair_id=options["pair_id"], query=options["query"])
-        then = f" Proceed: {run.proceed_sentence}." if run.status == TrainingRun.Status.TRAINING_FAILED else ""
-        self.stdout.write(f"Pair {pair.pk} of training run {run.pk} now asks {pair.query!r} and is approved.{then}")
+        self.stdout.write(f"Pair {pair.pk} of training run {run.pk} now asks {pair.query!r} and is approved.{run.review_note}")
 
     def do_train(self, options):
         run = services.training_run_train(run=self._run(options["run_id"]), epochs=options["epochs"])
@@ -197,10 +195,6 @@ class Command(BaseCommand):
         bar.total, bar.n = getattr(run, total), getattr(run, done)
         bar.set_postfix_str(run.status)
         bar.refresh()
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def _pair_ids(value: str) -> list[int]:
