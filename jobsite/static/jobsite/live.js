@@ -175,17 +175,23 @@
   // Only the same decision's button, never the other one: a second Enter must not flip a pair.
   let refocus = null;
   let lastReviewAt = 0;
-  document.addEventListener("htmx:beforeRequest", (event) => {
+  // Only a form sent by a person counts: a live redraw requested meanwhile neither drops the
+  // pending refocus nor takes it when it settles first.
+  const submitterOf = (event) => {
     const trigger = event.detail.requestConfig && event.detail.requestConfig.triggeringEvent;
-    const button = trigger && trigger.submitter;
-    const row = button && button.closest && button.closest("tr[data-pair]");
+    return trigger && trigger.submitter;
+  };
+  document.addEventListener("htmx:beforeRequest", (event) => {
+    const button = submitterOf(event);
+    if (!button) return;
+    const row = button.closest && button.closest("tr[data-pair]");
     refocus = null;
     if (!row || !button.value) return;
     lastReviewAt = Date.now();
     refocus = { row: row.id, decision: button.value.split(":").pop() };
   });
-  document.addEventListener("htmx:afterSettle", () => {
-    if (!refocus) return;
+  document.addEventListener("htmx:afterSettle", (event) => {
+    if (!refocus || !submitterOf(event)) return;
     const { row: id, decision } = refocus;
     refocus = null;
     let row = document.getElementById(id);
