@@ -73,6 +73,7 @@ class RunOut(Schema):
     epochs_done: int
     texts_total: int = Field(description="chunks and approved queries the training phase embeds before its epochs")
     texts_embedded: int
+    is_embedding: bool = Field(description="the training phase embeds its texts: its epochs have not started, and it cannot tell its time left yet")
     progress_done: int = Field(description="what `progress` counts now: chunks, texts embedded, or epochs")
     progress_total: int
     metrics: dict

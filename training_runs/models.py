@@ -239,6 +239,7 @@ class TrainingRun(Job):
             "epochs_done": self.epochs_done,
             "texts_total": self.texts_total,
             "texts_embedded": self.texts_embedded,
+            "is_embedding": self.is_embedding,
             "progress_done": self.progress_counts[0],
             "progress_total": self.progress_counts[1],
             "metrics": self.metrics,

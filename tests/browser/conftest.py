@@ -145,8 +145,19 @@ def page_on_held_clock(site, user, path: str):
     page = site.page(user)
     page.clock.install()
     page.goto(site.url(path))
-    page.clock.pause_at(page.evaluate("Date.now()") + 1000)
+    page.clock.pause_at(page.evaluate("Date.now()") / 1000 + 1)  # a number is seconds here
     return page
+
+
+def run_clock_until(page, condition: str, step_ms: int = 25, limit_s: float = 30) -> None:
+    """Moves a held page clock on in small steps until `condition` (a JS expression) holds: the
+    page's redraws wait on its timers (a debounce, htmx's settle, a redraw queued behind another)."""
+    for _ in range(int(limit_s * 1000 / step_ms)):
+        if page.evaluate(f"() => Boolean({condition})"):
+            return
+        page.clock.run_for(step_ms)
+        page.wait_for_timeout(step_ms)  # the test's own time: the server's answer travels meanwhile
+    raise AssertionError(f"the page never came to {condition}")
 
 
 def deliver(page, seq: int, topic: str, type_: str, payload: dict) -> None:

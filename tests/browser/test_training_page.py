@@ -11,7 +11,7 @@ import pytest
 from django.utils import timezone
 from playwright.sync_api import expect
 
-from tests.browser.conftest import deliver, page_on_held_clock, screenshot, settled
+from tests.browser.conftest import deliver, page_on_held_clock, run_clock_until, screenshot, settled
 from tests.conftest import DEMO_CORPUS
 from jobsite.events import publish
 from training_runs import services
@@ -520,9 +520,9 @@ def test_a_running_step_says_how_long_it_has_left(site, staff_user, training_env
                                                  texts_embedded=0, epochs=8, epochs_done=0)
     run.refresh_from_db()
     payload = run.event_payload()
-    with page.expect_response(lambda r: "/training/" in r.url and r.request.method == "GET"):
-        deliver(page, next(seq), run.topic, "training.training", payload)
-    page.clock.run_for(100)
+    deliver(page, next(seq), run.topic, "training.training", payload)
+    # The card the server draws for the training step, which the event asked for.
+    run_clock_until(page, f"document.querySelector('#run-{run.pk}').textContent.includes('Embedding 0 of 100 texts')")
     # Embedding runs the long chunks first, then the short queries: texts/s cannot tell its time left.
     step = page.locator(f"#run-{run.pk} [data-eta-step]")
     expect(step).to_be_hidden()
@@ -532,9 +532,42 @@ def test_a_running_step_says_how_long_it_has_left(site, staff_user, training_env
     expect(step).to_be_hidden()
     for epoch in range(1, 4):  # 2 s an epoch, 8 epochs
         page.clock.run_for(2000)
-        progress(texts_embedded=100, progress_done=epoch, progress_total=8, epochs_done=epoch)
+        progress(texts_embedded=100, is_embedding=False, progress_done=epoch, progress_total=8, epochs_done=epoch)
         if epoch == 1:
             expect(step).to_be_visible()
             expect(eta).to_have_text("—")  # one epoch tells no pace yet
     expect(step).to_contain_text("left in this step")
     expect(eta).to_have_text(re.compile(r"^(9|10|11) s$"))  # 5 epochs left at 2 s each
+
+
+def test_a_redraw_that_crosses_a_progress_does_not_take_the_card_back(site, staff_user, training_env, corpus):
+    """A redraw the server rendered before a progress event, answered after the page applied that
+    event: the card keeps showing the newer progress, not what the server had read before it."""
+    now = timezone.now()
+    run = make_run(corpus, "generating", processed_chunks=2, pair_count=4, started_at=now, heartbeat_at=now,
+                   progress_at=now, worker="host:1", attempt=1)
+    site.start_web(**training_env)
+    page = site.page(staff_user)
+    page.goto(site.url("/training/"))
+    card = page.locator(f"#run-{run.pk}")
+    expect(card).to_contain_text(f"2/{run.total_chunks} chunks")
+    held = []
+    page.route(re.compile(r"/training/workflow/"), lambda route: held.append(route))
+    payload = run.event_payload()
+    # The run's status event asks for a redraw; the answer is held while two chunks are done.
+    deliver(page, 1_000_001, run.topic, "training.generating", payload)
+    for _ in range(100):  # the route's handler runs while Playwright waits
+        if held:
+            break
+        page.wait_for_timeout(50)
+    assert len(held) == 1
+    deliver(page, 1_000_002, run.topic, "training.progress", {**payload, "processed_chunks": 3, "pair_count": 6})
+    deliver(page, 1_000_003, run.topic, "training.progress", {**payload, "processed_chunks": 4, "pair_count": 8})
+    expect(card).to_contain_text(f"4/{run.total_chunks} chunks")
+    page.evaluate(f"document.getElementById('run-{run.pk}').dataset.before = '1'")
+    held[0].continue_()
+    page.unroute(re.compile(r"/training/workflow/"))
+    expect(card).not_to_have_attribute("data-before", "1")  # the server's card is in the page now
+    expect(card).to_contain_text(f"4/{run.total_chunks} chunks")
+    expect(card).to_contain_text("8 pairs")
+    expect(card).to_have_attribute("data-seq", "1000003")

@@ -333,7 +333,7 @@
       const drawn = parseFloat((card.querySelector("[data-eta]") || { dataset: {} }).dataset.leftS);
       const progressAt = Date.parse(card.dataset.progressAt || "");
       const left = Number.isFinite(drawn) && progressAt ? { seconds: drawn, at: progressAt } : null;
-      const previous = known || { alive: 0, moved: 0, done: null, points: [], polledAt: 0, left, stallRedrawnAt: 0 };
+      const previous = known || { alive: 0, moved: 0, done: null, points: [], polledAt: 0, left, stallRedrawnAt: 0, lastProgress: null };
       known = {
         ...previous,
         card,
@@ -561,9 +561,20 @@
     if (!known.left || !isRunning(card)) return;
     setText(card, "[data-eta]", duration(Math.max(0, known.left.seconds * 1000 - (now - known.left.at))));
   }
-  // Before the browser paints the card drawn again (with the server's figure as of the last progress).
+  // Before the browser paints a card drawn again: a redraw rendered before the last progress the
+  // page applied (its data-seq is older: the request crossed that event) would show the job
+  // going backwards until the next event, so that progress is applied again over it; then the
+  // countdown goes on from the page's own figure, not the server's as of the last progress.
   document.addEventListener("htmx:afterSwap", () => {
-    for (const card of cards()) showLeft(card, remember(card), serverNow());
+    for (const card of cards()) {
+      const known = remember(card);
+      const last = known.lastProgress;
+      if (last && last.seq > (parseInt(card.dataset.seq || "0", 10) || 0)) {
+        apply(card, last.job, last.at, 0);
+        card.dataset.seq = String(last.seq);
+      }
+      showLeft(card, known, serverNow());
+    }
   });
 
   // A run stopped on request is "stopped", as the server draws it, not its *_failed status.
@@ -609,9 +620,13 @@
       known.points = [];
       known.left = null;
       setText(card, "[data-eta]", "—");
-      // A step whose time left could not be told (a training run's embedding) has ended.
-      card.querySelectorAll("[data-eta-step][hidden]").forEach((step) => { step.hidden = false; });
     }
+    // What is shown only in some states of the job (a training run's time left, not told while it
+    // embeds) follows the job's own flag ([data-hidden-while]), event after event.
+    card.querySelectorAll("[data-hidden-while]").forEach((el) => {
+      const flag = job[el.dataset.hiddenWhile];
+      if (typeof flag === "boolean") el.hidden = flag;
+    });
     if (typeof tokensTotal === "number") known.rateTotal = tokensTotal;
     if (typeof tokens === "number" && tokens > 0) {
       const last = known.points[known.points.length - 1];
@@ -731,6 +746,9 @@
     // the first progress that one holds it now: drawn again, it says what the worker does.
     const claimed = progress && isActive(card) && !isRunning(card);
     apply(card, job, at, workerWrote ? at : 0);
+    // A progress shows now: remembered, for a redraw that crosses it. Any other event asks for
+    // a redraw, rendered after it: what the server draws then is newer than any progress before.
+    remember(card).lastProgress = progress ? { seq: message.seq, job, at } : null;
     if (progress) card.dataset.seq = String(message.seq);  // it shows this event now
     if (!progress || claimed) {
       redraw(card);
