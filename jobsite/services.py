@@ -112,9 +112,13 @@ def _not_stalled(job: Job) -> str:
     if job.status in job.ACTIVE:
         return f"This {label} is {job.status} and waits for a worker; {only}."
     # A kind may say its status as a sentence does ("is waiting for review", "is stopped").
-    state = getattr(job, "state_phrase", f"is {job.status}")
+    state = getattr(job, "state_phrase", {"failed": "has failed", "cancelled": "was cancelled"}.get(
+        job.status, f"is {job.status}"))
+    if job.status == "completed":
+        return f"This {label} {state}; there is nothing to resume."
     then = job.next_step or (f"Retry starts a new {label}." if job.retry_available else "")
-    return f"This {label} {state}; it has no worker, and {only}." + (f" {then}" if then else "")
+    return f"This {label} {state} and no worker holds it; Resume is for a stalled {label}." + (
+        f" {then}" if then else "")
 
 
 def job_requeue(job: Job, *, automatic: bool, reason: str, delay_s: float = 0, clear_error: bool = False,

@@ -3,6 +3,7 @@ from pathlib import Path
 from django.conf import settings
 from django.db import models
 from django.db.models import Q, Value
+from django.db.models.functions import Lower
 
 from jobsite.errors import ErrorType
 from jobsite.models import Job
@@ -21,6 +22,9 @@ class Corpus(models.Model):
     class Meta:
         ordering = ["name"]
         verbose_name_plural = "corpora"
+        # "Policy" beside "policy" reads as one corpus in every list (and is one folder on a
+        # case-insensitive disk).
+        constraints = [models.UniqueConstraint(Lower("name"), name="corpus_name_unique_ignoring_case")]
 
     def __str__(self):
         return self.name

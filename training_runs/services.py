@@ -104,8 +104,14 @@ def _corpus_folder(name: str) -> Path:
     return folder
 
 
-def _already_exists(name: str) -> JobInputError:
-    return JobInputError(f"A corpus named {name!r} already exists; choose another name.", field="name")
+def _existing(name: str) -> Corpus | None:
+    """The corpus a new one of this name would be taken for: names are unique ignoring case."""
+    return Corpus.objects.filter(name__iexact=name).first()
+
+
+def _already_exists(name: str, existing: Corpus) -> JobInputError:
+    same = "" if existing.name == name else f" (as {existing.name!r})"
+    return JobInputError(f"A corpus named {name!r} already exists{same}; choose another name.", field="name")
 
 
 def corpus_create(
@@ -122,8 +128,8 @@ def corpus_create(
 
     check_file_name(name, "The corpus name")
     check_chunking(chunk_size, chunk_overlap)
-    if Corpus.objects.filter(name=name).exists():
-        raise _already_exists(name)
+    if existing := _existing(name):
+        raise _already_exists(name, existing)
     staging = None
     if uploads:
         checked = _checked_uploads(uploads)
@@ -190,8 +196,8 @@ def _corpus_save(*, name: str, root: Path, staging: Path | None, chunks: list[tu
                                         field="files") from None
                 moved = True
     except IntegrityError:
-        if Corpus.objects.filter(name=name).exists():
-            raise _already_exists(name) from None
+        if existing := _existing(name):
+            raise _already_exists(name, existing) from None
         raise
     except BaseException:
         if moved:  # the commit failed after the move: no row points at these files
@@ -341,7 +347,7 @@ def training_run_generate_from_path(
         return run, corpus, False
     if not name:
         name = resolve_under(path, [settings.JOBSITE_DATA_DIR], "corpus").stem or "corpus"
-        taken = Corpus.objects.filter(name=name).first()
+        taken = _existing(name)
         if taken is not None:
             raise JobInputError(f"A corpus named {name!r} already exists, made from {taken.source}; "
                                 f"the corpus made from {path} needs another name.", field="name")

@@ -93,11 +93,11 @@ def test_events_are_pushed_only_after_commit(make_extraction, django_capture_on_
 
 
 RESUME_REFUSALS = [
-    ("cancelled", {}, "This extraction is cancelled; it has no worker, and only a stalled extraction can be resumed. "
+    ("cancelled", {}, "This extraction was cancelled and no worker holds it; Resume is for a stalled extraction. "
                       "Retry starts a new extraction."),
-    ("completed", {}, "This extraction is completed; it has no worker, and only a stalled extraction can be resumed."),
+    ("completed", {}, "This extraction is completed; there is nothing to resume."),
     ("failed", {"error_type": "OOM"},
-     "This extraction is failed; it has no worker, and only a stalled extraction can be resumed. "
+     "This extraction has failed and no worker holds it; Resume is for a stalled extraction. "
      "Retry with the suggested (half) batch size, or turn on auto retry on OOM."),
     ("queued", {}, "This extraction is queued and waits for a worker; only a stalled extraction can be resumed."),
     ("extracting", {"worker": "w:1"},
@@ -123,12 +123,11 @@ def test_resume_refusal_says_where_the_extraction_stands(staff_client, make_extr
 
 @pytest.mark.django_db
 @pytest.mark.parametrize(("status", "fields", "sentence"), [
-    ("completed", {}, "This training run is completed; it has no worker, and only a stalled training run can be "
-                      "resumed."),
-    ("generated", {}, "This training run is waiting for review; it has no worker, and only a stalled training run can "
-                      "be resumed."),
+    ("completed", {}, "This training run is completed; there is nothing to resume."),
+    ("generated", {}, "This training run is waiting for review and no worker holds it; Resume is for a stalled "
+                      "training run."),
     ("generating_failed", {"error_type": "CANCELLED", "error_message": "Stopped on request after 4 of 12 chunks."},
-     "This training run is stopped; it has no worker, and only a stalled training run can be resumed. Proceed "
+     "This training run is stopped and no worker holds it; Resume is for a stalled training run. Proceed "
      "continues where it stopped; Delete discards the run."),
     ("generating", {}, "This training run is generating and waits for a worker; only a stalled training run can be "
                        "resumed."),

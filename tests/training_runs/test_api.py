@@ -233,6 +233,10 @@ def test_a_refused_upload_leaves_no_file_for_the_next_corpus_of_that_name(staff_
     assert again.status_code == 422
     assert again.json()["message"] == "A corpus named 'u2' already exists; choose another name."
     assert sorted(p.name for p in (corpora / "u2").iterdir()) == ["c.txt"]
+    # A name that differs only in case would read as the same corpus in every list.
+    shouted = upload(staff_client, "U2", [("d.txt", SOME_TEXT)])
+    assert shouted.status_code == 422
+    assert shouted.json()["message"] == "A corpus named 'U2' already exists (as 'u2'); choose another name."
     assert sorted(p.name for p in corpora.iterdir()) == ["u2"]
 
 

@@ -1,4 +1,5 @@
 import json
+import re
 import threading
 import time
 from datetime import timedelta
@@ -14,6 +15,7 @@ from training_runs import generator as generator_module
 from training_runs.models import TrainingPair, TrainingRun
 from training_runs.services import (
     TrainingRunBlocked,
+    corpus_create,
     training_run_generate,
     training_run_proceed,
     training_run_remove,
@@ -568,3 +570,17 @@ def test_review_refusal_says_why_each_state_cannot_be_reviewed(small_corpus, sta
     with pytest.raises(TransitionError) as refused:
         training_run_review(run=run, decision="approved")
     assert str(refused.value) == f"Training run {run.pk} {why}"
+
+
+def test_corpus_names_are_unique_ignoring_case_in_the_database_too(small_corpus):
+    """The service refuses 'SMALL' beside 'small'; a writer that skips it (a concurrent request
+    past the check, the admin, a script) meets the same rule in PostgreSQL."""
+    from django.db import IntegrityError, transaction
+
+    from training_runs.models import Corpus
+
+    with pytest.raises(JobInputError, match=re.escape("A corpus named 'SMALL' already exists (as 'small')")):
+        corpus_create(name="SMALL", path=small_corpus.source)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Corpus.objects.create(name="Small", source=small_corpus.source)
+    assert list(Corpus.objects.values_list("name", flat=True)) == ["small"]
