@@ -72,6 +72,10 @@ class Lease:
         self.job.progress_at = now
         if final or time.monotonic() - self._last_progress_event >= settings.JOBSITE_PROGRESS_EVERY_S:
             self._last_progress_event = time.monotonic()
+            # The stop a person asked for since the claim: a progress that said otherwise would
+            # turn the page's "cancelling" back into the running status until the job stops.
+            self._check()
+            self.job.cancel_requested = self.job.cancel_requested or self.cancelled.is_set()
             publish(self.job.topic, f"{self.model.KIND}.progress", self.job.event_payload())
 
     def set_status(self, status: str, **fields) -> None:

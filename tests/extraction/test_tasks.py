@@ -114,6 +114,23 @@ def test_cancel_stops_a_running_extraction_within_a_batch(model_record, dataset,
     assert types.index("extraction.cancel_requested") >= len(types) - 3
 
 
+def test_a_progress_after_a_stop_request_says_the_job_is_cancelling(make_extraction):
+    """Pages show "cancelling" from the stop until the job stops: a progress the worker sends
+    meanwhile carries the request, instead of turning the badge back to "extracting"."""
+    from jobsite.worker import Lease
+
+    now = timezone.now()
+    job = make_extraction("extracting", worker="host:1", started_at=now, heartbeat_at=now, attempt=1)
+    lease = Lease(job, force_exit=False)  # the work's side only: no heartbeat thread started
+    lease.report(final=True, samples_processed=1)
+    extraction_cancel(extraction=Extraction.objects.get(pk=job.pk))
+    lease.report(final=True, samples_processed=2)
+    progress = Event.objects.filter(topic=job.topic, type="extraction.progress").order_by("seq")
+    assert [(e.payload["samples_processed"], e.payload["cancel_requested"]) for e in progress] == [
+        (1, False), (2, True)]
+    assert lease.should_cancel()
+
+
 def test_duplicate_delivery_runs_the_job_once(model_record, dataset):
     job = start(model_record, dataset)
     run_extraction(job.pk)

@@ -550,7 +550,8 @@
   // within seconds. left: {seconds, at (ms)}.
   const LEFT_SETTLE_MS = 4000;
   function smoothLeft(previous, estimate, at) {
-    if (!previous || at <= previous.at) return { seconds: estimate, at };
+    if (previous && at === previous.at) return previous;  // the same progress, applied again
+    if (!previous || at < previous.at) return { seconds: estimate, at };
     const counted = Math.max(0, previous.seconds - (at - previous.at) / 1000);
     const share = 1 - Math.exp(-(at - previous.at) / LEFT_SETTLE_MS);
     return { seconds: counted + share * (estimate - counted), at };
@@ -561,15 +562,20 @@
     if (!known.left || !isRunning(card)) return;
     setText(card, "[data-eta]", duration(Math.max(0, known.left.seconds * 1000 - (now - known.left.at))));
   }
-  // Before the browser paints a card drawn again: a redraw rendered before the last progress the
-  // page applied (its data-seq is older: the request crossed that event) would show the job
-  // going backwards until the next event, so that progress is applied again over it; then the
-  // countdown goes on from the page's own figure, not the server's as of the last progress.
-  document.addEventListener("htmx:afterSwap", () => {
+  // Before the browser paints a card drawn again: a live redraw rendered before the last progress
+  // the page applied (the request crossed that event: the card's data-seq is older, and so is its
+  // last move, data-progress-at) would show the job going backwards until the next event, so that
+  // progress is applied again over it, when it is of the status drawn. An action's answer is
+  // drawn from the rows after the action: never painted over. Then the countdown goes on from
+  // the page's own figure, not the server's as of the last progress.
+  document.addEventListener("htmx:afterSwap", (event) => {
+    const trigger = event.detail.requestConfig && event.detail.requestConfig.triggeringEvent;
+    const liveRedraw = Boolean(trigger) && trigger.type === "jobsite-refresh";
     for (const card of cards()) {
       const known = remember(card);
       const last = known.lastProgress;
-      if (last && last.seq > (parseInt(card.dataset.seq || "0", 10) || 0)) {
+      if (liveRedraw && last && last.seq > (parseInt(card.dataset.seq || "0", 10) || 0)
+          && last.job.status === card.dataset.status && last.at > (Date.parse(card.dataset.progressAt || "") || 0)) {
         apply(card, last.job, last.at, 0);
         card.dataset.seq = String(last.seq);
       }
@@ -620,6 +626,9 @@
       known.points = [];
       known.left = null;
       setText(card, "[data-eta]", "—");
+      // A step whose time left could not be told (a training run's embedding) has ended; said
+      // again below by the job's flag where the payload carries it.
+      card.querySelectorAll("[data-eta-step][hidden]").forEach((step) => { step.hidden = false; });
     }
     // What is shown only in some states of the job (a training run's time left, not told while it
     // embeds) follows the job's own flag ([data-hidden-while]), event after event.
