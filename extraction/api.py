@@ -1,3 +1,4 @@
+import json
 from datetime import datetime
 from typing import Literal
 
@@ -71,7 +72,7 @@ class ExtractionIn(Input):
     @classmethod
     def batch_size_is_valid(cls, value):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{BATCH_SIZES_SENTENCE} (a JSON number, not {value!r}).")
+            raise ValueError(f"{BATCH_SIZES_SENTENCE} (a JSON number, not {json.dumps(value)}).")
         return _check_batch_size(value)
 
 

@@ -28,9 +28,10 @@ class Refusal(Message):
 class Input(Schema):
     """A request body. A field it does not have is refused, never dropped: a misspelled
     optional field would otherwise silently mean its default (`pairs` for `pair_ids`: every
-    pending pair)."""
+    pending pair). Values are taken as JSON types them, never converted: `[true]` is not the
+    layer list [1], nor "yes" true, nor "1" the id 1."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     @model_validator(mode="wrap")
     @classmethod
@@ -143,6 +144,8 @@ def _phrase(error: dict) -> str:
     kind, ctx = error.get("type", ""), error.get("ctx") or {}
     message = str(error.get("msg", "is invalid")).removeprefix("Value error, ")
     subject, got = _subject(error.get("loc", ())), _got(error)
+    if kind == "missing" and not subject:
+        return "The request needs a JSON object as its body, e.g. {...}; see /api/v1/docs"
     if kind in ("value_error", "extra_forbidden", "assertion_error") or not subject:
         return message  # our own sentences (they name what they are about)
     phrases = {
@@ -196,9 +199,15 @@ def on_authentication_error(request, exc):
     return api.create_response(request, {"message": "Log in first (session cookie); writes also need staff."}, status=401)
 
 
+NOT_JSON = "The request body is not JSON: send a JSON object, e.g. {...}, with Content-Type: application/json."
+
+
 @api.exception_handler(HttpError)
 def on_http_error(request, exc: HttpError):
-    return api.create_response(request, {"message": str(exc)}, status=exc.status_code)
+    message = str(exc)
+    if message.startswith("Cannot parse request body"):  # ninja's own words for a body that is not JSON
+        message = NOT_JSON
+    return api.create_response(request, {"message": message}, status=exc.status_code)
 
 
 def json_refusals(get_response):

@@ -52,6 +52,11 @@ def test_invalid_batch_size_is_422_naming_the_valid_sizes(staff_client, fake_mod
         ({"max_samples": 10**9}, "Max samples must be between 1 and 100"),
         ({"max_length": -5}, "max_length"),
         ({"storage_dtype": "int8"}, "storage_dtype"),
+        # JSON types are taken as sent, never converted into something the client did not mean.
+        ({"layers": [True]}, "item 1 of layers must be a whole number."),
+        ({"auto_retry_on_oom": "yes"}, "auto_retry_on_oom must be true or false, not 'yes'."),
+        ({"dataset_id": "1"}, "dataset_id must be a whole number, not '1'."),
+        ({"batch_size": None}, "(a JSON number, not null)."),
     ],
 )
 def test_bad_parameters_are_422_with_a_sentence_and_the_field(staff_client, fake_model, fake_dataset, overrides,
@@ -62,9 +67,15 @@ def test_bad_parameters_are_422_with_a_sentence_and_the_field(staff_client, fake
     assert response.json()["field"] == next(iter(overrides)), "a client can show the sentence beside its input"
 
 
-def test_malformed_json_is_a_4xx_not_a_500(staff_client, fake_model):
+def test_malformed_json_and_an_empty_body_are_4xx_with_a_sentence(staff_client, fake_model):
     response = staff_client.post(start_url(fake_model), data="{not json", content_type="application/json")
-    assert 400 <= response.status_code < 500
+    assert response.status_code == 400
+    assert response.json()["message"] == ("The request body is not JSON: send a JSON object, e.g. {...}, with "
+                                          "Content-Type: application/json.")
+    response = post(staff_client, start_url(fake_model))
+    assert response.status_code == 422
+    assert response.json()["message"] == "The request needs a JSON object as its body, e.g. {...}; see /api/v1/docs."
+    assert Extraction.objects.count() == 0
 
 
 def test_unknown_model_and_dataset_are_404_with_a_sentence(staff_client, fake_model, fake_dataset):
