@@ -109,8 +109,9 @@ class Job(models.Model):
 
     def cancelled_outcome(self) -> tuple[str, dict]:
         """The status (and fields) a cancellation ends in; kinds without a cancelled status
-        end in a failed one that says it was stopped on request."""
-        return self.CANCELLED, {}
+        end in a failed one that says it was stopped on request. An error kept from an earlier
+        attempt (a lost worker, an OOM retried) is not why it ended: it goes."""
+        return self.CANCELLED, {"error_type": "", "error_message": "", "suggested_retry_params": {}}
 
     @property
     def next_step(self) -> str:

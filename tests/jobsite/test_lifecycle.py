@@ -150,3 +150,24 @@ def test_resume_refusal_says_where_the_training_run_stands(staff_client, status,
     assert [str(m) for m in get_messages(response.wsgi_request)] == [sentence]
     run.refresh_from_db()
     assert run.status == status
+
+
+@pytest.mark.django_db
+def test_a_resumed_job_cancelled_before_it_runs_again_shows_no_earlier_error(staff_client, make_extraction, settings):
+    """Resume records why (a lost worker); a cancel that follows ends the job for that reason
+    instead: the API does not say 'cancelled' beside the lost worker's error and next step."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    settings.JOBSITE_STALL_AFTER_S = 5
+    stale = timezone.now() - timedelta(seconds=60)
+    job = make_extraction("extracting", worker="w:1", started_at=stale, heartbeat_at=stale, attempt=1)
+    url = f"/api/v1/models/{job.model_id}/extractions/{job.pk}"
+    resumed = staff_client.post(f"{url}/resume", content_type="application/json").json()
+    assert (resumed["status"], resumed["error_type"]) == ("queued", "WORKER_LOST")
+    staff_client.post(f"{url}/cancel", content_type="application/json")
+    answer = staff_client.get(url).json()
+    assert answer["status"] == "cancelled"
+    assert (answer["error_type"], answer["error_message"], answer["suggested_retry_params"]) == ("", "", {})
+    assert answer["next_step"] == "" and answer["retry_available"] is True
