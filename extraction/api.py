@@ -12,7 +12,7 @@ from pydantic import field_validator
 from extraction import selectors, services
 from extraction.constants import BATCH_SIZES_SENTENCE, VALID_BATCH_SIZES
 from extraction.models import Dataset, Extraction, ModelRecord
-from jobsite.api import Input, Message, Refusal, staff_required
+from jobsite.api import Input, JobOut, Message, Refusal, staff_required
 from jobsite.services import job_resume
 
 router = Router(tags=["extraction"])
@@ -87,7 +87,7 @@ class RetryIn(Input):
     _batch_size = field_validator("batch_size")(_check_batch_size)
 
 
-class ExtractionOut(Schema):
+class ExtractionOut(JobOut):
     id: int
     model_id: int
     dataset_id: int

@@ -53,6 +53,16 @@ class Input(Schema):
             ] + [error for error in exc.errors() if error["type"] != "extra_forbidden"]) from None
 
 
+class JobOut(Schema):
+    """What every job's answer says of its worker, so that a client need not work it out."""
+
+    heartbeat_age_s: float | None = Field(
+        description="seconds since its worker's last heartbeat; null when no worker holds it")
+    is_stalled: bool = Field(
+        description="running, but its worker silent past JOBSITE_STALL_AFTER_S: Resume takes it back at once, "
+                    "the watchdog on its next pass")
+
+
 def _listed(names: list[str]) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 

@@ -8,7 +8,7 @@ from ninja import Field, File, Form, Query, Router, Schema, Status
 from ninja.errors import HttpError
 from ninja.files import UploadedFile
 
-from jobsite.api import Input, Message, Refusal, staff_required
+from jobsite.api import Input, JobOut, Message, Refusal, staff_required
 from training_runs import selectors, services
 from training_runs.models import Corpus, TrainingPair, TrainingRun
 
@@ -58,7 +58,7 @@ class TrainIn(Input):
     learning_rate: float | None = Field(None, gt=0, lt=1)
 
 
-class RunOut(Schema):
+class RunOut(JobOut):
     id: int
     corpus_id: int
     status: str

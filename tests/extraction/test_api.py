@@ -235,6 +235,10 @@ def test_resume_of_a_live_job_is_409_and_of_a_stalled_one_requeues(staff_client,
     stale = timezone.now() - timedelta(seconds=60)
     stalled = make_extraction("extracting", heartbeat_at=stale, started_at=stale, worker="w:1")
     live = make_extraction("extracting", heartbeat_at=timezone.now(), started_at=stale, worker="w:2")
+    # The answer says which is which: a client need not work out a heartbeat's age itself.
+    shown = {job["id"]: job for job in staff_client.get(start_url(fake_model)).json()}
+    assert shown[stalled.pk]["is_stalled"] is True and shown[stalled.pk]["heartbeat_age_s"] >= 60
+    assert shown[live.pk]["is_stalled"] is False and shown[live.pk]["heartbeat_age_s"] < 5
     response = post(staff_client, f"{start_url(fake_model)}/{live.pk}/resume")
     assert response.status_code == 409 and "only a stalled extraction can be resumed" in response.json()["message"]
     response = post(staff_client, f"{start_url(fake_model)}/{stalled.pk}/resume")
