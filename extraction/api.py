@@ -187,9 +187,13 @@ def upload_dataset(request, file: File[UploadedFile], name: Form[str] = ""):
     return Status(201, services.dataset_upload(upload=file, name=name))
 
 
+class StartOut(ExtractionOut):
+    message: str = Field(description="what the request did: queued a new extraction, or found the same one active")
+
+
 @router.post(
     "/models/{model_id}/extractions",
-    response={201: ExtractionOut, 200: ExtractionOut, 404: Message, 422: Refusal},
+    response={201: StartOut, 200: StartOut, 404: Message, 422: Refusal},
     auth=staff_required,
     summary="Start an extraction (an identical active request returns the existing job with 200)",
 )
@@ -202,6 +206,11 @@ def start_extraction(request, model_id: int, payload: ExtractionIn):
         model=model, dataset=dataset, user=request.user,
         **payload.dict(exclude={"dataset_id"}),
     )
+    if created:
+        extraction.message = f"Extraction {extraction.pk} is queued."
+    else:
+        asked = extraction.identical_sentence(batch_size=payload.batch_size, auto_retry_on_oom=payload.auto_retry_on_oom)
+        extraction.message = f"{asked} No second copy was started."
     return Status(201 if created else 200, extraction)
 
 

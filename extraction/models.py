@@ -162,15 +162,23 @@ class Extraction(Job):
     def percent(self) -> float:
         return 100.0 * self.samples_processed / self.total_samples if self.total_samples else 0.0
 
-    def identical_sentence(self) -> str:
+    def identical_sentence(self, *, batch_size: int | None = None, auto_retry_on_oom: bool | None = None) -> str:
         """Who already asked for what a new request asks, and where it stands: a second person
-        (or a second tab) learns whose job it joins, not only its number."""
+        (or a second tab) learns whose job it joins, not only its number, and which of the
+        settings it asked for (those that do not change the output) the job does not have."""
         age = (timezone.now() - self.created_at).total_seconds()
         when = "just now" if age < 60 else f"{timesince(self.created_at).replace(chr(0xA0), ' ')} ago"
         who = f" by {self.created_by.get_username()}" if self.created_by_id else ""
-        return (f"Extraction {self.pk}, started{who} {when}, already extracts the same dataset, layers, hooks and "
-                f"limits with {self.model.name}: it is {self.status} ({self.samples_processed:,}/"
-                f"{self.total_samples:,} samples).")
+        sentence = (f"Extraction {self.pk}, started{who} {when}, already extracts the same dataset, layers, hooks and "
+                    f"limits with {self.model.name}: it is {self.status} ({self.samples_processed:,}/"
+                    f"{self.total_samples:,} samples).")
+        unlike = []
+        if batch_size is not None and batch_size != self.batch_size:
+            unlike.append(f"batch size {self.batch_size}, not {batch_size}")
+        if auto_retry_on_oom is not None and auto_retry_on_oom != self.auto_retry_on_oom:
+            on_off = {True: "on", False: "off"}
+            unlike.append(f"auto retry on OOM {on_off[self.auto_retry_on_oom]}, not {on_off[auto_retry_on_oom]}")
+        return sentence + (f" It keeps its {' and '.join(unlike)}." if unlike else "")
 
     def suggest_retry_params(self, error_type: str) -> dict:
         size = self.current_batch_size or self.batch_size

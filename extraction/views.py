@@ -229,7 +229,9 @@ def extraction_page(request):
             if created:
                 messages.success(request, f"Extraction {extraction.pk} is queued.")
             else:
-                messages.info(request, f"{extraction.identical_sentence()} Here it is; no second copy was started.")
+                asked = extraction.identical_sentence(batch_size=data["batch_size"],
+                                                      auto_retry_on_oom=data["auto_retry_on_oom"])
+                messages.info(request, f"{asked} Here it is; no second copy was started.")
             return _back_to(extraction.pk)
     return render(request, "extraction/extractions.html", _page_context(request, form), status=400)
 

@@ -92,6 +92,11 @@ def test_identical_active_request_returns_the_existing_job(staff_client, fake_mo
     assert first.status_code == 201 and again.status_code == 200 and other.status_code == 201
     assert again.json()["id"] == first.json()["id"]
     assert other.json()["id"] != first.json()["id"]
+    assert first.json()["message"] == f"Extraction {first.json()['id']} is queued."
+    # What it asked for and does not get is said, not dropped in silence.
+    assert again.json()["batch_size"] == 8
+    assert again.json()["message"].endswith(
+        "It keeps its batch size 8, not 4. No second copy was started.")
     assert Extraction.objects.count() == 2
 
 

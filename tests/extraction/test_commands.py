@@ -21,7 +21,8 @@ def test_extract_queues_by_names_and_says_so(model_record, dataset, capsys):
     assert Extraction.objects.count() == 1, "the same request from a second terminal starts nothing"
     assert capsys.readouterr().out.strip() == (
         f"Extraction {job.pk}, started just now, already extracts the same dataset, layers, hooks and limits with "
-        f"tiny-gpt2: it is queued (0/{job.total_samples} samples). No second copy was started."
+        f"tiny-gpt2: it is queued (0/{job.total_samples} samples). It keeps its batch size 4, not 8. "
+        "No second copy was started."
     )
 
 

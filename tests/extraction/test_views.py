@@ -152,7 +152,8 @@ def test_start_queues_one_extraction_and_the_identical_request_shows_the_existin
     assert Extraction.objects.count() == 1
     assert messages_of(second) == [
         f"Extraction {job.pk}, started by staff just now, already extracts the same dataset, layers, hooks and limits "
-        f"with {fake_model.name}: it is queued (0/20 samples). Here it is; no second copy was started."
+        f"with {fake_model.name}: it is queued (0/20 samples). It keeps its batch size 8, not 16. Here it is; "
+        "no second copy was started."
     ]
 
 

@@ -66,7 +66,9 @@ class Command(BaseCommand):
         if created:
             self.stdout.write(f"Queued extraction {extraction.pk} ({model.name} on {dataset.name}).")
         else:
-            self.stdout.write(f"{extraction.identical_sentence()} No second copy was started.")
+            asked = extraction.identical_sentence(batch_size=options["batch_size"],
+                                                  auto_retry_on_oom=options["auto_retry_on_oom"])
+            self.stdout.write(f"{asked} No second copy was started.")
         if options["wait"]:
             follow(self, extraction)
 
