@@ -45,7 +45,7 @@ def job_request_cancel(job: Job) -> Job:
     A running job gets `cancel_requested` (once); its worker stops within one batch, or its
     heartbeat thread ends the process after JOBSITE_CANCEL_GRACE_S. A kind that keeps its
     phase status while it waits (CLAIMED empty) may be in a running status with no worker
-    yet: that one is cancelled at once.
+    yet: that one is cancelled at once, and so is a stalled one (its worker is silent).
     """
     label = job._meta.verbose_name
     if job.status not in job.ACTIVE:
@@ -59,6 +59,11 @@ def job_request_cancel(job: Job) -> Job:
         if current.status in model.RUNNING:
             if not model.CLAIMED and not current.worker:  # its phase status, but no worker yet
                 return transition_cancelled(current)
+            if current.is_stalled:
+                # Its worker is silent past the stall limit: gone, or hung where it cannot read the
+                # request. Waiting for it would leave the job "cancelling" until some worker starts;
+                # a worker that wakes up finds the job no longer its own and lets it go.
+                return transition_cancelled(current, payload={"stalled": True})
             if not current.cancel_requested:
                 model.objects.filter(pk=current.pk).update(cancel_requested=True, updated_at=timezone.now())
                 current.cancel_requested = True

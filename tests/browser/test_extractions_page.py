@@ -13,6 +13,7 @@ from playwright.sync_api import expect
 
 from extraction.models import Extraction
 from extraction.services import extraction_start
+from jobsite.events import publish
 from tests.browser.conftest import deliver, page_on_held_clock, screenshot
 from tests.conftest import TEXTS, wait_for, write_dataset
 
@@ -245,6 +246,13 @@ def test_stalled_and_slow_jobs_offer_resume_retry_and_a_confirmed_cancel(site, s
     # No worker runs in this test: the page says why nothing moves.
     expect(page.locator("[data-no-worker]")).to_contain_text("No worker is running")
     screenshot(page, "12-stalled-and-slow")
+    # An event about the job that its worker did not write (a person's, the watchdog's) is not a
+    # sign of life: the card stays stalled, heartbeat age and all.
+    publish(stalled.topic, "extraction.cancel_requested", stalled.event_payload())
+    wait_for(lambda: page.evaluate("jobsiteLive.events") >= 1, timeout=10)
+    page.wait_for_timeout(2500)  # two ticks of the page's clock; read at once, not waited for
+    assert page.evaluate(f"document.querySelector('#extraction-{stalled.pk} [data-stalled-notice]').hidden") is False
+    assert int(stalled_card.locator("[data-heartbeat-age]").first.text_content()) >= 80
 
     slow_card.locator("[data-slow-notice]").get_by_role("button", name="Cancel").click()
     dialog = page.locator("#confirm-dialog")

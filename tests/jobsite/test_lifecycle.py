@@ -171,3 +171,35 @@ def test_a_resumed_job_cancelled_before_it_runs_again_shows_no_earlier_error(sta
     assert answer["status"] == "cancelled"
     assert (answer["error_type"], answer["error_message"], answer["suggested_retry_params"]) == ("", "", {})
     assert answer["next_step"] == "" and answer["retry_available"] is True
+
+
+@pytest.mark.django_db
+def test_cancel_and_stop_of_a_stalled_job_take_effect_at_once(staff_client, make_extraction, settings, monkeypatch):
+    """A worker that is gone cannot read a stop request: the job would say "cancelling" until some
+    worker starts, and could not be deleted meanwhile."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from training_runs.models import Corpus, TrainingRun
+
+    settings.JOBSITE_STALL_AFTER_S = 5
+    import jobsite.urls  # noqa: F401 - the API's modules, imported in their order
+
+    monkeypatch.setattr("extraction.api.CANCEL_WAIT_S", 0.2)  # how long the answer waits for a live worker
+    stale = timezone.now() - timedelta(seconds=60)
+    job = make_extraction("extracting", worker="w:1", started_at=stale, heartbeat_at=stale, attempt=1)
+    answer = staff_client.post(f"/api/v1/models/{job.model_id}/extractions/{job.pk}/cancel",
+                               content_type="application/json").json()
+    assert answer["status"] == "cancelled"
+    live = make_extraction("extracting", worker="w:2", started_at=stale, heartbeat_at=timezone.now(), attempt=1)
+    answer = staff_client.post(f"/api/v1/models/{live.model_id}/extractions/{live.pk}/cancel",
+                               content_type="application/json").json()
+    assert answer["status"] == "cancelling", "a live worker stops the job itself, after its batch"
+
+    corpus = Corpus.objects.create(name="handbook", source="/data/handbook", num_documents=1)
+    run = TrainingRun.objects.create(corpus=corpus, status="training", worker="w:3", started_at=stale,
+                                     heartbeat_at=stale, attempt=1, texts_total=10, texts_embedded=4)
+    answer = staff_client.post(f"/api/v1/training/runs/{run.pk}/stop", content_type="application/json").json()
+    assert (answer["status"], answer["error_type"]) == ("training_failed", "CANCELLED")
+    assert staff_client.delete(f"/api/v1/training/runs/{run.pk}").status_code in (200, 204)

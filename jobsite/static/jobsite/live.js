@@ -750,11 +750,13 @@
       return;
     }
     const at = Date.parse(message.created_at) || serverNow();
-    const workerWrote = progress || isRunning(card, job.status);
+    // Only a progress is written by the job's worker, as it works: any other event may come from
+    // a person (a Stop, a Cancel) or the watchdog, and says of the worker only its payload's
+    // heartbeat_at, not that it is alive now (a stalled job must stay flagged after a Stop).
     // A card drawn while its phase waited for a worker ("Waiting for a worker") learns from
     // the first progress that one holds it now: drawn again, it says what the worker does.
     const claimed = progress && isActive(card) && !isRunning(card);
-    apply(card, job, at, workerWrote ? at : 0);
+    apply(card, job, at, progress ? at : 0);
     // A progress shows now: remembered, for a redraw that crosses it. Any other event asks for
     // a redraw, rendered after it: what the server draws then is newer than any progress before.
     remember(card).lastProgress = progress ? { seq: message.seq, job, at } : null;
