@@ -322,11 +322,22 @@ def _refuse_repeat_of_a_failure(*, model: ModelRecord, fingerprint: str) -> None
         )
 
 
+# Until it extracts, a retry that starts from the original's finished samples still reads them.
+COPYING_STATUSES = (Extraction.Status.QUEUED, Extraction.Status.LOADING)
+
+
 def extraction_check_deletable(*, extraction: Extraction) -> None:
     """A queued or running extraction is cancelled first: deleting its row under its worker
     would leave files that no job owns."""
     if extraction.status in Extraction.ACTIVE:
         raise TransitionError(f"Extraction {extraction.pk} is {extraction.status}; cancel it first, then delete it.")
+    # A retry that starts from this one's finished samples copies them from its files as it loads.
+    copying = extraction.retries.filter(status__in=COPYING_STATUSES, resumed_samples__gt=0).first()
+    if copying is not None:
+        raise TransitionError(
+            f"Extraction {copying.pk}, a retry of extraction {extraction.pk}, starts from its "
+            f"{copying.resumed_samples:,} finished samples and is {copying.status}: delete extraction "
+            f"{extraction.pk} once {copying.pk} is extracting.")
 
 
 def extraction_delete(*, extraction: Extraction, user=None) -> None:

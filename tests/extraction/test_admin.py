@@ -110,3 +110,17 @@ def test_delete_refuses_an_active_job_and_takes_a_finished_ones_files_after_a_co
     assert "delete_selected" not in admin_client_logged.get(reverse(CHANGELIST)).content.decode()
     change = admin_client_logged.get(reverse("admin:extraction_extraction_change", args=[running.pk])).content.decode()
     assert "deletelink" not in change
+
+
+def test_delete_waits_for_a_retry_that_copies_the_originals_samples(admin_client_logged, make_extraction):
+    """A retry that changed only the batch size starts from the original's finished samples,
+    read from its files as it loads: deleting them then would fail the retry."""
+    original = make_extraction("failed", error_type="OOM", samples_processed=40)
+    retry = make_extraction("queued", original_extraction=original, resumed_samples=40)
+    page = act(admin_client_logged, "delete", [original]).content.decode()
+    assert (f"Extraction {retry.pk}, a retry of extraction {original.pk}, starts from its 40 finished samples and "
+            f"is queued: delete extraction {original.pk} once {retry.pk} is extracting.") in page
+    assert Extraction.objects.filter(pk=original.pk).exists()
+    Extraction.objects.filter(pk=retry.pk).update(status="extracting")
+    page = act(admin_client_logged, "delete", [original]).content.decode()
+    assert "Delete these extractions?" in page
