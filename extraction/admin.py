@@ -3,7 +3,7 @@ from django.utils.html import format_html
 
 from extraction import services
 from extraction.models import Dataset, Extraction, ModelRecord
-from jobsite.admin import JobActionsMixin, TamperProofMixin
+from jobsite.admin import JobActionsMixin, RegisteredMixin
 
 BADGE_COLOURS = {
     "queued": "#6c757d", "loading": "#0d6efd", "extracting": "#0d6efd", "saving": "#0d6efd",
@@ -12,7 +12,7 @@ BADGE_COLOURS = {
 
 
 @admin.register(ModelRecord)
-class ModelRecordAdmin(TamperProofMixin, admin.ModelAdmin):
+class ModelRecordAdmin(RegisteredMixin, admin.ModelAdmin):
     list_display = ["name", "architecture", "num_layers", "hidden_size", "vocab_size", "path"]
     search_fields = ["name", "path"]
     readonly_fields = ["architecture", "model_type", "num_layers", "hidden_size", "vocab_size", "supported_hooks"]
@@ -23,7 +23,7 @@ class ModelRecordAdmin(TamperProofMixin, admin.ModelAdmin):
 
 
 @admin.register(Dataset)
-class DatasetAdmin(TamperProofMixin, admin.ModelAdmin):
+class DatasetAdmin(RegisteredMixin, admin.ModelAdmin):
     list_display = ["name", "format", "num_samples", "size_bytes", "path"]
     search_fields = ["name", "path"]
     readonly_fields = ["format", "num_samples", "size_bytes"]

@@ -32,6 +32,16 @@ class TamperProofMixin:
         return super().response_action(request, queryset)
 
 
+class RegisteredMixin(TamperProofMixin):
+    """A model, dataset or corpus: viewed and deleted here, never edited. Its name and path were
+    checked when it was registered (API, page, command), and jobs and files refer to them: an
+    edit here would skip those checks (a path outside the data directory, a name a folder
+    cannot hold) and change what finished jobs say they read."""
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
 class JobActionsMixin(TamperProofMixin):
     def _each(self, request, jobs, act, done_singular: str, done_plural: str) -> None:
         """act(job) for each job: a message for every refusal, one for what was done

@@ -1,7 +1,7 @@
 from django.contrib import admin, messages
 from django.utils.translation import ngettext
 
-from jobsite.admin import JobActionsMixin, TamperProofMixin
+from jobsite.admin import JobActionsMixin, RegisteredMixin, TamperProofMixin
 from jobsite.errors import JobInputError
 from jobsite.lifecycle import TransitionError
 from training_runs import services
@@ -9,7 +9,7 @@ from training_runs.models import Chunk, Corpus, TrainingPair, TrainingRun
 
 
 @admin.register(Corpus)
-class CorpusAdmin(TamperProofMixin, admin.ModelAdmin):
+class CorpusAdmin(RegisteredMixin, admin.ModelAdmin):
     list_display = ["name", "num_documents", "chunk_size", "chunk_overlap", "source", "created_at"]
     readonly_fields = ["source", "num_documents", "chunk_size", "chunk_overlap"]
 

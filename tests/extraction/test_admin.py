@@ -124,3 +124,23 @@ def test_delete_waits_for_a_retry_that_copies_the_originals_samples(admin_client
     Extraction.objects.filter(pk=retry.pk).update(status="extracting")
     page = act(admin_client_logged, "delete", [original]).content.decode()
     assert "Delete these extractions?" in page
+
+
+def test_models_datasets_and_corpora_are_viewed_not_edited(admin_client_logged, fake_model, fake_dataset, settings):
+    """An edit in the admin would skip registration's checks: a dataset pointed at a file outside
+    the data directory was read by the next extraction, and finished ones no longer said what
+    they had read."""
+    from training_runs.models import Corpus
+
+    corpus = Corpus.objects.create(name="handbook", source=str(settings.JOBSITE_DATA_DIR), num_documents=1)
+    for record, name in [(fake_model, "extraction_modelrecord"), (fake_dataset, "extraction_dataset"),
+                         (corpus, "training_runs_corpus")]:
+        url = reverse(f"admin:{name}_change", args=[record.pk])
+        page = admin_client_logged.get(url)
+        assert page.status_code == 200 and 'name="_save"' not in page.content.decode()
+        refused = admin_client_logged.post(url, {"name": "../evil name!", "path": "/usr/lib", "source": "/usr/lib"})
+        assert refused.status_code == 403
+        record.refresh_from_db()
+        assert record.name != "../evil name!"
+    fake_dataset.refresh_from_db()
+    assert fake_dataset.path != "/usr/lib"
