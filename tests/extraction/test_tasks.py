@@ -1,5 +1,6 @@
 """The worker flow in this process: claim, lease, runner, classification, retry decisions."""
 
+import re
 import threading
 import time
 from datetime import timedelta
@@ -11,6 +12,7 @@ from extraction.models import Extraction
 from extraction.services import extraction_cancel, extraction_retry, extraction_start
 from extraction.tasks import run_extraction
 from jobsite import watchdog
+from jobsite.lifecycle import TransitionError
 from jobsite.models import Event
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -93,6 +95,14 @@ def test_user_retry_after_oom_with_suggested_batch_size_completes_and_reuses_don
     assert (told["id"], told["status"], told["retry_id"]) == (job.pk, "failed", retry.pk)
     told = Event.objects.get(topic=retry.topic, type="extraction.retry_started").payload
     assert (told["id"], told["status"], told["original_extraction_id"]) == (retry.pk, "queued", job.pk)
+    # Its retry completed the same request: another would compute the same files again.
+    with pytest.raises(TransitionError, match=re.escape(
+            f"Extraction {retry.pk}, a retry of extraction {job.pk}, completed this same request: its results are "
+            f"in {retry.output_dir}. Delete it first to compute them again.")):
+        extraction_retry(extraction=job, batch_size=2)
+    assert Extraction.objects.count() == 2
+    # A different request (fewer samples) is another computation: it starts.
+    assert extraction_retry(extraction=job, max_samples=10).max_samples == 10
 
 
 def test_cancel_stops_a_running_extraction_within_a_batch(model_record, dataset, settings):
