@@ -12,7 +12,7 @@ from pydantic import field_validator
 from extraction import selectors, services
 from extraction.constants import BATCH_SIZES_SENTENCE, VALID_BATCH_SIZES
 from extraction.models import Dataset, Extraction, ModelRecord
-from jobsite.api import Input, JobOut, Message, Refusal, staff_required
+from jobsite.api import Input, JobOut, Message, Refusal, refuse_unknown_form_fields, staff_required
 from jobsite.services import job_resume
 
 router = Router(tags=["extraction"])
@@ -184,6 +184,7 @@ def register_dataset(request, payload: DatasetIn):
 @router.post("/datasets/upload", response={201: DatasetOut, 422: Refusal}, auth=staff_required,
              summary="Upload a .txt or .jsonl dataset (kept under the data directory) and register it")
 def upload_dataset(request, file: File[UploadedFile], name: Form[str] = ""):
+    refuse_unknown_form_fields(request, "file", "name")
     return Status(201, services.dataset_upload(upload=file, name=name))
 
 

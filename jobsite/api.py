@@ -63,6 +63,15 @@ class JobOut(Schema):
                     "the watchdog on its next pass")
 
 
+def refuse_unknown_form_fields(request, *fields: str) -> None:
+    """A multipart upload's fields, checked as a JSON body's are: one the endpoint does not
+    take is refused, never dropped."""
+    unknown = [name for name in [*request.POST, *request.FILES] if name not in fields]
+    if unknown:
+        raise JobInputError(f"Unknown field '{unknown[0]}'; the fields are {_listed(list(fields))}.",
+                            field=unknown[0])
+
+
 def _listed(names: list[str]) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 

@@ -8,7 +8,7 @@ from ninja import Field, File, Form, Query, Router, Schema, Status
 from ninja.errors import HttpError
 from ninja.files import UploadedFile
 
-from jobsite.api import Input, JobOut, Message, Refusal, staff_required
+from jobsite.api import Input, JobOut, Message, Refusal, refuse_unknown_form_fields, staff_required
 from training_runs import selectors, services
 from training_runs.models import Corpus, TrainingPair, TrainingRun
 
@@ -186,6 +186,7 @@ def create_corpus(request, payload: CorpusIn):
 @router.post("/training/corpora/upload", response={201: CorpusOut, 422: Refusal}, auth=staff_required)
 def upload_corpus(request, name: Form[str], files: File[list[UploadedFile]],
                   chunk_size: int = Form(500, ge=50, le=20000), chunk_overlap: int = Form(50, ge=0)):
+    refuse_unknown_form_fields(request, "name", "files", "chunk_size", "chunk_overlap")
     return Status(201, services.corpus_create(name=name, uploads=files, chunk_size=chunk_size,
                                               chunk_overlap=chunk_overlap))
 

@@ -664,6 +664,10 @@ def test_the_api_uploads_a_dataset_and_refuses_a_bad_one_with_422(staff_client, 
     assert refused.json()["message"] == "A dataset named 'lines' already exists; choose another name."
     missing = staff_client.post("/api/v1/datasets/upload", {"name": "x"})
     assert missing.status_code == 422 and "file" in json.dumps(missing.json())
+    extra = staff_client.post("/api/v1/datasets/upload", {"file": uploaded("more.txt", "a\n"), "nmae": "more"})
+    assert extra.status_code == 422
+    assert extra.json() == {"message": "Unknown field 'nmae'; the fields are file and name.", "field": "nmae"}
+    assert not Dataset.objects.filter(name="more").exists()
 
 
 def test_an_upload_to_a_full_disk_is_a_sentence_and_leaves_nothing(staff_client, settings, small_disk):

@@ -233,6 +233,11 @@ def test_a_refused_upload_leaves_no_file_for_the_next_corpus_of_that_name(staff_
     assert again.status_code == 422
     assert again.json()["message"] == "A corpus named 'u2' already exists; choose another name."
     assert sorted(p.name for p in (corpora / "u2").iterdir()) == ["c.txt"]
+    bogus = upload(staff_client, "u3", [("d.txt", SOME_TEXT)], chunk_sise=100)
+    assert bogus.status_code == 422
+    assert bogus.json()["message"] == ("Unknown field 'chunk_sise'; the fields are name, files, chunk_size and "
+                                       "chunk_overlap.")
+    assert not Corpus.objects.filter(name="u3").exists()
     # A name that differs only in case would read as the same corpus in every list.
     shouted = upload(staff_client, "U2", [("d.txt", SOME_TEXT)])
     assert shouted.status_code == 422
