@@ -593,3 +593,32 @@ def test_a_region_redraw_older_than_a_card_it_replaces_draws_that_card_again(sit
     page.evaluate("document.getElementById('active').dispatchEvent(new CustomEvent('jobsite-refresh'))")
     page.wait_for_timeout(1500)
     assert len(cards) == 1 and page.evaluate("jobsiteLive.staleRedraws") == 1
+
+
+def test_with_the_server_unreachable_the_page_says_so_instead_of_calling_a_job_stalled(site, staff_user,
+                                                                                       make_extraction):
+    """No socket and no answer to a poll: a job's silence says nothing of its worker then. The
+    page says the server cannot be reached, and calls the job stalled only once it can tell."""
+    now = timezone.now()
+    job = make_extraction("extracting", started_at=now, heartbeat_at=now, progress_at=now, worker="host:1",
+                          attempt=1, samples_processed=4, total_samples=100)
+    daphne = site.start_web(JOBSITE_STALL_AFTER_S=3, JOBSITE_POLL_FALLBACK_S=1)
+    page = site.page(staff_user)
+    page.goto(site.url("/extractions/"))
+    card = page.locator(f"#extraction-{job.pk}")
+    expect(page.locator("[data-live-status]")).to_have_text("live")
+    banner = page.locator("[data-offline]")
+    expect(banner).to_be_hidden()
+
+    daphne.kill()
+    expect(banner).to_be_visible(timeout=15_000)
+    expect(banner).to_contain_text("The server cannot be reached.")
+    expect(page.locator("[data-live-status]")).to_have_text("reconnecting…")
+    page.wait_for_timeout(4000)  # past the stall limit, without a heartbeat seen
+    assert page.evaluate(f"document.querySelector('#extraction-{job.pk} [data-stalled-notice]').hidden") is True
+    screenshot(page, "27-server-unreachable")
+
+    site.start_web(port=site.port)
+    expect(banner).to_be_hidden(timeout=30_000)
+    # Back in touch: the row's heartbeat is old now, and the job is called stalled.
+    expect(card.locator("[data-stalled-notice]")).to_be_visible(timeout=15_000)

@@ -285,6 +285,7 @@
     // one committed late, below a seq already seen, still counts.
     resumeAfter: parseInt(body.dataset.liveAfter || "0", 10) || 0,
     socket: null,
+    unreachable: false,
     connected: false,
     attempts: 0,
     connects: 0,
@@ -313,11 +314,20 @@
   const shown = (value) => (typeof value === "number" ? value.toLocaleString("en-US") : String(value));
   const setText = (root, selector, text) => root.querySelectorAll(selector).forEach((el) => { el.textContent = text; });
 
+  // The server cannot be reached (no socket, and a poll got no answer at all): a job's silence
+  // then says nothing of its worker, so no card is called stalled, and a banner says why.
+  function setReachable(ok) {
+    if (state.unreachable === !ok) return;
+    state.unreachable = !ok;
+    document.querySelectorAll("[data-offline]").forEach((banner) => { banner.hidden = ok; });
+    showStatus();
+  }
+
   function showStatus() {
     const badge = document.querySelector("[data-live-status]");
     if (!badge) return;
     let mode = state.connected ? "live" : (state.attempts ? "reconnecting" : "connecting");
-    if (state.polling) mode = "polling";
+    if (state.polling && !state.unreachable) mode = "polling";
     if (state.loggedOut) mode = "logged-out";
     const words = { live: "live", connecting: "connecting…", reconnecting: "reconnecting…", polling: "polling", "logged-out": "logged out: reload" };
     badge.dataset.state = mode;
@@ -774,6 +784,7 @@
     if (!url) return;
     try {
       const response = await fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } });
+      setReachable(true);
       if (!response.ok) return;
       const answer = await response.json();
       // The API names the progress text `progress`; events (and the fields drawn) `progress_label`.
@@ -788,6 +799,7 @@
       }
     } catch (error) {
       // Offline: the next poll or the socket's replay catches up.
+      if (!state.connected) setReachable(false);
     }
   }
 
@@ -817,7 +829,7 @@
         setText(card, "[data-heartbeat-age]", String(Math.round(age / 1000)));
         // Heartbeats are written to the row, not pushed: ask the API before calling it a stall.
         if (age > config.stallAfterMs / 2 && Date.now() - known.polledAt > Math.min(5000, config.stallAfterMs / 4)) poll(card);
-        stalled = age > config.stallAfterMs;
+        stalled = age > config.stallAfterMs && !state.unreachable;
       }
       if (stalled) {
         // Nothing moves: no rate, no time left. The part of the page around the card is drawn
@@ -828,6 +840,9 @@
           known.stallRedrawnAt = Date.now();
           redrawRegion();
         }
+      } else if (state.unreachable) {
+        setText(card, "[data-rate]", "—");  // nothing is known of its pace meanwhile
+        setText(card, "[data-eta]", "—");
       } else {
         known.stallRedrawnAt = 0;
         showLeft(card, known, now);
@@ -874,6 +889,7 @@
     let awaitingPong = 0;
     socket.onopen = () => {
       state.connected = true;
+      setReachable(true);
       state.attempts = 0;
       state.connects += 1;
       showStatus();
