@@ -34,10 +34,11 @@ class DatasetAdmin(RegisteredMixin, admin.ModelAdmin):
 
 @admin.register(Extraction)
 class ExtractionAdmin(JobActionsMixin, admin.ModelAdmin):
-    list_display = ["id", "badge", "model", "dataset", "progress", "error_type", "attempt", "retry_of", "created_at"]
+    list_display = ["id", "badge", "model", "dataset", "progress", "heartbeat", "error_type", "attempt", "retry_of",
+                    "created_at"]
     list_filter = ["status", "error_type", "model", "dataset", "auto_retried"]
     search_fields = ["id", "error_message", "model__name", "dataset__name"]
-    actions = ["cancel", "retry", "retry_with_suggested", "delete"]
+    actions = ["cancel", "resume", "retry", "retry_with_suggested", "delete"]
     readonly_fields = [f.name for f in Extraction._meta.get_fields() if getattr(f, "concrete", False)]
     list_select_related = ["model", "dataset"]
 
@@ -61,7 +62,7 @@ class ExtractionAdmin(JobActionsMixin, admin.ModelAdmin):
 
     @admin.display(description="progress")
     def progress(self, obj):
-        return f"{obj.samples_processed}/{obj.total_samples} ({obj.percent:.0f} %)"
+        return f"{obj.samples_processed:,}/{obj.total_samples:,} ({obj.percent:.0f} %)"
 
     @admin.display(description="retry of")
     def retry_of(self, obj):

@@ -1,16 +1,18 @@
 """What the admins share: bulk actions that call a service per selected job, and a guard against
 tampered changelist requests."""
 
-from django.contrib import messages
+from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.contrib.admin.views.main import ERROR_FLAG
 from django.core.exceptions import ValidationError
 from django.http import HttpResponseRedirect
 from django.template.response import TemplateResponse
+from django.utils.html import format_html
 from django.utils.translation import ngettext
 
 from jobsite.errors import JobInputError
 from jobsite.lifecycle import TransitionError
+from jobsite.services import job_resume
 
 
 class TamperProofMixin:
@@ -43,6 +45,23 @@ class RegisteredMixin(TamperProofMixin):
 
 
 class JobActionsMixin(TamperProofMixin):
+    """The actions and columns every job kind's changelist has: whether its worker lives, and
+    Resume for one that went silent."""
+
+    @admin.display(description="heartbeat")
+    def heartbeat(self, obj):
+        age = obj.heartbeat_age_s
+        if age is None:
+            return "—"
+        if obj.is_stalled:
+            return format_html('<strong style="color:#dc3545">stalled: silent {} s</strong>', f"{age:,.0f}")
+        return f"{age:,.0f} s ago"
+
+    @admin.action(description="Resume selected stalled jobs (from their checkpoint)", permissions=["view"])
+    def resume(self, request, queryset):
+        self._each(request, queryset, job_resume, "%(count)d stalled job queued again; it continues from its checkpoint.",
+                   "%(count)d stalled jobs queued again; they continue from their checkpoints.")
+
     def _each(self, request, jobs, act, done_singular: str, done_plural: str) -> None:
         """act(job) for each job: a message for every refusal, one for what was done
         ("%(count)d" in the sentences)."""
@@ -57,8 +76,11 @@ class JobActionsMixin(TamperProofMixin):
             self.message_user(request, ngettext(done_singular, done_plural, done) % {"count": done}, messages.SUCCESS)
 
     def refusal(self, job, exc: Exception) -> str:
-        name = f"{job._meta.verbose_name.capitalize()} {job.pk}"
-        return str(exc) if str(exc).startswith(name) else f"{name}: {exc}"  # a sentence that names it already
+        name, message = f"{job._meta.verbose_name.capitalize()} {job.pk}", str(exc)
+        this = f"This {job._meta.verbose_name} "  # "This extraction is ..." said of one of several rows
+        if message.startswith(this):
+            return f"{name} {message.removeprefix(this)}"
+        return message if message.startswith(name) else f"{name}: {message}"  # a sentence that names it already
 
     def _each_once_confirmed(self, request, jobs, *, check, act, template: str, title: str, listed: str,
                              done_singular: str, done_plural: str):

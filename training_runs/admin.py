@@ -33,9 +33,10 @@ class ChunkAdmin(TamperProofMixin, admin.ModelAdmin):
 
 @admin.register(TrainingRun)
 class TrainingRunAdmin(JobActionsMixin, admin.ModelAdmin):
-    list_display = ["id", "status", "progress", "corpus", "pair_count", "error_type", "short_error", "created_at"]
+    list_display = ["id", "status", "progress", "heartbeat", "corpus", "pair_count", "error_type", "short_error",
+                    "created_at"]
     list_filter = ["status", "error_type", "corpus"]
-    actions = ["stop", "proceed", "remove"]
+    actions = ["stop", "resume", "proceed", "remove"]
     readonly_fields = [f.name for f in TrainingRun._meta.get_fields() if getattr(f, "concrete", False)]
 
     def has_add_permission(self, request):
@@ -63,7 +64,10 @@ class TrainingRunAdmin(JobActionsMixin, admin.ModelAdmin):
     @admin.action(description="Stop selected generating or training runs", permissions=["view"])
     def stop(self, request, queryset):
         self._each(request, queryset, lambda run: services.training_run_stop(run=run),
-                   "%(count)d run stops.", "%(count)d runs stop.")
+                   "Stop asked of %(count)d run: a working run stops after its current chunk or batch, one "
+                   "without a live worker at once.",
+                   "Stop asked of %(count)d runs: a working run stops after its current chunk or batch, one "
+                   "without a live worker at once.")
 
     @admin.action(description="Proceed with selected failed runs", permissions=["view"])
     def proceed(self, request, queryset):

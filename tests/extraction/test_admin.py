@@ -1,3 +1,5 @@
+import re
+
 import pytest
 from django.urls import reverse
 
@@ -33,7 +35,7 @@ def test_cancel_action_cancels_queued_and_reports_refusals(admin_client_logged, 
     queued.refresh_from_db()
     assert queued.status == "cancelled"
     assert "1 extraction cancelled" in page
-    assert f"Extraction {done.pk}: This extraction is completed; only a queued or running extraction can be cancelled." in page
+    assert f"Extraction {done.pk} is completed; only a queued or running extraction can be cancelled." in page
 
 
 def test_retry_with_suggested_parameters_uses_the_half_batch_size(admin_client_logged, make_extraction):
@@ -144,3 +146,24 @@ def test_models_datasets_and_corpora_are_viewed_not_edited(admin_client_logged, 
         assert record.name != "../evil name!"
     fake_dataset.refresh_from_db()
     assert fake_dataset.path != "/usr/lib"
+
+
+def test_the_changelist_shows_which_jobs_stalled_and_resume_takes_them_back(admin_client_logged, make_extraction,
+                                                                            settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    settings.JOBSITE_STALL_AFTER_S = 30
+    now, stale = timezone.now(), timezone.now() - timedelta(seconds=120)
+    stalled = make_extraction("extracting", worker="w:1", started_at=stale, heartbeat_at=stale, attempt=1,
+                              samples_processed=1200, total_samples=18000)
+    live = make_extraction("extracting", worker="w:2", started_at=stale, heartbeat_at=now, attempt=1)
+    page = admin_client_logged.get(reverse(CHANGELIST)).content.decode()
+    assert re.search(r"stalled: silent 12\d s", page) and "1,200/18,000 (7 %)" in page
+    page = act(admin_client_logged, "resume", [stalled, live]).content.decode()
+    assert "1 stalled job queued again; it continues from its checkpoint." in page
+    assert (f"Extraction {live.pk} is extracting and its worker is alive; only a stalled extraction can be "
+            "resumed.") in page
+    assert Extraction.objects.get(pk=stalled.pk).status == "queued"
+    assert Extraction.objects.get(pk=live.pk).status == "extracting"

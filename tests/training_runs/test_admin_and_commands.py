@@ -175,7 +175,7 @@ def test_remove_command_takes_a_yes_piped_in(failed_run, monkeypatch):
 def test_admin_stop_stops_a_generating_run_and_refuses_a_failed_one(superuser_client, small_corpus):
     run = training_run_generate(corpus=small_corpus)
     page = act(superuser_client, "trainingrun", "stop", [run]).content.decode()
-    assert "1 run stops." in page
+    assert "Stop asked of 1 run: a working run stops after its current chunk or batch" in page
     run = TrainingRun.objects.get(pk=run.pk)
     assert (run.status, run.error_type) == ("generating_failed", "CANCELLED")
     page = act(superuser_client, "trainingrun", "stop", [run]).content.decode()
