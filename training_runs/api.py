@@ -142,6 +142,11 @@ class PairEditIn(Input):
 class ReviewOut(Schema):
     updated: int
     review_counts: dict
+    message: str = Field(description="what the review did, and what Proceed does now for a failed training")
+
+
+class RunActionOut(RunOut):
+    message: str = Field(description="what the request did, as the page says it")
 
 
 class SearchHit(Schema):
@@ -219,17 +224,21 @@ def train_run(request, run_id: int, payload: TrainIn | None = None):
                                        learning_rate=payload.learning_rate)
 
 
-@router.post("/training/runs/{run_id}/stop", response={200: RunOut, 404: Message, 409: Message},
+@router.post("/training/runs/{run_id}/stop", response={200: RunActionOut, 404: Message, 409: Message},
              auth=staff_required)
 def stop_run(request, run_id: int):
     """Stop a generating or training run; it then waits in its failed status for Proceed or Delete."""
-    return services.training_run_stop(run=_run(run_id))
+    run = services.training_run_stop(run=_run(run_id))
+    run.message = run.stop_sentence
+    return run
 
 
-@router.post("/training/runs/{run_id}/proceed", response={200: RunOut, 404: Message, 409: Message, 422: Refusal},
-             auth=staff_required)
+@router.post("/training/runs/{run_id}/proceed",
+             response={200: RunActionOut, 404: Message, 409: Message, 422: Refusal}, auth=staff_required)
 def proceed_run(request, run_id: int):
-    return services.training_run_proceed(run=_run(run_id))
+    run = services.training_run_proceed(run=_run(run_id))
+    run.message = run.proceeds_sentence
+    return run
 
 
 @router.delete("/training/runs/{run_id}", response={200: Message, 404: Message, 409: Message}, auth=staff_required)
@@ -250,7 +259,8 @@ def list_pairs(request, run_id: int, review: TrainingPair.Review | None = None,
 def review_pairs(request, run_id: int, payload: ReviewIn):
     run = _run(run_id)
     updated = services.training_run_review(run=run, decision=payload.decision, pair_ids=payload.pair_ids)
-    return {"updated": updated, "review_counts": services.review_counts(run)}
+    return {"updated": updated, "review_counts": services.review_counts(run),
+            "message": services.review_sentence(run, updated=updated, decision=payload.decision)}
 
 
 @router.patch("/training/runs/{run_id}/pairs/{pair_id}",

@@ -194,6 +194,18 @@ class TrainingRun(Job):
         return "training starts from its first epoch (the texts embedded before are kept)"
 
     @property
+    def proceeds_sentence(self) -> str:
+        """What a Proceed did, in the words every caller shows."""
+        return f"Training run {self.pk} proceeds: {self.proceed_sentence}."
+
+    @property
+    def stop_sentence(self) -> str:
+        """What a Stop did, in the words every caller shows."""
+        if self.cancel_requested and self.status in self.RUNNING:
+            return f"Training run {self.pk} stops after its current step; Proceed continues it later."
+        return f"Training run {self.pk} stopped; Proceed continues it, Delete discards it."
+
+    @property
     def review_note(self) -> str:
         """What a review's answer adds for a failed training: what Proceed will now do."""
         return f" Proceed: {self.proceed_sentence}." if self.status == self.Status.TRAINING_FAILED else ""

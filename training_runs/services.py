@@ -14,7 +14,7 @@ from django.utils import timezone
 from django.utils.timesince import timesince
 
 from jobsite import failpoints
-from jobsite.errors import JobInputError, check_file_name, check_text, not_kept
+from jobsite.errors import JobInputError, check_file_name, check_text, counted, not_kept
 from jobsite.events import publish
 from jobsite.lifecycle import TransitionError
 from jobsite.paths import resolve_under
@@ -437,6 +437,13 @@ def _forget_training(run: TrainingRun) -> None:
         raise TransitionError(f"Training run {run.pk} changed while its pairs were reviewed; reload it.")
     for name, value in fields.items():
         setattr(run, name, value)
+
+
+def review_sentence(run: TrainingRun, *, updated: int, decision: str) -> str:
+    """What a review did and where the run's pairs stand, in the words every caller shows."""
+    counts = review_counts(run)
+    return (f"{counted(updated, 'pair')} {decision}. Training run {run.pk} now has {counts['approved']:,} approved, "
+            f"{counts['rejected']:,} rejected and {counts['pending']:,} pending.{run.review_note}")
 
 
 def review_counts(run: TrainingRun) -> dict:

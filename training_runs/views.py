@@ -337,13 +337,7 @@ def training_review(request, pk: int):
     except (JobInputError, TransitionError) as exc:
         messages.error(request, str(exc))
         return _back(pk, pairs_page=page)
-    counts = services.review_counts(run)
-    messages.success(
-        request,
-        f"{updated:,} pair{'s' if updated != 1 else ''} {decision}. Training run {pk} now has "
-        f"{counts['approved']:,} approved, {counts['rejected']:,} rejected and {counts['pending']:,} pending."
-        + run.review_note,
-    )
+    messages.success(request, services.review_sentence(run, updated=updated, decision=decision))
     return _back(pk, pairs_page=page)
 
 
@@ -401,7 +395,7 @@ def training_proceed(request, pk: int):
     except (JobInputError, TransitionError) as exc:
         messages.error(request, str(exc))
         return _back(pk)
-    messages.success(request, f"Training run {pk} proceeds: {run.proceed_sentence}.")
+    messages.success(request, run.proceeds_sentence)
     return _back(pk)
 
 
@@ -414,10 +408,7 @@ def training_stop(request, pk: int):
     except TransitionError as exc:
         messages.error(request, str(exc))
     else:
-        if run.cancel_requested:
-            messages.success(request, f"Training run {pk} stops after its current step; Proceed continues it later.")
-        else:
-            messages.success(request, f"Training run {pk} stopped; Proceed continues it, Delete discards it.")
+        messages.success(request, run.stop_sentence)
     return _back(pk)
 
 

@@ -71,6 +71,9 @@ def test_review_then_train_flow_and_wrong_state_answers(staff_client, generated_
     assert len(pairs) == 3 and pairs[0]["query"] and pairs[0]["chunk_text"]
     reviewed = post(staff_client, f"{run_url}/pairs/review", {"decision": "rejected", "pair_ids": [p["id"] for p in pairs]})
     assert reviewed.json()["updated"] == 3 and reviewed.json()["review_counts"]["rejected"] == 3
+    pending = reviewed.json()["review_counts"]["pending"]
+    assert reviewed.json()["message"] == (f"3 pairs rejected. Training run {generated_run.pk} now has 0 approved, 3 "
+                                          f"rejected and {pending:,} pending.")
     everything = post(staff_client, f"{run_url}/pairs/review", {"decision": "approved"}).json()
     assert everything["review_counts"]["pending"] == 0
     response = post(staff_client, f"{run_url}/train", {"epochs": 2})
@@ -166,6 +169,12 @@ def test_stop_answers_the_run_and_409_once_it_is_no_longer_running(staff_client,
     body = response.json()
     assert body["status"] == "generating_failed" and body["error_type"] == "CANCELLED"
     assert body["next_step"].startswith("Proceed continues")
+    assert body["message"] == f"Training run {started['id']} stopped; Proceed continues it, Delete discards it."
+    proceeded = post(staff_client, f"/api/v1/training/runs/{started['id']}/proceed").json()
+    assert proceeded["status"] == "generating"
+    assert proceeded["message"] == (f"Training run {started['id']} proceeds: generation continues after chunk 0 of "
+                                    f"{small_corpus.chunks.count():,}.")
+    post(staff_client, f"/api/v1/training/runs/{started['id']}/stop")
     again = post(staff_client, f"/api/v1/training/runs/{started['id']}/stop")
     assert again.status_code == 409
     assert again.json()["message"].endswith("only a generating or training run can be stopped.")

@@ -119,7 +119,7 @@ class Command(BaseCommand):
 
     def do_proceed(self, options):
         run = services.training_run_proceed(run=self._run(options["run_id"]))
-        self.stdout.write(f"Training run {run.pk} proceeds: {run.proceed_sentence}.")
+        self.stdout.write(run.proceeds_sentence)
         if options["wait"]:
             self.follow(run)
 
