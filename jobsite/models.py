@@ -1,7 +1,7 @@
 from django.db import models
 from django.utils import timezone
 
-from jobsite.errors import ErrorType, next_step
+from jobsite.errors import RETRYABLE, ErrorType, next_step
 
 
 class Event(models.Model):
@@ -115,7 +115,13 @@ class Job(models.Model):
 
     @property
     def next_step(self) -> str:
-        """What a person should do about the last failure (empty when there is none)."""
+        """What a person should do about the last failure (empty when there is none). A failure
+        retried automatically that ended the job anyway has used up its attempts: "retried
+        automatically" would promise what no longer comes."""
+        if self.error_type in RETRYABLE and self.status not in self.ACTIVE:
+            label = self._meta.verbose_name
+            return (f"Its automatic attempts are used up (attempt {self.attempt}); Retry starts a new {label}, which "
+                    "keeps the samples already done.")
         return next_step(self.error_type)
 
     @classmethod

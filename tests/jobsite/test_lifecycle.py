@@ -204,3 +204,14 @@ def test_cancel_and_stop_of_a_stalled_job_take_effect_at_once(staff_client, make
     answer = staff_client.post(f"/api/v1/training/runs/{run.pk}/stop", content_type="application/json").json()
     assert (answer["status"], answer["error_type"]) == ("training_failed", "CANCELLED")
     assert staff_client.delete(f"/api/v1/training/runs/{run.pk}").status_code in (200, 204)
+
+
+@pytest.mark.django_db
+def test_a_lost_worker_that_ended_the_job_does_not_promise_another_automatic_retry(staff_client, make_extraction):
+    waiting = make_extraction("queued", error_type="WORKER_LOST", error_message="The worker went silent.", attempt=1)
+    ended = make_extraction("failed", error_type="WORKER_LOST", error_message="The worker went silent.", attempt=3)
+    url = f"/api/v1/models/{ended.model_id}/extractions"
+    assert staff_client.get(f"{url}/{waiting.pk}").json()["next_step"].startswith("Retried automatically")
+    assert staff_client.get(f"{url}/{ended.pk}").json()["next_step"] == (
+        "Its automatic attempts are used up (attempt 3); Retry starts a new extraction, which keeps the samples "
+        "already done.")
