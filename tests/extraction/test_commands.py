@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -140,6 +141,15 @@ def test_extraction_retry_refuses_a_zero_instead_of_ignoring_it(make_extraction,
 def test_a_model_argument_that_only_looks_like_an_id_is_a_sentence(model_record, dataset):
     with pytest.raises(CommandError, match="does not exist|outside the allowed directories"):
         call_command("extract", "²", "samples", "--layers", "0")
+
+
+@pytest.mark.parametrize(("given", "kind"), [(["nosuch", "samples"], "model"), (["tiny-gpt2", "999"], "dataset")])
+def test_a_name_or_id_that_is_not_registered_is_said_to_be_one(model_record, dataset, given, kind):
+    with pytest.raises(CommandError, match=re.escape(
+            f"No {kind} named or numbered {given[kind == 'dataset']!r} is registered (the {kind}s page and "
+            f"/api/v1/{kind}s list them), and as a path: ")):
+        call_command("extract", *given, "--layers", "0")
+    assert Extraction.objects.count() == 0
 
 
 def test_extract_refuses_a_max_length_beyond_the_position_limit(model_record, dataset):

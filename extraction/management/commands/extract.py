@@ -53,8 +53,9 @@ class Command(BaseCommand):
         except ValidationError as exc:
             raise CommandError(f"--layers {options['layers']!r}: {' '.join(exc.messages)}") from None
         try:
-            model = selectors.model_find(options["model"]) or services.model_register(path=options["model"])
-            dataset = selectors.dataset_find(options["dataset"]) or services.dataset_register(path=options["dataset"])
+            model = _find_or_register("model", options["model"], selectors.model_find, services.model_register)
+            dataset = _find_or_register("dataset", options["dataset"], selectors.dataset_find,
+                                        services.dataset_register)
             extraction, created = services.extraction_start(
                 model=model, dataset=dataset, layers=layers, hooks=csv(options["hooks"]),
                 batch_size=options["batch_size"], max_samples=options["max_samples"],
@@ -121,3 +122,19 @@ def _follow(command: BaseCommand, extraction: Extraction, poll_s: float) -> None
     hint = f" Suggested retry: {extraction.suggested_retry_params}." if extraction.suggested_retry_params else ""
     raise CommandError(f"Extraction {extraction.pk} failed ({extraction.error_type}): "
                        f"{extraction.error_message.rstrip('.')}.{hint}")
+
+
+def _find_or_register(kind: str, given: str, find, register):
+    """A registered model or dataset by name or id, else the path to register. A name that is not
+    registered is said to be one: the path's refusal alone ("... does not exist") would not say
+    that names and ids are taken too."""
+    found = find(given)
+    if found is not None:
+        return found
+    try:
+        return register(path=given)
+    except JobInputError as exc:
+        if "/" in given:
+            raise
+        raise JobInputError(f"No {kind} named or numbered {given!r} is registered (the {kind}s page and "
+                            f"/api/v1/{kind}s list them), and as a path: {exc}") from None
