@@ -229,7 +229,7 @@ def validate_parameters(
     if max_samples is not None and not 1 <= max_samples <= dataset.num_samples:
         raise JobInputError(
             f"Max samples must be between 1 and {dataset.num_samples:,} (the samples in {dataset.name}); "
-            "leave it empty for all.", field="max_samples",
+            "leave it empty (or out) for all.", field="max_samples",
         )
     if max_length < 1:
         raise JobInputError("Max length must be a positive number of tokens, e.g. 512.", field="max_length")

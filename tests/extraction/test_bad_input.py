@@ -272,7 +272,7 @@ def test_a_start_counts_a_dataset_file_that_grew_since_it_was_registered(staff_c
     response = post(staff_client, url, {"dataset_id": dataset.pk, "layers": [1], "hooks": ["residual"],
                                         "max_samples": registered + 51})
     assert response.json() == {"field": "max_samples", "message": f"Max samples must be between 1 and "
-                               f"{registered + 50:,} (the samples in {dataset.name}); leave it empty for all."}
+                               f"{registered + 50:,} (the samples in {dataset.name}); leave it empty (or out) for all."}
 
 
 def test_a_start_on_a_dataset_whose_file_is_gone_says_so(staff_client, model_record, dataset):
