@@ -101,6 +101,13 @@ def _corpus_folder(name: str) -> Path:
     if folder.resolve().parent != corpora.resolve():
         raise JobInputError(f"The corpus name {name!r} does not name a folder inside the corpora folder; "
                             "choose another.", field="name")
+    # A folder of that name that is there already (a deleted corpus's, or documents put there for
+    # a corpus made from a path) is never written into: the upload takes the next free name, and
+    # the corpus's source says which.
+    number = 1
+    while folder.exists():
+        number += 1
+        folder = corpora / f"{name}-{number}"
     return folder
 
 
@@ -189,10 +196,10 @@ def _corpus_save(*, name: str, root: Path, staging: Path | None, chunks: list[tu
                 except OSError as exc:
                     if root.exists():
                         raise JobInputError(
-                            f"The folder corpora/{name} already exists in the data directory; "
+                            f"The folder corpora/{root.name} already exists in the data directory; "
                             "choose another name or remove that folder.", field="name",
                         ) from None
-                    raise JobInputError(f"The folder corpora/{name} cannot be created: {exc.strerror}.",
+                    raise JobInputError(f"The folder corpora/{root.name} cannot be created: {exc.strerror}.",
                                         field="files") from None
                 moved = True
     except IntegrityError:

@@ -242,6 +242,15 @@ def test_a_refused_upload_leaves_no_file_for_the_next_corpus_of_that_name(staff_
     assert again.status_code == 422
     assert again.json()["message"] == "A corpus named 'u2' already exists; choose another name."
     assert sorted(p.name for p in (corpora / "u2").iterdir()) == ["c.txt"]
+    # A folder of the name left there (a corpus deleted in the admin, documents put there by hand)
+    # is neither written into nor in the way: the upload takes the next free folder.
+    (corpora / "u4").mkdir()
+    (corpora / "u4" / "mine.txt").write_bytes(b"not the upload's")
+    taken = upload(staff_client, "u4", [("e.txt", SOME_TEXT)])
+    assert taken.status_code == 201, taken.content
+    assert Corpus.objects.get(name="u4").source == str(corpora / "u4-2")
+    assert sorted(p.name for p in (corpora / "u4").iterdir()) == ["mine.txt"]
+    assert sorted(p.name for p in (corpora / "u4-2").iterdir()) == ["e.txt"]
     bogus = upload(staff_client, "u3", [("d.txt", SOME_TEXT)], chunk_sise=100)
     assert bogus.status_code == 422
     assert bogus.json()["message"] == ("Unknown field 'chunk_sise'; the fields are name, files, chunk_size and "
@@ -251,7 +260,7 @@ def test_a_refused_upload_leaves_no_file_for_the_next_corpus_of_that_name(staff_
     shouted = upload(staff_client, "U2", [("d.txt", SOME_TEXT)])
     assert shouted.status_code == 422
     assert shouted.json()["message"] == "A corpus named 'U2' already exists (as 'u2'); choose another name."
-    assert sorted(p.name for p in corpora.iterdir()) == ["u2"]
+    assert sorted(p.name for p in corpora.iterdir()) == ["u2", "u4", "u4-2"]
 
 
 def test_a_file_with_a_nul_character_is_refused_naming_the_file(staff_client, settings):
