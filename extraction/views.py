@@ -175,7 +175,9 @@ def _history() -> list[dict]:
 
 def _page_context(request, form=None, register_form: RegisterForm | None = None) -> dict:
     context = live_context(topic=TOPIC)  # the seq first: an event written meanwhile is replayed
-    seq = context["live"]["after"]
+    # What the cards show, as their fragments say it: every event up to here is in the rows read
+    # below (a replayed one is not drawn over them: its older payload would take a bar back).
+    seq = last_event_seq()
     # ?model= and ?dataset= (set after one is registered) pick it in the start form.
     picked = {key: id_param(request, key) for key in ("model", "dataset")}
     form = form or ExtractionStartForm(initial={key: pk for key, pk in picked.items() if pk})

@@ -239,7 +239,8 @@ def _page(request, *, corpus_form: CorpusForm | None = None, status: int = 200):
         return render(request, "training_runs/unavailable.html",
                       {"reason": reason, **_corpora_context(request, corpus_form)}, status=status)
     context = live_context(topic=TOPIC)  # the seq first: an event written meanwhile is replayed
-    context.update(_workflow_context(request, seq=context["live"]["after"]))
+    # The cards' seq as their fragments have it: a replayed event is not drawn over the rows.
+    context.update(_workflow_context(request, seq=last_event_seq()))
     context.update(_corpora_context(request, corpus_form))
     context.update(_history_context(request))
     return render(request, "training_runs/training.html", context, status=status)

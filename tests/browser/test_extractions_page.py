@@ -173,10 +173,16 @@ def test_a_reload_mid_job_reattaches_at_once(site, staff_user, model_record, dat
     page.goto(site.url("/extractions/"))
     wait_for(lambda: Extraction.objects.get(pk=job.pk).samples_processed >= 8, timeout=60, message="progress")
 
+    # Every width the reloaded page's bar takes, from its first paint: the events of the last
+    # seconds that the socket replays must not draw their older counts over the rows.
+    page.add_init_script(f"document.addEventListener('DOMContentLoaded', {WATCH_BARS})")
     page.reload()
     width = page.locator(f"#extraction-{job.pk} [data-bar]").evaluate("bar => parseFloat(bar.style.width)")
     assert width >= 100 * 8 / len(TEXTS) - 0.1, "the reloaded page draws the progress from the database"
     expect(page.locator("[data-live-status]")).to_have_text("live")
+    wait_for(lambda: page.evaluate("jobsiteLive.events") >= 3, timeout=30, message="the replayed events")
+    page.wait_for_timeout(300)
+    assert min(page.evaluate("window.seenWidths")) >= 100 * 8 / len(TEXTS) - 0.1, "no replayed event took it back"
     screenshot(page, "08-reloaded-mid-job")
     expect_completed(page, job)
     counts = live_counts(page)
