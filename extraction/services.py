@@ -275,6 +275,8 @@ def extraction_start(
     )
     if original is None:
         _refuse_repeat_of_a_failure(model=model, fingerprint=fingerprint)
+    else:
+        _refuse_what_a_retry_completed(original=original, fingerprint=fingerprint)
     try:
         with transaction.atomic():
             extraction = Extraction.objects.create(
@@ -320,6 +322,16 @@ def _refuse_repeat_of_a_failure(*, model: ModelRecord, fingerprint: str) -> None
             f"An identical extraction ({latest.pk}) failed ({latest.error_type}: {latest.error_message[:200]}); "
             f"retry it{hint} instead of starting it again."
         )
+
+
+def _refuse_what_a_retry_completed(*, original: Extraction, fingerprint: str) -> None:
+    """A retry of this extraction that completed the same request (on the dataset as it is now)
+    holds its results: another would compute them again."""
+    done = original.retries.filter(status=Extraction.Status.COMPLETED, fingerprint=fingerprint).first()
+    if done is not None:
+        raise TransitionError(
+            f"Extraction {done.pk}, a retry of extraction {original.pk}, completed this same request: its "
+            f"results are in {done.output_dir}. Delete it first to compute them again.")
 
 
 # Until it extracts, a retry that starts from the original's finished samples still reads them.
@@ -378,8 +390,6 @@ def extraction_retry(
         max_samples = extraction.max_samples
     elif max_samples == ALL_SAMPLES:
         max_samples = None
-    _refuse_what_a_retry_completed(extraction, max_samples=max_samples,
-                                   max_length=extraction.max_length if max_length is None else max_length)
     retry, created = extraction_start(
         model=extraction.model, dataset=extraction.dataset, layers=extraction.layers, hooks=extraction.hooks,
         batch_size=extraction.batch_size if batch_size is None else batch_size,
@@ -391,19 +401,6 @@ def extraction_retry(
     if not created:
         raise TransitionError(f"{retry.identical_sentence()} Follow that one; no second copy was started.")
     return retry
-
-
-def _refuse_what_a_retry_completed(extraction: Extraction, *, max_samples: int | None, max_length: int) -> None:
-    """A retry of this extraction that completed the same request (on the dataset as it is now)
-    holds its results: another would compute them again."""
-    fingerprint = request_fingerprint(
-        dataset=dataset_recount(extraction.dataset), layers=extraction.layers, hooks=extraction.hooks,
-        max_samples=max_samples, max_length=max_length, storage_dtype=extraction.storage_dtype)
-    done = extraction.retries.filter(status=Extraction.Status.COMPLETED, fingerprint=fingerprint).first()
-    if done is not None:
-        raise TransitionError(
-            f"Extraction {done.pk}, a retry of extraction {extraction.pk}, completed this same request: its "
-            f"results are in {done.output_dir}. Delete it first to compute them again.")
 
 
 def extraction_retry_suggested(

@@ -636,9 +636,6 @@
       known.points = [];
       known.left = null;
       setText(card, "[data-eta]", "—");
-      // A step whose time left could not be told (a training run's embedding) has ended; said
-      // again below by the job's flag where the payload carries it.
-      card.querySelectorAll("[data-eta-step][hidden]").forEach((step) => { step.hidden = false; });
     }
     // What is shown only in some states of the job (a training run's time left, not told while it
     // embeds) follows the job's own flag ([data-hidden-while]), event after event.

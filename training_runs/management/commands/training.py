@@ -95,9 +95,7 @@ class Command(BaseCommand):
         run = self._run(options["run_id"])
         decision = "approved" if options["decision"] == "approve" else "rejected"
         updated = services.training_run_review(run=run, decision=decision, pair_ids=ids)
-        counts = services.review_counts(run)
-        self.stdout.write(f"{counted(updated, 'pair')} {decision}; run {run.pk} now has {counts['approved']:,} approved, "
-                          f"{counts['rejected']:,} rejected, {counts['pending']:,} pending.{run.review_note}")
+        self.stdout.write(services.review_sentence(run, updated=updated, decision=decision))
 
     def do_edit(self, options):
         run = self._run(options["run_id"])
