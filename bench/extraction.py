@@ -242,17 +242,17 @@ def tool_runner(ctx: Context, out: Path, module=jobsite_runner, storage_dtype: s
 
 
 def runner_without(ctx: Context, out: Path, *, sync: bool = False, rows: bool = False, heap: bool = False) -> dict:
-    saved = os.fdatasync, jobsite_runner._pwrite_all, jobsite_runner.heap_reuse
+    saved = os.fdatasync, jobsite_runner.writer._pwrite_all, jobsite_runner.heap_reuse
     try:
         if sync:
             os.fdatasync = lambda fd: None
         if rows:
-            jobsite_runner._pwrite_all = lambda fd, data, position: None
+            jobsite_runner.writer._pwrite_all = lambda fd, data, position: None
         if heap:
             jobsite_runner.heap_reuse = lambda device: contextlib.nullcontext()
         return tool_runner(ctx, out)
     finally:
-        os.fdatasync, jobsite_runner._pwrite_all, jobsite_runner.heap_reuse = saved
+        os.fdatasync, jobsite_runner.writer._pwrite_all, jobsite_runner.heap_reuse = saved
 
 
 def tool_bare_stop(ctx: Context, out: Path) -> dict:

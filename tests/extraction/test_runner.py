@@ -147,7 +147,8 @@ def test_files_are_in_dataset_order_and_offsets_match_token_counts(models, sampl
     assert metadata["samples"] == result.samples == len(TEXTS)
     assert metadata["tokens"] == result.tokens == sum(counts)
     assert metadata["files"]["layer_0_mlp.npy"] == {"dtype": "float32", "shape": [sum(counts), 32]}
-    assert sorted(result.files) == sorted(["offsets.npy", "layer_0_residual.npy", "layer_0_mlp.npy", "metadata.json"])
+    assert sorted(result.files) == sorted(["offsets.npy", "tokens.npy", "layer_0_residual.npy", "layer_0_mlp.npy",
+                                           "metadata.json"])
 
 
 def test_every_line_of_a_text_dataset_is_a_sample_an_empty_one_too(models, tmp_path):
@@ -249,11 +250,11 @@ def test_blocks_after_the_last_requested_layer_never_run(models, samples_path, t
     def load_and_watch(*args, **kwargs):
         model = AutoModel.from_pretrained(*args, **kwargs)
         for index, block in enumerate(model.h):
-            block.register_forward_hook(lambda module, inputs, output, index=index: ran.add(index))
+            block.register_forward_pre_hook(lambda module, inputs, index=index: ran.add(index))
         return model
 
     watched = SimpleNamespace(from_pretrained=load_and_watch, from_config=AutoModel.from_config)
-    monkeypatch.setattr(runner, "AutoModel", watched)
+    monkeypatch.setattr(runner.model, "AutoModel", watched)
     extract(models["gpt2"], samples_path, tmp_path, layers=(0, 1), hooks=("mlp",))
     assert ran == {0, 1}
 
@@ -391,7 +392,7 @@ def test_inspect_model_reports_shape_and_offers_only_residual_for_bert(models, t
     info = inspect_model(models["gpt_neox"])
     assert (info.architecture, info.model_type, info.num_layers) == ("GPTNeoXForCausalLM", "gpt_neox", 4)
     assert (info.hidden_size, info.vocab_size) == (32, len(AutoTokenizer.from_pretrained(models["gpt_neox"])))
-    assert info.supported_hooks == ("residual", "mlp", "attention")
+    assert info.supported_hooks == ("residual", "mlp", "attention", "resid_pre", "mlp_hidden")
     bert = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
     BertModel(bert).save_pretrained(tmp_path)
     train_tokenizer(TEXTS, vocab_size=64).save_pretrained(tmp_path)
@@ -404,7 +405,10 @@ def write(path, content: bytes) -> str:
 
 
 BAD_SPECS = {
-    "unknown hook": (dict(hooks=("foo",)), "Hook 'foo' is unknown; choose from residual, mlp, attention."),
+    "unknown hook": (dict(hooks=("foo",)), "Hook 'foo' is unknown; choose from residual, mlp, attention, resid_pre, "
+                      "resid_mid, mlp_hidden (or TransformerLens's names: hook_resid_pre, hook_resid_mid, "
+                      "hook_resid_post, hook_attn_out, hook_mlp_out, mlp.hook_post, and blocks.N.hook_mlp_out for "
+                      "layer N)."),
     "layer out of range": (dict(layers=(1, 7)), "Layer 7 does not exist: this model has layers 0-3."),
     "batch size 3": (dict(batch_size=3), "The batch size must be one of 1, 2, 4, 8, 16, 32, 64, 128, 256, 512; got 3."),
     "max length 0": (dict(max_length=0), "Max length must be between 1 and 1024 tokens; got 0."),
@@ -504,7 +508,7 @@ def test_bad_model_raises_job_input_error(models, samples_path, tmp_path, breaka
 
 def fail_writes_at(call: int, exc: BaseException, monkeypatch):
     """Makes the writer thread's `call`-th row write (counting from 0) raise `exc`."""
-    original, calls = runner._pwrite_all, []
+    original, calls = runner.writer._pwrite_all, []
 
     def pwrite_all(fd, data, position):
         calls.append(position)
@@ -512,7 +516,7 @@ def fail_writes_at(call: int, exc: BaseException, monkeypatch):
             raise exc
         original(fd, data, position)
 
-    monkeypatch.setattr(runner, "_pwrite_all", pwrite_all)
+    monkeypatch.setattr(runner.writer, "_pwrite_all", pwrite_all)
 
 
 def test_writer_error_stops_the_run_as_its_exception_and_its_batch_is_never_counted(
@@ -539,10 +543,10 @@ def test_writer_error_stops_the_run_as_its_exception_and_its_batch_is_never_coun
 
 def test_checkpoint_is_written_only_after_the_batchs_rows_are_synced(models, samples_path, tmp_path, monkeypatch):
     log = []
-    original_write, original_sync, original_json = runner._pwrite_all, os.fdatasync, runner._write_json
-    monkeypatch.setattr(runner, "_pwrite_all", lambda fd, *args: (log.append(("row", fd)), original_write(fd, *args)))
+    original_write, original_sync, original_json = runner.writer._pwrite_all, os.fdatasync, runner.outputs.write_json
+    monkeypatch.setattr(runner.writer, "_pwrite_all", lambda fd, *args: (log.append(("row", fd)), original_write(fd, *args)))
     monkeypatch.setattr(os, "fdatasync", lambda fd: (log.append(("sync", fd)), original_sync(fd)))
-    monkeypatch.setattr(runner, "_write_json", lambda path, obj: (log.append(("json", obj)), original_json(path, obj)))
+    monkeypatch.setattr(runner.outputs, "write_json", lambda path, obj: (log.append(("json", obj)), original_json(path, obj)))
     extract(models["gpt_neox"], samples_path, tmp_path, layers=(1,), hooks=("residual", "attention"), batch_size=8)
     unsynced, counted = set(), 0
     for kind, value in log:
@@ -573,9 +577,9 @@ def test_rows_are_written_while_the_next_batch_runs_forward(models, samples_path
         time.sleep(0.2)
         original_write(self, rows)
 
-    original_write = runner._Writer._write_rows
-    monkeypatch.setattr(runner, "_forward", timed("forward", runner._forward))
-    monkeypatch.setattr(runner._Writer, "_write_rows", timed("write", slow_write))
+    original_write = runner.writer.Writer._write_rows
+    monkeypatch.setattr(runner, "run_batch", timed("forward", runner.run_batch))
+    monkeypatch.setattr(runner.writer.Writer, "_write_rows", timed("write", slow_write))
     extract(models["gpt2"], samples_path, tmp_path, batch_size=16)
     assert len(spans["forward"]) == len(spans["write"]) == 4
     for (write_start, write_end), (next_start, _) in zip(spans["write"], spans["forward"][1:]):
@@ -586,7 +590,7 @@ WRITER_KILLED_RUN = """
 import os, sys
 from extraction import runner
 
-original, calls = runner._pwrite_all, []
+original, calls = runner.writer._pwrite_all, []
 
 def die_in_the_writer(fd, data, position):
     calls.append(position)
@@ -594,7 +598,7 @@ def die_in_the_writer(fd, data, position):
         os._exit(9)
     original(fd, data, position)
 
-runner._pwrite_all = die_in_the_writer
+runner.writer._pwrite_all = die_in_the_writer
 runner.SYNC_EVERY_S = 0  # a checkpoint per batch, so the resume point is known
 model, data, out = sys.argv[1:]
 spec = runner.ExtractionSpec(model, data, out, layers=(0, 2), hooks=("residual", "mlp"), batch_size=4)
@@ -622,9 +626,9 @@ def test_process_died_in_the_writer_resumes_after_the_last_counted_batch_byte_id
 def test_tokenizing_in_chunks_gives_the_same_files_and_fingerprint(models, samples_path, tmp_path, monkeypatch):
     options = dict(layers=(1,), hooks=("residual",), batch_size=4)
     extract(models["gpt2"], samples_path, tmp_path / "whole", **options)
-    monkeypatch.setattr(runner, "_TOKENIZE_CHUNK", 3)
+    monkeypatch.setattr(runner.plan, "TOKENIZE_CHUNK", 3)
     extract(models["gpt2"], samples_path, tmp_path / "chunked", **options)
-    for name in ["offsets.npy", "layer_1_residual.npy", "checkpoint.json", "metadata.json"]:
+    for name in ["offsets.npy", "tokens.npy", "layer_1_residual.npy", "checkpoint.json", "metadata.json"]:
         assert (tmp_path / "chunked" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
 
 
@@ -633,10 +637,10 @@ def test_packed_real_tokens_land_on_the_rows_of_the_padded_batch():
     lengths, starts = [5, 3, 1], [7, 0, 12]
     padded = torch.randn(3, 5, 4)
     mask = np.arange(5)[None, :] < np.array(lengths)[:, None]
-    packed = runner._gather({"a": padded}, mask, torch.float16)["a"]
+    packed = runner.forward.gather({"a": padded}, mask, torch.float16)["a"]
     assert packed.shape == (sum(lengths), 4) and packed.dtype == torch.float16
-    as_padded = runner._Rows({"a": padded.half().numpy()}, False, starts, lengths, lambda: None)
-    as_packed = runner._Rows({"a": packed.numpy()}, True, starts, lengths, lambda: None)
+    as_padded = runner.forward.Rows({"a": padded.half().numpy()}, False, starts, lengths, lambda: None)
+    as_packed = runner.forward.Rows({"a": packed.numpy()}, True, starts, lengths, lambda: None)
     for (start, rows), (packed_start, packed_rows) in zip(as_padded.pieces("a"), as_packed.pieces("a"), strict=True):
         assert start == packed_start and np.array_equal(rows, packed_rows)
 
@@ -732,7 +736,7 @@ print(json.dumps(dict(outside=outside, inside=inside, rss_inside=rss_inside, rss
 
 
 def test_heap_reuse_keeps_freed_activations_for_the_next_batch_and_gives_them_back_after_the_run():
-    if runner._MALLOPT is None:
+    if runner.native._MALLOPT is None:
         missing("needs glibc's allocator (mallopt), which the worker image and CI have")
     # In a process of its own, as a worker starts: this one's heap holds whatever earlier tests left.
     done = subprocess.run([sys.executable, "-c", HEAP_REUSE_RUN], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
@@ -748,9 +752,9 @@ def test_heap_reuse_keeps_freed_activations_for_the_next_batch_and_gives_them_ba
 
 def test_files_are_synced_when_a_sync_is_due_not_after_every_batch(models, samples_path, tmp_path, monkeypatch):
     syncs, counted = [], []
-    original_sync, original_json = os.fdatasync, runner._write_json
+    original_sync, original_json = os.fdatasync, runner.outputs.write_json
     monkeypatch.setattr(os, "fdatasync", lambda fd: (syncs.append(fd), original_sync(fd)))
-    monkeypatch.setattr(runner, "_write_json", lambda path, obj: (counted.append(obj.get("samples_done")),
+    monkeypatch.setattr(runner.outputs, "write_json", lambda path, obj: (counted.append(obj.get("samples_done")),
                                                                    original_json(path, obj)))
     options = dict(layers=(0, 2), hooks=("residual", "mlp"), batch_size=4)  # 13 batches, 4 files
     monkeypatch.setattr(runner, "SYNC_EVERY_S", 3600)

@@ -1,0 +1,228 @@
+"""Activation extraction: the pure workload behind an extraction job (no Django here).
+
+Output (docs/output-format.md), readable without jobsite: `offsets.npy` (int64, samples + 1),
+`tokens.npy` (int32, the id the model saw at each row), one `layer_{L}_{hook}.npy` per
+requested (layer, hook point) holding the non-pad tokens of every sample in dataset order
+(sample i is rows offsets[i]:offsets[i + 1]), the tokenizer in `tokenizer/`, `metadata.json` last.
+
+Samples are computed in one global order, longest first (ties by dataset index), cut into
+batches. Whatever the batch size, the completed samples are therefore a prefix of that
+order and the checkpoint only counts them: a resume cuts the pending suffix with the
+recorded batch size, which reproduces the uninterrupted run's batches and so its bytes.
+
+The modules, in the order a run uses them: `model` (a directory read as untrusted input),
+`families` (where each hook point lives in each family's blocks), `dataset`, `plan` (the
+request checked, the samples tokenized, the fingerprint), `outputs` (preallocated files and
+the checkpoint), `forward` (a batch through the model, with the hooks), `writer` (rows
+written by position on a thread of its own), `native` (the allocator and writeback knobs).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from extraction.runner import outputs
+from extraction.runner.dataset import DatasetInfo, inspect_dataset
+from extraction.runner.forward import Capture, run_batch
+from extraction.runner.model import ModelInfo, inspect_model, load_model
+from extraction.runner.native import heap_reuse, release_pinned
+from extraction.runner.outputs import CHECKPOINT, METADATA, OFFSETS, TOKENIZER, TOKENS, open_outputs
+from extraction.runner.plan import FORMAT_VERSION, ExtractionSpec, Plan, prepare
+from extraction.runner.writer import Writer
+
+# Cancelled is re-exported from jobsite.errors: the worker tells a cancel from a failure by it.
+from jobsite.errors import Cancelled, is_oom
+
+__all__ = [
+    "Cancelled", "DatasetInfo", "ExtractionResult", "ExtractionSpec", "ModelInfo", "heap_reuse", "inspect_dataset",
+    "inspect_model", "run_extraction", "seed_from_checkpoint",
+]
+
+# Rows are synced and counted at most this often (and always at the end, on cancel and on
+# the way out by an error): a crash redoes at most this much work, and a fast device is
+# not held to nine fdatasyncs a batch.
+SYNC_EVERY_S = 1.0
+
+
+@dataclass
+class ExtractionResult:
+    samples: int
+    tokens: int
+    clamped_tokens: int
+    truncated_samples: int
+    batch_size: int
+    files: list[str]
+    inf_values: int = 0  # values stored as +-inf; counted in float16 files, where beyond +-65504 is inf
+
+
+@dataclass
+class _Callbacks:
+    progress: Callable[[int, int, int, int], None]
+    heartbeat: Callable[[], None]
+    should_cancel: Callable[[], bool]
+    on_event: Callable[[str, dict], None]
+    failpoint: Callable[[str, dict], None]
+
+
+def run_extraction(
+    spec: ExtractionSpec,
+    *,
+    progress: Callable[[int, int, int, int], None] | None,
+    heartbeat: Callable[[], None] | None,
+    should_cancel: Callable[[], bool] | None,
+    on_event: Callable[[str, dict], None] | None = None,
+    failpoint: Callable[[str, dict], None] | None = None,
+) -> ExtractionResult:
+    """Extract spec's activations into spec.output_dir, resuming its checkpoint if it matches."""
+    calls = _Callbacks(
+        progress or (lambda *args: None), heartbeat or (lambda: None), should_cancel or (lambda: False),
+        on_event or (lambda *args: None), failpoint or (lambda *args: None),
+    )
+    plan = prepare(spec)
+    model = load_model(spec.model_path, dtype=spec.model_dtype, device=spec.device)
+    starts, checkpoint = open_outputs(spec, plan)
+    calls.on_event("phase", {
+        "phase": "extracting", "total_tokens": int(plan.offsets[-1]),
+        "clamped_tokens": plan.clamped_tokens, "truncated_samples": plan.truncated_samples,
+    })
+    batch_size, inf_values = _extract(spec, plan, model, starts, checkpoint, calls)
+    calls.on_event("phase", {"phase": "saving"})
+    result, metadata = _describe(spec, plan, batch_size, inf_values)
+    outputs.write_json(os.path.join(spec.output_dir, METADATA), metadata)
+    return result
+
+
+def _extract(spec: ExtractionSpec, plan: Plan, model: torch.nn.Module, starts: dict[str, int], checkpoint: dict,
+             calls: _Callbacks) -> tuple[int, int]:
+    """Every pending batch, longest samples first; returns the batch size in force at the end
+    (smaller after out-of-memory halving) and the infinite values stored."""
+    checkpoint_path = os.path.join(spec.output_dir, CHECKPOINT)
+    lengths = np.diff(plan.offsets)
+    order = np.argsort(-lengths, kind="stable")  # longest first, ties in dataset order
+    total_samples, total_tokens = len(order), int(plan.offsets[-1])
+    batch_size, done, batch_index = checkpoint["batch_size"], checkpoint["samples_done"], checkpoint["batches_done"]
+    tokens_upto = np.concatenate([[0], np.cumsum(lengths[order])])  # tokens of the first k samples of order
+    calls.progress(done, total_samples, int(tokens_upto[done]), total_tokens)
+
+    copy_stream = torch.cuda.Stream(spec.device) if spec.device.startswith("cuda") else None
+    itemsize = np.dtype(spec.storage_dtype).itemsize
+    layout = {name: (starts[name], width * itemsize) for name, width in plan.widths().items()}
+    writer = Writer(spec.output_dir, layout, checkpoint, SYNC_EVERY_S, count_inf=spec.storage_dtype == "float16")
+    capture = Capture(model, model.config, plan)
+    reported = checkpoint
+
+    def report() -> None:
+        """Progress counts the samples written; the checkpoint counts them within SYNC_EVERY_S."""
+        nonlocal reported
+        if writer.written is not reported:
+            reported = writer.written
+            done = reported["samples_done"]
+            calls.progress(done, total_samples, int(tokens_upto[done]), total_tokens)
+
+    with heap_reuse(spec.device):
+        try:
+            while done < total_samples:
+                calls.heartbeat()
+                if calls.should_cancel():
+                    writer.flush()
+                    report()
+                    raise Cancelled(f"Cancelled after {done} of {total_samples} samples.")
+                # Longest first, so empty samples only ever share a batch with each other.
+                batch = [int(i) for i in order[done : done + batch_size] if lengths[i] > 0]
+                rows = failure = None
+                try:
+                    rows = run_batch(model, spec, plan, batch, capture, copy_stream)
+                except Exception as exc:
+                    failure = exc
+                # While this batch ran forward, the writer wrote the one before (and, if it was
+                # time, synced and counted it), or its error is raised here, never mistaken for
+                # this batch's.
+                writer.wait()
+                report()
+                try:
+                    if failure is not None:
+                        raise failure
+                    # Here every earlier batch is counted, as if nothing ran concurrently.
+                    calls.failpoint("extraction.batch",
+                                    {"index": batch_index, "batch_size": batch_size, "samples_done": done})
+                except Exception as exc:
+                    if not (spec.auto_retry_on_oom and batch_size > 1 and is_oom(exc)):
+                        raise
+                    rows = None  # memory is freed below: until this block ends, the traceback pins it
+                failure = None
+                if rows is None:
+                    writer.flush()  # the checkpoint below counts every sample done: they are synced first
+                    report()
+                    capture.take()
+                    gc.collect()
+                    if spec.device.startswith("cuda"):
+                        torch.cuda.empty_cache()
+                    message = f"Out of memory at batch size {batch_size}; retrying with {batch_size // 2}."
+                    reduced = {"from": batch_size, "to": batch_size // 2, "batch_index": batch_index, "message": message}
+                    calls.on_event("batch_size_reduced", reduced)
+                    batch_size //= 2
+                    # From the writer's checkpoint: it is this one, plus what the writer counts.
+                    checkpoint = {**writer.counted, "batch_size": batch_size}
+                    outputs.write_json(checkpoint_path, checkpoint)  # the writer is idle: it was flushed above
+                    continue
+                done = min(done + batch_size, total_samples)
+                batch_index += 1
+                checkpoint = {**checkpoint, "samples_done": done, "batches_done": batch_index}
+                writer.submit(rows, checkpoint)
+                del rows
+            writer.flush()
+            report()
+        finally:
+            # On the way out by an exception too, the batches handed over are written, synced,
+            # counted, and reported.
+            writer.close()
+            capture.close()
+            report()
+            if copy_stream is not None:
+                release_pinned()
+    return batch_size, writer.inf_values
+
+
+def _describe(spec: ExtractionSpec, plan: Plan, batch_size: int, inf_values: int) -> tuple[ExtractionResult, dict]:
+    """The result, and the metadata.json that says what every file holds."""
+    total_samples, total_tokens = len(plan.offsets) - 1, int(plan.offsets[-1])
+    files = {OFFSETS: {"dtype": "int64", "shape": [total_samples + 1]},
+             TOKENS: {"dtype": "int32", "shape": [total_tokens]}}
+    for name, width in plan.widths().items():
+        files[name] = {"dtype": spec.storage_dtype, "shape": [total_tokens, width]}
+    result = ExtractionResult(
+        total_samples, total_tokens, plan.clamped_tokens, plan.truncated_samples, batch_size, [*files, METADATA],
+        inf_values,
+    )
+    points = plan.info.points
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "model_path": spec.model_path,
+        "architecture": plan.info.architecture,
+        "model_type": plan.info.model_type,
+        "family": points.family,
+        "layers": plan.layers,
+        "hooks": plan.hooks,
+        "hook_points": {hook: described for hook, described in points.describe().items() if hook in plan.hooks},
+        "storage_dtype": spec.storage_dtype,
+        "model_dtype": spec.model_dtype,
+        "hidden_size": plan.info.hidden_size,
+        "max_length": spec.max_length,
+        "tokenizer": {"path": TOKENIZER, "class": type(plan.tokenizer).__name__, "source": spec.model_path},
+        "order": "longest first, ties in dataset order",
+        "files": files,
+        **{key: getattr(result, key)
+           for key in ("samples", "tokens", "clamped_tokens", "truncated_samples", "inf_values")},
+    }
+    return result, metadata
+
+
+def seed_from_checkpoint(src_output_dir: str, dst_output_dir: str, spec: ExtractionSpec) -> int:
+    """Start dst from src's completed samples when only the batch size changed; 0 if not."""
+    return outputs.seed_from_checkpoint(src_output_dir, dst_output_dir, spec, prepare(spec))
