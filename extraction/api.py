@@ -26,16 +26,26 @@ def _check_batch_size(value):
     return value
 
 
+class HookPointOut(Schema):
+    definition: str = Field(description="what it is in the residual stream, the same on every family")
+    width: int = Field(description="values per token: the hidden size, or the MLP's width for mlp_hidden")
+    transformerlens: str = Field(description="TransformerLens's name, after blocks.N.")
+
+
 class ModelOut(Schema):
     id: int
     name: str
     path: str
     architecture: str
     model_type: str
+    family: str = Field(description="the family adapter its hook points come from; empty: a family jobsite "
+                                    "does not know, which offers residual only")
     num_layers: int
     hidden_size: int
     vocab_size: int
     supported_hooks: list[str]
+    hook_points: dict[str, HookPointOut]
+    hook_refusals: dict[str, str] = Field(description="hook points not offered, each with why")
 
 
 class ModelIn(Input):
@@ -59,8 +69,11 @@ class DatasetIn(Input):
 
 class ExtractionIn(Input):
     dataset_id: int
-    layers: list[int] = Field(min_length=1, examples=[[0, 1]])
-    hooks: list[Literal["residual", "mlp", "attention"]] = Field(min_length=1, examples=[["residual"]])
+    layers: list[int] = Field(default_factory=list, examples=[[0, 1]],
+                              description="block indices; may be left out when every hook names its layer")
+    hooks: list[str] = Field(min_length=1, examples=[["residual", "blocks.1.hook_mlp_out"]], description=(
+        "hook points at every layer given: residual (resid_post), mlp, attention, resid_pre, resid_mid, "
+        "mlp_hidden, or TransformerLens's names (hook_mlp_out; blocks.5.hook_mlp_out names layer 5 too)"))
     batch_size: int = 8
     max_samples: int | None = Field(None, gt=0)
     max_length: int | None = Field(None, gt=0,
@@ -155,7 +168,13 @@ def _extraction(model_id: int, extraction_id: int) -> Extraction:
 
 @router.get("/models", response=list[ModelOut])
 def list_models(request):
-    return selectors.model_list()
+    return [services.model_hook_points(model=model) for model in selectors.model_list()]
+
+
+@router.get("/models/{model_id}", response={200: ModelOut, 404: Message},
+            summary="A model, with each hook point it offers (definition, width) and why it offers no others")
+def get_model(request, model_id: int):
+    return services.model_hook_points(model=_model(model_id))
 
 
 def _registered(register, **kwargs):

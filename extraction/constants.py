@@ -66,6 +66,11 @@ def parse_hook(name: str) -> tuple[int | None, str]:
     return layer, hook
 
 
+def refusal_sentence(hook: str, why: str, supported, architecture: str) -> str:
+    """Why a model does not offer a hook point, and what it offers instead."""
+    return f"Hook point {hook} is not available for {architecture}: {why}. Choose from {', '.join(supported)}."
+
+
 def transformerlens_name(layer: int, hook: str) -> str:
     """blocks.5.hook_mlp_out for (5, 'mlp'): the column and key name other tools expect."""
     return f"blocks.{layer}.{TRANSFORMERLENS_NAMES[hook]}"

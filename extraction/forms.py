@@ -7,11 +7,13 @@ import re
 from django import forms
 
 from extraction import selectors, services
-from extraction.constants import HOOK_TYPES, VALID_BATCH_SIZES
+from extraction.constants import TRANSFORMERLENS_NAMES, VALID_BATCH_SIZES
 from extraction.models import Extraction
 from jobsite.forms import require_one_of
 
 BATCH_SIZE_CHOICES = [(size, str(size)) for size in VALID_BATCH_SIZES]
+# The residual stream in the order a block produces it, then the MLP's neurons.
+HOOK_ORDER = ("resid_pre", "attention", "resid_mid", "mlp", "residual", "mlp_hidden")
 
 
 def parse_layers(text: str) -> list[int]:
@@ -30,18 +32,20 @@ def parse_layers(text: str) -> list[int]:
         if last - first >= 10_000:
             raise forms.ValidationError(f"The range {part} is longer than any model's layers.")
         layers.extend(range(first, last + 1))
-    if not layers:
-        raise forms.ValidationError("Choose at least one layer, e.g. 0 or 0,2.")
     return sorted(set(layers))
 
 
 class ExtractionStartForm(forms.Form):
     model = forms.ModelChoiceField(queryset=None, empty_label=None)
     dataset = forms.ModelChoiceField(queryset=None, empty_label=None)
-    layers = forms.CharField(max_length=200, initial="0", help_text="e.g. 0,2 or 0-3")
+    layers = forms.CharField(max_length=200, initial="0", required=False, help_text="e.g. 0,2 or 0-3")
     hooks = forms.MultipleChoiceField(
-        choices=[(hook, hook) for hook in HOOK_TYPES], initial=["residual"], widget=forms.CheckboxSelectMultiple,
-        error_messages={"required": "Choose at least one hook point."},
+        choices=[(hook, f"{hook} ({TRANSFORMERLENS_NAMES[hook]})") for hook in HOOK_ORDER], initial=["residual"],
+        widget=forms.CheckboxSelectMultiple, required=False,
+    )
+    hook_names = forms.CharField(
+        max_length=1000, required=False, label="or by name",
+        help_text="TransformerLens's names, comma separated: hook_mlp_out, or blocks.5.hook_mlp_out for layer 5 alone",
     )
     batch_size = forms.TypedChoiceField(choices=BATCH_SIZE_CHOICES, coerce=int, initial=8)
     max_samples = forms.IntegerField(required=False, min_value=1, help_text="empty: all samples")
@@ -68,6 +72,17 @@ class ExtractionStartForm(forms.Form):
 
     def clean_layers(self):
         return parse_layers(self.cleaned_data["layers"])
+
+    def clean(self):
+        data = super().clean()
+        names = [name for name in re.split(r"[,\s]+", data.get("hook_names") or "") if name]
+        data["hooks"] = [*data.get("hooks", []), *names]
+        if not self.errors:
+            if not data["hooks"]:
+                self.add_error("hooks", "Choose at least one hook point.")
+            elif not data["layers"] and not any(name.startswith("blocks.") for name in names):
+                self.add_error("layers", "Choose at least one layer, e.g. 0 or 0,2.")
+        return data
 
 
 class RetryForm(forms.Form):

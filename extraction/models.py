@@ -22,6 +22,13 @@ class ModelRecord(models.Model):
     hidden_size = models.PositiveIntegerField()
     vocab_size = models.PositiveIntegerField()
     supported_hooks = models.JSONField(default=list)
+    # The family adapter its hook points come from; empty: a family jobsite does not know (or
+    # registered before jobsite kept it, when hook_points is empty too).
+    family = models.CharField(max_length=50, blank=True)
+    # {hook: {definition, width, transformerlens}} of the hook points offered; {}: not read yet.
+    hook_points = models.JSONField(default=dict)
+    # {hook: why it is not offered}, said when a start asks for one.
+    hook_refusals = models.JSONField(default=dict)
     # The most tokens a sample may have (config max_position_embeddings): a longer max length is
     # refused at start. Null: registered before jobsite kept it; 0: the config names no limit.
     max_positions = models.PositiveIntegerField(null=True, blank=True)
@@ -104,7 +111,7 @@ class Extraction(Job):
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
 
     layers = models.JSONField(help_text="block indices, e.g. [0, 3]")
-    hooks = models.JSONField(help_text="subset of residual, mlp, attention")
+    hooks = models.JSONField(help_text="hook points: residual, mlp, attention, resid_pre, resid_mid, mlp_hidden")
     batch_size = models.PositiveIntegerField(default=8)
     max_samples = models.PositiveIntegerField(null=True, blank=True)
     max_length = models.PositiveIntegerField(default=512)

@@ -14,7 +14,9 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from extraction.constants import BATCH_SIZES_SENTENCE, HOOK_TYPES, VALID_BATCH_SIZES
+from extraction.constants import (
+    BATCH_SIZES_SENTENCE, HOOK_TYPES, VALID_BATCH_SIZES, HookNameError, parse_hook, refusal_sentence,
+)
 from extraction.models import Dataset, Extraction, ModelRecord
 from jobsite.errors import JobInputError, check_record_name, check_text, not_kept
 from jobsite.lifecycle import TransitionError
@@ -49,9 +51,33 @@ def model_register(*, path: str, name: str = "") -> ModelRecord:
         num_layers=info.num_layers,
         hidden_size=info.hidden_size,
         vocab_size=info.vocab_size,
-        supported_hooks=list(info.supported_hooks),
         max_positions=info.max_positions or 0,
+        **_hook_fields(info),
     ))
+
+
+def _hook_fields(info) -> dict:
+    return dict(supported_hooks=list(info.supported_hooks), family=info.points.family or "",
+                hook_points=info.points.describe(), hook_refusals=dict(info.points.refusals))
+
+
+def model_hook_points(*, model: ModelRecord) -> ModelRecord:
+    """The record with its hook points read: a record registered before jobsite kept them reads
+    its directory once and keeps them (what it offered then was guessed from attribute names).
+    When the directory no longer reads, the record stays as it is and the runner's own check
+    says what is wrong."""
+    if not model.hook_points:
+        from extraction.runner import inspect_model  # noqa: PLC0415
+
+        try:
+            info = inspect_model(model.path)
+        except (JobInputError, OSError):
+            return model
+        fields = _hook_fields(info)
+        ModelRecord.objects.filter(pk=model.pk, hook_points={}).update(**fields)
+        for name, value in fields.items():
+            setattr(model, name, value)
+    return model
 
 
 def model_max_positions(*, model: ModelRecord) -> int | None:
@@ -206,24 +232,13 @@ def validate_parameters(
     max_samples: int | None, max_length: int, storage_dtype: str,
 ) -> tuple[list[int], list[str]]:
     """Check a request against the model; each error names the fix."""
-    if not layers:
-        raise JobInputError("Choose at least one layer.", field="layers")
-    bad_layers = [layer for layer in layers if not 0 <= layer < model.num_layers]
-    if bad_layers:
-        raise JobInputError(
-            f"Layer {bad_layers[0]} does not exist: {model.name} has layers 0-{model.num_layers - 1}.", field="layers",
-        )
-    if not hooks:
-        raise JobInputError(f"Choose at least one hook point from {', '.join(HOOK_TYPES)}.", field="hooks")
-    unknown = [hook for hook in hooks if hook not in HOOK_TYPES]
-    if unknown:
-        raise JobInputError(f"Hook {unknown[0]!r} is unknown; choose from {', '.join(HOOK_TYPES)}.", field="hooks")
+    model_hook_points(model=model)
+    layers, hooks = resolve_hook_names(model=model, layers=layers, hooks=hooks)
     unsupported = [hook for hook in hooks if hook not in model.supported_hooks]
     if unsupported:
-        raise JobInputError(
-            f"{model.name} ({model.architecture}) has no {unsupported[0]} hook point; "
-            f"it supports {', '.join(model.supported_hooks)}.", field="hooks",
-        )
+        why = model.hook_refusals.get(unsupported[0], "it is not offered")
+        raise JobInputError(refusal_sentence(unsupported[0], why, model.supported_hooks, f"{model.name} ({model.architecture})"),
+                            field="hooks")
     if batch_size not in VALID_BATCH_SIZES:
         raise JobInputError(f"{BATCH_SIZES_SENTENCE}; got {batch_size}.", field="batch_size")
     if max_samples is not None and not 1 <= max_samples <= dataset.num_samples:
@@ -244,7 +259,51 @@ def validate_parameters(
     if storage_dtype not in Extraction.StorageDtype.values:
         raise JobInputError(f"The storage dtype must be one of {', '.join(Extraction.StorageDtype.values)}.",
                             field="storage_dtype")
-    return sorted(set(layers)), [hook for hook in HOOK_TYPES if hook in hooks]
+    return layers, hooks
+
+
+def _layer_sentence(model: ModelRecord) -> str:
+    return f"{model.name} has layers 0-{model.num_layers - 1}"
+
+
+def resolve_hook_names(*, model: ModelRecord, layers: list[int], hooks: list[str]) -> tuple[list[int], list[str]]:
+    """(layers, hooks) from what a person wrote: our hook names or TransformerLens's, a
+    `blocks.5.hook_mlp_out` naming its layer as well. A plain hook applies to every layer given.
+    An extraction takes every hook at every layer, so names that ask for different hooks at
+    different layers are refused with the request that would hold them, never widened quietly."""
+    plain, layered = [], []
+    for name in hooks:
+        try:
+            layer, hook = parse_hook(name)
+        except HookNameError as exc:
+            raise JobInputError(str(exc), field="hooks") from None
+        if layer is not None and not 0 <= layer < model.num_layers:
+            raise JobInputError(f"{name.strip()} names layer {layer}, which does not exist: {_layer_sentence(model)}.",
+                                field="hooks")
+        (plain.append(hook) if layer is None else layered.append((layer, hook)))
+    bad_layers = [layer for layer in layers if not 0 <= layer < model.num_layers]
+    if bad_layers:
+        raise JobInputError(f"Layer {bad_layers[0]} does not exist: {_layer_sentence(model)}.", field="layers")
+    all_layers = sorted(set(layers) | {layer for layer, _ in layered})
+    all_hooks = [hook for hook in HOOK_TYPES if hook in plain or any(hook == h for _, h in layered)]
+    if not all_hooks:
+        raise JobInputError(f"Choose at least one hook point from {', '.join(model.supported_hooks)}.", field="hooks")
+    if not all_layers:
+        raise JobInputError(f"Choose at least one layer: {_layer_sentence(model)} (or name it in each hook, e.g. "
+                            "blocks.0.hook_mlp_out).", field="layers")
+    if layered:
+        asked = {(layer, hook) for layer in layers for hook in plain} | set(layered)
+        if len(asked) != len(all_layers) * len(all_hooks):
+            bare = [layer for layer in layers if not plain and all(at != layer for at, _ in layered)]
+            if bare:
+                raise JobInputError(f"Layer {bare[0]} has no hook point: choose one for it, or leave the layers "
+                                    "out when every hook names its layer (blocks.N.…).", field="hooks")
+            files = len(all_layers) * len(all_hooks)
+            raise JobInputError(
+                "These names ask for different hook points at different layers, and one extraction takes every "
+                f"hook point at every layer it has: ask for layers {', '.join(map(str, all_layers))} with "
+                f"{', '.join(all_hooks)} ({files} files), or start one extraction per layer.", field="hooks")
+    return all_layers, all_hooks
 
 
 def request_fingerprint(*, dataset: Dataset, layers, hooks, max_samples, max_length, storage_dtype) -> str:

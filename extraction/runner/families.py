@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PretrainedConfig
 
-from extraction.constants import HOOK_DEFINITIONS, HOOK_TYPES, TRANSFORMERLENS_NAMES
+from extraction.constants import HOOK_DEFINITIONS, HOOK_TYPES, TRANSFORMERLENS_NAMES, refusal_sentence
 from jobsite.errors import JobInputError
 
 # The order in which a block produces its hook points: a run stops right after the last one it
@@ -170,6 +170,4 @@ def hook_points(model: torch.nn.Module, config: PretrainedConfig) -> HookPoints:
 
 def refusal(points: HookPoints, hook: str, architecture: str) -> str:
     """The sentence for a hook point this model does not offer."""
-    supported = ", ".join(points.supported)
-    why = points.refusals.get(hook, "it is not offered")
-    return f"Hook point {hook} is not available for {architecture}: {why}. Choose from {supported}."
+    return refusal_sentence(hook, points.refusals.get(hook, "it is not offered"), points.supported, architecture)

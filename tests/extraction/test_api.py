@@ -47,7 +47,15 @@ def test_invalid_batch_size_is_422_naming_the_valid_sizes(staff_client, fake_mod
     [
         ({"layers": [9]}, "Layer 9 does not exist: fake has layers 0-3."),
         ({"layers": []}, "layers"),
-        ({"hooks": ["logits"]}, "hooks"),
+        ({"hooks": ["logits"]}, "Hook 'logits' is unknown"),
+        ({"hooks": ["blocks.9.hook_mlp_out"]}, "blocks.9.hook_mlp_out names layer 9, which does not exist: fake has "
+                                               "layers 0-3."),
+        ({"hooks": ["blocks.1.hook_mlp_out", "blocks.2.hook_attn_out"], "layers": []},
+         "These names ask for different hook points at different layers, and one extraction takes every hook point "
+         "at every layer it has: ask for layers 1, 2 with mlp, attention (4 files), or start one extraction per "
+         "layer."),
+        ({"hooks": ["blocks.1.hook_mlp_out"], "layers": [0]}, "Layer 0 has no hook point: choose one for it, or leave "
+                                                             "the layers out when every hook names its layer"),
         ({"max_samples": 0}, "max_samples"),
         ({"max_samples": 10**9}, "Max samples must be between 1 and 100"),
         ({"max_length": -5}, "max_length"),
@@ -65,6 +73,35 @@ def test_bad_parameters_are_422_with_a_sentence_and_the_field(staff_client, fake
     assert response.status_code == 422
     assert sentence in response.json()["message"]
     assert response.json()["field"] == next(iter(overrides)), "a client can show the sentence beside its input"
+
+
+@pytest.mark.parametrize(("asked", "layers", "hooks"), [
+    ({"layers": [0, 2], "hooks": ["hook_resid_post", "hook_attn_out"]}, [0, 2], ["residual", "attention"]),
+    ({"hooks": ["blocks.1.hook_mlp_out"]}, [1], ["mlp"]),
+    ({"hooks": ["blocks.3.hook_mlp_out", "blocks.3.hook_resid_post"]}, [3], ["residual", "mlp"]),
+    ({"layers": [1], "hooks": ["resid_post", "blocks.1.hook_mlp_out"]}, [1], ["residual", "mlp"]),
+])
+def test_transformerlens_names_start_the_hook_points_and_layers_they_name(staff_client, fake_model, fake_dataset,
+                                                                         asked, layers, hooks):
+    payload = {key: value for key, value in body(fake_dataset).items() if key not in ("layers", "hooks")}
+    response = post(staff_client, start_url(fake_model), {**payload, **asked})
+    assert response.status_code == 201, response.json()
+    job = Extraction.objects.get()
+    assert (job.layers, job.hooks) == (layers, hooks) == (response.json()["layers"], response.json()["hooks"])
+
+
+def test_a_model_lists_each_hook_point_with_its_definition_width_and_why_others_are_not(staff_client, model_record):
+    answer = staff_client.get(f"/api/v1/models/{model_record.pk}").json()
+    assert answer["family"] == "gpt2" and answer["supported_hooks"] == [
+        "residual", "mlp", "attention", "resid_pre", "resid_mid", "mlp_hidden"]
+    assert answer["hook_points"]["mlp_hidden"] == {
+        "definition": "the MLP's neurons after the activation: the down projection's input (dense MLPs only)",
+        "width": 128, "transformerlens": "mlp.hook_post"}
+    assert answer["hook_points"]["residual"]["width"] == 32 and answer["hook_refusals"] == {}
+    assert staff_client.get("/api/v1/models").json()[0]["hook_points"] == answer["hook_points"]
+    missing = staff_client.get("/api/v1/models/999")
+    assert missing.status_code == 404 and missing.json()["message"] == (
+        "Model 999 does not exist; GET /api/v1/models lists them.")
 
 
 def test_malformed_json_and_an_empty_body_are_4xx_with_a_sentence(staff_client, fake_model):
@@ -218,9 +255,12 @@ def test_a_bad_query_parameter_is_named_in_the_sentence(staff_client):
 
 @pytest.mark.parametrize(("change", "message"), [
     ({"layers": "0,2"}, "layers must be a list, e.g. [0, 2], not '0,2'."),
-    ({"layers": []}, "layers needs at least 1 item."),
+    ({"layers": []}, "Choose at least one layer: fake has layers 0-3 (or name it in each hook, e.g. "
+                     "blocks.0.hook_mlp_out)."),
     ({"layers": [0, "a"]}, "item 2 of layers must be a whole number, not 'a'."),
-    ({"hooks": ["logits"]}, "item 1 of hooks must be 'residual', 'mlp' or 'attention', not 'logits'."),
+    ({"hooks": ["logits"]}, "Hook 'logits' is unknown; choose from residual, mlp, attention, resid_pre, resid_mid, "
+                            "mlp_hidden (or TransformerLens's names: hook_resid_pre, hook_resid_mid, hook_resid_post, "
+                            "hook_attn_out, hook_mlp_out, mlp.hook_post, and blocks.N.hook_mlp_out for layer N)."),
     ({"max_samples": 0}, "max_samples must be greater than 0, not 0."),
     ({"auto_retry_on_oom": "maybe"}, "auto_retry_on_oom must be true or false, not 'maybe'."),
 ])

@@ -41,6 +41,13 @@ def test_extract_reads_layer_ranges_as_the_page_does(model_record, dataset, djan
     assert Extraction.objects.get().layers == [0, 1, 2]
 
 
+def test_extract_takes_transformerlens_names_with_their_layers(model_record, dataset,
+                                                              django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=False):
+        call_command("extract", "tiny-gpt2", "samples", "--hooks", "blocks.2.hook_resid_pre,blocks.2.mlp.hook_post")
+    assert (Extraction.objects.get().layers, Extraction.objects.get().hooks) == ([2], ["resid_pre", "mlp_hidden"])
+
+
 @pytest.mark.parametrize(
     ("args", "sentence"),
     [
@@ -48,6 +55,9 @@ def test_extract_reads_layer_ranges_as_the_page_does(model_record, dataset, djan
         (["--layers", "zero"], "--layers .zero.: Write layers as numbers separated by commas, e.g. 0,2 or 0-3."),
         (["--layers", "3-1"], "The range 3-1 runs backwards; write it as 1-3."),
         (["--layers", "0", "--hooks", "logits"], "Hook 'logits' is unknown"),
+        ([], "Choose at least one layer: tiny-gpt2 has layers 0-2"),
+        (["--hooks", "blocks.5.hook_mlp_out"], "blocks.5.hook_mlp_out names layer 5, which does not exist: tiny-gpt2 "
+                                               "has layers 0-2."),
     ],
 )
 def test_extract_refuses_bad_input_with_a_sentence(model_record, dataset, args, sentence):

@@ -95,7 +95,7 @@ def test_a_user_who_is_not_staff_cannot_post_any_action(client, plain_user, make
     ("overrides", "field", "sentence"),
     [
         ({"layers": "abc"}, "layers", "Write layers as numbers"),
-        ({"layers": ""}, "layers", "This field is required"),
+        ({"layers": ""}, "layers", "Choose at least one layer, e.g. 0 or 0,2."),
         ({"layers": "3-1"}, "layers", "runs backwards"),
         ({"layers": "9"}, "layers", "Layer 9 does not exist: fake has layers 0-3."),
         ({"layers": "99999999999999999999"}, "layers", "Layer 99999999999999999999 does not exist: fake has layers 0-3."),
@@ -125,13 +125,27 @@ def test_bad_start_input_shows_the_error_on_its_field(staff_client, fake_model, 
     assert Extraction.objects.count() == 0
 
 
+def test_hook_points_are_started_by_transformerlens_names_too(staff_client, fake_model, fake_dataset,
+                                                             django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=False):
+        staff_client.post(PAGE, start_data(fake_model, fake_dataset, layers="", hooks=[],
+                                           hook_names="blocks.3.hook_attn_out, blocks.3.hook_resid_post"))
+    assert (Extraction.objects.get().layers, Extraction.objects.get().hooks) == ([3], ["residual", "attention"])
+    response = staff_client.post(PAGE, start_data(fake_model, fake_dataset, hooks=["mlp"], hook_names="hook_logits"))
+    assert response.status_code == 400 and "Hook 'hook_logits' is unknown" in " ".join(
+        response.context["form"].errors["hooks"])
+
+
 def test_a_model_without_a_hook_point_is_a_field_error_naming_what_it_supports(staff_client, fake_model,
                                                                                fake_dataset):
     fake_model.supported_hooks = ["residual"]
+    fake_model.hook_refusals = {"mlp": "'bert' is not a family jobsite knows"}
     fake_model.save()
     response = staff_client.post(PAGE, start_data(fake_model, fake_dataset, hooks=["mlp"]))
     assert response.status_code == 400
-    assert "supports residual" in " ".join(response.context["form"].errors["hooks"])
+    assert " ".join(response.context["form"].errors["hooks"]) == (
+        "Hook point mlp is not available for fake (GPT2LMHeadModel): 'bert' is not a family jobsite knows. "
+        "Choose from residual.")
 
 
 def test_start_queues_one_extraction_and_the_identical_request_shows_the_existing_one(

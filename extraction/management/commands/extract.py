@@ -36,8 +36,11 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("model")
         parser.add_argument("dataset")
-        parser.add_argument("--layers", required=True, help="block indices, e.g. 0,3 or 0-3 (a range includes both ends)")
-        parser.add_argument("--hooks", default="residual", help="comma separated: residual,mlp,attention")
+        parser.add_argument("--layers", default="", help="block indices, e.g. 0,3 or 0-3 (a range includes both ends); "
+                                                         "may be left out when every hook names its layer")
+        parser.add_argument("--hooks", default="residual", help=(
+            "comma separated hook points at every layer: residual (resid_post), mlp, attention, resid_pre, resid_mid, "
+            "mlp_hidden, or TransformerLens's names (hook_mlp_out; blocks.5.hook_mlp_out names layer 5 too)"))
         parser.add_argument("--batch-size", type=int, default=8, choices=VALID_BATCH_SIZES)
         parser.add_argument("--max-samples", type=int)
         parser.add_argument("--max-length", type=int, default=None,
