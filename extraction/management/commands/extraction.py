@@ -2,9 +2,10 @@ import argparse
 import json
 
 from django.core.management.base import BaseCommand, CommandError
+from tqdm import tqdm
 
 from extraction import selectors, services
-from extraction.management.commands.extract import follow, positive
+from extraction.management.commands.extract import csv, follow, positive
 from extraction.constants import VALID_BATCH_SIZES
 from extraction.models import Extraction
 from jobsite.errors import JobInputError
@@ -21,7 +22,7 @@ def max_samples(value: str) -> int | str:
 
 
 class Command(BaseCommand):
-    help = "List, cancel or retry extractions."
+    help = "List, cancel, retry or export extractions."
 
     def add_arguments(self, parser):
         sub = parser.add_subparsers(dest="action", required=True)
@@ -41,6 +42,16 @@ class Command(BaseCommand):
                            help="use the parameters the failure suggested; --batch-size, --max-samples or "
                                 "--max-length given as well override the suggestion")
         retry.add_argument("--wait", action="store_true")
+        export = sub.add_parser("export", help="write an extraction's output in a format other tools read")
+        export.add_argument("extraction_id", type=int)
+        export.add_argument("directory", help="a new or empty directory to write into")
+        export.add_argument("--format", required=True, choices=["hf-datasets"],
+                            help="hf-datasets: a datasets.Dataset laid out as SAELens's cached activations")
+        export.add_argument("--context-size", type=positive, default=128,
+                            help="tokens per sequence (row) of the dataset (default 128)")
+        export.add_argument("--hooks", type=csv, metavar="NAMES",
+                            help="TransformerLens names separated by commas, e.g. blocks.5.hook_mlp_out "
+                                 "(default: every hook point of the output)")
 
     def handle(self, *args, **options):
         try:
@@ -86,3 +97,39 @@ class Command(BaseCommand):
         self.stdout.write(f"Extraction {retry.pk} retries {original.pk} with batch size {retry.batch_size}.")
         if options["wait"]:
             follow(self, retry)
+
+    def do_export(self, options):
+        from extraction.export import export_hf_datasets  # datasets and pyarrow load only for an export
+        from extraction.reader import OutputError
+
+        extraction = self._get(options["extraction_id"])
+        if not extraction.output_dir.is_dir():
+            raise CommandError(f"Extraction {extraction.pk} has no output yet (it is {extraction.status}); "
+                               "export it once it has run.")
+        bars = []  # drawn once the export starts writing, so that a refusal prints its sentence alone
+
+        def progress(done: int, total: int) -> None:
+            if not bars:
+                bars.append(tqdm(total=total, unit="sequence", desc=f"export {extraction.pk}", file=self.stderr._out))
+            bars[0].update(done - bars[0].n)
+
+        try:
+            result = export_hf_datasets(extraction.output_dir, options["directory"],
+                                        context_size=options["context_size"], hooks=options["hooks"],
+                                        progress=progress)
+        except OutputError as exc:
+            raise CommandError(str(exc)) from None
+        except KeyboardInterrupt:
+            raise CommandError(f"Export stopped; nothing was written to {options['directory']}.",
+                               returncode=130) from None
+        finally:
+            for bar in bars:
+                bar.close()
+        done = "" if result.complete else f" (a partial run: its {result.samples:,} checkpointed samples only)"
+        self.stdout.write(
+            f"Exported extraction {extraction.pk}{done} to {result.path}: {result.sequences:,} sequences of "
+            f"{result.context_size} tokens ({result.tokens:,} tokens, {result.rows_left_over:,} left over), "
+            f"{result.dtype}, columns {', '.join(result.columns)}. Load it with datasets.load_from_disk("
+            f"{str(result.path)!r}), or train SAELens on it with cached_activations_path={str(result.path)!r}, "
+            f"context_size={result.context_size} and hook_name one of {', '.join(result.hook_columns)}."
+        )
