@@ -33,6 +33,9 @@ Tools:
                 behaviour, which every other tool has: what heap_reuse gains.
   runner-float16 (only when named in --tools): the runner storing float16 (half the bytes
                 written; its difference to the reference is float16's rounding).
+  runner-all-hooks  the runner with every hook point the model offers (resid_pre, resid_mid
+                where the blocks are sequential, mlp_hidden beside residual, mlp and attention),
+                paired with bare-stop as the runner is.
   nnsight       NNsight wrapping a copy of the model (wrapping patches forward methods in
                 place, which would slow every other tool), right-padded batches in dataset
                 order, .save() of the same modules, tracer.stop() after the last layer, np.save.
@@ -79,6 +82,7 @@ QUIET = 0.25  # a run is "quiet" when other processes kept fewer cores than this
 WRITE_TARGET, NNSIGHT_TARGET = 0.97, 2.5  # targets: runner ÷ bare-stop, runner ÷ nnsight
 SLOW = ("batched", "per-sample", "hidden-states")
 OPTIONAL = ("runner-no-sync", "runner-no-io", "runner-glibc-heap", "runner-float16")  # only when named in --tools
+ALL_HOOKS = "runner-all-hooks"
 
 
 class Stop(Exception):
@@ -226,8 +230,9 @@ def save_rows(out: Path, rows: dict[str, list[np.ndarray]]) -> None:
         np.save(out / name, np.concatenate(parts))
 
 
-def tool_runner(ctx: Context, out: Path, module=jobsite_runner, storage_dtype: str = "float32") -> dict:
-    spec = module.ExtractionSpec(ctx.model_dir, ctx.data_path, str(out), tuple(ctx.layers), HOOKS, ctx.batch_size,
+def tool_runner(ctx: Context, out: Path, module=jobsite_runner, storage_dtype: str = "float32",
+                hooks: tuple[str, ...] = HOOKS) -> dict:
+    spec = module.ExtractionSpec(ctx.model_dir, ctx.data_path, str(out), tuple(ctx.layers), hooks, ctx.batch_size,
                                  max_length=ctx.max_length, device=ctx.device, storage_dtype=storage_dtype,
                                  model_dtype=ctx.model_dtype)
     marks = {}
@@ -551,6 +556,10 @@ def bench_model(name, config, model_class, layers, args, workdir: Path) -> tuple
     tools["runner-no-io"] = lambda c, o: runner_without(c, o, sync=True, rows=True)
     tools["runner-glibc-heap"] = lambda c, o: runner_without(c, o, heap=True)
     tools["runner-float16"] = lambda c, o: tool_runner(c, o, storage_dtype="float16")
+    # Every hook point the model offers (resid_pre, resid_mid, mlp_hidden beside the three), paired
+    # with bare-stop like the runner: what the new hook points cost.
+    every_hook = jobsite_runner.inspect_model(str(model_dir)).supported_hooks
+    tools[ALL_HOOKS] = lambda c, o: tool_runner(c, o, hooks=every_hook)
     chosen = ("runner", "bare-stop", "runner@before", *(args.tools.split(",") if args.tools else tools))
     tools = {tool: run for tool, run in tools.items()
              if tool in chosen and (args.tools or tool not in OPTIONAL)}
@@ -605,6 +614,7 @@ def bench_model(name, config, model_class, layers, args, workdir: Path) -> tuple
     pairs = list(zip(seconds["runner"], seconds["bare-stop"], others["runner"], others["bare-stop"]))
     pair_ratios = [b / r for r, b, _, _ in pairs]
     pair_ratio = statistics.median(pair_ratios)
+    every_hook_pairs = [b / r for r, b in zip(seconds.get(ALL_HOOKS, []), seconds["bare-stop"])]
     # How far apart two runs of the same work land here: a write cost smaller than this
     # spread is not resolved by this run, whatever its median says.
     bare_spread = max(seconds["bare-stop"]) / min(seconds["bare-stop"]) - 1
@@ -679,6 +689,9 @@ def bench_model(name, config, model_class, layers, args, workdir: Path) -> tuple
         f"tokenisation, files, metadata): median {statistics.median(extra['end_to_end']):.2f} s against "
         f"{median['runner']:.2f} s extracting.",
         "",
+        *([f"Runner with every hook point ({', '.join(every_hook)}; {extra['bytes'][ALL_HOOKS] / 1e6:.0f} MB) ÷ "
+           f"bare-stop, median of the per-repetition pairs: {statistics.median(every_hook_pairs):.3f} (pairs "
+           f"{min(every_hook_pairs):.3f}-{max(every_hook_pairs):.3f}).", ""] if every_hook_pairs else []),
         flop_text,
         "",
         *([oom_text, ""] if oom_text else []),

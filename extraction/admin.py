@@ -1,7 +1,8 @@
 from django.contrib import admin
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
 from extraction import services
+from extraction.constants import BLOCK_ORDER
 from extraction.models import Dataset, Extraction, ModelRecord
 from jobsite.admin import JobActionsMixin, RegisteredMixin
 
@@ -13,9 +14,18 @@ BADGE_COLOURS = {
 
 @admin.register(ModelRecord)
 class ModelRecordAdmin(RegisteredMixin, admin.ModelAdmin):
-    list_display = ["name", "architecture", "num_layers", "hidden_size", "vocab_size", "path"]
+    list_display = ["name", "architecture", "family", "num_layers", "hidden_size", "vocab_size", "path"]
     search_fields = ["name", "path"]
-    readonly_fields = ["architecture", "model_type", "num_layers", "hidden_size", "vocab_size", "supported_hooks"]
+    readonly_fields = ["architecture", "model_type", "family", "num_layers", "hidden_size", "vocab_size",
+                       "supported_hooks", "hook_point_table", "hook_refusals"]
+    exclude = ["hook_points"]
+
+    @admin.display(description="hook points")
+    def hook_point_table(self, model):
+        """Each hook point as the model's page lists it: name, TransformerLens name, width, definition."""
+        rows = [(hook, f"blocks.L.{point['transformerlens']}", point["width"], point["definition"])
+                for hook in BLOCK_ORDER if (point := model.hook_points.get(hook))]
+        return format_html_join("\n", "<div><code>{}</code> · <code>{}</code> · width {} · {}</div>", rows) or "-"
 
     def has_add_permission(self, request):
         # Registering validates the directory; that lives in the service (API, command).

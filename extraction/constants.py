@@ -8,6 +8,9 @@ import re
 # their original order: a request's fingerprint lists its hooks in this order, so it must not move.
 HOOK_TYPES = ("residual", "mlp", "attention", "resid_pre", "resid_mid", "mlp_hidden")
 
+# The residual stream in the order a block produces it, then the MLP's neurons: how people read them.
+BLOCK_ORDER = ("resid_pre", "attention", "resid_mid", "mlp", "residual", "mlp_hidden")
+
 # Each hook point, defined once as what it is in the residual stream. The family adapters
 # (extraction/runner/families.py) implement these definitions; tests check them by the identity
 # resid_post = resid_pre + attention + mlp on every family that offers them.

@@ -7,13 +7,12 @@ import re
 from django import forms
 
 from extraction import selectors, services
-from extraction.constants import TRANSFORMERLENS_NAMES, VALID_BATCH_SIZES
+from extraction.constants import BLOCK_ORDER, TRANSFORMERLENS_NAMES, VALID_BATCH_SIZES
 from extraction.models import Extraction
 from jobsite.forms import require_one_of
 
 BATCH_SIZE_CHOICES = [(size, str(size)) for size in VALID_BATCH_SIZES]
-# The residual stream in the order a block produces it, then the MLP's neurons.
-HOOK_ORDER = ("resid_pre", "attention", "resid_mid", "mlp", "residual", "mlp_hidden")
+
 
 
 def parse_layers(text: str) -> list[int]:
@@ -40,7 +39,7 @@ class ExtractionStartForm(forms.Form):
     dataset = forms.ModelChoiceField(queryset=None, empty_label=None)
     layers = forms.CharField(max_length=200, initial="0", required=False, help_text="e.g. 0,2 or 0-3")
     hooks = forms.MultipleChoiceField(
-        choices=[(hook, f"{hook} ({TRANSFORMERLENS_NAMES[hook]})") for hook in HOOK_ORDER], initial=["residual"],
+        choices=[(hook, f"{hook} ({TRANSFORMERLENS_NAMES[hook]})") for hook in BLOCK_ORDER], initial=["residual"],
         widget=forms.CheckboxSelectMultiple, required=False,
     )
     hook_names = forms.CharField(

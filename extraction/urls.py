@@ -7,6 +7,7 @@ app_name = "extraction"
 urlpatterns = [
     path("", views.extraction_page, name="list"),
     path("register/", views.register, name="register"),
+    path("models/<int:pk>/", views.model_page, name="model"),
     path("active/", views.attention_fragment, name="active"),
     path("history/", views.history_fragment, name="history"),
     path("<int:pk>/card/", views.card_fragment, name="card"),

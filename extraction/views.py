@@ -22,10 +22,11 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from extraction import selectors, services
+from extraction import output_page, selectors, services
 from extraction.api import CANCEL_WAIT_S
 from extraction.forms import ExtractionStartForm, RegisterForm, RetryForm
-from extraction.models import Extraction
+from extraction.constants import BLOCK_ORDER
+from extraction.models import Extraction, ModelRecord
 from jobsite.errors import ErrorType, JobInputError
 from jobsite.forms import add_refusal
 from jobsite.health import workers_missing
@@ -402,6 +403,21 @@ def extraction_restart(request, pk: int):
     return _back_to(retry.pk)
 
 
+@login_required
+@require_GET
+def model_page(request, pk: int):
+    """A model's hook points: what each one is, its width, and why the others are not offered."""
+    model = ModelRecord.objects.filter(pk=pk).first()
+    if model is None:
+        raise Http404(f"Model {pk} does not exist.")
+    model = services.model_hook_points(model=model)
+    points = [{"name": hook, "layer_name": f"blocks.L.{model.hook_points[hook]['transformerlens']}",
+               **model.hook_points[hook]} for hook in BLOCK_ORDER if hook in model.hook_points]
+    refused = [{"name": hook, "why": model.hook_refusals[hook]} for hook in BLOCK_ORDER if hook in model.hook_refusals]
+    return render(request, "extraction/model.html", {"model": model, "points": points, "refused": refused,
+                                                     "extractions": model.extractions.count()})
+
+
 # -- output files ------------------------------------------------------------------------------
 
 def _output_files(extraction: Extraction) -> dict[str, os.DirEntry]:
@@ -442,13 +458,24 @@ def extraction_files(request, pk: int):
         except (OSError, ValueError, KeyError, TypeError):
             samples_done = None
     rows = [{"name": name, "size": entry.stat(follow_symlinks=False).st_size} for name, entry in files.items()]
-    return render(request, "extraction/files.html", {
+    context = {
         "job": extraction, "files": rows, "metadata": metadata, "total": sum(r["size"] for r in rows),
         "samples_done": samples_done,
         "partial_state": "is still running" if extraction.status in Extraction.ACTIVE
         else "was cancelled before it finished" if extraction.status == Extraction.Status.CANCELLED
         else "failed before it finished",
-    })
+    }
+    if files:
+        output, unreadable = output_page.open_for_page(extraction.output_dir)
+        context["unreadable"] = unreadable
+        if output is not None:
+            context.update(
+                snippets=output_page.snippets(output, str(extraction.output_dir), extraction.pk),
+                viewer=output_page.sample_view(output, id_param(request, "sample"),
+                                               request.GET.get("point")),
+                histograms=output_page.histograms(output),
+            )
+    return render(request, "extraction/files.html", context)
 
 
 @login_required

@@ -167,3 +167,17 @@ def test_the_changelist_shows_which_jobs_stalled_and_resume_takes_them_back(admi
             "resumed.") in page
     assert Extraction.objects.get(pk=stalled.pk).status == "queued"
     assert Extraction.objects.get(pk=live.pk).status == "extracting"
+
+
+def test_a_models_admin_page_lists_its_hook_points_and_why_others_are_not(admin_client_logged, model_record,
+                                                                         fake_model):
+    page = admin_client_logged.get(reverse("admin:extraction_modelrecord_change", args=[model_record.pk]))
+    html = page.content.decode()
+    assert ("<code>mlp_hidden</code> · <code>blocks.L.mlp.hook_post</code> · width 128 · the MLP&#x27;s neurons "
+            "after the activation") in html
+    assert html.index("<code>resid_pre</code>") < html.index("<code>attention</code>") < html.index(
+        "<code>residual</code>")
+    fake_model.hook_refusals = {"mlp": "'bert' is not a family jobsite knows"}
+    fake_model.save()
+    other = admin_client_logged.get(reverse("admin:extraction_modelrecord_change", args=[fake_model.pk]))
+    assert "&#x27;bert&#x27; is not a family jobsite knows" in other.content.decode()

@@ -4,7 +4,9 @@ import json
 import os
 import re
 from datetime import timedelta
+from html import unescape as html_unescape
 
+import numpy as np
 import pytest
 from django.utils import timezone
 
@@ -730,3 +732,97 @@ def test_a_link_to_a_job_that_no_longer_exists_says_so(staff_client, fake_model,
     response = staff_client.get(PAGE + "?job=999")
     assert response.status_code == 200
     assert [str(m) for m in response.context["messages"]] == ["Extraction 999 does not exist (it may have been deleted)."]
+
+
+def run_into(job, *, layers=(0, 2), hooks=("residual", "mlp_hidden"), cancel_after_batches=None):
+    """The real runner writes the job's output directory (a partial one when it is cancelled)."""
+    from extraction.runner import Cancelled, ExtractionSpec, run_extraction  # noqa: PLC0415
+
+    spec = ExtractionSpec(job.model.path, job.dataset.path, str(job.output_dir), layers, hooks, batch_size=4,
+                          max_length=64)
+    asked = iter(range(10**6))
+    cancel = (lambda: next(asked) >= cancel_after_batches) if cancel_after_batches is not None else None
+    try:
+        run_extraction(spec, progress=None, heartbeat=None, should_cancel=cancel)
+    except Cancelled:
+        pass
+
+
+@pytest.fixture
+def real_job(model_record, dataset, db):
+    return Extraction.objects.create(model=model_record, dataset=dataset, layers=[0, 2], hooks=["residual", "mlp_hidden"],
+                                     status="completed", finished_at=timezone.now(), fingerprint="fp-real")
+
+
+def test_files_page_shows_how_to_load_a_sample_shaded_by_norm_and_a_histogram_per_file(client, plain_user, real_job):
+    from extraction.reader import open_output  # noqa: PLC0415
+
+    run_into(real_job)
+    client.force_login(plain_user)
+    response = client.get(f"/extractions/{real_job.pk}/files/?sample=4&point=blocks.2.mlp.hook_post")
+    html = response.content.decode()
+    out = str(real_job.output_dir)
+    assert f'open_output(&quot;{out}&quot;)' in html and f'np.load(&quot;{out}/tokens.npy&quot;)' in html
+    assert f"extraction export {real_job.pk} --format hf-datasets" in html
+    output = open_output(out)
+    tokens = re.findall(r'<span class="tok" style="--shade: ([\d.]+)" title="row (\d+) · norm ([^"]+)">([^<]*)</span>',
+                        html)
+    assert [html_unescape(text) for *_, text in tokens] == output.token_strings(4)
+    norms = np.linalg.norm(output.sample_rows(4, "blocks.2.mlp.hook_post"), axis=1)
+    assert [int(row) for _, row, _, _ in tokens] == list(range(output.offsets[4], output.offsets[5]))
+    assert [float(n) for _, _, n, _ in tokens] == pytest.approx(norms.tolist(), rel=1e-3)
+    assert max(float(shade) for shade, *_ in tokens) == 1.0
+    assert "Sample 4 at blocks.2.mlp.hook_post" in html
+    charts = re.findall(r'data-histogram="([^"]+)"', html)
+    assert charts == ["layer_0_residual.npy", "layer_0_mlp_hidden.npy", "layer_2_residual.npy", "layer_2_mlp_hidden.npy"]
+    bars = re.findall(r'<title>[^<]*: ([\d,]+) rows</title>', html)
+    assert sum(int(b.replace(",", "")) for b in bars) == 4 * output.num_tokens, "every row of this small run, per file"
+
+
+def test_a_partial_runs_page_shows_finished_samples_only_and_says_so_for_the_others(client, plain_user, real_job):
+    from extraction.reader import open_output  # noqa: PLC0415
+
+    Extraction.objects.filter(pk=real_job.pk).update(status="cancelled")
+    run_into(real_job, cancel_after_batches=2)
+    output = open_output(real_job.output_dir)
+    assert 0 < output.samples_done < output.num_samples
+    done, not_done = output.done_samples(), sorted(set(range(output.num_samples)) - set(output.done_samples()))
+    client.force_login(plain_user)
+    first = client.get(f"/extractions/{real_job.pk}/files/").content.decode()
+    assert f"Sample {done[0]} at blocks.0.hook_resid_post" in first
+    assert f"{output.samples_done} of {output.num_samples} samples done" in first
+    refused = client.get(f"/extractions/{real_job.pk}/files/?sample={not_done[0]}").content.decode()
+    assert f"Sample {not_done[0]} is not done in this partial run" in html_unescape(refused)
+    bars = re.findall(r'<title>[^<]*: ([\d,]+) rows</title>', first)
+    done_rows = int(np.diff(output.offsets)[done].sum())
+    assert sum(int(b.replace(",", "")) for b in bars) == 4 * done_rows, "zeros of unfinished samples are no rows"
+
+
+def test_an_output_the_reader_cannot_read_says_why_on_its_page(client, plain_user, finished_with_files):
+    client.force_login(plain_user)
+    html = html_unescape(client.get(f"/extractions/{finished_with_files.pk}/files/").content.decode())
+    assert "was written before format 2 (it has no tokens.npy or format_version)" in html
+    assert "run the extraction again to get format 2" in html
+
+
+def test_a_models_page_lists_each_hook_point_with_its_definition_width_and_why_others_are_not(
+    client, plain_user, model_record, fake_model
+):
+    client.force_login(plain_user)
+    html = html_unescape(client.get(f"/extractions/models/{model_record.pk}/").content.decode())
+    rows = re.findall(r'<tr><td class="mono">(\w+)</td><td class="mono">([\w.]+)</td><td>([^<]+)</td>'
+                      r'<td class="num">(\d+)</td></tr>', html)
+    assert [(name, tl, width) for name, tl, _, width in rows] == [
+        ("resid_pre", "blocks.L.hook_resid_pre", "32"), ("attention", "blocks.L.hook_attn_out", "32"),
+        ("resid_mid", "blocks.L.hook_resid_mid", "32"), ("mlp", "blocks.L.hook_mlp_out", "32"),
+        ("residual", "blocks.L.hook_resid_post", "32"), ("mlp_hidden", "blocks.L.mlp.hook_post", "128")]
+    assert rows[3][2] == "what the MLP (or mixture of experts) adds to the residual stream, after any post-feedforward norm"
+    assert "family gpt2" in html and "Not offered" not in html
+    fake_model.hook_points = {"residual": {"definition": "the block's output", "width": 32,
+                                           "transformerlens": "hook_resid_post"}}
+    fake_model.hook_refusals = {"mlp": "'bert' is not a family jobsite knows"}
+    fake_model.save()
+    other = html_unescape(client.get(f"/extractions/models/{fake_model.pk}/").content.decode())
+    assert "<li><span class=\"mono\">mlp</span>: 'bert' is not a family jobsite knows.</li>" in other
+    assert client.get("/extractions/models/999/").status_code == 404
+    assert f'href="/extractions/models/{model_record.pk}/"' in client.get("/extractions/").content.decode()
