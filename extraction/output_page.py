@@ -67,22 +67,23 @@ def sample_view(output: Output, sample: int | None, point: str | None) -> dict:
         return view
     norms = np.linalg.norm(rows[:TOKENS_SHOWN].astype(np.float32), axis=1)
     finite = norms[np.isfinite(norms)]
-    top = float(finite.max()) if finite.size else 0.0
+    low, top = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
     start = int(output.offsets[sample])
     view["tokens"] = [
-        {"text": text, "row": start + i, "norm": f"{norm:.4g}", "alpha": f"{_shade(norm, top):.2f}"}
+        {"text": text, "row": start + i, "norm": f"{norm:.4g}", "alpha": f"{_shade(norm, low, top):.2f}"}
         for i, (text, norm) in enumerate(zip(strings[:TOKENS_SHOWN], norms.tolist()))
     ]
     view["cut"] = max(0, len(strings) - TOKENS_SHOWN)
-    view["max_norm"] = f"{top:.4g}"
+    view["max_norm"], view["min_norm"] = f"{top:.4g}", f"{low:.4g}"
     return view
 
 
-def _shade(norm: float, top: float) -> float:
-    """0 (no colour) to 1 (the sample's largest norm); an infinite norm (float16 overflow) is full."""
+def _shade(norm: float, low: float, top: float) -> float:
+    """From 0.05 (the sample's smallest norm) to 1 (its largest): norms of one sample are often close,
+    and shading from zero would colour every token alike. An infinite norm (float16 overflow) is full."""
     if not math.isfinite(norm):
         return 1.0
-    return min(1.0, norm / top) if top else 0.0
+    return 0.05 + 0.95 * (norm - low) / (top - low) if top > low else 1.0
 
 
 def _spread_rows(output: Output, count: int) -> np.ndarray:

@@ -12,6 +12,7 @@ from django.utils import timezone
 from playwright.sync_api import expect
 
 from extraction.models import Extraction
+from extraction.reader import open_output
 from extraction.services import extraction_start
 from jobsite.events import publish
 from tests.browser.conftest import deliver, page_on_held_clock, screenshot
@@ -98,8 +99,17 @@ def test_start_from_the_page_shows_progress_to_100_percent_and_the_bar_clears_wi
     page.locator(f"#extraction-{job.pk}").get_by_role("link", name="Files and metadata").click()
     expect(page.locator("h1")).to_have_text(f"Extraction {job.pk}: output")
     expect(page.locator("table.files")).to_contain_text("layer_2_mlp.npy")
-    expect(page.locator("pre.code")).to_contain_text('"hidden_size": 32')
+    expect(page.locator("pre[data-metadata]")).to_contain_text('"hidden_size": 32')
+    expect(page.locator("[data-snippet=reader]")).to_contain_text(f'open_output("{job.output_dir}")')
+    expect(page.locator("[data-histogram]")).to_have_count(4)
     screenshot(page, "04-extraction-files")
+    page.fill("input[name=sample]", "4")
+    page.select_option("select[name=point]", "blocks.2.hook_mlp_out")
+    page.get_by_role("button", name="Show").click()
+    expect(page.locator("#sample")).to_contain_text("Sample 4 at blocks.2.hook_mlp_out")
+    output = open_output(job.output_dir)
+    assert page.locator(".tok").all_inner_texts() == output.token_strings(4)
+    screenshot(page, "05-extraction-sample-tokens")
 
 
 def test_a_failure_shows_the_alert_and_retry_with_suggested_params_completes(

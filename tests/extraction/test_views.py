@@ -771,7 +771,9 @@ def test_files_page_shows_how_to_load_a_sample_shaded_by_norm_and_a_histogram_pe
     norms = np.linalg.norm(output.sample_rows(4, "blocks.2.mlp.hook_post"), axis=1)
     assert [int(row) for _, row, _, _ in tokens] == list(range(output.offsets[4], output.offsets[5]))
     assert [float(n) for _, _, n, _ in tokens] == pytest.approx(norms.tolist(), rel=1e-3)
-    assert max(float(shade) for shade, *_ in tokens) == 1.0
+    shades = [float(shade) for shade, *_ in tokens]
+    assert shades[int(norms.argmax())] == 1.0 and shades[int(norms.argmin())] == 0.05
+    assert (np.diff(np.array(shades)[np.argsort(norms)]) >= 0).all(), "a larger norm is never lighter"
     assert "Sample 4 at blocks.2.mlp.hook_post" in html
     charts = re.findall(r'data-histogram="([^"]+)"', html)
     assert charts == ["layer_0_residual.npy", "layer_0_mlp_hidden.npy", "layer_2_residual.npy", "layer_2_mlp_hidden.npy"]
