@@ -161,8 +161,9 @@ def run_clock_until(page, condition: str, step_ms: int = 25, limit_s: float = 30
 
 
 def deliver(page, seq: int, topic: str, type_: str, payload: dict) -> None:
-    """A message as the page's socket delivers it, sent and heartbeating at the page's clock."""
-    at = page.evaluate("new Date().toISOString()")
+    """A message as the page's socket delivers it, sent and heartbeating now, in the server's time as the
+    page reckons it (the page's clock differs from the server's by however long the page took to load)."""
+    at = page.evaluate("new Date(jobsiteLive.serverNow()).toISOString()")
     page.evaluate("(m) => jobsiteLive.receive(m)", {
         "seq": seq, "topic": topic, "type": type_, "created_at": at, "payload": {**payload, "heartbeat_at": at}})
 

@@ -295,6 +295,9 @@
     staleRedraws: 0,
     polling: false,
     lastMessageAt: Date.now(),
+    // The server's clock as the page reckons it (its own clock, moved by the offset the page was
+    // drawn with): what event times are compared with.
+    serverNow,
   };
   window.jobsiteLive = state;
 
@@ -567,10 +570,21 @@
     return { seconds: counted + share * (estimate - counted), at };
   }
   window.jobsiteSmoothLeft = smoothLeft;
-  // Counts down between events (every second, and over a card drawn again by the server).
+  // Counts down between events, and over a card drawn again by the server. The figure is shown
+  // again the moment it changes: the page's every-second tick runs at whatever phase the page
+  // started at, and alone it showed the time left up to a second late.
   function showLeft(card, known, now) {
+    clearTimeout(known.leftTimer);
     if (!known.left || !isRunning(card)) return;
-    setText(card, "[data-eta]", duration(Math.max(0, known.left.seconds * 1000 - (now - known.left.at))));
+    const ms = Math.max(0, known.left.seconds * 1000 - (now - known.left.at));
+    setText(card, "[data-eta]", duration(ms));
+    if (ms <= 0) return;
+    // duration() rounds to whole seconds: the figure changes when ms next crosses a half second.
+    known.leftTimer = setTimeout(() => {
+      if (known.card === card && card.isConnected && !card.classList.contains("is-stalled") && !state.unreachable) {
+        showLeft(card, known, serverNow());
+      }
+    }, ((ms + 500) % 1000) + 1);
   }
   // Before the browser paints a card drawn again: a live redraw rendered before the last progress
   // the page applied (the request crossed that event: the card's data-seq is older, and so is its
