@@ -14,7 +14,6 @@ from jobsite.forms import require_one_of
 BATCH_SIZE_CHOICES = [(size, str(size)) for size in VALID_BATCH_SIZES]
 
 
-
 def parse_layers(text: str) -> list[int]:
     """'0,2', '0 2' or '0-3' (a range includes both ends)."""
     layers: list[int] = []

@@ -61,38 +61,36 @@ def _hook_fields(info) -> dict:
                 hook_points=info.points.describe(), hook_refusals=dict(info.points.refusals))
 
 
-def model_hook_points(*, model: ModelRecord) -> ModelRecord:
-    """The record with its hook points read: a record registered before jobsite kept them reads
-    its directory once and keeps them (what it offered then was guessed from attribute names).
-    When the directory no longer reads, the record stays as it is and the runner's own check
+def _read_directory_once(model: ModelRecord) -> None:
+    """A record registered before jobsite kept its hook points (what it offered then was guessed
+    from attribute names) or its position limit reads its directory once, for both, and keeps
+    them. When the directory no longer reads, the record stays as it is and the runner's own check
     says what is wrong."""
-    if not model.hook_points:
-        from extraction.runner import inspect_model  # noqa: PLC0415
+    if model.hook_points and model.max_positions is not None:
+        return
+    from extraction.runner import inspect_model  # noqa: PLC0415 - keeps torch out of web start-up
 
-        try:
-            info = inspect_model(model.path)
-        except (JobInputError, OSError):
-            return model
-        fields = _hook_fields(info)
-        ModelRecord.objects.filter(pk=model.pk, hook_points={}).update(**fields)
-        for name, value in fields.items():
-            setattr(model, name, value)
+    try:
+        info = inspect_model(model.path)
+    except (JobInputError, OSError):
+        return
+    fields = {} if model.hook_points else _hook_fields(info)
+    if model.max_positions is None:
+        fields["max_positions"] = info.max_positions or 0
+    ModelRecord.objects.filter(pk=model.pk).update(**fields)
+    for name, value in fields.items():
+        setattr(model, name, value)
+
+
+def model_hook_points(*, model: ModelRecord) -> ModelRecord:
+    """The record with its hook points read (see _read_directory_once)."""
+    _read_directory_once(model)
     return model
 
 
 def model_max_positions(*, model: ModelRecord) -> int | None:
-    """The most tokens a sample may have for this model, None when its config names no limit. A
-    record registered before jobsite kept the limit reads it from its directory once and keeps it;
-    when that directory no longer reads, the runner's own check says what is wrong."""
-    if model.max_positions is None:
-        from extraction.runner import inspect_model  # noqa: PLC0415
-
-        try:
-            info = inspect_model(model.path)
-        except (JobInputError, OSError):
-            return None
-        model.max_positions = info.max_positions or 0
-        ModelRecord.objects.filter(pk=model.pk, max_positions__isnull=True).update(max_positions=model.max_positions)
+    """The most tokens a sample may have for this model, None when its config names no limit."""
+    _read_directory_once(model)
     return model.max_positions or None
 
 
@@ -237,8 +235,8 @@ def validate_parameters(
     unsupported = [hook for hook in hooks if hook not in model.supported_hooks]
     if unsupported:
         why = model.hook_refusals.get(unsupported[0], "it is not offered")
-        raise JobInputError(refusal_sentence(unsupported[0], why, model.supported_hooks, f"{model.name} ({model.architecture})"),
-                            field="hooks")
+        named = f"{model.name} ({model.architecture})"
+        raise JobInputError(refusal_sentence(unsupported[0], why, model.supported_hooks, named), field="hooks")
     if batch_size not in VALID_BATCH_SIZES:
         raise JobInputError(f"{BATCH_SIZES_SENTENCE}; got {batch_size}.", field="batch_size")
     if max_samples is not None and not 1 <= max_samples <= dataset.num_samples:

@@ -9,13 +9,7 @@ import os
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 SPECIAL_TOKEN = "<|endoftext|>"
 
@@ -47,33 +41,28 @@ def _tiny_config(family: str, n_layer: int, hidden: int, n_head: int, max_positi
     ("<model type>-<variant>" for a variant of its blocks)."""
     gpt = dict(n_layer=n_layer, n_embd=hidden, n_head=n_head, n_positions=max_positions)
     head_dim = hidden // n_head
+    neox = dict(num_hidden_layers=n_layer, hidden_size=hidden, num_attention_heads=n_head,
+                intermediate_size=4 * hidden, max_position_embeddings=max_positions)
+    opt = dict(hidden_size=hidden, ffn_dim=4 * hidden, num_hidden_layers=n_layer, num_attention_heads=n_head,
+               word_embed_proj_dim=hidden, max_position_embeddings=max_positions)
+    falcon = dict(hidden_size=hidden, num_hidden_layers=n_layer, num_attention_heads=n_head,
+                  max_position_embeddings=max_positions)
     llama = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=n_layer,
                  num_attention_heads=n_head, num_key_value_heads=max(1, n_head // 2),
                  max_position_embeddings=max_positions)
     configs = {
         "gpt2": gpt, "gpt_bigcode": gpt,
         "gptj": dict(gpt, rotary_dim=head_dim // 2),
-        "gpt_neox": dict(num_hidden_layers=n_layer, hidden_size=hidden, num_attention_heads=n_head,
-                         intermediate_size=4 * hidden, max_position_embeddings=max_positions),
-        "gpt_neox-sequential": dict(num_hidden_layers=n_layer, hidden_size=hidden, num_attention_heads=n_head,
-                                    intermediate_size=4 * hidden, max_position_embeddings=max_positions,
-                                    use_parallel_residual=False),
+        "gpt_neox": neox, "gpt_neox-sequential": dict(neox, use_parallel_residual=False),
         "llama": llama, "mistral": llama, "qwen2": llama, "phi3": llama, "olmo2": llama,
         "qwen3": dict(llama, head_dim=head_dim),
         "mixtral": dict(llama, num_local_experts=4, num_experts_per_tok=2),
         "gemma": dict(llama, head_dim=head_dim),
         "gemma2": dict(llama, head_dim=head_dim, query_pre_attn_scalar=head_dim),
         "gemma3_text": dict(llama, head_dim=head_dim, query_pre_attn_scalar=head_dim),
-        "opt": dict(hidden_size=hidden, ffn_dim=4 * hidden, num_hidden_layers=n_layer, num_attention_heads=n_head,
-                    word_embed_proj_dim=hidden, max_position_embeddings=max_positions),
-        "opt-post-norm": dict(hidden_size=hidden, ffn_dim=4 * hidden, num_hidden_layers=n_layer,
-                              num_attention_heads=n_head, word_embed_proj_dim=hidden,
-                              max_position_embeddings=max_positions, do_layer_norm_before=False),
+        "opt": opt, "opt-post-norm": dict(opt, do_layer_norm_before=False),
         "bloom": dict(hidden_size=hidden, n_layer=n_layer, n_head=n_head),
-        "falcon": dict(hidden_size=hidden, num_hidden_layers=n_layer, num_attention_heads=n_head,
-                       max_position_embeddings=max_positions),
-        "falcon-sequential": dict(hidden_size=hidden, num_hidden_layers=n_layer, num_attention_heads=n_head,
-                                  max_position_embeddings=max_positions, parallel_attn=False),
+        "falcon": falcon, "falcon-sequential": dict(falcon, parallel_attn=False),
         "phi": dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=n_layer,
                     num_attention_heads=n_head, max_position_embeddings=max_positions, partial_rotary_factor=0.5),
     }
@@ -88,8 +77,6 @@ TINY_FAMILIES = ("gpt2", "gpt_bigcode", "gptj", "gpt_neox", "gpt_neox-sequential
 def build_tiny_family(out_dir: str, texts: list[str], family: str, *, n_layer: int = 3, hidden: int = 32,
                       n_head: int = 4, vocab_size: int = 300, max_positions: int = 256, seed: int = 0) -> str:
     """Save a randomly initialised causal LM of any family in TINY_FAMILIES, and its tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415
-
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
     special_id = tokenizer.convert_tokens_to_ids(SPECIAL_TOKEN)
     config = AutoConfig.for_model(
@@ -116,28 +103,9 @@ def build_tiny_causal_lm(
     max_positions: int = 1024,
     seed: int = 0,
 ) -> str:
-    """Save a randomly initialised causal LM and its tokenizer into `out_dir`."""
-    tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
-    special_id = tokenizer.convert_tokens_to_ids(SPECIAL_TOKEN)
-    common = dict(vocab_size=len(tokenizer), bos_token_id=special_id, eos_token_id=special_id, pad_token_id=special_id)
-    if arch == "gpt2":
-        config = GPT2Config(n_layer=n_layer, n_embd=hidden, n_head=n_head, n_positions=max_positions, **common)
-        model_class = GPT2LMHeadModel
-    elif arch == "gpt_neox":
-        config = GPTNeoXConfig(
-            num_hidden_layers=n_layer,
-            hidden_size=hidden,
-            num_attention_heads=n_head,
-            intermediate_size=4 * hidden,
-            max_position_embeddings=max_positions,
-            **common,
-        )
-        model_class = GPTNeoXForCausalLM
-    else:
+    """Save a randomly initialised GPT-2 or GPT-NeoX causal LM (the demo's and most tests' model) and
+    its tokenizer into `out_dir`."""
+    if arch not in ("gpt2", "gpt_neox"):
         raise ValueError(f"Unknown arch {arch!r}; choose gpt2 or gpt_neox.")
-    torch.manual_seed(seed)
-    model = model_class(config).eval()
-    os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return str(out_dir)
+    return build_tiny_family(out_dir, texts, arch, n_layer=n_layer, hidden=hidden, n_head=n_head,
+                             vocab_size=vocab_size, max_positions=max_positions, seed=seed)
