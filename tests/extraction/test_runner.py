@@ -182,6 +182,10 @@ def test_ids_beyond_vocab_are_clamped_and_counted(models, tmp_path):
     assert inspect_dataset(str(path)).format == "jsonl"
     result, _ = extract(models["gpt2"], str(path), tmp_path / "out", layers=(0,), batch_size=2)
     assert result.clamped_tokens == 3 and result.samples == 3
+    # tokens.npy holds the id the model saw, not the one the dataset gave.
+    tokens, offsets = load(tmp_path / "out", "tokens.npy"), load(tmp_path / "out", "offsets.npy")
+    assert tokens.dtype == np.int32 and tokens[: offsets[1]].tolist() == [1, 2, vocab - 1, vocab - 1]
+    assert tokens[offsets[2] : offsets[3]].tolist() == [0, 4]
     # A clamped id computes exactly like the last id of the vocabulary.
     path.write_text(json.dumps({"input_ids": [1, 2, vocab - 1, vocab - 1]}) + "\n")
     extract(models["gpt2"], str(path), tmp_path / "ref", layers=(0,), batch_size=1)
