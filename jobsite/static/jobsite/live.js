@@ -75,12 +75,32 @@
   // A message answers the action just taken ("Extraction 12 is queued."); on a live page it turns
   // stale as the job moves on. Each one can be dismissed; a success or an info leaves by itself
   // after MESSAGE_TTL_MS (not while the pointer or the focus is on it); an error or a warning stays.
+  // A message about a job (data-about="<topic> <status>": "Training run 5 is generating pairs")
+  // leaves as soon as the job is seen in another status, on its card or in a later event (it
+  // failed meanwhile): it would otherwise contradict the page below it.
   const MESSAGE_TTL_MS = 20000;
+  function dropContradicted(topic, status) {
+    if (!topic || !status) return;
+    document.querySelectorAll("[data-message][data-about]").forEach((message) => {
+      const [about, said] = message.dataset.about.split(" ");
+      if (about === topic && said && said !== status) message.remove();
+    });
+  }
+  window.jobsiteDropContradicted = dropContradicted;
   function armMessages(root) {
     (root || document).querySelectorAll("[data-message]:not([data-armed])").forEach((message) => {
       message.dataset.armed = "1";
       const close = message.querySelector("[data-dismiss]");
       if (close) close.hidden = false;
+      const [about] = (message.dataset.about || "").split(" ");
+      const card = about && Array.from(document.querySelectorAll("[data-job]")).find((c) => c.dataset.topic === about);
+      if (card) dropContradicted(about, card.dataset.status);
+      if (!message.isConnected) return;
+      // Messages sit above the page's content, never over it: an error that answers a form sent
+      // further down is brought into view (a success is seen in what changed).
+      if (root && root !== document && message.matches(".message-error, .message-warning")) {
+        message.scrollIntoView({ block: "nearest" });
+      }
       if (!message.matches(".message-success, .message-info")) return;
       const leave = () => {
         if (!message.isConnected) return;
@@ -461,10 +481,14 @@
   };
   const redrawRegion = debounced(() => redraw(document.querySelector("[data-live-region]")), 250);
   const redrawHistory = debounced(() => redraw(document.getElementById("history")), 400);
+  // Elements still marked because a redraw could not land (a person was busy in them). One whose
+  // redraw is on its way is left alone: its answer clears the mark. Asked again meanwhile, it was
+  // queued behind its own request and drawn twice for one event.
   function redrawDirty() {
     for (const id of Array.from(dirty)) {
       const element = document.getElementById(id);
-      if (element) redraw(element); else dirty.delete(id);
+      if (!element) dirty.delete(id);
+      else if (!inFlight(element)) redraw(element);
     }
   }
   document.addEventListener("toggle", (event) => {
@@ -607,8 +631,11 @@
     }
   });
 
-  // A run stopped on request is "stopped", as the server draws it, not its *_failed status.
-  const statusLabel = (job) => (String(job.status).endsWith("_failed") && job.error_type === "CANCELLED" ? "stopped" : job.status);
+  // The status as the server says it everywhere (a training run's status_label: "stopped", "removed",
+  // "generating failed"); a job kind without one says its status, and an event written before runs
+  // carried their label says a run stopped on request the same way.
+  const statusLabel = (job) => job.status_label
+    || (String(job.status).endsWith("_failed") && job.error_type === "CANCELLED" ? "stopped" : job.status);
 
   // What a card and a following row both show: the job's fields ([data-field]) and its badge.
   function copyFields(root, job) {
@@ -617,14 +644,24 @@
       if (value !== undefined && value !== null) el.textContent = shown(value);
     });
   }
-  function setBadges(root, label) {
+  const BADGE_OF_LABEL = { stopped: "cancelled", cancelling: "cancelling", removed: "removed" };
+  function setBadges(root, label, status) {
     root.querySelectorAll("[data-status-label]").forEach((el) => {
       el.textContent = label;
-      el.className = `badge badge-${label === "stopped" ? "cancelled" : label}`;
+      el.className = `badge badge-${BADGE_OF_LABEL[label] || status}`;
     });
   }
 
   // -- Applying a job's state (an event's payload or the JSON API's answer) ------------------
+  // The work of `texts` embedded, in chunks: the card's first data-embed-chunks texts are chunks,
+  // the rest queries weighing data-embed-query-weight of a chunk each (their mean lengths).
+  function embedWork(card, texts) {
+    if (typeof texts !== "number") return undefined;
+    const chunks = parseInt(card.dataset.embedChunks, 10) || 0;
+    const weight = parseFloat(card.dataset.embedQueryWeight);
+    return Math.min(texts, chunks) + (Number.isFinite(weight) ? weight : 1) * Math.max(0, texts - chunks);
+  }
+
   function apply(card, job, at, alive) {
     const known = remember(card);
     const before = card.dataset.status;
@@ -643,26 +680,25 @@
       known.done = done;
     }
 
-    const tokens = job[card.dataset.rateField];
-    const tokensTotal = job[card.dataset.rateTotalField];
+    // A training run embedding its texts: long chunks first, then short queries, so the pace is
+    // of their weighed length (embedWork), not of texts, which would promise the queries far too long.
+    const embedding = job.is_embedding === true && card.dataset.embedChunks !== undefined;
+    const tokens = embedding ? embedWork(card, job.texts_embedded) : job[card.dataset.rateField];
+    const tokensTotal = embedding ? embedWork(card, job.texts_total) : job[card.dataset.rateTotalField];
+    const samples = embedding ? tokens : (typeof done === "number" ? done : 0);
+    const samplesLeft = embedding ? tokensTotal - tokens : total - done;
     // A new step of the job (a training run's embedding, then its epochs) counts something else.
     if (typeof tokensTotal === "number" && known.rateTotal !== undefined && tokensTotal !== known.rateTotal) {
       known.points = [];
       known.left = null;
       setText(card, "[data-eta]", "—");
     }
-    // What is shown only in some states of the job (a training run's time left, not told while it
-    // embeds) follows the job's own flag ([data-hidden-while]), event after event.
-    card.querySelectorAll("[data-hidden-while]").forEach((el) => {
-      const flag = job[el.dataset.hiddenWhile];
-      if (typeof flag === "boolean") el.hidden = flag;
-    });
     if (typeof tokensTotal === "number") known.rateTotal = tokensTotal;
     if (typeof tokens === "number" && tokens > 0) {
       const last = known.points[known.points.length - 1];
       if (last && tokens < last[1]) known.points = [];
       // Only points that moved: a poll that finds the same counts would drop its wait from the fit.
-      if (!last || (at > last[0] && tokens !== last[1])) known.points.push([at, tokens, typeof done === "number" ? done : 0]);
+      if (!last || (at > last[0] && tokens !== last[1])) known.points.push([at, tokens, samples]);
       while (known.points.length > 2 && at - known.points[0][0] > 15000) known.points.shift();
       if (known.points.length >= 2) {
         const [t0, k0] = known.points[0];
@@ -671,7 +707,7 @@
           const rate = ((k1 - k0) * 1000) / (t1 - t0);
           setText(card, "[data-rate]", Math.round(rate).toLocaleString("en-US"));
           const left = typeof tokensTotal === "number" && typeof total === "number" && typeof done === "number"
-            ? timeLeft(known.points, tokensTotal - tokens, total - done) : null;
+            ? timeLeft(known.points, tokensTotal - tokens, samplesLeft) : null;
           if (rate > 0 && left !== null) {
             known.left = smoothLeft(known.left, left, at);
             showLeft(card, known, at);
@@ -691,7 +727,7 @@
     }
     if (status) {
       const label = job.cancel_requested && isRunning(card, status) ? "cancelling" : statusLabel(job);
-      setBadges(card, label);
+      setBadges(card, label, status);
     }
     return changed;
   }
@@ -704,7 +740,7 @@
   function follow(row, job) {
     copyFields(row, job);
     const changed = Boolean(job.status) && job.status !== row.dataset.status;
-    if (job.status) setBadges(row, statusLabel(job));
+    if (job.status) setBadges(row, statusLabel(job), job.status);
     return changed;
   }
   async function refreshRow(row) {
@@ -770,6 +806,7 @@
       if (!progress && job.status && job.status !== card.dataset.status) redrawHistory();
       return;
     }
+    dropContradicted(message.topic, job.status);  // newer than the card, so than its message too
     const at = Date.parse(message.created_at) || serverNow();
     // Only a progress is written by the job's worker, as it works: any other event may come from
     // a person (a Stop, a Cancel) or the watchdog, and says of the worker only its payload's
@@ -802,6 +839,7 @@
       const job = { ...answer, progress_label: answer.progress_label ?? answer.progress };
       state.polls += 1;
       followers(card.dataset.topic).forEach((row) => follow(row, job));
+      dropContradicted(card.dataset.topic, job.status);
       const current = cardFor(card.dataset.topic);
       if (!current) return;
       if (apply(current, job, serverNow(), 0)) {
