@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) -m pip install -q -r bench/requirements.txt
 	$(PY) bench/extraction.py
 	$(PY) bench/jobs.py
+	$(PY) bench/training.py
 
 clean:
 	rm -rf .data tests/artifacts

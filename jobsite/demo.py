@@ -11,6 +11,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from jobsite.paths import RANDOM_WEIGHTS_MARKER
+
 SPECIAL_TOKEN = "<|endoftext|>"
 
 
@@ -76,7 +78,8 @@ TINY_FAMILIES = ("gpt2", "gpt_bigcode", "gptj", "gpt_neox", "gpt_neox-sequential
 
 def build_tiny_family(out_dir: str, texts: list[str], family: str, *, n_layer: int = 3, hidden: int = 32,
                       n_head: int = 4, vocab_size: int = 300, max_positions: int = 256, seed: int = 0) -> str:
-    """Save a randomly initialised causal LM of any family in TINY_FAMILIES, and its tokenizer."""
+    """Save a randomly initialised causal LM of any family in TINY_FAMILIES, its tokenizer, and
+    the marker that says its weights are random (so no one takes its output for text)."""
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
     special_id = tokenizer.convert_tokens_to_ids(SPECIAL_TOKEN)
     config = AutoConfig.for_model(
@@ -88,7 +91,14 @@ def build_tiny_family(out_dir: str, texts: list[str], family: str, *, n_layer: i
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    mark_random_weights(out_dir)
     return str(out_dir)
+
+
+def mark_random_weights(model_dir: str | os.PathLike) -> None:
+    with open(os.path.join(model_dir, RANDOM_WEIGHTS_MARKER), "w", encoding="utf-8") as marker:
+        marker.write("This model was initialised with random weights for a demo or a test: it runs, but what it "
+                     "writes is noise. The causal_lm query generator refuses it.\n")
 
 
 def build_tiny_causal_lm(

@@ -40,6 +40,14 @@ class ErrorType:
     ]
 
 
+# What every page, the admin, the commands and the API call an error type: words, not its code.
+LABELS = dict(ErrorType.CHOICES)
+
+
+def error_label(error_type: str) -> str:
+    return LABELS.get(error_type, error_type) if error_type else ""
+
+
 # Transient by nature: the same job, resumed from its checkpoint, may well succeed.
 RETRYABLE = frozenset({ErrorType.WORKER_LOST, ErrorType.TIMEOUT, ErrorType.DATABASE})
 

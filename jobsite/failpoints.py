@@ -6,9 +6,12 @@ Off by default. JOBSITE_FAILPOINTS holds JSON mapping a step name to one rule or
 
 Match keys (all optional): `at` (the step's index), `from` (index >= from), `attempt` (the
 job's claim count), `min_batch_size` (batch_size >= this), `times` (fire at most this many
-times in this process). Actions: `oom` (the CUDA allocator's RuntimeError), `error`
-(RuntimeError), `input` (JobInputError), `timeout` (StepTimeout), `hang` (sleep until killed),
-`sleep` (sleep `seconds` then carry on), `exit` (the process dies at once, like SIGKILL).
+times per attempt: it counts the rule's firings since the job was claimed, and starts again
+at every claim — each Proceed, each automatic retry, each Resume — and in every process;
+combine it with `attempt` for a failure that must not come back after a Proceed). Actions:
+`oom` (the CUDA allocator's RuntimeError), `error` (RuntimeError), `input` (JobInputError),
+`timeout` (StepTimeout), `hang` (sleep until killed), `sleep` (sleep `seconds` then carry on),
+`exit` (the process dies at once, like SIGKILL).
 Pure Python: runners receive `make(...)`'s callable and never import Django.
 """
 
@@ -40,6 +43,7 @@ def parse(config: str | dict | None) -> dict[str, list[dict]]:
 
 
 def make(config: str | dict | None, *, attempt: int = 1) -> Callable[[str, dict], None]:
+    """The failpoint of one attempt: a worker calls make() once per claim, so `times` counts anew."""
     rules = parse(config)
     fired: Counter = Counter()
 

@@ -63,7 +63,7 @@ def workers_missing() -> str:
 def _stalled_jobs() -> dict:
     stalled = [
         job.topic for model in job_models()
-        for job in model.objects.filter(status__in=model.RUNNING).exclude(worker="") if job.is_stalled
+        for job in model.objects.filter(model.live(), status__in=model.RUNNING).exclude(worker="") if job.is_stalled
     ]
     if stalled:
         return {"ok": False, "detail": f"{len(stalled)} running job(s) without a heartbeat past "

@@ -44,11 +44,14 @@ def transition(job: Job, to: str, *, event_type: str | None = None, payload: dic
         # A stop concerns the phase that runs: one that came as the phase ended must not stop the next.
         fields.setdefault("cancel_requested", False)
     with transaction.atomic():
-        updated = model.objects.filter(pk=job.pk, status=source).update(status=to, **fields)
+        # A removed job (kept as history) changes no more, whatever a stale caller still holds.
+        updated = model.objects.filter(model.live(), pk=job.pk, status=source).update(status=to, **fields)
         if updated == 0:
             current = model.objects.filter(pk=job.pk).values_list("status", flat=True).first()
             if current is None:
                 raise TransitionConflict(f"This {label} no longer exists.")
+            if not model.objects.filter(model.live(), pk=job.pk).exists():
+                raise TransitionConflict(f"This {label} was removed; it cannot become {to}.")
             raise TransitionConflict(
                 f"This {label} changed to {current} while you were changing it to {to}; reload it and try again."
             )

@@ -1,7 +1,7 @@
 from django.db import models
 from django.utils import timezone
 
-from jobsite.errors import RETRYABLE, ErrorType, next_step
+from jobsite.errors import RETRYABLE, ErrorType, error_label, next_step
 
 
 class Event(models.Model):
@@ -125,11 +125,16 @@ class Job(models.Model):
         return next_step(self.error_type)
 
     @classmethod
+    def live(cls) -> models.Q:
+        """Rows the machinery may still act on; a kind that keeps removed jobs as history excludes them."""
+        return models.Q()
+
+    @classmethod
     def awaiting_worker(cls) -> models.Q:
         """Rows a worker may claim: queued ones, or unowned phases for CLAIMED-less kinds."""
         if cls.CLAIMED:
-            return models.Q(status=cls.QUEUED)
-        return models.Q(status__in=cls.RUNNING, worker="")
+            return models.Q(status=cls.QUEUED) & cls.live()
+        return models.Q(status__in=cls.RUNNING, worker="") & cls.live()
 
     @property
     def is_claimable(self) -> bool:
@@ -142,6 +147,10 @@ class Job(models.Model):
     def resume_status(self) -> str:
         """Where a failed job goes to be picked up again (automatic retry, resume, proceed)."""
         return self.QUEUED
+
+    @property
+    def error_label(self) -> str:
+        return error_label(self.error_type)
 
     @property
     def heartbeat_age_s(self) -> float | None:
@@ -169,6 +178,7 @@ class Job(models.Model):
             "heartbeat_seq": self.heartbeat_seq,
             "cancel_requested": self.cancel_requested,
             "error_type": self.error_type,
+            "error_label": self.error_label,
             "error_message": self.error_message,
             "suggested_retry_params": self.suggested_retry_params,
             "next_step": self.next_step,

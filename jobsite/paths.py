@@ -4,6 +4,10 @@ from pathlib import Path
 
 from jobsite.errors import JobInputError
 
+# A file in a model directory whose weights are random (the demo's tiny models): such a model
+# runs, so extraction may use it, but what it writes is noise, not text.
+RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS"
+
 
 def resolve_under(path: str | Path, roots: list[Path], what: str, *, field: str = "path") -> Path:
     """Resolve symlinks and `..` first, then require the result to lie under a root; a refusal

@@ -7,6 +7,7 @@ DATABASE_URL and REDIS_URL switch to PostgreSQL and channels-redis.
 
 import os
 import socket
+import sys
 from pathlib import Path
 
 import dj_database_url
@@ -166,6 +167,11 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": os.environ.get("JOBSITE_LOG_LEVEL", "INFO")},
     "loggers": {"django.channels.server": {"level": "WARNING"}},
 }
+# A management command prints its own sentences; django-q's INFO lines ("Enqueued [jobsite] 12")
+# would come between them. The worker (qcluster) and the servers keep them in their logs.
+_COMMAND = sys.argv[1] if len(sys.argv) > 1 and Path(sys.argv[0]).name == "manage.py" else ""
+if _COMMAND and _COMMAND not in ("qcluster", "runserver", "qmonitor", "qinfo", "qmemory"):
+    LOGGING["loggers"]["django-q"] = {"level": "WARNING"}
 
 # Training runs: the encoder whose embeddings the adapter is trained on (a local directory
 # under JOBSITE_MODEL_ROOTS), and the causal LM the "causal_lm" query generator uses.

@@ -66,7 +66,7 @@ def run() -> list[str]:
     now = timezone.now()
     free = None  # worker processes holding no job, asked once a pass and only when a job waits
     for model in job_models():
-        for job in model.objects.filter(status__in=model.RUNNING).exclude(worker=""):
+        for job in model.objects.filter(model.live(), status__in=model.RUNNING).exclude(worker=""):
             verdict = diagnose(job, now)
             if verdict is None:
                 continue

@@ -33,11 +33,11 @@ class ChunkAdmin(TamperProofMixin, admin.ModelAdmin):
 
 @admin.register(TrainingRun)
 class TrainingRunAdmin(JobActionsMixin, admin.ModelAdmin):
-    list_display = ["id", "status", "progress", "heartbeat", "corpus", "pair_count", "error_type", "short_error",
-                    "created_at"]
+    list_display = ["id", "status_text", "progress", "heartbeat", "corpus", "pair_count", "error_text", "short_error",
+                    "removed", "created_at"]
     list_filter = ["status", "error_type", "corpus"]
-    actions = ["stop", "resume", "proceed", "remove"]
-    readonly_fields = [f.name for f in TrainingRun._meta.get_fields() if getattr(f, "concrete", False)]
+    actions = ["stop", "resume", "proceed", "adopt", "remove"]
+    readonly_fields = ["verdict", *(f.name for f in TrainingRun._meta.get_fields() if getattr(f, "concrete", False))]
 
     def has_add_permission(self, request):
         return False
@@ -50,9 +50,27 @@ class TrainingRunAdmin(JobActionsMixin, admin.ModelAdmin):
         # and takes the files with the rows.
         return False
 
+    @admin.display(description="status", ordering="status")
+    def status_text(self, obj):
+        return obj.status_label  # the words the page, `training status` and the API use
+
+    @admin.display(description="error type", ordering="error_type")
+    def error_text(self, obj):
+        return obj.error_label
+
+    @admin.display(description="removed")
+    def removed(self, obj):
+        if not obj.is_removed:
+            return "—"
+        return f"{obj.removed_label.removeprefix('removed ')}; {obj.pair_count:,} pairs; {obj.verdict_label}"
+
     @admin.display(description="progress")
     def progress(self, obj):
         return obj.progress_label
+
+    @admin.display(description="result")
+    def verdict(self, obj):
+        return obj.verdict
 
     @admin.display(description="error")
     def short_error(self, obj):
@@ -74,7 +92,20 @@ class TrainingRunAdmin(JobActionsMixin, admin.ModelAdmin):
         self._each(request, queryset, lambda run: services.training_run_proceed(run=run),
                    "%(count)d run proceeds.", "%(count)d runs proceed.")
 
-    @admin.action(description="Remove selected failed, stopped or unreviewed runs (with their pairs and files)", permissions=["view"])
+    @admin.action(description="Adopt the adapter of selected runs that did not adopt it", permissions=["view"])
+    def adopt(self, request, queryset):
+        def check(run):
+            if run.status != TrainingRun.Status.COMPLETED or run.adopted is not False or run.is_removed:
+                raise TransitionError(f"Training run {run.pk} {run.state_phrase}; only a completed run whose adapter "
+                                      "was not adopted can be adopted.")
+        return self._each_once_confirmed(
+            request, queryset, check=check, act=lambda run: services.training_run_adopt(run=run, user=request.user),
+            template="admin/training_runs/confirm_adopt.html", title="Adopt adapters?", listed="runs",
+            done_singular="%(count)d adapter adopted: search goes through it.",
+            done_plural="%(count)d adapters adopted: search goes through them.")
+
+    @admin.action(description="Remove selected failed, stopped, unreviewed or completed runs (their pairs and files; "
+                              "the rows stay)", permissions=["view"])
     def remove(self, request, queryset):
         return self._each_once_confirmed(
             request, queryset, check=lambda run: services.training_run_check_removable(run=run),

@@ -19,7 +19,9 @@ class SettingsOut(Schema):
     is_available: bool
     reason: str
     encoder_path: str
-    generators: list[str]
+    generators: list[str] = Field(description="the generators a new run can use now")
+    generator_model_path: str
+    generator_reason: str = Field(description="why the causal_lm generator is not offered; empty when it is")
     min_approved_pairs: int
     blocking_run_id: int | None
     blocking_sentence: str
@@ -56,18 +58,24 @@ class TrainIn(Input):
     epochs: int | None = Field(None, ge=1, le=1000)
     batch_size: int | None = Field(None, ge=2, le=4096)
     learning_rate: float | None = Field(None, gt=0, lt=1)
+    patience: int | None = Field(None, ge=1, le=1000, description="epochs without a better validation recall@5 "
+                                                                   "before training stops (default 3)")
 
 
 class RunOut(JobOut):
     id: int
     corpus_id: int
     status: str
+    status_label: str = Field(description="the status as the page, the admin and `training status` say it: "
+                                          "\"stopped\", \"removed\", \"generating failed\", ...")
     progress: str
     generator: str
     queries_per_chunk: int
     total_chunks: int
     processed_chunks: int
     pair_count: int
+    queries_dropped: int = Field(description="generated queries the filter dropped: empty, too short or long, not "
+                                             "text, or a copy of the chunk")
     review_counts: dict
     epochs: int
     epochs_done: int
@@ -76,11 +84,21 @@ class RunOut(JobOut):
     is_embedding: bool = Field(description="the training phase embeds its texts: its epochs have not started, and it cannot tell its time left yet")
     progress_done: int = Field(description="what `progress` counts now: chunks, texts embedded, or epochs")
     progress_total: int
-    metrics: dict
+    metrics: dict = Field(description="test recall@1/5/10 of the encoder alone (`before`) and of the chosen epoch "
+                                       "(`after`), validation recall of both, and the split sizes")
     loss_curve: list[float]
+    validation_curve: list[dict] = Field(description="validation recall@1/5/10 after every epoch")
+    best_epoch: int | None = Field(description="the epoch whose adapter was kept: the best on validation")
+    patience: int
+    adopted: bool | None = Field(description="whether search uses the adapter; false when no epoch beat the encoder "
+                                             "alone on validation; null until the run completes")
+    verdict: str = Field(description="the result in one sentence, with what to try when it was not adopted")
     error_type: str
+    error_label: str = Field(description="the error type in words, e.g. \"Stopped on request\" for CANCELLED")
     error_message: str
     next_step: str
+    removed_at: datetime | None = Field(description="set once the run was removed; its row stays as history")
+    removed_by: str | None = Field(description="who removed it (null: not removed, or removed by a command)")
     worker: str
     attempt: int
     heartbeat_at: datetime | None
@@ -94,6 +112,10 @@ class RunOut(JobOut):
     @staticmethod
     def resolve_progress(obj) -> str:
         return obj.progress_label
+
+    @staticmethod
+    def resolve_removed_by(obj) -> str | None:
+        return obj.removed_by.get_username() if obj.removed_by_id else None
 
     @staticmethod
     def resolve_progress_done(obj) -> int:
@@ -168,10 +190,13 @@ def _run(run_id: int) -> TrainingRun:
 @router.get("/training/settings", response=SettingsOut)
 def training_settings(request):
     available, reason = services.training_availability()
-    blocking = TrainingRun.objects.exclude(status=TrainingRun.Status.COMPLETED).order_by("pk").first()
+    generator_available, generator_reason = services.generator_availability()
+    blocking = selectors.training_run_open()
     return {
         "is_available": available, "reason": reason, "encoder_path": settings.JOBSITE_ENCODER_PATH,
-        "generators": TrainingRun.Generator.values, "min_approved_pairs": settings.JOBSITE_MIN_APPROVED_PAIRS,
+        "generators": TrainingRun.Generator.values if generator_available else [TrainingRun.Generator.LOCAL.value],
+        "generator_model_path": settings.JOBSITE_GENERATOR_MODEL_PATH, "generator_reason": generator_reason,
+        "min_approved_pairs": settings.JOBSITE_MIN_APPROVED_PAIRS,
         "blocking_run_id": blocking.pk if blocking else None,
         "blocking_sentence": services.blocking_sentence(blocking) if blocking else "",
     }
@@ -221,7 +246,17 @@ def get_run(request, run_id: int):
 def train_run(request, run_id: int, payload: TrainIn | None = None):
     payload = payload or TrainIn()
     return services.training_run_train(run=_run(run_id), epochs=payload.epochs, batch_size=payload.batch_size,
-                                       learning_rate=payload.learning_rate)
+                                       learning_rate=payload.learning_rate, patience=payload.patience)
+
+
+@router.post("/training/runs/{run_id}/adopt", response={200: RunActionOut, 404: Message, 409: Message},
+             auth=staff_required)
+def adopt_run(request, run_id: int):
+    """Adopt by hand the adapter a completed run did not adopt (its best epoch, which did not beat the encoder
+    alone on validation): search then goes through it. Callers confirm first."""
+    run = services.training_run_adopt(run=_run(run_id), user=request.user)
+    run.message = f"Training run {run.pk}'s adapter is adopted: search now goes through it."
+    return run
 
 
 @router.post("/training/runs/{run_id}/stop", response={200: RunActionOut, 404: Message, 409: Message},
@@ -243,9 +278,11 @@ def proceed_run(request, run_id: int):
 
 @router.delete("/training/runs/{run_id}", response={200: Message, 404: Message, 409: Message}, auth=staff_required)
 def remove_run(request, run_id: int):
-    """Delete a failed, stopped or unreviewed run with its pairs and files; a running one must be stopped first."""
+    """Remove a failed, stopped, unreviewed or completed run: its pairs and files are deleted, its row stays in
+    the history (`removed_at`, `removed_by`); a running one must be stopped first."""
     services.training_run_remove(run=_run(run_id), user=request.user)
-    return {"message": f"Training run {run_id} and its pairs and files are removed."}
+    return {"message": f"Training run {run_id} is removed: its pairs and files are deleted; its row stays in the "
+                       "history."}
 
 
 @router.get("/training/runs/{run_id}/pairs", response={200: list[PairOut], 404: Message})

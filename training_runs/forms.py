@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from django import forms
+from django.conf import settings
 
 from jobsite.forms import require_one_of
-from training_runs import selectors
+from training_runs import selectors, services
 from training_runs.models import TrainingPair, TrainingRun
 
 
@@ -20,6 +21,17 @@ class GenerateForm(forms.Form):
         kwargs.setdefault("label_suffix", "")
         super().__init__(*args, **kwargs)
         self.fields["corpus"].queryset = selectors.corpus_list()
+        # Every generator is accepted (the service refuses one it cannot run, with its reason); the
+        # list offers the causal LM only with a model worth its queries, and names that model.
+        available, reason = services.generator_availability()
+        field, Generator = self.fields["generator"], TrainingRun.Generator
+        if available:
+            model = settings.JOBSITE_GENERATOR_MODEL_PATH
+            field.widget.choices = [(Generator.LOCAL, Generator.LOCAL.label),
+                                    (Generator.CAUSAL_LM, f"{Generator.CAUSAL_LM.label}: {model}")]
+        else:
+            field.widget.choices = [(Generator.LOCAL, Generator.LOCAL.label)]
+            field.help_text = f"The causal language model generator is not offered. {reason}"
 
 
 class IdListField(forms.Field):
@@ -70,6 +82,7 @@ class PairEditForm(forms.Form):
 
 class TrainForm(forms.Form):
     epochs = forms.IntegerField(required=False, min_value=1, max_value=1000)
+    patience = forms.IntegerField(required=False, min_value=1, max_value=1000)
 
 
 class MultipleFileInput(forms.ClearableFileInput):

@@ -5,7 +5,7 @@ from django.db import models
 from django.db.models import Q, Value
 from django.db.models.functions import Lower
 
-from jobsite.errors import ErrorType
+from jobsite.errors import RETRYABLE, ErrorType
 from jobsite.models import Job
 
 
@@ -57,7 +57,9 @@ class TrainingRun(Job):
     """Phase 1 generates (query, chunk) pairs, a person reviews them, phase 2 trains an adapter.
 
     The status names the phase; a worker holds a phase through the `worker` lock (CLAIMED is
-    empty), and a failure waits for a person to proceed or remove it (AUTO_RETRY is off).
+    empty). A lost worker, a timeout or a database outage is retried automatically from where the
+    phase stopped, while claims of the phase (Proceeds included) stay under JOBSITE_MAX_ATTEMPTS;
+    any other failure waits for a person to proceed or remove it.
     """
 
     Status = TrainingRunStatus
@@ -69,13 +71,19 @@ class TrainingRun(Job):
     KIND = "training"
     TASK = "training_runs.tasks.run_training_phase"
     CLAIMED = ""
-    AUTO_RETRY = False
     RUNNING = frozenset({Status.GENERATING, Status.TRAINING})
     ACTIVE = RUNNING
     TERMINAL = frozenset({Status.COMPLETED})
     RETRYABLE_FROM = frozenset({Status.GENERATING_FAILED, Status.TRAINING_FAILED})
     # A run waiting for review can be discarded too: nothing works on it, and it blocks new generations.
-    REMOVABLE = RETRYABLE_FROM | {Status.GENERATED}
+    # So can a completed one: search stops using it.
+    REMOVABLE = RETRYABLE_FROM | {Status.GENERATED, Status.COMPLETED}
+    # What every page, the admin, the commands and the API call each status.
+    STATUS_LABELS = {
+        Status.GENERATING: "generating", Status.GENERATED: "generated", Status.TRAINING: "training",
+        Status.COMPLETED: "completed", Status.GENERATING_FAILED: "generating failed",
+        Status.TRAINING_FAILED: "training failed",
+    }
     FAILED_IN = {Status.GENERATING: Status.GENERATING_FAILED, Status.TRAINING: Status.TRAINING_FAILED}
     TRANSITIONS = {
         Status.GENERATING: {Status.GENERATED, Status.GENERATING_FAILED},
@@ -98,6 +106,8 @@ class TrainingRun(Job):
     epochs = models.PositiveIntegerField(default=8)
     train_batch_size = models.PositiveIntegerField(default=32)
     learning_rate = models.FloatField(default=1e-3)
+    # Early stopping: training ends once validation recall@5 has not improved for this many epochs.
+    patience = models.PositiveIntegerField(default=3)
     epochs_done = models.PositiveIntegerField(default=0)
     # The training phase embeds every chunk and approved query before its first epoch; these
     # count those texts and how many are embedded (batches kept from an earlier attempt included).
@@ -106,6 +116,22 @@ class TrainingRun(Job):
     # {"before": {"recall@1": .., ...}, "after": {...}, "train_pairs": n, "eval_pairs": n}; partial while training.
     metrics = models.JSONField(default=dict, blank=True)
     loss_curve = models.JSONField(default=list, blank=True, help_text="mean training loss per epoch")
+    # Validation recall@k per epoch ([{"recall@1": .., "recall@5": .., "recall@10": ..}, ...]), the
+    # epoch whose adapter was kept (0: none beat the encoder alone), and whether search uses it.
+    validation_curve = models.JSONField(default=list, blank=True, help_text="validation recall@k per epoch")
+    best_epoch = models.PositiveIntegerField(null=True, blank=True)
+    # None until the run completes; False: no epoch beat the encoder alone, so search uses the encoder.
+    adopted = models.BooleanField(null=True, blank=True)
+    # Set when a person adopted an adapter the run itself did not adopt.
+    adopted_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
+    adopted_at = models.DateTimeField(null=True, blank=True)
+    # Generated queries the filter dropped (empty, too short or long, not text, a copy of the chunk).
+    queries_dropped = models.PositiveIntegerField(default=0)
+    # A removed run keeps its row (who, when, its pair count and verdict); its pairs and files go.
+    removed_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    removed_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
     generating_started_at = models.DateTimeField(null=True, blank=True)
     generated_at = models.DateTimeField(null=True, blank=True)
     training_started_at = models.DateTimeField(null=True, blank=True)
@@ -120,7 +146,9 @@ class TrainingRun(Job):
                 name="training_run_finished_at_iff_completed",
             ),
             # At most one run that is not completed, whoever asks and however concurrently.
-            models.UniqueConstraint(Value(1), condition=~Q(status="completed"), name="training_run_one_open"),
+            # A removed run is history only: it blocks nothing.
+            models.UniqueConstraint(Value(1), condition=~Q(status="completed") & Q(removed_at__isnull=True),
+                                    name="training_run_one_open"),
         ]
 
     def __str__(self):
@@ -130,17 +158,47 @@ class TrainingRun(Job):
     def output_dir(self) -> Path:
         return settings.JOBSITE_DATA_DIR / "training_runs" / str(self.pk)
 
+    @classmethod
+    def live(cls) -> Q:
+        return Q(removed_at__isnull=True)
+
+    @property
+    def is_removed(self) -> bool:
+        return self.removed_at is not None
+
     @property
     def status_label(self) -> str:
-        """What the pages call the status: a run stopped on request is "stopped" (it is kept in a
-        *_failed status with CANCELLED, since the design has no stopped status), not failed."""
+        """What the page, the admin, `training status` and the API call the status, one word set for
+        all: a run stopped on request is "stopped" (it is kept in a *_failed status with CANCELLED,
+        since the design has no stopped status), not failed; a removed run is "removed"."""
+        if self.is_removed:
+            return "removed"
         if self.status in self.RETRYABLE_FROM and self.error_type == ErrorType.CANCELLED:
             return "stopped"
-        return self.status
+        return self.STATUS_LABELS.get(self.status, self.status)
+
+    @property
+    def verdict_label(self) -> str:
+        """Whether search used the run's adapter: "adopted", "not adopted", or "—" before it completed."""
+        return {True: "adopted", False: "not adopted"}.get(self.adopted, "—")
+
+    @property
+    def removed_label(self) -> str:
+        """Who removed the run and when ("" while it is not removed), as the history rows say it."""
+        if not self.is_removed:
+            return ""
+        who = f" by {self.removed_by.get_username()}" if self.removed_by_id else ""
+        return f"removed{who} on {self.removed_at:%Y-%m-%d %H:%M} UTC"
+
+    @property
+    def retry_available(self) -> bool:
+        return super().retry_available and not self.is_removed
 
     @property
     def state_phrase(self) -> str:
         """The status as a sentence says it: "training run 8 has a failed generation"."""
+        if self.is_removed:
+            return "was removed"
         if self.status_label == "stopped":
             return "is stopped"
         return {
@@ -177,9 +235,16 @@ class TrainingRun(Job):
             return f"{self.processed_chunks:,}/{self.total_chunks:,}"
         # A failed training phase shows where it stopped, as the running one shows where it is.
         if self.is_embedding:
+            # Until its first batch is stored the worker is loading the encoder: "0 of N" reads stuck.
+            if self.status == self.Status.TRAINING and self.worker and not self.texts_embedded:
+                return "Loading the encoder…"
             return f"Embedding {self.embedding_label}"
         if self.status in (self.Status.TRAINING, self.Status.TRAINING_FAILED):
             return self.epochs_label
+        if self.status == self.Status.GENERATED:
+            return f"{self.processed_chunks:,}/{self.total_chunks:,} chunks · {self.pair_count:,} pairs"
+        if self.status == self.Status.COMPLETED:
+            return self.epochs_label + (" (stopped early)" if self.epochs_done < self.epochs else "")
         return "—"
 
     @property
@@ -211,6 +276,7 @@ class TrainingRun(Job):
         return f" Proceed: {self.proceed_sentence}." if self.status == self.Status.TRAINING_FAILED else ""
 
     # A failed run waits for a person: Proceed resumes it where it stopped, Remove discards it.
+    PROCEED_OR_DELETE = "Proceed resumes the run where it stopped; Delete discards it."
     NEXT_STEPS = {
         ErrorType.CANCELLED: "Proceed continues where it stopped; Delete discards the run.",
         ErrorType.STORAGE: "Free space or fix permissions in the data directory, then Proceed.",
@@ -222,9 +288,15 @@ class TrainingRun(Job):
 
     @property
     def next_step(self) -> str:
-        if not self.error_type:
+        if not self.error_type or self.is_removed:
             return ""
-        return self.NEXT_STEPS.get(self.error_type, "Proceed resumes the run where it stopped; Delete discards it.")
+        if self.error_type in RETRYABLE:
+            # A failure with attempts left is requeued in the same transaction: its event says so.
+            if self.status in self.ACTIVE or self.attempt < settings.JOBSITE_MAX_ATTEMPTS:
+                return "Retried automatically: it continues where it stopped."
+            return f"Its automatic attempts are used up (attempt {self.attempt}). " + self.NEXT_STEPS.get(
+                self.error_type, self.PROCEED_OR_DELETE)
+        return self.NEXT_STEPS.get(self.error_type, self.PROCEED_OR_DELETE)
 
     def cancelled_outcome(self) -> tuple[str, dict]:
         """A stopped run has no status of its own: it waits in its phase's failed status, from
@@ -243,13 +315,55 @@ class TrainingRun(Job):
     def resume_status(self) -> str:
         return {v: k for k, v in self.FAILED_IN.items()}[self.status]
 
+    @property
+    def test_pair_count(self) -> int | None:
+        """The pairs the result's recall was measured on (`eval_pairs` before there was a validation split)."""
+        metrics = self.metrics or {}
+        return metrics.get("test_pairs", metrics.get("eval_pairs"))
+
+    # What to try when no epoch beat the encoder alone on validation.
+    NOT_ADOPTED_ADVICE = "Try more or better pairs, fewer epochs or a lower learning rate."
+
+    @property
+    def verdict(self) -> str:
+        """A completed run's result in one sentence: whether search uses its adapter, and why.
+
+        Empty until the run completes. Every caller (page, API, command, admin, history) shows it."""
+        if self.status != self.Status.COMPLETED or self.adopted is None:
+            return ""
+        metrics = self.metrics or {}
+        before, after = metrics.get("before") or {}, metrics.get("after") or {}
+        val_before, val_after = metrics.get("validation_before") or {}, metrics.get("validation_after") or {}
+        epoch = f"epoch {self.best_epoch} of {self.epochs_done}" if self.best_epoch else "its last epoch"
+
+        def pair(recall: dict, other: dict) -> str:
+            return f"{other.get('recall@5', 0):.2f} → {recall.get('recall@5', 0):.2f}"
+
+        test = f"test recall@5 {pair(after, before)}" if after else ""
+        if not self.adopted:
+            return (f"Not adopted: no epoch beat the encoder alone on validation (recall@5 "
+                    f"{val_after.get('recall@5', 0):.2f} at its best, {epoch}, against "
+                    f"{val_before.get('recall@5', 0):.2f}), so search uses the encoder alone. "
+                    f"{self.NOT_ADOPTED_ADVICE}")
+        if self.adopted_by_id or self.adopted_at:
+            who = f" by {self.adopted_by.get_username()}" if self.adopted_by_id else ""
+            return (f"Adopted by hand{who}: {epoch} did not beat the encoder alone on validation "
+                    f"(recall@5 {pair(val_after, val_before)}); search uses it{'; ' + test if test else ''}.")
+        if not val_before:  # completed before model selection: its last epoch, kept as it was
+            return f"Adopted: {epoch}{'; ' + test if test else ''}."
+        return (f"Adopted {epoch}: validation recall@5 {pair(val_after, val_before)} over the encoder alone; "
+                f"{test}.")
+
     def event_payload(self) -> dict:
         return {
             **super().event_payload(),
+            "status_label": self.status_label,
+            "removed_at": self.removed_at.isoformat() if self.removed_at else None,
             "corpus_id": self.corpus_id,
             "total_chunks": self.total_chunks,
             "processed_chunks": self.processed_chunks,
             "pair_count": self.pair_count,
+            "queries_dropped": self.queries_dropped,
             "progress_label": self.progress_label,
             "epochs": self.epochs,
             "epochs_done": self.epochs_done,
@@ -260,6 +374,11 @@ class TrainingRun(Job):
             "progress_total": self.progress_counts[1],
             "metrics": self.metrics,
             "loss_curve": self.loss_curve,
+            "validation_curve": self.validation_curve,
+            "best_epoch": self.best_epoch,
+            "patience": self.patience,
+            "adopted": self.adopted,
+            "verdict": self.verdict,
         }
 
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 import os
 
 from django.conf import settings
-from django.db.models import QuerySet
+from django.db.models import Avg, Count, QuerySet
+from django.db.models.functions import Length
 from django.shortcuts import get_object_or_404
 
 from jobsite.errors import JobInputError
@@ -12,7 +13,7 @@ from training_runs.models import Corpus, TrainingPair, TrainingRun
 
 
 def training_run_list(*, status: str | None = None) -> QuerySet[TrainingRun]:
-    runs = TrainingRun.objects.select_related("corpus")
+    runs = TrainingRun.objects.select_related("corpus", "removed_by")
     return runs.filter(status=status) if status else runs
 
 
@@ -21,8 +22,9 @@ def training_run_get(*, run_id: int) -> TrainingRun:
 
 
 def training_run_open() -> TrainingRun | None:
-    """The run that is not completed, if any: the database allows at most one."""
-    return training_run_list().exclude(status=TrainingRun.Status.COMPLETED).order_by("pk").first()
+    """The run that is not completed nor removed, if any: the database allows at most one."""
+    return training_run_list().filter(TrainingRun.live()).exclude(status=TrainingRun.Status.COMPLETED).order_by(
+        "pk").first()
 
 
 def corpus_list() -> QuerySet[Corpus]:
@@ -34,22 +36,39 @@ def pair_list(*, run: TrainingRun, review: str | None = None) -> QuerySet[Traini
     return pairs.filter(review=review) if review else pairs
 
 
+def embedding_text_sizes(*, run: TrainingRun) -> dict:
+    """What the training phase embeds, in its order: the corpus's chunks, then the approved
+    queries; with the mean length in characters of each."""
+    chunks = run.corpus.chunks.aggregate(count=Count("pk"), chars=Avg(Length("text")))
+    queries = run.pairs.filter(review=TrainingPair.Review.APPROVED).aggregate(chars=Avg(Length("query")))
+    return {"chunks": chunks["count"], "chunk_chars": chunks["chars"] or 0.0, "query_chars": queries["chars"] or 0.0}
+
+
 def training_run_search(*, run: TrainingRun, query: str, k: int = 5) -> list[dict]:
-    """The k chunks nearest to `query` through the run's trained adapter."""
+    """The k chunks nearest to `query`: through the run's adapter where it was adopted, through the
+    encoder alone where it was not (a worse adapter is never the result)."""
     import numpy as np  # noqa: PLC0415
 
     from training_runs.trainer import ADAPTER, apply_adapter, embed, load_adapter  # noqa: PLC0415
 
-    if run.status != TrainingRun.Status.COMPLETED:  # the run's state, not the query, is what is wrong
+    if run.status != TrainingRun.Status.COMPLETED or run.is_removed:  # the run's state, not the query, is wrong
         raise TransitionNotAllowed(f"Training run {run.pk} {run.state_phrase}; search needs a completed run.")
     adapter_path = os.path.join(run.output_dir, ADAPTER)
     index_path = os.path.join(run.output_dir, "index.npy")
-    if not (os.path.exists(adapter_path) and os.path.exists(index_path)):
+    uses_adapter = run.adopted is not False
+    if not os.path.exists(index_path) or (uses_adapter and not os.path.exists(adapter_path)):
         raise JobInputError(f"Training run {run.pk} has no saved adapter; train it again.")
     if not query.strip():
         raise JobInputError("The query is empty.", field="query")
+    from training_runs.services import training_availability  # noqa: PLC0415
+
+    available, reason = training_availability()
+    if not available:  # said as a sentence, before the model library answers in its own words
+        raise JobInputError(f"Search is unavailable: {reason}")
     chunks = np.load(index_path)
-    vector = apply_adapter(load_adapter(adapter_path), embed(settings.JOBSITE_ENCODER_PATH, [query]))
+    vector = embed(settings.JOBSITE_ENCODER_PATH, [query])
+    if uses_adapter:
+        vector = apply_adapter(load_adapter(adapter_path), vector)
     scores = (vector @ chunks.T)[0]
     best = np.argsort(-scores)[:k]
     by_position = list(run.corpus.chunks.order_by("index").values("pk", "index", "document", "text"))

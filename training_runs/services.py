@@ -17,8 +17,8 @@ from jobsite import failpoints
 from jobsite.errors import JobInputError, check_file_name, check_text, counted, not_kept
 from jobsite.events import publish
 from jobsite.lifecycle import TransitionError
-from jobsite.paths import resolve_under
-from jobsite.services import job_delete, job_enqueue, job_request_cancel, job_requeue
+from jobsite.paths import RANDOM_WEIGHTS_MARKER, resolve_under
+from jobsite.services import job_enqueue, job_request_cancel, job_requeue
 from training_runs.models import Chunk, Corpus, TrainingPair, TrainingRun
 
 Status = TrainingRun.Status
@@ -243,6 +243,37 @@ def training_availability() -> tuple[bool, str]:
     return True, ""
 
 
+def generator_availability() -> tuple[bool, str]:
+    """Whether the `causal_lm` query generator has a model worth its queries, and if not, why.
+
+    The demo's model has random weights: it writes noise ("of>ause rem lo bel or%ed"), so it
+    is refused like a missing one rather than offered."""
+    path = settings.JOBSITE_GENERATOR_MODEL_PATH
+    if not path:
+        return False, ("No generator model is configured: set JOBSITE_GENERATOR_MODEL_PATH to a local causal LM "
+                       "directory.")
+    try:
+        resolved = resolve_under(path, settings.JOBSITE_MODEL_ROOTS, "generator model", field=None)
+    except JobInputError as exc:
+        return False, f"{exc} Set JOBSITE_GENERATOR_MODEL_PATH to a local causal LM directory."
+    if (resolved / RANDOM_WEIGHTS_MARKER).is_file():
+        return False, (f"The generator model at {resolved} is the demo's random-weight model, which writes noise; "
+                       "set JOBSITE_GENERATOR_MODEL_PATH to a trained causal LM.")
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    if not (resolved / "config.json").is_file() or not any((resolved / name).is_file() for name in weights):
+        return False, f"The generator model at {resolved} cannot be loaded: its config.json or weights are missing."
+    return True, ""
+
+
+def _require_generator(generator: str) -> None:
+    if generator != TrainingRun.Generator.CAUSAL_LM:
+        return
+    available, reason = generator_availability()
+    if not available:
+        raise JobInputError(f"The causal_lm generator is unavailable: {reason} Use the local generator meanwhile.",
+                            field="generator")
+
+
 def _require_available() -> None:
     available, reason = training_availability()
     if not available:
@@ -281,7 +312,9 @@ def _standing(run: TrainingRun) -> str:
 
 
 def _blocking_run() -> TrainingRun | None:
-    return TrainingRun.objects.exclude(status=Status.COMPLETED).order_by("pk").first()
+    from training_runs.selectors import training_run_open  # noqa: PLC0415
+
+    return training_run_open()
 
 
 def training_run_check_generate(*, generator: str = "local", queries_per_chunk: int = 2) -> None:
@@ -290,6 +323,7 @@ def training_run_check_generate(*, generator: str = "local", queries_per_chunk: 
     _require_available()
     if generator not in TrainingRun.Generator.values:
         raise JobInputError(f"The generator must be one of {', '.join(TrainingRun.Generator.values)}.", field="generator")
+    _require_generator(generator)
     if not 1 <= queries_per_chunk <= 20:
         raise JobInputError("Queries per chunk must be between 1 and 20.", field="queries_per_chunk")
     blocking = _blocking_run()
@@ -374,6 +408,7 @@ NOT_REVIEWABLE = {
 
 
 def _require_reviewable(run: TrainingRun) -> None:
+    _require_not_removed(run)
     if run.status not in (Status.GENERATED, Status.TRAINING_FAILED):
         raise TransitionError(f"Training run {run.pk} {run.state_phrase}; {NOT_REVIEWABLE[run.status]}")
 
@@ -438,7 +473,8 @@ def _forget_training(run: TrainingRun) -> None:
     """Training resumes only on the pairs it started with: once they change, its epochs are
     void and Proceed trains from the first epoch (the embeddings of the chunks, which did not
     change, are kept). The run says so at once instead of claiming a checkpoint it will not use."""
-    fields = {"epochs_done": 0, "loss_curve": [], "metrics": {}, "texts_embedded": 0,
+    fields = {"epochs_done": 0, "loss_curve": [], "metrics": {}, "validation_curve": [], "best_epoch": None,
+              "texts_embedded": 0,
               "texts_total": run.corpus.chunks.count() + run.pairs.filter(review=TrainingPair.Review.APPROVED).count()}
     if not TrainingRun.objects.filter(pk=run.pk, status=Status.TRAINING_FAILED).update(**fields, updated_at=timezone.now()):
         raise TransitionError(f"Training run {run.pk} changed while its pairs were reviewed; reload it.")
@@ -461,18 +497,21 @@ def review_counts(run: TrainingRun) -> dict:
 
 
 def training_run_train(
-    *, run: TrainingRun, epochs: int | None = None, batch_size: int | None = None, learning_rate: float | None = None
+    *, run: TrainingRun, epochs: int | None = None, batch_size: int | None = None, learning_rate: float | None = None,
+    patience: int | None = None,
 ) -> TrainingRun:
     """Start phase 2 on the approved pairs."""
     from jobsite.lifecycle import transition  # noqa: PLC0415
 
     _require_available()
+    _require_not_removed(run)
     if run.status != Status.GENERATED:
         raise TransitionError(f"Training run {run.pk} {run.state_phrase}; only a generated run can start training.")
     # `is None`, not `or`: an explicit 0 is a wrong value to refuse, not a request for the default.
     params = {"epochs": run.epochs if epochs is None else epochs,
               "train_batch_size": run.train_batch_size if batch_size is None else batch_size,
-              "learning_rate": run.learning_rate if learning_rate is None else learning_rate}
+              "learning_rate": run.learning_rate if learning_rate is None else learning_rate,
+              "patience": run.patience if patience is None else patience}
     if not 1 <= params["epochs"] <= 1000:
         raise JobInputError(f"Epochs must be between 1 and 1,000; got {params['epochs']}.", field="epochs")
     if not 2 <= params["train_batch_size"] <= 4096:
@@ -480,6 +519,9 @@ def training_run_train(
                             field="batch_size")
     if not 0 < params["learning_rate"] < 1:
         raise JobInputError("The learning rate must be between 0 and 1, e.g. 0.001.", field="learning_rate")
+    if not 1 <= params["patience"] <= 1000:
+        raise JobInputError(f"The patience must be between 1 and 1,000 epochs; got {params['patience']}.",
+                            field="patience")
     approved = run.pairs.filter(review=TrainingPair.Review.APPROVED).count()
     if approved < settings.JOBSITE_MIN_APPROVED_PAIRS:
         raise JobInputError(
@@ -491,6 +533,7 @@ def training_run_train(
     with transaction.atomic():
         # attempt=0: the phase counts its own attempts ("attempt 1" on a first training, not 2).
         transition(run, Status.TRAINING, training_started_at=timezone.now(), worker="", epochs_done=0, attempt=0,
+                   validation_curve=[], best_epoch=None, adopted=None,
                    texts_total=texts_total, texts_embedded=0, queued_at=timezone.now(), enqueued_at=None, **params)
         job_enqueue(run)
     return run
@@ -508,6 +551,7 @@ def training_run_stop(*, run: TrainingRun) -> TrainingRun:
 def training_run_proceed(*, run: TrainingRun) -> TrainingRun:
     """After a failure: generation continues with the chunks that have no pairs yet;
     training resumes from its last checkpoint with the approved pairs."""
+    _require_not_removed(run)
     if run.status not in TrainingRun.RETRYABLE_FROM:
         raise TransitionError(f"Training run {run.pk} {run.state_phrase}; only a failed run can proceed.")
     _require_available()
@@ -516,21 +560,42 @@ def training_run_proceed(*, run: TrainingRun) -> TrainingRun:
     return run
 
 
-def training_run_check_removable(*, run: TrainingRun) -> None:
-    """Refuses, with the sentence every caller shows, to remove a run that works or is done.
+def _require_not_removed(run: TrainingRun) -> None:
+    if run.is_removed:
+        raise TransitionError(f"Training run {run.pk} was {run.removed_label}; its pairs and files are gone.")
 
-    A failed or stopped run can be removed, and so can one waiting for review: pairs made on
-    the wrong corpus, or too few to train on, must not block every new generation for ever."""
+
+def training_run_check_removable(*, run: TrainingRun) -> None:
+    """Refuses, with the sentence every caller shows, to remove a run that works.
+
+    A failed or stopped run can be removed, and so can one waiting for review (pairs made on
+    the wrong corpus, or too few to train on, must not block every new generation for ever) and
+    a completed one (search stops using it)."""
+    _require_not_removed(run)
     if run.status in TrainingRun.RUNNING:
         raise TransitionError(f"Training run {run.pk} {run.state_phrase}; stop it first, then it can be removed.")
     if run.status not in TrainingRun.REMOVABLE:
-        raise TransitionError(f"Training run {run.pk} {run.state_phrase}; a completed run is kept, with its adapter.")
+        raise TransitionError(f"Training run {run.pk} {run.state_phrase}; it cannot be removed.")
 
 
-def training_run_remove(*, run: TrainingRun, user=None) -> None:
-    """Delete a failed, stopped or unreviewed run, its pairs and its files; the removal stays in the event log."""
+def training_run_remove(*, run: TrainingRun, user=None) -> TrainingRun:
+    """Remove a failed, stopped, unreviewed or completed run: its pairs go now and its files once
+    that commits, while its row stays in the history (who removed it, when, its pair count and
+    verdict) and blocks nothing. The event `training.removed` says the same."""
     training_run_check_removable(run=run)
-    job_delete(run, verb="removed", user=user)
+    now, by = timezone.now(), user if getattr(user, "is_authenticated", False) else None
+    with transaction.atomic():
+        # The row lock and the status make a concurrent Proceed or second removal wait, then lose.
+        if not TrainingRun.objects.select_for_update().filter(TrainingRun.live(), pk=run.pk, status=run.status).exists():
+            raise TransitionError(f"Training run {run.pk} changed while you were removing it; reload it.")
+        run.pairs.all().delete()
+        TrainingRun.objects.filter(pk=run.pk).update(removed_at=now, removed_by=by, updated_at=now)
+        run.removed_at, run.removed_by, run.updated_at = now, by, now
+        publish(run.topic, "training.removed", {**run.event_payload(), "removed_by": by.get_username() if by else "",
+                                                "removed_at": now.isoformat()})
+        output_dir = run.output_dir
+        transaction.on_commit(lambda: shutil.rmtree(output_dir, ignore_errors=True))
+    return run
 
 
 # --- the worker side ------------------------------------------------------------------------
@@ -545,14 +610,18 @@ def training_run_advance(run: TrainingRun, lease) -> None:
 
 
 def _generator(run: TrainingRun):
+    """The run's generator, knowing the queries already stored: on a resume it writes none of
+    them again for another chunk."""
     from training_runs.generator import CausalLMGenerator, LocalGenerator  # noqa: PLC0415
 
+    written = run.pairs.values_list("query", flat=True).iterator()
     if run.generator == TrainingRun.Generator.CAUSAL_LM:
+        _require_generator(run.generator)  # the model may have been replaced since the run started
         path = resolve_under(settings.JOBSITE_GENERATOR_MODEL_PATH, settings.JOBSITE_MODEL_ROOTS, "generator model",
                              field=None)
         return CausalLMGenerator(model_path=str(path), queries_per_chunk=run.queries_per_chunk,
-                                 device=settings.JOBSITE_DEVICE)
-    return LocalGenerator(queries_per_chunk=run.queries_per_chunk)
+                                 device=settings.JOBSITE_DEVICE, written=written)
+    return LocalGenerator(queries_per_chunk=run.queries_per_chunk, written=written)
 
 
 def _generate(run: TrainingRun, lease) -> None:
@@ -560,14 +629,16 @@ def _generate(run: TrainingRun, lease) -> None:
 
     done = Chunk.objects.filter(corpus=run.corpus, pairs__run=run).distinct()
     pending = run.corpus.chunks.exclude(pk__in=done.values("pk")).order_by("index").values_list("pk", "text")
-    counters = {"processed_chunks": done.count(), "pair_count": run.pairs.count()}
+    counters = {"processed_chunks": done.count(), "pair_count": run.pairs.count(),
+                "queries_dropped": run.queries_dropped}
 
-    def save(chunk_id: int, queries: list[str]) -> None:
+    def save(chunk_id: int, queries: list[str], dropped: int) -> None:
         # One chunk's pairs and the counters commit together: a crash keeps all or none.
         with transaction.atomic():
             TrainingPair.objects.bulk_create(TrainingPair(run=run, chunk_id=chunk_id, query=q) for q in queries)
             counters["processed_chunks"] += 1
             counters["pair_count"] += len(queries)
+            counters["queries_dropped"] += dropped
             lease.report(**counters, final=counters["processed_chunks"] == run.total_chunks)
 
     lease.report(**counters, final=True)
@@ -586,27 +657,53 @@ def _train(run: TrainingRun, lease) -> None:
     positions = {pk: i for i, pk in enumerate(run.corpus.chunks.order_by("index").values_list("pk", flat=True))}
     chunk_texts = list(run.corpus.chunks.order_by("index").values_list("text", flat=True))
     approved = run.pairs.filter(review=TrainingPair.Review.APPROVED).order_by("pk")
-    train, held_out = split_pairs([(p.pk, p.query, positions[p.chunk_id]) for p in approved])
+    train, validation, test = split_pairs([(p.pk, p.query, positions[p.chunk_id]) for p in approved])
     spec = TrainSpec(
         encoder_path=str(resolve_under(settings.JOBSITE_ENCODER_PATH, settings.JOBSITE_MODEL_ROOTS, "encoder", field=None)),
         output_dir=str(run.output_dir), epochs=run.epochs, batch_size=run.train_batch_size,
-        learning_rate=run.learning_rate, device=settings.JOBSITE_DEVICE,
+        learning_rate=run.learning_rate, device=settings.JOBSITE_DEVICE, patience=run.patience,
     )
+    sizes = {"train_pairs": len(train), "validation_pairs": len(validation), "test_pairs": len(test)}
 
     def embedding_progress(done: int, total: int) -> None:
         lease.report(texts_embedded=done, texts_total=total, final=done == total)
 
     def progress(epoch: int, epochs: int, losses: list[float], partial: dict) -> None:
+        validation_part = partial["validation"]
         lease.report(epochs_done=epoch, loss_curve=losses, final=epoch == epochs,
-                     metrics={**partial, "train_pairs": len(train), "eval_pairs": len(held_out)})
+                     validation_curve=validation_part["curve"], best_epoch=partial["best_epoch"] or None,
+                     metrics={"before": partial["before"], "validation_before": validation_part["before"], **sizes})
 
     result = run_training(
-        spec, chunk_texts=chunk_texts, train_pairs=train, eval_pairs=held_out, progress=progress,
-        embedding_progress=embedding_progress, heartbeat=lease.heartbeat, should_cancel=lease.should_cancel,
-        failpoint=failpoints.make(settings.JOBSITE_FAILPOINTS, attempt=run.attempt),
+        spec, chunk_texts=chunk_texts, train_pairs=train, validation_pairs=validation, test_pairs=test,
+        progress=progress, embedding_progress=embedding_progress, heartbeat=lease.heartbeat,
+        should_cancel=lease.should_cancel, failpoint=failpoints.make(settings.JOBSITE_FAILPOINTS, attempt=run.attempt),
     )
     lease.set_status(
-        Status.COMPLETED, worker="", loss_curve=result.loss_curve, epochs_done=run.epochs, error_type="",
-        error_message="",
-        metrics={"before": result.before, "after": result.after, "train_pairs": len(train), "eval_pairs": len(held_out)},
+        Status.COMPLETED, worker="", loss_curve=result.loss_curve, epochs_done=result.epochs_run, error_type="",
+        error_message="", validation_curve=result.validation_curve, best_epoch=result.best_epoch,
+        adopted=result.adopted,
+        metrics={"before": result.before, "after": result.after, "validation_before": result.validation_before,
+                 "validation_after": result.validation_curve[result.best_epoch - 1], **sizes},
     )
+
+
+def training_run_adopt(*, run: TrainingRun, user=None) -> TrainingRun:
+    """A person adopts the adapter a completed run did not adopt: search then goes through it.
+
+    The run chose it as its best epoch on validation, where it did not beat the encoder alone;
+    every caller asks for a confirmation first, and the run keeps who adopted it and when."""
+    if run.status != Status.COMPLETED or run.removed_at:
+        raise TransitionError(f"Training run {run.pk} {run.state_phrase}; only a completed run's adapter can be adopted.")
+    if run.adopted:
+        raise TransitionError(f"Training run {run.pk}'s adapter is adopted already.")
+    if not run.best_epoch:
+        raise TransitionError(f"Training run {run.pk} has no trained epoch to adopt; train it again.")
+    now = timezone.now()
+    with transaction.atomic():
+        if not TrainingRun.objects.filter(pk=run.pk, status=Status.COMPLETED, adopted=False, removed_at=None).update(
+                adopted=True, adopted_by=user, adopted_at=now, updated_at=now):
+            raise TransitionError(f"Training run {run.pk} changed meanwhile; reload it.")
+        run.adopted, run.adopted_by, run.adopted_at = True, user, now
+        publish(run.topic, "training.adopted", {**run.event_payload(), "adopted_by": getattr(user, "username", "") or ""})
+    return run

@@ -19,4 +19,5 @@ urlpatterns = [
     path("runs/<int:pk>/resume/", views.training_resume, name="resume"),
     path("runs/<int:pk>/stop/", views.training_stop, name="stop"),
     path("runs/<int:pk>/delete/", views.training_delete, name="delete"),
+    path("runs/<int:pk>/adopt/", views.training_adopt, name="adopt"),
 ]

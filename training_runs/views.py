@@ -20,7 +20,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from jobsite.errors import ErrorType, JobInputError
+from jobsite.errors import JobInputError
 from jobsite.forms import add_refusal
 from jobsite.health import workers_missing
 from jobsite.lifecycle import TransitionError
@@ -36,7 +36,6 @@ TOPIC = "training."
 HISTORY_LIMIT = 200
 PAIRS_SHOWN = 300
 KS = (1, 5, 10)
-ERROR_LABELS = dict(ErrorType.CHOICES)
 Status = TrainingRun.Status
 FAILED = TrainingRun.RETRYABLE_FROM
 
@@ -53,21 +52,29 @@ def train_blocked_sentence(run: TrainingRun, approved: int) -> str:
 
 
 def recall_rows(run: TrainingRun) -> list[dict]:
-    before, after = run.metrics.get("before") or {}, run.metrics.get("after") or {}
+    """Test recall of the encoder alone and of the chosen epoch, with validation's beside them."""
+    metrics = run.metrics or {}
+    before, after = metrics.get("before") or {}, metrics.get("after") or {}
+    val_before, val_after = metrics.get("validation_before") or {}, metrics.get("validation_after") or {}
     rows = []
     for k in KS:
         key = f"recall@{k}"
         if key in before and key in after:
             rows.append({"k": k, "before": f"{before[key]:.2f}", "after": f"{after[key]:.2f}",
-                         "better": after[key] > before[key], "worse": after[key] < before[key]})
+                         "better": after[key] > before[key], "worse": after[key] < before[key],
+                         "val_before": f"{val_before[key]:.2f}" if key in val_before else "",
+                         "val_after": f"{val_after[key]:.2f}" if key in val_after else ""})
     return rows
 
 
-def loss_chart(losses: list[float]) -> dict | None:
-    """The loss curve as SVG coordinates, drawn by the server so it shows without JavaScript."""
+def loss_chart(losses: list[float], validation: list[dict] | None = None, best_epoch: int | None = None,
+               baseline: dict | None = None) -> dict | None:
+    """The loss curve and validation recall@5 per epoch as SVG coordinates, drawn by the server
+    so it shows without JavaScript: loss on the left axis, recall@5 on the right (with the
+    encoder alone's as a dashed line), and the chosen epoch marked."""
     if not losses:
         return None
-    width, height, left, right, top, bottom = 560, 190, 56, 16, 14, 34
+    width, height, left, right, top, bottom = 600, 200, 56, 48, 14, 34
     low, high = min(losses), max(losses)
     span = (high - low) or abs(high) or 1.0
     plot_w, plot_h = width - left - right, height - top - bottom
@@ -87,12 +94,46 @@ def loss_chart(losses: list[float]) -> dict | None:
     step = max(1, round(count / 8))
     x_ticks = [p for i, p in enumerate(points) if i % step == 0 or i == count - 1]
     y_ticks = [{"y": y(v), "label": f"{v:.3g}"} for v in sorted({high, (high + low) / 2, low}, reverse=True)]
-    return {
+    chart = {
         "width": width, "height": height, "left": left, "right": width - right, "top": top,
         "bottom": height - bottom, "mid_x": left + plot_w / 2, "points": points,
         "polyline": " ".join(f"{p['x']},{p['y']}" for p in points),
         "x_ticks": x_ticks, "y_ticks": y_ticks, "first": points[0]["loss"], "last": points[-1]["loss"],
     }
+    recalls = [r.get("recall@5", 0.0) for r in (validation or [])][:count]
+    if recalls:
+        base = (baseline or {}).get("recall@5")
+        r_low, r_high = min(recalls + ([base] if base is not None else [])), max(recalls + ([base] if base is not None else []))
+        r_span = (r_high - r_low) or 0.1
+        r_low, r_high = max(0.0, r_low - r_span * 0.1), min(1.0, r_high + r_span * 0.1)
+        r_span = (r_high - r_low) or 0.1
+
+        def ry(value: float) -> float:
+            return round(top + plot_h * (r_high - value) / r_span, 1)
+
+        val_points = [{"x": x(i), "y": ry(v), "epoch": i + 1, "recall": f"{v:.2f}"} for i, v in enumerate(recalls)]
+        chart.update(
+            validation=val_points, val_polyline=" ".join(f"{p['x']},{p['y']}" for p in val_points),
+            r_ticks=[{"y": ry(v), "label": f"{v:.2f}"} for v in sorted({r_high, r_low}, reverse=True)],
+            r_axis_x=width - right + 6, baseline_y=ry(base) if base is not None else None,
+            baseline=f"{base:.2f}" if base is not None else "",
+        )
+    if best_epoch and 1 <= best_epoch <= count:
+        chart["chosen"] = {"x": x(best_epoch - 1), "epoch": best_epoch}
+    return chart
+
+
+def result_chart(run: TrainingRun) -> dict | None:
+    return loss_chart(run.loss_curve, run.validation_curve, run.best_epoch, (run.metrics or {}).get("validation_before"))
+
+
+def embedding_weights(run: TrainingRun) -> dict:
+    """How the page tells the time left while texts are embedded: the chunks come first and the
+    short queries after, so a text's cost is weighed by its length (a query's relative to a
+    chunk's); texts/s measured on chunks would promise the queries several times too long."""
+    sizes = selectors.embedding_text_sizes(run=run)
+    weight = sizes["query_chars"] / sizes["chunk_chars"] if sizes["chunk_chars"] else 1.0
+    return {"chunks": sizes["chunks"], "query": f"{weight:.4f}"}
 
 
 def run_view(run: TrainingRun, *, seq: int = 0, pairs_page: int = 1) -> dict:
@@ -138,8 +179,10 @@ def run_view(run: TrainingRun, *, seq: int = 0, pairs_page: int = 1) -> dict:
         "heartbeat_at": iso(run.heartbeat_at or run.started_at) if held else "",
         "progress_at": iso(last_move),
         "api_url": f"/api/v1/training/runs/{run.pk}",
-        "error_label": ERROR_LABELS.get(run.error_type, run.error_type),
+        "error_label": run.error_label,
     }
+    if active and run.is_embedding:
+        view["embedding_weights"] = embedding_weights(run)
     if run.status == Status.GENERATED:
         counts = services.review_counts(run)
         total_pairs = sum(counts.values())
@@ -161,16 +204,21 @@ def run_view(run: TrainingRun, *, seq: int = 0, pairs_page: int = 1) -> dict:
 
 
 def row_view(run: TrainingRun, *, open_id: int | None = None) -> dict:
-    """A history row; every row opens (one at a time) into what its status calls for."""
-    is_completed = run.status == Status.COMPLETED
+    """A history row; every row opens (one at a time) into what its status calls for. A removed
+    run's row stays, saying who removed it and when, its pair count and its verdict."""
+    removed = run.is_removed
+    is_completed = run.status == Status.COMPLETED and not removed
     return {
         "run": run,
-        "active": run.status in TrainingRun.ACTIVE,
-        "failed": run.status in FAILED,
+        "removed": removed,
+        "active": run.status in TrainingRun.ACTIVE and not removed,
+        "failed": run.status in FAILED and not removed,
+        # A failed run can be proceeded elsewhere (another tab, the API): its row reads that too.
+        "refreshable": (run.status in TrainingRun.ACTIVE or run.status in FAILED) and not removed,
         "open": run.pk == open_id,
         "recall": recall_rows(run) if is_completed else [],
-        "chart": loss_chart(run.loss_curve) if is_completed else None,
-        "error_label": ERROR_LABELS.get(run.error_type, run.error_type),
+        "chart": result_chart(run) if is_completed else None,
+        "error_label": run.error_label,
         "api_url": f"/api/v1/training/runs/{run.pk}",
     }
 
@@ -181,7 +229,7 @@ def _open_id(request) -> int | None:
 
 def _workflow_context(request, *, seq: int) -> dict:
     current = selectors.training_run_open()
-    latest = selectors.training_run_list(status=Status.COMPLETED).first()
+    latest = selectors.training_run_list(status=Status.COMPLETED).filter(TrainingRun.live()).first()
     corpora = selectors.corpus_list()
     # ?corpus= (set after a corpus is created) picks it in the Generate form; ?pairs= is the page
     # of pairs under review. Live redraws ask for the same.
@@ -194,7 +242,8 @@ def _workflow_context(request, *, seq: int) -> dict:
         query["pairs"] = pairs_page
     return {
         "workflow_url": reverse("training_runs:workflow") + (f"?{urlencode(query)}" if query else ""),
-        "form": GenerateForm(initial={"corpus": chosen} if chosen else None),
+        # Without a choice, the open run's corpus: the form goes on showing what was generated from.
+        "form": GenerateForm(initial={"corpus": chosen or current.corpus_id} if chosen or current else None),
         "chosen_corpus": chosen,
         "has_corpora": corpora.exists(),
         "current": run_view(current, seq=seq, pairs_page=pairs_page) if current else None,
@@ -203,7 +252,7 @@ def _workflow_context(request, *, seq: int) -> dict:
         "no_worker": workers_missing() if current and current.status in TrainingRun.ACTIVE else "",
         "latest": latest,
         "latest_recall": recall_rows(latest) if latest else [],
-        "latest_chart": loss_chart(latest.loss_curve) if latest else None,
+        "latest_chart": result_chart(latest) if latest else None,
         "can_act": request.user.is_staff,
         "staff_only_sentence": STAFF_ONLY,
         "min_approved_pairs": settings.JOBSITE_MIN_APPROVED_PAIRS,
@@ -225,10 +274,19 @@ def _history_context(request) -> dict:
     return {"rows": [row_view(run, open_id=open_id) for run in runs], "can_act": request.user.is_staff}
 
 
-def _back(run_id: int | None = None, *, pairs_page: str = ""):
+def _back(run_id: int | None = None, *, pairs_page: str = "", corpus: int | None = None):
     url = reverse("training_runs:page")
-    page = f"?pairs={pairs_page}" if pairs_page.isdecimal() and pairs_page not in ("0", "1") else ""
-    return redirect(f"{url}{page}#run-{run_id}" if run_id else url)
+    query = {"corpus": corpus} if corpus else {}
+    if pairs_page.isdecimal() and pairs_page not in ("0", "1"):
+        query["pairs"] = pairs_page
+    url += f"?{urlencode(query)}" if query else ""
+    return redirect(f"{url}#run-{run_id}" if run_id else url)
+
+
+def said(request, run: TrainingRun, sentence: str) -> None:
+    """A success that tells where the run now stands: the page takes it down once a later event
+    of the run says otherwise (a generation that started, then failed)."""
+    messages.success(request, sentence, extra_tags=f"{run.topic} {run.status}")
 
 
 # -- page and fragments -----------------------------------------------------------------------
@@ -237,7 +295,8 @@ def _page(request, *, corpus_form: CorpusForm | None = None, status: int = 200):
     available, reason = services.training_availability()
     if not available:  # corpora can be prepared meanwhile; a refused one keeps its sentence
         return render(request, "training_runs/unavailable.html",
-                      {"reason": reason, **_corpora_context(request, corpus_form)}, status=status)
+                      {"reason": reason, **_corpora_context(request, corpus_form),
+                       "rows": _history_context(request)["rows"]}, status=status)
     context = live_context(topic=TOPIC)  # the seq first: an event written meanwhile is replayed
     # The cards' seq as their fragments have it: a replayed event is not drawn over the rows.
     context.update(_workflow_context(request, seq=last_event_seq()))
@@ -318,9 +377,9 @@ def training_generate(request):
     except (JobInputError, TransitionError) as exc:
         messages.error(request, str(exc))
         return _back()
-    messages.success(request, f"Training run {run.pk} is generating pairs for the {run.total_chunks:,} chunks "
-                              f"of {corpus.name}.")
-    return _back(run.pk)
+    said(request, run, f"Training run {run.pk} is generating pairs for the {run.total_chunks:,} chunks "
+                       f"of {corpus.name}.")
+    return _back(run.pk, corpus=corpus.pk)
 
 
 @staff_required
@@ -375,16 +434,34 @@ def training_train(request, pk: int):
     run = selectors.training_run_get(run_id=pk)
     form = TrainForm(request.POST)
     if not form.is_valid():
-        messages.error(request, f"Training run {pk} was not trained: epochs: {' '.join(form.errors['epochs'])}")
+        errors = "; ".join(f"{name}: {' '.join(problems)}" for name, problems in form.errors.items())
+        messages.error(request, f"Training run {pk} was not trained: {errors}")
         return _back(pk)
     try:
-        services.training_run_train(run=run, epochs=form.cleaned_data["epochs"])
+        services.training_run_train(run=run, epochs=form.cleaned_data["epochs"], patience=form.cleaned_data["patience"])
     except (JobInputError, TransitionError) as exc:
         messages.error(request, str(exc))
         return _back(pk)
-    messages.success(request, f"Training run {pk} is training on its approved pairs for {run.epochs} "
-                              f"epoch{'s' if run.epochs != 1 else ''}.")
+    said(request, run, f"Training run {pk} is training on its approved pairs for at most {run.epochs} "
+                       f"epoch{'s' if run.epochs != 1 else ''}; the epoch best on validation is kept.")
     return _back(pk)
+
+
+@staff_required
+@require_http_methods(["GET", "POST"])
+def training_adopt(request, pk: int):
+    """Adopt by hand an adapter the run did not adopt: without `confirmed` (or on a GET) a
+    confirmation page that says what the run measured."""
+    run = selectors.training_run_get(run_id=pk)
+    if request.method == "GET" or request.POST.get("confirmed") != "1":
+        return render(request, "training_runs/confirm_adopt.html", {"run": run})
+    try:
+        services.training_run_adopt(run=run, user=request.user)
+    except TransitionError as exc:
+        messages.error(request, str(exc))
+        return _back(pk)
+    messages.success(request, f"Training run {pk}'s adapter is adopted: search now goes through it.")
+    return _back()
 
 
 @staff_required
@@ -396,7 +473,7 @@ def training_proceed(request, pk: int):
     except (JobInputError, TransitionError) as exc:
         messages.error(request, str(exc))
         return _back(pk)
-    messages.success(request, run.proceeds_sentence)
+    said(request, run, run.proceeds_sentence)
     return _back(pk)
 
 
@@ -432,6 +509,7 @@ def training_delete(request, pk: int):
     except TransitionError as exc:
         messages.error(request, str(exc))
         return _back(pk)
-    messages.success(request, f"Training run {pk} and its pairs and files are deleted.")
+    messages.success(request, f"Training run {pk} is removed: its pairs and files are deleted; its row stays in "
+                              "the history.")
     return _back()
 

@@ -96,7 +96,7 @@ def test_a_failed_generation_proceeds_then_review_and_training_complete_without_
     # The failure reaches the card and the history row by itself.
     row = page.locator(f"#run-row-{run.pk}")
     card = page.locator(f"#run-{run.pk}")
-    expect(row.locator("[data-status-label]")).to_have_text("generating_failed")
+    expect(row.locator("[data-status-label]")).to_have_text("generating failed")
     expect(row.locator("[data-progress-cell] [data-field=progress_label]")).to_have_text(f"8/{total}")
     expect(card.locator(".alert-error")).to_contain_text("Injected generator failure at chunk 12")
     expect(card.locator("[data-progress]")).to_have_count(0)
@@ -108,7 +108,7 @@ def test_a_failed_generation_proceeds_then_review_and_training_complete_without_
     row.locator("td", has_text="policy").click()
     detail = page.locator(f"#run-detail-{run.pk}")
     expect(detail).to_be_visible()
-    expect(detail).to_contain_text("UNKNOWN")
+    expect(detail.locator(".alert-title")).to_have_text("Unknown error")
     expect(detail).to_contain_text("Injected generator failure at chunk 12")
     screenshot(page, "training-02-failed-row-open")
 
@@ -123,8 +123,9 @@ def test_a_failed_generation_proceeds_then_review_and_training_complete_without_
     review = card.locator("[data-review]")
     expect(review).to_be_visible()
     expect(row.locator("[data-status-label]")).to_have_text("generated")
-    expect(row.locator("[data-progress-cell] [data-field=progress_label]")).to_have_text("—")
     pairs = TrainingRun.objects.get().pair_count
+    expect(row.locator("[data-progress-cell] [data-field=progress_label]")).to_have_text(
+        f"{total}/{total} chunks · {pairs} pairs")
     assert TrainingRun.objects.get().processed_chunks == total
     expect(review.locator("[data-count=pending]")).to_have_text(str(pairs))
     expect(review.locator("[data-train]")).to_be_disabled()
@@ -168,7 +169,8 @@ def test_a_failed_generation_proceeds_then_review_and_training_complete_without_
     expect(result.locator("[data-loss-chart] svg")).to_be_visible()
     expect(result.locator("[data-loss-chart] circle")).to_have_count(3)
     expect(row.locator("[data-status-label]")).to_have_text("completed")
-    expect(row.locator("[data-progress-cell] [data-field=progress_label]")).to_have_text("—")
+    expect(row.locator("[data-progress-cell] [data-field=progress_label]")).to_have_text(
+        re.compile(r"^([12] of 3 epochs \(stopped early\)|3 of 3 epochs)$"))
     expect(row.locator(".recall-cell")).to_contain_text("→")
     expect(workflow.locator("[data-generate]")).to_be_enabled()
     expect(workflow.locator(".spinner")).to_have_count(0)
@@ -180,7 +182,7 @@ def test_a_failed_generation_proceeds_then_review_and_training_complete_without_
     screenshot(page, "training-05-completed")
 
 
-def test_delete_asks_in_a_dialog_then_the_history_and_the_generate_button_update(
+def test_delete_asks_in_a_dialog_then_the_row_reads_removed_and_the_generate_button_updates(
     site, staff_user, training_env, corpus
 ):
     site.start_web(**training_env)
@@ -212,12 +214,22 @@ def test_delete_asks_in_a_dialog_then_the_history_and_the_generate_button_update
     detail.get_by_role("button", name="Delete").click()
     dialog.get_by_role("button", name="Yes, delete it").click()
     expect(page.locator(".message-success")).to_contain_text(
-        f"Training run {failed.pk} and its pairs and files are deleted.")
-    expect(page.locator(f"#run-row-{failed.pk}")).to_have_count(0)
+        f"Training run {failed.pk} is removed: its pairs and files are deleted; its row stays in the history.")
     expect(generate).to_be_enabled()
     expect(page.locator("[data-blocking-sentence]")).to_have_count(0)
-    assert not TrainingRun.objects.filter(pk=failed.pk).exists()
-    screenshot(page, "training-08-deleted")
+    removed = TrainingRun.objects.get(pk=failed.pk)
+    assert removed.removed_by == staff_user and not removed.pairs.exists()
+    # The row stays in the history: removed, by whom and when, its pair count and verdict, nothing to act on.
+    row = page.locator(f"#run-row-{failed.pk}")
+    expect(row.locator("[data-status-label]")).to_have_text("removed")
+    expect(row.locator("[data-removed-by]")).to_have_text(f"by staff on {removed.removed_at:%Y-%m-%d %H:%M} UTC")
+    expect(row.locator("[data-field=pair_count]").first).to_have_text(f"{removed.pair_count}")
+    row.locator("[data-accordion-toggle]").click()
+    expect(row.locator("[data-removed]")).to_have_text(
+        f"Training run {failed.pk} was removed by staff on {removed.removed_at:%Y-%m-%d %H:%M} UTC: its "
+        f"{removed.pair_count} pairs and its files were deleted; its row stays here. Verdict: —.")
+    expect(row.get_by_role("button")).to_have_count(0)
+    screenshot(page, "training-08-removed-row")
 
 
 def test_one_row_opens_at_a_time_and_refresh_updates_only_its_row(site, staff_user, plain_user, training_env,
@@ -258,7 +270,7 @@ def test_one_row_opens_at_a_time_and_refresh_updates_only_its_row(site, staff_us
     TrainingRun.objects.filter(pk=active.pk).update(status="generating_failed", error_type="UNKNOWN",
                                                      error_message="The generator process ended")
     panel(active).get_by_role("button", name="Refresh").click()
-    expect(page.locator(f"#run-row-{active.pk} [data-status-label]")).to_have_text("generating_failed")
+    expect(page.locator(f"#run-row-{active.pk} [data-status-label]")).to_have_text("generating failed")
     expect(panel(active)).to_be_visible()
     expect(panel(active)).to_contain_text("The generator process ended")
     expect(panel(active).get_by_role("button", name="Proceed")).to_be_visible()
@@ -274,16 +286,28 @@ def test_one_row_opens_at_a_time_and_refresh_updates_only_its_row(site, staff_us
     screenshot(reader, "training-11-read-only")
 
 
-def test_without_an_encoder_the_page_shows_the_reason_and_the_corpora(site, staff_user, db):
+def test_without_an_encoder_the_page_shows_the_reason_the_corpora_and_the_history_read_only(site, staff_user, db):
+    corpus = Corpus.objects.create(name="policy", source="policy", num_documents=1)
+    done = make_run(corpus, "completed", epochs=8, epochs_done=5, pair_count=24, loss_curve=[2.0, 1.2, 0.9, 0.8, 0.7])
+    failed = failed_run(corpus)
     site.start_web(JOBSITE_ENCODER_PATH="")
     page = site.page(staff_user)
     page.goto(site.url("/training/"))
     main = page.locator("main")
     expect(main.locator("h1")).to_have_text("Training")
-    expect(main.locator(".alert")).to_have_count(1)
-    expect(main.locator(".alert")).to_contain_text("No encoder is configured: set JOBSITE_ENCODER_PATH")
-    expect(main.locator("#workflow, #history, [data-generate]")).to_have_count(0)
-    expect(main.locator("#corpora [data-create-corpus]")).to_be_visible()  # corpora can be prepared meanwhile
+    expect(main.locator("[data-unavailable]")).to_contain_text("No encoder is configured: set JOBSITE_ENCODER_PATH")
+    expect(main.locator("#workflow, [data-generate]")).to_have_count(0)
+    expect(main.locator("#corpora summary")).to_have_text("New corpus")  # corpora can be prepared meanwhile
+    assert "{#" not in main.inner_text() and "No actions on runs" not in main.inner_text()
+
+    # The history is there to read: rows open, and nothing in them acts on a run.
+    history = main.locator("#history")
+    expect(history.locator("[data-history-read-only]")).to_be_visible()
+    expect(page.locator(f"#run-row-{done.pk} [data-field=progress_label]")).to_have_text("5 of 8 epochs (stopped early)")
+    page.locator(f"#run-row-{failed.pk} [data-accordion-toggle]").click()
+    detail = page.locator(f"#run-detail-{failed.pk}")
+    expect(detail).to_contain_text("Injected generator failure at chunk 12")
+    expect(history.locator("form, button")).to_have_count(0)
     screenshot(page, "training-12-unavailable")
 
 
@@ -305,7 +329,7 @@ def test_stop_mid_generation_shows_the_run_stopped_and_proceed_finishes_it(site,
     card.get_by_role("button", name="Stop").click()
     expect(page.locator(".message-success")).to_contain_text(f"Training run {run.pk} stop")
     # Stopped on request: a warning and a "stopped" badge, not a failure, with Proceed on the card.
-    expect(card.locator(".alert-warning")).to_contain_text("Stopped: CANCELLED")
+    expect(card.locator(".alert-warning .alert-title")).to_have_text("Stopped on request")
     expect(card.locator(".alert-warning")).to_contain_text("Stopped on request after")
     expect(card.locator(".alert-warning")).to_contain_text("Proceed continues where it stopped")
     expect(card.locator("[data-status-label]")).to_have_text("stopped")
@@ -317,8 +341,9 @@ def test_stop_mid_generation_shows_the_run_stopped_and_proceed_finishes_it(site,
     assert 0 < stopped.processed_chunks < total
     row = page.locator(f"#run-row-{run.pk}")
     expect(row.locator("[data-progress-cell] [data-field=progress_label]")).to_have_text(f"{stopped.processed_chunks}/{total}")
-    # The row is redrawn as a stopped one: its error type shows, the refresh icon of active rows goes.
-    expect(row.locator(".run-main")).to_contain_text("CANCELLED")
+    # The row is redrawn as a stopped one ("stopped", not its error code), the refresh icon of active rows goes.
+    expect(row.locator(".run-main [data-status-label]")).to_have_text("stopped")
+    expect(row.locator(".run-main")).not_to_contain_text("CANCELLED")
     expect(row.locator("[data-refresh]")).to_have_count(0)
     screenshot(page, "training-13-stopped")
 
@@ -371,10 +396,30 @@ def test_a_corpus_uploaded_from_the_page_is_picked_and_generated_from(site, staf
     expect(page.locator("#id_corpus")).to_have_value(str(corpus.pk))
     expect(page.locator("#id_queries_per_chunk")).to_have_value("5")
 
+    # Generate from the other corpus: the answer keeps it chosen, in a form drawn disabled while the
+    # run blocks another, and sits above the page's content, not over it.
+    page.locator("#id_corpus").select_option(str(other.pk))
     page.locator("#workflow [data-generate]").click()
-    expect(page.locator(".message-success")).to_contain_text(
-        f"is generating pairs for the {chunks} chunks of field-guides")
-    assert TrainingRun.objects.get().queries_per_chunk == 5
+    message = page.locator(".message-success")
+    expect(message).to_contain_text(f"is generating pairs for the {other.chunks.count()} chunks of handbook")
+    run = TrainingRun.objects.get()
+    assert run.queries_per_chunk == 5
+    expect(page.locator("#id_corpus")).to_have_value(str(other.pk))
+    expect(page.locator("#id_corpus")).to_be_disabled()
+    expect(page.locator("#workflow [data-generate]")).to_be_disabled()
+    said, workflow = page.locator(".messages").bounding_box(), page.locator("#workflow").bounding_box()
+    assert said["y"] + said["height"] <= workflow["y"], (said, workflow)
+    screenshot(page, "training-17-generated-form-kept")
+
+    # The run fails meanwhile: the answer that says it is generating leaves.
+    TrainingRun.objects.filter(pk=run.pk).update(status="generating_failed", error_type="UNKNOWN",
+                                                 error_message="The generator process ended")
+    run.refresh_from_db()
+    deliver(page, 1_000_000_000, run.topic, "training.generating_failed", run.event_payload())
+    expect(message).to_have_count(0)
+    # Drawn again failed: the card itself offers Delete beside Proceed.
+    expect(page.locator(f"#run-{run.pk} [data-discard]")).to_be_visible()
+    expect(page.locator(f"#run-{run.pk} [data-card-proceed]")).to_be_visible()
 
 
 def test_a_success_message_leaves_by_itself_and_any_message_can_be_dismissed(site, staff_user, training_env,
@@ -402,11 +447,63 @@ def test_a_success_message_leaves_by_itself_and_any_message_can_be_dismissed(sit
 
     # A refusal (the Generate form sent while a run is open, as from a second tab) stays.
     # Sent in one step: a button enabled by hand can be drawn disabled again by a live redraw first.
-    page.evaluate("document.querySelector('[data-generate]').form.requestSubmit()")
+    page.evaluate("const form = document.querySelector('[data-generate]').form;"
+                  "form.querySelector('fieldset').disabled = false; form.requestSubmit()")
     error = page.locator(".message-error")
     expect(error).to_contain_text(f"training run {run.pk}")
     page.clock.fast_forward(60_000)
     expect(error).to_be_visible()
+
+
+WIDER_THAN_THE_WINDOW = """() => Array.from(document.querySelectorAll("main *"))
+    .filter((el) => el.getBoundingClientRect().right > window.innerWidth + 0.5 && el.checkVisibility())
+    .filter((el) => !el.closest(".table, .pairs-scroll") || el.matches(".table, .pairs-scroll"))
+    .map((el) => `${el.tagName}.${el.className} ${Math.round(el.getBoundingClientRect().right)}`).slice(0, 8)"""
+
+
+def test_at_400_px_each_pair_can_be_decided_and_nothing_is_cut_off(site, staff_user, training_env, corpus):
+    """A phone's width: each pair shows its Approve, Reject and Edit inside the window, and Approve
+    works; at 1,280 px Edit is inside the list's box; the loss chart and the history stay within
+    the window (a wide history scrolls in its own panel)."""
+    done = completed_run(corpus)
+    run = make_run(corpus, "generated", processed_chunks=corpus.chunks.count(), pair_count=3)
+    pairs = TrainingPair.objects.bulk_create(
+        TrainingPair(run=run, chunk=chunk, query=f"what does part {chunk.index} of the policy say about receipts?")
+        for chunk in corpus.chunks.all()[:3])
+    site.start_web(**training_env)
+    page = site.page(staff_user)
+    page.goto(site.url("/training/"))
+    review = page.locator(f"#run-{run.pk} [data-review]")
+
+    def decisions(pair):
+        return [review.get_by_role("button", name=f"Approve pair {pair.pk}", exact=True),
+                review.get_by_role("button", name=f"Reject pair {pair.pk}", exact=True),
+                review.get_by_role("link", name=f"Edit the query of pair {pair.pk}", exact=True)]
+
+    def within(box, left, right):
+        return box is not None and box["x"] >= left and box["x"] + box["width"] <= right
+
+    listed = review.locator(".pairs-scroll").bounding_box()
+    for control in decisions(pairs[0]):
+        assert within(control.bounding_box(), listed["x"], listed["x"] + listed["width"]), control
+
+    page.set_viewport_size({"width": 400, "height": 900})
+    page.locator(f"#run-{run.pk}").scroll_into_view_if_needed()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 400, page.evaluate(WIDER_THAN_THE_WINDOW)
+    for pair in pairs:
+        for control in decisions(pair):
+            control.scroll_into_view_if_needed()
+            expect(control).to_be_visible()
+            assert within(control.bounding_box(), 0, 400), (control, control.bounding_box())
+    screenshot(page, "training-18-review-400px", full_page=False)
+    decisions(pairs[1])[0].click()
+    expect(review.locator("[data-count=approved]")).to_have_text("1")
+    expect(page.locator(f"#pair-{pairs[1].pk} .badge")).to_have_text("approved")
+
+    for shown in (page.locator(f"#result-{done.pk} [data-loss-chart] svg"), page.locator("#history")):
+        shown.scroll_into_view_if_needed()
+        assert within(shown.bounding_box(), 0, 400), shown.bounding_box()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 400, page.evaluate(WIDER_THAN_THE_WINDOW)
 
 
 def test_a_number_typed_then_another_action_keeps_the_number_when_the_page_is_redrawn(site, staff_user,
@@ -490,8 +587,9 @@ def test_an_action_the_server_cannot_do_or_never_gets_says_so_on_the_page(site, 
 
 
 def test_a_running_step_says_how_long_it_has_left(site, staff_user, training_env, corpus):
-    """Generation at a chunk a second: as many seconds left as chunks, counting down. Training: no
-    time left while it embeds (long chunks, then short queries), then its epochs' own."""
+    """Generation at a chunk a second: as many seconds left as chunks, counting down. Training:
+    "Loading the encoder…" until its first batch, then a time left for the embedding that weighs
+    the short queries by their length (chunks come first), then its epochs' own."""
     now = timezone.now()
     run = make_run(corpus, "generating", processed_chunks=0, started_at=now, heartbeat_at=now,
                    progress_at=now, worker="host:1", attempt=1)
@@ -515,29 +613,49 @@ def test_a_running_step_says_how_long_it_has_left(site, staff_user, training_env
     page.clock.run_for(3000)
     expect(eta).to_have_text(f"{left - 3} s")
 
-    # The training step, drawn by the server, embeds 100 texts and then trains 4 epochs.
-    TrainingRun.objects.filter(pk=run.pk).update(status="training", processed_chunks=chunks, texts_total=100,
+    # The training step, drawn by the server, embeds the chunks and two approved queries a chunk, then
+    # trains 8 epochs.
+    TrainingPair.objects.bulk_create(
+        TrainingPair(run=run, chunk=chunk, query=f"{word} of part {chunk.index}?", review="approved")
+        for chunk in corpus.chunks.all() for word in ("what", "why"))
+    texts = 3 * chunks
+    TrainingRun.objects.filter(pk=run.pk).update(status="training", processed_chunks=chunks, texts_total=texts,
                                                  texts_embedded=0, epochs=8, epochs_done=0)
     run.refresh_from_db()
     payload = run.event_payload()
     deliver(page, next(seq), run.topic, "training.training", payload)
     # The card the server draws for the training step, which the event asked for.
-    run_clock_until(page, f"document.querySelector('#run-{run.pk}').textContent.includes('Embedding 0 of 100 texts')")
-    # Embedding runs the long chunks first, then the short queries: texts/s cannot tell its time left.
+    run_clock_until(page, f"document.querySelector('#run-{run.pk}').textContent.includes('Loading the encoder…')")
     step = page.locator(f"#run-{run.pk} [data-eta-step]")
-    expect(step).to_be_hidden()
+    expect(step).to_be_visible()
+    expect(eta).to_have_text("—")
+    # Two chunks a second. A query costs what its length does against a chunk's: texts/s would say
+    # the queries take twice as long as the chunks.
     for second in range(1, 5):
         page.clock.run_for(1000)
-        progress(texts_embedded=10 * second, progress_done=10 * second, progress_total=100)
-    expect(step).to_be_hidden()
+        progress(texts_embedded=2 * second, progress_done=2 * second, progress_total=texts, is_embedding=True,
+                 progress_label=f"Embedding {2 * second} of {texts} texts")
+    expect(page.locator(f"#run-{run.pk} [data-field=progress_label]").first).to_have_text(
+        re.compile(r"^Embedding 8 of "))
+    sizes = [len(text) for text in corpus.chunks.values_list("text", flat=True)]
+    query_chars = sum(len(query) for query in run.pairs.values_list("query", flat=True)) / (2 * chunks)
+    weight = round(query_chars / (sum(sizes) / chunks), 4)
+    expected = round((chunks - 8 + 2 * chunks * weight) / 2)
+    expect(eta).to_have_text(re.compile(rf"^({expected - 1}|{expected}|{expected + 1}) s$"))
     for epoch in range(1, 4):  # 2 s an epoch, 8 epochs
         page.clock.run_for(2000)
-        progress(texts_embedded=100, is_embedding=False, progress_done=epoch, progress_total=8, epochs_done=epoch)
+        progress(texts_embedded=texts, is_embedding=False, progress_done=epoch, progress_total=8, epochs_done=epoch)
         if epoch == 1:
             expect(step).to_be_visible()
             expect(eta).to_have_text("—")  # one epoch tells no pace yet
     expect(step).to_contain_text("left in this step")
     expect(eta).to_have_text(re.compile(r"^(9|10|11) s$"))  # 5 epochs left at 2 s each
+
+    # Its worker falls silent past the stall limit: "No heartbeat", and no time left beside it.
+    page.clock.run_for(page.evaluate("parseFloat(document.body.dataset.stallAfterS)") * 1000 - 1000)
+    run_clock_until(page, f"document.querySelector('#run-{run.pk}').classList.contains('is-stalled')")
+    expect(page.locator(f"#run-{run.pk} [data-stalled-notice]")).to_be_visible()
+    expect(step).to_be_hidden()
 
 
 def test_a_redraw_that_crosses_a_progress_does_not_take_the_card_back(site, staff_user, training_env, corpus):
@@ -571,3 +689,48 @@ def test_a_redraw_that_crosses_a_progress_does_not_take_the_card_back(site, staf
     expect(card).to_contain_text(f"4/{run.total_chunks} chunks")
     expect(card).to_contain_text("8 pairs")
     expect(card).to_have_attribute("data-seq", "1000003")
+
+
+def test_a_run_whose_adapter_is_not_adopted_says_so_and_can_be_adopted_by_hand_after_a_confirmation(
+    site, staff_user, training_env, corpus
+):
+    total = corpus.chunks.count()
+    run = make_run(
+        corpus, "completed", processed_chunks=total, pair_count=2 * total, epochs=8, epochs_done=4, best_epoch=1,
+        adopted=False, loss_curve=[1.2, 0.6, 0.3, 0.2],
+        validation_curve=[{"recall@1": 0.5, "recall@5": 0.7, "recall@10": 0.8},
+                          {"recall@1": 0.4, "recall@5": 0.6, "recall@10": 0.8},
+                          {"recall@1": 0.4, "recall@5": 0.6, "recall@10": 0.7},
+                          {"recall@1": 0.3, "recall@5": 0.5, "recall@10": 0.7}],
+        metrics={"before": {"recall@1": 0.5, "recall@5": 0.75, "recall@10": 0.9},
+                 "after": {"recall@1": 0.45, "recall@5": 0.7, "recall@10": 0.85},
+                 "validation_before": {"recall@1": 0.5, "recall@5": 0.75, "recall@10": 0.85},
+                 "validation_after": {"recall@1": 0.5, "recall@5": 0.7, "recall@10": 0.8},
+                 "train_pairs": 30, "validation_pairs": 8, "test_pairs": 10},
+    )
+    site.start_web(**training_env)
+    page = site.page(staff_user)
+    page.goto(site.url("/training/"))
+    result = page.locator("#workflow [data-result]")
+    verdict = result.locator("[data-verdict]")
+    expect(verdict).to_have_text(
+        "Not adopted: no epoch beat the encoder alone on validation (recall@5 0.70 at its best, epoch 1 of 4, "
+        "against 0.75), so search uses the encoder alone. Try more or better pairs, fewer epochs or a lower "
+        "learning rate.")
+    # Test recall before → after for the chosen epoch, validation beside it; the chart marks the epoch.
+    expect(result.locator("[data-recall-k='5'] td").nth(2)).to_have_text("0.70")
+    expect(result.locator("[data-recall-k='5'] [data-validation]")).to_have_text("0.75 → 0.70")
+    expect(result.locator("[data-loss-chart] [data-chosen-epoch='1']")).to_have_count(1)
+    expect(result.locator("[data-loss-chart] [data-validation-line]")).to_have_count(1)
+    expect(page.locator(f"#run-row-{run.pk} [data-not-adopted]")).to_have_text("not adopted")
+    screenshot(page, "training-14-not-adopted")
+
+    result.locator("[data-adopt]").click()
+    expect(page.locator("h1")).to_have_text(f"Adopt training run {run.pk}'s adapter?")
+    page.get_by_role("button", name="Yes, adopt it").click()
+    expect(page.locator(".message-success")).to_contain_text(f"Training run {run.pk}'s adapter is adopted")
+    expect(page.locator("#workflow [data-result] [data-verdict]")).to_contain_text(
+        f"Adopted by hand by {staff_user.username}: epoch 1 of 4 did not beat the encoder alone on validation")
+    expect(page.locator(f"#run-row-{run.pk} [data-not-adopted]")).to_have_count(0)
+    run.refresh_from_db()
+    assert run.adopted and run.adopted_by == staff_user

@@ -66,16 +66,16 @@ def extraction_campaign(job_pk: int, start_worker, kills: int, rng: random.Rando
 
 
 def generation_campaign(run_pk: int, start_worker, kills: int, rng: random.Random, *, env: dict) -> Campaign:
-    """Kill the worker mid-generation; each kill fails the run, and a person's proceed continues it."""
+    """Kill the worker mid-generation; the next worker's watchdog finds it lost and the run is
+    retried automatically, from the chunks it has not done."""
     from training_runs.models import TrainingRun
-    from training_runs.services import training_run_proceed
 
     slow = {**FAST, **env, "JOBSITE_FAILPOINTS": json.dumps({"training.generate": {"action": "sleep", "seconds": 0.05}})}
     campaign = Campaign()
-    for _ in range(kills):
-        def claimed():
+    for attempt in range(1, kills + 1):
+        def claimed(attempt=attempt):
             run = TrainingRun.objects.get(pk=run_pk)
-            return run.status != "generating" or run.worker != ""
+            return run.status != "generating" or (run.attempt >= attempt and run.worker != "")
 
         def describe():
             run = TrainingRun.objects.get(pk=run_pk)
@@ -83,11 +83,6 @@ def generation_campaign(run_pk: int, start_worker, kills: int, rng: random.Rando
 
         if not _kill_after_claim(start_worker, slow, claimed, describe, rng, campaign, max_delay_s=1.5):
             break
-        watcher = start_worker(**{**FAST, **env})
-        wait_for(lambda: TrainingRun.objects.get(pk=run_pk).status == "generating_failed", timeout=60,
-                 message=f"the watchdog to fail the run\n{watcher.output()[-3000:]}")
-        watcher.stop()
-        training_run_proceed(run=TrainingRun.objects.get(pk=run_pk))
     start_worker(**{**FAST, **env})
     wait_for(lambda: TrainingRun.objects.get(pk=run_pk).status == "generated", timeout=180,
              message="generation to finish after the campaign")
@@ -95,15 +90,14 @@ def generation_campaign(run_pk: int, start_worker, kills: int, rng: random.Rando
 
 
 def training_campaign(run_pk: int, start_worker, kills: int, rng: random.Random, *, env: dict) -> Campaign:
-    """Kill the worker mid-training; proceed resumes from the last epoch checkpoint."""
+    """Kill the worker mid-training; the automatic retry resumes from the last epoch checkpoint."""
     from training_runs.models import TrainingRun
-    from training_runs.services import training_run_proceed
 
     campaign = Campaign()
-    for _ in range(kills):
-        def claimed():
+    for attempt in range(1, kills + 1):
+        def claimed(attempt=attempt):
             run = TrainingRun.objects.get(pk=run_pk)
-            return run.status != "training" or run.worker != ""
+            return run.status != "training" or (run.attempt >= attempt and run.worker != "")
 
         def describe():
             run = TrainingRun.objects.get(pk=run_pk)
@@ -111,11 +105,6 @@ def training_campaign(run_pk: int, start_worker, kills: int, rng: random.Random,
 
         if not _kill_after_claim(start_worker, {**FAST, **env}, claimed, describe, rng, campaign, max_delay_s=4.0):
             break
-        watcher = start_worker(**{**FAST, **env})
-        wait_for(lambda: TrainingRun.objects.get(pk=run_pk).status == "training_failed", timeout=60,
-                 message=f"the watchdog to fail the run\n{watcher.output()[-3000:]}")
-        watcher.stop()
-        training_run_proceed(run=TrainingRun.objects.get(pk=run_pk))
     start_worker(**{**FAST, **env})
     wait_for(lambda: TrainingRun.objects.get(pk=run_pk).status == "completed", timeout=240,
              message="training to complete after the campaign")

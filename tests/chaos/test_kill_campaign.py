@@ -43,10 +43,10 @@ def test_generation_killed_repeatedly_processes_every_chunk_once(small_corpus, e
     report("generation", campaign)
     run = TrainingRun.objects.get(pk=run.pk)
     assert campaign.kills >= 1 and run.processed_chunks == run.total_chunks
-    fresh = LocalGenerator(queries_per_chunk=2)
-    for chunk in small_corpus.chunks.all():
-        stored = sorted(run.pairs.filter(chunk=chunk).values_list("query", flat=True))
-        assert stored == sorted(fresh.generate([chunk.text])[0])
+    chunks = list(small_corpus.chunks.order_by("index"))
+    uninterrupted = LocalGenerator(queries_per_chunk=2).generate([chunk.text for chunk in chunks])
+    for chunk, queries in zip(chunks, uninterrupted, strict=True):
+        assert sorted(run.pairs.filter(chunk=chunk).values_list("query", flat=True)) == sorted(queries)
     assert running_without_heartbeat() == []
 
 
@@ -58,7 +58,8 @@ def test_training_killed_repeatedly_ends_as_an_uninterrupted_run(small_corpus, e
     settings.JOBSITE_HEARTBEAT_S, settings.JOBSITE_PROGRESS_EVERY_S = 0.2, 0
     run = generate_and_approve(small_corpus)
     training_run_review(run=run, decision="approved")
-    training_run_train(run=TrainingRun.objects.get(pk=run.pk), epochs=8)
+    # Patience 8: all 8 epochs run, however validation goes, so kills land in every part of the run.
+    training_run_train(run=TrainingRun.objects.get(pk=run.pk), epochs=8, patience=8)
     campaign = training_campaign(run.pk, start_worker, KILLS, random.Random(3), env=env)
     report("training", campaign)
     run = TrainingRun.objects.get(pk=run.pk)
@@ -68,12 +69,15 @@ def test_training_killed_repeatedly_ends_as_an_uninterrupted_run(small_corpus, e
 
     positions = {pk: i for i, pk in enumerate(small_corpus.chunks.order_by("index").values_list("pk", flat=True))}
     approved = run.pairs.filter(review="approved").order_by("pk")
-    train, held_out = split_pairs([(p.pk, p.query, positions[p.chunk_id]) for p in approved])
+    train, validation, test = split_pairs([(p.pk, p.query, positions[p.chunk_id]) for p in approved])
     reference = run_training(
-        TrainSpec(encoder_path=settings.JOBSITE_ENCODER_PATH, output_dir=str(run.output_dir.parent / "ref"), epochs=8),
+        TrainSpec(encoder_path=settings.JOBSITE_ENCODER_PATH, output_dir=str(run.output_dir.parent / "ref"), epochs=8,
+                  patience=8),
         chunk_texts=list(small_corpus.chunks.order_by("index").values_list("text", flat=True)), train_pairs=train,
-        eval_pairs=held_out, progress=lambda *a: None, heartbeat=lambda: None, should_cancel=lambda: False,
+        validation_pairs=validation, test_pairs=test, progress=lambda *a: None, heartbeat=lambda: None, should_cancel=lambda: False,
         failpoint=lambda *a: None,
     )
     assert run.loss_curve == reference.loss_curve and run.metrics["after"] == reference.after
+    assert (run.best_epoch, run.validation_curve, run.adopted) == (
+        reference.best_epoch, reference.validation_curve, reference.adopted)
     assert running_without_heartbeat() == []

@@ -40,7 +40,9 @@ def act(client, model, action, objects, **extra):
 
 def test_admin_lists_runs_with_progress_and_error(superuser_client, failed_run):
     page = superuser_client.get(reverse("admin:training_runs_trainingrun_changelist")).content.decode()
-    assert f"8/{failed_run.total_chunks}" in page and "generating_failed" in page and "Injected failure" in page
+    assert f"8/{failed_run.total_chunks}" in page and "Injected failure" in page
+    assert '<td class="field-status_text">generating failed</td>' in page
+    assert '<td class="field-error_text">Unknown error</td>' in page
 
 
 def test_admin_remove_asks_for_confirmation_then_removes(superuser_client, failed_run):
@@ -48,16 +50,24 @@ def test_admin_remove_asks_for_confirmation_then_removes(superuser_client, faile
     assert "Remove these training runs?" in page and TrainingRun.objects.filter(pk=failed_run.pk).exists()
     page = act(superuser_client, "trainingrun", "remove", [failed_run], confirmed="yes").content.decode()
     assert "1 run removed." in page
-    assert not TrainingRun.objects.filter(pk=failed_run.pk).exists()
+    run = TrainingRun.objects.get(pk=failed_run.pk)
+    assert run.removed_by.username == "boss" and not run.pairs.exists()
     assert Event.objects.filter(topic=failed_run.topic, type="training.removed").exists()
+    # The changelist keeps its row: "removed", who, when, its pair count and verdict.
+    page = superuser_client.get(reverse("admin:training_runs_trainingrun_changelist")).content.decode()
+    assert '<td class="field-status_text">removed</td>' in page
+    assert f"by boss on {run.removed_at:%Y-%m-%d %H:%M} UTC; {run.pair_count:,} pairs; —" in page
 
 
-def test_admin_remove_refuses_a_run_that_has_not_failed_with_its_state(superuser_client, failed_run):
+def test_admin_removes_a_completed_run_after_a_confirmation_and_refuses_a_working_one(superuser_client, failed_run):
     done = TrainingRun.objects.create(corpus=failed_run.corpus, status="completed", finished_at=timezone.now(),
-                                      total_chunks=failed_run.total_chunks)
+                                      total_chunks=failed_run.total_chunks, adopted=True)
+    TrainingRun.objects.filter(pk=failed_run.pk).update(status="generating", finished_at=None)
     page = act(superuser_client, "trainingrun", "remove", [done, failed_run]).content.decode()
-    assert f"Training run {done.pk} is completed; a completed run is kept, with its adapter." in page
-    assert "Remove these training runs?" in page  # the failed one is still offered
+    assert f"Training run {failed_run.pk} is generating pairs; stop it first, then it can be removed." in page
+    assert "Remove these training runs?" in page and not TrainingRun.objects.get(pk=done.pk).removed_at
+    page = act(superuser_client, "trainingrun", "remove", [done], confirmed="yes").content.decode()
+    assert "1 run removed." in page and TrainingRun.objects.get(pk=done.pk).removed_at
     assert TrainingRun.objects.filter(pk=done.pk).exists()
 
 
@@ -110,6 +120,15 @@ def test_admin_remove_with_tampered_ids_is_a_warning_not_a_500(superuser_client,
     assert TrainingRun.objects.filter(pk=generated_run.pk).exists()
 
 
+def test_command_refuses_causal_lm_with_the_demo_random_weight_model(small_corpus, tiny_model_dir, settings):
+    settings.JOBSITE_MODEL_ROOTS = [*settings.JOBSITE_MODEL_ROOTS, tiny_model_dir.parent]
+    settings.JOBSITE_GENERATOR_MODEL_PATH = str(tiny_model_dir)
+    with pytest.raises(CommandError, match="The causal_lm generator is unavailable: The generator model at .* is the "
+                                           "demo's random-weight model, which writes noise"):
+        call_command("training", "generate", "small", "--generator", "causal_lm")
+    assert not TrainingRun.objects.exists()
+
+
 def test_commands_generate_review_status_and_refusals(small_corpus, capsys, settings):
     call_command("training", "generate", "small")
     run = TrainingRun.objects.get()
@@ -131,9 +150,9 @@ def test_remove_command_needs_confirmation(failed_run, monkeypatch):
     monkeypatch.setattr("builtins.input", lambda prompt: "n")
     with pytest.raises(CommandError, match="Nothing removed"):
         call_command("training", "remove", str(failed_run.pk))
-    assert TrainingRun.objects.filter(pk=failed_run.pk).exists()
+    assert not TrainingRun.objects.get(pk=failed_run.pk).removed_at
     call_command("training", "remove", str(failed_run.pk), "--yes")
-    assert not TrainingRun.objects.filter(pk=failed_run.pk).exists()
+    assert TrainingRun.objects.filter(pk=failed_run.pk, removed_at__isnull=False).exists()
 
 
 def test_remove_command_refuses_a_run_that_cannot_be_removed_before_asking(small_corpus, monkeypatch):
@@ -150,8 +169,9 @@ def test_remove_command_discards_a_run_waiting_for_review(small_corpus, capsys):
     run_training_phase(run.pk)
     call_command("training", "review", str(run.pk), "reject")
     call_command("training", "remove", str(run.pk), "--yes")
-    assert f"Training run {run.pk} removed with its pairs and files." in capsys.readouterr().out
-    assert not TrainingRun.objects.filter(pk=run.pk).exists()
+    assert (f"Training run {run.pk} removed: its pairs and files are deleted; its row stays in the history."
+            in capsys.readouterr().out)
+    assert TrainingRun.objects.get(pk=run.pk).removed_at
 
 
 def test_remove_command_without_an_answer_removes_nothing_and_names_yes(failed_run, monkeypatch):
@@ -161,15 +181,15 @@ def test_remove_command_without_an_answer_removes_nothing_and_names_yes(failed_r
             f"`manage.py training remove {failed_run.pk} --yes`.")) as refused:
         call_command("training", "remove", str(failed_run.pk), stdout=io.StringIO())
     assert refused.value.returncode == 1
-    assert TrainingRun.objects.filter(pk=failed_run.pk).exists()
+    assert not TrainingRun.objects.get(pk=failed_run.pk).removed_at
 
 
 def test_remove_command_takes_a_yes_piped_in(failed_run, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("y\n"))
     out = io.StringIO()
     call_command("training", "remove", str(failed_run.pk), stdout=out)
-    assert f"Training run {failed_run.pk} removed with its pairs and files." in out.getvalue()
-    assert not TrainingRun.objects.filter(pk=failed_run.pk).exists()
+    assert f"Training run {failed_run.pk} removed: its pairs and files are deleted" in out.getvalue()
+    assert TrainingRun.objects.filter(pk=failed_run.pk, removed_at__isnull=False).exists()
 
 
 def test_admin_stop_stops_a_generating_run_and_refuses_a_failed_one(superuser_client, small_corpus):
@@ -185,7 +205,8 @@ def test_admin_stop_stops_a_generating_run_and_refuses_a_failed_one(superuser_cl
 def test_stop_command_stops_the_run_and_fails_with_a_sentence_when_it_cannot(small_corpus, capsys):
     run = training_run_generate(corpus=small_corpus)
     call_command("training", "stop", str(run.pk))
-    assert f"Training run {run.pk} stopped: generating_failed (0/{run.total_chunks})." in capsys.readouterr().out
+    assert (f"Training run {run.pk} stopped (0/{run.total_chunks}); proceed continues it, remove discards it."
+            in capsys.readouterr().out)
     with pytest.raises(CommandError, match="only a generating or training run can be stopped"):
         call_command("training", "stop", str(run.pk))
 
@@ -372,7 +393,7 @@ def test_admin_offers_no_deletion_of_pairs_whose_run_counts_them(superuser_clien
 
 def test_admin_remove_confirmation_reads_each_runs_progress_once(superuser_client, failed_run):
     page = act(superuser_client, "trainingrun", "remove", [failed_run]).content.decode()
-    assert f"Training run {failed_run.pk} — generating_failed, 8/{failed_run.total_chunks} chunks, " in page
+    assert f"Training run {failed_run.pk} — generating failed, 8/{failed_run.total_chunks} chunks, " in page
     TrainingRun.objects.filter(pk=failed_run.pk).update(status="training_failed", texts_total=1270, texts_embedded=192,
                                                         error_type="CANCELLED")
     page = act(superuser_client, "trainingrun", "remove", [failed_run]).content.decode()
@@ -402,3 +423,79 @@ def test_edit_command_rewrites_a_query_and_approves_it(small_corpus, capsys):
     assert (pair.query, pair.review) == ("where is the telescope kept", "approved")
     with pytest.raises(CommandError, match=r"^The query is empty; write the question this chunk answers\.$"):
         call_command("training", "edit", str(run.pk), str(pair.pk), "  ")
+
+
+def test_a_stopped_run_reads_the_same_on_the_page_in_the_admin_the_command_and_the_api(superuser_client, small_corpus,
+                                                                                        capsys):
+    run = training_run_generate(corpus=small_corpus)
+    call_command("training", "stop", str(run.pk), stdout=io.StringIO())
+    run = TrainingRun.objects.get(pk=run.pk)
+    assert (run.status, run.status_label, run.error_label) == ("generating_failed", "stopped", "Stopped on request")
+    page = superuser_client.get("/training/").content.decode()
+    assert 'data-status-label>stopped</span>' in page and "CANCELLED" not in page
+    admin_page = superuser_client.get(reverse("admin:training_runs_trainingrun_changelist")).content.decode()
+    assert '<td class="field-status_text">stopped</td>' in admin_page
+    assert '<td class="field-error_text">Stopped on request</td>' in admin_page
+    call_command("training", "status")
+    line = capsys.readouterr().out.splitlines()[1]
+    assert line.split()[1] == "stopped" and "Stopped on request: Stopped on request after" in line
+    body = superuser_client.get(f"/api/v1/training/runs/{run.pk}").json()
+    assert (body["status_label"], body["error_label"]) == ("stopped", "Stopped on request")
+
+
+def test_status_shows_a_stalled_run_as_stalled(small_corpus, settings, capsys):
+    run = training_run_generate(corpus=small_corpus)
+    old = timezone.now() - timezone.timedelta(seconds=settings.JOBSITE_STALL_AFTER_S + 65)
+    TrainingRun.objects.filter(pk=run.pk).update(worker="gone:1", worker_host="gone", worker_pid=1, started_at=old,
+                                                 heartbeat_at=old)
+    call_command("training", "status")
+    line = capsys.readouterr().out.splitlines()[1]
+    assert line.split()[1:3] == ["generating", "(stalled)"]
+    assert f"no heartbeat for {settings.JOBSITE_STALL_AFTER_S + 65:.0f} s" in line
+
+
+def test_a_completed_run_is_removed_by_the_command_after_a_confirmation_and_stays_listed(small_corpus, staff_user,
+                                                                                         monkeypatch, capsys):
+    run = TrainingRun.objects.create(corpus=small_corpus, status="completed", finished_at=timezone.now(),
+                                     pair_count=24, adopted=True)
+    prompts = []
+    monkeypatch.setattr("builtins.input", lambda prompt: prompts.append(prompt) or "y")
+    call_command("training", "remove", str(run.pk))
+    assert prompts == [f"Remove training run {run.pk} (completed, 24 pairs, adopted)? Its pairs and files are deleted; "
+                       "its row stays in the history. [y/N] "]
+    run = TrainingRun.objects.get(pk=run.pk)
+    assert run.removed_at and run.removed_by is None
+    capsys.readouterr()
+    call_command("training", "status")
+    line = capsys.readouterr().out.splitlines()[1]
+    assert line.split()[1] == "removed"
+    assert line.endswith(f"removed on {run.removed_at:%Y-%m-%d %H:%M} UTC; verdict: adopted")
+    with pytest.raises(CommandError, match=f"Training run {run.pk} was removed on .*; its pairs and files are gone."):
+        call_command("training", "remove", str(run.pk), "--yes")
+
+
+def test_search_with_the_encoder_missing_answers_a_sentence(small_corpus, settings):
+    run = TrainingRun.objects.create(corpus=small_corpus, status="completed", finished_at=timezone.now())
+    run.output_dir.mkdir(parents=True)
+    (run.output_dir / "adapter.safetensors").write_bytes(b"")
+    (run.output_dir / "index.npy").write_bytes(b"")
+    settings.JOBSITE_ENCODER_PATH = str(settings.JOBSITE_MODEL_ROOTS[0] / "no-such-encoder")
+    with pytest.raises(CommandError) as refused:
+        call_command("training", "search", str(run.pk), "how do I oil the chain")
+    assert str(refused.value).startswith("Search is unavailable: ") and refused.value.returncode == 1
+    assert "no-such-encoder" in str(refused.value) and "huggingface" not in str(refused.value).lower()
+
+
+def test_commands_print_no_django_q_info_lines(small_corpus, settings):
+    """A real `manage.py` process: django-q's "Enqueued [jobsite] N" line stays out of its output."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, process_env
+
+    env = process_env(settings, JOBSITE_ENCODER_PATH=settings.JOBSITE_ENCODER_PATH, JOBSITE_LOG_LEVEL="INFO")
+    done = subprocess.run([sys.executable, "manage.py", "training", "generate", "small"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "is generating pairs" in done.stdout
+    assert "django-q" not in done.stdout + done.stderr and "Enqueued" not in done.stdout + done.stderr

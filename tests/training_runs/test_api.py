@@ -405,3 +405,34 @@ def test_a_reader_cannot_rewrite_a_query(client, plain_user, generated_run):
     assert response.status_code in (401, 403)
     pair.refresh_from_db()
     assert pair.query != "mine now"
+
+
+def test_causal_lm_with_the_demo_random_weight_model_is_422_with_a_sentence(staff_client, small_corpus, tiny_model_dir,
+                                                                           settings):
+    settings.JOBSITE_MODEL_ROOTS = [*settings.JOBSITE_MODEL_ROOTS, tiny_model_dir.parent]
+    settings.JOBSITE_GENERATOR_MODEL_PATH = str(tiny_model_dir)
+    body = staff_client.get("/api/v1/training/settings").json()
+    assert body["generators"] == ["local"] and "random-weight model, which writes noise" in body["generator_reason"]
+    response = post(staff_client, "/api/v1/training/runs", {"corpus_id": small_corpus.pk, "generator": "causal_lm"})
+    assert response.status_code == 422 and response.json()["field"] == "generator"
+    assert "random-weight model, which writes noise" in response.json()["message"]
+    assert not TrainingRun.objects.exists()
+
+
+def test_a_run_says_how_many_generated_queries_were_dropped(staff_client, generated_run):
+    TrainingRun.objects.filter(pk=generated_run.pk).update(queries_dropped=7)
+    assert staff_client.get(f"/api/v1/training/runs/{generated_run.pk}").json()["queries_dropped"] == 7
+
+
+def test_a_removed_run_stays_listed_with_who_and_when_and_frees_the_next_generation(staff_client, generated_run):
+    run_url = f"/api/v1/training/runs/{generated_run.pk}"
+    response = staff_client.delete(run_url)
+    assert response.status_code == 200, response.content
+    body = staff_client.get(run_url).json()
+    assert (body["status"], body["status_label"], body["removed_by"]) == ("generated", "removed", "staff")
+    assert body["removed_at"] and body["pair_count"] == generated_run.pair_count and body["review_counts"]["pending"] == 0
+    assert [run["id"] for run in staff_client.get("/api/v1/training/runs").json()] == [generated_run.pk]
+    assert staff_client.get("/api/v1/training/settings").json()["blocking_run_id"] is None
+    assert post(staff_client, f"{run_url}/proceed").status_code == 409
+    assert staff_client.delete(run_url).status_code == 409
+    assert post(staff_client, "/api/v1/training/runs", {"corpus_id": generated_run.corpus_id}).status_code == 201

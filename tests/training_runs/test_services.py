@@ -78,17 +78,18 @@ def test_failure_mid_generation_keeps_counts_and_proceed_generates_only_the_rest
     assert len(seen) == total - 16
     already = set(small_corpus.chunks.order_by("index").values_list("text", flat=True)[:16])
     assert not already & set(seen)
-    # Every chunk has the pairs of exactly one generation: none lost, none twice.
-    fresh = generator_module.LocalGenerator(queries_per_chunk=2)
-    for chunk in small_corpus.chunks.all():
-        stored = sorted(run.pairs.filter(chunk=chunk).values_list("query", flat=True))
-        assert stored == sorted(original(fresh, [chunk.text])[0])
+    # Every chunk has the pairs of exactly one uninterrupted generation: none lost, none twice,
+    # and no query the first attempt wrote is written again for another chunk.
+    chunks = list(small_corpus.chunks.order_by("index"))
+    expected = original(generator_module.LocalGenerator(queries_per_chunk=2), [chunk.text for chunk in chunks])
+    for chunk, queries in zip(chunks, expected, strict=True):
+        assert sorted(run.pairs.filter(chunk=chunk).values_list("query", flat=True)) == sorted(queries)
 
 
 def test_failure_mid_training_resumes_from_the_checkpoint(small_corpus, settings):
     run = generate_and_approve(small_corpus)
     settings.JOBSITE_FAILPOINTS = json.dumps({"training.epoch": {"action": "error", "at": 3, "attempt": 1}})
-    training_run_train(run=run, epochs=5)
+    training_run_train(run=run, epochs=5, patience=5)  # every epoch runs, whatever validation says
     run_training_phase(run.pk)
     run = reload(run)
     assert run.status == "training_failed" and run.epochs_done == 3 and len(run.loss_curve) == 3
@@ -114,15 +115,17 @@ def assert_same_as_an_uninterrupted_training(run, settings, *, epochs):
     chunks = run.corpus.chunks.order_by("index")
     positions = {pk: i for i, pk in enumerate(chunks.values_list("pk", flat=True))}
     approved = run.pairs.filter(review="approved").order_by("pk")
-    train, held_out = split_pairs([(p.pk, p.query, positions[p.chunk_id]) for p in approved])
+    train, validation, test = split_pairs([(p.pk, p.query, positions[p.chunk_id]) for p in approved])
     reference = run_training(
         TrainSpec(encoder_path=settings.JOBSITE_ENCODER_PATH, output_dir=str(run.output_dir.parent / "reference"),
-                  epochs=epochs),
-        chunk_texts=list(chunks.values_list("text", flat=True)), train_pairs=train,
-        eval_pairs=held_out, progress=lambda *a: None, heartbeat=lambda: None, should_cancel=lambda: False,
+                  epochs=epochs, patience=run.patience),
+        chunk_texts=list(chunks.values_list("text", flat=True)), train_pairs=train, validation_pairs=validation,
+        test_pairs=test, progress=lambda *a: None, heartbeat=lambda: None, should_cancel=lambda: False,
         failpoint=lambda *a: None,
     )
     assert run.loss_curve == reference.loss_curve
+    assert (run.validation_curve, run.best_epoch, run.adopted) == (
+        reference.validation_curve, reference.best_epoch, reference.adopted)
     resumed, uninterrupted = load_file(run.output_dir / "adapter.safetensors"), load_file(reference.adapter_path)
     assert all((resumed[k] == uninterrupted[k]).all() for k in resumed)
 
@@ -130,7 +133,7 @@ def assert_same_as_an_uninterrupted_training(run, settings, *, epochs):
 def test_changing_the_pairs_of_a_failed_training_says_proceed_trains_again_and_it_does(small_corpus, settings):
     run = generate_and_approve(small_corpus)
     settings.JOBSITE_FAILPOINTS = json.dumps({"training.epoch": {"action": "error", "at": 2, "attempt": 1}})
-    training_run_train(run=run, epochs=4)
+    training_run_train(run=run, epochs=4, patience=4)
     run_training_phase(run.pk)
     run = reload(run)
     assert run.status == "training_failed" and run.epochs_done == 2
@@ -166,28 +169,51 @@ def test_failure_again_returns_to_the_failed_state_with_the_new_error(small_corp
     assert run.status == "generating_failed" and run.error_message == "second" and run.error_type == "VALIDATION"
 
 
-def test_remove_leaves_no_pair_row_no_file_and_an_audit_event(small_corpus, settings):
+def test_remove_keeps_the_row_with_who_and_when_but_no_pair_and_no_file(small_corpus, settings, staff_user):
     settings.JOBSITE_FAILPOINTS = json.dumps({"training.epoch": {"action": "error", "at": 1}})
     run = generate_and_approve(small_corpus)
     training_run_train(run=run, epochs=3)
     run_training_phase(run.pk)
     run = reload(run)
     assert run.status == "training_failed" and run.output_dir.exists() and run.pairs.exists()
-    output_dir, topic, pk = run.output_dir, run.topic, run.pk
-    training_run_remove(run=run)
-    assert not TrainingRun.objects.filter(pk=pk).exists()
-    assert not TrainingPair.objects.filter(run_id=pk).exists()
+    output_dir, topic, pairs = run.output_dir, run.topic, run.pair_count
+    training_run_remove(run=run, user=staff_user)
+    run = reload(run)
+    assert (run.status, run.removed_by, run.pair_count, run.status_label) == ("training_failed", staff_user, pairs,
+                                                                              "removed")
+    assert run.removed_at is not None and not run.retry_available and run.next_step == ""
+    assert not TrainingPair.objects.filter(run_id=run.pk).exists()
     assert not output_dir.exists()
     removed = Event.objects.filter(topic=topic, type="training.removed").get()
-    assert removed.payload["status"] == "training_failed"
+    assert (removed.payload["status"], removed.payload["removed_by"]) == ("training_failed", "staff")
+    with pytest.raises(TransitionError, match=f"Training run {run.pk} was removed by staff on .*; its pairs and files "
+                                              "are gone."):
+        training_run_proceed(run=run)
+    with pytest.raises(TransitionError, match="was removed"):
+        training_run_remove(run=run)
+
+
+def test_a_removed_run_is_never_claimed_nor_moved_by_a_stale_caller(small_corpus):
+    """A caller that read the run before its removal (a stale page, a late task) changes nothing."""
+    from jobsite.lifecycle import transition
+    from jobsite.worker import claim
+
+    run = TrainingRun.objects.create(corpus=small_corpus, status="generating_failed", total_chunks=3)
+    stale = reload(run)
+    training_run_remove(run=run)
+    with pytest.raises(TransitionError, match="This training run was removed; it cannot become generating."):
+        transition(stale, "generating")
+    TrainingRun.objects.filter(pk=run.pk).update(status="generating")  # as if it were waiting for a worker
+    assert not reload(run).is_claimable
+    with pytest.raises(TransitionError):
+        claim(reload(run))
 
 
 @pytest.mark.parametrize("status, why", [
     ("generating", "is generating pairs; stop it first, then it can be removed"),
     ("training", "is training; stop it first, then it can be removed"),
-    ("completed", "is completed; a completed run is kept, with its adapter"),
 ])
-def test_remove_is_refused_while_a_run_works_and_once_it_completed(small_corpus, status, why):
+def test_remove_is_refused_while_a_run_works(small_corpus, status, why):
     run = TrainingRun.objects.create(corpus=small_corpus, status=status,
                                      finished_at=None if status != "completed" else "2026-01-01T00:00Z")
     with pytest.raises(TransitionError, match=f"Training run {run.pk} {why}."):
@@ -211,9 +237,23 @@ def test_a_run_waiting_for_review_can_be_removed_and_then_no_longer_blocks_a_gen
     with pytest.raises(TrainingRunBlocked, match="review its pairs and train it \\(or delete it\\) first"):
         training_run_generate(corpus=small_corpus)
     training_run_remove(run=run)
-    assert not TrainingRun.objects.filter(pk=run.pk).exists() and not TrainingPair.objects.filter(run_id=run.pk).exists()
+    assert reload(run).removed_at and not TrainingPair.objects.filter(run_id=run.pk).exists()
     assert Event.objects.filter(topic=run.topic, type="training.removed").get().payload["status"] == "generated"
     assert training_run_generate(corpus=small_corpus).status == "generating"
+
+
+def test_a_removed_completed_run_is_no_longer_searched_nor_the_latest_result(small_corpus, staff_client):
+    from training_runs import selectors
+
+    run = TrainingRun.objects.create(corpus=small_corpus, status="completed", finished_at=timezone.now(),
+                                     pair_count=24, adopted=False)
+    training_run_remove(run=run)
+    run = reload(run)
+    assert run.removed_at and run.verdict_label == "not adopted"
+    with pytest.raises(TransitionError, match=f"Training run {run.pk} was removed; search needs a completed run."):
+        selectors.training_run_search(run=run, query="chain")
+    assert selectors.training_run_open() is None
+    assert f'id="result-{run.pk}"' not in staff_client.get("/training/").content.decode()
 
 
 def test_a_generation_that_cannot_give_enough_pairs_to_train_is_refused_before_it_starts(small_corpus, settings):
@@ -455,7 +495,7 @@ def test_stop_while_embedding_ends_the_phase_before_any_epoch_and_proceed_contin
     assert run.epochs_done == 0 and run.loss_curve == [] and not (run.output_dir / "checkpoint").exists()
     labels = [e.payload["progress_label"]
               for e in Event.objects.filter(topic=run.topic, type="training.progress", seq__gt=generated_up_to)]
-    assert labels[0] == f"Embedding 0 of {texts:,} texts"
+    assert labels[0] == "Loading the encoder…", "before its first batch the worker loads the encoder"
     assert labels[-1] == f"Embedding {run.texts_embedded:,} of {texts:,} texts"
     assert Event.objects.filter(topic=run.topic, type="training.training_failed").get().payload["error_type"] == "CANCELLED"
 
@@ -473,18 +513,31 @@ def test_stop_while_embedding_ends_the_phase_before_any_epoch_and_proceed_contin
     assert [p["progress_label"] for p in resumed[-3:]] == ["0 of 2 epochs", "1 of 2 epochs", "2 of 2 epochs"]
 
 
-def test_the_causal_lm_generator_writes_text_postgresql_can_hold_for_every_chunk(small_corpus, settings, tiny_model_dir,
+@pytest.fixture
+def trained_model_dir(tiny_model_dir, settings):
+    """A causal LM as a person configures one: the tiny model's files without the marker of
+    random weights (what it writes is patched in by each test)."""
+    import shutil
+
+    from jobsite.paths import RANDOM_WEIGHTS_MARKER
+
+    target = settings.JOBSITE_MODEL_ROOTS[0] / "trained-lm"
+    shutil.copytree(tiny_model_dir, target, ignore=shutil.ignore_patterns(RANDOM_WEIGHTS_MARKER))
+    settings.JOBSITE_GENERATOR_MODEL_PATH = str(target)
+    return target
+
+
+def test_the_causal_lm_generator_writes_text_postgresql_can_hold_for_every_chunk(small_corpus, trained_model_dir,
                                                                                 monkeypatch):
     """A byte-level model decodes to anything, NUL and control bytes included (seen from the
     demo model: 'out\\ufffdway\\x04 dep…'); PostgreSQL refused the pairs and every run failed."""
-    settings.JOBSITE_MODEL_ROOTS = [*settings.JOBSITE_MODEL_ROOTS, tiny_model_dir.parent]
-    settings.JOBSITE_GENERATOR_MODEL_PATH = str(tiny_model_dir)
     load = generator_module.CausalLMGenerator.__init__
 
     def with_raw_bytes(self, **kwargs):  # what the model may write, every time
         load(self, **kwargs)
         decode = self.tokenizer.batch_decode
-        self.tokenizer.batch_decode = lambda *a, **k: [f"\x00wh\x04at  {text}\ufffd" for text in decode(*a, **k)]
+        self.tokenizer.batch_decode = lambda *a, **k: [f"\x00wh\x04at does  it say\ufffd {i} {text}"
+                                                       for i, text in enumerate(decode(*a, **k))]
 
     monkeypatch.setattr(generator_module.CausalLMGenerator, "__init__", with_raw_bytes)
     run = training_run_generate(corpus=small_corpus, generator="causal_lm", queries_per_chunk=2)
@@ -584,3 +637,89 @@ def test_corpus_names_are_unique_ignoring_case_in_the_database_too(small_corpus)
     with pytest.raises(IntegrityError), transaction.atomic():
         Corpus.objects.create(name="Small", source=small_corpus.source)
     assert list(Corpus.objects.values_list("name", flat=True)) == ["small"]
+
+
+def dead_pid() -> int:
+    import subprocess
+
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def lose_the_worker(run, settings, *, attempt: int) -> None:
+    """The run as a worker of this host holds it when that worker's process dies."""
+    now, pid = timezone.now(), dead_pid()
+    TrainingRun.objects.filter(pk=run.pk).update(worker=f"{settings.JOBSITE_HOSTNAME}:{pid}", worker_pid=pid,
+                                                 worker_host=settings.JOBSITE_HOSTNAME, attempt=attempt,
+                                                 started_at=now, heartbeat_at=now)
+
+
+def test_a_worker_lost_mid_generation_is_retried_automatically_from_where_it_stopped(small_corpus, settings):
+    from jobsite import watchdog
+
+    settings.JOBSITE_RETRY_BASE_S = 0.05
+    settings.JOBSITE_FAILPOINTS = json.dumps({"training.generate": {"action": "error", "at": 9, "attempt": 1}})
+    run = training_run_generate(corpus=small_corpus)
+    run_training_phase(run.pk)
+    run = reload(run)
+    assert (run.status, run.error_type, run.processed_chunks) == ("generating_failed", "UNKNOWN", 8), \
+        "any other failure waits for Proceed"
+    training_run_proceed(run=run)
+    lose_the_worker(run, settings, attempt=2)
+    assert any(line.startswith(f"{run.topic}: WORKER_LOST") and line.endswith("-> generating")
+               for line in watchdog.run())
+    run = reload(run)
+    assert (run.status, run.worker, run.error_type, run.auto_retried) == ("generating", "", "WORKER_LOST", True)
+    assert run.next_step == "Retried automatically: it continues where it stopped."
+    retry = Event.objects.filter(topic=run.topic, type="training.retry_started").last()
+    assert retry.payload["automatic"] is True
+    run_training_phase(run.pk)
+    run = reload(run)
+    assert (run.status, run.attempt, run.processed_chunks) == ("generated", 3, small_corpus.chunks.count())
+    assert run.pair_count == run.pairs.count() == 2 * small_corpus.chunks.count(), "no chunk generated twice"
+
+
+def test_a_worker_lost_after_the_last_attempt_waits_for_proceed(small_corpus, settings):
+    from jobsite import watchdog
+
+    run = training_run_generate(corpus=small_corpus)
+    lose_the_worker(run, settings, attempt=settings.JOBSITE_MAX_ATTEMPTS)
+    watchdog.run()
+    run = reload(run)
+    assert (run.status, run.error_type) == ("generating_failed", "WORKER_LOST")
+    assert run.next_step == (f"Its automatic attempts are used up (attempt {settings.JOBSITE_MAX_ATTEMPTS}). Proceed "
+                             "resumes the run where it stopped; Delete discards it.")
+
+
+def test_generating_counts_the_queries_the_filter_dropped(small_corpus, trained_model_dir, monkeypatch):
+    load = generator_module.CausalLMGenerator.__init__
+
+    def writing(self, **kwargs):  # per chunk: one good query, one too short, one not text
+        load(self, **kwargs)
+        written = iter(range(10**6))
+        self.tokenizer.batch_decode = lambda out, **k: [
+            text for _ in range(len(out) // 3)
+            for text in (f"what does passage {next(written)} say", "why", "%% 12 ## !!")]
+
+    monkeypatch.setattr(generator_module.CausalLMGenerator, "__init__", writing)
+    run = training_run_generate(corpus=small_corpus, generator="causal_lm", queries_per_chunk=3)
+    run_training_phase(run.pk)
+    run = reload(run)
+    chunks = small_corpus.chunks.count()
+    assert run.status == "generated" and run.pair_count == chunks
+    assert run.queries_dropped == 2 * chunks
+    last = Event.objects.filter(topic=run.topic, type="training.progress").order_by("seq").last()
+    assert last.payload["queries_dropped"] == run.queries_dropped
+
+
+def test_causal_lm_is_refused_with_the_demo_random_weight_model(small_corpus, tiny_model_dir, settings):
+    settings.JOBSITE_MODEL_ROOTS = [*settings.JOBSITE_MODEL_ROOTS, tiny_model_dir.parent]
+    settings.JOBSITE_GENERATOR_MODEL_PATH = str(tiny_model_dir)
+    with pytest.raises(JobInputError, match="random-weight model, which writes noise") as refused:
+        training_run_generate(corpus=small_corpus, generator="causal_lm")
+    assert refused.value.field == "generator" and not TrainingRun.objects.exists()
+    settings.JOBSITE_GENERATOR_MODEL_PATH = ""
+    with pytest.raises(JobInputError, match="No generator model is configured"):
+        training_run_generate(corpus=small_corpus, generator="causal_lm")
+    assert training_run_generate(corpus=small_corpus, generator="local").status == "generating"

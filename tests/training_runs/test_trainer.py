@@ -1,5 +1,6 @@
-"""The trainer's embedding stage with the real MiniLM encoder: progress counted in texts
-across chunks and queries, a stop between batches, and a resume that keeps the batches done."""
+"""The trainer with the real MiniLM encoder: progress counted in texts across chunks and
+queries, a stop between batches, a resume that keeps the batches done; the epoch chosen on
+validation, early stopping, and an adapter worse than the encoder alone never adopted."""
 
 import numpy as np
 import pytest
@@ -7,25 +8,29 @@ from safetensors.torch import load_file
 
 from jobsite.errors import Cancelled
 from tests.conftest import TEXTS
-from training_runs.trainer import TrainSpec, run_training
+from training_runs.trainer import (TrainSpec, apply_adapter, beats, embed, load_adapter, recall_at_k, run_training,
+                                  selection_key)
 
 CHUNKS = [f"{text} (section {i})" for i, text in enumerate(TEXTS[:10])]
 TRAIN = [(f"what does section {i} say about it", i) for i in range(0, len(CHUNKS), 2)]
-EVAL = [("where is section 1", 1), ("where is section 7", 7)]
-TOTAL = len(CHUNKS) + len(TRAIN) + len(EVAL)
-# Batches of 4: the chunks in 3 (the last of 2), the training queries in 2 (the last of 1), the held-out ones in 1.
-EVERY_BATCH = [0, 4, 8, 10, 14, 15, 17]
+# Validation asks with the chunks' own opening words: the encoder alone finds them first.
+VALIDATION = [(CHUNKS[1][:40], 1), (CHUNKS[7][:40], 7)]
+TEST = [("where is section 3", 3), ("where is section 9", 9)]
+TOTAL = len(CHUNKS) + len(TRAIN) + len(VALIDATION) + len(TEST)
+# Batches of 4: the chunks in 3 (the last of 2), the training queries in 2 (the last of 1), the
+# validation and the test queries in 1 each.
+EVERY_BATCH = [0, 4, 8, 10, 14, 15, 17, 19]
 
 
-def train(encoder, output_dir, *, should_cancel, epochs=2):
+def train(encoder, output_dir, *, should_cancel, epochs=2, train_pairs=TRAIN, **spec_fields):
     """Runs the trainer, asking should_cancel(reports so far); returns (reports, result or Cancelled),
     the reports in order: ("texts", done, total) while embedding, ("epochs", done, total) after."""
     reports = []
     spec = TrainSpec(encoder_path=str(encoder), output_dir=str(output_dir), epochs=epochs, batch_size=8,
-                     embed_batch_size=4)
+                     embed_batch_size=4, **spec_fields)
     try:
         result = run_training(
-            spec, chunk_texts=CHUNKS, train_pairs=TRAIN, eval_pairs=EVAL,
+            spec, chunk_texts=CHUNKS, train_pairs=train_pairs, validation_pairs=VALIDATION, test_pairs=TEST,
             embedding_progress=lambda done, total: reports.append(("texts", done, total)),
             progress=lambda epoch, epochs, *_: reports.append(("epochs", epoch, epochs)),
             heartbeat=lambda: None, should_cancel=lambda: should_cancel(reports), failpoint=lambda *a: None,
@@ -45,7 +50,7 @@ def never(reports):
 
 
 def test_embedding_reports_every_batch_up_to_all_chunks_and_queries_before_the_first_epoch(encoder, tmp_path):
-    assert TOTAL == 17
+    assert TOTAL == 19
     reports, _result = train(encoder, tmp_path / "run", should_cancel=never)
     assert texts_reported(reports) == EVERY_BATCH
     assert [r for r in reports if r[0] == "epochs"] == [("epochs", 0, 2), ("epochs", 1, 2), ("epochs", 2, 2)]
@@ -76,5 +81,48 @@ def test_a_stop_while_embedding_ends_before_any_epoch_and_a_resume_embeds_only_t
     _, uninterrupted = train(encoder, tmp_path / "reference", should_cancel=never)
     assert np.array_equal(np.load(tmp_path / "run" / "index.npy"), np.load(tmp_path / "reference" / "index.npy"))
     assert resumed.loss_curve == uninterrupted.loss_curve and resumed.before == uninterrupted.before
+    ours, theirs = load_file(resumed.adapter_path), load_file(uninterrupted.adapter_path)
+    assert all((ours[k] == theirs[k]).all() for k in ours)
+
+
+# Every training query is paired with one of two chunks whatever it asks: training pulls the
+# adapter away from what the encoder finds, and validation, which the encoder alone gets right,
+# can only get worse.
+MISLEADING = [(f"what does section {i} say about it", 0 if i % 2 else 5) for i in range(len(CHUNKS))]
+
+
+def test_an_adapter_worse_than_the_encoder_alone_is_kept_as_the_best_epoch_but_not_adopted(encoder, tmp_path):
+    _, result = train(encoder, tmp_path / "run", should_cancel=never, epochs=12, train_pairs=MISLEADING,
+                      learning_rate=0.05, identity_decay=0, patience=2)
+    assert not result.adopted
+    assert not beats(result.validation_curve[result.best_epoch - 1], result.validation_before)
+    # The kept epoch is the best on validation, not the last, and training stopped `patience` epochs after it.
+    assert result.best_epoch == max(range(1, len(result.validation_curve) + 1),
+                                    key=lambda e: (selection_key(result.validation_curve[e - 1]), -e))
+    assert len(result.loss_curve) == result.best_epoch + 2 < 12
+    # The saved adapter is that epoch's: it measures what the curve says it did.
+    vectors = embed(str(encoder), [q for q, _ in VALIDATION])
+    saved = recall_at_k(apply_adapter(load_adapter(result.adapter_path), vectors), embed(str(encoder), CHUNKS),
+                        [c for _, c in VALIDATION])
+    assert saved == result.validation_curve[result.best_epoch - 1]
+
+
+@pytest.mark.parametrize(("recall", "adopted"), [
+    ((0.6, 0.8, 0.9), True), ((0.5, 0.8, 0.9), False), ((0.6, 0.9, 0.9), True), ((0.7, 0.7, 1.0), False),
+], ids=["better at 1", "the same", "better at 1 and 5", "better at 1 and 10, worse at 5"])
+def test_an_epoch_is_adopted_only_when_it_is_no_worse_at_any_k_and_better_at_one(recall, adopted):
+    baseline = {"recall@1": 0.5, "recall@5": 0.8, "recall@10": 0.9}
+    assert beats(dict(zip(baseline, recall, strict=True)), baseline) is adopted
+
+
+def test_a_run_stopped_between_epochs_resumes_knowing_its_best_epoch(encoder, tmp_path):
+    options = dict(epochs=6, train_pairs=MISLEADING, learning_rate=0.05, identity_decay=0, patience=4)
+    reports, stopped = train(encoder, tmp_path / "run", should_cancel=lambda reports: ("epochs", 2, 6) in reports,
+                             **options)
+    assert isinstance(stopped, Cancelled) and str(stopped) == "Stopped in epoch 3."
+    _, resumed = train(encoder, tmp_path / "run", should_cancel=never, **options)
+    _, uninterrupted = train(encoder, tmp_path / "reference", should_cancel=never, **options)
+    assert (resumed.best_epoch, resumed.validation_curve, resumed.loss_curve, resumed.adopted) == (
+        uninterrupted.best_epoch, uninterrupted.validation_curve, uninterrupted.loss_curve, uninterrupted.adopted)
     ours, theirs = load_file(resumed.adapter_path), load_file(uninterrupted.adapter_path)
     assert all((ours[k] == theirs[k]).all() for k in ours)

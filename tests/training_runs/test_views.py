@@ -133,9 +133,9 @@ def test_the_page_embeds_the_live_topic_and_the_delays(staff_client, settings, c
 # -- the gate ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("problem", ["unset", "missing files"])
-def test_when_training_is_unavailable_only_the_warning_and_the_corpora_show(staff_client, settings, tmp_path,
-                                                                             make_run, problem):
-    failed(make_run)
+def test_when_training_is_unavailable_the_warning_the_corpora_and_the_history_read_only_show(
+        staff_client, settings, tmp_path, make_run, problem):
+    run = failed(make_run)
     if problem == "unset":
         settings.JOBSITE_ENCODER_PATH = ""
         reason = "No encoder is configured: set JOBSITE_ENCODER_PATH"
@@ -149,12 +149,16 @@ def test_when_training_is_unavailable_only_the_warning_and_the_corpora_show(staf
     html = response.content.decode()
     content = html[html.index("<main>"):html.index("</main>")]
     assert re.findall(r"<h1>(.*?)</h1>", content) == ["Training"]
-    assert len(re.findall(r'class="alert', content)) == 1
+    assert len(re.findall(r'class="alert ', content)) == 1
     assert reason in content
-    for absent in ('id="workflow"', 'id="history"', "data-generate", "data-live"):
+    for absent in ('id="workflow"', "data-generate", "data-live", "{#", "#}", "No actions on runs"):
         assert absent not in content
     assert "data-live-topic" not in html
     assert 'id="corpora"' in content and "data-create-corpus" in content, "corpora can be prepared meanwhile"
+    row = row_html(content, run.pk)
+    assert "Injected failure" in row and "data-history-read-only" in content
+    for action in ("/proceed/", "/delete/", "data-refresh", "ask an administrator"):
+        assert action not in row
 
 
 def test_a_corpus_is_created_while_training_is_unavailable_and_a_refusal_keeps_its_sentence(staff_client, settings):
@@ -186,6 +190,8 @@ def test_generate_is_disabled_with_the_sentence_naming_the_blocking_run(staff_cl
     assert f'<p class="note" id="generate-blocked" data-blocking-sentence>{sentence}</p>' in html
     button = re.search(r"<button[^>]*data-generate[^>]*>", html)[0]
     assert "disabled" in button
+    form = html[html.index('class="generate-form"'):html.index("</form>", html.index('class="generate-form"'))]
+    assert "<fieldset disabled>" in form, "the whole form reads as blocked, not only its button"
 
 
 def test_generate_is_enabled_when_every_run_is_completed(staff_client, make_run):
@@ -204,6 +210,11 @@ def test_generate_from_the_page_starts_a_run(staff_client, corpus):
     card = section(html, f"run-{run.pk}")
     assert 'data-status="generating"' in card and "Waiting for a worker" in card
     assert 'data-running-statuses=""' in card, "no stall check before a worker holds it"
+    # The answer keeps the corpus chosen, and its message says what it is about, for the page to
+    # take it down once the run is seen in another status.
+    assert response.redirect_chain[-1][0] == f"{PAGE}?corpus={corpus.pk}#run-{run.pk}"
+    assert re.search(rf'<option value="{corpus.pk}" selected>', html)
+    assert f'data-message data-about="training.{run.pk} generating"' in html
 
 
 def test_a_run_that_waits_without_a_worker_says_none_is_running(staff_client, make_run):
@@ -257,13 +268,30 @@ def test_a_training_run_that_is_embedding_counts_texts_on_its_bar_and_in_its_row
     assert 'holds this run: <span data-field="progress_label">Embedding 480 of 1,479 texts</span>.' in row
 
 
+def test_an_embedding_card_weighs_its_texts_by_length_for_its_time_left(staff_client, make_run, corpus):
+    """Chunks are embedded first, then the approved queries: the card says how many chunks come
+    first and what a query weighs against a chunk (their mean lengths), and shows a time left."""
+    now = timezone.now()
+    run = make_run("training", processed_chunks=12, texts_total=14, texts_embedded=3, worker="host:1",
+                   started_at=now, heartbeat_at=now, progress_at=now, attempt=1)
+    chunks = list(corpus.chunks.all())
+    TrainingPair.objects.bulk_create([TrainingPair(run=run, chunk=chunks[0], query="oil?", review="approved"),
+                                      TrainingPair(run=run, chunk=chunks[1], query="brakes??", review="approved"),
+                                      TrainingPair(run=run, chunk=chunks[2], query="rejected one", review="rejected")])
+    weight = 6 / (sum(len(chunk.text) for chunk in chunks) / len(chunks))
+    card = section(staff_client.get(PAGE).content.decode(), f"run-{run.pk}")
+    assert f'data-embed-chunks="12" data-embed-query-weight="{weight:.4f}"' in card
+    assert "<span data-eta-step><span class=\"sep\">·</span> <span data-eta>—</span> left in this step</span>" in card
+
+
 def test_a_run_stopped_while_embedding_says_how_far_it_got(staff_client, make_run):
     run = make_run("training_failed", processed_chunks=12, epochs=8, texts_total=1479, texts_embedded=480,
                    attempt=1, error_type="CANCELLED",
                    error_message="Stopped on request while embedding (480 of 1,479 texts).")
     html = staff_client.get(f"{PAGE}?open={run.pk}").content.decode()
     card = section(html, f"run-{run.pk}")
-    assert "Stopped: CANCELLED" in card and "Stopped on request while embedding (480 of 1,479 texts)." in card
+    assert "<strong>Stopped on request</strong>" in card and "CANCELLED" not in card
+    assert "Stopped on request while embedding (480 of 1,479 texts)." in card
     assert "(Stopped on request)" not in card and "Stopped on request: " not in card, "said once, in the message"
     assert "480 of 1,479 texts were embedded before it stopped (attempt 1)." in card
     row = row_html(html, run.pk)
@@ -279,7 +307,7 @@ def test_a_run_that_failed_is_drawn_failed(staff_client, make_run):
     run = make_run("generating_failed", processed_chunks=3, attempt=1, error_type="UNKNOWN", error_message="boom")
     html = staff_client.get(PAGE).content.decode()
     card = section(html, f"run-{run.pk}")
-    assert "data-status-label>generating_failed</span>" in card and 'class="alert alert-error"' in card
+    assert "data-status-label>generating failed</span>" in card and 'class="alert alert-error"' in card
     assert f"while training run {run.pk}, started just now, has a failed generation (3/12 chunks); " in html
 
 
@@ -288,10 +316,12 @@ def test_a_silent_worker_shows_no_heartbeat_and_resume_requeues_the_run(staff_cl
     old = timezone.now() - timedelta(seconds=95)
     run = make_run("generating", processed_chunks=4, worker="gone:1", started_at=old, heartbeat_at=old,
                    progress_at=old, queued_at=old, attempt=1)
-    card = section(staff_client.get(PAGE).content.decode(), f"run-{run.pk}")
+    html = staff_client.get(PAGE).content.decode()
+    card = section(html, f"run-{run.pk}")
     stalled = card.split("data-stalled-notice", 1)[1]
     assert not stalled.startswith(" hidden")
     assert "No heartbeat for <span data-heartbeat-age>95</span> s." in stalled
+    assert re.search(rf'<article class="[^"]* is-stalled" id="run-{run.pk}"', html), "no time left beside the notice"
     assert f"/training/runs/{run.pk}/resume/" in stalled
     response = staff_client.post(f"/training/runs/{run.pk}/resume/", follow=True)
     run.refresh_from_db()
@@ -317,12 +347,15 @@ def test_runs_that_wait_for_a_person_show_no_bar_and_no_spinner(staff_client, ma
     assert 'class="progress' not in workflow and "data-spinner" not in workflow
 
 
-def test_a_failed_run_shows_its_error_in_the_card_and_points_to_its_row(staff_client, make_run):
+def test_a_failed_run_shows_its_error_in_the_card_with_proceed_and_delete(staff_client, make_run):
     run = failed(make_run)
     card = section(staff_client.get(PAGE).content.decode(), f"run-{run.pk}")
-    assert "Failed: UNKNOWN" in card and "Injected failure" in card
+    card = card[:card.index("</article>")]
+    assert "<strong>Failed: Unknown error</strong>" in card and "UNKNOWN" not in card and "Injected failure" in card
     assert "5/12 chunks were generated before it failed" in card
-    assert f'data-accordion-open="{run.pk}"' in card
+    # Delete is offered on the card itself, beside Proceed, not only in its history row.
+    assert "Delete is in its history row" not in card
+    assert f'action="/training/runs/{run.pk}/proceed/"' in card and f'action="/training/runs/{run.pk}/delete/"' in card
 
 
 # -- review and train ----------------------------------------------------------------------------
@@ -346,8 +379,9 @@ def test_a_run_waiting_for_review_is_deleted_from_its_review_step_after_a_confir
     assert f'data-confirm="Delete training run {generated_run.pk}? Its 12 pairs and their reviews are removed' in form
     assert TrainingRun.objects.filter(pk=generated_run.pk).exists(), "nothing is deleted before the confirmation"
     response = staff_client.post(f"/training/runs/{generated_run.pk}/delete/", {"confirmed": "1"}, follow=True)
-    assert f"Training run {generated_run.pk} and its pairs and files are deleted." in messages_of(response)
-    assert not TrainingRun.objects.filter(pk=generated_run.pk).exists() and not TrainingPair.objects.exists()
+    assert (f"Training run {generated_run.pk} is removed: its pairs and files are deleted; its row stays in the "
+            "history.") in messages_of(response)
+    assert TrainingRun.objects.get(pk=generated_run.pk).removed_at and not TrainingPair.objects.exists()
     assert "Generate" in section(response.content.decode(), "workflow")
 
 
@@ -371,10 +405,21 @@ def test_review_one_pair_selected_pairs_and_all_pending_through_the_page(staff_c
 
 def test_train_through_the_page_starts_phase_two(staff_client, generated_run):
     generated_run.pairs.update(review="approved")
-    response = staff_client.post(f"/training/runs/{generated_run.pk}/train/", {"epochs": "3"}, follow=True)
+    response = staff_client.post(f"/training/runs/{generated_run.pk}/train/", {"epochs": "3", "patience": "2"},
+                                 follow=True)
     generated_run.refresh_from_db()
-    assert (generated_run.status, generated_run.epochs) == ("training", 3)
-    assert f"Training run {generated_run.pk} is training on its approved pairs for 3 epochs." in messages_of(response)
+    assert (generated_run.status, generated_run.epochs, generated_run.patience) == ("training", 3, 2)
+    assert (f"Training run {generated_run.pk} is training on its approved pairs for at most 3 epochs; the epoch best "
+            "on validation is kept.") in messages_of(response)
+
+
+def test_a_patience_below_one_is_refused_with_the_field_named(staff_client, generated_run):
+    generated_run.pairs.update(review="approved")
+    response = staff_client.post(f"/training/runs/{generated_run.pk}/train/", {"epochs": "3", "patience": "0"},
+                                 follow=True)
+    generated_run.refresh_from_db()
+    assert generated_run.status == "generated"
+    assert any(m.startswith(f"Training run {generated_run.pk} was not trained: patience:") for m in messages_of(response))
 
 
 @pytest.mark.parametrize(
@@ -409,8 +454,11 @@ def test_bad_review_input_is_a_message(staff_client, generated_run, data, senten
         ("training_failed", {"processed_chunks": 12, "error_type": "UNKNOWN", "epochs_done": 5}, "5 of 8 epochs"),
         ("training_failed", {"processed_chunks": 12, "error_type": "CANCELLED", "texts_total": 1479,
                              "texts_embedded": 480}, "Embedding 480 of 1,479 texts"),
-        ("generated", {"processed_chunks": 12}, "—"),
-        ("completed", {"processed_chunks": 12}, "—"),
+        ("training", {"processed_chunks": 12, "texts_total": 1479, "worker": "host:1"}, "Loading the encoder…"),
+        ("training", {"processed_chunks": 12, "texts_total": 1479}, "Embedding 0 of 1,479 texts"),  # no worker yet
+        ("generated", {"processed_chunks": 12, "pair_count": 1234}, "12/12 chunks · 1,234 pairs"),
+        ("completed", {"processed_chunks": 12, "epochs_done": 5}, "5 of 8 epochs (stopped early)"),
+        ("completed", {"processed_chunks": 12, "epochs_done": 8}, "8 of 8 epochs"),
     ],
 )
 def test_the_progress_column_for_each_status(staff_client, make_run, status, fields, expected):
@@ -420,7 +468,7 @@ def test_the_progress_column_for_each_status(staff_client, make_run, status, fie
     assert progress_cell(html, run.pk) == expected
 
 
-def test_only_active_rows_have_a_refresh_button_and_every_row_opens(staff_client, make_run):
+def test_active_and_failed_rows_have_a_refresh_button_and_every_row_opens(staff_client, make_run):
     done = completed(make_run)
     active = make_run("generating", processed_chunks=2)
     html = staff_client.get("/training/history/").content.decode()
@@ -442,9 +490,11 @@ def test_a_failed_row_opens_with_its_error_proceed_and_delete(staff_client, make
     html = staff_client.get(f"{PAGE}?open={run.pk}").content.decode()
     row = row_html(html, run.pk)
     assert "is-open" in row and "data-accordion-panel hidden" not in row and 'aria-expanded="true"' in row
-    assert "<strong>UNKNOWN</strong>" in row and "Injected failure (failpoint training.generate)" in row
+    assert "<strong>Unknown error</strong>" in row and "UNKNOWN" not in row
+    assert "Injected failure (failpoint training.generate)" in row
     assert f'action="/training/runs/{run.pk}/proceed/"' in row and f'action="/training/runs/{run.pk}/delete/"' in row
     assert f'data-confirm="Delete training run {run.pk}?' in row
+    assert 'class="icon-button" data-refresh' in row
     assert "is-open" not in row_html(html, done.pk)
 
 
@@ -513,8 +563,18 @@ def test_delete_asks_for_confirmation_then_removes_the_run(staff_client, make_ru
         assert f"Delete training run {run.pk}?" in confirm.content.decode() and b"Yes, delete it" in confirm.content
     assert TrainingRun.objects.filter(pk=run.pk).exists()
     response = staff_client.post(f"/training/runs/{run.pk}/delete/", {"confirmed": "1"}, follow=True)
-    assert not TrainingRun.objects.filter(pk=run.pk).exists()
-    assert f"Training run {run.pk} and its pairs and files are deleted." in messages_of(response)
+    assert (f"Training run {run.pk} is removed: its pairs and files are deleted; its row stays in the history."
+            in messages_of(response))
+    run.refresh_from_db()
+    # Its row stays: "removed", who and when, its pair count and verdict, and nothing to act on.
+    row = row_html(response.content.decode(), run.pk)
+    assert "data-status-label>removed</span>" in row
+    assert f"<span class=\"muted small\" data-removed-by>by staff on {run.removed_at:%Y-%m-%d %H:%M} UTC</span>" in row
+    assert f"its {run.pair_count} pair{'s' if run.pair_count != 1 else ''} and its files were deleted" in row
+    assert "<strong data-verdict>—</strong>" in row
+    for action in ("/proceed/", "/delete/", "/stop/", "/review/", "data-refresh"):
+        assert action not in row
+    assert f'id="run-{run.pk}"' not in section(response.content.decode(), "workflow")
     assert Event.objects.filter(topic=f"training.{run.pk}", type="training.removed").exists()
     assert "disabled" not in re.search(r"<button[^>]*data-generate[^>]*>", response.content.decode())[0]
 
@@ -586,6 +646,39 @@ def test_generate_while_unavailable_is_a_message(staff_client, settings, corpus)
     assert not TrainingRun.objects.exists()
 
 
+def test_the_form_offers_causal_lm_only_with_a_trained_model_and_names_it(staff_client, settings, corpus,
+                                                                          tiny_model_dir):
+    import shutil
+
+    from jobsite.paths import RANDOM_WEIGHTS_MARKER
+
+    settings.JOBSITE_MODEL_ROOTS = [*settings.JOBSITE_MODEL_ROOTS, tiny_model_dir.parent]
+    settings.JOBSITE_GENERATOR_MODEL_PATH = str(tiny_model_dir)
+    workflow = section(staff_client.get(PAGE).content.decode(), "workflow")
+    assert 'value="causal_lm"' not in workflow
+    assert "The causal language model generator is not offered. The generator model at" in workflow
+    assert "random-weight model, which writes noise" in workflow
+    response = staff_client.post(PAGE + "generate/", {"corpus": corpus.pk, "generator": "causal_lm"}, follow=True)
+    assert "The causal_lm generator is unavailable" in messages_of(response)[0]
+    assert "random-weight model, which writes noise" in messages_of(response)[0]
+    assert not TrainingRun.objects.exists()
+
+    trained = settings.JOBSITE_MODEL_ROOTS[0] / "trained-lm"
+    shutil.copytree(tiny_model_dir, trained, ignore=shutil.ignore_patterns(RANDOM_WEIGHTS_MARKER))
+    settings.JOBSITE_GENERATOR_MODEL_PATH = str(trained)
+    workflow = section(staff_client.get(PAGE).content.decode(), "workflow")
+    assert re.search(rf'<option value="causal_lm">[^<]*: {re.escape(str(trained))}</option>', workflow), workflow[:3000]
+    assert "data-generator-note" not in workflow
+
+
+def test_the_run_card_says_how_many_queries_were_dropped(staff_client, generated_run):
+    workflow = section(staff_client.get(PAGE).content.decode(), "workflow")
+    assert "dropped" not in workflow
+    TrainingRun.objects.filter(pk=generated_run.pk).update(queries_dropped=5)
+    workflow = section(staff_client.get(PAGE).content.decode(), "workflow")
+    assert re.search(r'<span data-field="queries_dropped">5</span> queries dropped', workflow)
+
+
 @pytest.mark.parametrize("method", ["get", "put"])
 def test_actions_refuse_other_methods(staff_client, make_run, method):
     run = failed(make_run)
@@ -602,7 +695,7 @@ def test_stop_on_the_page_stops_a_run_no_worker_holds_and_shows_it_as_stopped(st
     assert (run.status, run.error_type) == ("generating_failed", "CANCELLED")
     assert f"Training run {run.pk} stopped; Proceed continues it, Delete discards it." in messages_of(response)
     card = section(response.content.decode(), f"run-{run.pk}")
-    assert "Stopped: CANCELLED" in card and "Stopped on request after 4 of 12 chunks." in card
+    assert "<strong>Stopped on request</strong>" in card and "Stopped on request after 4 of 12 chunks." in card
 
 
 def test_stop_on_the_page_asks_the_worker_holding_the_run_and_says_so(staff_client, make_run):

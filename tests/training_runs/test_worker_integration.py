@@ -1,4 +1,4 @@
-"""A real qcluster worker SIGKILLed mid-generation, then proceed, then training to the end."""
+"""A real qcluster worker SIGKILLed mid-generation, retried automatically, then training to the end."""
 
 import json
 import signal
@@ -9,18 +9,19 @@ from jobsite.models import Event
 from tests.conftest import wait_for
 from training_runs.generator import LocalGenerator
 from training_runs.models import TrainingRun
-from training_runs.services import training_run_generate, training_run_proceed, training_run_review, training_run_train
+from training_runs.services import training_run_generate, training_run_review, training_run_train
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
-FAST = dict(JOBSITE_HEARTBEAT_S=0.3, JOBSITE_STALL_AFTER_S=4, JOBSITE_WATCHDOG_EVERY_S=0.5, JOBSITE_QUEUE_POLL_S=0.2)
+FAST = dict(JOBSITE_HEARTBEAT_S=0.3, JOBSITE_STALL_AFTER_S=4, JOBSITE_WATCHDOG_EVERY_S=0.5, JOBSITE_QUEUE_POLL_S=0.2,
+            JOBSITE_RETRY_BASE_S=0.5)
 
 
 def run_of(pk):
     return TrainingRun.objects.get(pk=pk)
 
 
-def test_worker_killed_mid_generation_fails_the_run_then_proceed_completes_every_chunk_once(
+def test_worker_killed_mid_generation_is_retried_automatically_and_completes_every_chunk_once(
     small_corpus, encoder, settings, start_worker
 ):
     worker_env = dict(FAST, JOBSITE_ENCODER_PATH=settings.JOBSITE_ENCODER_PATH, JOBSITE_MIN_APPROVED_PAIRS=4)
@@ -33,21 +34,21 @@ def test_worker_killed_mid_generation_fails_the_run_then_proceed_completes_every
     assert killed_at.status == "generating" and 8 <= killed_at.processed_chunks < killed_at.total_chunks
 
     second = start_worker(**worker_env)
-    wait_for(lambda: run_of(run.pk).status == "generating_failed", timeout=60,
-             message=f"the watchdog to fail the run\n{second.output()}")
-    failed = run_of(run.pk)
-    assert failed.error_type == "WORKER_LOST"
-    assert failed.processed_chunks == killed_at.processed_chunks  # the counts survive the crash
-    assert Event.objects.filter(topic=run.topic, type="training.generating_failed").exists()
-
-    training_run_proceed(run=failed)
-    wait_for(lambda: run_of(run.pk).status == "generated", timeout=90, message=f"generation to finish\n{second.output()}")
+    # The watchdog of the new worker finds the dead one; the run is retried without a Proceed.
+    wait_for(lambda: run_of(run.pk).status == "generated", timeout=90,
+             message=f"the automatic retry to finish the generation\n{second.output()}")
+    failed = Event.objects.filter(topic=run.topic, type="training.generating_failed").get()
+    assert failed.payload["error_type"] == "WORKER_LOST"
+    assert failed.payload["processed_chunks"] == killed_at.processed_chunks  # the counts survive the crash
+    assert Event.objects.filter(topic=run.topic, type="training.retry_started").get().payload["automatic"] is True
     generated = run_of(run.pk)
+    assert generated.auto_retried and generated.attempt == 2
     assert generated.processed_chunks == generated.total_chunks == small_corpus.chunks.count()
-    fresh = LocalGenerator(queries_per_chunk=2)
-    for chunk in small_corpus.chunks.all():
+    chunks = list(small_corpus.chunks.order_by("index"))
+    uninterrupted = LocalGenerator(queries_per_chunk=2).generate([chunk.text for chunk in chunks])
+    for chunk, queries in zip(chunks, uninterrupted, strict=True):
         stored = sorted(generated.pairs.filter(chunk=chunk).values_list("query", flat=True))
-        assert stored == sorted(fresh.generate([chunk.text])[0]), f"chunk {chunk.index} processed more than once"
+        assert stored == sorted(queries), f"chunk {chunk.index} processed more than once"
 
     training_run_review(run=generated, decision="approved")
     training_run_train(run=run_of(run.pk), epochs=2)

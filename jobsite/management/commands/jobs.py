@@ -51,11 +51,15 @@ class Command(BaseCommand):
             if not root.is_dir():
                 continue
             status = dict(model.objects.values_list("pk", "status"))
+            # A removed job keeps its row as history; its files went after the removal, or should have.
+            removed = set(status) - set(model.objects.filter(model.live()).values_list("pk", flat=True))
             for path in sorted(root.iterdir()):
                 if not path.is_dir() or not path.name.isdigit():
                     found.append((path, "not a job directory"))
                 elif int(path.name) not in status:
                     found.append((path, f"{model.KIND} {path.name} no longer exists"))
+                elif int(path.name) in removed:
+                    found.append((path, f"{model.KIND} {path.name} was removed"))
                 elif status[int(path.name)] in ("failed", "cancelled"):
                     found.append((path, f"{model.KIND} {path.name} is {status[int(path.name)]}"))
                 elif not any(path.iterdir()):

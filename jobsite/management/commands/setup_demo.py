@@ -7,6 +7,7 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 
 from extraction.services import dataset_register, model_register
+from jobsite.paths import RANDOM_WEIGHTS_MARKER
 
 DEMO_SAMPLES = Path(settings.BASE_DIR) / "extraction" / "demo_data" / "samples.txt"
 DEMO_CORPUS = Path(settings.BASE_DIR) / "training_runs" / "demo_corpus"
@@ -44,6 +45,11 @@ class Command(BaseCommand):
 
             texts = DEMO_SAMPLES.read_text(encoding="utf-8").splitlines()
             build_tiny_causal_lm(str(tiny), texts, n_layer=4, hidden=64, n_head=4, vocab_size=1024)
+        elif not (tiny / RANDOM_WEIGHTS_MARKER).exists():
+            # Built by an earlier setup_demo, before the marker: its weights are as random.
+            from jobsite.demo import mark_random_weights
+
+            mark_random_weights(tiny)
         model = model_register(path=str(tiny), name="tiny-gpt2")
         self.stdout.write(f"model    {model.name}: {model.architecture}, {model.num_layers} layers, hidden {model.hidden_size}")
 

@@ -367,8 +367,14 @@
       const progressAt = Date.parse(card.dataset.progressAt || "");
       const left = Number.isFinite(drawn) && progressAt ? { seconds: drawn, at: progressAt } : null;
       const previous = known || { alive: 0, moved: 0, done: null, points: [], polledAt: 0, left, stallRedrawnAt: 0, lastProgress: null };
+      // A card drawn for another step of the job (a training run's generation, then its training)
+      // starts its pace afresh: the last step's time left would count down in the new one.
+      const step = `${card.dataset.status} ${card.dataset.totalField}`;
+      const pace = !known || known.step === step ? {} : { points: [], left, rateTotal: undefined };
       known = {
         ...previous,
+        ...pace,
+        step,
         card,
         alive: Math.max(previous.alive, Date.parse(card.dataset.heartbeatAt || "") || 0),
         moved: Math.max(previous.moved, Date.parse(card.dataset.progressAt || "") || serverNow()),

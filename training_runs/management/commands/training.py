@@ -6,7 +6,7 @@ from tqdm import tqdm
 
 from jobsite.errors import JobInputError, counted
 from jobsite.lifecycle import TransitionError
-from training_runs import services
+from training_runs import selectors, services
 from training_runs.models import Corpus, TrainingRun
 
 Status = TrainingRun.Status
@@ -44,16 +44,29 @@ class Command(BaseCommand):
         edit.add_argument("query", help="the new query, in quotes")
         train = sub.add_parser("train", help="train the adapter on the approved pairs")
         train.add_argument("run_id", type=int)
-        train.add_argument("--epochs", type=int)
+        train.add_argument("--epochs", type=int, help="at most this many epochs (default 8)")
+        train.add_argument("--batch-size", type=int)
+        train.add_argument("--learning-rate", type=float)
+        train.add_argument("--patience", type=int, help="stop once validation recall@5 has not improved for this "
+                                                        "many epochs (default 3)")
         train.add_argument("--wait", action="store_true")
+        adopt = sub.add_parser("adopt", help="adopt the adapter of a completed run that did not adopt it (search then "
+                                             "goes through it)")
+        adopt.add_argument("run_id", type=int)
+        adopt.add_argument("--yes", action="store_true", help="do not ask for confirmation")
         stop = sub.add_parser("stop", help="stop a generating or training run (Proceed continues it later)")
         stop.add_argument("run_id", type=int)
         proceed = sub.add_parser("proceed", help="continue a failed run where it stopped")
         proceed.add_argument("run_id", type=int)
         proceed.add_argument("--wait", action="store_true")
-        remove = sub.add_parser("remove", help="delete a failed, stopped or unreviewed run with its pairs and files")
+        remove = sub.add_parser("remove", help="remove a failed, stopped, unreviewed or completed run: its pairs and "
+                                               "files are deleted, its row stays in the history")
         remove.add_argument("run_id", type=int)
         remove.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+        search = sub.add_parser("search", help="the chunks nearest to a query through a completed run's adapter")
+        search.add_argument("run_id", type=int)
+        search.add_argument("query", help="the query, in quotes")
+        search.add_argument("-k", type=int, default=5, help="how many chunks (default 5)")
         status = sub.add_parser("status", help="runs and their progress")
         status.add_argument("run_id", type=int, nargs="?")
         status.add_argument("--json", action="store_true")
@@ -103,17 +116,35 @@ class Command(BaseCommand):
         self.stdout.write(f"Pair {pair.pk} of training run {run.pk} now asks {pair.query!r} and is approved.{run.review_note}")
 
     def do_train(self, options):
-        run = services.training_run_train(run=self._run(options["run_id"]), epochs=options["epochs"])
-        self.stdout.write(f"Training run {run.pk} is training for {run.epochs} epochs.")
+        run = services.training_run_train(run=self._run(options["run_id"]), epochs=options["epochs"],
+                                          batch_size=options["batch_size"], learning_rate=options["learning_rate"],
+                                          patience=options["patience"])
+        self.stdout.write(f"Training run {run.pk} is training for at most {counted(run.epochs, 'epoch')}, stopping "
+                          f"early once validation recall@5 has not improved for {counted(run.patience, 'epoch')}.")
         if options["wait"]:
             self.follow(run)
+
+    def do_adopt(self, options):
+        run = self._run(options["run_id"])
+        if not options["yes"]:
+            try:
+                answer = input(f"{run.verdict}\nAdopt training run {run.pk}'s adapter anyway? [y/N] ")
+            except EOFError:  # no terminal and nothing piped in: no answer is a no
+                self.stdout.write("")
+                raise CommandError(f"No answer to the confirmation; nothing adopted. To adopt without a prompt, run "
+                                   f"`manage.py training adopt {run.pk} --yes`.") from None
+            if answer.strip().lower() not in ("y", "yes"):
+                raise CommandError("Nothing adopted.")
+        run = services.training_run_adopt(run=run)
+        self.stdout.write(f"Training run {run.pk}'s adapter is adopted: search now goes through it.")
 
     def do_stop(self, options):
         run = services.training_run_stop(run=self._run(options["run_id"]))
         if run.cancel_requested:
             self.stdout.write(f"Training run {run.pk} stops after its current step, then waits for proceed or remove.")
         else:
-            self.stdout.write(f"Training run {run.pk} stopped: {run.status} ({run.progress_label}).")
+            self.stdout.write(f"Training run {run.pk} stopped ({run.progress_label}); proceed continues it, remove "
+                              "discards it.")
 
     def do_proceed(self, options):
         run = services.training_run_proceed(run=self._run(options["run_id"]))
@@ -126,8 +157,9 @@ class Command(BaseCommand):
         services.training_run_check_removable(run=run)  # before the question: nobody confirms what cannot happen
         if not options["yes"]:
             try:
-                answer = input(f"Remove training run {run.pk} ({run.status}, {run.pair_count} pairs) and its files? "
-                               "[y/N] ")
+                verdict = f", {run.verdict_label}" if run.status == Status.COMPLETED else ""
+                answer = input(f"Remove training run {run.pk} ({run.status_label}, {counted(run.pair_count, 'pair')}"
+                               f"{verdict})? Its pairs and files are deleted; its row stays in the history. [y/N] ")
             except EOFError:  # no terminal and nothing piped in: no answer is a no
                 self.stdout.write("")  # end the question's line
                 raise CommandError(f"No answer to the confirmation; nothing removed. To remove without a prompt, run "
@@ -135,26 +167,42 @@ class Command(BaseCommand):
             if answer.strip().lower() not in ("y", "yes"):
                 raise CommandError("Nothing removed.")
         services.training_run_remove(run=run)
-        self.stdout.write(f"Training run {options['run_id']} removed with its pairs and files.")
+        self.stdout.write(f"Training run {run.pk} removed: its pairs and files are deleted; its row stays in the "
+                          "history.")
+
+    def do_search(self, options):
+        hits = selectors.training_run_search(run=self._run(options["run_id"]), query=options["query"], k=options["k"])
+        for hit in hits:
+            text = " ".join(hit["text"].split())[:100]
+            self.stdout.write(f"{hit['score']:.4f}  {hit['document']} #{hit['index']}  {text}")
 
     def do_status(self, options):
-        runs = [self._run(options["run_id"])] if options["run_id"] is not None else list(TrainingRun.objects.all()[:50])
+        runs = [self._run(options["run_id"])] if options["run_id"] is not None else list(selectors.training_run_list()[:50])
         if options["json"]:
             self.stdout.write(json.dumps([r.event_payload() for r in runs], indent=2))
             return
         if not runs:
             self.stdout.write("No training runs yet; start one with `manage.py training generate <corpus>`.")
             return
-        self.stdout.write(f"{'run':>4}  {'status':<18} {'progress':<26} {'pairs':>7}  corpus")
+        self.stdout.write(f"{'run':>4}  {'status':<20} {'progress':<26} {'pairs':>7}  corpus")
         for run in runs:
-            line = (f"{run.pk:>4}  {run.status_label:<18} {run.progress_label:<26} {run.pair_count:>7,}  "
+            # Stalled: its worker has been silent past the stall limit (Resume on the page, or `jobs recover`).
+            label = f"{run.status_label} (stalled)" if run.is_stalled else run.status_label
+            line = (f"{run.pk:>4}  {label:<20} {run.progress_label:<26} {run.pair_count:>7,}  "
                     f"{run.corpus.name}")
             if run.metrics.get("after"):
                 before, after = run.metrics["before"], run.metrics["after"]
                 line += "  " + "  ".join(f"{k} {before[k]:.2f}->{after[k]:.2f}" for k in after)
-            if run.status in TrainingRun.RETRYABLE_FROM and run.error_message:  # an old error is not news
-                line += f"  {run.error_type}: {run.error_message[:80]}"
+            if run.is_removed:
+                line += f"  {run.removed_label}; verdict: {run.verdict_label}"
+            elif run.status in TrainingRun.RETRYABLE_FROM and run.error_message:  # an old error is not news
+                line += f"  {run.error_label}: {run.error_message[:80]}"
+            if run.is_stalled:
+                line += (f"  no heartbeat for {run.heartbeat_age_s:.0f} s: Resume it on the page, or run "
+                         "`manage.py jobs recover`")
             self.stdout.write(line)
+            if run.verdict:
+                self.stdout.write(f"      {run.verdict}")
 
     def follow(self, run: TrainingRun, poll_s: float = 0.5) -> None:
         """A progress bar for each stage of the current phase (chunks; texts embedded, then
@@ -183,7 +231,7 @@ class Command(BaseCommand):
             if bar is not None:
                 bar.close()
         if run.status in TrainingRun.RETRYABLE_FROM:
-            raise CommandError(f"Training run {run.pk} {run.status} ({run.error_type}): {run.error_message} "
+            raise CommandError(f"Training run {run.pk} {run.status_label} ({run.error_label}): {run.error_message} "
                                f"Proceed with `manage.py training proceed {run.pk}` or remove it.")
         self.do_status({"run_id": run.pk, "json": False})
 
