@@ -29,10 +29,12 @@ class JobsCollector:
                                    "Age of the oldest heartbeat among running jobs", labels=["kind"])
         now = timezone.now()
         for model in job_models():
-            counts = dict(model.objects.values_list("status").annotate(n=Count("pk")))
+            # A removed job kept as history is neither in a status nor failing any more.
+            live = model.objects.filter(model.live())
+            counts = dict(live.values_list("status").annotate(n=Count("pk")))
             for status in model.Status.values:
                 jobs.add_metric([model.KIND, status], counts.get(status, 0))
-            for error_type, n in model.objects.exclude(error_type="").values_list("error_type").annotate(n=Count("pk")):
+            for error_type, n in live.exclude(error_type="").values_list("error_type").annotate(n=Count("pk")):
                 failures.add_metric([model.KIND, error_type], n)
             beat = model.objects.filter(status__in=model.RUNNING).exclude(worker="").aggregate(b=Min("heartbeat_at"))["b"]
             oldest.add_metric([model.KIND], (now - beat).total_seconds() if beat else 0.0)

@@ -94,12 +94,8 @@ class TrainingRunAdmin(JobActionsMixin, admin.ModelAdmin):
 
     @admin.action(description="Adopt the adapter of selected runs that did not adopt it", permissions=["view"])
     def adopt(self, request, queryset):
-        def check(run):
-            if run.status != TrainingRun.Status.COMPLETED or run.adopted is not False or run.is_removed:
-                raise TransitionError(f"Training run {run.pk} {run.state_phrase}; only a completed run whose adapter "
-                                      "was not adopted can be adopted.")
         return self._each_once_confirmed(
-            request, queryset, check=check, act=lambda run: services.training_run_adopt(run=run, user=request.user),
+            request, queryset, check=lambda run: services.training_run_check_adoptable(run=run), act=lambda run: services.training_run_adopt(run=run, user=request.user),
             template="admin/training_runs/confirm_adopt.html", title="Adopt adapters?", listed="runs",
             done_singular="%(count)d adapter adopted: search goes through it.",
             done_plural="%(count)d adapters adopted: search goes through them.")

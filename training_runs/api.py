@@ -57,7 +57,7 @@ class RunIn(Input):
 class TrainIn(Input):
     epochs: int | None = Field(None, ge=1, le=1000)
     batch_size: int | None = Field(None, ge=2, le=4096)
-    learning_rate: float | None = Field(None, gt=0, lt=1)
+    learning_rate: float | None = Field(None, gt=0, le=0.1)
     patience: int | None = Field(None, ge=1, le=1000, description="epochs without a better validation recall@5 "
                                                                    "before training stops (default 3)")
 

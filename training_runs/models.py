@@ -322,7 +322,9 @@ class TrainingRun(Job):
         return metrics.get("test_pairs", metrics.get("eval_pairs"))
 
     # What to try when no epoch beat the encoder alone on validation.
-    NOT_ADOPTED_ADVICE = "Try more or better pairs, fewer epochs or a lower learning rate."
+    # What to try when no epoch beat the encoder alone on validation (fewer epochs would not help:
+    # the best epoch is kept whatever follows it).
+    NOT_ADOPTED_ADVICE = "Try more or better pairs, or a lower learning rate."
 
     @property
     def verdict(self) -> str:
@@ -331,28 +333,32 @@ class TrainingRun(Job):
         Empty until the run completes. Every caller (page, API, command, admin, history) shows it."""
         if self.status != self.Status.COMPLETED or self.adopted is None:
             return ""
+        if self.is_removed:
+            return (f"{self.verdict_label.capitalize()} when it was removed ({self.removed_label}); search no "
+                    "longer uses it.")
         metrics = self.metrics or {}
         before, after = metrics.get("before") or {}, metrics.get("after") or {}
         val_before, val_after = metrics.get("validation_before") or {}, metrics.get("validation_after") or {}
         epoch = f"epoch {self.best_epoch} of {self.epochs_done}" if self.best_epoch else "its last epoch"
-
-        def pair(recall: dict, other: dict) -> str:
-            return f"{other.get('recall@5', 0):.2f} → {recall.get('recall@5', 0):.2f}"
-
-        test = f"test recall@5 {pair(after, before)}" if after else ""
+        if not val_before:  # trained before there was a validation split: judged on its held-out pairs
+            held = f"held-out recall@5 {_moved(after, before, 5)}" if after and before else "no held-out recall"
+            word = "Adopted" if self.adopted else "Not adopted"
+            tail = "search uses it" if self.adopted else "search uses the encoder alone"
+            return f"{word}: {epoch}, trained before validation existed ({held}); {tail}."
+        test = f"test recall@5 {_moved(after, before, 5)}" if after else ""
         if not self.adopted:
-            return (f"Not adopted: no epoch beat the encoder alone on validation (recall@5 "
-                    f"{val_after.get('recall@5', 0):.2f} at its best, {epoch}, against "
-                    f"{val_before.get('recall@5', 0):.2f}), so search uses the encoder alone. "
-                    f"{self.NOT_ADOPTED_ADVICE}")
-        if self.adopted_by_id or self.adopted_at:
+            fell = [f"recall@{k} {_moved(val_after, val_before, k)}" for k in (1, 5, 10)
+                    if val_after.get(f"recall@{k}", 0) < val_before.get(f"recall@{k}", 0)]
+            why = (f"its best, {epoch}, fell at {', '.join(fell)}" if fell
+                   else f"its best, {epoch}, is no better at any k")
+            return (f"Not adopted: no epoch beat the encoder alone on validation ({why}), so search uses the encoder "
+                    f"alone. {self.NOT_ADOPTED_ADVICE}")
+        if self.adopted_at:
             who = f" by {self.adopted_by.get_username()}" if self.adopted_by_id else ""
             return (f"Adopted by hand{who}: {epoch} did not beat the encoder alone on validation "
-                    f"(recall@5 {pair(val_after, val_before)}); search uses it{'; ' + test if test else ''}.")
-        if not val_before:  # completed before model selection: its last epoch, kept as it was
-            return f"Adopted: {epoch}{'; ' + test if test else ''}."
-        return (f"Adopted {epoch}: validation recall@5 {pair(val_after, val_before)} over the encoder alone; "
-                f"{test}.")
+                    f"(recall@5 {_moved(val_after, val_before, 5)}); search uses it{'; ' + test if test else ''}.")
+        return (f"Adopted {epoch}: validation recall@5 {_moved(val_after, val_before, 5)}, no worse at any k than the "
+                f"encoder alone{'; ' + test if test else ''}.")
 
     def event_payload(self) -> dict:
         return {
@@ -380,6 +386,11 @@ class TrainingRun(Job):
             "adopted": self.adopted,
             "verdict": self.verdict,
         }
+
+
+def _moved(after: dict, before: dict, k: int) -> str:
+    """"0.82 → 0.84": recall@k of the encoder alone, then of the adapter."""
+    return f"{before.get(f'recall@{k}', 0):.2f} → {after.get(f'recall@{k}', 0):.2f}"
 
 
 class TrainingPair(models.Model):

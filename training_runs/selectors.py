@@ -57,16 +57,23 @@ def training_run_search(*, run: TrainingRun, query: str, k: int = 5) -> list[dic
     index_path = os.path.join(run.output_dir, "index.npy")
     uses_adapter = run.adopted is not False
     if not os.path.exists(index_path) or (uses_adapter and not os.path.exists(adapter_path)):
-        raise JobInputError(f"Training run {run.pk} has no saved adapter; train it again.")
+        raise JobInputError(f"Training run {run.pk}'s adapter or index is missing from {run.output_dir}; generate and "
+                            "train a new run.")
     if not query.strip():
         raise JobInputError("The query is empty.", field="query")
+    if not 1 <= k <= 100:
+        raise JobInputError(f"k must be between 1 and 100; got {k}.", field="k")
     from training_runs.services import training_availability  # noqa: PLC0415
 
     available, reason = training_availability()
     if not available:  # said as a sentence, before the model library answers in its own words
         raise JobInputError(f"Search is unavailable: {reason}")
     chunks = np.load(index_path)
-    vector = embed(settings.JOBSITE_ENCODER_PATH, [query])
+    from jobsite.paths import resolve_under  # noqa: PLC0415
+
+    # The encoder as training resolved it, under the model roots, not the setting read as it stands.
+    encoder = resolve_under(settings.JOBSITE_ENCODER_PATH, settings.JOBSITE_MODEL_ROOTS, "encoder", field=None)
+    vector = embed(str(encoder), [query])
     if uses_adapter:
         vector = apply_adapter(load_adapter(adapter_path), vector)
     scores = (vector @ chunks.T)[0]

@@ -517,8 +517,10 @@ def training_run_train(
     if not 2 <= params["train_batch_size"] <= 4096:
         raise JobInputError(f"The batch size must be between 2 and 4,096; got {params['train_batch_size']}.",
                             field="batch_size")
-    if not 0 < params["learning_rate"] < 1:
-        raise JobInputError("The learning rate must be between 0 and 1, e.g. 0.001.", field="learning_rate")
+    # Above 0.1 the adapter's steps leave the identity faster than its decay brings it back.
+    if not 0 < params["learning_rate"] <= 0.1:
+        raise JobInputError(f"The learning rate must be above 0 and at most 0.1, e.g. 0.001; got "
+                            f"{params['learning_rate']:g}.", field="learning_rate")
     if not 1 <= params["patience"] <= 1000:
         raise JobInputError(f"The patience must be between 1 and 1,000 epochs; got {params['patience']}.",
                             field="patience")
@@ -688,17 +690,23 @@ def _train(run: TrainingRun, lease) -> None:
     )
 
 
-def training_run_adopt(*, run: TrainingRun, user=None) -> TrainingRun:
-    """A person adopts the adapter a completed run did not adopt: search then goes through it.
-
-    The run chose it as its best epoch on validation, where it did not beat the encoder alone;
-    every caller asks for a confirmation first, and the run keeps who adopted it and when."""
+def training_run_check_adoptable(*, run: TrainingRun) -> None:
+    """Refuses, with the sentence every caller shows, to adopt what cannot be: every caller asks
+    this before its confirmation, so nobody confirms what cannot happen."""
     if run.status != Status.COMPLETED or run.removed_at:
         raise TransitionError(f"Training run {run.pk} {run.state_phrase}; only a completed run's adapter can be adopted.")
     if run.adopted:
         raise TransitionError(f"Training run {run.pk}'s adapter is adopted already.")
     if not run.best_epoch:
-        raise TransitionError(f"Training run {run.pk} has no trained epoch to adopt; train it again.")
+        raise TransitionError(f"Training run {run.pk} has no trained epoch to adopt.")
+
+
+def training_run_adopt(*, run: TrainingRun, user=None) -> TrainingRun:
+    """A person adopts the adapter a completed run did not adopt: search then goes through it.
+
+    The run chose it as its best epoch on validation, where it did not beat the encoder alone;
+    every caller asks for a confirmation first, and the run keeps who adopted it and when."""
+    training_run_check_adoptable(run=run)
     now = timezone.now()
     with transaction.atomic():
         if not TrainingRun.objects.filter(pk=run.pk, status=Status.COMPLETED, adopted=False, removed_at=None).update(

@@ -28,6 +28,8 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+import safetensors
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers.utils import logging as transformers_logging
 
@@ -222,6 +224,7 @@ def recall_at_k(query_vectors: np.ndarray, chunk_vectors: np.ndarray, targets: S
     true = scores[np.arange(len(targets)), targets]
     # Rank = how many chunks score strictly higher than the right one.
     rank = (scores > true[:, None]).sum(1)
+    rank[~np.isfinite(true)] = np.iinfo(rank.dtype).max  # a score that is not a number finds nothing
     return {f"recall@{k}": round(float((rank < k).mean()), 4) for k in KS}
 
 
@@ -230,6 +233,9 @@ def _adapter_tensors(adapter: torch.nn.Linear) -> dict:
 
 
 def _save_checkpoint(directory: str, epoch: int, adapter, optimizer, best: dict, meta: dict) -> None:
+    """One file, replaced atomically: the adapter, the optimizer state, the best adapter so far and
+    the run's record (epoch, losses, validation curve, best epoch) in its metadata, so a kill at
+    any moment leaves the previous epoch's checkpoint or this one, never half of each."""
     os.makedirs(directory, exist_ok=True)
     tensors = {f"adapter.{k}": v.contiguous() for k, v in adapter.state_dict().items()}
     tensors.update({f"best.{k}": v for k, v in best.items()})
@@ -237,22 +243,20 @@ def _save_checkpoint(directory: str, epoch: int, adapter, optimizer, best: dict,
     for index, values in state["state"].items():
         for key, value in values.items():
             tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).contiguous()
-    tmp = os.path.join(directory, "state.safetensors.tmp")
-    save_file(tensors, tmp)
-    os.replace(tmp, os.path.join(directory, "state.safetensors"))
     meta = {**meta, "epoch": epoch, "param_groups": state["param_groups"]}
-    with open(os.path.join(directory, "meta.json.tmp"), "w") as f:
-        json.dump(meta, f)
-    os.replace(os.path.join(directory, "meta.json.tmp"), os.path.join(directory, "meta.json"))
+    tmp = os.path.join(directory, "state.safetensors.tmp")
+    save_file(tensors, tmp, metadata={"meta": json.dumps(meta)})
+    os.replace(tmp, os.path.join(directory, "state.safetensors"))
 
 
 def _load_checkpoint(directory: str, adapter, optimizer, fingerprint: str) -> tuple[dict, dict] | None:
     """(meta, best adapter's tensors) of the last complete epoch, or None to start afresh."""
+    path = os.path.join(directory, "state.safetensors")
     try:
-        with open(os.path.join(directory, "meta.json")) as f:
-            meta = json.load(f)
-        tensors = load_file(os.path.join(directory, "state.safetensors"))
-    except (OSError, ValueError):
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+        tensors = load_file(path)
+    except (OSError, ValueError, safetensors.SafetensorError):
         return None
     if meta.get("fingerprint") != fingerprint:
         return None
@@ -304,8 +308,19 @@ def beats(recall: dict, baseline: dict) -> bool:
         recall.get(k, 0.0) > baseline.get(k, 0.0) for k in keys)
 
 
+def _preferred(recall: dict, kept: dict, baseline: dict) -> bool:
+    """Whether an epoch's adapter is kept over the one kept so far: one that beats the encoder alone
+    over one that does not, then the better by selection_key."""
+    if beats(recall, baseline) != beats(kept, baseline):
+        return beats(recall, baseline)
+    return selection_key(recall) > selection_key(kept)
+
+
 def _pull_toward_identity(adapter: torch.nn.Linear, amount: float) -> None:
-    """Decoupled weight decay of W - I and of b: W <- W - amount (W - I), b <- (1 - amount) b."""
+    """Decoupled weight decay of W - I and of b: W <- W - amount (W - I), b <- (1 - amount) b.
+
+    At most the whole way back: a larger step would overshoot the identity and grow without end."""
+    amount = min(amount, 1.0)
     if amount <= 0:
         return
     with torch.no_grad():
@@ -379,7 +394,11 @@ def run_training(
                 "best_epoch": best_epoch}
 
     def stale_epochs() -> int:
-        return len(curve) - best_epoch if best_epoch else len(curve)
+        """Epochs since validation was last at its best (by selection_key)."""
+        if not curve:
+            return 0
+        keys = [selection_key(recall) for recall in curve]
+        return len(curve) - 1 - keys.index(max(keys))
 
     progress(start_epoch, spec.epochs, losses, partial())
     chunk_tensor = torch.from_numpy(chunks)
@@ -404,6 +423,9 @@ def run_training(
             same_chunk = targets[:, None] == targets[None, :]
             logits = logits.masked_fill(same_chunk & ~torch.eye(len(index), dtype=torch.bool), float("-inf"))
             loss = torch.nn.functional.cross_entropy(logits, torch.arange(len(index)))
+            if not torch.isfinite(loss):
+                raise JobInputError(f"Training diverged in epoch {epoch + 1}: the loss is not a number; a learning "
+                                    f"rate below {spec.learning_rate:g} avoids it.")
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -412,7 +434,7 @@ def run_training(
         epoch += 1
         losses.append(round(float(np.mean(epoch_losses)), 6) if epoch_losses else 0.0)
         curve.append(recall_at_k(apply_adapter(adapter, validation_q), chunks, validation_t))
-        if not best_epoch or selection_key(curve[-1]) > selection_key(curve[best_epoch - 1]):
+        if not best_epoch or _preferred(curve[-1], curve[best_epoch - 1], meta["validation_before"]):
             best_epoch, best = epoch, _adapter_tensors(adapter)
         meta.update(losses=losses, validation_curve=curve, best_epoch=best_epoch)
         _save_checkpoint(checkpoint_dir, epoch, adapter, optimizer, best, meta)

@@ -453,6 +453,11 @@ def training_adopt(request, pk: int):
     """Adopt by hand an adapter the run did not adopt: without `confirmed` (or on a GET) a
     confirmation page that says what the run measured."""
     run = selectors.training_run_get(run_id=pk)
+    try:
+        services.training_run_check_adoptable(run=run)  # nobody confirms what cannot happen
+    except TransitionError as exc:
+        messages.error(request, str(exc))
+        return _back(pk)
     if request.method == "GET" or request.POST.get("confirmed") != "1":
         return render(request, "training_runs/confirm_adopt.html", {"run": run})
     try:

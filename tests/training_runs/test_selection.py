@@ -16,7 +16,7 @@ from training_runs import services
 from training_runs.models import TrainingRun
 from training_runs.selectors import training_run_search
 from training_runs.tasks import run_training_phase
-from training_runs.trainer import ADAPTER, embed
+from training_runs.trainer import ADAPTER, beats, embed, selection_key
 
 pytestmark = pytest.mark.django_db
 
@@ -68,9 +68,9 @@ def test_the_api_says_not_adopted_and_adopts_once(staff_client, not_adopted):
     body = staff_client.get(url).json()
     assert body["adopted"] is False and body["best_epoch"] == 1 and len(body["validation_curve"]) == 4
     assert body["verdict"] == (
-        "Not adopted: no epoch beat the encoder alone on validation (recall@5 0.60 at its best, epoch 1 of 4, "
-        "against 0.70), so search uses the encoder alone. Try more or better pairs, fewer epochs or a lower "
-        "learning rate.")
+        "Not adopted: no epoch beat the encoder alone on validation (its best, epoch 1 of 4, fell at recall@1 "
+        "0.50 → 0.40, recall@5 0.70 → 0.60, recall@10 0.80 → 0.70), so search uses the encoder alone. Try more or "
+        "better pairs, or a lower learning rate.")
     response = staff_client.post(f"{url}/adopt")
     assert response.status_code == 200, response.content
     assert response.json()["adopted"] is True
@@ -127,10 +127,36 @@ def test_a_real_run_keeps_its_best_validation_epoch_and_stops_after_its_patience
     run = TrainingRun.objects.get(pk=run.pk)
     assert run.status == "completed", run.error_message
     assert run.epochs_done == len(run.loss_curve) == len(run.validation_curve)
-    keys = [tuple(r[f"recall@{k}"] for k in (5, 1, 10)) for r in run.validation_curve]
-    assert run.best_epoch == keys.index(max(keys)) + 1
-    assert run.epochs_done == 10 or run.epochs_done == run.best_epoch + 2
-    assert run.adopted == (keys[run.best_epoch - 1] > tuple(run.metrics["validation_before"][f"recall@{k}"]
-                                                             for k in (5, 1, 10)))
+    baseline = run.metrics["validation_before"]
+    keys = [selection_key(r) for r in run.validation_curve]
+    adoptable = [e for e in range(1, run.epochs_done + 1) if beats(run.validation_curve[e - 1], baseline)]
+    # The kept epoch: the best of those that beat the encoder alone, or the best of all when none does.
+    candidates = adoptable or list(range(1, run.epochs_done + 1))
+    assert run.best_epoch == max(candidates, key=lambda e: (keys[e - 1], -e))
+    assert run.adopted == bool(adoptable)
+    # Training stops `patience` epochs after validation was last at its best.
+    assert run.epochs_done == 10 or run.epochs_done == keys.index(max(keys)) + 1 + 2
     assert run.verdict.startswith("Adopted epoch" if run.adopted else "Not adopted")
     assert {"train_pairs", "validation_pairs", "test_pairs", "before", "after"} <= set(run.metrics)
+
+
+def test_a_removed_run_says_search_no_longer_uses_it(not_adopted, staff_user):
+    services.training_run_remove(run=not_adopted, user=staff_user)
+    run = TrainingRun.objects.get(pk=not_adopted.pk)
+    assert run.verdict.startswith(f"Not adopted when it was removed (removed by {staff_user.username} on ")
+    assert run.verdict.endswith("); search no longer uses it.")
+
+
+@pytest.mark.parametrize(("after", "adopted", "verdict"), [
+    (0.6, True, "Adopted: epoch 8 of 8, trained before validation existed (held-out recall@5 0.55 → 0.60); search "
+                "uses it."),
+    (0.5, False, "Not adopted: epoch 8 of 8, trained before validation existed (held-out recall@5 0.55 → 0.50); "
+                 "search uses the encoder alone."),
+])
+def test_a_run_trained_before_validation_existed_is_judged_on_its_held_out_recall(small_corpus, after, adopted,
+                                                                                  verdict):
+    run = TrainingRun.objects.create(
+        corpus=small_corpus, status="completed", finished_at=timezone.now(), epochs=8, epochs_done=8, best_epoch=8,
+        adopted=adopted, metrics={"before": {"recall@1": 0.3, "recall@5": 0.55, "recall@10": 0.7},
+                                  "after": {"recall@1": 0.3, "recall@5": after, "recall@10": 0.7}, "eval_pairs": 40})
+    assert run.verdict == verdict

@@ -373,7 +373,8 @@ def test_training_needs_enough_approved_pairs(small_corpus, settings):
     ({"epochs": 0}, "Epochs must be between 1 and 1,000; got 0."),
     ({"epochs": -1}, "Epochs must be between 1 and 1,000; got -1."),
     ({"batch_size": 0}, "The batch size must be between 2 and 4,096; got 0."),
-    ({"learning_rate": 0.0}, "The learning rate must be between 0 and 1, e.g. 0.001."),
+    ({"learning_rate": 0.0}, "The learning rate must be above 0 and at most 0.1, e.g. 0.001; got 0."),
+    ({"learning_rate": 0.5}, "The learning rate must be above 0 and at most 0.1, e.g. 0.001; got 0.5."),
 ])
 def test_train_refuses_zero_instead_of_using_the_default(small_corpus, params, sentence):
     run = generate_and_approve(small_corpus)

@@ -126,3 +126,9 @@ def test_a_run_stopped_between_epochs_resumes_knowing_its_best_epoch(encoder, tm
         uninterrupted.best_epoch, uninterrupted.validation_curve, uninterrupted.loss_curve, uninterrupted.adopted)
     ours, theirs = load_file(resumed.adapter_path), load_file(uninterrupted.adapter_path)
     assert all((ours[k] == theirs[k]).all() for k in ours)
+
+
+def test_a_score_that_is_not_a_number_finds_nothing():
+    chunks = np.eye(3, dtype=np.float32)
+    queries = np.array([[1, 0, 0], [np.nan, 0, 0]], dtype=np.float32)
+    assert recall_at_k(queries, chunks, [0, 1]) == {"recall@1": 0.5, "recall@5": 0.5, "recall@10": 0.5}

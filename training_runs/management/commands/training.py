@@ -126,6 +126,7 @@ class Command(BaseCommand):
 
     def do_adopt(self, options):
         run = self._run(options["run_id"])
+        services.training_run_check_adoptable(run=run)  # before the question: nobody confirms what cannot happen
         if not options["yes"]:
             try:
                 answer = input(f"{run.verdict}\nAdopt training run {run.pk}'s adapter anyway? [y/N] ")
