@@ -245,6 +245,16 @@ def get_extraction(request, model_id: int, extraction_id: int):
     return _extraction(model_id, extraction_id)
 
 
+@router.get("/extractions/{extraction_id}", response={200: ExtractionOut, 404: Message},
+            summary="An extraction by its number alone, whichever model it belongs to")
+def get_extraction_by_id(request, extraction_id: int):
+    try:
+        return selectors.extraction_get(extraction_id=extraction_id)
+    except Http404:
+        raise HttpError(404, f"Extraction {extraction_id} does not exist; GET /api/v1/models/{{id}}/extractions "
+                             "lists a model's.") from None
+
+
 @router.post(
     "/models/{model_id}/extractions/{extraction_id}/cancel",
     response={200: CancelOut, 404: Message, 409: Message},

@@ -372,3 +372,12 @@ def test_retry_max_samples_null_means_all_and_omitted_keeps_the_originals(
         response = post(staff_client, f"{start_url(fake_model)}/{cancelled_of_2000.pk}/retry", retry_body)
     assert response.status_code == 201, response.json()
     assert (response.json()["max_samples"], response.json()["total_samples"]) == (max_samples, total)
+
+
+def test_an_extraction_is_read_by_its_number_alone_whichever_model_it_belongs_to(staff_client, make_extraction):
+    extraction = make_extraction("failed", error_type="OOM", error_message="CUDA out of memory.")
+    response = staff_client.get(f"/api/v1/extractions/{extraction.pk}")
+    assert response.status_code == 200
+    assert (response.json()["id"], response.json()["status"]) == (extraction.pk, "failed")
+    missing = staff_client.get("/api/v1/extractions/999999")
+    assert missing.status_code == 404 and missing.json()["message"].startswith("Extraction 999999 does not exist")

@@ -1,3 +1,4 @@
+import io
 import json
 import re
 import subprocess
@@ -263,3 +264,12 @@ def test_wait_without_a_worker_says_so_and_ctrl_c_leaves_the_job_queued(model_re
     assert "Traceback" not in err and "Enqueued" not in err
     assert f"Queued extraction {job.pk}" in out
     assert Extraction.objects.get().status == "queued"
+
+
+def test_extraction_retry_keeps_the_reason_given(make_extraction):
+    failed = make_extraction("failed", error_type="UNKNOWN", error_message="boom")
+    call_command("extraction", "retry", str(failed.pk), "--reason", "  the disk  was full ", stdout=io.StringIO())
+    assert Extraction.objects.get(original_extraction=failed).retry_reason == "the disk was full"
+    other = make_extraction("failed", error_type="UNKNOWN", error_message="boom")
+    with pytest.raises(CommandError, match="The retry reason"):
+        call_command("extraction", "retry", str(other.pk), "--reason", "x" * 600, stdout=io.StringIO())

@@ -41,6 +41,8 @@ class Command(BaseCommand):
         retry.add_argument("--suggested", action="store_true",
                            help="use the parameters the failure suggested; --batch-size, --max-samples or "
                                 "--max-length given as well override the suggestion")
+        retry.add_argument("--reason", default="", help="why, kept on the new extraction (at most as long as the "
+                                                        "page's reason field)")
         retry.add_argument("--wait", action="store_true")
         export = sub.add_parser("export", help="write an extraction's output in a format other tools read")
         export.add_argument("extraction_id", type=int)
@@ -90,10 +92,13 @@ class Command(BaseCommand):
         original = self._get(options["extraction_id"])
         given = dict(batch_size=options["batch_size"], max_samples=options["max_samples"],
                      max_length=options["max_length"])
+        reason = " ".join(options["reason"].split())
         if options["suggested"]:
-            retry = services.extraction_retry_suggested(extraction=original, via="from the command line", **given)
+            via = f"from the command line ({reason})" if reason else "from the command line"
+            retry = services.extraction_retry_suggested(extraction=original, via=via, **given)
         else:
-            retry = services.extraction_retry(extraction=original, reason="retried from the command line", **given)
+            retry = services.extraction_retry(extraction=original, reason=reason or "retried from the command line",
+                                              **given)
         self.stdout.write(f"Extraction {retry.pk} retries {original.pk} with batch size {retry.batch_size}.")
         if options["wait"]:
             follow(self, retry)
