@@ -469,6 +469,11 @@ def extraction_retry_suggested(
     suggested = extraction.suggested_retry_params or {}
     asked = {"batch_size": batch_size, "max_samples": max_samples, "max_length": max_length}
     given = {name: value for name, value in asked.items() if value is not None}
+    if not suggested and not given and extraction.retry_available:
+        # Retrying unchanged what failed for a reason of its own (VALIDATION, say) would fail again.
+        failure = f" ({extraction.error_type})" if extraction.error_type else ""
+        raise TransitionError(f"Extraction {extraction.pk}'s failure{failure} suggests no parameters; retry it with "
+                              "the parameters you choose, or fix what its message names first.")
     params = {**suggested, **given}
     reason = f"retried {via}" + (f" with suggested parameters {suggested}" if suggested else "")
     if given:

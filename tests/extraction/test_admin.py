@@ -1,3 +1,4 @@
+import html
 import re
 
 import pytest
@@ -181,3 +182,13 @@ def test_a_models_admin_page_lists_its_hook_points_and_why_others_are_not(admin_
     fake_model.save()
     other = admin_client_logged.get(reverse("admin:extraction_modelrecord_change", args=[fake_model.pk]))
     assert "&#x27;bert&#x27; is not a family jobsite knows" in other.content.decode()
+
+
+def test_retry_with_suggested_parameters_is_refused_without_a_suggestion(admin_client_logged, make_extraction):
+    failed = make_extraction("failed", error_type="VALIDATION", error_message="Layer 7 does not exist.")
+    response = admin_client_logged.post(
+        reverse("admin:extraction_extraction_changelist"),
+        {"action": "retry_with_suggested", "_selected_action": [failed.pk]}, follow=True)
+    assert (f"Extraction {failed.pk}'s failure (VALIDATION) suggests no parameters; retry it with the parameters "
+            "you choose") in html.unescape(response.content.decode())
+    assert not Extraction.objects.filter(original_extraction=failed).exists()
