@@ -828,3 +828,14 @@ def test_a_models_page_lists_each_hook_point_with_its_definition_width_and_why_o
     assert "<li><span class=\"mono\">mlp</span>: 'bert' is not a family jobsite knows.</li>" in other
     assert client.get("/extractions/models/999/").status_code == 404
     assert f'href="/extractions/models/{model_record.pk}/"' in client.get("/extractions/").content.decode()
+
+
+def test_clamped_token_ids_get_a_warning_on_the_card_and_a_mark_in_the_history(staff_client, make_extraction):
+    clamped = make_extraction("completed", samples_processed=4, total_samples=4, tokens_processed=40,
+                              clamped_tokens=3)
+    clean = make_extraction("completed", samples_processed=4, total_samples=4, tokens_processed=40)
+    card = staff_client.get(f"/extractions/{clamped.pk}/card/").content.decode()
+    assert "3 token ids beyond the model's vocabulary were clamped to its last id." in card
+    assert "data-clamped-warning" not in staff_client.get(f"/extractions/{clean.pk}/card/").content.decode()
+    history = staff_client.get("/extractions/history/").content.decode()
+    assert history.count("data-clamped") == 1 and "3 clamped</span>" in history
