@@ -255,7 +255,7 @@ def adopt_run(request, run_id: int):
     """Adopt by hand the adapter a completed run did not adopt (its best epoch, which did not beat the encoder
     alone on validation): search then goes through it. Callers confirm first."""
     run = services.training_run_adopt(run=_run(run_id), user=request.user)
-    run.message = f"Training run {run.pk}'s adapter is adopted: search now goes through it."
+    run.message = run.adopted_sentence
     return run
 
 

@@ -271,6 +271,11 @@ class TrainingRun(Job):
         return f"Training run {self.pk} stopped; Proceed continues it, Delete discards it."
 
     @property
+    def adopted_sentence(self) -> str:
+        """What an Adopt did, in the words every caller shows."""
+        return f"Training run {self.pk}'s adapter is adopted: search now goes through it."
+
+    @property
     def review_note(self) -> str:
         """What a review's answer adds for a failed training: what Proceed will now do."""
         return f" Proceed: {self.proceed_sentence}." if self.status == self.Status.TRAINING_FAILED else ""

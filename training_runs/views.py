@@ -458,15 +458,9 @@ def training_adopt(request, pk: int):
     except TransitionError as exc:
         messages.error(request, str(exc))
         return _back(pk)
-    if request.method == "GET" or request.POST.get("confirmed") != "1":
-        return render(request, "training_runs/confirm_adopt.html", {"run": run})
-    try:
-        services.training_run_adopt(run=run, user=request.user)
-    except TransitionError as exc:
-        messages.error(request, str(exc))
-        return _back(pk)
-    messages.success(request, f"Training run {pk}'s adapter is adopted: search now goes through it.")
-    return _back()
+    return _once_confirmed(request, run, "training_runs/confirm_adopt.html",
+                           act=lambda: services.training_run_adopt(run=run, user=request.user),
+                           done=run.adopted_sentence)
 
 
 @staff_required
@@ -507,14 +501,22 @@ def training_resume(request, pk: int):
 def training_delete(request, pk: int):
     """Django's delete_selected way: without `confirmed` (or on a GET) a confirmation page."""
     run = selectors.training_run_get(run_id=pk)
+    return _once_confirmed(request, run, "training_runs/confirm_delete.html",
+                           act=lambda: services.training_run_remove(run=run, user=request.user),
+                           done=f"Training run {pk} is removed: its pairs and files are deleted; its row stays in "
+                                "the history.")
+
+
+def _once_confirmed(request, run: TrainingRun, template: str, *, act, done: str):
+    """Django's delete_selected way: without `confirmed` (or on a GET) the confirmation page;
+    confirmed, the act, then the page with `done` or the refusal."""
     if request.method == "GET" or request.POST.get("confirmed") != "1":
-        return render(request, "training_runs/confirm_delete.html", {"run": run})
+        return render(request, template, {"run": run})
     try:
-        services.training_run_remove(run=run, user=request.user)
+        act()
     except TransitionError as exc:
         messages.error(request, str(exc))
-        return _back(pk)
-    messages.success(request, f"Training run {pk} is removed: its pairs and files are deleted; its row stays in "
-                              "the history.")
+        return _back(run.pk)
+    messages.success(request, done)
     return _back()
 

@@ -137,7 +137,7 @@ class Command(BaseCommand):
             if answer.strip().lower() not in ("y", "yes"):
                 raise CommandError("Nothing adopted.")
         run = services.training_run_adopt(run=run)
-        self.stdout.write(f"Training run {run.pk}'s adapter is adopted: search now goes through it.")
+        self.stdout.write(run.adopted_sentence)
 
     def do_stop(self, options):
         run = services.training_run_stop(run=self._run(options["run_id"]))
