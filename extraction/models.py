@@ -132,17 +132,32 @@ class Extraction(Job):
     # The batch size in force: smaller than batch_size after out-of-memory halving.
     current_batch_size = models.PositiveIntegerField(null=True, blank=True)
 
+    # Deleting an original keeps its number here (no database constraint, nothing cascades): a
+    # retry still says what it retried, and `original_extraction` is then None.
     original_extraction = models.ForeignKey(
-        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="retries",
+        "self", null=True, blank=True, on_delete=models.DO_NOTHING, db_constraint=False, related_name="retries",
         help_text="the extraction this one retries",
     )
     retry_count = models.PositiveIntegerField(default=0, help_text="position in its retry lineage")
     retry_reason = models.CharField(max_length=500, blank=True)
     # Samples copied from the original's checkpoint when a retry changed only the batch size.
     resumed_samples = models.PositiveIntegerField(default=0)
+    # Every change of the batch size in force, oldest first: {"at_sample", "from", "to", "why"}
+    # with why "out_of_memory" (halved) or "grew_back" (shorter samples fit the larger size again).
+    batch_size_changes = models.JSONField(default=list, blank=True)
+    # A failed or cancelled job moved out of "Active and needing attention" into the history.
+    dismissed_at = models.DateTimeField(null=True, blank=True)
+    dismissed_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                     related_name="+")
 
     class Meta:
         ordering = ["-created_at", "-id"]
+        permissions = [
+            ("cancel_extraction", "Can cancel extraction"),
+            ("retry_extraction", "Can retry extraction"),
+            ("resume_extraction", "Can resume extraction"),
+            ("dismiss_extraction", "Can dismiss extraction"),
+        ]
         constraints = [
             models.CheckConstraint(condition=Q(status__in=ExtractionStatus.values), name="extraction_status_valid"),
             models.CheckConstraint(

@@ -190,3 +190,24 @@ class Job(models.Model):
     def suggest_retry_params(self, error_type: str) -> dict:
         """Parameters a retry should change for this failure; kinds override."""
         return {}
+
+
+class ApiToken(models.Model):
+    """A personal API token: sent as `Authorization: Bearer <key>`, it acts as its user, with
+    that user's permissions. Only a hash of the key is stored; the key is shown once, when made."""
+
+    user = models.ForeignKey("auth.User", on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100, help_text="what the token is for, e.g. 'nightly export script'")
+    # The key's first characters, shown in lists so that a person can tell their tokens apart.
+    prefix = models.CharField(max_length=12, db_index=True, editable=False)
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name = "API token"
+
+    def __str__(self):
+        return f"{self.prefix}… ({self.name}, {self.user})"

@@ -138,6 +138,15 @@ class TrainingRun(Job):
 
     class Meta:
         ordering = ["-created_at", "-id"]
+        # add_trainingrun starts one (generation); reviewing pairs is change_trainingpair.
+        permissions = [
+            ("train_trainingrun", "Can start training of reviewed training run"),
+            ("stop_trainingrun", "Can stop training run"),
+            ("proceed_trainingrun", "Can proceed with failed training run"),
+            ("resume_trainingrun", "Can resume stalled training run"),
+            ("remove_trainingrun", "Can remove training run"),
+            ("adopt_trainingrun", "Can adopt training run adapter"),
+        ]
         constraints = [
             models.CheckConstraint(condition=Q(status__in=TrainingRunStatus.values), name="training_run_status_valid"),
             models.CheckConstraint(
