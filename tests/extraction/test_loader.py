@@ -64,9 +64,7 @@ def as_bytes(batch) -> bytes:
     return b"".join(t.numpy().tobytes() for t in tensors)
 
 
-@pytest.mark.parametrize("bucket_rows", [1, 7, 256, 10**9])
-def test_every_row_is_served_exactly_once_an_epoch(run, second, bucket_rows, monkeypatch):
-    monkeypatch.setattr(loader_module, "BUCKET_ROWS", bucket_rows)
+def test_every_row_is_served_exactly_once_an_epoch(run, second):
     loader = ActivationLoader([run, second], TWO, drop_last=False, with_tokens=True, **SMALL)
     batches = list(loader)
     assert loader.num_rows == len(eligible(run, 0)) + len(eligible(second, 1))
@@ -187,6 +185,29 @@ def test_the_buffer_bound_holds_however_large_the_run(tmp_path, monkeypatch):
     assert loader.num_rows * loader.row_bytes > 10 * budget
     batch_bytes = 64 * loader.row_bytes
     assert peak < budget + 4 * batch_bytes + 64 * 1024, peak
+
+
+def test_a_batch_kept_by_the_consumer_never_changes_while_later_buffers_are_read(run, monkeypatch):
+    """Batches are views of the buffer: a buffer still referenced by a kept batch is not refilled."""
+    allocated = []
+    original = ActivationLoader._allocate
+    monkeypatch.setattr(ActivationLoader, "_allocate", lambda self: allocated.append(1) or original(self))
+    loader = ActivationLoader(run, TWO, **SMALL)
+    kept, copies = [], []
+    for i, batch in enumerate(loader):
+        if i % 8 == 3:  # one batch of every buffer
+            kept.append(batch)
+            copies.append({k: v.clone() for k, v in batch.items()})
+    assert len(kept) == loader.num_buffers > 3
+    assert all(torch.equal(k[key], c[key]) for k, c in zip(kept, copies) for key in k)
+    assert len(allocated) == loader.num_buffers  # a new buffer for every one a kept batch holds
+    # Let go of them, and the next pass reads into the two it keeps.
+    reference = list(ActivationLoader(run, TWO, **SMALL))[:3]
+    kept.clear()
+    del batch
+    allocated.clear()
+    assert same_stream(list(itertools.islice(loader, 3)), reference)
+    assert len(allocated) == 0
 
 
 def test_skip_first_token_leaves_out_each_samples_first_row(run):
