@@ -20,9 +20,12 @@ migrate: $(STAMP)
 demo: migrate
 	$(PY) manage.py setup_demo
 
-# Web (daphne, HTTP + WebSocket) and worker (django-q2 qcluster) under honcho, on http://127.0.0.1:8000
+# Web (daphne, HTTP + WebSocket) and worker (django-q2 qcluster) under supervisord, on
+# http://127.0.0.1:$JOBSITE_PORT (8000): a worker that dies is started again, the web stays up;
+# Ctrl-C stops both, running jobs checkpointed. supervisord.conf says how; Procfile is for honcho.
 run: demo
-	$(VENV)/bin/honcho start -f Procfile
+	JOBSITE_DATA_DIR="$${JOBSITE_DATA_DIR:-$(CURDIR)/.data}" JOBSITE_PORT="$${JOBSITE_PORT:-8000}" \
+		$(VENV)/bin/supervisord -c supervisord.conf
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -33,6 +36,11 @@ bench: $(STAMP)
 	$(PY) bench/extraction.py
 	$(PY) bench/jobs.py
 	$(PY) bench/training.py
+
+# The README's screenshots (docs/screenshots/): a fresh demo database, daphne + qcluster, headless Chromium.
+.PHONY: screenshots
+screenshots: $(STAMP)
+	$(PY) bench/screenshots.py
 
 clean:
 	rm -rf .data tests/artifacts

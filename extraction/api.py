@@ -2,9 +2,9 @@ import json
 from datetime import datetime
 from typing import Literal
 
-from django.http import Http404
+from django.http import Http404, HttpResponse
 from django.shortcuts import get_object_or_404
-from ninja import Field, File, Form, Router, Schema, Status
+from ninja import Field, File, Form, Query, Router, Schema, Status
 from ninja.files import UploadedFile
 from ninja.errors import HttpError
 from pydantic import field_validator
@@ -12,13 +12,13 @@ from pydantic import field_validator
 from extraction import selectors, services
 from extraction.constants import BATCH_SIZES_SENTENCE, VALID_BATCH_SIZES
 from extraction.models import Dataset, Extraction, ModelRecord
-from jobsite.api import Input, JobOut, Message, Refusal, refuse_unknown_form_fields, staff_required
+from jobsite.api import Input, JobOut, Message, Refusal, refuse_unknown_form_fields
+from jobsite.errors import JobInputError
+from jobsite.permissions import require
 from jobsite.services import job_resume
 
 router = Router(tags=["extraction"])
 
-# A running job stops within one batch; the answer waits that long so it can say "cancelled".
-CANCEL_WAIT_S = 5.0
 
 def _check_batch_size(value):
     if value is not None and value not in VALID_BATCH_SIZES:
@@ -86,7 +86,7 @@ class ExtractionIn(Input):
     def batch_size_is_valid(cls, value):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{BATCH_SIZES_SENTENCE} (a JSON number, not {json.dumps(value)}).")
-        return _check_batch_size(value)
+        return value  # which sizes: the service says, with every other problem of the request
 
 
 class RetryIn(Input):
@@ -130,7 +130,12 @@ class ExtractionOut(JobOut):
     next_step: str
     retry_available: bool
     cancel_available: bool
-    original_extraction_id: int | None
+    original_extraction_id: int | None = Field(description="the extraction this one retries; kept after that one "
+                                                           "is deleted (original_deleted is then true)")
+    original_deleted: bool = False
+    dismissed_at: datetime | None = Field(description="when a person moved this failed or cancelled job out of "
+                                                      "the jobs needing attention; null: not dismissed")
+    dismissed_by: str | None = None
     retry_count: int
     retry_reason: str
     resumed_samples: int
@@ -140,8 +145,27 @@ class ExtractionOut(JobOut):
     @staticmethod
     def resolve_output_dir(obj) -> str:
         return str(obj.output_dir)
+
+    @staticmethod
+    def resolve_original_deleted(obj) -> bool:
+        if hasattr(obj, "original_deleted"):  # annotated by selectors.extraction_list
+            return bool(obj.original_deleted)
+        original = obj.original_extraction_id
+        return bool(original) and not Extraction.objects.filter(pk=original).exists()
+
+    @staticmethod
+    def resolve_dismissed_by(obj) -> str | None:
+        return obj.dismissed_by.get_username() if obj.dismissed_by_id else None
     started_at: datetime | None
     finished_at: datetime | None
+
+
+class ExtractionPageOut(Schema):
+    items: list[ExtractionOut]
+    count: int = Field(description="extractions that match the filters, on every page")
+    page: int
+    pages: int = Field(description="pages of `limit` rows (1 when none match)")
+    limit: int
 
 
 class CancelOut(Schema):
@@ -183,9 +207,10 @@ def _registered(register, **kwargs):
     return Status(201 if created else 200, record)
 
 
-@router.post("/models", response={201: ModelOut, 200: ModelOut, 422: Refusal}, auth=staff_required,
+@router.post("/models", response={201: ModelOut, 200: ModelOut, 422: Refusal},
              summary="Register a model directory (200 with its record when the path is registered already)")
 def register_model(request, payload: ModelIn):
+    require(request.user, "extraction.add_modelrecord")
     return _registered(services.model_register, path=payload.path, name=payload.name)
 
 
@@ -194,15 +219,17 @@ def list_datasets(request):
     return selectors.dataset_list()
 
 
-@router.post("/datasets", response={201: DatasetOut, 200: DatasetOut, 422: Refusal}, auth=staff_required,
+@router.post("/datasets", response={201: DatasetOut, 200: DatasetOut, 422: Refusal},
              summary="Register a dataset file (200 with its record when the path is registered already)")
 def register_dataset(request, payload: DatasetIn):
+    require(request.user, "extraction.add_dataset")
     return _registered(services.dataset_register, path=payload.path, name=payload.name)
 
 
-@router.post("/datasets/upload", response={201: DatasetOut, 422: Refusal}, auth=staff_required,
+@router.post("/datasets/upload", response={201: DatasetOut, 422: Refusal},
              summary="Upload a .txt or .jsonl dataset (kept under the data directory) and register it")
 def upload_dataset(request, file: File[UploadedFile], name: Form[str] = ""):
+    require(request.user, "extraction.add_dataset")
     refuse_unknown_form_fields(request, "file", "name")
     return Status(201, services.dataset_upload(upload=file, name=name))
 
@@ -214,10 +241,10 @@ class StartOut(ExtractionOut):
 @router.post(
     "/models/{model_id}/extractions",
     response={201: StartOut, 200: StartOut, 404: Message, 422: Refusal},
-    auth=staff_required,
     summary="Start an extraction (an identical active request returns the existing job with 200)",
 )
 def start_extraction(request, model_id: int, payload: ExtractionIn):
+    require(request.user, "extraction.add_extraction")
     model = _model(model_id)
     dataset = Dataset.objects.filter(pk=payload.dataset_id).first()  # an id, never a name
     if dataset is None:
@@ -234,10 +261,40 @@ def start_extraction(request, model_id: int, payload: ExtractionIn):
     return Status(201 if created else 200, extraction)
 
 
-@router.get("/models/{model_id}/extractions", response={200: list[ExtractionOut], 404: Message})
-def list_extractions(request, model_id: int, status: Extraction.Status | None = None):
+def _page(**asked) -> selectors.Page:
+    try:
+        return selectors.extraction_page(**asked)
+    except JobInputError as exc:
+        # A page past the last one is not there; any other value is a bad request.
+        raise HttpError(404 if exc.field == "page" and str(exc).startswith("Page ") else 422, str(exc)) from None
+
+
+@router.get("/extractions", response={200: ExtractionPageOut, 404: Message, 422: Refusal},
+            summary="Extractions, newest first, a page at a time, with totals; filtered by status and model")
+def list_all_extractions(request, status: Extraction.Status | None = None,
+                         model: str | None = Query(None, description="a model's id or name"),
+                         page: int = Query(1, ge=1),
+                         limit: int = Query(selectors.PAGE_SIZE, ge=1, le=selectors.MAX_PAGE_SIZE)):
+    found = _page(page=page, limit=limit, status=status, model=model)
+    return {"items": found.items, "count": found.count, "page": found.page, "pages": found.pages,
+            "limit": found.limit}
+
+
+@router.get("/models/{model_id}/extractions", response={200: list[ExtractionOut], 404: Message, 422: Refusal},
+            summary="A model's extractions, newest first: every one, or a page of them with ?page= and ?limit= "
+                    "(the totals are in X-Total-Count and X-Page-Count; GET /extractions?model= answers them in "
+                    "the body)")
+def list_extractions(request, response: HttpResponse, model_id: int, status: Extraction.Status | None = None,
+                     page: int | None = Query(None, ge=1),
+                     limit: int | None = Query(None, ge=1, le=selectors.MAX_PAGE_SIZE)):
     _model(model_id)
-    return selectors.extraction_list(model_id=model_id, status=status)
+    if page is None and limit is None:  # as before pages: the whole list
+        rows = selectors.extraction_list(model_id=model_id, status=status)
+        response["X-Total-Count"] = str(rows.count())
+        return rows
+    found = _page(page=page, limit=limit, status=status, model=model_id)
+    response["X-Total-Count"], response["X-Page-Count"] = str(found.count), str(found.pages)
+    return found.items
 
 
 @router.get("/models/{model_id}/extractions/{extraction_id}", response={200: ExtractionOut, 404: Message})
@@ -258,11 +315,10 @@ def get_extraction_by_id(request, extraction_id: int):
 @router.post(
     "/models/{model_id}/extractions/{extraction_id}/cancel",
     response={200: CancelOut, 404: Message, 409: Message},
-    auth=staff_required,
 )
 def cancel_extraction(request, model_id: int, extraction_id: int):
-    extraction = services.extraction_cancel(extraction=_extraction(model_id, extraction_id))
-    extraction = services.extraction_wait_stopped(extraction=extraction, timeout_s=CANCEL_WAIT_S)
+    require(request.user, "extraction.cancel_extraction")
+    extraction = services.extraction_cancel_and_wait(extraction=_extraction(model_id, extraction_id), user=request.user)
     if extraction.status == Extraction.Status.CANCELLED:
         message = f"Extraction {extraction.pk} is cancelled."
     else:
@@ -274,9 +330,9 @@ def cancel_extraction(request, model_id: int, extraction_id: int):
 @router.post(
     "/models/{model_id}/extractions/{extraction_id}/retry",
     response={201: ExtractionOut, 404: Message, 409: Message, 422: Refusal},
-    auth=staff_required,
 )
 def retry_extraction(request, model_id: int, extraction_id: int, payload: RetryIn | None = None):
+    require(request.user, "extraction.retry_extraction")
     payload = payload or RetryIn()
     extraction = _extraction(model_id, extraction_id)
     max_samples = payload.max_samples
@@ -292,8 +348,24 @@ def retry_extraction(request, model_id: int, extraction_id: int, payload: RetryI
 @router.post(
     "/models/{model_id}/extractions/{extraction_id}/resume",
     response={200: ExtractionOut, 404: Message, 409: Message},
-    auth=staff_required,
     summary="Re-queue a stalled extraction (no heartbeat past the stall limit); it continues from its checkpoint",
 )
 def resume_extraction(request, model_id: int, extraction_id: int):
+    require(request.user, "extraction.resume_extraction")
     return job_resume(_extraction(model_id, extraction_id))
+
+
+@router.post(
+    "/extractions/{extraction_id}/dismiss",
+    response={200: ExtractionOut, 403: Message, 404: Message, 409: Message},
+    summary="Dismiss a failed or cancelled extraction: out of the jobs needing attention, into the history "
+            "(again: no change); its files and Retry stay",
+)
+def dismiss_extraction(request, extraction_id: int):
+    require(request.user, "extraction.dismiss_extraction")
+    try:
+        extraction = selectors.extraction_get(extraction_id=extraction_id)
+    except Http404:
+        raise HttpError(404, f"Extraction {extraction_id} does not exist.") from None
+    services.extraction_dismiss(extraction=extraction, user=request.user)
+    return selectors.extraction_get(extraction_id=extraction_id)

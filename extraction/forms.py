@@ -50,7 +50,7 @@ class ExtractionStartForm(forms.Form):
     # Not prefilled: a 512 there would be refused for a model that reads fewer tokens.
     max_length = forms.IntegerField(required=False, min_value=1)
     storage_dtype = forms.ChoiceField(
-        choices=[(value, value) for value in Extraction.StorageDtype.values], initial="float32", label="dtype",
+        choices=[(value, value) for value in Extraction.StorageDtype.values], initial="float32", label="Storage dtype",
     )
     auto_retry_on_oom = forms.BooleanField(required=False, label="Auto-retry on out of memory (halve the batch)")
 
@@ -74,13 +74,28 @@ class ExtractionStartForm(forms.Form):
     def clean(self):
         data = super().clean()
         names = [name for name in re.split(r"[,\s]+", data.get("hook_names") or "") if name]
-        data["hooks"] = [*data.get("hooks", []), *names]
-        if not self.errors:
+        # Each field on its own, whatever another one's error: every error is shown at once.
+        if "hooks" in data and "hook_names" in data:
+            data["hooks"] = [*data["hooks"], *names]
             if not data["hooks"]:
                 self.add_error("hooks", "Choose at least one hook point.")
-            elif not data["layers"] and not any(name.startswith("blocks.") for name in names):
-                self.add_error("layers", "Choose at least one layer, e.g. 0 or 0,2.")
+        if "layers" in data and not data["layers"] and not any(name.startswith("blocks.") for name in names):
+            self.add_error("layers", "Choose at least one layer, e.g. 0 or 0,2.")
         return data
+
+    def service_values(self) -> dict | None:
+        """What the service checks of this form's input, each field that did not clean as None
+        (see services.parameter_problems); None when the model itself is not known."""
+        data = self.cleaned_data
+        if "model" not in data:
+            return None
+        return {
+            "model": data["model"], "dataset": data.get("dataset"),
+            "layers": data.get("layers") if "layers" not in self.errors else None,
+            "hooks": data.get("hooks") if "hooks" not in self.errors else None,
+            "batch_size": data.get("batch_size"), "max_samples": data.get("max_samples"),
+            "max_length": data.get("max_length"), "storage_dtype": data.get("storage_dtype"),
+        }
 
 
 class RetryForm(forms.Form):

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 from django.conf import settings
@@ -133,7 +134,8 @@ class Extraction(Job):
     current_batch_size = models.PositiveIntegerField(null=True, blank=True)
 
     # Deleting an original keeps its number here (no database constraint, nothing cascades): a
-    # retry still says what it retried, and `original_extraction` is then None.
+    # retry still says what it retried (reading `original_extraction` then raises DoesNotExist:
+    # look the original up by its id).
     original_extraction = models.ForeignKey(
         "self", null=True, blank=True, on_delete=models.DO_NOTHING, db_constraint=False, related_name="retries",
         help_text="the extraction this one retries",
@@ -221,6 +223,7 @@ class Extraction(Job):
             "dataset_id": self.dataset_id,
             "batch_size": self.batch_size,
             "current_batch_size": self.current_batch_size,
+            "batch_size_changes": self.batch_size_changes,
             "samples_processed": self.samples_processed,
             "total_samples": self.total_samples,
             "tokens_processed": self.tokens_processed,
@@ -231,3 +234,49 @@ class Extraction(Job):
             "original_extraction_id": self.original_extraction_id,
             "retry_count": self.retry_count,
         }
+
+    # Cleanup: a failed or cancelled extraction's finished samples are where its Retry starts.
+    OUTPUT_REUSABLE = RETRYABLE_FROM
+    OUTPUT_UNIT = "samples"
+    # Where a Retry starts once nothing of its original is left to start from.
+    FIRST_SAMPLE = "starts from the first sample"
+
+    def reusable_samples(self) -> int:
+        """Finished samples a Retry can start from: what the checkpoint in the output folder
+        counts; 0 once the folder is gone (cleanup removed it, say)."""
+        from extraction.reader import CHECKPOINT  # noqa: PLC0415
+
+        try:
+            return max(0, int(json.loads((self.output_dir / CHECKPOINT).read_text()).get("samples_done") or 0))
+        except (OSError, ValueError, TypeError, AttributeError):
+            return 0
+
+    def output_reuse(self) -> tuple[int, int] | None:
+        done = self.reusable_samples()
+        return (done, max(done, self.total_samples)) if done else None
+
+    def output_use(self) -> tuple[str, str]:
+        """A retry that has not copied the finished samples yet still reads them; a retry that
+        completed the same request leaves nothing for another to do."""
+        use, reason = super().output_use()
+        if use not in ("reusable", "garbage") or self.status not in self.RETRYABLE_FROM:
+            return use, reason
+        name = f"extraction {self.pk} is {self.status}"
+        copying = self.retries.filter(status__in=(self.Status.QUEUED, self.Status.LOADING)).order_by("pk").first()
+        if copying is not None:
+            return "needed", f"{name}; its retry, extraction {copying.pk}, starts from these files"
+        done = self.retries.filter(status=self.Status.COMPLETED, fingerprint=self.fingerprint).order_by("pk").first()
+        if done is not None:
+            return "garbage", f"{name}; its retry, extraction {done.pk}, completed the same request"
+        return use, reason
+
+    @property
+    def next_step(self) -> str:
+        """Once nothing of a failed or cancelled extraction's samples is left (cleanup removed its
+        files), a Retry starts from the first sample and says so, instead of promising them."""
+        step = super().next_step
+        if self.status not in self.RETRYABLE_FROM or not self.samples_processed or self.reusable_samples():
+            return step
+        for promise in (", which keeps the samples already done.", ": completed work is kept."):
+            step = step.replace(promise, ".")
+        return f"{step} A Retry {self.FIRST_SAMPLE}: none of its samples are left to reuse.".strip()

@@ -21,6 +21,7 @@ from extraction.models import Dataset, Extraction, ModelRecord
 from jobsite.errors import JobInputError, check_record_name, check_text, not_kept
 from jobsite.lifecycle import TransitionError
 from jobsite.paths import resolve_under
+from jobsite.permissions import check
 from jobsite.services import job_delete, job_enqueue, job_request_cancel
 
 # What extraction_retry takes as max_samples to mean every sample of the dataset: None there
@@ -225,38 +226,84 @@ def dataset_upload(*, upload, name: str = "") -> Dataset:
         raise
 
 
+# The most tokens a sample may have when the model's config names no position limit.
+MAX_LENGTH_CEILING = 131_072
+
+
+class ParameterErrors(JobInputError):
+    """Every problem of a request at once (`problems`, in the order of its fields); the message
+    says each, and `field` is the first one's, so a client that shows one still shows the first."""
+
+    def __init__(self, problems: list[JobInputError]):
+        super().__init__(" ".join(str(problem) for problem in problems), field=problems[0].field)
+        self.problems = problems
+
+
+def parameter_problems(
+    *, model: ModelRecord, dataset: Dataset | None, layers: list[int] | None, hooks: list[str] | None,
+    batch_size: int | None, max_samples: int | None, max_length: int | None, storage_dtype: str | None,
+) -> tuple[list[JobInputError], list[int], list[str]]:
+    """(problems, layers, hooks): each input checked against the model on its own, so that one
+    wrong field does not hide another. None is an input a page form already refused (or, for
+    max_samples and max_length, left to its default): it is not checked again."""
+    model_hook_points(model=model)
+    problems: list[JobInputError] = []
+    if layers is not None and hooks is not None:
+        try:
+            layers, hooks = resolve_hook_names(model=model, layers=layers, hooks=hooks)
+        except JobInputError as exc:
+            problems.append(exc)
+            bad_layers = [layer for layer in layers if not 0 <= layer < model.num_layers]
+            if exc.field != "layers" and bad_layers:  # a hook's problem was said first; the layers have theirs
+                problems.append(JobInputError(f"Layer {bad_layers[0]} does not exist: {_layer_sentence(model)}.",
+                                              field="layers"))
+        else:
+            unsupported = [hook for hook in hooks if hook not in model.supported_hooks]
+            if unsupported:
+                why = model.hook_refusals.get(unsupported[0], "it is not offered")
+                named = f"{model.name} ({model.architecture})"
+                problems.append(JobInputError(refusal_sentence(unsupported[0], why, model.supported_hooks, named),
+                                              field="hooks"))
+    if batch_size is not None and batch_size not in VALID_BATCH_SIZES:
+        problems.append(JobInputError(f"{BATCH_SIZES_SENTENCE}; got {batch_size}.", field="batch_size"))
+    if max_samples is not None and dataset is not None and not 1 <= max_samples <= dataset.num_samples:
+        problems.append(JobInputError(
+            f"Max samples must be between 1 and {dataset.num_samples:,} (the samples in {dataset.name}); "
+            "leave it empty (or out) for all.", field="max_samples",
+        ))
+    if max_length is not None:
+        positions = model_max_positions(model=model)
+        if max_length < 1:
+            problems.append(JobInputError("Max length must be a positive number of tokens, e.g. 512.",
+                                          field="max_length"))
+        elif positions and max_length > positions:
+            problems.append(JobInputError(
+                f"Max length {max_length:,} is beyond {model.name}'s position limit: "
+                f"it reads at most {positions:,} tokens.", field="max_length",
+            ))
+        elif max_length > MAX_LENGTH_CEILING:
+            problems.append(JobInputError(
+                f"Max length {max_length:,} is more than the {MAX_LENGTH_CEILING:,} tokens jobsite takes per sample.",
+                field="max_length"))
+    if storage_dtype is not None and storage_dtype not in Extraction.StorageDtype.values:
+        problems.append(JobInputError(
+            f"The storage dtype must be one of {', '.join(Extraction.StorageDtype.values)}.", field="storage_dtype"))
+    return problems, layers, hooks
+
+
 def validate_parameters(
     *, model: ModelRecord, dataset: Dataset, layers: list[int], hooks: list[str], batch_size: int,
     max_samples: int | None, max_length: int, storage_dtype: str,
 ) -> tuple[list[int], list[str]]:
-    """Check a request against the model; each error names the fix."""
-    model_hook_points(model=model)
-    layers, hooks = resolve_hook_names(model=model, layers=layers, hooks=hooks)
-    unsupported = [hook for hook in hooks if hook not in model.supported_hooks]
-    if unsupported:
-        why = model.hook_refusals.get(unsupported[0], "it is not offered")
-        named = f"{model.name} ({model.architecture})"
-        raise JobInputError(refusal_sentence(unsupported[0], why, model.supported_hooks, named), field="hooks")
-    if batch_size not in VALID_BATCH_SIZES:
-        raise JobInputError(f"{BATCH_SIZES_SENTENCE}; got {batch_size}.", field="batch_size")
-    if max_samples is not None and not 1 <= max_samples <= dataset.num_samples:
-        raise JobInputError(
-            f"Max samples must be between 1 and {dataset.num_samples:,} (the samples in {dataset.name}); "
-            "leave it empty (or out) for all.", field="max_samples",
-        )
-    if max_length < 1:
-        raise JobInputError("Max length must be a positive number of tokens, e.g. 512.", field="max_length")
-    positions = model_max_positions(model=model)
-    if positions and max_length > positions:
-        raise JobInputError(
-            f"Max length {max_length:,} is beyond {model.name}'s position limit: "
-            f"it reads at most {positions:,} tokens.", field="max_length",
-        )
-    if max_length > 1_000_000:
-        raise JobInputError("Max length must be at most 1,000,000 tokens.", field="max_length")
-    if storage_dtype not in Extraction.StorageDtype.values:
-        raise JobInputError(f"The storage dtype must be one of {', '.join(Extraction.StorageDtype.values)}.",
-                            field="storage_dtype")
+    """Check a request against the model; each error names the fix, and all of them are said."""
+    problems, layers, hooks = parameter_problems(
+        model=model, dataset=dataset, layers=layers, hooks=hooks, batch_size=batch_size, max_samples=max_samples,
+        max_length=max_length, storage_dtype=storage_dtype,
+    )
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise ParameterErrors(problems)
     return layers, hooks
 
 
@@ -319,6 +366,7 @@ def extraction_start(
 ) -> tuple[Extraction, bool]:
     """Queue an extraction, or return the identical one already active (created=False). No
     max_length is default_max_length's; max_samples None is all of the dataset."""
+    check(user, "extraction.retry_extraction" if original is not None else "extraction.add_extraction")
     if max_length is None:
         max_length = default_max_length(model=model)
     dataset = dataset_recount(dataset)
@@ -348,7 +396,8 @@ def extraction_start(
 
             publish(extraction.topic, "extraction.queued", extraction.event_payload())
             if original is not None:
-                said = {"automatic": False, "reason": retry_reason}
+                said = {"automatic": False, "reason": retry_reason,
+                        "starts_from": retry_starts_from(original=original, retry=extraction)}
                 # Each topic's payload is its own job (a page following the original draws the
                 # original), with the other one named.
                 publish(original.topic, "extraction.retry_started",
@@ -411,7 +460,9 @@ def extraction_check_deletable(*, extraction: Extraction) -> None:
 
 def extraction_delete(*, extraction: Extraction, user=None) -> None:
     """Delete a finished extraction and its output files; the deletion stays in the event log
-    (a retry of it keeps its own row and files, without the link back)."""
+    (a retry of it keeps its own row and files, and its original_extraction_id: "retry of #12
+    (deleted)")."""
+    check(user, "extraction.delete_extraction")
     extraction_check_deletable(extraction=extraction)
     job_delete(extraction, verb="deleted", user=user)
 
@@ -420,13 +471,79 @@ def extraction_cancel(*, extraction: Extraction) -> Extraction:
     return job_request_cancel(extraction)
 
 
-def extraction_wait_stopped(*, extraction: Extraction, timeout_s: float) -> Extraction:
-    """After a cancel request: give the worker up to timeout_s to stop, then report."""
-    deadline = time.monotonic() + timeout_s
+def extraction_check_cancellable(*, extraction: Extraction) -> None:
+    """Before a confirmation is asked: a finished job is refused now, in the words the cancel would use."""
+    if extraction.status not in Extraction.ACTIVE:
+        raise TransitionError(f"Extraction {extraction.pk} is {extraction.status}; only a queued or running "
+                              "extraction can be cancelled.")
+
+
+DISMISSABLE = (Extraction.Status.FAILED, Extraction.Status.CANCELLED)
+
+
+def extraction_dismiss(*, extraction: Extraction, user=None) -> Extraction:
+    """A failed or cancelled job a person has seen: out of "Active and needing attention", into
+    the history, with who and when. Its row, files and Retry stay; dismissing it again changes
+    nothing. Open pages learn it from the `extraction.dismissed` event."""
+    check(user, "extraction.dismiss_extraction")
+    with transaction.atomic():
+        current = Extraction.objects.select_for_update().filter(pk=extraction.pk).first()
+        if current is None:
+            raise TransitionError(f"Extraction {extraction.pk} was deleted meanwhile.")
+        if current.status not in DISMISSABLE:
+            raise TransitionError(
+                f"Extraction {current.pk} is {current.status}; only a failed or cancelled extraction can be "
+                "dismissed" + (" (cancel it first)." if current.status in Extraction.ACTIVE else "."))
+        if current.dismissed_at is not None:
+            return current
+        current.dismissed_at, current.dismissed_by = timezone.now(), user
+        Extraction.objects.filter(pk=current.pk).update(dismissed_at=current.dismissed_at, dismissed_by=user,
+                                                        updated_at=current.dismissed_at)
+        from jobsite.events import publish  # noqa: PLC0415
+
+        publish(current.topic, "extraction.dismissed", {
+            **current.event_payload(), "dismissed_by": getattr(user, "username", "") or "",
+            "dismissed_at": current.dismissed_at.isoformat(),
+        })
+    return current
+
+
+# A running extraction stops within one batch; a person's cancel waits this long for it, so that
+# the answer can say "cancelled" rather than "stopping", and a restart can retry at once.
+CANCEL_WAIT_S = 5.0
+
+
+class StillStopping(TransitionError):
+    """A restart's cancel was asked for, but the worker had not stopped within CANCEL_WAIT_S."""
+
+
+def extraction_cancel_and_wait(*, extraction: Extraction, user=None) -> Extraction:
+    """Cancel, then give a running job's worker up to CANCEL_WAIT_S to stop; the extraction as it
+    then stands (cancelled, or still running with its stop requested)."""
+    check(user, "extraction.cancel_extraction")
+    extraction = extraction_cancel(extraction=extraction)
+    deadline = time.monotonic() + CANCEL_WAIT_S
     while extraction.status in Extraction.RUNNING and time.monotonic() < deadline:
         time.sleep(0.1)
         extraction.refresh_from_db()
     return extraction
+
+
+def extraction_restart(*, extraction: Extraction, reason: str, user=None) -> Extraction:
+    """'Taking longer than expected': cancel, wait for the worker to stop, then retry as a new
+    extraction that continues from the samples already completed; returns the retry.
+
+    Both permissions are checked first: a person who may cancel but not retry must not be left
+    with a cancelled job and no retry. A worker that has not stopped within CANCEL_WAIT_S keeps
+    its stop request, and StillStopping says to retry once it shows cancelled.
+    """
+    check(user, "extraction.cancel_extraction")
+    check(user, "extraction.retry_extraction")
+    stopped = extraction_cancel_and_wait(extraction=extraction, user=user)
+    if stopped.status != Extraction.Status.CANCELLED:
+        raise StillStopping(f"Extraction {stopped.pk} is stopping but has not stopped yet; press Retry on it once "
+                            "it shows cancelled.")
+    return extraction_retry(extraction=stopped, reason=reason, user=user)
 
 
 def extraction_retry(
@@ -436,6 +553,7 @@ def extraction_retry(
     """A person's retry: a new extraction linked to this one. A parameter left None keeps this
     one's; max_samples=ALL_SAMPLES asks for the whole dataset. When only the batch size
     changes, the new one starts from the samples this one already completed."""
+    check(user, "extraction.retry_extraction")
     if not extraction.retry_available:
         raise TransitionError(
             f"Extraction {extraction.pk} is {extraction.status}; only a failed or cancelled extraction can be retried."
@@ -460,12 +578,26 @@ def extraction_retry(
     return retry
 
 
+def retry_starts_from(*, original: Extraction, retry: Extraction) -> str:
+    """Where a retry starts, in the words every caller shows: after the samples its original
+    finished while they are there and it asks for the same samples (only the batch size may
+    change), else from the first sample (cleanup removed them, say)."""
+    same = retry.fingerprint == original.fingerprint
+    done = original.reusable_samples() if same else 0
+    if done:
+        return f"Extraction {retry.pk} starts after the {done:,} samples extraction {original.pk} finished."
+    why = (f"none of extraction {original.pk}'s samples are left to reuse" if same
+           else f"it asks for other samples, lengths or storage than extraction {original.pk}")
+    return f"Extraction {retry.pk} {Extraction.FIRST_SAMPLE}: {why}."
+
+
 def extraction_retry_suggested(
     *, extraction: Extraction, batch_size: int | None = None, max_samples: int | str | None = None,
     max_length: int | None = None, user=None, via: str,
 ) -> Extraction:
     """Retry with the parameters the failure suggested (half the batch size after an OOM); a
     parameter given as well is what the person asked for, so it overrides the suggestion."""
+    check(user, "extraction.retry_extraction")
     suggested = extraction.suggested_retry_params or {}
     asked = {"batch_size": batch_size, "max_samples": max_samples, "max_length": max_length}
     given = {name: value for name, value in asked.items() if value is not None}
@@ -495,14 +627,17 @@ def extraction_run(extraction: Extraction, lease) -> None:
         output_dir=str(extraction.output_dir),
         layers=tuple(extraction.layers),
         hooks=tuple(extraction.hooks),
-        batch_size=extraction.current_batch_size or extraction.batch_size,
+        # The size asked for: the checkpoint says which one is in force, and the runner grows back to this.
+        batch_size=extraction.batch_size,
         max_length=extraction.max_length,
         max_samples=extraction.max_samples,
         storage_dtype=extraction.storage_dtype,
         auto_retry_on_oom=extraction.auto_retry_on_oom,
         device=settings.JOBSITE_DEVICE,
     )
-    original = extraction.original_extraction
+    # By its number: an original deleted since keeps its number here, and its files are gone with it.
+    original = Extraction.objects.filter(pk=extraction.original_extraction_id).first() \
+        if extraction.original_extraction_id else None
     if extraction.attempt == 1 and original is not None and not extraction.output_dir.exists():
         seeded = runner.seed_from_checkpoint(str(original.output_dir), str(extraction.output_dir), spec)
         if seeded:
@@ -517,17 +652,19 @@ def extraction_run(extraction: Extraction, lease) -> None:
 
     def on_event(kind: str, payload: dict):
         if kind == "phase" and payload.get("phase") == "extracting":
+            # The batch size and its changes as the checkpoint has them: a resume goes on from there.
             lease.set_status(
                 Extraction.Status.EXTRACTING, total_tokens=payload["total_tokens"],
                 clamped_tokens=payload["clamped_tokens"], truncated_samples=payload["truncated_samples"],
+                current_batch_size=payload["batch_size"], batch_size_changes=payload["batch_size_changes"],
             )
         elif kind == "phase" and payload.get("phase") == "saving":
             lease.set_status(Extraction.Status.SAVING)
-        elif kind == "batch_size_reduced":
-            lease.report(current_batch_size=payload["to"])
+        elif kind in ("batch_size_reduced", "batch_size_grown"):
+            lease.report(current_batch_size=payload["to"], batch_size_changes=payload["batch_size_changes"])
             from jobsite.events import publish  # noqa: PLC0415
 
-            publish(extraction.topic, "extraction.batch_size_reduced", {**extraction.event_payload(), **payload})
+            publish(extraction.topic, f"extraction.{kind}", {**extraction.event_payload(), **payload})
 
     try:
         result = runner.run_extraction(

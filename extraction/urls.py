@@ -15,6 +15,7 @@ urlpatterns = [
     path("<int:pk>/retry/", views.extraction_retry, name="retry"),
     path("<int:pk>/retry-suggested/", views.extraction_retry_suggested, name="retry_suggested"),
     path("<int:pk>/resume/", views.extraction_resume, name="resume"),
+    path("<int:pk>/dismiss/", views.extraction_dismiss, name="dismiss"),
     path("<int:pk>/restart/", views.extraction_restart, name="restart"),
     path("<int:pk>/files/", views.extraction_files, name="files"),
     path("<int:pk>/files/<str:name>", views.extraction_file, name="file"),

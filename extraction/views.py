@@ -2,7 +2,7 @@
 
 Views are thin callers of extraction.services (and jobsite.views.resume_with_message); a service's
 JobInputError becomes a form error or a message, a TransitionError a message. Reading needs a
-login, every POST needs staff.
+login, every POST its action's permission (jobsite.permissions).
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import json
 import os
 from collections import defaultdict
 from pathlib import Path
+from urllib.parse import urlencode
 
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.core.exceptions import PermissionDenied
 from django.http import FileResponse, Http404
 from django.shortcuts import redirect, render
 from django.urls import reverse
@@ -23,7 +23,6 @@ from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from extraction import output_page, selectors, services
-from extraction.api import CANCEL_WAIT_S
 from extraction.forms import ExtractionStartForm, RegisterForm, RetryForm
 from extraction.constants import BLOCK_ORDER
 from extraction.models import Extraction, ModelRecord
@@ -31,14 +30,13 @@ from jobsite.errors import ErrorType, JobInputError
 from jobsite.forms import add_refusal
 from jobsite.health import workers_missing
 from jobsite.lifecycle import TransitionError
+from jobsite.permissions import check, permission_required
 from jobsite.selectors import last_event_seq
 from jobsite.views import (
-    STAFF_ONLY, duration, form_problems, id_param, iso, live_context, post_only, resume_with_message, staff_required,
+    duration, form_problems, id_param, iso, live_context, post_only, resume_with_message,
 )
 
 TOPIC = "extraction."
-HISTORY_LIMIT = 300
-ATTENTION_FAILED_LIMIT = 10
 ERROR_LABELS = dict(ErrorType.CHOICES)
 PHASES = {
     "queued": "Waiting for a worker",
@@ -61,10 +59,11 @@ def job_view(extraction: Extraction, *, seq: int = 0) -> dict:
     slow = bool(active and not stalled and idle_s is not None and idle_s > settings.JOBSITE_SLOW_AFTER_S)
     rate = None
     # The rate is this attempt's own: a resumed attempt's counts include the work of the ones before
-    # it (the page measures its rate from the progress it sees), and a stalled job has none.
+    # it (the page measures its rate from the progress it sees). A stalled job, or one without
+    # progress past the slow limit, has none, and no time left: its last pace says nothing now.
     resumed = e.attempt > 1 or e.resumed_samples
     if (e.status in (e.Status.EXTRACTING, e.Status.SAVING) and e.started_at and e.progress_at and e.tokens_processed
-            and not resumed and not stalled):
+            and not resumed and not stalled and not slow):
         elapsed = (e.progress_at - e.started_at).total_seconds()
         rate = e.tokens_processed / elapsed if elapsed > 0 else None
     eta = None
@@ -104,7 +103,11 @@ def job_view(extraction: Extraction, *, seq: int = 0) -> dict:
         "auto_retry_pending": e.status == e.Status.QUEUED and bool(e.error_type),
         "layers": ", ".join(map(str, e.layers)),
         "hooks": ", ".join(e.hooks),
-        "api_url": f"/api/v1/models/{e.model_id}/extractions/{e.pk}",
+        "api_url": f"/api/v1/extractions/{e.pk}",
+        # Annotated by selectors.extraction_list; asked here for a row read elsewhere.
+        "original_deleted": e.original_deleted if hasattr(e, "original_deleted") else bool(
+            e.original_extraction_id) and not Extraction.objects.filter(pk=e.original_extraction_id).exists(),
+        "dismissible": e.status in services.DISMISSABLE and e.dismissed_at is None,
         "heartbeat_at": iso(e.heartbeat_at or e.started_at) if running else "",
         "progress_at": iso(last_move),
         "max_attempts": settings.JOBSITE_MAX_ATTEMPTS,
@@ -135,43 +138,48 @@ def _lineage_rows(extractions: list[Extraction]) -> list[dict]:
     return rows
 
 
-def _attention(selected: int | None = None) -> list[Extraction]:
-    """Active jobs, failed ones nobody has retried yet, and the one a person opened (a cancelled
-    or completed job's card holds its Retry and its files)."""
-    active = list(selectors.extraction_list().filter(status__in=Extraction.ACTIVE))
-    failed = list(
-        selectors.extraction_list().filter(status=Extraction.Status.FAILED, retries__isnull=True)[:ATTENTION_FAILED_LIMIT]
-    )
-    jobs = active + failed
-    if selected is not None and all(job.pk != selected for job in jobs):
-        jobs += list(selectors.extraction_list().filter(pk=selected))
-    return sorted(jobs, key=lambda e: (e.created_at, e.pk), reverse=True)
-
-
 def _attention_context(request, seq: int) -> dict:
     """The "Active and needing attention" panel: its cards, the job a person opened from the
     history (?job=<id>), and why nothing moves when jobs wait and no worker runs."""
     selected = id_param(request, "job")
-    jobs = _attention(selected)
+    jobs = selectors.extraction_attention(selected=selected)
     waiting = any(job.status in Extraction.ACTIVE for job in jobs)
     return {
         "attention": [job_view(e, seq=seq) for e in jobs], "selected": selected,
         "no_worker": workers_missing() if waiting else "",
-        "can_act": request.user.is_staff, "retry_batch_sizes": RetryForm.base_fields["batch_size"].choices,
+        "retry_batch_sizes": RetryForm.base_fields["batch_size"].choices,
     }
 
 
-def _history() -> list[dict]:
-    extractions = list(selectors.extraction_list()[:HISTORY_LIMIT])
-    per_model = defaultdict(list)
-    for e in extractions:
-        per_model[e.model_id].append(e)
-    sections = []
-    for model in selectors.model_list():
-        rows = _lineage_rows(per_model.get(model.pk, []))
-        datasets = sorted({row["job"].dataset.name for row in rows})
-        sections.append({"model": model, "rows": rows, "datasets": datasets})
-    return sections
+def _history(request) -> dict:
+    """The history panel: one page of extractions (?page=, ?limit=), filtered by ?status= and
+    ?model=, each retry under its original when both are on the page. A bad value is said in
+    the panel (and the answer is a 400), never clamped in silence."""
+    asked = {key: request.GET.get(key, "").strip() for key in ("status", "model", "page", "limit")}
+    filters = {key: asked[key] for key in ("status", "model") if asked[key]}
+    try:
+        page = selectors.extraction_page(**{key: value or None for key, value in asked.items()})
+        error = ""
+    except JobInputError as exc:
+        page, error = selectors.Page(items=[], count=0, page=1, pages=1, limit=selectors.PAGE_SIZE), str(exc)
+    keep = {**filters, **({"limit": page.limit} if asked["limit"] and not error else {})}
+    shown = sorted({page.page, 1, page.pages, *range(max(1, page.page - 2), min(page.pages, page.page + 2) + 1)})
+    links, previous = [], 0
+    for number in shown:
+        if number - previous > 1:
+            links.append({"gap": True})
+        links.append({"number": number, "query": urlencode({**keep, "page": number}), "current": number == page.page})
+        previous = number
+    return {
+        "rows": _lineage_rows(page.items), "page": page, "error": error, "filters": filters,
+        "query": urlencode({**keep, **({"page": page.page} if page.page > 1 else {})}),
+        "links": links if page.pages > 1 else [],
+        "newer": urlencode({**keep, "page": page.page - 1}) if page.page > 1 else "",
+        "older": urlencode({**keep, "page": page.page + 1}) if page.page < page.pages else "",
+        "first": (page.page - 1) * page.limit + 1 if page.items else 0,
+        "last": (page.page - 1) * page.limit + len(page.items),
+        "statuses": Extraction.Status.values, "models": list(selectors.model_list()),
+    }
 
 
 def _page_context(request, form=None, register_form: RegisterForm | None = None) -> dict:
@@ -181,13 +189,14 @@ def _page_context(request, form=None, register_form: RegisterForm | None = None)
     seq = last_event_seq()
     # ?model= and ?dataset= (set after one is registered) pick it in the start form.
     picked = {key: id_param(request, key) for key in ("model", "dataset")}
-    form = form or ExtractionStartForm(initial={key: pk for key, pk in picked.items() if pk})
+    last = request.session.get(LAST_START) or {}
+    form = form or ExtractionStartForm(initial={**_initial_from(last), **{key: pk for key, pk in picked.items() if pk}})
     register = {"model": RegisterForm(kind="model"), "dataset": RegisterForm(kind="dataset")}
     if register_form is not None:
         register[register_form.prefix] = register_form
     context.update(
         form=form,
-        history=_history(),
+        history=_history(request),
         datasets=selectors.dataset_list(),
         register_pairs=[(register["model"], "A model"), (register["dataset"], "A dataset")],
         model_roots=[str(root) for root in settings.JOBSITE_MODEL_ROOTS],
@@ -197,10 +206,37 @@ def _page_context(request, form=None, register_form: RegisterForm | None = None)
     return context
 
 
+LAST_START = "extraction_last_start"
+
+
+def _initial_from(last: dict) -> dict:
+    """The start form's initial values from the last start's (as posted): a value the form
+    would now refuse (a model deleted since, say) is left to the field's default."""
+    if not last:
+        return {}
+    bound = ExtractionStartForm(last)
+    bound.is_valid()
+    initial = {name: last[name] for name in bound.fields if name in last and name not in bound.errors}
+    initial["auto_retry_on_oom"] = last.get("auto_retry_on_oom") in ("on", "true", "1")
+    return initial
+
+
 def _back_to(extraction_id: int | None = None):
     url = reverse("extraction:list")
     # ?job= keeps the card on the page whatever its status (a cancel, a refused retry).
     return redirect(f"{url}?job={extraction_id}#extraction-{extraction_id}" if extraction_id else url)
+
+
+def _add_service_problems(form: ExtractionStartForm) -> None:
+    """A form refused for one field is checked by the service for the others as well (a layer the
+    model does not have, a max length past its positions), so that every error shows at once."""
+    values = form.service_values()
+    if values is None:
+        return
+    problems, _, _ = services.parameter_problems(**values)
+    for problem in problems:
+        if problem.field not in form.errors:
+            add_refusal(form, problem)
 
 
 # -- pages and fragments ---------------------------------------------------------------------
@@ -212,11 +248,14 @@ def extraction_page(request):
         asked = id_param(request, "job")
         if asked and not Extraction.objects.filter(pk=asked).exists():  # a link to a deleted job, say
             messages.error(request, f"Extraction {asked} does not exist (it may have been deleted).")
-        return render(request, "extraction/extractions.html", _page_context(request))
-    if not request.user.is_staff:
-        raise PermissionDenied(STAFF_ONLY)
+        context = _page_context(request)
+        status = 400 if context["history"]["error"] else 200
+        return render(request, "extraction/extractions.html", context, status=status)
+    check(request.user, "extraction.add_extraction")
     form = ExtractionStartForm(request.POST)
-    if form.is_valid():
+    if not form.is_valid():
+        _add_service_problems(form)
+    else:
         data = form.cleaned_data
         try:
             extraction, created = services.extraction_start(
@@ -225,10 +264,16 @@ def extraction_page(request):
                 storage_dtype=data["storage_dtype"], auto_retry_on_oom=data["auto_retry_on_oom"], user=request.user,
             )
         except JobInputError as exc:
-            add_refusal(form, exc)
+            for problem in getattr(exc, "problems", [exc]):
+                add_refusal(form, problem)
         except TransitionError as exc:  # the same request failed before: its retry is the way on
             form.add_error(None, str(exc))
         else:
+            # The form shows these values again after the start: the next one is often a neighbour.
+            request.session[LAST_START] = {
+                name: request.POST.getlist(name) if name == "hooks" else request.POST.get(name, "")
+                for name in form.fields
+            }
             if created:
                 messages.success(request, f"Extraction {extraction.pk} is queued.")
             else:
@@ -239,12 +284,14 @@ def extraction_page(request):
     return render(request, "extraction/extractions.html", _page_context(request, form), status=400)
 
 
-@staff_required
+@login_required
 @post_only(lambda request: f"{reverse('extraction:list')}#register")
 def register(request):
     """A model or a dataset by its path on the server; a refusal shows the page again with the
     form's error, and a path already registered names the record it already is."""
     kind = request.POST.get("kind", "")
+    # Each kind has its own permission; a kind that is neither is refused as a model would be.
+    check(request.user, "extraction.add_dataset" if kind == "dataset" else "extraction.add_modelrecord")
     if kind not in ("model", "dataset"):
         messages.error(request, "Register a model or a dataset.")
         return _back_to()
@@ -282,7 +329,8 @@ def attention_fragment(request):
 @login_required
 @require_GET
 def history_fragment(request):
-    return render(request, "extraction/_history.html", {"history": _history()})
+    history = _history(request)
+    return render(request, "extraction/_history.html", {"history": history}, status=400 if history["error"] else 200)
 
 
 @login_required
@@ -290,7 +338,7 @@ def history_fragment(request):
 def card_fragment(request, pk: int):
     seq = last_event_seq()
     return render(request, "extraction/_card.html", {
-        "v": job_view(selectors.extraction_get(extraction_id=pk), seq=seq), "can_act": request.user.is_staff,
+        "v": job_view(selectors.extraction_get(extraction_id=pk), seq=seq),
         "retry_batch_sizes": RetryForm.base_fields["batch_size"].choices,
     })
 
@@ -304,7 +352,7 @@ def _confirm(request, extraction: Extraction, *, action: str, title: str, senten
     })
 
 
-@staff_required
+@permission_required("extraction.cancel_extraction")
 @require_http_methods(["GET", "POST"])
 def extraction_cancel(request, pk: int):
     extraction = selectors.extraction_get(extraction_id=pk)
@@ -327,7 +375,7 @@ def extraction_cancel(request, pk: int):
     return _back_to(pk)
 
 
-@staff_required
+@permission_required("extraction.retry_extraction")
 @post_only(lambda request, pk: f"{reverse('extraction:list')}?job={pk}#extraction-{pk}")
 def extraction_retry(request, pk: int):
     extraction = selectors.extraction_get(extraction_id=pk)
@@ -349,7 +397,7 @@ def extraction_retry(request, pk: int):
     return _back_to(retry.pk)
 
 
-@staff_required
+@permission_required("extraction.retry_extraction")
 @require_POST
 def extraction_retry_suggested(request, pk: int):
     extraction = selectors.extraction_get(extraction_id=pk)
@@ -364,14 +412,28 @@ def extraction_retry_suggested(request, pk: int):
     return _back_to(retry.pk)
 
 
-@staff_required
+@permission_required("extraction.dismiss_extraction")
+@require_POST
+def extraction_dismiss(request, pk: int):
+    """A failed or cancelled job seen: out of the attention panel, into the history."""
+    try:
+        services.extraction_dismiss(extraction=selectors.extraction_get(extraction_id=pk), user=request.user)
+    except TransitionError as exc:
+        messages.error(request, f"Extraction {pk} was not dismissed: {exc}")
+        return _back_to(pk)
+    messages.success(request, f"Extraction {pk} is dismissed; it stays in the history, with its files and Retry.")
+    return redirect(f"{reverse('extraction:list')}#row-{pk}")
+
+
+@permission_required("extraction.resume_extraction")
 @require_POST
 def extraction_resume(request, pk: int):
     resume_with_message(request, selectors.extraction_get(extraction_id=pk), f"Extraction {pk}")
     return _back_to(pk)
 
 
-@staff_required
+@permission_required("extraction.cancel_extraction")
+@permission_required("extraction.retry_extraction")
 @require_http_methods(["GET", "POST"])
 def extraction_restart(request, pk: int):
     """'Taking longer than expected' → Retry: cancel, then retry from the checkpoint once stopped."""
@@ -384,18 +446,13 @@ def extraction_restart(request, pk: int):
             button="Yes, cancel and retry",
         )
     try:
-        extraction = services.extraction_cancel(extraction=extraction)
-        extraction = services.extraction_wait_stopped(extraction=extraction, timeout_s=CANCEL_WAIT_S)
-        if extraction.status != Extraction.Status.CANCELLED:
-            messages.warning(
-                request,
-                f"Extraction {pk} is stopping but has not stopped yet; press Retry on it once it shows cancelled.",
-            )
-            return _back_to(pk)
-        retry = services.extraction_retry(
+        retry = services.extraction_restart(
             extraction=extraction, reason="retried from the page: it was taking longer than expected",
             user=request.user,
         )
+    except services.StillStopping as exc:
+        messages.warning(request, str(exc))
+        return _back_to(pk)
     except (JobInputError, TransitionError) as exc:
         messages.error(request, f"Extraction {pk} was not retried: {exc}")
         return _back_to(pk)

@@ -1,20 +1,27 @@
-"""The JSON API: /api/v1/, OpenAPI at /api/docs. Reads need a login, writes need staff.
+"""The JSON API: /api/v1/, OpenAPI at /api/docs. Reads need a login; each write needs its
+action's permission (jobsite.permissions.require, in the endpoint).
+
+A client is a person's browser session (writes carry the CSRF token) or a script with a personal
+API token (`Authorization: Bearer <key>`, no CSRF token: a browser never sends that header by
+itself); either way the request acts as its user, with that user's permissions. The apps' routers
+are mounted by the URL conf (jobsite/urls.py): they import this module, never the other way.
 
 Every refusal is a 4xx with a `message` sentence that says what to change; a 422 about one
 input also names it in `field`.
 """
 
 import pydantic
+from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, JsonResponse
 from ninja import Field, NinjaAPI, Schema, Status
 from ninja.errors import AuthenticationError, HttpError, ValidationError
-from ninja.security import SessionAuth
+from ninja.security import HttpBearer, SessionAuth
 from pydantic import ConfigDict, model_validator
 from pydantic_core import PydanticCustomError
 
 from jobsite.errors import JobInputError, counted
 from jobsite.lifecycle import TransitionError
-from jobsite.views import STAFF_ONLY
+from jobsite.tokens import TokenRefused, api_token_user
 
 
 class Message(Schema):
@@ -80,9 +87,54 @@ CSRF_SENTENCE = ("The CSRF token is missing or wrong: send the csrftoken cookie'
                  "header with every write.")
 
 
+MALFORMED_AUTHORIZATION = ("The Authorization header is not understood: send 'Authorization: Bearer <key>' with "
+                           "a personal API token, or no Authorization header with a session cookie.")
+
+
+class TokenRejected(HttpError):
+    """A 401 for a request that sent a token (or tried to): never answered by the session instead."""
+
+    def __init__(self, message: str):
+        super().__init__(401, message)
+
+
+class BearerToken(HttpBearer):
+    """A personal API token (jobsite.tokens): the request acts as the token's user.
+
+    Listed before the session: a request with an Authorization header is decided here. A bad
+    header, an unknown or revoked key, or a deactivated account is refused with a 401 sentence,
+    never passed on to a session cookie the same client may also hold.
+    """
+
+    openapi_description = ("A personal API token, sent as 'Authorization: Bearer <key>'. Create one with "
+                           "manage.py jobs token create USER or in the admin (API tokens). No CSRF token needed.")
+
+    def __call__(self, request: HttpRequest):
+        header = request.headers.get(self.header)
+        if header is None:
+            return None
+        scheme, _, key = header.strip().partition(" ")
+        key = key.strip()
+        if scheme.lower() != self.openapi_scheme or not key or " " in key:
+            raise TokenRejected(MALFORMED_AUTHORIZATION)
+        return self.authenticate(request, key)
+
+    def authenticate(self, request: HttpRequest, token: str):
+        try:
+            user = api_token_user(key=token)
+        except TokenRefused as exc:
+            raise TokenRejected(str(exc)) from None
+        # Permission checks read request.user, as they do for a session.
+        request.user = user
+        return user
+
+
 class LoginRequired(SessionAuth):
     """Session login (with CSRF on writes from the browser). Without a login the answer is
     'log in first' (401), not the CSRF refusal that ninja's check would give before it."""
+
+    openapi_description = ("The session cookie of a login at /accounts/login/; a write also sends the csrftoken "
+                           "cookie's value in an X-CSRFToken header.")
 
     def __call__(self, request: HttpRequest):
         if not request.user.is_authenticated:
@@ -96,16 +148,9 @@ class LoginRequired(SessionAuth):
             raise HttpError(403, CSRF_SENTENCE) from exc
 
 
-class StaffRequired(LoginRequired):
-    def authenticate(self, request: HttpRequest, key):
-        user = super().authenticate(request, key)
-        if user and not user.is_staff:
-            raise HttpError(403, STAFF_ONLY)
-        return user
+# Token first (see BearerToken); the API's default, so every endpoint takes either.
+login_required = [BearerToken(), LoginRequired()]
 
-
-login_required = LoginRequired()
-staff_required = StaffRequired()
 
 class JobsiteAPI(NinjaAPI):
     def validation_error_from_error_contexts(self, error_contexts) -> ValidationError:
@@ -213,9 +258,25 @@ def on_transition_error(request, exc: TransitionError):
     return api.create_response(request, {"message": str(exc)}, status=409)
 
 
+@api.exception_handler(TokenRejected)
+def on_token_rejected(request, exc: TokenRejected):
+    response = api.create_response(request, {"message": str(exc)}, status=401)
+    response["WWW-Authenticate"] = 'Bearer error="invalid_token"'
+    return response
+
+
+@api.exception_handler(PermissionDenied)
+def on_permission_denied(request, exc: PermissionDenied):
+    """A service's own check (jobsite.permissions.check) said no: 403 with its sentence."""
+    return api.create_response(request, {"message": str(exc) or "You may not do this."}, status=403)
+
+
+LOG_IN_FIRST = "Log in first (session cookie), or send a personal API token as 'Authorization: Bearer <key>'."
+
+
 @api.exception_handler(AuthenticationError)
 def on_authentication_error(request, exc):
-    return api.create_response(request, {"message": "Log in first (session cookie); writes also need staff."}, status=401)
+    return api.create_response(request, {"message": LOG_IN_FIRST}, status=401)
 
 
 NOT_JSON = "The request body is not JSON: send a JSON object, e.g. {...}, with Content-Type: application/json."
@@ -266,14 +327,3 @@ def health(request):
     healthy, parts = check()
     body = {"healthy": healthy, "failing": [name for name, part in parts.items() if not part["ok"]], "parts": parts}
     return Status(200 if healthy else 503, body)
-
-
-def register_routers() -> None:
-    from extraction.api import router as extraction_router
-    from training_runs.api import router as training_router
-
-    api.add_router("/", extraction_router)
-    api.add_router("/", training_router)
-
-
-register_routers()

@@ -1,3 +1,5 @@
+import sys
+
 from django.apps import AppConfig
 
 
@@ -13,3 +15,7 @@ class JobsiteConfig(AppConfig):
 
         post_spawn.connect(watchdog.on_worker_start, dispatch_uid="jobsite-watchdog-start")
         post_migrate.connect(watchdog.ensure_schedule, sender=self, dispatch_uid="jobsite-watchdog-schedule")
+        if sys.argv[1:2] == ["qcluster"]:
+            from jobsite.worker import install_cluster_stop
+
+            install_cluster_stop()

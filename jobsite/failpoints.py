@@ -5,7 +5,8 @@ Off by default. JOBSITE_FAILPOINTS holds JSON mapping a step name to one rule or
     {"extraction.batch": {"action": "oom", "at": 3, "attempt": 1}}
 
 Match keys (all optional): `at` (the step's index), `from` (index >= from), `attempt` (the
-job's claim count), `min_batch_size` (batch_size >= this), `times` (fire at most this many
+job's claim count), `min_batch_size` (batch_size >= this), `min_tokens` (the step's tokens,
+samples x padded length, >= this: a device that holds fewer), `times` (fire at most this many
 times per attempt: it counts the rule's firings since the job was claimed, and starts again
 at every claim — each Proceed, each automatic retry, each Resume — and in every process;
 combine it with `attempt` for a failure that must not come back after a Proceed). Actions:
@@ -66,6 +67,8 @@ def _matches(rule: dict, context: dict, attempt: int) -> bool:
     if "attempt" in rule and attempt != rule["attempt"]:
         return False
     if "min_batch_size" in rule and context.get("batch_size", 0) < rule["min_batch_size"]:
+        return False
+    if "min_tokens" in rule and context.get("tokens", 0) < rule["min_tokens"]:
         return False
     return True
 

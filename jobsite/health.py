@@ -7,7 +7,7 @@ import time
 from django.conf import settings
 from django.db import connection
 
-from jobsite.watchdog import job_models
+from jobsite.clusters import job_models, live_workers
 
 
 def _database() -> dict:
@@ -31,14 +31,6 @@ def _channel_layer() -> dict:
     client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=1, socket_connect_timeout=1)
     client.ping()
     return {"ok": True, "detail": "redis"}
-
-
-def live_workers() -> tuple[int, int]:
-    """(clusters, worker processes) of the django-q2 clusters that run and are not stopping."""
-    from django_q.status import Stat
-
-    clusters = [s for s in Stat.get_all() if getattr(s, "status", "") not in ("Stopped", "Stopping")]
-    return len(clusters), sum(len(getattr(s, "workers", []) or []) for s in clusters)
 
 
 def _workers() -> dict:

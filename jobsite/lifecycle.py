@@ -66,6 +66,25 @@ def transition(job: Job, to: str, *, event_type: str | None = None, payload: dic
     return job
 
 
+def transition_claimed(job: Job, **fields) -> Job:
+    """A worker takes the job, writing `fields` (its identity, start and heartbeat times).
+
+    A kind with a claimed status moves there by transition(). A kind without one (CLAIMED is
+    "": a training run keeps its phase status while it waits and while it runs) is taken by a
+    compare-and-set on its empty `worker` field instead: of two workers, one wins and the
+    other gets TransitionConflict, as with a status.
+    """
+    if job.CLAIMED:
+        return transition(job, job.CLAIMED, **fields)
+    model = type(job)
+    with transaction.atomic():
+        if not model.objects.filter(model.awaiting_worker(), pk=job.pk, status=job.status).update(**fields):
+            raise TransitionConflict(f"This {model._meta.verbose_name} is already held by another worker.")
+        job.refresh_from_db()
+        publish(job.topic, f"{model.KIND}.claimed", job.event_payload())
+    return job
+
+
 def transition_cancelled(job: Job, *, payload: dict | None = None) -> Job:
     """A cancellation takes effect: the kind's cancelled status, or its failed one (kinds
     without a cancelled status say there that the job was stopped on request)."""

@@ -16,8 +16,8 @@ from jobsite.models import Event
 from jobsite.watchdog import job_models
 
 # Event types counted as outcomes and machinery actions, per job kind.
-COUNTED_EVENTS = ("completed", "failed", "cancelled", "retry_started", "batch_size_reduced", "generating_failed",
-                  "training_failed", "proceeded", "removed")
+COUNTED_EVENTS = ("completed", "failed", "cancelled", "retry_started", "batch_size_reduced", "batch_size_grown",
+                  "generating_failed", "training_failed", "proceeded", "removed")
 
 
 class JobsCollector:

@@ -191,6 +191,46 @@ class Job(models.Model):
         """Parameters a retry should change for this failure; kinds override."""
         return {}
 
+    # What cleanup (jobsite/cleanup.py) may do with a job's output folder, said by its status.
+    # A status in neither set keeps its folder: the job works on it (ACTIVE), it is the result,
+    # or a person's next step (a review, a Proceed) needs it. A kind that says nothing loses nothing.
+    # Failed or stopped statuses whose output a Retry starts from: listed apart, removed only when asked.
+    OUTPUT_REUSABLE: frozenset = frozenset()
+    # Statuses whose output nobody needs any more.
+    OUTPUT_DEAD: frozenset = frozenset()
+    # What the reusable output is counted in ("samples").
+    OUTPUT_UNIT: str = ""
+
+    @classmethod
+    def outputs_root(cls):
+        """The folder that holds one output folder per job, named by its id (where `output_dir`
+        puts them); None for a kind that writes no files."""
+        if not hasattr(cls, "output_dir"):
+            return None
+        return cls(pk=0).output_dir.parent
+
+    def output_reuse(self) -> tuple[int, int] | None:
+        """(done, total) of what a Retry of this job would start from in its output folder, in
+        OUTPUT_UNIT; None when nothing there can be reused. Kinds with resumable output override."""
+        return None
+
+    def output_use(self) -> tuple[str, str]:
+        """What cleanup may do with this job's output folder, and why, as (use, reason): use is
+        "active" (a worker has it or will), "needed", "reusable" or "garbage"."""
+        # A kind may say its status as a sentence does ("has a failed training", "is stopped").
+        name = f"{self._meta.verbose_name} {self.pk} " + (getattr(self, "state_phrase", "") or f"is {self.status}")
+        if self.status in self.ACTIVE:
+            return "active", name
+        if self.status in self.OUTPUT_REUSABLE:
+            reuse = self.output_reuse()
+            if reuse:
+                done, total = reuse
+                return "reusable", f"{name}; reusable by Retry: {done:,} of {total:,} {self.OUTPUT_UNIT}"
+            return "garbage", f"{name}; a Retry has nothing in it to reuse"
+        if self.status in self.OUTPUT_DEAD:
+            return "garbage", name
+        return "needed", name
+
 
 class ApiToken(models.Model):
     """A personal API token: sent as `Authorization: Bearer <key>`, it acts as its user, with

@@ -1,4 +1,4 @@
-"""What every page shares: the home redirect, the staff rule for actions, and the live context.
+"""What every page shares: the home redirect, the sentence for people who may only view, and the live context.
 
 A page that shows jobs embeds the last event seq (read before its rows, so an event written
 in between is replayed rather than lost) and the delays of the live module, taken from
@@ -12,36 +12,23 @@ from functools import wraps
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.core.exceptions import PermissionDenied
 from django.http import HttpResponseNotAllowed
 from django.shortcuts import redirect, render
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils import timezone
 
 from jobsite.lifecycle import TransitionError
+from jobsite.permissions import OPERATORS_GROUP
 from jobsite.selectors import replay_from_seq
 from jobsite.services import job_resume
 
-STAFF_ONLY = ("Only staff users can start, cancel or retry jobs, or add models, datasets and corpora; "
-              "ask an administrator.")
+OPERATORS_ONLY = (f"Only members of the '{OPERATORS_GROUP}' group (and superusers) can start, cancel or retry jobs, "
+                  "or add models, datasets and corpora; ask an administrator to add you.")
 
 
 @login_required
 def home(request):
     return redirect("extraction:list")
-
-
-def staff_required(view):
-    """Login first (a redirect), then staff (a 403 with the sentence): for every action."""
-
-    @wraps(view)
-    @login_required
-    def wrapped(request, *args, **kwargs):
-        if not request.user.is_staff:
-            raise PermissionDenied(STAFF_ONLY)
-        return view(request, *args, **kwargs)
-
-    return wrapped
 
 
 CSRF_PAGE_SENTENCE = ("This form was not sent: its security token is missing or out of date (the page was open "
@@ -101,7 +88,7 @@ def live_context(*, topic: str) -> dict:
             "slow_after_s": settings.JOBSITE_SLOW_AFTER_S,
             "stall_after_s": settings.JOBSITE_STALL_AFTER_S,
         },
-        "staff_only_sentence": STAFF_ONLY,
+        "staff_only_sentence": OPERATORS_ONLY,
     }
 
 

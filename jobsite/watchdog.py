@@ -13,11 +13,11 @@ import os
 import threading
 from datetime import timedelta
 
-from django.apps import apps
 from django.conf import settings
 from django.db import close_old_connections, connection
 from django.utils import timezone
 
+from jobsite.clusters import job_models, live_workers
 from jobsite.errors import ErrorType
 from jobsite.lifecycle import TransitionError, transition_cancelled
 from jobsite.models import Job
@@ -27,10 +27,6 @@ logger = logging.getLogger(__name__)
 
 _thread_started = threading.Lock()
 _thread: threading.Thread | None = None
-
-
-def job_models() -> list[type[Job]]:
-    return [m for m in apps.get_models() if issubclass(m, Job)]
 
 
 def pid_alive(pid: int) -> bool:
@@ -107,8 +103,6 @@ def free_workers() -> int:
     waited past the stall limit while a worker is free has lost its task that way: the
     watchdog sends it again (a copy that turns up later finds the job taken and does nothing).
     """
-    from jobsite.health import live_workers
-
     _clusters, workers = live_workers()
     if not workers:
         return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from typing import Callable
@@ -22,9 +23,9 @@ from django.utils import timezone
 
 from jobsite.errors import Cancelled
 from jobsite.events import publish
-from jobsite.lifecycle import TransitionConflict, TransitionError, transition, transition_cancelled
+from jobsite.lifecycle import TransitionError, transition, transition_cancelled, transition_claimed
 from jobsite.models import Job
-from jobsite.services import job_fail
+from jobsite.services import job_enqueue, job_fail, job_requeue
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class Lease:
         self.lost = threading.Event()
         self.stopped = threading.Event()
         self._cancel_seen_at: float | None = None
+        self._stop_seen_at: float | None = None
         self._last_check = 0.0
         self._last_progress_event = 0.0
         self._thread = threading.Thread(target=self._beat_forever, name=f"heartbeat-{job.topic}", daemon=True)
@@ -58,8 +60,10 @@ class Lease:
             self._check()
 
     def should_cancel(self) -> bool:
+        """True when the work must stop at its next checkpoint: a person's cancel, a lost
+        lease, or this worker's cluster stopping (then the job is released, not cancelled)."""
         self.heartbeat()
-        return self.cancelled.is_set() or self.lost.is_set()
+        return self.cancelled.is_set() or self.lost.is_set() or cluster_stopping()
 
     def report(self, *, final: bool = False, **counters) -> None:
         """Store progress counters on the row; push a throttled `<kind>.progress` event."""
@@ -106,6 +110,23 @@ class Lease:
             self._cancel_seen_at = self._cancel_seen_at or time.monotonic()
             if self.force_exit and time.monotonic() - self._cancel_seen_at > settings.JOBSITE_CANCEL_GRACE_S:
                 self._end_process_for_cancel()
+        if cluster_stopping():
+            self._stop_seen_at = self._stop_seen_at or time.monotonic()
+            if self.force_exit and time.monotonic() - self._stop_seen_at > settings.JOBSITE_CANCEL_GRACE_S:
+                self._end_process_for_stop()
+
+    def _end_process_for_stop(self) -> None:
+        """The cluster stops and the work reached no checkpoint within the grace period (a
+        hung call): release the job as it stands (the checkpoint on disk is what the next
+        worker continues from) and end this process, so that the cluster's stop can finish."""
+        logger.warning("%s did not stop within %ss of its worker's stop; releasing it and ending worker pid %s",
+                       self.job.topic, settings.JOBSITE_CANCEL_GRACE_S, os.getpid())
+        try:
+            self.job.refresh_from_db()
+            release(self.job, reason=f"{_stop_reason(self.job)} It did not reach a checkpoint within "
+                                     f"{settings.JOBSITE_CANCEL_GRACE_S:.0f} s and was taken from its worker.")
+        finally:
+            os._exit(70)
 
     def _end_process_for_cancel(self) -> None:
         """The work ignored cancellation past the grace period (a hung call): record the
@@ -120,7 +141,9 @@ class Lease:
 
     def _beat_forever(self) -> None:
         try:
-            while not self.stopped.wait(settings.JOBSITE_HEARTBEAT_S):
+            # While the cluster stops, the grace period is watched closer than the heartbeat's pace.
+            while not self.stopped.wait(min(settings.JOBSITE_HEARTBEAT_S, 0.5) if cluster_stopping()
+                                        else settings.JOBSITE_HEARTBEAT_S):
                 try:
                     self._beat()
                 except Exception:  # noqa: BLE001 - a database blip must not kill the heartbeat
@@ -149,22 +172,32 @@ def claim(job: Job) -> Job:
         worker=f"{host}:{pid}", worker_host=host, worker_pid=pid, started_at=now, heartbeat_at=now,
         progress_at=now, attempt=F("attempt") + 1, next_attempt_at=None,
     )
-    if job.CLAIMED:
-        return transition(job, job.CLAIMED, **fields)
-    model = type(job)
+    return transition_claimed(job, **fields)
+
+
+def release(job: Job, *, reason: str) -> Job:
+    """The reverse of claim, for a worker that stops: the job goes back to the queue and the
+    next worker continues it from its checkpoint. Its claim is given back too (a worker's stop
+    is not the job's failure), so a deploy does not use up its automatic attempts. The row
+    passes through its failed status inside one transaction (the one way back to the queue
+    that every kind's transitions allow); nobody reads it there."""
     with transaction.atomic():
-        if not model.objects.filter(model.awaiting_worker(), pk=job.pk, status=job.status).update(**fields):
-            raise TransitionConflict(f"This {model._meta.verbose_name} is already held by another worker.")
-        job.refresh_from_db()
-        publish(job.topic, f"{model.KIND}.claimed", job.event_payload())
+        transition(job, job.failed_status(), event_type=f"{job.KIND}.released", payload={"reason": reason},
+                   attempt=F("attempt") - 1)
+        job_requeue(job, automatic=False, reason=reason, event_type=f"{job.KIND}.requeued")
+    logger.info("%s released: %s", job.topic, reason)
     return job
 
 
+def _stop_reason(job: Job) -> str:
+    return f"Worker {job.worker} stopped; the {job._meta.verbose_name} continues from its checkpoint on the next worker."
+
+
 def _wait_for_backoff(model, job_id) -> Job | None:
-    """An automatic retry carries next_attempt_at; wait for it (cancel still wins)."""
+    """An automatic retry carries next_attempt_at; wait for it (cancel and a stop still win)."""
     while True:
         job = model.objects.filter(pk=job_id).first()
-        if job is None or not job.is_claimable or job.next_attempt_at is None:
+        if job is None or not job.is_claimable or job.next_attempt_at is None or cluster_stopping():
             return job
         remaining = (job.next_attempt_at - timezone.now()).total_seconds()
         if remaining <= 0:
@@ -177,6 +210,11 @@ def execute(model: type[Job], job_id: int, work: Callable[[Job, Lease], None]) -
     job = _wait_for_backoff(model, job_id)
     if job is None or not job.is_claimable:
         logger.info("%s %s is %s; nothing to run", model.KIND, job_id, job.status if job else "gone")
+        return
+    if cluster_stopping():
+        # The cluster took this task from the queue before its stop: it goes back for the next worker.
+        logger.info("%s not started: this worker stops; sent back to the queue", job.topic)
+        job_enqueue(job)
         return
     try:
         claim(job)
@@ -206,7 +244,11 @@ def _record_failure(job: Job, lease: Lease, exc: BaseException) -> None:
     for attempt in range(RECORD_TRIES):
         try:
             job.refresh_from_db()
-            if isinstance(exc, Cancelled) or (lease.cancelled.is_set() and job.cancel_requested):
+            if lease.cancelled.is_set() and job.cancel_requested:
+                transition_cancelled(job)
+            elif isinstance(exc, Cancelled) and cluster_stopping():
+                release(job, reason=_stop_reason(job))
+            elif isinstance(exc, Cancelled):
                 transition_cancelled(job)
             else:
                 logger.error("%s failed: %s", job.topic, exc, exc_info=exc)
@@ -219,3 +261,59 @@ def _record_failure(job: Job, lease: Lease, exc: BaseException) -> None:
             logger.warning("database unavailable while recording the failure of %s (try %d)", job.topic, attempt + 1)
             connection.close()
             time.sleep(1)
+
+
+# -- the cluster stops ------------------------------------------------------------------------
+# Set by the sentinel when its cluster stops, whoever was signalled; the worker processes it
+# forks share it. None outside a cluster (a job run in-process by a test or a command).
+_cluster_stopping = None
+
+
+def cluster_stopping() -> bool:
+    return _cluster_stopping is not None and _cluster_stopping.is_set()
+
+
+def install_cluster_stop() -> None:
+    """Make `manage.py qcluster` stop in order however it is signalled; called in its main
+    process before the cluster starts.
+
+    django-q2 leaves SIGTERM at its default in the sentinel and every process it forks. SIGTERM
+    to the whole process group (systemd's default KillMode, supervisord's stopasgroup) killed
+    them mid-job, while the main process, in its own handler, waited forever for the dead
+    sentinel to wake on the stop event (multiprocessing's notify_all has no timeout): no exit,
+    and the sentinel a zombie. SIGINT (Ctrl-C) the sentinel and its children ignore, and the
+    main process's stop waited for the running job to end, however long.
+
+    Here the main process alone acts on SIGTERM and SIGINT: the sentinel and the processes it
+    forks ignore both, and the sentinel's orderly stop sets an event its worker processes
+    share; a running job sees it at its next checkpoint (`Lease.should_cancel`) and is
+    released, one that reaches none within JOBSITE_CANCEL_GRACE_S is released by its heartbeat
+    thread, which ends the process. django-q2 offers no hook in the sentinel, hence the subclass.
+    """
+    from django_q import cluster
+
+    if getattr(cluster.Sentinel, "releases_jobs_on_stop", False):
+        return
+
+    class Sentinel(cluster.Sentinel):
+        releases_jobs_on_stop = True
+
+        def start(self):
+            global _cluster_stopping
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            _cluster_stopping = cluster.get_mp_context().Event()
+            super().start()
+
+        def stop(self):
+            _cluster_stopping.set()
+            super().stop()
+
+        def reincarnate(self, process):
+            # django-q2 ends a worker past its timeout with terminate(), a SIGTERM it now ignores.
+            timed_out = process in self.pool and process.timer.value == 0
+            super().reincarnate(process)
+            if timed_out and process.is_alive():
+                process.kill()
+
+    cluster.Sentinel = Sentinel

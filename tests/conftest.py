@@ -114,8 +114,33 @@ def dataset(settings, db):
 
 
 @pytest.fixture
-def staff_user(django_user_model):
-    return django_user_model.objects.create_user("staff", password="pw", is_staff=True)
+def operators(db):
+    """The "job operators" group as its migration makes it; a test on a flushed database
+    (transactional_db) lost it, while the permissions themselves are made again on every flush."""
+    from django.contrib.auth.models import Group, Permission
+
+    from jobsite.permissions import ACTIONS, OPERATORS_GROUP
+
+    group, _ = Group.objects.get_or_create(name=OPERATORS_GROUP)
+    if not group.permissions.exists():
+        for perm in ACTIONS:
+            app_label, codename = perm.split(".")
+            group.permissions.add(Permission.objects.get(content_type__app_label=app_label, codename=codename))
+    return group
+
+
+@pytest.fixture
+def staff_user(django_user_model, operators):
+    """The person who acts in most tests: staff, and one of the job operators."""
+    user = django_user_model.objects.create_user("staff", password="pw", is_staff=True)
+    user.groups.add(operators)
+    return user
+
+
+@pytest.fixture
+def viewer_user(django_user_model):
+    """Staff without any action permission: sees every page and changelist, may change nothing."""
+    return django_user_model.objects.create_user("viewer", password="pw", is_staff=True)
 
 
 @pytest.fixture

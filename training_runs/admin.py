@@ -1,7 +1,7 @@
 from django.contrib import admin, messages
 from django.utils.translation import ngettext
 
-from jobsite.admin import JobActionsMixin, RegisteredMixin, TamperProofMixin
+from jobsite.admin import ActionPermissions, JobActionsMixin, RegisteredMixin, TamperProofMixin
 from jobsite.errors import JobInputError
 from jobsite.lifecycle import TransitionError
 from training_runs import services
@@ -19,7 +19,7 @@ class CorpusAdmin(RegisteredMixin, admin.ModelAdmin):
 
 
 @admin.register(Chunk)
-class ChunkAdmin(TamperProofMixin, admin.ModelAdmin):
+class ChunkAdmin(ActionPermissions, TamperProofMixin, admin.ModelAdmin):
     list_display = ["index", "corpus", "document"]
     list_filter = ["corpus"]
     search_fields = ["text", "document"]
@@ -79,7 +79,7 @@ class TrainingRunAdmin(JobActionsMixin, admin.ModelAdmin):
     def refusal(self, job, exc):
         return str(exc)  # the services' sentences name the run already
 
-    @admin.action(description="Stop selected generating or training runs", permissions=["view"])
+    @admin.action(description="Stop selected generating or training runs", permissions=["stop"])
     def stop(self, request, queryset):
         self._each(request, queryset, lambda run: services.training_run_stop(run=run),
                    "Stop asked of %(count)d run: a working run stops after its current chunk or batch, one "
@@ -87,12 +87,12 @@ class TrainingRunAdmin(JobActionsMixin, admin.ModelAdmin):
                    "Stop asked of %(count)d runs: a working run stops after its current chunk or batch, one "
                    "without a live worker at once.")
 
-    @admin.action(description="Proceed with selected failed runs", permissions=["view"])
+    @admin.action(description="Proceed with selected failed runs", permissions=["proceed"])
     def proceed(self, request, queryset):
         self._each(request, queryset, lambda run: services.training_run_proceed(run=run),
                    "%(count)d run proceeds.", "%(count)d runs proceed.")
 
-    @admin.action(description="Adopt the adapter of selected runs that did not adopt it", permissions=["view"])
+    @admin.action(description="Adopt the adapter of selected runs that did not adopt it", permissions=["adopt"])
     def adopt(self, request, queryset):
         return self._each_once_confirmed(
             request, queryset, check=lambda run: services.training_run_check_adoptable(run=run), act=lambda run: services.training_run_adopt(run=run, user=request.user),
@@ -101,7 +101,7 @@ class TrainingRunAdmin(JobActionsMixin, admin.ModelAdmin):
             done_plural="%(count)d adapters adopted: search goes through them.")
 
     @admin.action(description="Remove selected failed, stopped, unreviewed or completed runs (their pairs and files; "
-                              "the rows stay)", permissions=["view"])
+                              "the rows stay)", permissions=["remove"])
     def remove(self, request, queryset):
         return self._each_once_confirmed(
             request, queryset, check=lambda run: services.training_run_check_removable(run=run),
@@ -111,7 +111,7 @@ class TrainingRunAdmin(JobActionsMixin, admin.ModelAdmin):
 
 
 @admin.register(TrainingPair)
-class TrainingPairAdmin(TamperProofMixin, admin.ModelAdmin):
+class TrainingPairAdmin(ActionPermissions, TamperProofMixin, admin.ModelAdmin):
     list_display = ["id", "run", "query", "chunk", "review"]
     list_filter = ["review", "run"]
     search_fields = ["query", "chunk__text"]
@@ -143,10 +143,10 @@ class TrainingPairAdmin(TamperProofMixin, admin.ModelAdmin):
             self.message_user(request, ngettext("%d pair %s.", "%d pairs %s.", updated) % (updated, decision),
                               messages.SUCCESS)
 
-    @admin.action(description="Approve selected pairs", permissions=["view"])
+    @admin.action(description="Approve selected pairs", permissions=["review"])
     def approve(self, request, queryset):
         self._review(request, queryset, TrainingPair.Review.APPROVED)
 
-    @admin.action(description="Reject selected pairs", permissions=["view"])
+    @admin.action(description="Reject selected pairs", permissions=["review"])
     def reject(self, request, queryset):
         self._review(request, queryset, TrainingPair.Review.REJECTED)

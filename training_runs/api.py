@@ -8,7 +8,8 @@ from ninja import Field, File, Form, Query, Router, Schema, Status
 from ninja.errors import HttpError
 from ninja.files import UploadedFile
 
-from jobsite.api import Input, JobOut, Message, Refusal, refuse_unknown_form_fields, staff_required
+from jobsite.api import Input, JobOut, Message, Refusal, refuse_unknown_form_fields
+from jobsite.permissions import require
 from training_runs import selectors, services
 from training_runs.models import Corpus, TrainingPair, TrainingRun
 
@@ -207,22 +208,25 @@ def list_corpora(request):
     return selectors.corpus_list()
 
 
-@router.post("/training/corpora", response={201: CorpusOut, 422: Refusal}, auth=staff_required)
+@router.post("/training/corpora", response={201: CorpusOut, 422: Refusal})
 def create_corpus(request, payload: CorpusIn):
+    require(request.user, "training_runs.add_corpus")
     return Status(201, services.corpus_create(name=payload.name, path=payload.path, chunk_size=payload.chunk_size,
                                               chunk_overlap=payload.chunk_overlap))
 
 
-@router.post("/training/corpora/upload", response={201: CorpusOut, 422: Refusal}, auth=staff_required)
+@router.post("/training/corpora/upload", response={201: CorpusOut, 422: Refusal})
 def upload_corpus(request, name: Form[str], files: File[list[UploadedFile]],
                   chunk_size: int = Form(500, ge=50, le=20000), chunk_overlap: int = Form(50, ge=0)):
+    require(request.user, "training_runs.add_corpus")
     refuse_unknown_form_fields(request, "name", "files", "chunk_size", "chunk_overlap")
     return Status(201, services.corpus_create(name=name, uploads=files, chunk_size=chunk_size,
                                               chunk_overlap=chunk_overlap))
 
 
-@router.post("/training/runs", response={201: RunOut, 404: Message, 409: Message, 422: Refusal}, auth=staff_required)
+@router.post("/training/runs", response={201: RunOut, 404: Message, 409: Message, 422: Refusal})
 def start_run(request, payload: RunIn):
+    require(request.user, "training_runs.add_trainingrun")
     corpus = Corpus.objects.filter(pk=payload.corpus_id).first()
     if corpus is None:
         raise HttpError(404, f"Corpus {payload.corpus_id} does not exist; GET /api/v1/training/corpora lists them.")
@@ -241,45 +245,47 @@ def get_run(request, run_id: int):
     return _run(run_id)
 
 
-@router.post("/training/runs/{run_id}/train", response={200: RunOut, 404: Message, 409: Message, 422: Refusal},
-             auth=staff_required)
+@router.post("/training/runs/{run_id}/train", response={200: RunOut, 404: Message, 409: Message, 422: Refusal})
 def train_run(request, run_id: int, payload: TrainIn | None = None):
+    require(request.user, "training_runs.train_trainingrun")
     payload = payload or TrainIn()
     return services.training_run_train(run=_run(run_id), epochs=payload.epochs, batch_size=payload.batch_size,
                                        learning_rate=payload.learning_rate, patience=payload.patience)
 
 
-@router.post("/training/runs/{run_id}/adopt", response={200: RunActionOut, 404: Message, 409: Message},
-             auth=staff_required)
+@router.post("/training/runs/{run_id}/adopt", response={200: RunActionOut, 404: Message, 409: Message})
 def adopt_run(request, run_id: int):
     """Adopt by hand the adapter a completed run did not adopt (its best epoch, which did not beat the encoder
     alone on validation): search then goes through it. Callers confirm first."""
+    require(request.user, "training_runs.adopt_trainingrun")
     run = services.training_run_adopt(run=_run(run_id), user=request.user)
     run.message = run.adopted_sentence
     return run
 
 
-@router.post("/training/runs/{run_id}/stop", response={200: RunActionOut, 404: Message, 409: Message},
-             auth=staff_required)
+@router.post("/training/runs/{run_id}/stop", response={200: RunActionOut, 404: Message, 409: Message})
 def stop_run(request, run_id: int):
     """Stop a generating or training run; it then waits in its failed status for Proceed or Delete."""
+    require(request.user, "training_runs.stop_trainingrun")
     run = services.training_run_stop(run=_run(run_id))
     run.message = run.stop_sentence
     return run
 
 
 @router.post("/training/runs/{run_id}/proceed",
-             response={200: RunActionOut, 404: Message, 409: Message, 422: Refusal}, auth=staff_required)
+             response={200: RunActionOut, 404: Message, 409: Message, 422: Refusal})
 def proceed_run(request, run_id: int):
+    require(request.user, "training_runs.proceed_trainingrun")
     run = services.training_run_proceed(run=_run(run_id))
     run.message = run.proceeds_sentence
     return run
 
 
-@router.delete("/training/runs/{run_id}", response={200: Message, 404: Message, 409: Message}, auth=staff_required)
+@router.delete("/training/runs/{run_id}", response={200: Message, 404: Message, 409: Message})
 def remove_run(request, run_id: int):
     """Remove a failed, stopped, unreviewed or completed run: its pairs and files are deleted, its row stays in
     the history (`removed_at`, `removed_by`); a running one must be stopped first."""
+    require(request.user, "training_runs.remove_trainingrun")
     services.training_run_remove(run=_run(run_id), user=request.user)
     return {"message": f"Training run {run_id} is removed: its pairs and files are deleted; its row stays in the "
                        "history."}
@@ -292,8 +298,9 @@ def list_pairs(request, run_id: int, review: TrainingPair.Review | None = None,
 
 
 @router.post("/training/runs/{run_id}/pairs/review",
-             response={200: ReviewOut, 404: Message, 409: Message, 422: Refusal}, auth=staff_required)
+             response={200: ReviewOut, 404: Message, 409: Message, 422: Refusal})
 def review_pairs(request, run_id: int, payload: ReviewIn):
+    require(request.user, "training_runs.change_trainingpair")
     run = _run(run_id)
     updated = services.training_run_review(run=run, decision=payload.decision, pair_ids=payload.pair_ids)
     return {"updated": updated, "review_counts": services.review_counts(run),
@@ -301,9 +308,10 @@ def review_pairs(request, run_id: int, payload: ReviewIn):
 
 
 @router.patch("/training/runs/{run_id}/pairs/{pair_id}",
-              response={200: PairOut, 404: Message, 409: Message, 422: Refusal}, auth=staff_required)
+              response={200: PairOut, 404: Message, 409: Message, 422: Refusal})
 def edit_pair(request, run_id: int, pair_id: int, payload: PairEditIn):
     """Rewrite a pair's query; the pair is approved (a person wrote it)."""
+    require(request.user, "training_runs.change_trainingpair")
     run = _run(run_id)
     pair = services.training_run_pair_edit(run=run, pair_id=pair_id, query=payload.query)
     return selectors.pair_list(run=run).get(pk=pair.pk)

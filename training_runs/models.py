@@ -401,6 +401,13 @@ class TrainingRun(Job):
             "verdict": self.verdict,
         }
 
+    # Cleanup: no status gives a run's folder away. A generated run waits for review, a failed or
+    # stopped one for Proceed (which continues from its checkpoint and cached embeddings), and a
+    # completed one's adapter and index serve search. Only a removed run's files are garbage
+    # (`live()` says which those are).
+    OUTPUT_REUSABLE = frozenset()
+    OUTPUT_DEAD = frozenset()
+
 
 def _moved(after: dict, before: dict, k: int) -> str:
     """"0.82 → 0.84": recall@k of the encoder alone, then of the adapter."""

@@ -18,6 +18,7 @@ from jobsite.errors import JobInputError, check_file_name, check_text, counted, 
 from jobsite.events import publish
 from jobsite.lifecycle import TransitionError
 from jobsite.paths import RANDOM_WEIGHTS_MARKER, resolve_under
+from jobsite.permissions import check
 from jobsite.services import job_enqueue, job_request_cancel, job_requeue
 from training_runs.models import Chunk, Corpus, TrainingPair, TrainingRun
 
@@ -352,6 +353,7 @@ def training_run_generate(
 ) -> TrainingRun:
     """Start phase 1. The database allows one non-completed run, so concurrent requests
     get one run and, for every other one, the sentence naming it."""
+    check(user, "training_runs.add_trainingrun")
     training_run_check_generate(generator=generator, queries_per_chunk=queries_per_chunk)
     _require_enough_pairs(corpus, queries_per_chunk)
     try:
@@ -381,6 +383,7 @@ def training_run_generate_from_path(
     Every refusal comes before a corpus is made, and a run refused at the last moment (a
     concurrent start) takes the new corpus back with it: a refused generation leaves nothing
     that the same request would later trip over."""
+    check(user, "training_runs.add_trainingrun")
     training_run_check_generate(generator=generator, queries_per_chunk=queries_per_chunk)
     corpus = None if name else corpus_made_from(path=path)
     if corpus is not None:
@@ -392,6 +395,7 @@ def training_run_generate_from_path(
         if taken is not None:
             raise JobInputError(f"A corpus named {name!r} already exists, made from {taken.source}; "
                                 f"the corpus made from {path} needs another name.", field="name")
+    check(user, "training_runs.add_corpus")
     with transaction.atomic():
         corpus = corpus_create(name=name, path=path, chunk_size=chunk_size)
         run = training_run_generate(corpus=corpus, generator=generator, queries_per_chunk=queries_per_chunk, user=user)
@@ -584,6 +588,7 @@ def training_run_remove(*, run: TrainingRun, user=None) -> TrainingRun:
     """Remove a failed, stopped, unreviewed or completed run: its pairs go now and its files once
     that commits, while its row stays in the history (who removed it, when, its pair count and
     verdict) and blocks nothing. The event `training.removed` says the same."""
+    check(user, "training_runs.remove_trainingrun")
     training_run_check_removable(run=run)
     now, by = timezone.now(), user if getattr(user, "is_authenticated", False) else None
     with transaction.atomic():
@@ -706,6 +711,7 @@ def training_run_adopt(*, run: TrainingRun, user=None) -> TrainingRun:
 
     The run chose it as its best epoch on validation, where it did not beat the encoder alone;
     every caller asks for a confirmation first, and the run keeps who adopted it and when."""
+    check(user, "training_runs.adopt_trainingrun")
     training_run_check_adoptable(run=run)
     now = timezone.now()
     with transaction.atomic():

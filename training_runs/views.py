@@ -2,8 +2,9 @@
 
 Views are thin callers of training_runs.services (and jobsite.views.resume_with_message for a run
 whose worker went silent); a service's JobInputError or TransitionError becomes a message.
-Reading needs a login, every POST needs staff. While training is unavailable the page says
-why and lists the corpora, which can still be prepared: no run could succeed.
+Reading needs a login, every POST its action's permission (jobsite.permissions). While training
+is unavailable the page says why and lists the corpora, which can still be prepared: no run
+could succeed.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from jobsite.errors import JobInputError
 from jobsite.forms import add_refusal
 from jobsite.health import workers_missing
 from jobsite.lifecycle import TransitionError
+from jobsite.permissions import permission_required
 from jobsite.selectors import last_event_seq
 from jobsite.views import (
-    STAFF_ONLY, duration, form_problems, id_param, iso, live_context, post_only, resume_with_message, staff_required,
+    OPERATORS_ONLY, duration, form_problems, id_param, iso, live_context, post_only, resume_with_message,
 )
 from training_runs import selectors, services
 from training_runs.forms import CorpusForm, GenerateForm, PairEditForm, ReviewForm, TrainForm
@@ -253,8 +255,7 @@ def _workflow_context(request, *, seq: int) -> dict:
         "latest": latest,
         "latest_recall": recall_rows(latest) if latest else [],
         "latest_chart": result_chart(latest) if latest else None,
-        "can_act": request.user.is_staff,
-        "staff_only_sentence": STAFF_ONLY,
+        "staff_only_sentence": OPERATORS_ONLY,
         "min_approved_pairs": settings.JOBSITE_MIN_APPROVED_PAIRS,
     }
 
@@ -264,14 +265,13 @@ def _corpora_context(request, corpus_form: CorpusForm | None = None) -> dict:
         # order_by again: Meta.ordering does not apply to a query with GROUP BY.
         "corpora": selectors.corpus_list().annotate(num_chunks=Count("chunks")).order_by("name"),
         "corpus_form": corpus_form or CorpusForm(),
-        "can_act": request.user.is_staff,
     }
 
 
 def _history_context(request) -> dict:
     open_id = _open_id(request)
     runs = selectors.training_run_list()[:HISTORY_LIMIT]
-    return {"rows": [row_view(run, open_id=open_id) for run in runs], "can_act": request.user.is_staff}
+    return {"rows": [row_view(run, open_id=open_id) for run in runs]}
 
 
 def _back(run_id: int | None = None, *, pairs_page: str = "", corpus: int | None = None):
@@ -334,13 +334,13 @@ def history_fragment(request):
 def row_fragment(request, pk: int):
     run = selectors.training_run_get(run_id=pk)
     return render(request, "training_runs/_row.html", {
-        "row": row_view(run, open_id=_open_id(request)), "can_act": request.user.is_staff,
+        "row": row_view(run, open_id=_open_id(request)),
     })
 
 
 # -- actions -----------------------------------------------------------------------------------
 
-@staff_required
+@permission_required("training_runs.add_corpus")
 @post_only(lambda request: f"{reverse('training_runs:page')}#corpora")
 def training_corpus_create(request):
     """A corpus from the page's form; a refusal shows the page again with the form's errors."""
@@ -361,7 +361,7 @@ def training_corpus_create(request):
     return _page(request, corpus_form=form, status=400)
 
 
-@staff_required
+@permission_required("training_runs.add_trainingrun")
 @post_only(lambda request: f"{reverse('training_runs:page')}#workflow")
 def training_generate(request):
     form = GenerateForm(request.POST)
@@ -382,7 +382,7 @@ def training_generate(request):
     return _back(run.pk, corpus=corpus.pk)
 
 
-@staff_required
+@permission_required("training_runs.change_trainingpair")
 @require_POST
 def training_review(request, pk: int):
     run = selectors.training_run_get(run_id=pk)
@@ -401,7 +401,7 @@ def training_review(request, pk: int):
     return _back(pk, pairs_page=page)
 
 
-@staff_required
+@permission_required("training_runs.change_trainingpair")
 @require_http_methods(["GET", "POST"])
 def training_pair_edit(request, pk: int, pair_id: int):
     """A page of its own for one pair's query (the review table is one form already): the
@@ -428,7 +428,7 @@ def training_pair_edit(request, pk: int, pair_id: int):
     return render(request, "training_runs/edit_pair.html", {"run": run, "pair": pair, "form": form}, status=status)
 
 
-@staff_required
+@permission_required("training_runs.train_trainingrun")
 @require_POST
 def training_train(request, pk: int):
     run = selectors.training_run_get(run_id=pk)
@@ -447,7 +447,7 @@ def training_train(request, pk: int):
     return _back(pk)
 
 
-@staff_required
+@permission_required("training_runs.adopt_trainingrun")
 @require_http_methods(["GET", "POST"])
 def training_adopt(request, pk: int):
     """Adopt by hand an adapter the run did not adopt: without `confirmed` (or on a GET) a
@@ -463,7 +463,7 @@ def training_adopt(request, pk: int):
                            done=run.adopted_sentence)
 
 
-@staff_required
+@permission_required("training_runs.proceed_trainingrun")
 @require_POST
 def training_proceed(request, pk: int):
     run = selectors.training_run_get(run_id=pk)
@@ -476,7 +476,7 @@ def training_proceed(request, pk: int):
     return _back(pk)
 
 
-@staff_required
+@permission_required("training_runs.stop_trainingrun")
 @require_POST
 def training_stop(request, pk: int):
     run = selectors.training_run_get(run_id=pk)
@@ -489,14 +489,14 @@ def training_stop(request, pk: int):
     return _back(pk)
 
 
-@staff_required
+@permission_required("training_runs.resume_trainingrun")
 @require_POST
 def training_resume(request, pk: int):
     resume_with_message(request, selectors.training_run_get(run_id=pk), f"Training run {pk}")
     return _back(pk)
 
 
-@staff_required
+@permission_required("training_runs.remove_trainingrun")
 @require_http_methods(["GET", "POST"])
 def training_delete(request, pk: int):
     """Django's delete_selected way: without `confirmed` (or on a GET) a confirmation page."""

@@ -8,13 +8,15 @@ requested (layer, hook point) holding the non-pad tokens of every sample in data
 Samples are computed in one global order, longest first (ties by dataset index), cut into
 batches. Whatever the batch size, the completed samples are therefore a prefix of that
 order and the checkpoint only counts them: a resume cuts the pending suffix with the
-recorded batch size, which reproduces the uninterrupted run's batches and so its bytes.
+batch size and growth budget it recorded (module `batch_size`), which reproduces the
+uninterrupted run's batches and so its bytes.
 
 The modules, in the order a run uses them: `model` (a directory read as untrusted input),
 `families` (where each hook point lives in each family's blocks), `dataset`, `plan` (the
 request checked, the samples tokenized, the fingerprint), `outputs` (preallocated files and
-the checkpoint), `forward` (a batch through the model, with the hooks), `writer` (rows
-written by position on a thread of its own), `native` (the allocator and writeback knobs).
+the checkpoint), `batch_size` (halved on out-of-memory, grown back on shorter samples),
+`forward` (a batch through the model, with the hooks), `writer` (rows written by position on
+a thread of its own), `native` (the allocator and writeback knobs).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 
 from extraction.runner import outputs
+from extraction.runner.batch_size import BatchSize
 from extraction.runner.dataset import DatasetInfo, inspect_dataset
 from extraction.runner.forward import Capture, run_batch
 from extraction.runner.model import ModelInfo, inspect_model, load_model
@@ -87,11 +90,14 @@ def run_extraction(
     plan = prepare(spec)
     model = load_model(spec.model_path, dtype=spec.model_dtype, device=spec.device)
     starts, checkpoint = open_outputs(spec, plan)
+    # A resume goes on with the size its checkpoint had in force, and grows back toward spec's.
+    sizer = BatchSize.from_checkpoint(checkpoint, spec.batch_size)
     calls.on_event("phase", {
         "phase": "extracting", "total_tokens": int(plan.offsets[-1]),
         "clamped_tokens": plan.clamped_tokens, "truncated_samples": plan.truncated_samples,
+        "batch_size": sizer.current, "batch_size_changes": list(sizer.changes),
     })
-    batch_size, inf_values = _extract(spec, plan, model, starts, checkpoint, calls)
+    batch_size, inf_values = _extract(spec, plan, model, starts, checkpoint, sizer, calls)
     calls.on_event("phase", {"phase": "saving"})
     result, metadata = _describe(spec, plan, batch_size, inf_values)
     outputs.write_json(os.path.join(spec.output_dir, METADATA), metadata)
@@ -99,14 +105,14 @@ def run_extraction(
 
 
 def _extract(spec: ExtractionSpec, plan: Plan, model: torch.nn.Module, starts: dict[str, int], checkpoint: dict,
-             calls: _Callbacks) -> tuple[int, int]:
+             sizer: BatchSize, calls: _Callbacks) -> tuple[int, int]:
     """Every pending batch, longest samples first; returns the batch size in force at the end
-    (smaller after out-of-memory halving) and the infinite values stored."""
+    (smaller after out-of-memory halving, unless it grew back) and the infinite values stored."""
     checkpoint_path = os.path.join(spec.output_dir, CHECKPOINT)
     lengths = np.diff(plan.offsets)
     order = np.argsort(-lengths, kind="stable")  # longest first, ties in dataset order
     total_samples, total_tokens = len(order), int(plan.offsets[-1])
-    batch_size, done, batch_index = checkpoint["batch_size"], checkpoint["samples_done"], checkpoint["batches_done"]
+    done, batch_index = checkpoint["samples_done"], checkpoint["batches_done"]
     tokens_upto = np.concatenate([[0], np.cumsum(lengths[order])])  # tokens of the first k samples of order
     calls.progress(done, total_samples, int(tokens_upto[done]), total_tokens)
 
@@ -133,8 +139,17 @@ def _extract(spec: ExtractionSpec, plan: Plan, model: torch.nn.Module, starts: d
                     writer.flush()
                     report()
                     raise Cancelled(f"Cancelled after {done} of {total_samples} samples.")
+                grown = sizer.grow(done, int(lengths[order[done]]))
+                if grown is not None:
+                    calls.on_event("batch_size_grown", _change_payload(
+                        grown, batch_index, sizer,
+                        f"Samples are shorter now: back to batch size {grown['to']} from {grown['from']} "
+                        f"after {done} samples.",
+                    ))
+                batch_size = sizer.current
                 # Longest first, so empty samples only ever share a batch with each other.
                 batch = [int(i) for i in order[done : done + batch_size] if lengths[i] > 0]
+                tokens = len(batch) * int(lengths[batch[0]]) if batch else 0  # samples x padded length
                 rows = failure = None
                 try:
                     rows = run_batch(model, spec, plan, batch, capture, copy_stream)
@@ -149,8 +164,8 @@ def _extract(spec: ExtractionSpec, plan: Plan, model: torch.nn.Module, starts: d
                     if failure is not None:
                         raise failure
                     # Here every earlier batch is counted, as if nothing ran concurrently.
-                    calls.failpoint("extraction.batch",
-                                    {"index": batch_index, "batch_size": batch_size, "samples_done": done})
+                    calls.failpoint("extraction.batch", {"index": batch_index, "batch_size": batch_size,
+                                                         "samples_done": done, "tokens": tokens})
                 except Exception as exc:
                     if not (spec.auto_retry_on_oom and batch_size > 1 and is_oom(exc)):
                         raise
@@ -163,17 +178,21 @@ def _extract(spec: ExtractionSpec, plan: Plan, model: torch.nn.Module, starts: d
                     gc.collect()
                     if spec.device.startswith("cuda"):
                         torch.cuda.empty_cache()
-                    message = f"Out of memory at batch size {batch_size}; retrying with {batch_size // 2}."
-                    reduced = {"from": batch_size, "to": batch_size // 2, "batch_index": batch_index, "message": message}
-                    calls.on_event("batch_size_reduced", reduced)
-                    batch_size //= 2
+                    reduced = sizer.halve(done)
                     # From the writer's checkpoint: it is this one, plus what the writer counts.
-                    checkpoint = {**writer.counted, "batch_size": batch_size}
+                    checkpoint = {**writer.counted, **sizer.checkpoint_fields()}
                     outputs.write_json(checkpoint_path, checkpoint)  # the writer is idle: it was flushed above
+                    # Told once the checkpoint holds it: the job's row never says a size no resume goes on with.
+                    calls.on_event("batch_size_reduced", _change_payload(
+                        reduced, batch_index, sizer,
+                        f"Out of memory at batch size {reduced['from']}; retrying with {reduced['to']}.",
+                    ))
                     continue
+                sizer.ran(tokens)
                 done = min(done + batch_size, total_samples)
                 batch_index += 1
-                checkpoint = {**checkpoint, "samples_done": done, "batches_done": batch_index}
+                checkpoint = {**checkpoint, **sizer.checkpoint_fields(), "samples_done": done,
+                              "batches_done": batch_index}
                 writer.submit(rows, checkpoint)
                 del rows
             writer.flush()
@@ -186,7 +205,12 @@ def _extract(spec: ExtractionSpec, plan: Plan, model: torch.nn.Module, starts: d
             report()
             if copy_stream is not None:
                 release_pinned()
-    return batch_size, writer.inf_values
+    return sizer.current, writer.inf_values
+
+
+def _change_payload(change: dict, batch_index: int, sizer: BatchSize, message: str) -> dict:
+    """A batch size change as the job hears of it: the change, and every change so far."""
+    return {**change, "batch_index": batch_index, "message": message, "batch_size_changes": list(sizer.changes)}
 
 
 def _describe(spec: ExtractionSpec, plan: Plan, batch_size: int, inf_values: int) -> tuple[ExtractionResult, dict]:

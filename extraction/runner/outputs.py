@@ -163,6 +163,9 @@ def seed_from_checkpoint(src_output_dir: str, dst_output_dir: str, spec: Extract
         for name in names:
             shutil.copyfile(os.path.join(src_output_dir, name), os.path.join(dst_output_dir, name))
         _save_tokenizer(dst_output_dir, plan)
-    # Written last: dst is resumable only once every data file is in place.
-    write_json(os.path.join(dst_output_dir, CHECKPOINT), {**checkpoint, "batch_size": spec.batch_size})
+    # Written last: dst is resumable only once every data file is in place. dst starts at the size
+    # it asks for: src's halvings and growth budget were src's.
+    write_json(os.path.join(dst_output_dir, CHECKPOINT), {
+        **checkpoint, "batch_size": spec.batch_size, "batch_fit_tokens": None, "batch_size_changes": [],
+    })
     return checkpoint["samples_done"]

@@ -32,7 +32,9 @@ class ExtractionSpec:
     output_dir: str
     layers: tuple[int, ...]
     hooks: tuple[str, ...]
-    batch_size: int  # a resume keeps the batch size its checkpoint recorded (smaller after OOM)
+    # The size asked for. A resume starts at the size its checkpoint had in force (smaller after
+    # out-of-memory halving) and grows back toward this one as the samples get shorter.
+    batch_size: int
     max_length: int = 512
     max_samples: int | None = None
     storage_dtype: str = "float32"

@@ -30,13 +30,17 @@ def test_changelist_shows_status_badge_progress_and_error(admin_client_logged, m
     assert "4/10" not in filtered
 
 
-def test_cancel_action_cancels_queued_and_reports_refusals(admin_client_logged, make_extraction):
+def test_cancel_asks_for_a_confirmation_then_cancels_and_reports_refusals(admin_client_logged, make_extraction):
     queued, done = make_extraction("queued"), make_extraction("completed")
     page = act(admin_client_logged, "cancel", [queued, done]).content.decode()
-    queued.refresh_from_db()
-    assert queued.status == "cancelled"
-    assert "1 extraction cancelled" in page
     assert f"Extraction {done.pk} is completed; only a queued or running extraction can be cancelled." in page
+    assert "Cancel these extractions?" in page and f"Extraction {queued.pk} — queued" in page
+    assert f"Extraction {done.pk} — " not in page, "a refused job is not offered for the confirmation"
+    assert Extraction.objects.get(pk=queued.pk).status == "queued", "nothing is cancelled before the confirmation"
+    page = admin_client_logged.post(reverse(CHANGELIST), {
+        "action": "cancel", "_selected_action": [queued.pk], "confirmed": "yes"}, follow=True).content.decode()
+    assert "1 extraction cancelled" in page
+    assert Extraction.objects.get(pk=queued.pk).status == "cancelled"
 
 
 def test_retry_with_suggested_parameters_uses_the_half_batch_size(admin_client_logged, make_extraction):
@@ -192,3 +196,58 @@ def test_retry_with_suggested_parameters_is_refused_without_a_suggestion(admin_c
     assert (f"Extraction {failed.pk}'s failure (VALIDATION) suggests no parameters; retry it with the parameters "
             "you choose") in html.unescape(response.content.decode())
     assert not Extraction.objects.filter(original_extraction=failed).exists()
+
+
+def test_dismiss_moves_failed_and_cancelled_jobs_into_the_history_and_refuses_others(
+        admin_client_logged, make_extraction, django_capture_on_commit_callbacks):
+    from jobsite.models import Event
+
+    failed, cancelled, running = (make_extraction("failed", error_type="OOM"), make_extraction("cancelled"),
+                                  make_extraction("extracting"))
+    with django_capture_on_commit_callbacks(execute=True):
+        page = html.unescape(act(admin_client_logged, "dismiss", [failed, cancelled, running]).content.decode())
+    assert "2 extractions dismissed: they are in the history" in page
+    assert (f"Extraction {running.pk} is extracting; only a failed or cancelled extraction can be dismissed "
+            "(cancel it first).") in page
+    for job in (failed, cancelled):
+        job.refresh_from_db()
+        assert job.dismissed_at is not None and job.dismissed_by.username == "boss"
+    assert Extraction.objects.get(pk=running.pk).dismissed_at is None
+    assert Event.objects.get(topic=failed.topic, type="extraction.dismissed").payload["dismissed_by"] == "boss"
+    dismissed = admin_client_logged.get(reverse(CHANGELIST), {"dismissed_at__isempty": "0"}).content.decode()
+    assert f'value="{failed.pk}"' in dismissed and f'value="{running.pk}"' not in dismissed
+
+
+def test_a_viewer_is_not_offered_dismiss(client, viewer_user, make_extraction):
+    failed = make_extraction("failed", error_type="OOM")
+    client.force_login(viewer_user)
+    page = client.get(reverse(CHANGELIST))
+    assert page.status_code == 200 and 'value="dismiss"' not in page.content.decode()
+    client.post(reverse(CHANGELIST), {"action": "dismiss", "_selected_action": [failed.pk]}, follow=True)
+    assert Extraction.objects.get(pk=failed.pk).dismissed_at is None
+
+
+def test_deleting_an_original_keeps_its_number_on_the_retry(admin_client_logged, make_extraction,
+                                                            django_capture_on_commit_callbacks):
+    original = make_extraction("failed", error_type="OOM")
+    retry = make_extraction("completed", original_extraction=original, retry_count=1)
+    with django_capture_on_commit_callbacks(execute=True):
+        admin_client_logged.post(reverse(CHANGELIST), {
+            "action": "delete", "_selected_action": [original.pk], "confirmed": "yes"}, follow=True)
+    assert not Extraction.objects.filter(pk=original.pk).exists()
+    retry.refresh_from_db()
+    assert retry.original_extraction_id == original.pk and retry.retry_count == 1
+    assert f"#{original.pk} (deleted)" in admin_client_logged.get(reverse(CHANGELIST)).content.decode()
+    change = admin_client_logged.get(reverse("admin:extraction_extraction_change", args=[retry.pk]))
+    assert change.status_code == 200 and f"#{original.pk} (deleted)" in change.content.decode()
+
+
+def test_the_changelist_has_short_columns(admin_client_logged, make_extraction):
+    """What fits beside the filters at 1,280 px (tests/browser/test_admin_layout.py measures it)."""
+    make_extraction("failed", error_type="OOM", attempt=2, total_samples=20000, samples_processed=12480)
+    page = admin_client_logged.get(reverse(CHANGELIST)).content.decode()
+    table = page.split('id="result_list"', 1)[1].split("</thead>", 1)[0]
+    labels = re.findall(r'<div class="text">\s*(?:<a[^>]*>|<span>)(.*?)(?:</a>|</span>)', table, re.S)
+    labels = [label.strip() for label in labels if "<input" not in label]  # the select-all box
+    assert len(labels) <= 9 and all(len(label) <= 10 for label in labels), labels
+    assert "12,480/20,000 (62 %)" in page and "OOM · try 2" in page

@@ -30,7 +30,7 @@ def test_non_staff_user_can_read_but_not_start(client, plain_user, fake_model, f
     assert client.get(start_url(fake_model)).status_code == 200
     response = post(client, start_url(fake_model), body(fake_dataset))
     assert response.status_code == 403
-    assert "staff" in response.json()["message"]
+    assert response.json()["message"].startswith("You may view jobs but not start extractions")
     assert Extraction.objects.count() == 0
 
 
@@ -381,3 +381,104 @@ def test_an_extraction_is_read_by_its_number_alone_whichever_model_it_belongs_to
     assert (response.json()["id"], response.json()["status"]) == (extraction.pk, "failed")
     missing = staff_client.get("/api/v1/extractions/999999")
     assert missing.status_code == 404 and missing.json()["message"].startswith("Extraction 999999 does not exist")
+
+
+def test_a_start_with_several_problems_names_each_and_the_first_field(staff_client, fake_model, fake_dataset):
+    fake_model.max_positions = 1024
+    fake_model.save()
+    response = post(staff_client, start_url(fake_model), body(fake_dataset, layers=[7], batch_size=3,
+                                                              max_length=5000))
+    assert response.status_code == 422
+    assert response.json() == {
+        "message": "Layer 7 does not exist: fake has layers 0-3. The batch size must be one of 1, 2, 4, 8, 16, 32, "
+                   "64, 128, 256, 512; got 3. Max length 5,000 is beyond fake's position limit: it reads at most "
+                   "1,024 tokens.",
+        "field": "layers"}
+    assert Extraction.objects.count() == 0
+
+
+def test_the_storage_dtype_has_one_name(staff_client, fake_model, fake_dataset):
+    response = post(staff_client, start_url(fake_model), body(fake_dataset, dtype="float16"))
+    assert response.status_code == 422 and response.json()["field"] == "dtype"
+    assert response.json()["message"].startswith("Unknown field 'dtype'; the fields are") and (
+        "storage_dtype" in response.json()["message"])
+    response = post(staff_client, start_url(fake_model), body(fake_dataset, storage_dtype="int8"))
+    assert response.status_code == 422 and response.json()["field"] == "storage_dtype"
+
+
+def test_dismiss_moves_a_failed_job_into_the_history_and_refuses_a_running_one(
+        staff_client, make_extraction, django_capture_on_commit_callbacks):
+    from jobsite.models import Event
+
+    failed, running = make_extraction("failed", error_type="OOM"), make_extraction("extracting")
+    with django_capture_on_commit_callbacks(execute=True):
+        response = post(staff_client, f"/api/v1/extractions/{failed.pk}/dismiss")
+    assert response.status_code == 200
+    answer = response.json()
+    assert answer["dismissed_by"] == "staff" and answer["dismissed_at"] and answer["status"] == "failed"
+    assert Event.objects.filter(topic=failed.topic, type="extraction.dismissed").count() == 1
+    again = post(staff_client, f"/api/v1/extractions/{failed.pk}/dismiss")
+    assert again.status_code == 200 and again.json()["dismissed_at"] == answer["dismissed_at"]
+    refused = post(staff_client, f"/api/v1/extractions/{running.pk}/dismiss")
+    assert refused.status_code == 409 and refused.json()["message"] == (
+        f"Extraction {running.pk} is extracting; only a failed or cancelled extraction can be dismissed (cancel it "
+        "first).")
+    assert post(staff_client, "/api/v1/extractions/999999/dismiss").status_code == 404
+
+
+def test_a_viewer_cannot_dismiss(client, viewer_user, make_extraction):
+    failed = make_extraction("failed", error_type="OOM")
+    client.force_login(viewer_user)
+    response = post(client, f"/api/v1/extractions/{failed.pk}/dismiss")
+    assert response.status_code == 403 and "dismiss extractions" in response.json()["message"]
+    assert Extraction.objects.get(pk=failed.pk).dismissed_at is None
+
+
+def test_the_list_of_extractions_pages_with_totals_and_filters(staff_client, make_extraction, fake_model):
+    jobs = [make_extraction("completed") for _ in range(5)] + [make_extraction("failed", error_type="OOM")]
+    newest = [job.pk for job in reversed(jobs)]
+    answer = staff_client.get("/api/v1/extractions", {"limit": 4}).json()
+    assert [row["id"] for row in answer["items"]] == newest[:4]
+    assert {key: answer[key] for key in ("count", "page", "pages", "limit")} == {
+        "count": 6, "page": 1, "pages": 2, "limit": 4}
+    second = staff_client.get("/api/v1/extractions", {"limit": 4, "page": 2}).json()
+    assert [row["id"] for row in second["items"]] == newest[4:]
+    assert staff_client.get("/api/v1/extractions").json()["limit"] == 20
+    for model in (fake_model.name, fake_model.pk):
+        failed = staff_client.get("/api/v1/extractions", {"status": "failed", "model": model}).json()
+        assert [row["id"] for row in failed["items"]] == [jobs[-1].pk] and failed["count"] == 1
+    # The model's own list stays a list (its clients read one), and pages the same way when asked.
+    whole = staff_client.get(start_url(fake_model))
+    assert [row["id"] for row in whole.json()] == newest and whole["X-Total-Count"] == "6"
+    paged = staff_client.get(start_url(fake_model), {"page": 2, "limit": 4})
+    assert [row["id"] for row in paged.json()] == newest[4:] and paged["X-Page-Count"] == "2"
+
+
+@pytest.mark.parametrize(("query", "status", "message"), [
+    ({"limit": 500}, 422, "limit must be at most 100, not '500'."),
+    ({"limit": 0}, 422, "limit must be at least 1, not '0'."),
+    ({"page": 0}, 422, "page must be at least 1, not '0'."),
+    ({"page": 3}, 404, "Page 3 does not exist: 1 extraction make 1 page of 20."),
+    ({"model": "nope"}, 422, "No model named or numbered 'nope' is registered; GET /api/v1/models lists them."),
+    ({"status": "lost"}, 422, "status must be"),
+])
+def test_a_page_past_the_end_or_beyond_the_limit_is_refused_with_a_sentence(staff_client, make_extraction, query,
+                                                                             status, message):
+    make_extraction("completed")
+    response = staff_client.get("/api/v1/extractions", query)
+    assert response.status_code == status
+    assert response.json()["message"].startswith(message)
+
+
+def test_a_retry_keeps_the_number_of_its_deleted_original(staff_client, make_extraction):
+    from extraction.services import extraction_delete
+
+    original = make_extraction("failed", error_type="OOM")
+    retry = make_extraction("queued", original_extraction=original, retry_count=1)
+    assert staff_client.get(f"/api/v1/extractions/{retry.pk}").json()["original_deleted"] is False
+    extraction_delete(extraction=original)
+    answer = staff_client.get(f"/api/v1/extractions/{retry.pk}").json()
+    assert (answer["original_extraction_id"], answer["original_deleted"]) == (original.pk, True)
+    listed = staff_client.get("/api/v1/extractions").json()["items"]
+    assert [(row["id"], row["original_extraction_id"], row["original_deleted"]) for row in listed] == [
+        (retry.pk, original.pk, True)]

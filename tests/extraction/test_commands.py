@@ -273,3 +273,43 @@ def test_extraction_retry_keeps_the_reason_given(make_extraction):
     other = make_extraction("failed", error_type="UNKNOWN", error_message="boom")
     with pytest.raises(CommandError, match="The retry reason"):
         call_command("extraction", "retry", str(other.pk), "--reason", "x" * 600, stdout=io.StringIO())
+
+
+@pytest.mark.parametrize("flag", ["--storage-dtype", "--dtype"])
+def test_extract_takes_the_storage_dtype_by_its_name_and_its_old_one(model_record, dataset, flag,
+                                                                    django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=False):
+        call_command("extract", "tiny-gpt2", "samples", "--layers", "0", flag, "float16")
+    assert Extraction.objects.get().storage_dtype == "float16"
+
+
+def test_extract_help_names_the_storage_dtype_and_its_deprecated_alias(settings):
+    shown = subprocess.run([sys.executable, "manage.py", "extract", "--help"], cwd=REPO, env=process_env(settings),
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "--storage-dtype" in shown.stdout
+    assert "--dtype is its deprecated old name" in " ".join(shown.stdout.split())
+
+
+def test_extraction_dismiss_moves_a_failed_job_into_the_history_and_refuses_a_running_one(make_extraction, capsys):
+    failed, running = make_extraction("failed", error_type="OOM"), make_extraction("extracting")
+    call_command("extraction", "dismiss", str(failed.pk))
+    assert capsys.readouterr().out.strip() == (
+        f"Extraction {failed.pk} is dismissed; it stays in the history, with its files.")
+    assert Extraction.objects.get(pk=failed.pk).dismissed_at is not None
+    with pytest.raises(CommandError, match=f"Extraction {running.pk} is extracting; only a failed or cancelled "
+                                           r"extraction can be dismissed \(cancel it first\)."):
+        call_command("extraction", "dismiss", str(running.pk))
+
+
+def test_extract_says_every_problem_of_a_request_at_once(model_record, dataset):
+    with pytest.raises(CommandError) as refused:
+        call_command("extract", "tiny-gpt2", "samples", "--layers", "7", "--max-length", "5000")
+    assert "Layer 7 does not exist" in str(refused.value) and "Max length 5,000 is beyond" in str(refused.value)
+
+
+def test_extraction_list_filters_by_model(make_extraction, fake_model, capsys):
+    job = make_extraction("failed", error_type="OOM")
+    call_command("extraction", "list", "--model", "fake", "--json")
+    assert [row["id"] for row in json.loads(capsys.readouterr().out)] == [job.pk]
+    with pytest.raises(CommandError, match="No model named or numbered 'nope' is registered."):
+        call_command("extraction", "list", "--model", "nope")

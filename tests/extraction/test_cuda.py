@@ -115,3 +115,34 @@ def test_real_cuda_oom_is_halved_in_place_and_completes(wide_model, tmp_path):
     reductions = [p for kind, p in events if kind == "batch_size_reduced"]
     assert reductions and reductions[0]["from"] == 16
     assert result.batch_size < 16 and result.samples == 16
+
+
+def test_after_a_real_cuda_oom_the_batch_grows_back_on_short_samples(wide_model, tmp_path):
+    """Four long samples do not fit 16 at a time; once they are done, 16 of the short ones hold
+    fewer tokens than the halved batch of long ones did, and run together without running out."""
+    model_dir, _ = wide_model
+    texts = ([" ".join(f"w{(i * 31 + k) % 997}" for k in range(2000)) for i in range(4)]
+             + [" ".join(f"w{(i * 17 + k) % 997}" for k in range(60)) for i in range(32)])
+    data = tmp_path / "mixed.txt"
+    data.write_text("\n".join(texts) + "\n")
+    options = dict(layers=(1,), hooks=("residual",), batch_size=16, max_length=2048, device="cuda")
+    events = []
+    ballast = _fill_gpu_leaving(600 * 2**20)
+    try:
+        result = run_extraction(spec(model_dir, str(data), tmp_path / "o", auto_retry_on_oom=True, **options),
+                                progress=None, heartbeat=None, should_cancel=None,
+                                on_event=lambda kind, p: events.append((kind, p)))
+    finally:
+        del ballast
+        torch.cuda.empty_cache()
+    reductions = [p for kind, p in events if kind == "batch_size_reduced"]
+    grown = [p for kind, p in events if kind == "batch_size_grown"]
+    assert reductions and reductions[0]["from"] == 16 and all(p["at_sample"] == 0 for p in reductions)
+    halved = reductions[-1]["to"]
+    # At the first batch of the halved size past the long samples.
+    assert [(p["at_sample"], p["from"], p["to"]) for p in grown] == [(-(-4 // halved) * halved, halved, 16)]
+    assert result.batch_size == 16 and result.samples == 36
+    run_extraction(spec(model_dir, str(data), tmp_path / "cpu", **{**options, "device": "cpu"}),
+                   progress=None, heartbeat=None, should_cancel=None)
+    np.testing.assert_allclose(np.load(tmp_path / "o" / "layer_1_residual.npy"),
+                               np.load(tmp_path / "cpu" / "layer_1_residual.npy"), atol=1e-4, rtol=1e-3)

@@ -279,6 +279,9 @@ def test_cancel_between_batches_raises_cancelled_within_one_batch(models, sample
 
 
 def test_injected_oom_with_auto_retry_halves_batch_size_and_completes(models, samples_path, tmp_path):
+    """Every batch above 2 runs out of memory, however short: halved to 2, it grows back once a
+    batch of 4 holds no more tokens than the first batch of 2 did, runs out again there, and
+    grows no more (memory is not bound by tokens on this device)."""
     def failpoint(name, context):
         if context["batch_size"] > 2:
             raise RuntimeError(OOM_MESSAGE)
@@ -288,12 +291,119 @@ def test_injected_oom_with_auto_retry_halves_batch_size_and_completes(models, sa
     options = dict(hooks=hooks, auto_retry_on_oom=True, failpoint=failpoint, events=events)
     result, _ = extract(models["gpt2"], samples_path, tmp_path / "oom", **options)
     reductions = [payload for kind, payload in events if kind == "batch_size_reduced"]
-    assert [(r["from"], r["to"], r["batch_index"]) for r in reductions] == [(8, 4, 0), (4, 2, 0)]
+    assert [(r["from"], r["to"], r["batch_index"]) for r in reductions] == [(8, 4, 0), (4, 2, 0), (4, 2, 12)]
+    # 4 x 11 tokens (the 25th longest sample) fit in the 2 x 23 that ran first; 4 x 12 did not.
+    assert sorted_lengths(models["gpt2"], samples_path)[22:25] == [12, 11, 11]
+    assert changes_of(events) == [(0, 8, 4, "out_of_memory"), (0, 4, 2, "out_of_memory"), (24, 2, 4, "grew_back"),
+                                  (24, 4, 2, "out_of_memory")]
     assert result.batch_size == 2
     assert [p["phase"] for kind, p in events if kind == "phase"] == ["extracting", "saving"]
     extract(models["gpt2"], samples_path, tmp_path / "b1", hooks=hooks, batch_size=1)
     for name in layer_files(tmp_path / "b1"):
         np.testing.assert_allclose(load(tmp_path / "oom", name), load(tmp_path / "b1", name), atol=1e-5, rtol=0)
+
+
+def sorted_lengths(model, samples_path):
+    """Every sample's token count, longest first: the order the runner computes them in."""
+    plan = runner.prepare(ExtractionSpec(model, samples_path, "unused", (0,), ("residual",), 8))
+    return sorted(np.diff(plan.offsets).tolist(), reverse=True)
+
+
+def changes_of(events):
+    return [(p["at_sample"], p["from"], p["to"], p["why"]) for kind, p in events
+            if kind in ("batch_size_reduced", "batch_size_grown")]
+
+
+def device_holding(tokens, also=None):
+    """A failpoint that runs out of memory as a device holding `tokens` (samples x padded length)
+    at most would, then calls `also`."""
+    def failpoint(name, context):
+        if also is not None:
+            also(name, context)
+        if context["tokens"] > tokens:
+            raise RuntimeError(OOM_MESSAGE)
+
+    return failpoint
+
+
+GROWS = dict(layers=(0, 2), hooks=("residual", "mlp", "attention"), batch_size=8, auto_retry_on_oom=True)
+# 8 x 23 tokens do not fit, 4 x 23 do: halved at the first batch, it grows back to 8 once the
+# samples left are 11 tokens long (8 x 11 = 88 <= 92), after 24 samples.
+HOLDS = 100
+GREW_BACK = [(0, 8, 4, "out_of_memory"), (24, 4, 8, "grew_back")]
+
+
+def test_after_an_oom_the_batch_grows_back_on_shorter_samples_and_the_output_matches(models, samples_path, tmp_path):
+    lengths = sorted_lengths(models["gpt2"], samples_path)
+    # Batches of 4 start at samples 0, 4, ..., 20, 24: the one at 24 is the first whose 8 fit.
+    assert 8 * lengths[0] > HOLDS >= 4 * lengths[0] and 8 * lengths[24] <= 4 * lengths[0] < 8 * lengths[20]
+    events, ran = [], []
+    result, _ = extract(models["gpt2"], samples_path, tmp_path / "grown", events=events,
+                        failpoint=device_holding(HOLDS, lambda name, c: ran.append(c)), **GROWS)
+    assert changes_of(events) == GREW_BACK
+    assert result.batch_size == 8
+    # One batch ran out of memory; the batch grew back only as far as what had run fits.
+    assert [(c["samples_done"], c["batch_size"]) for c in ran] == [
+        (0, 8), (0, 4), (4, 4), (8, 4), (12, 4), (16, 4), (20, 4), (24, 8), (32, 8), (40, 8), (48, 8)]
+    grown = [p for kind, p in events if kind == "batch_size_grown"]
+    assert grown[0]["batch_size_changes"] == [dict(zip(("at_sample", "from", "to", "why"), c)) for c in GREW_BACK]
+    checkpoint = json.loads((tmp_path / "grown" / "checkpoint.json").read_text())
+    assert checkpoint["batch_size"] == 8 and checkpoint["batch_size_changes"] == grown[0]["batch_size_changes"]
+    # The same activations as a run that never ran out of memory, to 1e-6.
+    extract(models["gpt2"], samples_path, tmp_path / "straight", **GROWS)
+    for name in layer_files(tmp_path / "straight"):
+        np.testing.assert_allclose(load(tmp_path / "grown", name), load(tmp_path / "straight", name),
+                                   atol=1e-6, rtol=0, err_msg=name)
+
+
+GROWN_RUN_KILLED = """
+import os, sys
+from extraction import runner
+from extraction.runner import ExtractionSpec, run_extraction
+
+runner.SYNC_EVERY_S = float(os.environ["SYNC_EVERY_S"])
+die_at, holds = int(os.environ["DIE_AT"]), int(os.environ["HOLDS"])
+
+def device(name, context):
+    if context["index"] == die_at:
+        os._exit(9)
+    if context["tokens"] > holds:
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+model, data, out = sys.argv[1:]
+spec = ExtractionSpec(model, data, out, layers=(0, 2), hooks=("residual", "mlp", "attention"), batch_size=8,
+                      auto_retry_on_oom=True)
+run_extraction(spec, progress=None, heartbeat=None, should_cancel=None, failpoint=device)
+"""
+
+
+@pytest.mark.parametrize("sync_every_s, die_at, resumed_at, resumed_size", [
+    (0, 3, 12, 4),  # halved, not grown yet: goes on at 4 and grows at the same sample
+    (0, 8, 40, 8),  # grown: goes on at 8
+    (3600, 8, 0, 4),  # grown, but only the halving's checkpoint was written: grows again at the same sample
+])
+def test_a_run_killed_after_an_oom_resumes_with_the_batch_size_and_growth_in_force(
+    models, samples_path, tmp_path, sync_every_s, die_at, resumed_at, resumed_size
+):
+    extract(models["gpt2"], samples_path, tmp_path / "straight", failpoint=device_holding(HOLDS), **GROWS)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SYNC_EVERY_S": str(sync_every_s), "DIE_AT": str(die_at),
+           "HOLDS": str(HOLDS)}
+    died = subprocess.run(
+        [sys.executable, "-c", GROWN_RUN_KILLED, models["gpt2"], samples_path, str(tmp_path / "resumed")],
+        cwd=REPO, env=env,
+    )
+    assert died.returncode == 9
+    events, ran = [], []
+    result, calls = extract(models["gpt2"], samples_path, tmp_path / "resumed", events=events,
+                            failpoint=device_holding(HOLDS, lambda name, c: ran.append(c)), **GROWS)
+    assert calls[0][0] == resumed_at and (ran[0]["samples_done"], ran[0]["batch_size"]) == (resumed_at, resumed_size)
+    assert not [kind for kind, _ in events if kind == "batch_size_reduced"], "the halving is not redone"
+    assert changes_of(events) == ([(24, 4, 8, "grew_back")] if resumed_at < 24 else [])
+    checkpoint = json.loads((tmp_path / "resumed" / "checkpoint.json").read_text())
+    assert changes_of([("batch_size_grown", c) for c in checkpoint["batch_size_changes"]]) == GREW_BACK
+    assert result.batch_size == 8
+    for name in ["offsets.npy", *layer_files(tmp_path / "straight"), "metadata.json"]:
+        assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
 
 
 def test_injected_oom_without_auto_retry_reraises_an_oom_error(models, samples_path, tmp_path):
@@ -365,7 +475,8 @@ def test_the_inf_count_survives_a_resume_and_a_halved_batch(loud_model, samples_
 
     halved, _ = extract(loud_model, samples_path, tmp_path / "halved", auto_retry_on_oom=True, failpoint=oom_once,
                         **options)
-    assert halved.batch_size == 4
+    changes = json.loads((tmp_path / "halved" / "checkpoint.json").read_text())["batch_size_changes"]
+    assert [(c["from"], c["to"]) for c in changes] == [(8, 4), (4, 8)]  # halved, then grown back on shorter samples
     assert resumed.inf_values == halved.inf_values == straight.inf_values == stored_infs(tmp_path / "halved") > 0
 
 

@@ -69,13 +69,72 @@ def test_oom_fails_classified_with_half_batch_size_suggested(model_record, datas
 
 
 def test_auto_retry_on_oom_halves_in_place_and_completes(model_record, dataset, settings):
+    """Every batch of 4 or more runs out of memory: halved to 2, one growth back to 4 is tried
+    (on samples half as long) and runs out too, so the job stays at 2."""
     settings.JOBSITE_FAILPOINTS = '{"extraction.batch": {"action": "oom", "min_batch_size": 4}}'
     job = start(model_record, dataset, batch_size=8, auto_retry_on_oom=True)
     run_extraction(job.pk)
     job.refresh_from_db()
     assert job.status == "completed" and job.current_batch_size == 2
     reductions = Event.objects.filter(topic=job.topic, type="extraction.batch_size_reduced").order_by("seq")
-    assert [(e.payload["from"], e.payload["to"]) for e in reductions] == [(8, 4), (4, 2)]
+    assert [(e.payload["from"], e.payload["to"]) for e in reductions] == [(8, 4), (4, 2), (4, 2)]
+    assert [(c["from"], c["to"], c["why"]) for c in job.batch_size_changes] == [
+        (8, 4, "out_of_memory"), (4, 2, "out_of_memory"), (2, 4, "grew_back"), (4, 2, "out_of_memory")]
+
+
+# The dataset's samples run 63, 63, 63, 55, ... 35, 33, 33, 33, 31, 31, 31, 25, ... tokens long. A
+# device that holds fewer than 300 tokens runs out at the first batch of 8 (8 x 63), runs 4 x 63 =
+# 252, and takes 8 again from sample 24 on (8 x 31 = 248; at sample 20, 8 x 35 = 280 > 252).
+HOLDS_UNDER_300 = {"action": "oom", "min_tokens": 300}
+GREW_BACK = [{"at_sample": 0, "from": 8, "to": 4, "why": "out_of_memory"},
+             {"at_sample": 24, "from": 4, "to": 8, "why": "grew_back"}]
+
+
+@pytest.mark.parametrize("interrupted", [False, True], ids=["uninterrupted", "timed-out-and-resumed"])
+def test_after_an_oom_the_batch_grows_back_and_the_card_says_why_and_when(model_record, dataset, settings,
+                                                                           staff_client, tmp_path, interrupted):
+    import json
+
+    import numpy as np
+
+    from extraction import runner
+
+    rules = [HOLDS_UNDER_300, {"action": "timeout", "at": 3, "attempt": 1}] if interrupted else [HOLDS_UNDER_300]
+    settings.JOBSITE_FAILPOINTS = json.dumps({"extraction.batch": rules})
+    job = start(model_record, dataset, batch_size=8, auto_retry_on_oom=True)
+    run_extraction(job.pk)
+    if interrupted:
+        job.refresh_from_db()
+        assert job.status == "queued" and job.error_type == "TIMEOUT" and job.current_batch_size == 4
+        assert job.batch_size_changes == GREW_BACK[:1]
+        assert json.loads((job.output_dir / "checkpoint.json").read_text())["samples_done"] == 12
+        run_extraction(job.pk)  # the automatic retry, from the checkpoint: at batch size 4, growing at 24
+    job.refresh_from_db()
+    assert job.status == "completed" and job.attempt == (2 if interrupted else 1)
+    assert job.current_batch_size == 8 and job.batch_size_changes == GREW_BACK
+
+    changed = Event.objects.filter(topic=job.topic, type__in=["extraction.batch_size_reduced",
+                                                                "extraction.batch_size_grown"]).order_by("seq")
+    assert [(e.type, e.payload["at_sample"], e.payload["current_batch_size"]) for e in changed] == [
+        ("extraction.batch_size_reduced", 0, 4), ("extraction.batch_size_grown", 24, 8)]
+    assert changed.last().payload["batch_size_changes"] == GREW_BACK
+    completed = Event.objects.get(topic=job.topic, type="extraction.completed")
+    assert completed.payload["batch_size_changes"] == GREW_BACK
+
+    card = staff_client.get(f"/extractions/{job.pk}/card/").content.decode()
+    assert ("Batch 8 → 4 from the first sample (out of memory); grew back to 8 after 24 samples "
+            "(shorter samples).") in card
+
+    spec = runner.ExtractionSpec(
+        model_path=job.model.path, dataset_path=job.dataset.path, output_dir=str(tmp_path / "straight"),
+        layers=tuple(job.layers), hooks=tuple(job.hooks), batch_size=8,
+    )
+    runner.run_extraction(spec, progress=None, heartbeat=None, should_cancel=None)
+    names = sorted(p.name for p in (tmp_path / "straight").glob("layer_*.npy"))
+    assert len(names) == 6
+    for name in names:
+        np.testing.assert_allclose(np.load(job.output_dir / name), np.load(tmp_path / "straight" / name),
+                                   atol=1e-6, rtol=0, err_msg=name)
 
 
 def test_user_retry_after_oom_with_suggested_batch_size_completes_and_reuses_done_samples(model_record, dataset, settings):

@@ -68,8 +68,8 @@ def test_reader_sees_the_page_with_actions_disabled_and_a_sentence(client, plain
     failed_oom(make_extraction)
     client.force_login(plain_user)
     html = client.get(PAGE).content.decode()
-    assert "Only staff users can start, cancel or retry jobs, or add models, datasets and corpora" in html
-    assert re.search(r"<fieldset[^>]*disabled", html)
+    assert "group (and superusers) can start, cancel or retry jobs, or add models, datasets and corpora" in html
+    assert 'class="start-form"' not in html, "the start form is replaced by the sentence"
     assert "Retry (with suggested params)" not in html
     assert "Read only: ask an administrator" in html
     assert "/extractions/register/" not in html
@@ -85,7 +85,7 @@ def test_a_user_who_is_not_staff_cannot_post_any_action(client, plain_user, make
     data = {**start_data(fake_model, fake_dataset), "confirmed": "1", "kind": "dataset", "dataset-path": "x.txt"}
     response = client.post(PAGE + path.format(id=job.pk), data)
     assert response.status_code == 403
-    assert b"Only staff users" in response.content
+    assert b"You may view jobs but not" in response.content
     assert Extraction.objects.count() == 1
     assert Dataset.objects.count() == 1
     assert Extraction.objects.get().status == "failed"
@@ -839,3 +839,202 @@ def test_clamped_token_ids_get_a_warning_on_the_card_and_a_mark_in_the_history(s
     assert "data-clamped-warning" not in staff_client.get(f"/extractions/{clean.pk}/card/").content.decode()
     history = staff_client.get("/extractions/history/").content.decode()
     assert history.count("data-clamped") == 1 and "3 clamped</span>" in history
+
+
+# -- stalled and slow jobs, dismiss, the history's pages, the start form's values and errors --------
+
+@pytest.mark.parametrize("how", ["stalled", "slow"])
+def test_a_stalled_or_slow_job_shows_no_rate_and_no_time_left(staff_client, settings, make_extraction, how):
+    """It showed "14,880 tokens/s · ETA 0 s" beside "heartbeat 28 s ago", and "655 tokens/s · ETA
+    46 s" beside "Taking longer than expected": the last pace says nothing of a job that moves no more."""
+    settings.JOBSITE_STALL_AFTER_S, settings.JOBSITE_SLOW_AFTER_S = 30, 60
+    now = timezone.now()
+    heartbeat = now - timedelta(seconds=45) if how == "stalled" else now
+    progress = now - timedelta(seconds=20) if how == "stalled" else now - timedelta(seconds=90)
+    job = make_extraction("extracting", samples_processed=60, total_samples=100, tokens_processed=6000,
+                          total_tokens=10000, started_at=progress - timedelta(seconds=2), progress_at=progress,
+                          queued_at=progress - timedelta(seconds=3), heartbeat_at=heartbeat, attempt=1,
+                          worker="host:1")
+    html = staff_client.get(f"/extractions/{job.pk}/card/").content.decode()
+    notice = "data-stalled-notice" if how == "stalled" else "data-slow-notice"
+    assert not html.split(notice, 1)[1].startswith(" hidden")
+    assert "<span data-rate>—</span> tokens/s" in html and "ETA <span data-eta>—</span>" in html
+    assert "data-left-s" not in html, "no time left for the page to count down from"
+
+
+def test_dismiss_moves_a_failed_job_from_attention_to_the_history_and_tells_other_pages(
+        staff_client, make_extraction, django_capture_on_commit_callbacks):
+    failed = failed_oom(make_extraction)
+    page = staff_client.get(PAGE).content.decode()
+    card = page.split(f'id="extraction-{failed.pk}"', 1)[1].split("</article>", 1)[0]
+    assert f'action="/extractions/{failed.pk}/dismiss/"' in card and ">Dismiss</button>" in card
+    with django_capture_on_commit_callbacks(execute=True):
+        response = staff_client.post(f"/extractions/{failed.pk}/dismiss/", follow=True)
+    assert response.redirect_chain[-1][0] == f"{PAGE}#row-{failed.pk}"
+    assert f"Extraction {failed.pk} is dismissed; it stays in the history, with its files and Retry." in messages_of(
+        response)
+    page = response.content.decode()
+    assert f'id="extraction-{failed.pk}"' not in page, "out of the jobs needing attention"
+    row = page.split(f'<tr id="row-{failed.pk}"', 1)[1].split("</tr>", 1)[0]
+    assert "data-dismissed" in row
+    failed.refresh_from_db()
+    assert failed.dismissed_at is not None and failed.dismissed_by.username == "staff"
+    event = Event.objects.get(topic=failed.topic, type="extraction.dismissed")
+    assert event.payload["dismissed_by"] == "staff" and event.payload["status"] == "failed"
+    # Opened from the history, its card says so, and keeps its Retry.
+    card = staff_client.get(f"/extractions/{failed.pk}/card/").content.decode()
+    assert "Dismissed by staff" in card and "Retry…" in card and ">Dismiss</button>" not in card
+
+
+def test_dismiss_refuses_a_running_job_and_a_viewer(client, staff_client, viewer_user, make_extraction):
+    running = make_extraction("extracting", worker="host:1", heartbeat_at=timezone.now())
+    assert ">Dismiss</button>" not in staff_client.get(f"/extractions/{running.pk}/card/").content.decode()
+    response = staff_client.post(f"/extractions/{running.pk}/dismiss/", follow=True)
+    assert (f"Extraction {running.pk} was not dismissed: Extraction {running.pk} is extracting; only a failed or "
+            "cancelled extraction can be dismissed (cancel it first).") in messages_of(response)
+    assert Extraction.objects.get(pk=running.pk).dismissed_at is None
+
+    cancelled = make_extraction("cancelled")
+    client.force_login(viewer_user)
+    assert ">Dismiss</button>" not in client.get(f"/extractions/{cancelled.pk}/card/").content.decode()
+    refused = client.post(f"/extractions/{cancelled.pk}/dismiss/")
+    assert refused.status_code == 403 and b"not dismiss extractions" in refused.content
+    assert Extraction.objects.get(pk=cancelled.pk).dismissed_at is None
+
+
+def test_the_retry_editor_closes_with_close_not_cancel(staff_client, make_extraction):
+    """Its "Cancel" sat beside the job's own Cancel: a person meaning to close the editor was afraid to press it."""
+    job = failed_oom(make_extraction)
+    editor = staff_client.get(f"/extractions/{job.pk}/card/").content.decode().split('class="retry-form"', 1)[1]
+    editor = editor.split("</form>", 1)[0]
+    assert ">Close</button>" in editor and ">Cancel<" not in editor
+
+
+def test_a_retry_of_a_deleted_original_shows_its_number(staff_client, make_extraction):
+    original = failed_oom(make_extraction)
+    retry = make_extraction("failed", original_extraction=original, retry_count=1, error_type="OOM")
+    from extraction.services import extraction_delete
+
+    extraction_delete(extraction=original)
+    retry.refresh_from_db()
+    assert retry.original_extraction_id == original.pk
+    card = staff_client.get(f"/extractions/{retry.pk}/card/").content.decode()
+    assert re.search(rf"retry of #{original.pk} <span[^>]*>\(deleted\)</span>", card)
+    assert f"retry of #{original.pk} (deleted)" in staff_client.get("/extractions/history/").content.decode()
+
+
+def history_rows(html: str) -> list[int]:
+    return [int(pk) for pk in re.findall(r'<tr id="row-(\d+)"', html)]
+
+
+def test_the_history_shows_20_jobs_a_page_with_totals_and_page_links(staff_client, make_extraction):
+    jobs = [make_extraction("completed") for _ in range(23)]
+    newest_first = [job.pk for job in reversed(jobs)]
+    first = staff_client.get("/extractions/history/").content.decode()
+    assert history_rows(first) == newest_first[:20]
+    assert "1–20 of 23 extractions" in first and "page 1 of 2" in first
+    assert 'href="?page=2#history"' in first and 'rel="next"' in first
+    second = staff_client.get(PAGE, {"page": 2}).content.decode()
+    assert history_rows(second) == newest_first[20:] and "21–23 of 23 extractions" in second
+    small = staff_client.get("/extractions/history/", {"limit": 5, "page": 3}).content.decode()
+    assert history_rows(small) == newest_first[10:15] and 'href="?limit=5&amp;page=4#history"' in small
+
+
+@pytest.mark.parametrize(("query", "sentence"), [
+    ({"limit": "500"}, "limit must be between 1 and 100, not 500; ask for the next page (?page=2) for more."),
+    ({"page": "9"}, "Page 9 does not exist: 2 extractions make 1 page of 20."),
+    ({"page": "two"}, "page must be a whole number of at least 1, not 'two'."),
+    ({"status": "lost"}, "status must be one of queued, loading, extracting, saving, completed, failed, cancelled, "
+                         "not 'lost'."),
+    ({"model": "nope"}, "No model named or numbered 'nope' is registered"),
+])
+def test_a_bad_history_page_or_filter_is_a_400_with_a_sentence(staff_client, make_extraction, query, sentence):
+    make_extraction("completed"), make_extraction("failed")
+    for url in (PAGE, "/extractions/history/"):
+        response = staff_client.get(url, query)
+        assert response.status_code == 400
+        assert sentence in html_unescape(response.content.decode())
+
+
+def test_the_history_filters_by_status_and_model(staff_client, make_extraction, fake_model, fake_dataset):
+    failed, done = make_extraction("failed", error_type="OOM"), make_extraction("completed")
+    other_model = ModelRecord.objects.create(name="other", path="/models/other", architecture="GPT2LMHeadModel",
+                                             model_type="gpt2", num_layers=2, hidden_size=8, vocab_size=10)
+    other = Extraction.objects.create(model=other_model, dataset=fake_dataset, layers=[0], hooks=["residual"],
+                                      status="failed", finished_at=timezone.now(), fingerprint="other")
+    page = staff_client.get(PAGE, {"status": "failed", "model": "fake"}).content.decode()
+    assert history_rows(page) == [failed.pk] and "(filtered)" in page
+    assert '<option value="failed" selected>' in page and f'<option value="{fake_model.pk}" selected>' in page
+    assert history_rows(staff_client.get("/extractions/history/", {"model": other_model.pk}).content.decode()) == [
+        other.pk]
+    assert history_rows(staff_client.get("/extractions/history/", {"status": "completed"}).content.decode()) == [
+        done.pk]
+    # A live redraw keeps the filters the page shows.
+    assert 'hx-get="/extractions/history/?status=failed&amp;model=fake"' in page
+
+
+def test_the_start_form_keeps_the_values_of_the_last_start(staff_client, fake_model, fake_dataset,
+                                                          django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=False):
+        response = staff_client.post(PAGE, start_data(fake_model, fake_dataset, layers="1-2", hooks=["mlp"],
+                                                      batch_size="32", max_length="128", max_samples="7",
+                                                      storage_dtype="float16", auto_retry_on_oom="on"), follow=True)
+    assert Extraction.objects.count() == 1
+    form = response.content.decode().split('class="start-form"', 1)[1].split("</form>", 1)[0]
+    assert 'name="layers" value="1-2"' in form and 'name="max_length" value="128"' in form
+    assert 'name="max_samples" value="7"' in form
+    assert '<option value="32" selected>' in form and '<option value="float16" selected>' in form
+    assert re.search(r'value="mlp"[^>]*checked', form) and not re.search(r'value="residual"[^>]*checked', form)
+    assert re.search(r'name="auto_retry_on_oom"[^>]*checked', form)
+
+
+def test_the_start_form_shows_every_error_at_once(staff_client, fake_model, fake_dataset):
+    """The batch size's error hid "Layer 7 does not exist", and a max length past the model's
+    positions was never flagged."""
+    fake_model.max_positions = 1024
+    fake_model.save()
+    response = staff_client.post(PAGE, start_data(fake_model, fake_dataset, layers="7", batch_size="3",
+                                                  max_length="5000"))
+    assert response.status_code == 400
+    errors = response.context["form"].errors
+    assert "Select a valid choice" in " ".join(errors["batch_size"])
+    assert errors["layers"] == ["Layer 7 does not exist: fake has layers 0-3."]
+    assert errors["max_length"] == ["Max length 5,000 is beyond fake's position limit: it reads at most 1,024 tokens."]
+    html = response.content.decode()
+    assert "Layer 7 does not exist" in html and "Max length 5,000 is beyond" in html
+    # With a valid batch size the service says both of its own at once.
+    response = staff_client.post(PAGE, start_data(fake_model, fake_dataset, layers="7", max_length="5000"))
+    errors = response.context["form"].errors
+    assert set(errors) == {"layers", "max_length"} and Extraction.objects.count() == 0
+
+
+def test_a_model_without_a_position_limit_is_held_to_a_ceiling(staff_client, fake_model, fake_dataset):
+    response = staff_client.post(PAGE, start_data(fake_model, fake_dataset, max_length="1000000"))
+    assert response.context["form"].errors["max_length"] == [
+        "Max length 1,000,000 is more than the 131,072 tokens jobsite takes per sample."]
+
+
+def test_the_storage_dtype_is_called_so_on_the_form(staff_client, fake_model):
+    html = staff_client.get(PAGE).content.decode()
+    assert '<label for="id_storage_dtype">Storage dtype</label>' in html
+
+
+def test_the_card_says_why_the_batch_runs_smaller_and_when_it_grew_back(staff_client, make_extraction):
+    now = timezone.now()
+    changes = [{"at_sample": 0, "from": 8, "to": 4, "why": "out_of_memory"},
+               {"at_sample": 1, "from": 4, "to": 2, "why": "out_of_memory"},
+               {"at_sample": 1200, "from": 2, "to": 8, "why": "grew_back"}]
+    running = make_extraction("extracting", batch_size=8, current_batch_size=2, batch_size_changes=changes[:2],
+                              samples_processed=600, total_samples=3000, started_at=now, heartbeat_at=now, attempt=1,
+                              worker="host:1")
+    card = html_unescape(staff_client.get(f"/extractions/{running.pk}/card/").content.decode())
+    assert "batch 8 (now 2)" in card
+    assert "Batch 8 → 4 from the first sample (out of memory); 4 → 2 after 1 sample (out of memory)." in card
+    done = make_extraction("completed", batch_size=8, current_batch_size=8, batch_size_changes=changes,
+                           samples_processed=3000, total_samples=3000)
+    card = html_unescape(staff_client.get(f"/extractions/{done.pk}/card/").content.decode())
+    assert ("Batch 8 → 4 from the first sample (out of memory); 4 → 2 after 1 sample (out of memory); grew back to 8 "
+            "after 1,200 samples (shorter samples).") in card
+    assert "(now" not in card
+    plain = make_extraction("completed", batch_size=8, samples_processed=3000, total_samples=3000)
+    assert "data-batch-size-changes" not in staff_client.get(f"/extractions/{plain.pk}/card/").content.decode()

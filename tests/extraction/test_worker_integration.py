@@ -74,6 +74,38 @@ def test_worker_killed_mid_run_is_detected_and_resumed_with_identical_files(
     assert Extraction.objects.get(pk=behind.pk).attempt == 1
 
 
+def test_a_worker_that_dies_after_an_oom_resumes_at_the_batch_size_in_force_with_the_same_activations(
+    model_record, dataset, start_worker, tmp_path
+):
+    """A device that holds fewer than 300 tokens: halved at the first batch (8 x 63), grown back
+    to 8 at sample 24 (8 x 31 <= 4 x 63), and the worker process dies in that first batch of 8:
+    the job says 8, no checkpoint counts the growth yet. The next attempt goes on from the
+    checkpoint with the size and rule in force there, grows at the same sample again, the job
+    lists each change once, and the activations are an uninterrupted run's."""
+    grew_back = [{"at_sample": 0, "from": 8, "to": 4, "why": "out_of_memory"},
+                 {"at_sample": 24, "from": 4, "to": 8, "why": "grew_back"}]
+    device = json.dumps({"extraction.batch": [{"action": "oom", "min_tokens": 300},
+                                              {"action": "exit", "at": 6, "attempt": 1}]})
+    job, _ = extraction_start(model=model_record, dataset=dataset, layers=[0, 2],
+                              hooks=["residual", "mlp", "attention"], batch_size=8, auto_retry_on_oom=True)
+    worker = start_worker(JOBSITE_FAILPOINTS=device, **FAST)
+    wait_for(lambda: Extraction.objects.get(pk=job.pk).status == "completed", timeout=120,
+             message=f"completion after the worker process died\n{worker.output()}")
+    job.refresh_from_db()
+    assert job.attempt == 2 and job.auto_retried
+    assert Event.objects.get(topic=job.topic, type="extraction.failed").payload["error_type"] == "WORKER_LOST"
+    assert job.current_batch_size == 8 and job.batch_size_changes == grew_back
+    resumed = Event.objects.filter(topic=job.topic, type="extraction.extracting").order_by("seq").last().payload
+    assert (resumed["attempt"], resumed["current_batch_size"], resumed["batch_size_changes"]) == (2, 4, grew_back[:1])
+    grown = Event.objects.filter(topic=job.topic, type="extraction.batch_size_grown").order_by("seq")
+    assert [(e.payload["attempt"], e.payload["at_sample"]) for e in grown] == [(1, 24), (2, 24)]
+    produced = {p.name: np.load(p) for p in job.output_dir.glob("layer_*.npy")}
+    reference_files(job, tmp_path / "reference")
+    assert len(produced) == 6
+    for name, values in produced.items():
+        np.testing.assert_allclose(values, np.load(tmp_path / "reference" / name), atol=1e-6, rtol=0, err_msg=name)
+
+
 def test_cancel_reaches_a_hung_worker_through_its_heartbeat_thread(model_record, dataset, start_worker, settings):
     from extraction.services import extraction_cancel
 

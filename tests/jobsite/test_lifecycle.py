@@ -184,10 +184,7 @@ def test_cancel_and_stop_of_a_stalled_job_take_effect_at_once(staff_client, make
     from training_runs.models import Corpus, TrainingRun
 
     settings.JOBSITE_STALL_AFTER_S = 5
-    import importlib
-
-    importlib.import_module("jobsite.urls")  # the API's modules, imported in their order
-    monkeypatch.setattr("extraction.api.CANCEL_WAIT_S", 0.2)  # how long the answer waits for a live worker
+    monkeypatch.setattr("extraction.services.CANCEL_WAIT_S", 0.2)  # how long the answer waits for a live worker
     stale = timezone.now() - timedelta(seconds=60)
     job = make_extraction("extracting", worker="w:1", started_at=stale, heartbeat_at=stale, attempt=1)
     answer = staff_client.post(f"/api/v1/models/{job.model_id}/extractions/{job.pk}/cancel",

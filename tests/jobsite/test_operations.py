@@ -81,26 +81,6 @@ def test_jobs_recover_prints_what_it_changed(make_extraction, settings, capsys):
 
 
 @pytest.mark.django_db
-def test_jobs_cleanup_is_a_dry_run_until_delete(make_extraction, settings, capsys):
-    root = settings.JOBSITE_DATA_DIR / "activations"
-    failed, completed = make_extraction("failed"), make_extraction("completed")
-    for job in (failed, completed):
-        (root / str(job.pk)).mkdir(parents=True)
-        (root / str(job.pk) / "layer_0_residual.npy").write_bytes(b"x" * 2048)
-    (root / "9999").mkdir()
-    (root / str(completed.pk) / "checkpoint.json.tmp").write_text("{}")
-    call_command("jobs", "cleanup")
-    out = capsys.readouterr().out
-    assert f"extraction {failed.pk} is failed" in out and "extraction 9999 no longer exists" in out
-    assert "unfinished temporary file" in out and "Would remove 3 item(s)" in out
-    assert (root / str(failed.pk)).exists()
-    call_command("jobs", "cleanup", "--delete")
-    assert not (root / str(failed.pk)).exists() and not (root / "9999").exists()
-    assert (root / str(completed.pk) / "layer_0_residual.npy").exists()
-    assert not (root / str(completed.pk) / "checkpoint.json.tmp").exists()
-
-
-@pytest.mark.django_db
 def test_health_names_the_channel_layer_when_redis_is_down(client, settings):
     settings.REDIS_URL = "redis://127.0.0.1:9/0"
     body = client.get("/api/v1/health").json()

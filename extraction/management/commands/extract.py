@@ -45,7 +45,10 @@ class Command(BaseCommand):
         parser.add_argument("--max-samples", type=int)
         parser.add_argument("--max-length", type=int, default=None,
                             help="tokens kept per sample (default 512, or the model's position limit when smaller)")
-        parser.add_argument("--dtype", default="float32", choices=Extraction.StorageDtype.values)
+        # --dtype is the old name, kept working (deprecated): the field is storage_dtype everywhere.
+        parser.add_argument("--storage-dtype", "--dtype", dest="storage_dtype", default="float32",
+                            choices=Extraction.StorageDtype.values,
+                            help="how activations are stored (--dtype is its deprecated old name)")
         parser.add_argument("--auto-retry-on-oom", action="store_true")
         parser.add_argument("--wait", action="store_true", help="follow progress until the job ends (exit 1 if it fails)")
 
@@ -62,7 +65,7 @@ class Command(BaseCommand):
             extraction, created = services.extraction_start(
                 model=model, dataset=dataset, layers=layers, hooks=csv(options["hooks"]),
                 batch_size=options["batch_size"], max_samples=options["max_samples"],
-                max_length=options["max_length"], storage_dtype=options["dtype"],
+                max_length=options["max_length"], storage_dtype=options["storage_dtype"],
                 auto_retry_on_oom=options["auto_retry_on_oom"],
             )
         except (JobInputError, TransitionError) as exc:
@@ -117,7 +120,7 @@ def _follow(command: BaseCommand, extraction: Extraction, poll_s: float) -> None
                if extraction.truncated_samples else "")
             + (f" ({extraction.clamped_tokens:,} token ids clamped to the vocabulary)" if extraction.clamped_tokens else "")
             + (f". Warning: {extraction.inf_values:,} values were beyond float16's range (+-65504) and are stored as "
-               "infinity; extract again with --dtype float32 to keep them" if extraction.inf_values else "")
+               "infinity; extract again with --storage-dtype float32 to keep them" if extraction.inf_values else "")
         )
         return
     if extraction.status == Extraction.Status.CANCELLED:

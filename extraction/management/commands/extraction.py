@@ -30,8 +30,12 @@ class Command(BaseCommand):
         listing.add_argument("--status", choices=Extraction.Status.values)
         listing.add_argument("--json", action="store_true", help="machine-readable output")
         listing.add_argument("--limit", type=positive, default=50, help="at most this many (default 50)")
+        listing.add_argument("--model", help="only this model's (its name or id)")
         cancel = sub.add_parser("cancel", help="cancel a queued or running extraction")
         cancel.add_argument("extraction_id", type=int)
+        dismiss = sub.add_parser("dismiss", help="move a failed or cancelled extraction out of the jobs needing "
+                                                 "attention, into the history")
+        dismiss.add_argument("extraction_id", type=int)
         retry = sub.add_parser("retry", help="retry a failed or cancelled extraction as a new linked job")
         retry.add_argument("extraction_id", type=int)
         retry.add_argument("--batch-size", type=int, choices=VALID_BATCH_SIZES)
@@ -68,7 +72,13 @@ class Command(BaseCommand):
         return extraction
 
     def do_list(self, options):
-        rows = selectors.extraction_list(status=options["status"])[: options["limit"]]
+        model = None
+        if options["model"]:
+            model = selectors.model_find(options["model"])
+            if model is None:
+                raise CommandError(f"No model named or numbered {options['model']!r} is registered.")
+        rows = selectors.extraction_list(status=options["status"], model_id=model.pk if model else None)[
+            : options["limit"]]
         if options["json"]:
             self.stdout.write(json.dumps([
                 {**e.event_payload(), "model": e.model.name, "dataset": e.dataset.name,
@@ -87,6 +97,10 @@ class Command(BaseCommand):
         extraction = services.extraction_cancel(extraction=self._get(options["extraction_id"]))
         state = "cancelled" if extraction.status == Extraction.Status.CANCELLED else "stopping after its current batch"
         self.stdout.write(f"Extraction {extraction.pk} {state}.")
+
+    def do_dismiss(self, options):
+        extraction = services.extraction_dismiss(extraction=self._get(options["extraction_id"]))
+        self.stdout.write(f"Extraction {extraction.pk} is dismissed; it stays in the history, with its files.")
 
     def do_retry(self, options):
         original = self._get(options["extraction_id"])

@@ -611,7 +611,8 @@
     if (ms <= 0) return;
     // duration() rounds to whole seconds: the figure changes when ms next crosses a half second.
     known.leftTimer = setTimeout(() => {
-      if (known.card === card && card.isConnected && !card.classList.contains("is-stalled") && !state.unreachable) {
+      if (known.card === card && card.isConnected && !card.classList.contains("is-stalled")
+          && !card.classList.contains("is-slow") && !state.unreachable) {
         showLeft(card, known, serverNow());
       }
     }, ((ms + 500) % 1000) + 1);
@@ -829,6 +830,8 @@
       redraw(card);
       redrawHistory();
     }
+    // A job dismissed (from another page, the admin, the API) leaves the jobs needing attention.
+    if (String(message.type || "").endsWith(".dismissed")) redrawRegion();
   }
 
   async function poll(card) {
@@ -886,6 +889,8 @@
         if (age > config.stallAfterMs / 2 && Date.now() - known.polledAt > Math.min(5000, config.stallAfterMs / 4)) poll(card);
         stalled = age > config.stallAfterMs && !state.unreachable;
       }
+      const idle = now - known.moved;
+      const slow = !stalled && idle > config.slowAfterMs;
       if (stalled) {
         // Nothing moves: no rate, no time left. The part of the page around the card is drawn
         // again (at once, then every half minute), so that it says whether any worker runs at all.
@@ -895,6 +900,11 @@
           known.stallRedrawnAt = Date.now();
           redrawRegion();
         }
+      } else if (slow) {
+        // No progress past the slow limit: the last pace says nothing of now, and the time left
+        // it gave would count down to "0 s" beside "Taking longer than expected".
+        setText(card, "[data-rate]", "—");
+        setText(card, "[data-eta]", "—");
       } else if (state.unreachable) {
         setText(card, "[data-rate]", "—");  // nothing is known of its pace meanwhile
         setText(card, "[data-eta]", "—");
@@ -902,8 +912,6 @@
         known.stallRedrawnAt = 0;
         showLeft(card, known, now);
       }
-      const idle = now - known.moved;
-      const slow = !stalled && idle > config.slowAfterMs;
       card.classList.toggle("is-stalled", stalled);
       card.classList.toggle("is-slow", slow);
       const stalledNotice = card.querySelector("[data-stalled-notice]");
