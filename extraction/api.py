@@ -265,8 +265,10 @@ def _page(**asked) -> selectors.Page:
     try:
         return selectors.extraction_page(**asked)
     except JobInputError as exc:
-        # A page past the last one is not there; any other value is a bad request.
-        raise HttpError(404 if exc.field == "page" and str(exc).startswith("Page ") else 422, str(exc)) from None
+        # A page past the last one is not there; any other value is a bad request, naming its field.
+        if exc.field == "page" and str(exc).startswith("Page "):
+            raise HttpError(404, str(exc)) from None
+        raise
 
 
 @router.get("/extractions", response={200: ExtractionPageOut, 404: Message, 422: Refusal},

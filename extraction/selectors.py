@@ -74,7 +74,11 @@ def extraction_page(*, page=None, limit=None, status: str | None = None, model: 
         raise JobInputError(f"status must be one of {', '.join(Extraction.Status.values)}, not {str(status)[:40]!r}.",
                             field="status")
     model_id = None
-    if model not in (None, ""):
+    if isinstance(model, int):
+        model_id = model
+    elif model not in (None, ""):
+        if "\x00" in str(model):
+            raise JobInputError("model must be a model's id or name, without NUL characters.", field="model")
         record = model_find(str(model))
         if record is None:
             raise JobInputError(f"No model named or numbered {str(model)[:100]!r} is registered; "
@@ -103,10 +107,12 @@ def dataset_list() -> QuerySet[Dataset]:
 
 
 def model_find(name_or_id: str) -> ModelRecord | None:
-    query = ModelRecord.objects.filter(name=name_or_id)
+    """By id first, then by name: "2" is model 2 even when another model is named "2"."""
     if name_or_id.isdecimal():  # isdigit() also takes "²", which int() refuses
-        query = query | ModelRecord.objects.filter(pk=int(name_or_id))
-    return query.first()
+        found = ModelRecord.objects.filter(pk=int(name_or_id)).first()
+        if found is not None:
+            return found
+    return ModelRecord.objects.filter(name=name_or_id).first()
 
 
 def dataset_find(name_or_id: str) -> Dataset | None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from extraction.constants import (
@@ -449,12 +450,15 @@ def extraction_check_deletable(*, extraction: Extraction) -> None:
     would leave files that no job owns."""
     if extraction.status in Extraction.ACTIVE:
         raise TransitionError(f"Extraction {extraction.pk} is {extraction.status}; cancel it first, then delete it.")
-    # A retry that starts from this one's finished samples copies them from its files as it loads.
-    copying = extraction.retries.filter(status__in=COPYING_STATUSES, resumed_samples__gt=0).first()
-    if copying is not None:
+    # A retry that starts from this one's finished samples copies them from its files as it loads
+    # (it counts them in resumed_samples only once the copy is done).
+    copying = extraction.retries.filter(
+        Q(resumed_samples__gt=0) | Q(fingerprint=extraction.fingerprint), status__in=COPYING_STATUSES).first()
+    if copying is not None and (copying.resumed_samples or extraction.reusable_samples()):
+        done = copying.resumed_samples or extraction.reusable_samples()
         raise TransitionError(
             f"Extraction {copying.pk}, a retry of extraction {extraction.pk}, starts from its "
-            f"{copying.resumed_samples:,} finished samples and is {copying.status}: delete extraction "
+            f"{done:,} finished samples and is {copying.status}: delete extraction "
             f"{extraction.pk} once {copying.pk} is extracting.")
 
 

@@ -61,7 +61,7 @@ def job_view(extraction: Extraction, *, seq: int = 0) -> dict:
     # The rate is this attempt's own: a resumed attempt's counts include the work of the ones before
     # it (the page measures its rate from the progress it sees). A stalled job, or one without
     # progress past the slow limit, has none, and no time left: its last pace says nothing now.
-    resumed = e.attempt > 1 or e.resumed_samples
+    resumed = e.attempt > 1 or e.resumed_samples or e.releases
     if (e.status in (e.Status.EXTRACTING, e.Status.SAVING) and e.started_at and e.progress_at and e.tokens_processed
             and not resumed and not stalled and not slow):
         elapsed = (e.progress_at - e.started_at).total_seconds()

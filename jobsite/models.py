@@ -58,6 +58,9 @@ class Job(models.Model):
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     updated_at = models.DateTimeField(default=timezone.now)
     queued_at = models.DateTimeField(default=timezone.now)
+    # Claims given back by a worker that stopped (a deploy): not attempts, but the counters then
+    # include earlier work, as a resumed attempt's do.
+    releases = models.PositiveIntegerField(default=0)
     # Set once the task reached the broker; a queued job without it after a while lost its
     # enqueue (the process died between commit and hand-off) and the watchdog sends it again.
     enqueued_at = models.DateTimeField(null=True, blank=True)

@@ -63,7 +63,10 @@ class Lease:
         """True when the work must stop at its next checkpoint: a person's cancel, a lost
         lease, or this worker's cluster stopping (then the job is released, not cancelled)."""
         self.heartbeat()
-        return self.cancelled.is_set() or self.lost.is_set() or cluster_stopping()
+        if cluster_stopping():
+            self._stop_seen_at = self._stop_seen_at or time.monotonic()
+            return True
+        return self.cancelled.is_set() or self.lost.is_set()
 
     def report(self, *, final: bool = False, **counters) -> None:
         """Store progress counters on the row; push a throttled `<kind>.progress` event."""
@@ -123,8 +126,12 @@ class Lease:
                        self.job.topic, settings.JOBSITE_CANCEL_GRACE_S, os.getpid())
         try:
             self.job.refresh_from_db()
-            release(self.job, reason=f"{_stop_reason(self.job)} It did not reach a checkpoint within "
-                                     f"{settings.JOBSITE_CANCEL_GRACE_S:.0f} s and was taken from its worker.")
+            if self.cancelled.is_set() or self.job.cancel_requested:
+                # A person cancelled it meanwhile: that wins over the stop.
+                transition_cancelled(self.job, payload={"forced": True})
+            else:
+                release(self.job, reason=f"{_stop_reason(self.job)} It did not reach a checkpoint within "
+                                         f"{settings.JOBSITE_CANCEL_GRACE_S:.0f} s and was taken from its worker.")
         finally:
             os._exit(70)
 
@@ -181,9 +188,14 @@ def release(job: Job, *, reason: str) -> Job:
     is not the job's failure), so a deploy does not use up its automatic attempts. The row
     passes through its failed status inside one transaction (the one way back to the queue
     that every kind's transitions allow); nobody reads it there."""
+    host, pid = worker_identity()
     with transaction.atomic():
+        held = type(job).objects.select_for_update().filter(pk=job.pk, worker=f"{host}:{pid}").first()
+        if held is None or held.status != job.status:
+            logger.info("%s not released: this worker no longer holds it", job.topic)
+            return job
         transition(job, job.failed_status(), event_type=f"{job.KIND}.released", payload={"reason": reason},
-                   attempt=F("attempt") - 1)
+                   attempt=F("attempt") - 1, releases=F("releases") + 1)
         job_requeue(job, automatic=False, reason=reason, event_type=f"{job.KIND}.requeued")
     logger.info("%s released: %s", job.topic, reason)
     return job
@@ -244,7 +256,8 @@ def _record_failure(job: Job, lease: Lease, exc: BaseException) -> None:
     for attempt in range(RECORD_TRIES):
         try:
             job.refresh_from_db()
-            if lease.cancelled.is_set() and job.cancel_requested:
+            if job.cancel_requested and (lease.cancelled.is_set() or isinstance(exc, Cancelled)):
+                # A person's cancel wins over a stop, even one the runner saw first.
                 transition_cancelled(job)
             elif isinstance(exc, Cancelled) and cluster_stopping():
                 release(job, reason=_stop_reason(job))

@@ -133,6 +133,18 @@ def test_delete_waits_for_a_retry_that_copies_the_originals_samples(admin_client
     assert "Delete these extractions?" in page
 
 
+def test_delete_waits_for_a_queued_retry_that_has_not_started_copying_yet(admin_client_logged, make_extraction):
+    """Queued, the retry has copied nothing (resumed_samples is counted once the copy is done),
+    but it will read the original's finished samples when a worker takes it."""
+    original = make_extraction("failed", error_type="OOM", samples_processed=40)
+    original.output_dir.mkdir(parents=True)
+    (original.output_dir / "checkpoint.json").write_text('{"format_version": 2, "samples_done": 40}')
+    retry = make_extraction("queued", original_extraction=original, fingerprint=original.fingerprint)
+    page = act(admin_client_logged, "delete", [original]).content.decode()
+    assert f"starts from its 40 finished samples and is queued: delete extraction {original.pk} once" in page
+    assert Extraction.objects.filter(pk=original.pk).exists() and retry.resumed_samples == 0
+
+
 def test_models_datasets_and_corpora_are_viewed_not_edited(admin_client_logged, fake_model, fake_dataset, settings):
     """An edit in the admin would skip registration's checks: a dataset pointed at a file outside
     the data directory was read by the next extraction, and finished ones no longer said what

@@ -454,6 +454,29 @@ def test_the_list_of_extractions_pages_with_totals_and_filters(staff_client, mak
     assert [row["id"] for row in paged.json()] == newest[4:] and paged["X-Page-Count"] == "2"
 
 
+def test_a_model_filter_by_number_is_that_model_even_when_another_is_named_so(staff_client, make_extraction,
+                                                                              fake_model):
+    from extraction.models import ModelRecord
+
+    named_like_a_number = ModelRecord.objects.create(
+        name=str(fake_model.pk), path="/models/other", architecture="GPT2LMHeadModel", model_type="gpt2",
+        num_layers=4, hidden_size=32, vocab_size=300, supported_hooks=["residual"])
+    mine = make_extraction("completed")
+    Extraction.objects.create(model=named_like_a_number, dataset=mine.dataset, layers=[0], hooks=["residual"],
+                              fingerprint="other", status="queued")
+    answer = staff_client.get("/api/v1/extractions", {"model": str(fake_model.pk)}).json()
+    assert [row["id"] for row in answer["items"]] == [mine.pk]
+    paged = staff_client.get(start_url(fake_model), {"page": 1}).json()
+    assert [row["id"] for row in paged] == [mine.pk]
+
+
+def test_a_nul_in_the_model_filter_is_a_sentence_not_a_server_error(staff_client, make_extraction):
+    response = staff_client.get("/api/v1/extractions", {"model": "gpt\x002"})
+    assert response.status_code == 422 and response.json()["field"] == "model"
+    page = staff_client.get("/extractions/history/", {"model": "gpt\x002"})
+    assert page.status_code == 400
+
+
 @pytest.mark.parametrize(("query", "status", "message"), [
     ({"limit": 500}, 422, "limit must be at most 100, not '500'."),
     ({"limit": 0}, 422, "limit must be at least 1, not '0'."),

@@ -140,6 +140,58 @@ def test_a_cancel_asked_before_the_stop_still_cancels(make_extraction, cluster):
 
 
 @pytest.mark.django_db(transaction=True)
+def test_a_cancel_that_lands_while_the_work_stops_for_the_cluster_still_cancels(make_extraction, cluster):
+    """The runner stopped for the cluster's stop before its lease read the person's cancel."""
+    job = make_extraction("queued")
+
+    def stopped_then_cancelled(job, lease):
+        lease.report(final=True)
+        cluster.set()
+        assert lease.should_cancel() and not lease.cancelled.is_set()
+        Extraction.objects.filter(pk=job.pk).update(cancel_requested=True)
+        raise Cancelled("Stopped at a batch boundary.")
+
+    execute(Extraction, job.pk, stopped_then_cancelled)
+    job.refresh_from_db()
+    assert job.status == "cancelled", "a person's cancel is not undone by a worker's stop"
+    assert "extraction.released" not in Event.objects.filter(topic=job.topic).values_list("type", flat=True)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_release_gives_back_only_a_claim_this_worker_still_holds(make_extraction, cluster):
+    from jobsite.worker import release
+
+    job = make_extraction("extracting", worker="host-b:4242", worker_host="host-b", worker_pid=4242, attempt=1)
+    release(job, reason="another worker stops")
+    job.refresh_from_db()
+    assert (job.status, job.worker, job.attempt, job.releases) == ("extracting", "host-b:4242", 1, 0)
+    assert not Event.objects.filter(topic=job.topic, type="extraction.released").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_released_job_counts_the_release_and_its_card_claims_no_rate_from_earlier_work(
+        make_extraction, cluster):
+    job = make_extraction("queued", total_samples=100, total_tokens=10_000)
+    execute(Extraction, job.pk, stopped_mid_run(cluster))
+    job.refresh_from_db()
+    assert (job.status, job.attempt, job.releases) == ("queued", 0, 1)
+    from extraction.views import job_view
+
+    # Claimed again, its counters include the work done before the release: no rate from them.
+    from django.utils import timezone
+
+    now = timezone.now()
+    Extraction.objects.filter(pk=job.pk).update(
+        status="extracting", attempt=1, samples_processed=50, tokens_processed=5_000,
+        started_at=now - timezone.timedelta(seconds=1), progress_at=now, heartbeat_at=now)
+    job.refresh_from_db()
+    assert job_view(job)["rate"] == "—"
+    Extraction.objects.filter(pk=job.pk).update(releases=0)  # a first attempt with these counters has one
+    job.refresh_from_db()
+    assert job_view(job)["rate"] == "5,000"
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_task_taken_as_the_cluster_stops_goes_back_to_the_queue_unclaimed(make_extraction, cluster):
     job = make_extraction("queued")
     cluster.set()
