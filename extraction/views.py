@@ -393,7 +393,8 @@ def extraction_retry(request, pk: int):
     except (JobInputError, TransitionError) as exc:
         messages.error(request, f"Extraction {pk} was not retried: {exc}")
         return _back_to(pk)
-    messages.success(request, f"Extraction {retry.pk} retries extraction {pk}.")
+    messages.success(request, f"Extraction {retry.pk} retries extraction {pk}. "
+                              f"{services.retry_starts_from(original=extraction, retry=retry)}")
     return _back_to(retry.pk)
 
 
@@ -408,7 +409,8 @@ def extraction_retry_suggested(request, pk: int):
         return _back_to(pk)
     params = json.dumps(extraction.suggested_retry_params, sort_keys=True) if extraction.suggested_retry_params else ""
     with_params = f" with {params}" if params else ""
-    messages.success(request, f"Extraction {retry.pk} retries extraction {pk}{with_params}.")
+    messages.success(request, f"Extraction {retry.pk} retries extraction {pk}{with_params}. "
+                              f"{services.retry_starts_from(original=extraction, retry=retry)}")
     return _back_to(retry.pk)
 
 

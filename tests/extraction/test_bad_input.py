@@ -335,7 +335,8 @@ def test_a_job_queued_before_the_check_fails_in_the_worker_and_its_suggested_ret
     response = staff_client.post(f"/extractions/{old.pk}/retry-suggested/", follow=True)
     retry = Extraction.objects.exclude(pk=old.pk).get()
     assert [str(m) for m in response.context["messages"]] == [
-        f'Extraction {retry.pk} retries extraction {old.pk} with {{"max_length": 1024}}.'
+        f'Extraction {retry.pk} retries extraction {old.pk} with {{"max_length": 1024}}. Extraction {retry.pk} '
+        f"starts from the first sample: it asks for other samples, lengths or storage than extraction {old.pk}."
     ]
     run_extraction(retry.pk)
     retry.refresh_from_db()

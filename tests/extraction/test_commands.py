@@ -187,7 +187,10 @@ def test_explicit_flags_override_the_suggested_ones(make_extraction, capsys, dja
     with django_capture_on_commit_callbacks(execute=False):
         call_command("extraction", "retry", str(failed.pk), "--suggested", "--batch-size", "8", "--max-length", "128")
     retry = Extraction.objects.exclude(pk=failed.pk).get()
-    assert capsys.readouterr().out.strip() == f"Extraction {retry.pk} retries {failed.pk} with batch size 8."
+    assert capsys.readouterr().out.strip().splitlines() == [
+        f"Extraction {retry.pk} retries {failed.pk} with batch size 8.",
+        f"Extraction {retry.pk} starts from the first sample: it asks for other samples, lengths or storage than "
+        f"extraction {failed.pk}."]
     assert (retry.batch_size, retry.max_length) == (8, 128)
     assert retry.retry_reason == ("retried from the command line with suggested parameters {'batch_size': 32} "
                                   "overridden by {'batch_size': 8, 'max_length': 128}")

@@ -363,7 +363,7 @@ def test_retry_with_suggested_params_creates_the_linked_job(staff_client, make_e
     retry = Extraction.objects.exclude(pk=job.pk).get()
     assert (retry.original_extraction_id, retry.batch_size, retry.retry_count) == (job.pk, 4, 1)
     assert "with suggested parameters" in retry.retry_reason
-    assert f'Extraction {retry.pk} retries extraction {job.pk} with {{"batch_size": 4}}.' in messages_of(response)
+    assert messages_of(response)[0].startswith(f'Extraction {retry.pk} retries extraction {job.pk} with {{"batch_size": 4}}. ')
     html = response.content.decode()
     assert f'id="extraction-{retry.pk}"' in html
     assert f'id="extraction-{job.pk}"' not in html, "a retried failure no longer needs attention"
@@ -724,7 +724,9 @@ def test_an_emptied_max_samples_in_the_retry_editor_means_all_samples(staff_clie
         response = staff_client.post(f"/extractions/{job.pk}/retry/", {**retry_editor_fields(html), **edit},
                                      follow=True)
     retry = Extraction.objects.exclude(pk=job.pk).get()
-    assert messages_of(response) == [f"Extraction {retry.pk} retries extraction {job.pk}."]
+    assert messages_of(response) == [
+        f"Extraction {retry.pk} retries extraction {job.pk}. Extraction {retry.pk} starts from the first sample: it "
+        f"asks for other samples, lengths or storage than extraction {job.pk}."]
     assert (retry.max_samples, retry.total_samples) == (max_samples, max_samples or 3000)
 
 

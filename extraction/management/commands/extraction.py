@@ -114,6 +114,7 @@ class Command(BaseCommand):
             retry = services.extraction_retry(extraction=original, reason=reason or "retried from the command line",
                                               **given)
         self.stdout.write(f"Extraction {retry.pk} retries {original.pk} with batch size {retry.batch_size}.")
+        self.stdout.write(services.retry_starts_from(original=original, retry=retry))
         if options["wait"]:
             follow(self, retry)
 
