@@ -669,6 +669,11 @@ def extraction_run(extraction: Extraction, lease) -> None:
             from jobsite.events import publish  # noqa: PLC0415
 
             publish(extraction.topic, f"extraction.{kind}", {**extraction.event_payload(), **payload})
+        elif kind == "tokenizing":
+            # "Tokenizing 120,000 of 300,000 samples": at most once a second, before the first batch.
+            from jobsite.events import publish  # noqa: PLC0415
+
+            publish(extraction.topic, "extraction.tokenizing", {**extraction.event_payload(), **payload})
 
     try:
         result = runner.run_extraction(

@@ -32,6 +32,7 @@ from jobsite.health import workers_missing
 from jobsite.lifecycle import TransitionError
 from jobsite.permissions import check, permission_required
 from jobsite.selectors import last_event_seq
+from jobsite.models import Event
 from jobsite.views import (
     duration, form_problems, id_param, iso, live_context, post_only, resume_with_message,
 )
@@ -76,6 +77,12 @@ def job_view(extraction: Extraction, *, seq: int = 0) -> dict:
     retry_in = (e.next_attempt_at - now).total_seconds() if e.status == e.Status.QUEUED and e.next_attempt_at else None
     percent = 100.0 if e.status in (e.Status.SAVING, e.Status.COMPLETED) else e.percent
     phase = PHASES.get(e.status, "")
+    if e.status == e.Status.LOADING and e.started_at:
+        # A large dataset takes a while to tokenize: the card says how far it is.
+        tokenizing = (Event.objects.filter(topic=e.topic, type="extraction.tokenizing", created_at__gte=e.started_at)
+                      .order_by("-seq").values_list("payload", flat=True).first())
+        if tokenizing and tokenizing.get("message"):
+            phase = tokenizing["message"]
     if e.cancel_requested and running:
         phase = "Cancelling: the worker stops after the current batch"
     elif retry_in is not None and retry_in > 0:

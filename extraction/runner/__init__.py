@@ -12,11 +12,12 @@ batch size and growth budget it recorded (module `batch_size`), which reproduces
 uninterrupted run's batches and so its bytes.
 
 The modules, in the order a run uses them: `model` (a directory read as untrusted input),
-`families` (where each hook point lives in each family's blocks), `dataset`, `plan` (the
-request checked, the samples tokenized, the fingerprint), `outputs` (preallocated files and
-the checkpoint), `batch_size` (halved on out-of-memory, grown back on shorter samples),
-`forward` (a batch through the model, with the hooks), `writer` (rows written by position on
-a thread of its own), `native` (the allocator and writeback knobs).
+`families` (where each hook point lives in each family's blocks), `dataset` (read line by
+line), `plan` (the request checked, the samples tokenized chunk by chunk straight into the
+ids file, the fingerprint), `outputs` (preallocated files and the checkpoint), `batch_size`
+(halved on out-of-memory, grown back on shorter samples), `forward` (a batch through the
+model, with the hooks), `writer` (rows written by position on a thread of its own), `native`
+(the allocator and writeback knobs).
 """
 
 from __future__ import annotations
@@ -87,7 +88,25 @@ def run_extraction(
         progress or (lambda *args: None), heartbeat or (lambda: None), should_cancel or (lambda: False),
         on_event or (lambda *args: None), failpoint or (lambda *args: None),
     )
-    plan = prepare(spec)
+    plan = prepare(spec, directory=spec.output_dir, progress=lambda *told: _tokenizing(calls, *told),
+                   should_cancel=lambda: _between_steps(calls))
+    try:
+        return _run(spec, plan, calls)
+    finally:
+        plan.close()
+
+
+def _tokenizing(calls: _Callbacks, done: int, total: int, tokens: int) -> None:
+    calls.on_event("tokenizing", {"samples_tokenized": done, "total_samples": total, "tokens_tokenized": tokens,
+                                  "message": f"Tokenizing {done:,} of {total:,} samples"})
+
+
+def _between_steps(calls: _Callbacks) -> bool:
+    calls.heartbeat()
+    return calls.should_cancel()
+
+
+def _run(spec: ExtractionSpec, plan: Plan, calls: _Callbacks) -> ExtractionResult:
     model = load_model(spec.model_path, dtype=spec.model_dtype, device=spec.device)
     starts, checkpoint = open_outputs(spec, plan)
     # A resume goes on with the size its checkpoint had in force, and grows back toward spec's.
@@ -249,4 +268,8 @@ def _describe(spec: ExtractionSpec, plan: Plan, batch_size: int, inf_values: int
 
 def seed_from_checkpoint(src_output_dir: str, dst_output_dir: str, spec: ExtractionSpec) -> int:
     """Start dst from src's completed samples when only the batch size changed; 0 if not."""
-    return outputs.seed_from_checkpoint(src_output_dir, dst_output_dir, spec, prepare(spec))
+    plan = prepare(spec)
+    try:
+        return outputs.seed_from_checkpoint(src_output_dir, dst_output_dir, spec, plan)
+    finally:
+        plan.close()

@@ -1,9 +1,12 @@
-"""A dataset file: `.txt`, one sample a line, or `.jsonl` with `text` or `input_ids`."""
+"""A dataset file: `.txt`, one sample a line, or `.jsonl` with `text` or `input_ids`.
+
+Read line by line, never held whole: a plan of millions of samples keeps one chunk of them at a time."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from jobsite.errors import JobInputError
@@ -16,16 +19,26 @@ class DatasetInfo:
     size_bytes: int
 
 
-def read_dataset(path: str) -> tuple[str, list[str | list[int]]]:
-    """(format, samples): a sample is a text or, from .jsonl, a list of token ids."""
+def dataset_format(path: str) -> str:
+    """"txt" or "jsonl", once the file is there."""
     fmt = os.path.splitext(path)[1].lstrip(".").lower()
     if fmt not in ("txt", "jsonl"):
         raise JobInputError("The dataset must be a .txt or .jsonl file.")
     if not os.path.isfile(path):
         raise JobInputError(f"The dataset {path} does not exist.")
-    samples: list[str | list[int]] = []
+    return fmt
+
+
+def iter_samples(path: str, *, digest=None) -> Iterator[str | list[int]]:
+    """Every sample in file order: a text or, from .jsonl, a list of token ids. `digest` (a
+    hashlib object) is fed every byte read. "The dataset is empty." is raised only at the end
+    of the file: a reader that stops early (max_samples) never reads what follows."""
+    fmt = dataset_format(path)
+    nonempty = False
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
+            if digest is not None:
+                digest.update(raw)
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError:
@@ -33,7 +46,8 @@ def read_dataset(path: str) -> tuple[str, list[str | list[int]]]:
             if fmt == "txt":
                 # Every line is a sample, an empty one too (it has no tokens): sample i is line i + 1,
                 # so whatever a user keeps per line (labels) lines up with the output.
-                samples.append(line)
+                nonempty = nonempty or bool(line.strip())
+                yield line
                 continue
             if not line.strip():
                 continue
@@ -46,21 +60,45 @@ def read_dataset(path: str) -> tuple[str, list[str | list[int]]]:
             record = record if isinstance(record, dict) else {}
             text, ids = record.get("text"), record.get("input_ids")
             if isinstance(text, str):
-                samples.append(text)
+                nonempty = nonempty or bool(text.strip())
+                yield text
             elif isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
                 huge = next((i for i in ids if not -2**63 <= i < 2**63), None)
                 if huge is not None:
                     raise JobInputError(f"Line {number} of the dataset has a token id that is not a 64-bit integer: "
                                         f"{str(huge)[:30]}.")
-                samples.append(ids)
+                nonempty = nonempty or bool(ids)
+                yield ids
             else:
                 fields = '"text" string or an "input_ids" list of integers'
                 raise JobInputError(f"Line {number} of the dataset needs a {fields}.")
-    if not any(s if isinstance(s, list) else s.strip() for s in samples):
+    if not nonempty:
         raise JobInputError("The dataset is empty.")
-    return fmt, samples
+
+
+def count_samples(path: str, limit: int | None = None) -> int:
+    """How many samples the file holds (at most `limit`), from its line breaks alone: the total
+    a plan reports its progress against before it has read a sample. Exact for .txt; for .jsonl
+    a line of nothing but Unicode spaces counts here and not as a sample."""
+    fmt = dataset_format(path)
+    count = 0
+    with open(path, "rb") as f:
+        if fmt == "txt":
+            last = b"\n"
+            while (limit is None or count < limit) and (block := f.read(1 << 20)):
+                count, last = count + block.count(b"\n"), block[-1:]
+            count += last != b"\n"
+        else:
+            for raw in f:
+                if raw.strip():
+                    count += 1
+                    if limit is not None and count >= limit:
+                        break
+    return count if limit is None else min(count, limit)
 
 
 def inspect_dataset(path: str) -> DatasetInfo:
-    fmt, samples = read_dataset(path)
-    return DatasetInfo(format=fmt, num_samples=len(samples), size_bytes=os.path.getsize(path))
+    fmt, count = dataset_format(path), 0
+    for _ in iter_samples(path):
+        count += 1
+    return DatasetInfo(format=fmt, num_samples=count, size_bytes=os.path.getsize(path))

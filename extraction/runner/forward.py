@@ -146,7 +146,7 @@ def run_batch(
     attention_mask = torch.zeros_like(input_ids)
     for row, i in enumerate(batch):
         # Right padding: real tokens keep positions 0..n-1 and, causally, never see a pad.
-        input_ids[row, : counts[row]] = torch.from_numpy(plan.ids[plan.offsets[i] : plan.offsets[i + 1]])
+        input_ids[row, : counts[row]] = torch.from_numpy(plan.sample_ids(i))  # from the memory-mapped ids file
         attention_mask[row, : counts[row]] = 1
     storage, on_device = STORAGE_DTYPES[spec.storage_dtype], copy_stream is not None
     if on_device:

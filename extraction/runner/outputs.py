@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 
 from extraction.runner.plan import FORMAT_VERSION, ExtractionSpec, Plan
-from jobsite.errors import StorageError
+from jobsite.errors import JobInputError, StorageError
 
 OFFSETS, TOKENS, TOKENIZER = "offsets.npy", "tokens.npy", "tokenizer"
 CHECKPOINT, METADATA = "checkpoint.json", "metadata.json"
@@ -124,10 +124,14 @@ def open_outputs(spec: ExtractionSpec, plan: Plan) -> tuple[dict[str, int], dict
     if checkpoint and checkpoint.get("fingerprint") == plan.fingerprint:
         starts = _matching(out, plan, shapes, dtype)
         if starts is not None:
+            plan.save_ids(os.path.join(out, TOKENS))  # the same bytes as the file it replaces
             return starts, checkpoint
+    if checkpoint:
+        _refuse_changed_dataset(checkpoint, plan)
     os.makedirs(out, exist_ok=True)
     remove_stale(out)
-    _require_space(out, [rows * width * dtype.itemsize for _, width in shapes.values()] + [rows * 4])
+    # The ids are on disk already, written as they were tokenized.
+    _require_space(out, [rows * width * dtype.itemsize for _, width in shapes.values()])
     starts = {}
     for name, shape in shapes.items():
         # The .npy header, then the full size reserved on disk: rows are written by position,
@@ -136,14 +140,39 @@ def open_outputs(spec: ExtractionSpec, plan: Plan) -> tuple[dict[str, int], dict
         starts[name] = array.offset
         del array
         _reserve(os.path.join(out, name))
-    # Every id is known before the first batch: written whole now, the same bytes on every resume.
-    write_atomic(os.path.join(out, TOKENS), lambda f: np.save(f, plan.ids.astype(np.int32)))
+    # Every id is known before the first batch, in the file the plan wrote: the same bytes on every resume.
+    plan.save_ids(os.path.join(out, TOKENS))
     write_atomic(os.path.join(out, OFFSETS), lambda f: np.save(f, plan.offsets))
     _save_tokenizer(out, plan)
     checkpoint = {"format_version": FORMAT_VERSION, "fingerprint": plan.fingerprint, "batch_size": spec.batch_size,
-                  "samples_done": 0, "batches_done": 0}
+                  "samples_done": 0, "batches_done": 0, "dataset": plan.dataset}
     write_json(os.path.join(out, CHECKPOINT), checkpoint)
     return starts, checkpoint
+
+
+def _refuse_changed_dataset(checkpoint: dict, plan: Plan) -> None:
+    """A checkpoint whose dataset file is not the one read now is never resumed: its samples
+    would mix with other ones, or be counted against other ones. (A checkpoint that differs
+    for another reason, or says nothing of its dataset, is replaced by a fresh start.)"""
+    then, now = checkpoint.get("dataset"), plan.dataset
+    if not isinstance(then, dict) or then.get("sha256") in (None, now["sha256"]):
+        return
+    changes = [f"{label}: {show(then.get(key))} then, {show(now[key])} now" for key, label, show in (
+        ("samples", "samples", _count), ("tokens", "tokens", _count), ("size_bytes", "size", _bytes),
+        ("modified", "modified", str),
+    ) if then.get(key) != now[key]]
+    raise JobInputError(
+        f"The dataset file changed since this extraction was planned ({'; '.join(changes) or 'its content differs'})"
+        ": its completed samples came from the file as it was, so it is not resumed; retry it to extract the "
+        "file as it is now.", field="dataset")
+
+
+def _count(n) -> str:
+    return f"{n:,}" if isinstance(n, int) else "unknown"
+
+
+def _bytes(n) -> str:
+    return f"{n:,} bytes" if isinstance(n, int) else "unknown"
 
 
 def seed_from_checkpoint(src_output_dir: str, dst_output_dir: str, spec: ExtractionSpec, plan: Plan) -> int:

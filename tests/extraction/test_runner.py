@@ -900,3 +900,143 @@ def test_batches_before_a_long_batch_are_synced_and_counted_while_it_runs(models
     spec = ExtractionSpec(models["gpt2"], samples_path, str(tmp_path), (1,), ("residual",), 4)
     run_extraction(spec, progress=None, heartbeat=None, should_cancel=None, failpoint=batch_3_takes_long)
     assert on_disk == [3 * 4], "the batches written before the long one wait for it to be counted"
+
+
+# --- a plan that streams ----------------------------------------------------------------
+
+
+def lognormal_lines(count, seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(2.5, 0.8, count).astype(int), 1, 200)
+    return [" ".join(WORDS[(i + k) % len(WORDS)] for k in range(n)) for i, n in enumerate(lengths)]
+
+
+def test_tokenizing_memory_stays_flat_as_the_dataset_grows_eightfold(models, tmp_path, monkeypatch):
+    """What stays in memory is the offsets (8 bytes a sample) and one chunk: the ids go to disk."""
+    import tracemalloc
+
+    monkeypatch.setattr(runner.plan, "TOKENIZE_CHUNK", 256)
+    peaks, tokens = {}, {}
+    for count in (4000, 32000):
+        path = tmp_path / f"{count}.txt"
+        path.write_text("\n".join(lognormal_lines(count)) + "\n", encoding="utf-8")
+        spec = ExtractionSpec(models["gpt2"], str(path), str(tmp_path / f"out{count}"), (0,), ("residual",), 8)
+        runner.prepare(spec).close()  # the tokenizer's own first-use allocations are not the plan's
+        tracemalloc.start()
+        try:
+            plan = runner.prepare(spec, directory=spec.output_dir)
+            peaks[count] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        tokens[count] = int(plan.offsets[-1])
+        assert plan.ids.dtype == np.int32 and len(plan.ids) == tokens[count] and not plan.ids.flags.owndata
+        plan.close()
+        assert not os.listdir(spec.output_dir), "a plan no output took leaves no file"
+    assert tokens[32000] > 7 * tokens[4000]
+    # Holding the samples and the ids (8 bytes a token, as before) would add ~10 MB at 8N; the
+    # offsets (8 bytes a sample, twice while they are summed) add 0.5 MB.
+    assert peaks[32000] < 1.5 * peaks[4000], peaks
+
+
+def test_the_fingerprint_is_the_one_checkpoints_were_written_with_before_the_ids_streamed(models, samples_path,
+                                                                                          tmp_path):
+    """sha256(request, offsets, ids as int64): a job planned by an earlier version resumes after an
+    upgrade instead of starting again (checked once against the previous runner on the same input)."""
+    import hashlib
+    import json as _json
+
+    spec = ExtractionSpec(models["gpt2"], str(samples_path), str(tmp_path / "out"), (0, 1), ("residual",), 8,
+                          max_length=40)
+    plan = runner.prepare(spec)
+    request = [os.path.abspath(spec.model_path), [0, 1], ["residual"], "float32", "float32", 40,
+               runner.plan.FORMAT_VERSION]
+    digest = hashlib.sha256(_json.dumps(request).encode())
+    digest.update(plan.offsets.astype(np.int64).tobytes())
+    digest.update(np.asarray(plan.ids).astype(np.int64).tobytes())
+    assert plan.fingerprint == digest.hexdigest()
+    plan.close()
+
+
+def test_tokenizing_reports_progress_and_stops_on_cancel_leaving_nothing_a_resume_trusts(
+    models, samples_path, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(runner.plan, "TOKENIZE_CHUNK", 8)
+    monkeypatch.setattr(runner.plan, "TOKENIZE_PROGRESS_EVERY_S", 0)
+    events = []
+    extract(models["gpt2"], samples_path, tmp_path / "done", events=events)
+    told = [(p["samples_tokenized"], p["total_samples"]) for kind, p in events if kind == "tokenizing"]
+    assert told == [(0, 50), (8, 50), (16, 50), (24, 50), (32, 50), (40, 50), (48, 50), (50, 50)]
+    first = next(p for kind, p in events if kind == "tokenizing" and p["samples_tokenized"] == 16)
+    assert first["message"] == "Tokenizing 16 of 50 samples"
+    assert [kind for kind, _ in events].index("phase") > max(i for i, (k, _) in enumerate(events) if k == "tokenizing")
+
+    asked = []
+
+    def cancel_after_three_chunks():
+        asked.append(1)
+        return len(asked) >= 3
+
+    events.clear()
+    with pytest.raises(Cancelled, match=r"^Cancelled while tokenizing, after 24 of 50 samples\.$"):
+        extract(models["gpt2"], samples_path, tmp_path / "cancelled", should_cancel=cancel_after_three_chunks,
+                events=events)
+    assert [kind for kind, _ in events if kind != "tokenizing"] == [], "no extraction started"
+    assert os.listdir(tmp_path / "cancelled") == [], "no half plan, no checkpoint"
+    result, calls = extract(models["gpt2"], samples_path, tmp_path / "cancelled")
+    assert calls[0][0] == 0 and result.samples == 50
+    for name in ["tokens.npy", "offsets.npy", "layer_1_residual.npy", "checkpoint.json", "metadata.json"]:
+        assert (tmp_path / "cancelled" / name).read_bytes() == (tmp_path / "done" / name).read_bytes(), name
+
+
+def test_clamping_truncation_and_max_samples_are_the_same_across_chunk_edges(models, tmp_path, monkeypatch):
+    vocab = inspect_model(models["gpt2"]).vocab_size
+    rows = [{"input_ids": [1, vocab + i, 3, -1, 5, 6, 7][: 2 + i % 6]} for i in range(9)] + [{"text": "Hello world."}]
+    path = tmp_path / "ids.jsonl"
+    # Past max_samples the file is not read: a line that is not JSON there fails nothing.
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n{not json\n")
+    options = dict(layers=(0,), batch_size=2, max_length=4, max_samples=len(rows))
+    whole, _ = extract(models["gpt2"], str(path), tmp_path / "whole", **options)
+    monkeypatch.setattr(runner.plan, "TOKENIZE_CHUNK", 3)
+    chunked, _ = extract(models["gpt2"], str(path), tmp_path / "chunked", **options)
+    kept = [r["input_ids"][:4] for r in rows[:9]]
+    assert whole.clamped_tokens == chunked.clamped_tokens == sum(i < 0 or i >= vocab for ids in kept for i in ids)
+    assert whole.truncated_samples == chunked.truncated_samples == sum(len(r["input_ids"]) > 4 for r in rows[:9])
+    assert whole.samples == chunked.samples == 10
+    for name in ["tokens.npy", "offsets.npy", "layer_0_residual.npy", "checkpoint.json", "metadata.json"]:
+        assert (tmp_path / "chunked" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+def test_a_resume_of_a_dataset_file_changed_since_the_plan_is_refused_with_what_changed(
+    models, samples_path, tmp_path
+):
+    data = tmp_path / "data.txt"
+    shutil.copyfile(samples_path, data)
+    os.utime(data, (1_600_000_000, 1_600_000_000))
+    options = dict(layers=(1,), batch_size=4)
+    with pytest.raises(RuntimeError, match="worker died"):
+        extract(models["gpt2"], str(data), tmp_path / "out", failpoint=fail_at(3, RuntimeError("worker died")),
+                **options)
+    checkpoint = (tmp_path / "out" / "checkpoint.json").read_bytes()
+    assert json.loads(checkpoint)["samples_done"] == 12
+    # The same bytes, touched: nothing changed that the output depends on, so it resumes.
+    os.utime(data, (1_600_000_060, 1_600_000_060))
+    with pytest.raises(RuntimeError, match="worker died"):
+        extract(models["gpt2"], str(data), tmp_path / "out", failpoint=fail_at(4, RuntimeError("worker died")),
+                **options)
+    assert json.loads((tmp_path / "out" / "checkpoint.json").read_text())["samples_done"] == 16
+    checkpoint = (tmp_path / "out" / "checkpoint.json").read_bytes()
+    with open(data, "a", encoding="utf-8") as f:
+        f.write("one more line\nand another\n")
+    with pytest.raises(JobInputError) as caught:
+        extract(models["gpt2"], str(data), tmp_path / "out", **options)
+    sentence = str(caught.value)
+    assert sentence.startswith("The dataset file changed since this extraction was planned (samples: 50 then, 52 now; "
+                               "tokens: "), sentence
+    size = len(Path(samples_path).read_bytes())
+    assert f"; size: {size:,} bytes then, {size + 26:,} bytes now; modified: 2020-09-13 12:26:40 UTC then, " in sentence
+    assert sentence.endswith("): its completed samples came from the file as it was, so it is not resumed; retry it "
+                             "to extract the file as it is now.")
+    assert caught.value.field == "dataset" and classify_error(caught.value) == ErrorType.VALIDATION
+    assert (tmp_path / "out" / "checkpoint.json").read_bytes() == checkpoint, "the completed samples are kept"
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(
+        ["checkpoint.json", "offsets.npy", "tokens.npy", "tokenizer", "layer_1_residual.npy"])

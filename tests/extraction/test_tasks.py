@@ -1,5 +1,6 @@
 """The worker flow in this process: claim, lease, runner, classification, retry decisions."""
 
+import json
 import re
 import threading
 import time
@@ -48,7 +49,12 @@ def test_extraction_completes_with_files_counts_and_events(model_record, dataset
     files = {p.name for p in job.output_dir.iterdir()}
     assert {"metadata.json", "offsets.npy", "layer_0_residual.npy", "layer_2_attention.npy"} <= files
     types = event_types(job)
-    assert types[:3] == ["extraction.queued", "extraction.loading", "extraction.extracting"]
+    # Between loading and extracting, the tokenizing says how far it is (the page shows it).
+    assert [t for t in types if t != "extraction.tokenizing"][:3] == [
+        "extraction.queued", "extraction.loading", "extraction.extracting"]
+    tokenizing = Event.objects.filter(topic=job.topic, type="extraction.tokenizing").order_by("seq")
+    assert types.index("extraction.tokenizing") < types.index("extraction.extracting")
+    assert tokenizing.last().payload["message"] == f"Tokenizing {dataset.num_samples:,} of {dataset.num_samples:,} samples"
     assert "extraction.progress" in types
     assert types[-2:] == ["extraction.saving", "extraction.completed"]
 
@@ -454,3 +460,35 @@ def test_a_failed_extractions_files_page_says_which_samples_hold_activations(mod
     acts = np.load(out / "layer_0_residual.npy", mmap_mode="r")
     written = {i for i in range(len(lengths)) if np.any(acts[offsets[i]:offsets[i + 1]] != 0)}
     assert written == set(done.tolist())
+
+
+def test_an_automatic_resume_of_a_dataset_file_changed_since_the_plan_fails_with_what_changed(model_record, settings):
+    from extraction.services import dataset_register
+    from tests.conftest import TEXTS, write_dataset
+
+    path = write_dataset(settings, "growing.txt", TEXTS)
+    dataset = dataset_register(path=str(path), name="growing")
+    settings.JOBSITE_FAILPOINTS = '{"extraction.batch": {"action": "timeout", "at": 2, "attempt": 1}}'
+    job = start(model_record, dataset, layers=[0], hooks=["residual"], batch_size=4)
+    run_extraction(job.pk)
+    job.refresh_from_db()
+    assert job.status == "queued" and job.error_type == "TIMEOUT" and job.samples_processed == 8
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("a line added while the job waited for its retry\n")
+    time.sleep(max(0.0, (job.next_attempt_at - timezone.now()).total_seconds()) + 0.1)
+    run_extraction(job.pk)
+    job.refresh_from_db()
+    assert job.status == "failed" and job.error_type == "VALIDATION"
+    assert job.error_message.startswith(
+        f"The dataset file changed since this extraction was planned (samples: {len(TEXTS)} then, "
+        f"{len(TEXTS) + 1} now; tokens: "), job.error_message
+    assert job.error_message.endswith("retry it to extract the file as it is now.")
+    assert job.samples_processed == 8, "the samples done are not counted against other ones"
+    assert json.loads((job.output_dir / "checkpoint.json").read_text())["samples_done"] == 8
+    failed = Event.objects.filter(topic=job.topic, type="extraction.failed").order_by("seq").last()
+    assert failed.payload["error_message"] == job.error_message and failed.payload["retry_available"] is True
+    settings.JOBSITE_FAILPOINTS = ""
+    retry = extraction_retry(extraction=job)
+    run_extraction(retry.pk)
+    retry.refresh_from_db()
+    assert retry.status == "completed" and retry.samples_processed == len(TEXTS) + 1

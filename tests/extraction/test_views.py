@@ -912,6 +912,17 @@ def test_the_retry_editor_closes_with_close_not_cancel(staff_client, make_extrac
     assert ">Close</button>" in editor and ">Cancel<" not in editor
 
 
+def test_a_loading_card_says_how_far_tokenizing_is(staff_client, make_extraction):
+    from django.utils import timezone
+
+    from jobsite.events import publish
+
+    job = make_extraction("loading", started_at=timezone.now(), heartbeat_at=timezone.now(), worker="h:1")
+    assert "Tokenizing" not in staff_client.get(f"/extractions/{job.pk}/card/").content.decode()
+    publish(job.topic, "extraction.tokenizing", {"message": "Tokenizing 120,000 of 300,000 samples"})
+    assert "Tokenizing 120,000 of 300,000 samples" in staff_client.get(f"/extractions/{job.pk}/card/").content.decode()
+
+
 def test_a_retry_of_a_deleted_original_shows_its_number(staff_client, make_extraction):
     original = failed_oom(make_extraction)
     retry = make_extraction("failed", original_extraction=original, retry_count=1, error_type="OOM")
