@@ -221,7 +221,7 @@ def prepare(spec: ExtractionSpec, *, directory: str | None = None,
         if isinstance(exc, OSError) and exc.filename is None and ids_path is not None:
             raise OSError(exc.errno, exc.strerror, ids_path) from exc  # a write's own error names no file
         raise
-    digest = _fingerprint(request, offsets, ids)
+    digest = _fingerprint(request, offsets, ids_file)
     modified = datetime.datetime.fromtimestamp(stat.st_mtime, datetime.timezone.utc)
     dataset = {"samples": len(offsets) - 1, "tokens": count, "size_bytes": stat.st_size,
                "modified": modified.strftime("%Y-%m-%d %H:%M:%S UTC"), "sha256": file_digest.hexdigest()}
@@ -229,14 +229,19 @@ def prepare(spec: ExtractionSpec, *, directory: str | None = None,
                 ids_file, ids_path, ids_map)
 
 
-def _fingerprint(request: list, offsets: np.ndarray, ids: np.ndarray):
+def _fingerprint(request: list, offsets: np.ndarray, ids_file):
     """sha256 of the request, the offsets, then the ids as 64-bit integers: the formula every
     checkpoint so far was written with, so that a job planned before the ids streamed to disk
-    still resumes. The ids are read back in slices, a small fraction of tokenizing's time."""
+    still resumes. The ids are read back in slices (a small fraction of tokenizing's time) by
+    read(), not through the mapping, whose pages would then stay in this process's memory."""
     digest = hashlib.sha256(json.dumps(request).encode())
     digest.update(offsets.tobytes())
-    for start in range(0, len(ids), FINGERPRINT_SLICE):
-        digest.update(memoryview(ids[start : start + FINGERPRINT_SLICE].astype(np.int64)))
+    ids_file.seek(IDS_AT)
+    left = int(offsets[-1]) * IDS_DTYPE.itemsize
+    while left:
+        chunk = ids_file.read(min(left, FINGERPRINT_SLICE * IDS_DTYPE.itemsize))
+        digest.update(memoryview(np.frombuffer(chunk, dtype=IDS_DTYPE).astype(np.int64)))
+        left -= len(chunk)
     return digest
 
 
