@@ -5,7 +5,7 @@ from django.db.models import BooleanField, Exists, ExpressionWrapper, OuterRef, 
 from django.shortcuts import get_object_or_404
 
 from extraction.models import Dataset, Extraction, ModelRecord
-from jobsite.errors import JobInputError
+from jobsite.errors import JobInputError, check_text
 
 # A page of the history or of the API's list: 20 rows unless asked, at most MAX_PAGE_SIZE.
 PAGE_SIZE = 20
@@ -77,9 +77,7 @@ def extraction_page(*, page=None, limit=None, status: str | None = None, model: 
     if isinstance(model, int):
         model_id = model
     elif model not in (None, ""):
-        if "\x00" in str(model):
-            raise JobInputError("model must be a model's id or name, without NUL characters.", field="model")
-        record = model_find(str(model))
+        record = model_find(check_text(str(model), "model", 200, field="model"))
         if record is None:
             raise JobInputError(f"No model named or numbered {str(model)[:100]!r} is registered; "
                                 "GET /api/v1/models lists them.", field="model")

@@ -454,8 +454,8 @@ def extraction_check_deletable(*, extraction: Extraction) -> None:
     # (it counts them in resumed_samples only once the copy is done).
     copying = extraction.retries.filter(
         Q(resumed_samples__gt=0) | Q(fingerprint=extraction.fingerprint), status__in=COPYING_STATUSES).first()
-    if copying is not None and (copying.resumed_samples or extraction.reusable_samples()):
-        done = copying.resumed_samples or extraction.reusable_samples()
+    done = copying and (copying.resumed_samples or extraction.reusable_samples())  # reads the checkpoint once
+    if done:
         raise TransitionError(
             f"Extraction {copying.pk}, a retry of extraction {extraction.pk}, starts from its "
             f"{done:,} finished samples and is {copying.status}: delete extraction "

@@ -30,9 +30,9 @@ from jobsite.errors import ErrorType, JobInputError
 from jobsite.forms import add_refusal
 from jobsite.health import workers_missing
 from jobsite.lifecycle import TransitionError
+from jobsite.models import Event
 from jobsite.permissions import check, permission_required
 from jobsite.selectors import last_event_seq
-from jobsite.models import Event
 from jobsite.views import (
     duration, form_problems, id_param, iso, live_context, post_only, resume_with_message,
 )
