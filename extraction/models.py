@@ -118,6 +118,9 @@ class Extraction(Job):
     max_length = models.PositiveIntegerField(default=512)
     storage_dtype = models.CharField(max_length=10, choices=StorageDtype.choices, default=StorageDtype.FLOAT32)
     auto_retry_on_oom = models.BooleanField(default=False)
+    # Parts of the global order run by as many workers at once, each an ExtractionShard; 1: one
+    # worker runs it all. Not in the fingerprint: the output is the same bytes whatever the count.
+    shards = models.PositiveIntegerField(default=1)
     # sha256 of what determines the output (not batch size): an identical active request is this job.
     fingerprint = models.CharField(max_length=64, db_index=True)
 
@@ -168,6 +171,7 @@ class Extraction(Job):
                 name="extraction_finished_at_iff_terminal",
             ),
             models.CheckConstraint(condition=Q(batch_size__in=VALID_BATCH_SIZES), name="extraction_batch_size_valid"),
+            models.CheckConstraint(condition=Q(shards__gte=1), name="extraction_shards_at_least_one"),
             models.UniqueConstraint(
                 fields=["model", "fingerprint"],
                 condition=Q(status__in=_ACTIVE),
@@ -233,7 +237,13 @@ class Extraction(Job):
             "inf_values": self.inf_values,
             "original_extraction_id": self.original_extraction_id,
             "retry_count": self.retry_count,
+            "shard_count": self.shards,
+            "shards": self.shard_list(),
         }
+
+    def shard_list(self) -> list[dict]:
+        """Each shard's progress, worker, heartbeat and attempt; [] for a job one worker runs."""
+        return [shard.describe() for shard in self.shard_set.all()] if self.shards > 1 and self.pk else []
 
     # Cleanup: a failed or cancelled extraction's finished samples are where its Retry starts.
     OUTPUT_REUSABLE = RETRYABLE_FROM
@@ -280,3 +290,106 @@ class Extraction(Job):
         for promise in (", which keeps the samples already done.", ": completed work is kept."):
             step = step.replace(promise, ".")
         return f"{step} A Retry {self.FIRST_SAMPLE}: none of its samples are left to reuse.".strip()
+
+
+class ExtractionShardStatus(models.TextChoices):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+_SHARD_TERMINAL = ["completed", "failed", "cancelled"]
+
+
+class ExtractionShard(Job):
+    """One contiguous range of an extraction's global order (longest first), run by one worker
+    into the extraction's one set of preallocated files, at its own rows. It is a job of its
+    own: claim, lease, heartbeat, checkpoint, attempts, automatic retry and out-of-memory
+    halving are its own; the extraction (its parent) sums their progress and takes its status
+    from theirs (services.extraction_settle). Its events go on the extraction's topic, with the
+    extraction as their payload, so every page that follows the extraction hears its shards."""
+
+    Status = ExtractionShardStatus
+
+    KIND = "extraction_shard"
+    TASK = "extraction.tasks.run_extraction_shard"
+    QUEUED = Status.QUEUED
+    CLAIMED = Status.RUNNING
+    FAILED = Status.FAILED
+    CANCELLED = Status.CANCELLED
+    RUNNING = frozenset({Status.RUNNING})
+    ACTIVE = frozenset({Status.QUEUED, Status.RUNNING})
+    TERMINAL = frozenset(_SHARD_TERMINAL)
+    TRANSITIONS = {
+        Status.QUEUED: {Status.RUNNING, Status.CANCELLED, Status.FAILED},
+        Status.RUNNING: {Status.COMPLETED, Status.FAILED, Status.CANCELLED},
+        Status.FAILED: {Status.QUEUED},  # an automatic retry or a Resume goes on from its checkpoint
+        Status.COMPLETED: set(),
+        Status.CANCELLED: set(),
+    }
+
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    extraction = models.ForeignKey(Extraction, on_delete=models.CASCADE, related_name="shard_set")
+    index = models.PositiveIntegerField(help_text="its place among the extraction's shards, from 0")
+    # Its range of the global order, longest first: positions first_sample <= p < end_sample.
+    first_sample = models.PositiveIntegerField()
+    end_sample = models.PositiveIntegerField()
+    total_tokens = models.PositiveBigIntegerField(default=0)
+    samples_processed = models.PositiveIntegerField(default=0)
+    tokens_processed = models.PositiveBigIntegerField(default=0)
+    current_batch_size = models.PositiveIntegerField(null=True, blank=True)
+    batch_size_changes = models.JSONField(default=list, blank=True)
+    inf_values = models.PositiveBigIntegerField(default=0)
+    # {host: why its workers do not take this shard} (no shared data directory, no model files).
+    refusals = models.JSONField(default=dict, blank=True)
+    # The first refusal while no worker had taken it since: past the stall limit with no worker
+    # able to take it, the shard fails with the refusal's sentence.
+    refused_since = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["extraction_id", "index"]
+        verbose_name = "extraction shard"
+        constraints = [
+            models.CheckConstraint(condition=Q(status__in=ExtractionShardStatus.values), name="shard_status_valid"),
+            models.CheckConstraint(
+                condition=Q(status__in=_SHARD_TERMINAL, finished_at__isnull=False)
+                | (~Q(status__in=_SHARD_TERMINAL) & Q(finished_at__isnull=True)),
+                name="shard_finished_at_iff_terminal",
+            ),
+            models.UniqueConstraint(fields=["extraction", "index"], name="shard_index_unique"),
+        ]
+
+    def __str__(self):
+        return f"Shard {self.index} of extraction {self.extraction_id} ({self.status})"
+
+    @property
+    def topic(self) -> str:
+        return f"extraction.{self.extraction_id}"
+
+    @property
+    def total_samples(self) -> int:
+        return self.end_sample - self.first_sample
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.samples_processed / self.total_samples if self.total_samples else 100.0
+
+    def describe(self) -> dict:
+        """The shard as the extraction's payload lists it: enough to tell a slow or stalled host."""
+        return {
+            "index": self.index, "status": self.status, "samples_processed": self.samples_processed,
+            "total_samples": self.total_samples, "tokens_processed": self.tokens_processed,
+            "total_tokens": self.total_tokens, "worker": self.worker, "attempt": self.attempt,
+            "heartbeat_at": self.heartbeat_at.isoformat() if self.heartbeat_at else None,
+            "heartbeat_age_s": None if self.heartbeat_age_s is None else round(self.heartbeat_age_s, 1),
+            "stalled": self.is_stalled, "current_batch_size": self.current_batch_size,
+            "error_type": self.error_type, "error_message": self.error_message,
+            "refusals": self.refusals,
+        }
+
+    def event_payload(self) -> dict:
+        """The extraction, as it stands with this shard's news, and the shard itself."""
+        parent = Extraction.objects.get(pk=self.extraction_id)
+        return {**parent.event_payload(), "shard": {**super().event_payload(), **self.describe()}}

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from extraction.runner import outputs
+from extraction.runner import outputs, shards
 from extraction.runner.batch_size import BatchSize
 from extraction.runner.dataset import DatasetInfo, inspect_dataset
 from extraction.runner.forward import Capture, run_batch
@@ -41,11 +41,11 @@ from extraction.runner.plan import FORMAT_VERSION, ExtractionSpec, Plan, prepare
 from extraction.runner.writer import Writer
 
 # Cancelled is re-exported from jobsite.errors: the worker tells a cancel from a failure by it.
-from jobsite.errors import Cancelled, is_oom
+from jobsite.errors import Cancelled, JobInputError, is_oom
 
 __all__ = [
     "Cancelled", "DatasetInfo", "ExtractionResult", "ExtractionSpec", "ModelInfo", "heap_reuse", "inspect_dataset",
-    "inspect_model", "run_extraction", "seed_from_checkpoint",
+    "inspect_model", "run_extraction", "seed_from_checkpoint", "plan_shards", "run_shard", "finish_shards",
 ]
 
 # Rows are synced and counted at most this often (and always at the end, on cancel and on
@@ -124,21 +124,31 @@ def _run(spec: ExtractionSpec, plan: Plan, calls: _Callbacks) -> ExtractionResul
 
 
 def _extract(spec: ExtractionSpec, plan: Plan, model: torch.nn.Module, starts: dict[str, int], checkpoint: dict,
-             sizer: BatchSize, calls: _Callbacks) -> tuple[int, int]:
-    """Every pending batch, longest samples first; returns the batch size in force at the end
-    (smaller after out-of-memory halving, unless it grew back) and the infinite values stored."""
-    checkpoint_path = os.path.join(spec.output_dir, CHECKPOINT)
+             sizer: BatchSize, calls: _Callbacks, *, span: tuple[int, int] | None = None,
+             checkpoint_name: str = CHECKPOINT) -> tuple[int, int]:
+    """Every pending batch of `span` (positions in the global order; all of it when None),
+    longest samples first; returns the batch size in force at the end (smaller after
+    out-of-memory halving, unless it grew back) and the infinite values stored. The checkpoint
+    counts positions in the global order, whatever the span: a shard's batches are the ones a
+    single worker cuts there, since shards start at a multiple of the batch size."""
+    checkpoint_path = os.path.join(spec.output_dir, checkpoint_name)
     lengths = np.diff(plan.offsets)
     order = np.argsort(-lengths, kind="stable")  # longest first, ties in dataset order
-    total_samples, total_tokens = len(order), int(plan.offsets[-1])
+    first, end = span or (0, len(order))
     done, batch_index = checkpoint["samples_done"], checkpoint["batches_done"]
     tokens_upto = np.concatenate([[0], np.cumsum(lengths[order])])  # tokens of the first k samples of order
-    calls.progress(done, total_samples, int(tokens_upto[done]), total_tokens)
+    total_samples, total_tokens = end - first, int(tokens_upto[end] - tokens_upto[first])
+
+    def told(position: int) -> None:
+        calls.progress(position - first, total_samples, int(tokens_upto[position] - tokens_upto[first]), total_tokens)
+
+    told(done)
 
     copy_stream = torch.cuda.Stream(spec.device) if spec.device.startswith("cuda") else None
     itemsize = np.dtype(spec.storage_dtype).itemsize
     layout = {name: (starts[name], width * itemsize) for name, width in plan.widths().items()}
-    writer = Writer(spec.output_dir, layout, checkpoint, SYNC_EVERY_S, count_inf=spec.storage_dtype == "float16")
+    writer = Writer(spec.output_dir, layout, checkpoint, SYNC_EVERY_S, count_inf=spec.storage_dtype == "float16",
+                    checkpoint_name=checkpoint_name)
     capture = Capture(model, model.config, plan)
     reported = checkpoint
 
@@ -147,17 +157,16 @@ def _extract(spec: ExtractionSpec, plan: Plan, model: torch.nn.Module, starts: d
         nonlocal reported
         if writer.written is not reported:
             reported = writer.written
-            done = reported["samples_done"]
-            calls.progress(done, total_samples, int(tokens_upto[done]), total_tokens)
+            told(reported["samples_done"])
 
     with heap_reuse(spec.device):
         try:
-            while done < total_samples:
+            while done < end:
                 calls.heartbeat()
                 if calls.should_cancel():
                     writer.flush()
                     report()
-                    raise Cancelled(f"Cancelled after {done} of {total_samples} samples.")
+                    raise Cancelled(f"Cancelled after {done - first} of {total_samples} samples.")
                 grown = sizer.grow(done, int(lengths[order[done]]))
                 if grown is not None:
                     calls.on_event("batch_size_grown", _change_payload(
@@ -167,7 +176,7 @@ def _extract(spec: ExtractionSpec, plan: Plan, model: torch.nn.Module, starts: d
                     ))
                 batch_size = sizer.current
                 # Longest first, so empty samples only ever share a batch with each other.
-                batch = [int(i) for i in order[done : done + batch_size] if lengths[i] > 0]
+                batch = [int(i) for i in order[done : min(done + batch_size, end)] if lengths[i] > 0]
                 tokens = len(batch) * int(lengths[batch[0]]) if batch else 0  # samples x padded length
                 rows = failure = None
                 try:
@@ -208,7 +217,7 @@ def _extract(spec: ExtractionSpec, plan: Plan, model: torch.nn.Module, starts: d
                     ))
                     continue
                 sizer.ran(tokens)
-                done = min(done + batch_size, total_samples)
+                done = min(done + batch_size, end)
                 batch_index += 1
                 checkpoint = {**checkpoint, **sizer.checkpoint_fields(), "samples_done": done,
                               "batches_done": batch_index}
@@ -273,3 +282,79 @@ def seed_from_checkpoint(src_output_dir: str, dst_output_dir: str, spec: Extract
         return outputs.seed_from_checkpoint(src_output_dir, dst_output_dir, spec, plan)
     finally:
         plan.close()
+
+
+# -- one extraction, several workers (module `shards`) -------------------------------------------
+@dataclass
+class ShardPlan:
+    shards: list[dict]  # {index, first_sample, end_sample, samples, tokens}
+    done: list[int]  # samples each shard has done already (a resumed or retried plan)
+    samples: int
+    tokens: int
+    clamped_tokens: int
+    truncated_samples: int
+
+
+def plan_shards(
+    spec: ExtractionSpec, count: int, *, heartbeat: Callable[[], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None, on_event: Callable[[str, dict], None] | None = None,
+    seed_from: str | None = None,
+) -> ShardPlan:
+    """Tokenize, make the files as a one-worker run does, and cut the global order into at most
+    `count` shards (fewer when there are fewer batches), each with its checkpoint. With seed_from
+    (the directory of the extraction this one retries), the shards it finished are kept when it
+    was cut the same way."""
+    calls = _Callbacks(lambda *args: None, heartbeat or (lambda: None), should_cancel or (lambda: False),
+                       on_event or (lambda *args: None), lambda *args: None)
+    plan = prepare(spec, directory=spec.output_dir, progress=lambda *told: _tokenizing(calls, *told),
+                   should_cancel=lambda: _between_steps(calls))
+    try:
+        _result, metadata = _describe(spec, plan, spec.batch_size, 0)
+        layout = shards.layout_for(spec, plan, count, metadata)
+        if seed_from:
+            shards.seed(seed_from, spec.output_dir, layout)
+        open_outputs(spec, plan)
+        done = shards.write_plan(spec, layout)
+    finally:
+        plan.close()
+    return ShardPlan(layout["shards"], done, layout["samples"], layout["tokens"], layout["clamped_tokens"],
+                     layout["truncated_samples"])
+
+
+def run_shard(
+    spec: ExtractionSpec, index: int, *,
+    progress: Callable[[int, int, int, int], None] | None,
+    heartbeat: Callable[[], None] | None,
+    should_cancel: Callable[[], bool] | None,
+    on_event: Callable[[str, dict], None] | None = None,
+    failpoint: Callable[[str, dict], None] | None = None,
+) -> ExtractionResult:
+    """Extract shard `index` of the plan in spec.output_dir into the job's files, from its checkpoint.
+    progress(done, total) counts the shard's own samples and tokens."""
+    calls = _Callbacks(
+        progress or (lambda *args: None), heartbeat or (lambda: None), should_cancel or (lambda: False),
+        on_event or (lambda *args: None), failpoint or (lambda *args: None),
+    )
+    plan, layout = shards.load_plan(spec)
+    try:
+        part = layout["shards"][index]
+        name = shards.checkpoint_name(index)
+        checkpoint = shards.read_shard_checkpoint(spec.output_dir, index)
+        if not shards.valid_checkpoint(checkpoint, layout, part):
+            raise JobInputError(f"Shard {index}'s checkpoint in {spec.output_dir} is missing or not this plan's; "
+                                "retry the extraction.")
+        starts = shards.open_files(spec, plan)
+        model = load_model(spec.model_path, dtype=spec.model_dtype, device=spec.device)
+        sizer = BatchSize.from_checkpoint(checkpoint, spec.batch_size)
+        calls.on_event("phase", {"phase": "extracting", "total_tokens": part["tokens"], "batch_size": sizer.current,
+                                 "batch_size_changes": list(sizer.changes)})
+        batch_size, inf_values = _extract(spec, plan, model, starts, checkpoint, sizer, calls,
+                                          span=(part["first_sample"], part["end_sample"]), checkpoint_name=name)
+    finally:
+        plan.close()
+    return ExtractionResult(part["samples"], part["tokens"], 0, 0, batch_size, [name], inf_values)
+
+
+def finish_shards(spec: ExtractionSpec) -> dict:
+    """metadata.json once every shard is done (see shards.finish)."""
+    return shards.finish(spec)

@@ -16,6 +16,8 @@ from jobsite.errors import JobInputError, StorageError
 
 OFFSETS, TOKENS, TOKENIZER = "offsets.npy", "tokens.npy", "tokenizer"
 CHECKPOINT, METADATA = "checkpoint.json", "metadata.json"
+# A sharded run's plan and its shards' checkpoints (module `shards`).
+LAYOUT, SHARDS_DIR = "shards.json", "shards"
 
 
 def write_atomic(path: str, write: Callable) -> None:
@@ -51,10 +53,11 @@ def read_checkpoint(directory: str) -> dict | None:
 
 
 def remove_stale(directory: str) -> None:
-    """A checkpoint or metadata left by an earlier request must not vouch for new files."""
-    for name in (CHECKPOINT, METADATA):
+    """A checkpoint, metadata or shard plan left by an earlier request must not vouch for new files."""
+    for name in (CHECKPOINT, METADATA, LAYOUT):
         if os.path.exists(os.path.join(directory, name)):
             os.remove(os.path.join(directory, name))
+    shutil.rmtree(os.path.join(directory, SHARDS_DIR), ignore_errors=True)
 
 
 def _size(n: float) -> str:
@@ -92,7 +95,7 @@ def _reserve(path: str) -> None:
         os.close(fd)
 
 
-def _matching(out: str, plan: Plan, shapes: dict[str, tuple[int, int]], dtype: np.dtype) -> dict[str, int] | None:
+def matching(out: str, plan: Plan, shapes: dict[str, tuple[int, int]], dtype: np.dtype) -> dict[str, int] | None:
     """{file: byte offset of its row 0} when the files in `out` are the ones this plan writes."""
     try:
         arrays = {n: np.lib.format.open_memmap(os.path.join(out, n), mode="r+") for n in shapes}
@@ -122,7 +125,7 @@ def open_outputs(spec: ExtractionSpec, plan: Plan) -> tuple[dict[str, int], dict
     shapes = {name: (rows, width) for name, width in plan.widths().items()}
     checkpoint = read_checkpoint(out)
     if checkpoint and checkpoint.get("fingerprint") == plan.fingerprint:
-        starts = _matching(out, plan, shapes, dtype)
+        starts = matching(out, plan, shapes, dtype)
         if starts is not None:
             plan.save_ids(os.path.join(out, TOKENS))  # the same bytes as the file it replaces
             return starts, checkpoint

@@ -28,7 +28,7 @@ class Writer:
     """
 
     def __init__(self, output_dir: str, layout: dict[str, tuple[int, int]], counted: dict,
-                 sync_every_s: float, count_inf: bool = False):
+                 sync_every_s: float, count_inf: bool = False, checkpoint_name: str = CHECKPOINT):
         """layout: {file name: (byte offset of its row 0, bytes a row)}."""
         self._files: dict[str, tuple[int, int, int]] = {}  # name -> (descriptor, offset of row 0, bytes a row)
         try:
@@ -43,7 +43,7 @@ class Writer:
         # are counted for it (the count travels in the checkpoint, so a resume keeps it).
         self._count_inf, self.inf_values = count_inf, int(counted.get("inf_values", 0))
         self._output_dir = output_dir
-        self._checkpoint_path = os.path.join(output_dir, CHECKPOINT)
+        self._checkpoint_path = os.path.join(output_dir, checkpoint_name)
         self._jobs: queue.Queue = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="extraction-writer", daemon=True)

@@ -1,0 +1,114 @@
+"""extraction.runner's shards, without Django: the global order cut into parts that separate
+workers fill, and the files byte-identical to one worker's with the same batch size."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+
+import numpy as np
+import pytest
+from extraction import runner
+from extraction.runner import ExtractionSpec, shards
+
+from tests.extraction.test_runner import extract, fail_at, layer_files, load, models, samples_path  # noqa: F401
+
+
+@pytest.fixture(autouse=True)
+def _data_dir():
+    """The runner needs no Django settings."""
+    yield
+
+
+def spec_for(model_path, dataset_path, output_dir, *, batch_size=4, hooks=("residual", "mlp"), layers=(0, 2),
+             **options):
+    return ExtractionSpec(model_path, dataset_path, str(output_dir), tuple(layers), tuple(hooks), batch_size, **options)
+
+
+def run_all(spec, count, *, order=None, failpoint=None):
+    planned = runner.plan_shards(spec, count)
+    for index in order or range(len(planned.shards)):
+        runner.run_shard(spec, index, progress=None, heartbeat=None, should_cancel=None, failpoint=failpoint)
+    return planned, runner.finish_shards(spec)
+
+
+def same_files(a, b) -> list[str]:
+    names = ["offsets.npy", "tokens.npy", "metadata.json", *layer_files(a)]
+    assert layer_files(a) == layer_files(b)
+    return [name for name in names if not filecmp.cmp(os.path.join(a, name), os.path.join(b, name), shallow=False)]
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_shards_write_the_same_bytes_as_one_worker(models, samples_path, tmp_path, count):
+    one = tmp_path / "one"
+    extract(models["gpt2"], samples_path, one, layers=(0, 2), hooks=("residual", "mlp"), batch_size=4)
+    spec = spec_for(models["gpt2"], samples_path, tmp_path / "sharded")
+    # Run in reverse: each shard writes its own rows, whatever the others do.
+    planned, metadata = run_all(spec, count, order=list(reversed(range(count))))
+    assert len(planned.shards) == count
+    assert same_files(one, spec.output_dir) == []
+    # A finished sharded output looks like a one-worker output: no shard files are left.
+    assert not os.path.exists(os.path.join(spec.output_dir, "shards.json"))
+    assert not os.path.exists(os.path.join(spec.output_dir, "shards"))
+    assert metadata["samples"] == 50
+
+
+def test_shards_start_on_batch_boundaries_and_balance_padded_tokens():
+    lengths = np.array(sorted([200, 180, 150] + [20] * 61, reverse=True))
+    cut = shards.bounds(lengths, 4, 2)
+    assert cut[0][0] == 0 and cut[-1][1] == len(lengths)
+    assert all(first % 4 == 0 for first, _ in cut)
+    assert [end for _, end in cut[:-1]] == [first for first, _ in cut[1:]]
+    cost = [sum(4 * lengths[b] for b in range(first, end, 4)) for first, end in cut]
+    # The first shard holds the long samples: few samples, about half the work.
+    assert cut[0][1] - cut[0][0] < cut[1][1] - cut[1][0]
+    assert max(cost) / min(cost) < 1.3
+
+
+def test_more_shards_than_batches_gives_one_shard_a_batch():
+    assert shards.bounds(np.array([5, 4, 3, 2, 1]), 2, 8) == [(0, 2), (2, 4), (4, 5)]
+
+
+def test_a_killed_shard_resumes_alone_and_the_output_is_still_identical(models, samples_path, tmp_path):
+    one = tmp_path / "one"
+    extract(models["gpt2"], samples_path, one, layers=(0, 2), hooks=("residual", "mlp"), batch_size=4)
+    spec = spec_for(models["gpt2"], samples_path, tmp_path / "sharded")
+    planned = runner.plan_shards(spec, 2)
+    second = planned.shards[1]
+    # Shard 1 dies after its first batch (global batch indices: it starts where shard 0 ends).
+    die = fail_at(second["first_sample"] // 4 + 1, RuntimeError("worker died"))
+    with pytest.raises(RuntimeError):
+        runner.run_shard(spec, 1, progress=None, heartbeat=None, should_cancel=None, failpoint=die)
+    assert shards.progress(spec.output_dir) == (4, 50)
+    runner.run_shard(spec, 0, progress=None, heartbeat=None, should_cancel=None)
+    calls = []
+    runner.run_shard(spec, 1, progress=lambda *told: calls.append(told), heartbeat=None, should_cancel=None)
+    assert calls[0][:2] == (4, second["samples"])  # it went on after its first batch
+    runner.finish_shards(spec)
+    assert same_files(one, spec.output_dir) == []
+
+
+def test_a_retry_planned_the_same_way_keeps_the_shards_its_original_finished(models, samples_path, tmp_path):
+    spec = spec_for(models["gpt2"], samples_path, tmp_path / "original")
+    planned = runner.plan_shards(spec, 2)
+    runner.run_shard(spec, 1, progress=None, heartbeat=None, should_cancel=None)
+    retry = spec_for(models["gpt2"], samples_path, tmp_path / "retry")
+    replanned = runner.plan_shards(retry, 2, seed_from=spec.output_dir)
+    assert replanned.done == [0, planned.shards[1]["samples"]]
+    runner.run_shard(retry, 0, progress=None, heartbeat=None, should_cancel=None)
+    runner.finish_shards(retry)
+    one = tmp_path / "one"
+    extract(models["gpt2"], samples_path, one, layers=(0, 2), hooks=("residual", "mlp"), batch_size=4)
+    assert same_files(one, retry.output_dir) == []
+    # Cut another way, nothing is kept.
+    other = spec_for(models["gpt2"], samples_path, tmp_path / "other")
+    assert runner.plan_shards(other, 3, seed_from=spec.output_dir).done == [0, 0, 0]
+
+
+def test_finish_refuses_while_a_shard_is_not_done(models, samples_path, tmp_path):
+    spec = spec_for(models["gpt2"], samples_path, tmp_path / "sharded")
+    runner.plan_shards(spec, 2)
+    runner.run_shard(spec, 0, progress=None, heartbeat=None, should_cancel=None)
+    with pytest.raises(Exception, match="Shard 1 .* is not done"):
+        runner.finish_shards(spec)
+    assert not os.path.exists(os.path.join(spec.output_dir, "metadata.json"))
