@@ -64,6 +64,10 @@ class Dataset(models.Model):
         return self.name
 
 
+# A sharded job's plan in its output folder (extraction/runner/shards.py), read here without torch.
+SHARD_LAYOUT = "shards.json"
+
+
 class ExtractionStatus(models.TextChoices):
     QUEUED = "queued"
     LOADING = "loading"
@@ -241,6 +245,22 @@ class Extraction(Job):
             "shards": self.shard_list(),
         }
 
+    def parts(self) -> list["ExtractionShard"]:
+        return list(self.shard_set.all()) if self.pk and self.shards > 1 else []
+
+    @property
+    def sharded(self) -> bool:
+        """Planned, and run by its shards: no worker holds the extraction itself."""
+        return self.shards > 1 and self.status in (self.Status.EXTRACTING, self.Status.SAVING) and not self.worker
+
+    @property
+    def heartbeat_age_s(self) -> float | None:
+        """A sharded job's: its most silent running shard's."""
+        if not self.sharded:
+            return super().heartbeat_age_s
+        ages = [age for age in (shard.heartbeat_age_s for shard in self.shard_set.all()) if age is not None]
+        return max(ages) if ages else None
+
     def shard_list(self) -> list[dict]:
         """Each shard's progress, worker, heartbeat and attempt; [] for a job one worker runs."""
         return [shard.describe() for shard in self.shard_set.all()] if self.shards > 1 and self.pk else []
@@ -253,12 +273,25 @@ class Extraction(Job):
 
     def reusable_samples(self) -> int:
         """Finished samples a Retry can start from: what the checkpoint in the output folder
-        counts; 0 once the folder is gone (cleanup removed it, say)."""
+        counts (each shard's, for a sharded job); 0 once the folder is gone (cleanup removed it, say)."""
         from extraction.reader import CHECKPOINT  # noqa: PLC0415
 
         try:
+            layout = json.loads((self.output_dir / SHARD_LAYOUT).read_text())
+        except (OSError, ValueError):
+            layout = None
+        try:
+            if isinstance(layout, dict):
+                done = 0
+                for part in layout["shards"]:
+                    try:
+                        checkpoint = json.loads((self.output_dir / "shards" / f"{part['index']}.json").read_text())
+                    except (OSError, ValueError):
+                        continue
+                    done += max(0, int(checkpoint.get("samples_done") or 0) - int(part["first_sample"]))
+                return done
             return max(0, int(json.loads((self.output_dir / CHECKPOINT).read_text()).get("samples_done") or 0))
-        except (OSError, ValueError, TypeError, AttributeError):
+        except (OSError, ValueError, TypeError, AttributeError, KeyError):
             return 0
 
     def output_reuse(self) -> tuple[int, int] | None:
@@ -393,3 +426,24 @@ class ExtractionShard(Job):
         """The extraction, as it stands with this shard's news, and the shard itself."""
         parent = Extraction.objects.get(pk=self.extraction_id)
         return {**parent.event_payload(), "shard": {**super().event_payload(), **self.describe()}}
+
+    def refusal_here(self) -> str:
+        from extraction.services import extraction_shard_refusal  # noqa: PLC0415
+
+        return extraction_shard_refusal(shard=self)
+
+    def leave_here(self, reason: str) -> None:
+        from extraction.services import extraction_shard_leave  # noqa: PLC0415
+
+        extraction_shard_leave(shard=self, reason=reason)
+
+    def after_attempt(self) -> None:
+        from extraction.services import extraction_settle  # noqa: PLC0415
+
+        extraction_settle(extraction_id=self.extraction_id)
+
+    @classmethod
+    def watch(cls) -> list[str]:
+        from extraction.services import extraction_settle_all  # noqa: PLC0415
+
+        return extraction_settle_all()

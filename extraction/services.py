@@ -243,6 +243,7 @@ class ParameterErrors(JobInputError):
 def parameter_problems(
     *, model: ModelRecord, dataset: Dataset | None, layers: list[int] | None, hooks: list[str] | None,
     batch_size: int | None, max_samples: int | None, max_length: int | None, storage_dtype: str | None,
+    shards: int | str | None = None,
 ) -> tuple[list[JobInputError], list[int], list[str]]:
     """(problems, layers, hooks): each input checked against the model on its own, so that one
     wrong field does not hide another. None is an input a page form already refused (or, for
@@ -289,17 +290,38 @@ def parameter_problems(
     if storage_dtype is not None and storage_dtype not in Extraction.StorageDtype.values:
         problems.append(JobInputError(
             f"The storage dtype must be one of {', '.join(Extraction.StorageDtype.values)}.", field="storage_dtype"))
+    if shards is not None and shards != AUTO_SHARDS:
+        samples = max_samples if max_samples is not None and dataset is not None and 1 <= max_samples <= \
+            dataset.num_samples else (dataset.num_samples if dataset is not None else None)
+        if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1 or (samples and shards > samples):
+            limit = f" and {samples:,} (the samples it reads)" if samples else ""
+            problems.append(JobInputError(
+                f"Shards must be a whole number between 1{limit}, or {AUTO_SHARDS} (one per live worker); got "
+                f"{shards!r}.", field="shards"))
     return problems, layers, hooks
+
+
+# Shards asked as "auto": one per worker process of the live clusters, at most one per sample.
+AUTO_SHARDS = "auto"
+
+
+def resolve_shards(shards: int | str, *, samples: int) -> int:
+    """The shard count a start records: `auto` is the live worker processes (at least 1), capped by the samples."""
+    if shards == AUTO_SHARDS:
+        from jobsite.clusters import live_workers  # noqa: PLC0415
+
+        shards = live_workers()[1]
+    return max(1, min(int(shards), samples))
 
 
 def validate_parameters(
     *, model: ModelRecord, dataset: Dataset, layers: list[int], hooks: list[str], batch_size: int,
-    max_samples: int | None, max_length: int, storage_dtype: str,
+    max_samples: int | None, max_length: int, storage_dtype: str, shards: int | str | None = None,
 ) -> tuple[list[int], list[str]]:
     """Check a request against the model; each error names the fix, and all of them are said."""
     problems, layers, hooks = parameter_problems(
         model=model, dataset=dataset, layers=layers, hooks=hooks, batch_size=batch_size, max_samples=max_samples,
-        max_length=max_length, storage_dtype=storage_dtype,
+        max_length=max_length, storage_dtype=storage_dtype, shards=shards,
     )
     if len(problems) == 1:
         raise problems[0]
@@ -364,17 +386,20 @@ def extraction_start(
     *, model: ModelRecord, dataset: Dataset, layers: list[int], hooks: list[str], batch_size: int = 8,
     max_samples: int | None = None, max_length: int | None = None, storage_dtype: str = "float32",
     auto_retry_on_oom: bool = False, user=None, original: Extraction | None = None, retry_reason: str = "",
+    shards: int | str = 1,
 ) -> tuple[Extraction, bool]:
     """Queue an extraction, or return the identical one already active (created=False). No
-    max_length is default_max_length's; max_samples None is all of the dataset."""
+    max_length is default_max_length's; max_samples None is all of the dataset. shards: how many
+    workers run it at once (AUTO_SHARDS: one per live worker process)."""
     check(user, "extraction.retry_extraction" if original is not None else "extraction.add_extraction")
     if max_length is None:
         max_length = default_max_length(model=model)
     dataset = dataset_recount(dataset)
     layers, hooks = validate_parameters(
         model=model, dataset=dataset, layers=layers, hooks=hooks, batch_size=batch_size,
-        max_samples=max_samples, max_length=max_length, storage_dtype=storage_dtype,
+        max_samples=max_samples, max_length=max_length, storage_dtype=storage_dtype, shards=shards,
     )
+    shards = resolve_shards(shards, samples=max_samples or dataset.num_samples)
     fingerprint = request_fingerprint(
         dataset=dataset, layers=layers, hooks=hooks, max_samples=max_samples, max_length=max_length,
         storage_dtype=storage_dtype,
@@ -389,7 +414,7 @@ def extraction_start(
                 model=model, dataset=dataset, layers=layers, hooks=hooks, batch_size=batch_size,
                 max_samples=max_samples, max_length=max_length, storage_dtype=storage_dtype,
                 auto_retry_on_oom=auto_retry_on_oom, fingerprint=fingerprint, created_by=user,
-                total_samples=max_samples or dataset.num_samples,
+                total_samples=max_samples or dataset.num_samples, shards=shards,
                 original_extraction=original, retry_count=(original.retry_count + 1) if original else 0,
                 retry_reason=retry_reason,
             )
@@ -414,6 +439,7 @@ def extraction_start(
                 model=model, dataset=dataset, layers=layers, hooks=hooks, batch_size=batch_size,
                 max_samples=max_samples, max_length=max_length, storage_dtype=storage_dtype,
                 auto_retry_on_oom=auto_retry_on_oom, user=user, original=original, retry_reason=retry_reason,
+                shards=shards,
             )
         return active, False
     return extraction, True
@@ -472,7 +498,23 @@ def extraction_delete(*, extraction: Extraction, user=None) -> None:
 
 
 def extraction_cancel(*, extraction: Extraction) -> Extraction:
-    return job_request_cancel(extraction)
+    """A job run by its shards is stopped through them: each stops at its next batch (a queued or
+    stalled one at once), and the extraction is cancelled once none is active."""
+    if not extraction.sharded:
+        return job_request_cancel(extraction)
+    from jobsite.events import publish  # noqa: PLC0415
+
+    with transaction.atomic():
+        current = Extraction.objects.select_for_update().get(pk=extraction.pk)
+        if not current.sharded:
+            return extraction_cancel(extraction=current)
+        if not current.cancel_requested:
+            Extraction.objects.filter(pk=current.pk).update(cancel_requested=True, updated_at=timezone.now())
+            current.cancel_requested = True
+            publish(current.topic, "extraction.cancel_requested", current.event_payload())
+    extraction_settle(extraction_id=current.pk)
+    current.refresh_from_db()
+    return current
 
 
 def extraction_check_cancellable(*, extraction: Extraction) -> None:
@@ -552,11 +594,12 @@ def extraction_restart(*, extraction: Extraction, reason: str, user=None) -> Ext
 
 def extraction_retry(
     *, extraction: Extraction, batch_size: int | None = None, max_samples: int | str | None = None,
-    max_length: int | None = None, reason: str = "", user=None,
+    max_length: int | None = None, reason: str = "", user=None, shards: int | str | None = None,
 ) -> Extraction:
     """A person's retry: a new extraction linked to this one. A parameter left None keeps this
     one's; max_samples=ALL_SAMPLES asks for the whole dataset. When only the batch size
-    changes, the new one starts from the samples this one already completed."""
+    changes, the new one starts from the samples this one already completed; a sharded one cut
+    the same way (same shards and batch size) keeps the shards this one finished."""
     check(user, "extraction.retry_extraction")
     if not extraction.retry_available:
         raise TransitionError(
@@ -575,6 +618,7 @@ def extraction_retry(
         max_samples=max_samples, max_length=extraction.max_length if max_length is None else max_length,
         storage_dtype=extraction.storage_dtype,
         auto_retry_on_oom=extraction.auto_retry_on_oom, user=user, original=extraction,
+        shards=extraction.shards if shards is None else shards,
         retry_reason=reason or (f"{extraction.error_type}: {extraction.error_message}"[:500] if extraction.error_type else "retry"),
     )
     if not created:
@@ -620,12 +664,10 @@ def extraction_retry_suggested(
     )
 
 
-def extraction_run(extraction: Extraction, lease) -> None:
-    """The work of one attempt, called by the worker once it holds the claim."""
+def _spec(extraction: Extraction):
     from extraction import runner  # noqa: PLC0415
-    from jobsite import failpoints  # noqa: PLC0415
 
-    spec = runner.ExtractionSpec(
+    return runner.ExtractionSpec(
         model_path=extraction.model.path,
         dataset_path=extraction.dataset.path,
         output_dir=str(extraction.output_dir),
@@ -639,9 +681,31 @@ def extraction_run(extraction: Extraction, lease) -> None:
         auto_retry_on_oom=extraction.auto_retry_on_oom,
         device=settings.JOBSITE_DEVICE,
     )
+
+
+def _original(extraction: Extraction) -> Extraction | None:
     # By its number: an original deleted since keeps its number here, and its files are gone with it.
-    original = Extraction.objects.filter(pk=extraction.original_extraction_id).first() \
+    return Extraction.objects.filter(pk=extraction.original_extraction_id).first() \
         if extraction.original_extraction_id else None
+
+
+def _publish_tokenizing(extraction: Extraction, kind: str, payload: dict) -> None:
+    if kind == "tokenizing":
+        # "Tokenizing 120,000 of 300,000 samples": at most once a second, before the first batch.
+        from jobsite.events import publish  # noqa: PLC0415
+
+        publish(extraction.topic, "extraction.tokenizing", {**extraction.event_payload(), **payload})
+
+
+def extraction_run(extraction: Extraction, lease) -> None:
+    """The work of one attempt, called by the worker once it holds the claim."""
+    from extraction import runner  # noqa: PLC0415
+    from jobsite import failpoints  # noqa: PLC0415
+
+    if extraction.shards > 1:
+        return _plan_shards(extraction, lease)
+    spec = _spec(extraction)
+    original = _original(extraction)
     if extraction.attempt == 1 and original is not None and not extraction.output_dir.exists():
         seeded = runner.seed_from_checkpoint(str(original.output_dir), str(extraction.output_dir), spec)
         if seeded:
@@ -669,11 +733,8 @@ def extraction_run(extraction: Extraction, lease) -> None:
             from jobsite.events import publish  # noqa: PLC0415
 
             publish(extraction.topic, f"extraction.{kind}", {**extraction.event_payload(), **payload})
-        elif kind == "tokenizing":
-            # "Tokenizing 120,000 of 300,000 samples": at most once a second, before the first batch.
-            from jobsite.events import publish  # noqa: PLC0415
-
-            publish(extraction.topic, "extraction.tokenizing", {**extraction.event_payload(), **payload})
+        else:
+            _publish_tokenizing(extraction, kind, payload)
 
     try:
         result = runner.run_extraction(
@@ -697,3 +758,262 @@ def extraction_run(extraction: Extraction, lease) -> None:
         truncated_samples=result.truncated_samples, inf_values=result.inf_values, current_batch_size=result.batch_size,
         error_type="", error_message="", suggested_retry_params={}, progress_at=timezone.now(),
     )
+
+
+# -- one extraction, several workers ----------------------------------------------------------------
+def _plan_shards(extraction: Extraction, lease) -> None:
+    """The planning attempt of a sharded extraction: tokenize, make the files, cut the shards,
+    queue those not done, and let the extraction go (its shards are claimed, each by a worker)."""
+    from extraction import runner  # noqa: PLC0415
+    from extraction.models import ExtractionShard  # noqa: PLC0415
+
+    spec = _spec(extraction)
+    original = _original(extraction)
+    seed = str(original.output_dir) if (
+        extraction.attempt == 1 and original is not None and not extraction.output_dir.exists()) else None
+    planned = runner.plan_shards(spec, extraction.shards, heartbeat=lease.heartbeat,
+                                 should_cancel=lease.should_cancel,
+                                 on_event=lambda kind, payload: _publish_tokenizing(extraction, kind, payload),
+                                 seed_from=seed)
+    done_before = sum(planned.done)
+    with transaction.atomic():
+        existing = {shard.index: shard for shard in extraction.shard_set.all()}
+        made = []
+        for part, done in zip(planned.shards, planned.done):
+            if part["index"] in existing:  # an earlier planning attempt made it: it goes on as it is
+                continue
+            finished = done == part["samples"]
+            made.append(ExtractionShard.objects.create(
+                extraction=extraction, index=part["index"], first_sample=part["first_sample"],
+                end_sample=part["end_sample"], total_tokens=part["tokens"], samples_processed=done,
+                tokens_processed=part["tokens"] if finished else 0, current_batch_size=extraction.batch_size,
+                status=ExtractionShard.Status.COMPLETED if finished else ExtractionShard.Status.QUEUED,
+                finished_at=timezone.now() if finished else None,
+            ))
+        lease.set_status(
+            Extraction.Status.EXTRACTING, shards=len(planned.shards), total_samples=planned.samples,
+            total_tokens=planned.tokens, clamped_tokens=planned.clamped_tokens,
+            truncated_samples=planned.truncated_samples, samples_processed=done_before,
+            current_batch_size=extraction.batch_size,
+            **({"resumed_samples": done_before} if seed and done_before else {}),
+            # The extraction is its shards' now: no worker holds it, and none heartbeats for it.
+            worker="", worker_host="", worker_pid=None,
+        )
+        for shard in made:
+            if shard.status == ExtractionShard.Status.QUEUED:
+                job_enqueue(shard)
+    _sum_shards(extraction.pk)
+    # Every shard done already (a retry that kept them all), or a stop asked while it planned.
+    extraction_settle(extraction_id=extraction.pk)
+
+
+def _sums(extraction_id: int) -> dict:
+    from django.db.models import Sum  # noqa: PLC0415
+
+    from extraction.models import ExtractionShard  # noqa: PLC0415
+
+    sums = ExtractionShard.objects.filter(extraction_id=extraction_id).aggregate(
+        samples=Sum("samples_processed"), tokens=Sum("tokens_processed"), inf=Sum("inf_values"))
+    return {"samples_processed": sums["samples"] or 0, "tokens_processed": sums["tokens"] or 0,
+            "inf_values": sums["inf"] or 0}
+
+
+def _sum_shards(extraction_id: int) -> dict:
+    """The extraction's progress counters, summed from its shards' rows."""
+    sums = _sums(extraction_id)
+    Extraction.objects.filter(pk=extraction_id).update(**sums, progress_at=timezone.now(), updated_at=timezone.now())
+    return sums
+
+
+def extraction_shard_run(shard, lease) -> None:
+    """The work of one attempt of a shard, called by the worker once it holds the shard's claim."""
+    from extraction import runner  # noqa: PLC0415
+    from extraction.models import ExtractionShard  # noqa: PLC0415
+    from jobsite import failpoints  # noqa: PLC0415
+    from jobsite.events import publish  # noqa: PLC0415
+
+    extraction = shard.extraction
+    spec = _spec(extraction)
+    if shard.refused_since is not None:
+        ExtractionShard.objects.filter(pk=shard.pk).update(refused_since=None)
+
+    def progress(samples_done, total_samples, tokens_done, total_tokens):
+        # Summed into the extraction before the shard's progress event, which carries the extraction.
+        ExtractionShard.objects.filter(pk=shard.pk, worker=shard.worker).update(
+            samples_processed=samples_done, tokens_processed=tokens_done)
+        _sum_shards(extraction.pk)
+        lease.report(samples_processed=samples_done, tokens_processed=tokens_done,
+                     final=samples_done == total_samples)
+
+    def on_event(kind: str, payload: dict):
+        if kind == "phase" and payload.get("phase") == "extracting":
+            lease.report(current_batch_size=payload["batch_size"], batch_size_changes=payload["batch_size_changes"])
+        elif kind in ("batch_size_reduced", "batch_size_grown"):
+            lease.report(current_batch_size=payload["to"], batch_size_changes=payload["batch_size_changes"])
+            publish(shard.topic, f"extraction.{kind}", {
+                **shard.event_payload(), **payload, "shard_index": shard.index,
+                "message": f"Shard {shard.index}: {payload['message']}"})
+
+    result = runner.run_shard(
+        spec, shard.index, progress=progress, heartbeat=lease.heartbeat, should_cancel=lease.should_cancel,
+        on_event=on_event, failpoint=failpoints.make(settings.JOBSITE_FAILPOINTS, attempt=shard.attempt),
+    )
+    lease.set_status(
+        ExtractionShard.Status.COMPLETED, samples_processed=result.samples, tokens_processed=result.tokens,
+        inf_values=result.inf_values, current_batch_size=result.batch_size, error_type="", error_message="",
+        suggested_retry_params={}, progress_at=timezone.now(),
+    )
+
+
+def extraction_settle(*, extraction_id: int) -> str:
+    """The extraction as its shards decide it, once it is theirs; returns what changed ("" for nothing).
+
+    - a shard failed for good (not retried automatically): the extraction fails with its error,
+      and the others stop at their next batch, keeping their work for a Retry;
+    - a stop was asked: every shard still active is asked too, and once none is active the
+      extraction is cancelled;
+    - every shard completed: metadata.json is written (by a process that sees the files) and the
+      extraction completes.
+    Safe to call any number of times, from any process."""
+    from extraction.models import ExtractionShard  # noqa: PLC0415
+    from jobsite.lifecycle import transition, transition_cancelled  # noqa: PLC0415
+
+    with transaction.atomic():
+        extraction = Extraction.objects.select_for_update().filter(pk=extraction_id).first()
+        if extraction is None or not extraction.sharded:
+            return ""
+        shards = list(extraction.shard_set.all())
+        if not shards:
+            return ""
+        failed = [shard for shard in shards if shard.status == ExtractionShard.Status.FAILED]
+        active = [shard for shard in shards if shard.status in ExtractionShard.ACTIVE]
+        if failed and extraction.status == Extraction.Status.EXTRACTING:
+            first = failed[0]
+            where = f" on {first.worker}" if first.worker else ""
+            transition(
+                extraction, Extraction.Status.FAILED, error_type=first.error_type or "UNKNOWN",
+                error_message=f"Shard {first.index} of {len(shards)}{where}: {first.error_message}",
+                suggested_retry_params=extraction.suggest_retry_params(first.error_type),
+                **_sums(extraction.pk),
+            )
+            for shard in active:
+                _stop_shard(shard)
+            return f"{extraction.topic}: failed with shard {first.index}"
+        if extraction.cancel_requested and extraction.status == Extraction.Status.EXTRACTING:
+            for shard in active:
+                _stop_shard(shard)
+            if not any(s.status in ExtractionShard.ACTIVE for s in extraction.shard_set.all()):
+                transition_cancelled(extraction, payload=_sums(extraction.pk))
+                return f"{extraction.topic}: cancelled with its shards"
+            return ""
+        if active:
+            return ""
+        if any(shard.status != ExtractionShard.Status.COMPLETED for shard in shards):
+            # Stopped, none failed, and none left to run: whoever stopped them, the extraction is stopped.
+            transition_cancelled(extraction, payload=_sums(extraction.pk))
+            return f"{extraction.topic}: cancelled with its shards"
+        if extraction.status == Extraction.Status.EXTRACTING:
+            transition(extraction, Extraction.Status.SAVING)
+    return _finish_shards(extraction)
+
+
+def _stop_shard(shard) -> None:
+    try:
+        job_request_cancel(shard)
+    except TransitionError:
+        pass  # it ended meanwhile
+
+
+def _finish_shards(extraction: Extraction) -> str:
+    """Every shard completed: metadata.json, then the extraction completes. A process that does
+    not see the files leaves it to a worker's watchdog pass that does."""
+    from extraction import runner  # noqa: PLC0415
+    from extraction.runner import shards as shard_files  # noqa: PLC0415
+    from jobsite.lifecycle import transition  # noqa: PLC0415
+
+    directory = str(extraction.output_dir)
+    if not (shard_files.sees(directory) or (extraction.output_dir / "metadata.json").exists()):
+        return ""
+    metadata = runner.finish_shards(_spec(extraction))
+    with transaction.atomic():
+        current = Extraction.objects.select_for_update().filter(pk=extraction.pk).first()
+        if current is None or current.status != Extraction.Status.SAVING:
+            return ""
+        batch_sizes = [size for size in current.shard_set.values_list("current_batch_size", flat=True) if size]
+        transition(
+            current, Extraction.Status.COMPLETED, samples_processed=metadata["samples"],
+            total_samples=metadata["samples"], tokens_processed=metadata["tokens"], total_tokens=metadata["tokens"],
+            clamped_tokens=metadata["clamped_tokens"], truncated_samples=metadata["truncated_samples"],
+            inf_values=metadata["inf_values"], current_batch_size=min(batch_sizes) if batch_sizes else None,
+            error_type="", error_message="", suggested_retry_params={}, progress_at=timezone.now(),
+        )
+    return f"{extraction.topic}: completed with its {extraction.shards} shards"
+
+
+def extraction_settle_all() -> list[str]:
+    """The watchdog's pass: every extraction run by its shards is settled (a worker that died
+    between its shard's end and the extraction's gave that up)."""
+    changed = []
+    for pk in Extraction.objects.filter(
+            status__in=(Extraction.Status.EXTRACTING, Extraction.Status.SAVING), worker="", shards__gt=1,
+    ).values_list("pk", flat=True):
+        line = extraction_settle(extraction_id=pk)
+        if line:
+            changed.append(line)
+    return changed
+
+
+def extraction_shard_refusal(*, shard) -> str:
+    """Why this worker cannot run the shard: it does not see (or cannot write) the job's files
+    where its data directory says they are, or it lacks the model's files."""
+    host = settings.JOBSITE_HOSTNAME
+    extraction = shard.extraction
+    directory = extraction.output_dir
+    from extraction.runner.outputs import LAYOUT, SHARDS_DIR  # noqa: PLC0415 - no torch: outputs imports numpy only
+
+    if not ((directory / LAYOUT).is_file() and os.access(directory, os.W_OK)
+            and os.access(directory / SHARDS_DIR, os.W_OK)):
+        return f"worker {host} cannot write {directory}: mount the shared data directory there"
+    model_path = Path(extraction.model.path)
+    if not (model_path / "config.json").is_file():
+        return f"worker {host} has no model files at {model_path}: put the model's directory there, at the same path"
+    return ""
+
+
+def extraction_shard_leave(*, shard, reason: str) -> None:
+    """This worker does not take the shard: the job hears it once per host, the shard goes back
+    to the queue for another worker, and after the stall limit with no worker able to take it
+    (none of the extraction's shards runs anywhere) it fails with the reason."""
+    from extraction.models import ExtractionShard  # noqa: PLC0415
+    from jobsite.errors import ErrorType  # noqa: PLC0415
+    from jobsite.events import publish  # noqa: PLC0415
+    from jobsite.services import job_fail  # noqa: PLC0415
+
+    host, now = settings.JOBSITE_HOSTNAME, timezone.now()
+    with transaction.atomic():
+        current = ExtractionShard.objects.select_for_update().filter(
+            pk=shard.pk, status=ExtractionShard.Status.QUEUED).first()
+        if current is None:
+            return
+        new = host not in current.refusals
+        current.refusals = {**current.refusals, host: reason}
+        current.refused_since = current.refused_since or now
+        ExtractionShard.objects.filter(pk=current.pk).update(refusals=current.refusals,
+                                                             refused_since=current.refused_since)
+        if new:
+            publish(current.topic, "extraction.shard_refused", {
+                **current.event_payload(), "shard_index": current.index, "host": host,
+                "message": f"Shard {current.index}: {reason}."})
+        running = ExtractionShard.objects.filter(extraction_id=current.extraction_id,
+                                                 status=ExtractionShard.Status.RUNNING).exists()
+        waited = (now - current.refused_since).total_seconds()
+        give_up = waited > settings.JOBSITE_STALL_AFTER_S and not running
+        if give_up:
+            job_fail(current, error_type=ErrorType.STORAGE if "data directory" in reason else ErrorType.VALIDATION,
+                     message=f"No worker could take it for {waited:.0f} s: {reason}.")
+    if give_up:
+        extraction_settle(extraction_id=current.extraction_id)
+        return
+    # Another worker may take it meanwhile; this one waits a little before it could see it again.
+    time.sleep(min(2.0, settings.JOBSITE_STALL_AFTER_S / 5))
+    job_enqueue(current)

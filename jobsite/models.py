@@ -194,6 +194,28 @@ class Job(models.Model):
         """Parameters a retry should change for this failure; kinds override."""
         return {}
 
+    # -- jobs made of parts (an extraction run as shards), and parts a worker may not run -----
+    def parts(self) -> list["Job"]:
+        """The jobs this one is made of, each claimed and run by a worker of its own; [] for a
+        job a worker runs itself."""
+        return []
+
+    def refusal_here(self) -> str:
+        """Why this worker cannot run the job (it does not see the job's files, say), as a
+        sentence; "" when it can. Asked before the claim."""
+        return ""
+
+    def leave_here(self, reason: str) -> None:
+        """This worker leaves the job for another, for `reason` (refusal_here's)."""
+
+    def after_attempt(self) -> None:
+        """Called by the worker once an attempt is recorded, whatever its end: a part tells its whole."""
+
+    @classmethod
+    def watch(cls) -> list[str]:
+        """A watchdog pass's own work for this kind; a line per job it changed."""
+        return []
+
     # What cleanup (jobsite/cleanup.py) may do with a job's output folder, said by its status.
     # A status in neither set keeps its folder: the job works on it (ACTIVE), it is the result,
     # or a person's next step (a review, a Proceed) needs it. A kind that says nothing loses nothing.

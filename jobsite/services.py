@@ -99,6 +99,16 @@ def job_resume(job: Job) -> Job:
 
     It continues from its checkpoint like an automatic retry, whatever attempts remain.
     """
+    parts = job.parts()
+    if parts and job.status in job.RUNNING:
+        # A job made of parts resumes the parts whose workers went silent; the others go on.
+        stalled = [part for part in parts if part.is_stalled]
+        if not stalled:
+            raise TransitionError(f"No part of this {job._meta.verbose_name} is stalled: each has a live worker or "
+                                  "waits for one.")
+        for part in stalled:
+            job_resume(part)
+        return job
     if not job.is_stalled:
         raise TransitionError(_not_stalled(job))
     message = f"Resumed by a person after {job.heartbeat_age_s:.0f} s without a heartbeat."

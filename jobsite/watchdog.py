@@ -90,6 +90,8 @@ def run() -> list[str]:
                 job_enqueue(job)
                 changed.append(f"{job.topic}: waited since {job.enqueued_at:%H:%M:%S} while a worker was free (its task "
                                "went with a cluster that died); sent again")
+    for model in job_models():
+        changed += model.watch()
     for line in changed:
         logger.warning("watchdog: %s", line)
     return changed

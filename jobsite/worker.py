@@ -228,21 +228,32 @@ def execute(model: type[Job], job_id: int, work: Callable[[Job, Lease], None]) -
         logger.info("%s not started: this worker stops; sent back to the queue", job.topic)
         job_enqueue(job)
         return
+    reason = job.refusal_here()
+    if reason:
+        logger.info("%s left for another worker: %s", job.topic, reason)
+        job.leave_here(reason)
+        return
     try:
         claim(job)
     except TransitionError as exc:
         logger.info("claim of %s lost: %s", job.topic, exc)
         return
     force_exit = multiprocessing.parent_process() is not None
-    with Lease(job, force_exit=force_exit) as lease:
+    try:
+        with Lease(job, force_exit=force_exit) as lease:
+            try:
+                work(job, lease)
+            except LeaseLost:
+                logger.info("%s was decided elsewhere; this worker lets it go", job.topic)
+            except BaseException as exc:  # noqa: BLE001 - includes django-q2's TimeoutException (a SystemExit)
+                _record_failure(job, lease, exc)
+                if not isinstance(exc, Exception):
+                    raise
+    finally:
         try:
-            work(job, lease)
-        except LeaseLost:
-            logger.info("%s was decided elsewhere; this worker lets it go", job.topic)
-        except BaseException as exc:  # noqa: BLE001 - includes django-q2's TimeoutException (a SystemExit)
-            _record_failure(job, lease, exc)
-            if not isinstance(exc, Exception):
-                raise
+            job.after_attempt()
+        except Exception:  # noqa: BLE001 - the watchdog's pass does it again
+            logger.exception("%s: what follows its attempt failed; the watchdog goes on with it", job.topic)
 
 
 RECORD_TRIES = 30

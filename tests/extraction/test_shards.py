@@ -1,0 +1,142 @@
+"""An extraction run as shards, in this process: the planning attempt, each shard's own claim and
+checkpoint, the extraction summing them, and failure, cancel and retry going through them."""
+
+import filecmp
+
+import pytest
+
+from extraction.models import Extraction, ExtractionShard
+from extraction.services import extraction_cancel, extraction_retry, extraction_settle, extraction_start
+from extraction.tasks import run_extraction, run_extraction_shard
+from jobsite.errors import JobInputError
+from jobsite.models import Event
+from jobsite.services import job_resume
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+PARAMS = {"layers": [0, 2], "hooks": ["residual", "mlp"], "batch_size": 4}
+
+
+@pytest.fixture(autouse=True)
+def fast_machinery(settings):
+    settings.JOBSITE_HEARTBEAT_S = 0.2
+    settings.JOBSITE_PROGRESS_EVERY_S = 0
+    settings.JOBSITE_RETRY_BASE_S = 0.2
+    settings.JOBSITE_FAILPOINTS = ""
+
+
+def start(model_record, dataset, **params):
+    extraction, created = extraction_start(model=model_record, dataset=dataset, **{**PARAMS, **params})
+    assert created
+    return extraction
+
+
+def data_files(job) -> list[str]:
+    return sorted(p.name for p in job.output_dir.iterdir() if p.suffix == ".npy") + ["metadata.json"]
+
+
+def test_shards_complete_the_extraction_byte_identical_to_one_worker(model_record, dataset, settings):
+    one = start(model_record, dataset)
+    run_extraction(one.pk)
+    one.refresh_from_db()
+    Extraction.objects.filter(pk=one.pk).delete()  # the same request again, sharded
+
+    job = start(model_record, dataset, shards=3)
+    run_extraction(job.pk)  # the planning attempt
+    job.refresh_from_db()
+    assert job.status == "extracting" and job.worker == "" and job.shards == 3
+    parts = list(job.shard_set.order_by("index"))
+    assert [p.status for p in parts] == ["queued"] * 3
+    assert parts[0].first_sample == 0 and parts[-1].end_sample == dataset.num_samples
+    assert sum(p.total_samples for p in parts) == dataset.num_samples
+    for part in reversed(parts):
+        run_extraction_shard(part.pk)
+    job.refresh_from_db()
+    assert job.status == "completed", job.error_message
+    assert job.samples_processed == job.total_samples == dataset.num_samples
+    assert job.tokens_processed == one.tokens_processed
+    assert data_files(job) == data_files(one)
+    assert [n for n in data_files(one) if not filecmp.cmp(one.output_dir / n, job.output_dir / n, shallow=False)] == []
+    assert all(p.attempt == 1 and p.status == "completed" for p in job.shard_set.all())
+    types = list(Event.objects.filter(topic=job.topic).values_list("type", flat=True))
+    assert types.count("extraction_shard.running") == 3 and types[-1] == "extraction.completed"
+    # Each shard's progress event carries the extraction, summed, and the shard.
+    progress = Event.objects.filter(topic=job.topic, type="extraction_shard.progress").last()
+    assert progress.payload["id"] == job.pk and progress.payload["shard"]["index"] == 0
+    assert len(progress.payload["shards"]) == 3
+
+
+def test_a_failed_shard_fails_the_extraction_and_a_retry_runs_only_the_shards_not_done(model_record, dataset,
+                                                                                       settings):
+    job = start(model_record, dataset, shards=2)
+    run_extraction(job.pk)
+    first, second = job.shard_set.order_by("index")
+    run_extraction_shard(second.pk)
+    settings.JOBSITE_FAILPOINTS = {"extraction.batch": {"action": "oom", "at": 0}}
+    run_extraction_shard(first.pk)
+    job.refresh_from_db()
+    assert job.status == "failed" and job.error_type == "OOM"
+    assert job.error_message.startswith("Shard 0 of 2 on ")
+    assert job.suggested_retry_params == {"batch_size": 2}
+    assert job.reusable_samples() == second.total_samples
+    settings.JOBSITE_FAILPOINTS = ""
+
+    retry = extraction_retry(extraction=job)  # the same batch size and shards: cut the same way
+    assert retry.shards == 2
+    run_extraction(retry.pk)
+    retry.refresh_from_db()
+    statuses = dict(retry.shard_set.values_list("index", "status"))
+    assert statuses == {0: "queued", 1: "completed"}
+    assert retry.resumed_samples == second.total_samples
+    run_extraction_shard(retry.shard_set.get(index=0).pk)
+    retry.refresh_from_db()
+    assert retry.status == "completed"
+
+
+def test_cancel_reaches_every_shard_and_the_extraction_ends_cancelled(model_record, dataset):
+    job = start(model_record, dataset, shards=2)
+    run_extraction(job.pk)
+    job.refresh_from_db()
+    cancelled = extraction_cancel(extraction=job)
+    assert cancelled.status == "cancelled"
+    assert set(job.shard_set.values_list("status", flat=True)) == {"cancelled"}
+
+
+def test_a_stalled_shard_is_resumed_alone(model_record, dataset, settings):
+    from django.utils import timezone
+    from datetime import timedelta
+
+    job = start(model_record, dataset, shards=2)
+    run_extraction(job.pk)
+    first, second = job.shard_set.order_by("index")
+    ExtractionShard.objects.filter(pk=first.pk).update(
+        status="running", worker="host-x:1", worker_host="host-x", worker_pid=1, attempt=1,
+        heartbeat_at=timezone.now() - timedelta(seconds=settings.JOBSITE_STALL_AFTER_S + 5))
+    job.refresh_from_db()
+    assert job.is_stalled
+    job_resume(job)
+    first.refresh_from_db()
+    second.refresh_from_db()
+    assert first.status == "queued" and first.error_type == "WORKER_LOST"
+    assert second.status == "queued" and second.attempt == 0
+
+
+@pytest.mark.parametrize("shards", [0, -1, 10_000, "many", True])
+def test_a_shard_count_out_of_range_is_refused_naming_the_field(model_record, dataset, shards):
+    with pytest.raises(JobInputError, match="Shards must be") as refused:
+        extraction_start(model=model_record, dataset=dataset, **PARAMS, shards=shards)
+    assert refused.value.field == "shards"
+    assert not Extraction.objects.exists()
+
+
+def test_auto_shards_is_one_without_live_workers(model_record, dataset):
+    job = start(model_record, dataset, shards="auto")
+    assert job.shards == 1
+
+
+def test_settle_leaves_an_extraction_whose_shards_still_run(model_record, dataset):
+    job = start(model_record, dataset, shards=2)
+    run_extraction(job.pk)
+    assert extraction_settle(extraction_id=job.pk) == ""
+    job.refresh_from_db()
+    assert job.status == "extracting"
