@@ -80,6 +80,9 @@ class ExtractionIn(Input):
                                    description="tokens; omitted: 512, or the model's position limit when smaller")
     storage_dtype: Literal["float32", "float16"] = "float32"
     auto_retry_on_oom: bool = False
+    shards: int | str = Field(1, examples=[1, 4, "auto"], description=(
+        "workers that run it at once, each on its own part of the samples (auto: one per live worker); the files "
+        "are the same bytes whatever the count"))
 
     @field_validator("batch_size", mode="before")
     @classmethod
@@ -95,9 +98,25 @@ class RetryIn(Input):
     batch_size: int | None = None
     max_samples: int | None = Field(None, gt=0, description="null: all samples; omitted: the original's")
     max_length: int | None = Field(None, gt=0, description="tokens, at most the model's position limit")
+    shards: int | str | None = Field(None, description="a number or auto; omitted: the original's")
     reason: str = ""
 
     _batch_size = field_validator("batch_size")(_check_batch_size)
+
+
+class ShardOut(Schema):
+    index: int
+    status: str
+    samples_processed: int
+    total_samples: int
+    worker: str = Field(description="the worker that holds it; empty: none holds it now")
+    attempt: int
+    heartbeat_at: datetime | None
+    stalled: bool = Field(description="running, but its worker silent past JOBSITE_STALL_AFTER_S")
+    current_batch_size: int | None
+    error_type: str
+    error_message: str
+    refusals: dict[str, str] = Field(description="host: why its workers do not take this shard")
 
 
 class ExtractionOut(JobOut):
@@ -113,6 +132,8 @@ class ExtractionOut(JobOut):
     max_length: int
     storage_dtype: str
     auto_retry_on_oom: bool
+    shards: int = Field(description="workers that run it at once, each on its own part of the samples")
+    shard_list: list[ShardOut] = Field(description="each shard once it is planned; empty for one worker")
     samples_processed: int
     total_samples: int
     tokens_processed: int
@@ -141,6 +162,10 @@ class ExtractionOut(JobOut):
     resumed_samples: int
     output_dir: str
     created_at: datetime
+
+    @staticmethod
+    def resolve_shard_list(obj) -> list[dict]:
+        return obj.shard_list()
 
     @staticmethod
     def resolve_output_dir(obj) -> str:
@@ -342,7 +367,8 @@ def retry_extraction(request, model_id: int, extraction_id: int, payload: RetryI
         max_samples = services.ALL_SAMPLES
     retry = services.extraction_retry(
         extraction=extraction, batch_size=payload.batch_size,
-        max_samples=max_samples, max_length=payload.max_length, reason=payload.reason, user=request.user,
+        max_samples=max_samples, max_length=payload.max_length, shards=payload.shards, reason=payload.reason,
+        user=request.user,
     )
     return Status(201, retry)
 

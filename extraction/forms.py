@@ -33,6 +33,16 @@ def parse_layers(text: str) -> list[int]:
     return sorted(set(layers))
 
 
+def parse_shards(text: str) -> int | str:
+    """A whole number or auto, as typed; a number left for the service to check against the samples."""
+    text = (text or "").strip().lower()
+    if text == services.AUTO_SHARDS:
+        return services.AUTO_SHARDS
+    if re.fullmatch(r"[0-9]{1,9}", text):
+        return int(text)
+    return text  # the service refuses it with the sentence every entry point says
+
+
 class ExtractionStartForm(forms.Form):
     model = forms.ModelChoiceField(queryset=None, empty_label=None)
     dataset = forms.ModelChoiceField(queryset=None, empty_label=None)
@@ -53,6 +63,8 @@ class ExtractionStartForm(forms.Form):
         choices=[(value, value) for value in Extraction.StorageDtype.values], initial="float32", label="Storage dtype",
     )
     auto_retry_on_oom = forms.BooleanField(required=False, label="Auto-retry on out of memory (halve the batch)")
+    shards = forms.CharField(max_length=20, initial="1", required=False,
+                             help_text="Workers that run it at once (auto: one per live worker)")
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("label_suffix", "")
@@ -70,6 +82,9 @@ class ExtractionStartForm(forms.Form):
 
     def clean_layers(self):
         return parse_layers(self.cleaned_data["layers"])
+
+    def clean_shards(self):
+        return parse_shards(self.cleaned_data["shards"]) if self.cleaned_data["shards"].strip() else 1
 
     def clean(self):
         data = super().clean()
@@ -95,6 +110,7 @@ class ExtractionStartForm(forms.Form):
             "hooks": data.get("hooks") if "hooks" not in self.errors else None,
             "batch_size": data.get("batch_size"), "max_samples": data.get("max_samples"),
             "max_length": data.get("max_length"), "storage_dtype": data.get("storage_dtype"),
+            "shards": data.get("shards"),
         }
 
 
@@ -107,6 +123,10 @@ class RetryForm(forms.Form):
     )
     max_samples = forms.IntegerField(required=False, min_value=1)
     max_length = forms.IntegerField(required=False, min_value=1)
+    shards = forms.CharField(max_length=20, required=False, help_text="empty: the original's")
+
+    def clean_shards(self):
+        return parse_shards(self.cleaned_data["shards"]) if self.cleaned_data["shards"].strip() else None
 
     def clean_max_samples(self):
         value = self.cleaned_data["max_samples"]

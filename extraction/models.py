@@ -125,6 +125,10 @@ class Extraction(Job):
     # Parts of the global order run by as many workers at once, each an ExtractionShard; 1: one
     # worker runs it all. Not in the fingerprint: the output is the same bytes whatever the count.
     shards = models.PositiveIntegerField(default=1)
+    # {host: why its workers do not take this job} (no shared data directory, no model files).
+    refusals = models.JSONField(default=dict, blank=True)
+    # The first refusal while no worker had taken it since (see ExtractionShard.refused_since).
+    refused_since = models.DateTimeField(null=True, blank=True)
     # sha256 of what determines the output (not batch size): an identical active request is this job.
     fingerprint = models.CharField(max_length=64, db_index=True)
 
@@ -260,6 +264,20 @@ class Extraction(Job):
             return super().heartbeat_age_s
         ages = [age for age in (shard.heartbeat_age_s for shard in self.shard_set.all()) if age is not None]
         return max(ages) if ages else None
+
+    def refusal_here(self) -> str:
+        """A sharded job is planned only by a worker that sees the folder its start made on the
+        shared data directory: a plan written anywhere else would be seen by no other worker."""
+        if self.shards <= 1:
+            return ""
+        from extraction.services import extraction_refusal  # noqa: PLC0415
+
+        return extraction_refusal(extraction=self, planned=False)
+
+    def leave_here(self, reason: str) -> None:
+        from extraction.services import extraction_leave  # noqa: PLC0415
+
+        extraction_leave(job=self, reason=reason)
 
     def shard_list(self) -> list[dict]:
         """Each shard's progress, worker, heartbeat and attempt; [] for a job one worker runs."""
@@ -428,14 +446,14 @@ class ExtractionShard(Job):
         return {**parent.event_payload(), "shard": {**super().event_payload(), **self.describe()}}
 
     def refusal_here(self) -> str:
-        from extraction.services import extraction_shard_refusal  # noqa: PLC0415
+        from extraction.services import extraction_refusal  # noqa: PLC0415
 
-        return extraction_shard_refusal(shard=self)
+        return extraction_refusal(extraction=self.extraction, planned=True)
 
     def leave_here(self, reason: str) -> None:
-        from extraction.services import extraction_shard_leave  # noqa: PLC0415
+        from extraction.services import extraction_leave  # noqa: PLC0415
 
-        extraction_shard_leave(shard=self, reason=reason)
+        extraction_leave(job=self, reason=reason)
 
     def after_attempt(self) -> None:
         from extraction.services import extraction_settle  # noqa: PLC0415

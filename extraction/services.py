@@ -420,6 +420,14 @@ def extraction_start(
             )
             from jobsite.events import publish  # noqa: PLC0415
 
+            if shards > 1:
+                # Made here, on the data directory the workers share: a worker that does not see it
+                # neither plans nor runs a shard of it (extraction_refusal).
+                try:
+                    extraction.output_dir.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise JobInputError(f"The extraction's folder cannot be made in the data directory "
+                                        f"({extraction.output_dir}): {exc.strerror}.", field="shards") from None
             publish(extraction.topic, "extraction.queued", extraction.event_payload())
             if original is not None:
                 said = {"automatic": False, "reason": retry_reason,
@@ -767,10 +775,15 @@ def _plan_shards(extraction: Extraction, lease) -> None:
     from extraction import runner  # noqa: PLC0415
     from extraction.models import ExtractionShard  # noqa: PLC0415
 
+    from extraction.runner.outputs import CHECKPOINT, LAYOUT  # noqa: PLC0415
+
     spec = _spec(extraction)
     original = _original(extraction)
-    seed = str(original.output_dir) if (
-        extraction.attempt == 1 and original is not None and not extraction.output_dir.exists()) else None
+    # The folder is made at start (on the shared data directory): a first plan finds it empty.
+    fresh = not any((extraction.output_dir / name).exists() for name in (CHECKPOINT, LAYOUT))
+    seed = str(original.output_dir) if extraction.attempt == 1 and original is not None and fresh else None
+    if extraction.refused_since is not None:
+        Extraction.objects.filter(pk=extraction.pk).update(refused_since=None)
     planned = runner.plan_shards(spec, extraction.shards, heartbeat=lease.heartbeat,
                                  should_cancel=lease.should_cancel,
                                  on_event=lambda kind, payload: _publish_tokenizing(extraction, kind, payload),
@@ -963,16 +976,18 @@ def extraction_settle_all() -> list[str]:
     return changed
 
 
-def extraction_shard_refusal(*, shard) -> str:
-    """Why this worker cannot run the shard: it does not see (or cannot write) the job's files
-    where its data directory says they are, or it lacks the model's files."""
-    host = settings.JOBSITE_HOSTNAME
-    extraction = shard.extraction
-    directory = extraction.output_dir
-    from extraction.runner.outputs import LAYOUT, SHARDS_DIR  # noqa: PLC0415 - no torch: outputs imports numpy only
+def extraction_refusal(*, extraction: Extraction, planned: bool) -> str:
+    """Why this worker cannot take part in a sharded extraction: it does not see (or cannot
+    write) the folder its start made, where its own data directory says it is, nor, once
+    planned, the plan in it; or it lacks the model's files."""
+    from extraction.runner.outputs import LAYOUT, SHARDS_DIR  # noqa: PLC0415 - numpy only, no torch
 
-    if not ((directory / LAYOUT).is_file() and os.access(directory, os.W_OK)
-            and os.access(directory / SHARDS_DIR, os.W_OK)):
+    host = settings.JOBSITE_HOSTNAME
+    directory = extraction.output_dir
+    seen = directory.is_dir() and os.access(directory, os.W_OK)
+    if seen and planned:
+        seen = (directory / LAYOUT).is_file() and os.access(directory / SHARDS_DIR, os.W_OK)
+    if not seen:
         return f"worker {host} cannot write {directory}: mount the shared data directory there"
     model_path = Path(extraction.model.path)
     if not (model_path / "config.json").is_file():
@@ -980,39 +995,40 @@ def extraction_shard_refusal(*, shard) -> str:
     return ""
 
 
-def extraction_shard_leave(*, shard, reason: str) -> None:
-    """This worker does not take the shard: the job hears it once per host, the shard goes back
-    to the queue for another worker, and after the stall limit with no worker able to take it
-    (none of the extraction's shards runs anywhere) it fails with the reason."""
+def extraction_leave(*, job, reason: str) -> None:
+    """This worker does not take the job (a sharded extraction to plan, or a shard): the
+    extraction hears it once per host, the job goes back to the queue for another worker, and
+    after the stall limit with no worker able to take it (no extraction or shard runs on a host
+    that did not refuse) it fails with the reason."""
     from extraction.models import ExtractionShard  # noqa: PLC0415
     from jobsite.errors import ErrorType  # noqa: PLC0415
     from jobsite.events import publish  # noqa: PLC0415
     from jobsite.services import job_fail  # noqa: PLC0415
 
+    model = type(job)
     host, now = settings.JOBSITE_HOSTNAME, timezone.now()
     with transaction.atomic():
-        current = ExtractionShard.objects.select_for_update().filter(
-            pk=shard.pk, status=ExtractionShard.Status.QUEUED).first()
+        current = model.objects.select_for_update().filter(model.awaiting_worker(), pk=job.pk).first()
         if current is None:
             return
         new = host not in current.refusals
         current.refusals = {**current.refusals, host: reason}
         current.refused_since = current.refused_since or now
-        ExtractionShard.objects.filter(pk=current.pk).update(refusals=current.refusals,
-                                                             refused_since=current.refused_since)
+        model.objects.filter(pk=current.pk).update(refusals=current.refusals, refused_since=current.refused_since)
+        shard = getattr(current, "index", None)
+        said = f"Shard {shard}: {reason}." if shard is not None else f"{reason[0].upper()}{reason[1:]}."
         if new:
             publish(current.topic, "extraction.shard_refused", {
-                **current.event_payload(), "shard_index": current.index, "host": host,
-                "message": f"Shard {current.index}: {reason}."})
-        running = ExtractionShard.objects.filter(extraction_id=current.extraction_id,
-                                                 status=ExtractionShard.Status.RUNNING).exists()
+                **current.event_payload(), "shard_index": shard, "host": host, "message": said})
+        able = [m.objects.filter(status__in=m.RUNNING).exclude(worker="").exclude(worker_host__in=list(
+            current.refusals)).exists() for m in (Extraction, ExtractionShard)]
         waited = (now - current.refused_since).total_seconds()
-        give_up = waited > settings.JOBSITE_STALL_AFTER_S and not running
+        give_up = waited > settings.JOBSITE_STALL_AFTER_S and not any(able)
         if give_up:
             job_fail(current, error_type=ErrorType.STORAGE if "data directory" in reason else ErrorType.VALIDATION,
                      message=f"No worker could take it for {waited:.0f} s: {reason}.")
     if give_up:
-        extraction_settle(extraction_id=current.extraction_id)
+        extraction_settle(extraction_id=getattr(current, "extraction_id", current.pk))
         return
     # Another worker may take it meanwhile; this one waits a little before it could see it again.
     time.sleep(min(2.0, settings.JOBSITE_STALL_AFTER_S / 5))

@@ -83,6 +83,15 @@ def job_view(extraction: Extraction, *, seq: int = 0) -> dict:
                       .order_by("-seq").values_list("payload", flat=True).first())
         if tokenizing and tokenizing.get("message"):
             phase = tokenizing["message"]
+    shards = e.parts()
+    if e.sharded and shards:
+        # No worker holds a job its shards run: the card says what each part is doing instead.
+        counts = defaultdict(int)
+        for shard in shards:
+            counts[shard.status] += 1
+        phase = f"Extracting with {len(shards)} shards: " + ", ".join(
+            f"{counts[status]} {status}" for status in ("running", "queued", "completed", "failed", "cancelled")
+            if counts[status])
     if e.cancel_requested and running:
         phase = "Cancelling: the worker stops after the current batch"
     elif retry_in is not None and retry_in > 0:
@@ -115,11 +124,34 @@ def job_view(extraction: Extraction, *, seq: int = 0) -> dict:
         "original_deleted": e.original_deleted if hasattr(e, "original_deleted") else bool(
             e.original_extraction_id) and not Extraction.objects.filter(pk=e.original_extraction_id).exists(),
         "dismissible": e.status in services.DISMISSABLE and e.dismissed_at is None,
-        "heartbeat_at": iso(e.heartbeat_at or e.started_at) if running else "",
+        "heartbeat_at": _heartbeat_at(e, shards) if running else "",
+        "shard_rows": [_shard_row(shard) for shard in shards],
         "progress_at": iso(last_move),
         "max_attempts": settings.JOBSITE_MAX_ATTEMPTS,
         "has_files": e.output_dir.is_dir(),
         "took": duration((e.finished_at - e.started_at).total_seconds()) if e.finished_at and e.started_at else "",
+    }
+
+
+def _heartbeat_at(e: Extraction, shards: list) -> str:
+    """When its worker last spoke; for a job its shards run, its most silent running shard's (the
+    page calls it stalled as the server does), and nothing while no shard runs."""
+    if not e.sharded:
+        return iso(e.heartbeat_at or e.started_at)
+    beats = [shard.heartbeat_at or shard.started_at for shard in shards
+             if shard.status in shard.RUNNING and shard.worker and (shard.heartbeat_at or shard.started_at)]
+    return iso(min(beats)) if beats else ""
+
+
+def _shard_row(shard) -> dict:
+    said = shard.describe()
+    percent = 100.0 if shard.status == shard.Status.COMPLETED else shard.percent
+    age = said["heartbeat_age_s"]
+    return {
+        **said,
+        "percent": f"{percent:.1f}".removesuffix(".0"),
+        "heartbeat_age": f"{age:.0f}" if age is not None else "",
+        "refusals": sorted(said["refusals"].items()),
     }
 
 
@@ -268,7 +300,8 @@ def extraction_page(request):
             extraction, created = services.extraction_start(
                 model=data["model"], dataset=data["dataset"], layers=data["layers"], hooks=data["hooks"],
                 batch_size=data["batch_size"], max_samples=data["max_samples"], max_length=data["max_length"],
-                storage_dtype=data["storage_dtype"], auto_retry_on_oom=data["auto_retry_on_oom"], user=request.user,
+                storage_dtype=data["storage_dtype"], auto_retry_on_oom=data["auto_retry_on_oom"],
+                shards=data["shards"], user=request.user,
             )
         except JobInputError as exc:
             for problem in getattr(exc, "problems", [exc]):
@@ -395,7 +428,7 @@ def extraction_retry(request, pk: int):
         retry = services.extraction_retry(
             extraction=extraction, batch_size=form.cleaned_data["batch_size"],
             max_samples=form.cleaned_data["max_samples"], max_length=form.cleaned_data["max_length"],
-            reason="retried from the page", user=request.user,
+            shards=form.cleaned_data["shards"], reason="retried from the page", user=request.user,
         )
     except (JobInputError, TransitionError) as exc:
         messages.error(request, f"Extraction {pk} was not retried: {exc}")

@@ -140,3 +140,42 @@ def test_settle_leaves_an_extraction_whose_shards_still_run(model_record, datase
     assert extraction_settle(extraction_id=job.pk) == ""
     job.refresh_from_db()
     assert job.status == "extracting"
+
+
+def test_a_worker_that_does_not_see_the_shared_folder_leaves_the_shard_and_says_so_once(
+        model_record, dataset, settings, tmp_path):
+    import time
+
+    settings.JOBSITE_STALL_AFTER_S = 1.0
+    job = start(model_record, dataset, shards=2)
+    run_extraction(job.pk)  # planned by a worker that sees the shared data directory
+    first = job.shard_set.get(index=0)
+    shared = settings.JOBSITE_DATA_DIR
+    settings.JOBSITE_DATA_DIR, settings.JOBSITE_HOSTNAME = tmp_path / "elsewhere", "host-b"
+    run_extraction_shard(first.pk)
+    run_extraction_shard(first.pk)
+    first.refresh_from_db()
+    assert first.status == "queued" and first.attempt == 0
+    expected = f"worker host-b cannot write {tmp_path / 'elsewhere' / 'activations' / str(job.pk)}: " \
+               "mount the shared data directory there"
+    assert first.refusals == {"host-b": expected}
+    refused = Event.objects.filter(topic=job.topic, type="extraction.shard_refused")
+    assert [e.payload["message"] for e in refused] == [f"Shard 0: {expected}."]  # once per host
+    # No worker able to take it past the stall limit: the shard fails, and with it the extraction.
+    time.sleep(1.1)
+    run_extraction_shard(first.pk)
+    job.refresh_from_db()
+    assert job.status == "failed" and job.error_type == "STORAGE"
+    assert "mount the shared data directory there" in job.error_message
+    settings.JOBSITE_DATA_DIR = shared
+    assert job.shard_set.get(index=1).status == "cancelled"
+
+
+def test_a_worker_without_the_model_files_leaves_the_planning(model_record, dataset, settings):
+    job = start(model_record, dataset, shards=2)
+    original = model_record.path
+    type(model_record).objects.filter(pk=model_record.pk).update(path=original + "-missing")
+    run_extraction(job.pk)
+    job.refresh_from_db()
+    assert job.status == "queued" and job.attempt == 0
+    assert "has no model files at" in next(iter(job.refusals.values()))
