@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) bench/extraction.py
 	$(PY) bench/jobs.py
 	$(PY) bench/training.py
+	$(PY) bench/shards.py
 
 # The README's screenshots (docs/screenshots/): a fresh demo database, daphne + qcluster, headless Chromium.
 .PHONY: screenshots

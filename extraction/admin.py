@@ -4,7 +4,7 @@ from django.utils.html import format_html, format_html_join
 
 from extraction import selectors, services
 from extraction.constants import BLOCK_ORDER
-from extraction.models import Dataset, Extraction, ModelRecord
+from extraction.models import Dataset, Extraction, ExtractionShard, ModelRecord
 from jobsite.admin import JobActionsMixin, RegisteredMixin
 from jobsite.permissions import can
 
@@ -44,10 +44,66 @@ class DatasetAdmin(RegisteredMixin, admin.ModelAdmin):
         return False
 
 
+class ShardFields:
+    """How a shard reads in the admin, as a row of its extraction's page and as its own."""
+
+    @admin.display(description="samples")
+    def progress(self, obj):
+        return f"{obj.samples_processed:,}/{obj.total_samples:,} ({obj.percent:.0f} %)"
+
+    @admin.display(description="error")
+    def error(self, obj):
+        return f"{obj.error_type}: {obj.error_message}" if obj.error_type else "—"
+
+
+class ShardInline(ShardFields, admin.TabularInline):
+    model = ExtractionShard
+    fields = ["index", "status", "progress", "worker", "heartbeat_at", "attempt", "current_batch_size", "error"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    show_change_link = True
+
+    def has_view_permission(self, request, obj=None):
+        return request.user.is_active and request.user.is_staff  # whoever sees the extraction sees its shards
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(ExtractionShard)
+class ExtractionShardAdmin(ShardFields, JobActionsMixin, admin.ModelAdmin):
+    """Read only: a shard is made by its extraction's planning, and stopped or retried with it.
+    Resume takes back a shard whose worker went silent, as Resume on the extraction does for all of them."""
+
+    list_display = ["__str__", "status", "progress", "worker", "attempt", "heartbeat"]
+    list_filter = ["status"]
+    search_fields = ["extraction__id", "worker"]
+    actions = ["resume"]
+    readonly_fields = [f.name for f in ExtractionShard._meta.get_fields() if getattr(f, "concrete", False)]
+
+    def _holds(self, request, action: str) -> bool:
+        # A shard's actions are its extraction's: the permissions are the extraction's.
+        return can(request.user, f"extraction.{action}_extraction")
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
 @admin.register(Extraction)
 class ExtractionAdmin(JobActionsMixin, admin.ModelAdmin):
     # Short columns and labels, so that the list fits beside the filters at 1,280 px.
-    list_display = ["number", "badge", "model", "dataset", "progress", "heartbeat"]
+    list_display = ["number", "badge", "model", "dataset", "progress", "shard_column", "heartbeat"]
+    inlines = [ShardInline]
     list_filter = ["status", "error_type", "model", "dataset", "auto_retried",
                    ("dismissed_at", admin.EmptyFieldListFilter)]
     search_fields = ["id", "error_message", "model__name", "dataset__name"]
@@ -89,6 +145,13 @@ class ExtractionAdmin(JobActionsMixin, admin.ModelAdmin):
     @admin.display(description="samples")
     def progress(self, obj):
         return f"{obj.samples_processed:,}/{obj.total_samples:,} ({obj.percent:.0f} %)"
+
+    @admin.display(description="Shards", ordering="shards")
+    def shard_column(self, obj):
+        if obj.shards <= 1:
+            return "—"
+        done = sum(1 for shard in obj.shard_set.all() if shard.status == ExtractionShard.Status.COMPLETED)
+        return f"{done}/{obj.shards} done"
 
     @admin.display(description="retry of", ordering="original_extraction_id")
     def retry_of(self, obj):

@@ -812,12 +812,35 @@ def _plan_shards(extraction: Extraction, lease) -> None:
             # The extraction is its shards' now: no worker holds it, and none heartbeats for it.
             worker="", worker_host="", worker_pid=None,
         )
-        for shard in made:
-            if shard.status == ExtractionShard.Status.QUEUED:
-                job_enqueue(shard)
+        extraction_enqueue_shards(shards=[shard for shard in made if shard.status == ExtractionShard.Status.QUEUED])
     _sum_shards(extraction.pk)
     # Every shard done already (a retry that kept them all), or a stop asked while it planned.
     extraction_settle(extraction_id=extraction.pk)
+
+
+def extraction_enqueue_shards(*, shards: list) -> None:
+    """A task per shard, and a spare one per other live worker process (at most one per shard):
+    a task whose shard is taken runs the next queued one (tasks.run_extraction_shard), so no
+    shard waits in the queue of a busy cluster while another cluster is free."""
+    from jobsite.clusters import live_workers  # noqa: PLC0415
+
+    for shard in shards:
+        job_enqueue(shard)
+    if shards:
+        spare = min(len(shards), max(0, live_workers()[1] - 1))
+        for i in range(spare):
+            job_enqueue(shards[i % len(shards)])
+
+
+def next_queued_shard(*, extraction_id: int):
+    """The first shard of the extraction that a worker may claim now (none in backoff)."""
+    from django.db.models import Q as Where  # noqa: PLC0415
+
+    from extraction.models import ExtractionShard  # noqa: PLC0415
+
+    return ExtractionShard.objects.filter(
+        ExtractionShard.awaiting_worker(), Where(next_attempt_at__isnull=True) | Where(next_attempt_at__lte=timezone.now()),
+        extraction_id=extraction_id).order_by("index").first()
 
 
 def _sums(extraction_id: int) -> dict:
@@ -912,7 +935,8 @@ def extraction_settle(*, extraction_id: int) -> str:
             for shard in active:
                 _stop_shard(shard)
             return f"{extraction.topic}: failed with shard {first.index}"
-        if extraction.cancel_requested and extraction.status == Extraction.Status.EXTRACTING:
+        done = all(shard.status == ExtractionShard.Status.COMPLETED for shard in shards)
+        if extraction.cancel_requested and extraction.status == Extraction.Status.EXTRACTING and not done:
             for shard in active:
                 _stop_shard(shard)
             if not any(s.status in ExtractionShard.ACTIVE for s in extraction.shard_set.all()):

@@ -310,7 +310,7 @@ def plan_shards(
                    should_cancel=lambda: _between_steps(calls))
     try:
         _result, metadata = _describe(spec, plan, spec.batch_size, 0)
-        layout = shards.layout_for(spec, plan, count, metadata)
+        layout = shards.layout_for(spec, plan, count, metadata, seed_from=seed_from)
         if seed_from:
             shards.seed(seed_from, spec.output_dir, layout)
         open_outputs(spec, plan)

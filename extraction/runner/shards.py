@@ -74,14 +74,21 @@ def read_shard_checkpoint(directory: str, index: int) -> dict | None:
         return None
 
 
-def layout_for(spec: ExtractionSpec, plan: Plan, count: int, metadata: dict) -> dict:
+def layout_for(spec: ExtractionSpec, plan: Plan, count: int, metadata: dict, *, seed_from: str | None = None) -> dict:
+    """The plan's layout: cut anew, or, for a retry of the same request (seed_from, the retried
+    job's directory), cut as the retried job was, whatever the batch size now, so that the
+    shards it finished count."""
     lengths = np.diff(plan.offsets)
     order = np.argsort(-lengths, kind="stable")
     in_order = lengths[order]
     tokens_upto = np.concatenate([[0], np.cumsum(in_order)])
-    parts = [{"index": index, "first_sample": first, "end_sample": end, "samples": end - first,
-              "tokens": int(tokens_upto[end] - tokens_upto[first])}
-             for index, (first, end) in enumerate(bounds(in_order, spec.batch_size, count))]
+    earlier = read_layout(seed_from) if seed_from else None
+    if earlier and earlier.get("fingerprint") == plan.fingerprint and earlier.get("format_version") == FORMAT_VERSION:
+        cut = [(s["first_sample"], s["end_sample"]) for s in earlier["shards"]]
+    else:
+        cut = bounds(in_order, spec.batch_size, count)
+    parts = [{"index": index, "first_sample": int(first), "end_sample": int(end), "samples": int(end - first),
+              "tokens": int(tokens_upto[end] - tokens_upto[first])} for index, (first, end) in enumerate(cut)]
     return {"format_version": FORMAT_VERSION, "fingerprint": plan.fingerprint, "batch_size": spec.batch_size,
             "samples": len(lengths), "tokens": int(plan.offsets[-1]), "clamped_tokens": plan.clamped_tokens,
             "truncated_samples": plan.truncated_samples, "dataset": plan.dataset, "shards": parts,
@@ -89,8 +96,9 @@ def layout_for(spec: ExtractionSpec, plan: Plan, count: int, metadata: dict) -> 
 
 
 def _same_cut(a: dict | None, b: dict) -> bool:
-    """Two layouts of the same request cut the same way: a shard's checkpoint in one counts in the other."""
-    return bool(a) and all(a.get(key) == b[key] for key in ("format_version", "fingerprint", "batch_size")) and [
+    """Two layouts of the same request cut the same way: a shard's rows in one count in the other
+    (with another batch size, its pending batches are cut anew from where it stopped)."""
+    return bool(a) and all(a.get(key) == b[key] for key in ("format_version", "fingerprint")) and [
         (s["first_sample"], s["end_sample"]) for s in a.get("shards", [])] == [
         (s["first_sample"], s["end_sample"]) for s in b["shards"]]
 
@@ -127,6 +135,11 @@ def seed(src: str, dst: str, layout: dict) -> bool:
     shutil.copytree(os.path.join(src, TOKENIZER), os.path.join(dst, TOKENIZER))
     for part in layout["shards"]:
         checkpoint = read_shard_checkpoint(src, part["index"])
+        if checkpoint and checkpoint.get("requested_batch_size") != layout["batch_size"]:
+            # The retry asks for another size (half, after out-of-memory): it starts at that size;
+            # the halvings and growth budget were the retried job's.
+            checkpoint = {**checkpoint, "batch_size": layout["batch_size"], "batch_fit_tokens": None,
+                          "batch_size_changes": [], "requested_batch_size": layout["batch_size"]}
         if valid_checkpoint(checkpoint, layout, part):
             outputs.write_json(os.path.join(dst, checkpoint_name(part["index"])), checkpoint)
     shutil.copyfile(os.path.join(src, CHECKPOINT), os.path.join(dst, CHECKPOINT))

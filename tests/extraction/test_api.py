@@ -318,7 +318,7 @@ def test_an_unknown_field_is_422_naming_it_and_starts_nothing(staff_client, fake
     assert response.status_code == 422
     assert response.json()["message"] == (
         "Unknown field 'dtype'; the fields are dataset_id, layers, hooks, batch_size, max_samples, max_length, "
-        "storage_dtype and auto_retry_on_oom."
+        "storage_dtype, auto_retry_on_oom and shards."
     )
     assert response.json()["field"] == "dtype"
     assert Extraction.objects.count() == 0
@@ -338,7 +338,7 @@ def test_a_retry_with_an_unknown_field_is_422_and_retries_nothing(staff_client, 
     response = post(staff_client, f"{start_url(fake_model)}/{failed.pk}/retry", {"batch_sise": 4})
     assert response.status_code == 422 and response.json()["field"] == "batch_sise"
     assert response.json()["message"] == (
-        "Unknown field 'batch_sise'; the fields are batch_size, max_samples, max_length and reason.")
+        "Unknown field 'batch_sise'; the fields are batch_size, max_samples, max_length, shards and reason.")
     assert Extraction.objects.count() == 1
 
 

@@ -81,8 +81,9 @@ def test_a_failed_shard_fails_the_extraction_and_a_retry_runs_only_the_shards_no
     assert job.reusable_samples() == second.total_samples
     settings.JOBSITE_FAILPOINTS = ""
 
-    retry = extraction_retry(extraction=job)  # the same batch size and shards: cut the same way
-    assert retry.shards == 2
+    # At the suggested half batch size, cut as the original was: the shard it finished is kept.
+    retry = extraction_retry(extraction=job, batch_size=job.suggested_retry_params["batch_size"])
+    assert retry.shards == 2 and retry.batch_size == 2
     run_extraction(retry.pk)
     retry.refresh_from_db()
     statuses = dict(retry.shard_set.values_list("index", "status"))
@@ -179,3 +180,17 @@ def test_a_worker_without_the_model_files_leaves_the_planning(model_record, data
     job.refresh_from_db()
     assert job.status == "queued" and job.attempt == 0
     assert "has no model files at" in next(iter(job.refusals.values()))
+
+
+def test_a_task_whose_shard_is_taken_runs_the_next_queued_one(model_record, dataset):
+    """A busy cluster may hold a shard's task while another cluster is free: whichever task a
+    free worker gets runs a shard that waits."""
+    job = start(model_record, dataset, shards=2)
+    run_extraction(job.pk)
+    first, second = job.shard_set.order_by("index")
+    run_extraction_shard(first.pk)
+    run_extraction_shard(first.pk)  # its own shard is done: it runs shard 1
+    second.refresh_from_db()
+    assert second.status == "completed" and second.attempt == 1
+    job.refresh_from_db()
+    assert job.status == "completed"

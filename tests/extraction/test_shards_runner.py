@@ -100,9 +100,12 @@ def test_a_retry_planned_the_same_way_keeps_the_shards_its_original_finished(mod
     one = tmp_path / "one"
     extract(models["gpt2"], samples_path, one, layers=(0, 2), hooks=("residual", "mlp"), batch_size=4)
     assert same_files(one, retry.output_dir) == []
-    # Cut another way, nothing is kept.
+    # Asked for 3 shards, a retry keeps the cut of the job it retries, and so the shard it finished.
     other = spec_for(models["gpt2"], samples_path, tmp_path / "other")
-    assert runner.plan_shards(other, 3, seed_from=spec.output_dir).done == [0, 0, 0]
+    assert runner.plan_shards(other, 3, seed_from=spec.output_dir).done == [0, planned.shards[1]["samples"]]
+    # Another request (other layers) keeps nothing.
+    changed = spec_for(models["gpt2"], samples_path, tmp_path / "changed", layers=(1,))
+    assert runner.plan_shards(changed, 2, seed_from=spec.output_dir).done == [0, 0]
 
 
 def test_finish_refuses_while_a_shard_is_not_done(models, samples_path, tmp_path):
@@ -112,3 +115,23 @@ def test_finish_refuses_while_a_shard_is_not_done(models, samples_path, tmp_path
     with pytest.raises(Exception, match="Shard 1 .* is not done"):
         runner.finish_shards(spec)
     assert not os.path.exists(os.path.join(spec.output_dir, "metadata.json"))
+
+
+def test_a_retry_at_half_the_batch_size_keeps_the_shards_done_and_their_cut(models, samples_path, tmp_path):
+    spec = spec_for(models["gpt2"], samples_path, tmp_path / "original", batch_size=8)
+    planned = runner.plan_shards(spec, 2)
+    runner.run_shard(spec, 0, progress=None, heartbeat=None, should_cancel=None)
+    retry = spec_for(models["gpt2"], samples_path, tmp_path / "retry", batch_size=4)
+    replanned = runner.plan_shards(retry, 2, seed_from=spec.output_dir)
+    assert [(s["first_sample"], s["end_sample"]) for s in replanned.shards] == [
+        (s["first_sample"], s["end_sample"]) for s in planned.shards]
+    assert replanned.done == [planned.shards[0]["samples"], 0]
+    runner.run_shard(retry, 1, progress=None, heartbeat=None, should_cancel=None)
+    metadata = runner.finish_shards(retry)
+    assert metadata["samples"] == 50
+    # Shard 0's rows are the original's; shard 1's were cut at batch size 4: the values agree
+    # with a one-worker run to float rounding.
+    one = tmp_path / "one"
+    extract(models["gpt2"], samples_path, one, layers=(0, 2), hooks=("residual", "mlp"), batch_size=4)
+    for name in layer_files(one):
+        np.testing.assert_allclose(load(retry.output_dir, name), load(one, name), rtol=1e-4, atol=1e-5)

@@ -51,6 +51,11 @@ def world(make_extraction, fake_model, fake_dataset):
 
     extraction = make_extraction("failed", error_type="OOM", error_message="CUDA out of memory.",
                                  suggested_retry_params={"batch_size": 4})
+    from extraction.models import ExtractionShard
+
+    # A shard of it, stopped when another shard failed: its admin page and actions are checked too.
+    ExtractionShard.objects.create(extraction=extraction, index=0, first_sample=0, end_sample=4,
+                                   status="cancelled", finished_at=timezone.now())
     corpus = Corpus.objects.create(name="handbook", source="/data/handbook", num_documents=1)
     chunk = Chunk.objects.create(corpus=corpus, index=0, document="handbook.md", text="Bicycles need oil.")
     run = TrainingRun.objects.create(corpus=corpus, status="generated", total_chunks=1, processed_chunks=1,

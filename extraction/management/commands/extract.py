@@ -26,6 +26,13 @@ def positive(value: str) -> int:
     return number
 
 
+def shards(value: str) -> int | str:
+    """--shards: a number or auto, left for the service to check (its sentence is the error)."""
+    from extraction.forms import parse_shards  # noqa: PLC0415
+
+    return parse_shards(value)
+
+
 def csv(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
@@ -50,6 +57,9 @@ class Command(BaseCommand):
                             choices=Extraction.StorageDtype.values,
                             help="how activations are stored (--dtype is its deprecated old name)")
         parser.add_argument("--auto-retry-on-oom", action="store_true")
+        parser.add_argument("--shards", type=shards, default=1, metavar="N|auto",
+                            help="workers that run it at once, each on its own part of the samples (auto: one per "
+                                 "live worker); the files are the same bytes whatever the count")
         parser.add_argument("--wait", action="store_true", help="follow progress until the job ends (exit 1 if it fails)")
 
     def handle(self, *args, **options):
@@ -66,7 +76,7 @@ class Command(BaseCommand):
                 model=model, dataset=dataset, layers=layers, hooks=csv(options["hooks"]),
                 batch_size=options["batch_size"], max_samples=options["max_samples"],
                 max_length=options["max_length"], storage_dtype=options["storage_dtype"],
-                auto_retry_on_oom=options["auto_retry_on_oom"],
+                auto_retry_on_oom=options["auto_retry_on_oom"], shards=options["shards"],
             )
         except (JobInputError, TransitionError) as exc:
             raise CommandError(str(exc))

@@ -5,7 +5,7 @@ from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
 from extraction import selectors, services
-from extraction.management.commands.extract import csv, follow, positive
+from extraction.management.commands.extract import csv, follow, positive, shards
 from extraction.constants import VALID_BATCH_SIZES
 from extraction.models import Extraction
 from jobsite.errors import JobInputError
@@ -19,6 +19,20 @@ def max_samples(value: str) -> int | str:
         return int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"give a number of samples or 'all', not {value!r}") from None
+
+
+def shard_line(shard: dict) -> str:
+    """One shard: index, status, samples done/total, worker, attempt, heartbeat age, stalled."""
+    age = shard["heartbeat_age_s"]
+    parts = [f"shard {shard['index']}", shard["status"], f"{shard['samples_processed']}/{shard['total_samples']}",
+             f"worker {shard['worker'] or '-'}", f"attempt {shard['attempt']}",
+             f"heartbeat {age:.0f} s ago" if age is not None else "no heartbeat"]
+    if shard["stalled"]:
+        parts.append("stalled")
+    if shard["error_type"]:
+        parts.append(f"{shard['error_type']}: {shard['error_message'][:60]}")
+    parts += [f"{host} refuses it: {sentence}" for host, sentence in sorted(shard["refusals"].items())]
+    return "  ".join(parts)
 
 
 class Command(BaseCommand):
@@ -42,6 +56,8 @@ class Command(BaseCommand):
         retry.add_argument("--max-samples", type=max_samples, metavar="N|all",
                            help="a number of samples, or 'all' for the whole dataset (default: the original's)")
         retry.add_argument("--max-length", type=int)
+        retry.add_argument("--shards", type=shards, metavar="N|auto", help="workers that run it at once "
+                                                                           "(default: the original's count)")
         retry.add_argument("--suggested", action="store_true",
                            help="use the parameters the failure suggested; --batch-size, --max-samples or "
                                 "--max-length given as well override the suggestion")
@@ -92,6 +108,8 @@ class Command(BaseCommand):
             if error and e.status in Extraction.ACTIVE:  # the failure is behind it: it runs (or waits) again
                 error = f"resumed after {error}"
             self.stdout.write(f"{e.pk:>5}  {e.status:<11} {progress:<15} {e.model.name[:16]:<16} {e.dataset.name[:16]:<16} {error}")
+            for shard in e.shard_list():
+                self.stdout.write(f"       {shard_line(shard)}")
 
     def do_cancel(self, options):
         extraction = services.extraction_cancel(extraction=self._get(options["extraction_id"]))
@@ -108,11 +126,13 @@ class Command(BaseCommand):
                      max_length=options["max_length"])
         reason = " ".join(options["reason"].split())
         if options["suggested"]:
+            if options["shards"] is not None:
+                raise CommandError("--shards goes with a retry of your own parameters, not --suggested; leave one out.")
             via = f"from the command line ({reason})" if reason else "from the command line"
             retry = services.extraction_retry_suggested(extraction=original, via=via, **given)
         else:
             retry = services.extraction_retry(extraction=original, reason=reason or "retried from the command line",
-                                              **given)
+                                              shards=options["shards"], **given)
         self.stdout.write(f"Extraction {retry.pk} retries {original.pk} with batch size {retry.batch_size}.")
         self.stdout.write(services.retry_starts_from(original=original, retry=retry))
         if options["wait"]:

@@ -726,6 +726,20 @@
     const heartbeat = Date.parse(job.heartbeat_at || "") || 0;
     known.alive = Math.max(known.alive, heartbeat, alive || 0);
 
+    // An extraction's shards ([data-shard] rows): their counts move with every progress of any of
+    // them; a change of a shard's status comes as its own event, which draws the card again.
+    if (Array.isArray(job.shards)) {
+      for (const shard of job.shards) {
+        const row = card.querySelector(`[data-shard="${shard.index}"]`);
+        if (!row || typeof shard.samples_processed !== "number" || row.dataset.shardStatus !== shard.status) continue;
+        const percent = shard.total_samples ? Math.min(100, (100 * shard.samples_processed) / shard.total_samples) : 100;
+        setText(row, '[data-shard-field="samples_processed"]', shown(shard.samples_processed));
+        setText(row, '[data-shard-field="percent"]', String(Math.round(percent * 10) / 10));
+        const bar = row.querySelector("[data-shard-bar]");
+        if (bar) bar.style.width = `${percent.toFixed(1)}%`;
+      }
+    }
+
     const status = job.status;
     const changed = Boolean(status) && status !== before;
     if (changed) {

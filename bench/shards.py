@@ -1,0 +1,310 @@
+"""One extraction run by 1, 2 and 4 workers (shards = workers), measured side by side in one run.
+
+    .venv/bin/python bench/shards.py            # the full run (one worker takes ~20-40 s on 2 CPU cores)
+    .venv/bin/python bench/shards.py --quick    # a smoke run: a 64-wide model, 300 lines, seconds per run
+    .venv/bin/python bench/shards.py --one-cluster --events   # one cluster of N processes; each run's events
+
+The same request each time: a GPT-2-shaped model built from a config with a fixed seed (4
+layers, 256 wide, random weights, its byte-level BPE tokenizer trained on the words used:
+nothing downloaded), a .txt dataset of text lines whose word counts are log-normal (median 32
+words, sigma 1.0, 4 to 256 words), residual of layers 1 and 3, batch size 16, float32 files.
+Each run gets fresh `manage.py qcluster` processes, one cluster per worker with one worker
+process each (JOBSITE_WORKERS=1), each with one torch thread (OMP_NUM_THREADS=1,
+MKL_NUM_THREADS=1), on PostgreSQL (DATABASE_URL, default the database bench_shards on
+127.0.0.1, created when missing) and the ORM broker. One worker runs the request as one job
+(shards=1); N workers run it as N shards. Each cluster imports torch, transformers and the
+runner before it forks its worker, as a cluster that has run jobs before holds them: a fresh
+worker's imports (seconds on 2 cores) would otherwise be timed inside its first shard.
+
+What it prints, from the event log (jobsite.models.Event, topic "extraction.<id>": every
+time is a created_at written by the same database clock):
+  extract s     "extraction.extracting" to "extraction.completed": for shards, the planning
+                attempt lets go at "extracting", then every shard is claimed by a worker,
+                loads the model, runs its rows and the last one writes metadata.json.
+  tokens/s      the extraction's real (non-pad) tokens over extract s; the ratios divide
+                each by one worker's.
+  planning s    "extraction.claimed" to "extraction.extracting": the model read, the lines
+                tokenized and (for shards) the cut; "tokenizing s" is the first to the last
+                "extraction.tokenizing" event within it.
+  shards        per shard: the worker that ran it, and its "extraction_shard.running" to
+                "extraction_shard.completed" seconds.
+  byte-identical  every data file and metadata.json of each run against one worker's.
+
+The goal: 2 workers / 1 worker >= 1.8 on a 2-core machine. Four single-thread workers on two
+cores cannot beat two; that row shows the cost of oversubscribing them. The bench leaves the
+database as it found it but for the event log and django-q2's task rows: its extractions,
+model and dataset records are deleted, and its files live in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import filecmp
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from jobs import Service, wait_for  # noqa: E402
+
+DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/bench_shards"
+WORDS = [f"{a}{b}" for a in ("ka", "lo", "mi", "nu", "pe", "ro", "si", "tu", "va", "ze")
+         for b in ("n", "r", "s", "t", "l", "m", "k", "d", "ba", "go", "fi", "ru")]
+REQUEST = {"layers": [1, 3], "hooks": ["residual"], "batch_size": 16, "max_length": 256}
+MODEL = {"n_layer": 4, "hidden": 256, "n_head": 4, "vocab_size": 512}
+QUICK_MODEL = {"n_layer": 4, "hidden": 64, "n_head": 4, "vocab_size": 512}
+# A cluster that has run jobs before holds torch, transformers and the runner in its worker
+# process; a fresh one imports them inside its first shard (seconds on 2 cores), which would be
+# timed. The cluster's main process imports them before it forks its worker.
+WARM_CLUSTER = """
+import torch, transformers.models.gpt2.modeling_gpt2, extraction.runner
+from django.core.management import execute_from_command_line
+execute_from_command_line(["manage.py", "qcluster"])
+"""
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def ensure_database(url: str) -> str:
+    """Create the database of a PostgreSQL URL when it is missing; returns its name for the output."""
+    parts = urlsplit(url)
+    name = parts.path.lstrip("/")
+    if not parts.scheme.startswith("postgres"):
+        sys.exit(f"DATABASE_URL must be a PostgreSQL URL (the workers share it): got {url!r}.")
+    import psycopg
+
+    admin = urlunsplit(parts._replace(path="/postgres"))
+    try:
+        with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
+            if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone() is None:
+                conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        sys.exit(f"PostgreSQL at {parts.hostname}:{parts.port or 5432} cannot be reached ({exc}); start it or set "
+                 "DATABASE_URL.")
+    return f"PostgreSQL ({name} on {parts.hostname}:{parts.port or 5432})"
+
+
+def write_lines(path: Path, count: int, seed: int) -> list[str]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(np.round(32 * np.exp(rng.normal(0, 1.0, count))), 4, 256).astype(int)
+    lines = [" ".join(WORDS[i] for i in rng.integers(0, len(WORDS), n)) for n in lengths]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return lines
+
+
+class Bench:
+    def __init__(self, workdir: Path, db_url: str):
+        self.workdir, self.services = workdir, []
+        data = workdir / "data"
+        (data / "models").mkdir(parents=True)
+        self.env = {
+            **os.environ, "DATABASE_URL": db_url, "JOBSITE_DATA_DIR": str(data),
+            "JOBSITE_MODEL_ROOTS": str(data / "models"), "PYTHONUNBUFFERED": "1", "JOBSITE_LOG_LEVEL": "INFO",
+            "DJANGO_SETTINGS_MODULE": "jobsite.settings", "JOBSITE_WORKERS": "1", **ONE_THREAD,
+        }
+        os.environ.update({k: v for k, v in self.env.items() if k != "JOBSITE_LOG_LEVEL"})
+        import django
+
+        django.setup()
+        from django.core.management import call_command
+
+        call_command("migrate", verbosity=0, interactive=False)
+        call_command("createcachetable", verbosity=0)
+
+    def clusters(self, count: int, one_cluster: bool = False) -> list[Service]:
+        """count clusters of one worker process each (or one cluster of count processes), once
+        every one of them says it runs."""
+        env = {**self.env, "JOBSITE_WORKERS": str(count)} if one_cluster else self.env
+        started = [Service([sys.executable, "-c", WARM_CLUSTER], env,
+                           self.workdir / f"qcluster-{len(self.services) + i}.log")
+                   for i in range(1 if one_cluster else count)]
+        self.services += started
+
+        def running() -> bool:
+            for service in started:
+                if service.process.poll() is not None:
+                    raise RuntimeError(f"a qcluster exited: {service.log_path.read_text()[-3000:]}")
+            return all("running." in service.log_path.read_text(errors="replace") for service in started)
+
+        wait_for(running, 120, interval=0.1, what=f"{count} qcluster processes to run")
+        return started
+
+    def stop(self, services: list[Service]) -> None:
+        for service in services:
+            service.stop()
+            self.services.remove(service)
+
+    def stop_all(self) -> None:
+        self.stop(list(self.services))
+
+
+def run(bench: Bench, model, dataset, workers: int, timeout: float, one_cluster: bool) -> dict:
+    from extraction.models import Extraction
+    from extraction.services import extraction_start
+    from jobsite.models import Event
+
+    clusters = bench.clusters(workers, one_cluster)
+    try:
+        job, created = extraction_start(model=model, dataset=dataset, shards=workers, **REQUEST)
+        if not created:
+            raise RuntimeError(f"extraction {job.pk}, the same request, is still active: let it end first.")
+        job = wait_for(lambda: Extraction.objects.filter(pk=job.pk, status__in=Extraction.TERMINAL).first(),
+                       timeout, interval=0.2, what=f"extraction {job.pk} to finish")
+    finally:
+        bench.stop(clusters)
+    if job.status != Extraction.Status.COMPLETED:
+        raise RuntimeError(f"extraction {job.pk} with {workers} workers ended {job.status}: "
+                           f"{job.error_type} {job.error_message}")
+    events = list(Event.objects.filter(topic=job.topic).order_by("seq").values_list("type", "created_at", "payload"))
+    first = {}
+    for kind, at, _ in events:
+        first.setdefault(kind, at)
+    tokenizing = [at for kind, at, _ in events if kind == "extraction.tokenizing"]
+    shards = {}
+    for kind, at, payload in events:
+        if kind in ("extraction_shard.running", "extraction_shard.completed"):
+            shard = payload["shard"]
+            shards.setdefault(shard["index"], {})[kind.split(".")[1]] = at
+            shards[shard["index"]].setdefault("worker", shard["worker"])
+    timeline = [(kind, (at - first["extraction.extracting"]).total_seconds(), (payload.get("shard") or {}))
+                for kind, at, payload in events if kind not in ("extraction.progress", "extraction_shard.progress")]
+    extract = (first["extraction.completed"] - first["extraction.extracting"]).total_seconds()
+    claimed = first.get("extraction.claimed") or first["extraction.loading"]
+    return {
+        "workers": workers, "job": job, "tokens": job.tokens_processed, "extract_s": extract,
+        "planning_s": (first["extraction.extracting"] - claimed).total_seconds(),
+        "tokenizing_s": (tokenizing[-1] - tokenizing[0]).total_seconds() if len(tokenizing) > 1 else 0.0,
+        "timeline": timeline,
+        "shards": {i: (s.get("worker", "?"), (s["completed"] - s["running"]).total_seconds())
+                   for i, s in sorted(shards.items()) if "running" in s and "completed" in s},
+    }
+
+
+def compared(one: Path, other: Path) -> list[str]:
+    """The names of the files (data files and metadata.json) that differ or exist in one run only."""
+    def names(directory: Path) -> set[str]:
+        return {p.name for p in directory.iterdir() if p.suffix == ".npy" or p.name == "metadata.json"}
+
+    left, right = names(one), names(other)
+    differ = sorted(left ^ right)
+    differ += [n for n in sorted(left & right) if not filecmp.cmp(one / n, other / n, shallow=False)]
+    return differ if left else ["(no data files)"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: a smaller model and dataset")
+    parser.add_argument("--samples", type=int, help="text lines in the dataset (default 2000, --quick 300)")
+    parser.add_argument("--workers", default="1,2,4", help="the worker counts, the first one the base (default 1,2,4)")
+    parser.add_argument("--one-cluster", action="store_true",
+                        help="one cluster of N worker processes (JOBSITE_WORKERS=N) instead of N clusters of one")
+    parser.add_argument("--events", action="store_true",
+                        help="also print each run's events (progress left out), in seconds from its extracting")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds one run may take")
+    args = parser.parse_args()
+    try:
+        counts = [int(c) for c in args.workers.split(",")]
+    except ValueError:
+        parser.error(f"--workers is a comma-separated list of whole numbers, e.g. 1,2,4; got {args.workers!r}")
+    if not counts or min(counts) < 1:
+        parser.error(f"--workers counts must be at least 1; got {args.workers!r}")
+    samples = args.samples or (300 if args.quick else 2000)
+    if samples < max(counts):
+        parser.error(f"--samples must be at least the largest worker count ({max(counts)}); got {samples}")
+    model_shape = QUICK_MODEL if args.quick else MODEL
+    db_url = os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
+    db_name = ensure_database(db_url)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="jobsite-bench-shards-") as tmp:
+        workdir = Path(tmp)
+        bench = Bench(workdir, db_url)
+        made = []
+        try:
+            import django
+            import torch
+
+            from django.conf import settings
+
+            from extraction.services import dataset_register, model_register
+            from jobsite.demo import build_tiny_causal_lm
+
+            data = settings.JOBSITE_DATA_DIR / "datasets" / "bench-shards.txt"
+            data.parent.mkdir(parents=True, exist_ok=True)
+            lines = write_lines(data, samples, seed=samples)
+            model_dir = settings.JOBSITE_MODEL_ROOTS[0] / "bench-shards-gpt2"
+            build_tiny_causal_lm(str(model_dir), lines[:2000], **model_shape)
+            model = model_register(path=str(model_dir), name=f"bench-shards-{os.getpid()}")
+            dataset = dataset_register(path=str(data), name=f"bench-shards-{os.getpid()}")
+            made += [model, dataset]
+
+            with open("/proc/loadavg") as f:
+                load = " ".join(f.read().split()[:3])
+            print(f"# Shards benchmark, {datetime.date.today()}")
+            print()
+            print(f"Machine: {os.cpu_count()} cores (nproc {len(os.sched_getaffinity(0))}); database {db_name}; "
+                  f"Django {django.get_version()}; torch {torch.__version__}; load average at the start {load}.")
+            print(f"Request: {samples:,} text lines (log-normal word counts, median 32), GPT-2 shape "
+                  f"{model_shape['n_layer']} layers x {model_shape['hidden']}, layers {REQUEST['layers']}, "
+                  f"hooks {REQUEST['hooks']}, batch size {REQUEST['batch_size']}, max length {REQUEST['max_length']}, "
+                  f"float32; " + ("one cluster of N worker processes" if args.one_cluster else
+                                   "one cluster per worker, one worker process each") + ", one torch thread each.")
+            print()
+            results = []
+            for workers in counts:
+                result = run(bench, model, dataset, workers, args.timeout, args.one_cluster)
+                made.append(result["job"])
+                results.append(result)
+                print(f"  {workers} worker(s): {result['extract_s']:.2f} s", flush=True)
+                if args.events:
+                    for kind, offset, shard in result["timeline"]:
+                        where = f" shard {shard['index']} on {shard['worker']}" if shard else ""
+                        print(f"    {offset:+8.2f} {kind}{where}")
+            print()
+            base = results[0]
+            rows = []
+            for r in results:
+                rate = r["tokens"] / r["extract_s"]
+                ratio = rate / (base["tokens"] / base["extract_s"])
+                shards = "; ".join(f"{i}: {w.rsplit(':', 1)[-1] or '?'} {s:.1f} s" for i, (w, s) in r["shards"].items())
+                rows.append([r["workers"], r["job"].shards, f"{r['tokens']:,}", f"{r['extract_s']:.2f}", f"{rate:,.0f}",
+                             f"{ratio:.2f}", f"{r['planning_s']:.2f}", f"{r['tokenizing_s']:.2f}", shards or "-"])
+            print(table(["workers", "shards", "tokens", "extract s", "tokens/s", f"÷ {base['workers']} worker",
+                         "planning s", "tokenizing s", "shard: worker pid, seconds"], rows))
+            print()
+            for r in results[1:]:
+                ratio = (r["tokens"] / r["extract_s"]) / (base["tokens"] / base["extract_s"])
+                goal = " (goal >= 1.8)" if r["workers"] == 2 and base["workers"] == 1 else ""
+                print(f"ratio {r['workers']}w/{base['workers']}w: {ratio:.2f}{goal}")
+            differ = {r["workers"]: compared(base["job"].output_dir, r["job"].output_dir) for r in results[1:]}
+            print(f"byte-identical: {'-, one run' if not differ else 'yes' if not any(differ.values()) else 'no'}"
+                  + "".join(f"; {w} workers differ in {', '.join(names)}" for w, names in differ.items() if names))
+            print(f"planning (model read, tokenizing, cut), median of the runs: "
+                  f"{statistics.median(r['planning_s'] for r in results):.2f} s, of which tokenizing events span "
+                  f"{statistics.median(r['tokenizing_s'] for r in results):.2f} s; not in extract s.")
+            print()
+            print(f"Took {time.perf_counter() - started:.0f} s.")
+        finally:
+            bench.stop_all()
+            for record in reversed(made):
+                type(record).objects.filter(pk=record.pk).delete()
+            from django.db import connections
+
+            connections.close_all()
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+if __name__ == "__main__":
+    main()
