@@ -819,16 +819,18 @@ def _plan_shards(extraction: Extraction, lease) -> None:
 
 
 def extraction_enqueue_shards(*, shards: list) -> None:
-    """A task per shard, and a spare one per other live worker process (at most one per shard):
-    a task whose shard is taken runs the next queued one (tasks.run_extraction_shard), so no
-    shard waits in the queue of a busy cluster while another cluster is free."""
+    """A task per shard, and two spare ones per live cluster: a task whose shard is taken runs
+    the next queued one (tasks.run_extraction_shard). A busy cluster takes up to two tasks from
+    the queue before its worker is free (django-q2's pusher fills the cluster's queue, whose
+    size is at least one, then waits to put the next one in): without spares, the shards
+    those tasks name would wait there while another cluster idles. A spare that finds nothing
+    queued ends at once."""
     from jobsite.clusters import live_workers  # noqa: PLC0415
 
     for shard in shards:
         job_enqueue(shard)
     if shards:
-        spare = min(len(shards), max(0, live_workers()[1] - 1))
-        for i in range(spare):
+        for i in range(2 * live_workers()[0]):
             job_enqueue(shards[i % len(shards)])
 
 
