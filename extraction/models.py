@@ -249,13 +249,23 @@ class Extraction(Job):
             "shards": self.shard_list(),
         }
 
+    @property
+    def shard_set(self):
+        """The shards of the phase it is in: the tokenizing parts while it tokenizes in parts, then
+        the extracting shards."""
+        phase = ExtractionShard.Phase.TOKENIZE
+        if self.status != self.Status.LOADING and self.part_set.filter(phase=ExtractionShard.Phase.EXTRACT).exists():
+            phase = ExtractionShard.Phase.EXTRACT
+        return self.part_set.filter(phase=phase)
+
     def parts(self) -> list["ExtractionShard"]:
         return list(self.shard_set.all()) if self.pk and self.shards > 1 else []
 
     @property
     def sharded(self) -> bool:
-        """Planned, and run by its shards: no worker holds the extraction itself."""
-        return self.shards > 1 and self.status in (self.Status.EXTRACTING, self.Status.SAVING) and not self.worker
+        """Run by its shards (or tokenized by its parts): no worker holds the extraction itself."""
+        return self.shards > 1 and self.status in (self.Status.LOADING, self.Status.EXTRACTING,
+                                                   self.Status.SAVING) and not self.worker
 
     @property
     def heartbeat_age_s(self) -> float | None:
@@ -382,8 +392,17 @@ class ExtractionShard(Job):
     }
 
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED, db_index=True)
-    extraction = models.ForeignKey(Extraction, on_delete=models.CASCADE, related_name="shard_set")
+    class Phase(models.TextChoices):
+        # A part of the dataset's lines tokenized, before the plan is cut (large datasets only).
+        TOKENIZE = "tokenize"
+        # A range of the global order extracted.
+        EXTRACT = "extract"
+
+    extraction = models.ForeignKey(Extraction, on_delete=models.CASCADE, related_name="part_set")
+    phase = models.CharField(max_length=10, choices=Phase.choices, default=Phase.EXTRACT)
     index = models.PositiveIntegerField(help_text="its place among the extraction's shards, from 0")
+    # A tokenizing part's lines: {"start_byte", "end_byte", "first_line"} (first_sample/end_sample
+    # then count samples in dataset order).
     # Its range of the global order, longest first: positions first_sample <= p < end_sample.
     first_sample = models.PositiveIntegerField()
     end_sample = models.PositiveIntegerField()
@@ -398,9 +417,10 @@ class ExtractionShard(Job):
     # The first refusal while no worker had taken it since: past the stall limit with no worker
     # able to take it, the shard fails with the refusal's sentence.
     refused_since = models.DateTimeField(null=True, blank=True)
+    source = models.JSONField(default=dict, blank=True)
 
     class Meta:
-        ordering = ["extraction_id", "index"]
+        ordering = ["extraction_id", "phase", "index"]
         verbose_name = "extraction shard"
         constraints = [
             models.CheckConstraint(condition=Q(status__in=ExtractionShardStatus.values), name="shard_status_valid"),
@@ -409,7 +429,7 @@ class ExtractionShard(Job):
                 | (~Q(status__in=_SHARD_TERMINAL) & Q(finished_at__isnull=True)),
                 name="shard_finished_at_iff_terminal",
             ),
-            models.UniqueConstraint(fields=["extraction", "index"], name="shard_index_unique"),
+            models.UniqueConstraint(fields=["extraction", "phase", "index"], name="shard_index_unique"),
         ]
 
     def __str__(self):
@@ -430,7 +450,7 @@ class ExtractionShard(Job):
     def describe(self) -> dict:
         """The shard as the extraction's payload lists it: enough to tell a slow or stalled host."""
         return {
-            "index": self.index, "status": self.status, "samples_processed": self.samples_processed,
+            "index": self.index, "phase": self.phase, "status": self.status, "samples_processed": self.samples_processed,
             "total_samples": self.total_samples, "tokens_processed": self.tokens_processed,
             "total_tokens": self.total_tokens, "worker": self.worker, "attempt": self.attempt,
             "heartbeat_at": self.heartbeat_at.isoformat() if self.heartbeat_at else None,
@@ -448,7 +468,7 @@ class ExtractionShard(Job):
     def refusal_here(self) -> str:
         from extraction.services import extraction_refusal  # noqa: PLC0415
 
-        return extraction_refusal(extraction=self.extraction, planned=True)
+        return extraction_refusal(extraction=self.extraction, planned=self.phase == self.Phase.EXTRACT)
 
     def leave_here(self, reason: str) -> None:
         from extraction.services import extraction_leave  # noqa: PLC0415

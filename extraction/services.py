@@ -771,50 +771,113 @@ def extraction_run(extraction: Extraction, lease) -> None:
 # -- one extraction, several workers ----------------------------------------------------------------
 def _plan_shards(extraction: Extraction, lease) -> None:
     """The planning attempt of a sharded extraction: tokenize, make the files, cut the shards,
-    queue those not done, and let the extraction go (its shards are claimed, each by a worker)."""
+    queue those not done, and let the extraction go (its shards are claimed, each by a worker).
+    A large dataset is tokenized in parts instead, one per shard, by as many workers; the last
+    part to finish makes the plan from them (_tokenized_part)."""
     from extraction import runner  # noqa: PLC0415
     from extraction.models import ExtractionShard  # noqa: PLC0415
 
-    from extraction.runner.outputs import CHECKPOINT, LAYOUT  # noqa: PLC0415
-
-    spec = _spec(extraction)
-    original = _original(extraction)
-    # The folder is made at start (on the shared data directory): a first plan finds it empty.
-    fresh = not any((extraction.output_dir / name).exists() for name in (CHECKPOINT, LAYOUT))
-    seed = str(original.output_dir) if extraction.attempt == 1 and original is not None and fresh else None
     if extraction.refused_since is not None:
         Extraction.objects.filter(pk=extraction.pk).update(refused_since=None)
+    spec = _spec(extraction)
+    if extraction.total_samples >= settings.JOBSITE_TOKENIZE_PARTS_FROM:
+        return _tokenize_in_parts(extraction, lease, runner.split_dataset(spec, extraction.shards))
     planned = runner.plan_shards(spec, extraction.shards, heartbeat=lease.heartbeat,
                                  should_cancel=lease.should_cancel,
                                  on_event=lambda kind, payload: _publish_tokenizing(extraction, kind, payload),
-                                 seed_from=seed)
-    done_before = sum(planned.done)
+                                 seed_from=_seed_from(extraction))
     with transaction.atomic():
-        existing = {shard.index: shard for shard in extraction.shard_set.all()}
-        made = []
-        for part, done in zip(planned.shards, planned.done):
-            if part["index"] in existing:  # an earlier planning attempt made it: it goes on as it is
-                continue
-            finished = done == part["samples"]
-            made.append(ExtractionShard.objects.create(
-                extraction=extraction, index=part["index"], first_sample=part["first_sample"],
-                end_sample=part["end_sample"], total_tokens=part["tokens"], samples_processed=done,
-                tokens_processed=part["tokens"] if finished else 0, current_batch_size=extraction.batch_size,
-                status=ExtractionShard.Status.COMPLETED if finished else ExtractionShard.Status.QUEUED,
-                finished_at=timezone.now() if finished else None,
-            ))
-        lease.set_status(
-            Extraction.Status.EXTRACTING, shards=len(planned.shards), total_samples=planned.samples,
-            total_tokens=planned.tokens, clamped_tokens=planned.clamped_tokens,
-            truncated_samples=planned.truncated_samples, samples_processed=done_before,
-            current_batch_size=extraction.batch_size,
-            **({"resumed_samples": done_before} if seed and done_before else {}),
-            # The extraction is its shards' now: no worker holds it, and none heartbeats for it.
-            worker="", worker_host="", worker_pid=None,
-        )
-        extraction_enqueue_shards(shards=[shard for shard in made if shard.status == ExtractionShard.Status.QUEUED])
+        # The extraction is its shards' now: no worker holds it, and none heartbeats for it.
+        _queue_shards(extraction, planned, lambda **fields: lease.set_status(
+            Extraction.Status.EXTRACTING, worker="", worker_host="", worker_pid=None, **fields))
     _sum_shards(extraction.pk)
     # Every shard done already (a retry that kept them all), or a stop asked while it planned.
+    extraction_settle(extraction_id=extraction.pk)
+
+
+def _seed_from(extraction: Extraction) -> str | None:
+    """The folder of the extraction this one retries, on its first plan (the folder its start
+    made holds nothing yet): its finished shards are kept when it was cut the same way."""
+    from extraction.runner.outputs import CHECKPOINT, LAYOUT  # noqa: PLC0415
+
+    original = _original(extraction)
+    fresh = not any((extraction.output_dir / name).exists() for name in (CHECKPOINT, LAYOUT))
+    return str(original.output_dir) if extraction.attempt == 1 and original is not None and fresh else None
+
+
+def _queue_shards(extraction: Extraction, planned, move) -> None:
+    """The extracting shards of a plan, those not done queued, and the extraction moved to
+    extracting by `move(**fields)`; in the caller's transaction."""
+    from extraction.models import ExtractionShard  # noqa: PLC0415
+
+    existing = set(extraction.part_set.filter(phase=ExtractionShard.Phase.EXTRACT).values_list("index", flat=True))
+    made = []
+    for part, done in zip(planned.shards, planned.done):
+        if part["index"] in existing:  # an earlier planning attempt made it: it goes on as it is
+            continue
+        finished = done == part["samples"]
+        made.append(ExtractionShard.objects.create(
+            extraction=extraction, index=part["index"], first_sample=part["first_sample"],
+            end_sample=part["end_sample"], total_tokens=part["tokens"], samples_processed=done,
+            tokens_processed=part["tokens"] if finished else 0, current_batch_size=extraction.batch_size,
+            status=ExtractionShard.Status.COMPLETED if finished else ExtractionShard.Status.QUEUED,
+            finished_at=timezone.now() if finished else None,
+        ))
+    done_before = sum(planned.done)
+    seeded = extraction.original_extraction_id and done_before and not existing
+    move(shards=len(planned.shards), total_samples=planned.samples, total_tokens=planned.tokens,
+         clamped_tokens=planned.clamped_tokens, truncated_samples=planned.truncated_samples,
+         samples_processed=done_before, current_batch_size=extraction.batch_size,
+         **({"resumed_samples": done_before} if seeded else {}))
+    extraction_enqueue_shards(shards=[shard for shard in made if shard.status == ExtractionShard.Status.QUEUED])
+
+
+def _tokenize_in_parts(extraction: Extraction, lease, cut: list[dict]) -> None:
+    """A tokenizing part per shard, queued for any worker; the extraction stays loading, held
+    by none of them."""
+    from extraction.models import ExtractionShard  # noqa: PLC0415
+    from jobsite.events import publish  # noqa: PLC0415
+
+    with transaction.atomic():
+        parts = [ExtractionShard.objects.create(
+            extraction=extraction, phase=ExtractionShard.Phase.TOKENIZE, index=part["index"],
+            first_sample=part["first_sample"], end_sample=part["end_sample"], source=part,
+        ) for part in cut]
+        if not Extraction.objects.filter(pk=extraction.pk, worker=extraction.worker,
+                                         status=Extraction.Status.LOADING).update(
+                worker="", worker_host="", worker_pid=None, updated_at=timezone.now()):
+            raise TransitionError(f"Extraction {extraction.pk} changed while it was planned.")
+        extraction.worker, extraction.worker_host, extraction.worker_pid = "", "", None
+        publish(extraction.topic, "extraction.tokenizing", {
+            **extraction.event_payload(), "samples_tokenized": 0, "total_samples": extraction.total_samples,
+            "tokens_tokenized": 0, "message": f"Tokenizing {extraction.total_samples:,} samples in {len(parts)} "
+                                              "parts, one per worker"})
+        extraction_enqueue_shards(shards=parts)
+
+
+def _tokenized_part(shard, lease, spec) -> None:
+    """A tokenizing part done: counted, and, when it is the last one, the plan made from all of
+    them under this part's lease (its heartbeat and cancel hold), the shards queued."""
+    from extraction import runner  # noqa: PLC0415
+    from extraction.models import ExtractionShard  # noqa: PLC0415
+    from jobsite.lifecycle import transition  # noqa: PLC0415
+
+    with transaction.atomic():
+        extraction = Extraction.objects.select_for_update().get(pk=shard.extraction_id)
+        parts = list(extraction.part_set.filter(phase=ExtractionShard.Phase.TOKENIZE).order_by("index"))
+        last = extraction.status == Extraction.Status.LOADING and all(
+            part.status == ExtractionShard.Status.COMPLETED for part in parts if part.pk != shard.pk)
+        if not last:
+            lease.set_status(ExtractionShard.Status.COMPLETED, progress_at=timezone.now())
+            return
+    planned = runner.plan_shards(spec, extraction.shards, heartbeat=lease.heartbeat, should_cancel=lease.should_cancel,
+                                 seed_from=_seed_from(extraction), parts=[part.source for part in parts])
+    with transaction.atomic():
+        extraction = Extraction.objects.select_for_update().get(pk=shard.extraction_id)
+        _queue_shards(extraction, planned, lambda **fields: transition(extraction, Extraction.Status.EXTRACTING,
+                                                                        **fields))
+        lease.set_status(ExtractionShard.Status.COMPLETED, progress_at=timezone.now())
+    _sum_shards(extraction.pk)
     extraction_settle(extraction_id=extraction.pk)
 
 
@@ -842,15 +905,15 @@ def next_queued_shard(*, extraction_id: int):
 
     return ExtractionShard.objects.filter(
         ExtractionShard.awaiting_worker(), Where(next_attempt_at__isnull=True) | Where(next_attempt_at__lte=timezone.now()),
-        extraction_id=extraction_id).order_by("index").first()
+        extraction_id=extraction_id).order_by("phase", "index").first()
 
 
-def _sums(extraction_id: int) -> dict:
+def _sums(extraction_id: int, phase: str = "extract") -> dict:
     from django.db.models import Sum  # noqa: PLC0415
 
     from extraction.models import ExtractionShard  # noqa: PLC0415
 
-    sums = ExtractionShard.objects.filter(extraction_id=extraction_id).aggregate(
+    sums = ExtractionShard.objects.filter(extraction_id=extraction_id, phase=phase).aggregate(
         samples=Sum("samples_processed"), tokens=Sum("tokens_processed"), inf=Sum("inf_values"))
     return {"samples_processed": sums["samples"] or 0, "tokens_processed": sums["tokens"] or 0,
             "inf_values": sums["inf"] or 0}
@@ -874,6 +937,22 @@ def extraction_shard_run(shard, lease) -> None:
     spec = _spec(extraction)
     if shard.refused_since is not None:
         ExtractionShard.objects.filter(pk=shard.pk).update(refused_since=None)
+
+    if shard.phase == ExtractionShard.Phase.TOKENIZE:
+        def tokenized(done, total, tokens):
+            ExtractionShard.objects.filter(pk=shard.pk, worker=shard.worker).update(
+                samples_processed=done, tokens_processed=tokens)
+            lease.report(samples_processed=done, tokens_processed=tokens)
+            sums = _sums(extraction.pk, phase=ExtractionShard.Phase.TOKENIZE)
+            publish(shard.topic, "extraction.tokenizing", {
+                **shard.event_payload(), "samples_tokenized": sums["samples_processed"],
+                "total_samples": extraction.total_samples, "tokens_tokenized": sums["tokens_processed"],
+                "message": f"Tokenizing {sums['samples_processed']:,} of {extraction.total_samples:,} samples "
+                           f"({extraction.shards} parts)"})
+
+        runner.tokenize_part(spec, shard.source, progress=tokenized, heartbeat=lease.heartbeat,
+                             should_cancel=lease.should_cancel)
+        return _tokenized_part(shard, lease, spec)
 
     def progress(samples_done, total_samples, tokens_done, total_tokens):
         # Summed into the extraction before the shard's progress event, which carries the extraction.
@@ -925,7 +1004,8 @@ def extraction_settle(*, extraction_id: int) -> str:
             return ""
         failed = [shard for shard in shards if shard.status == ExtractionShard.Status.FAILED]
         active = [shard for shard in shards if shard.status in ExtractionShard.ACTIVE]
-        if failed and extraction.status == Extraction.Status.EXTRACTING:
+        running = (Extraction.Status.LOADING, Extraction.Status.EXTRACTING)
+        if failed and extraction.status in running:
             first = failed[0]
             where = f" on {first.worker}" if first.worker else ""
             transition(
@@ -938,7 +1018,7 @@ def extraction_settle(*, extraction_id: int) -> str:
                 _stop_shard(shard)
             return f"{extraction.topic}: failed with shard {first.index}"
         done = all(shard.status == ExtractionShard.Status.COMPLETED for shard in shards)
-        if extraction.cancel_requested and extraction.status == Extraction.Status.EXTRACTING and not done:
+        if extraction.cancel_requested and extraction.status in running and not done:
             for shard in active:
                 _stop_shard(shard)
             if not any(s.status in ExtractionShard.ACTIVE for s in extraction.shard_set.all()):
@@ -951,6 +1031,8 @@ def extraction_settle(*, extraction_id: int) -> str:
             # Stopped, none failed, and none left to run: whoever stopped them, the extraction is stopped.
             transition_cancelled(extraction, payload=_sums(extraction.pk))
             return f"{extraction.topic}: cancelled with its shards"
+        if extraction.status == Extraction.Status.LOADING:
+            return ""  # every part tokenized: the last one makes the plan, under its lease
         if extraction.status == Extraction.Status.EXTRACTING:
             transition(extraction, Extraction.Status.SAVING)
     return _finish_shards(extraction)
@@ -994,7 +1076,8 @@ def extraction_settle_all() -> list[str]:
     between its shard's end and the extraction's gave that up)."""
     changed = []
     for pk in Extraction.objects.filter(
-            status__in=(Extraction.Status.EXTRACTING, Extraction.Status.SAVING), worker="", shards__gt=1,
+            status__in=(Extraction.Status.LOADING, Extraction.Status.EXTRACTING, Extraction.Status.SAVING), worker="",
+            shards__gt=1,
     ).values_list("pk", flat=True):
         line = extraction_settle(extraction_id=pk)
         if line:

@@ -47,6 +47,9 @@ JOBSITE_RETRY_BASE_S = env_float("JOBSITE_RETRY_BASE_S", 10)
 JOBSITE_RETRY_FACTOR = env_float("JOBSITE_RETRY_FACTOR", 2)
 JOBSITE_RETRY_MAX_S = env_float("JOBSITE_RETRY_MAX_S", 300)
 JOBSITE_MAX_ATTEMPTS = int(os.environ.get("JOBSITE_MAX_ATTEMPTS", 3))
+# A sharded extraction of at least this many samples is tokenized in parts, one per shard, by as
+# many workers (below it, one worker tokenizes faster than the parts' hand-offs cost).
+JOBSITE_TOKENIZE_PARTS_FROM = int(os.environ.get("JOBSITE_TOKENIZE_PARTS_FROM", 200_000))
 # Progress events are throttled to one per this many seconds per job (the last one always goes).
 JOBSITE_PROGRESS_EVERY_S = env_float("JOBSITE_PROGRESS_EVERY_S", 0.5)
 # How often a consumer reads the event table: the only path without Redis, a safety net with it.

@@ -31,8 +31,9 @@ import numpy as np
 import torch
 
 from extraction.runner import outputs, shards
+from extraction.runner import plan as plan_module
 from extraction.runner.batch_size import BatchSize
-from extraction.runner.dataset import DatasetInfo, inspect_dataset
+from extraction.runner.dataset import DatasetInfo, inspect_dataset, split_samples
 from extraction.runner.forward import Capture, run_batch
 from extraction.runner.model import ModelInfo, inspect_model, load_model
 from extraction.runner.native import heap_reuse, release_pinned
@@ -46,6 +47,7 @@ from jobsite.errors import Cancelled, JobInputError, is_oom
 __all__ = [
     "Cancelled", "DatasetInfo", "ExtractionResult", "ExtractionSpec", "ModelInfo", "heap_reuse", "inspect_dataset",
     "inspect_model", "run_extraction", "seed_from_checkpoint", "plan_shards", "run_shard", "finish_shards",
+    "split_dataset", "tokenize_part",
 ]
 
 # Rows are synced and counted at most this often (and always at the end, on cancel and on
@@ -295,19 +297,37 @@ class ShardPlan:
     truncated_samples: int
 
 
+def split_dataset(spec: ExtractionSpec, parts: int) -> list[dict]:
+    """The request's samples cut into at most `parts` runs of lines, tokenized by as many workers."""
+    return split_samples(spec.dataset_path, spec.max_samples, parts)
+
+
+def tokenize_part(spec: ExtractionSpec, part: dict, *, progress: Callable[[int, int, int], None] | None = None,
+                  heartbeat: Callable[[], None] | None = None,
+                  should_cancel: Callable[[], bool] | None = None) -> dict:
+    """One part of the lines tokenized into the output directory (see plan.tokenize_part)."""
+    calls = _Callbacks(lambda *args: None, heartbeat or (lambda: None), should_cancel or (lambda: False),
+                       lambda *args: None, lambda *args: None)
+    return plan_module.tokenize_part(spec, spec.output_dir, part, progress=progress,
+                                     should_cancel=lambda: _between_steps(calls))
+
+
 def plan_shards(
     spec: ExtractionSpec, count: int, *, heartbeat: Callable[[], None] | None = None,
     should_cancel: Callable[[], bool] | None = None, on_event: Callable[[str, dict], None] | None = None,
-    seed_from: str | None = None,
+    seed_from: str | None = None, parts: list[dict] | None = None,
 ) -> ShardPlan:
-    """Tokenize, make the files as a one-worker run does, and cut the global order into at most
-    `count` shards (fewer when there are fewer batches), each with its checkpoint. With seed_from
-    (the directory of the extraction this one retries), the shards it finished are kept when it
-    was cut the same way."""
+    """Tokenize (or, with `parts`, join the parts several workers tokenized), make the files as
+    a one-worker run does, and cut the global order into at most `count` shards (fewer when
+    there are fewer batches), each with its checkpoint. With seed_from (the directory of the
+    extraction this one retries), the shards it finished are kept when it was cut the same way."""
     calls = _Callbacks(lambda *args: None, heartbeat or (lambda: None), should_cancel or (lambda: False),
                        on_event or (lambda *args: None), lambda *args: None)
-    plan = prepare(spec, directory=spec.output_dir, progress=lambda *told: _tokenizing(calls, *told),
-                   should_cancel=lambda: _between_steps(calls))
+    if parts:
+        plan = plan_module.prepare_from_parts(spec, spec.output_dir, parts)
+    else:
+        plan = prepare(spec, directory=spec.output_dir, progress=lambda *told: _tokenizing(calls, *told),
+                       should_cancel=lambda: _between_steps(calls))
     try:
         _result, metadata = _describe(spec, plan, spec.batch_size, 0)
         layout = shards.layout_for(spec, plan, count, metadata, seed_from=seed_from)
@@ -315,6 +335,7 @@ def plan_shards(
             shards.seed(seed_from, spec.output_dir, layout)
         open_outputs(spec, plan)
         done = shards.write_plan(spec, layout)
+        plan_module.remove_parts(spec.output_dir)
     finally:
         plan.close()
     return ShardPlan(layout["shards"], done, layout["samples"], layout["tokens"], layout["clamped_tokens"],

@@ -29,14 +29,21 @@ def dataset_format(path: str) -> str:
     return fmt
 
 
-def iter_samples(path: str, *, digest=None) -> Iterator[str | list[int]]:
+def iter_samples(path: str, *, digest=None, start: int = 0, end: int | None = None,
+                 first_line: int = 1) -> Iterator[str | list[int]]:
     """Every sample in file order: a text or, from .jsonl, a list of token ids. `digest` (a
     hashlib object) is fed every byte read. "The dataset is empty." is raised only at the end
-    of the file: a reader that stops early (max_samples) never reads what follows."""
+    of the file: a reader that stops early (max_samples) never reads what follows.
+
+    A part of the file (`start` and `end`, byte positions at line starts; `first_line`, the
+    number of the line at `start`) is read the same way, and never called empty."""
     fmt = dataset_format(path)
-    nonempty = False
+    whole = start == 0 and end is None
+    nonempty = not whole
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
+        f.seek(start)
+        lines = f if end is None else _until(f, end)
+        for number, raw in enumerate(lines, start=first_line):
             if digest is not None:
                 digest.update(raw)
             try:
@@ -74,6 +81,43 @@ def iter_samples(path: str, *, digest=None) -> Iterator[str | list[int]]:
                 raise JobInputError(f"Line {number} of the dataset needs a {fields}.")
     if not nonempty:
         raise JobInputError("The dataset is empty.")
+
+
+def _until(f, end: int) -> Iterator[bytes]:
+    position = f.tell()
+    for raw in f:
+        if position >= end:
+            return
+        position += len(raw)
+        yield raw
+
+
+def split_samples(path: str, limit: int | None, parts: int) -> list[dict]:
+    """The first `limit` samples (all when None) cut into at most `parts` runs of consecutive
+    lines with as many samples each: [{first_sample, end_sample, start_byte, end_byte,
+    first_line}], read from the line breaks alone (a sample is a line of a .txt, a line that is
+    not blank of a .jsonl, as iter_samples counts them)."""
+    fmt = dataset_format(path)
+    total = count_samples(path, limit)
+    parts = max(1, min(parts, total))
+    cuts = [total * k // parts for k in range(parts + 1)]
+    found: list[tuple[int, int]] = []  # (byte, line) where sample cuts[k] starts
+    sample, position, line, k = 0, 0, 1, 0
+    with open(path, "rb") as f:
+        for raw in f:
+            counts = fmt == "txt" or bool(raw.strip())
+            if counts:
+                while k < len(cuts) and cuts[k] == sample:
+                    found.append((position, line))
+                    k += 1
+                sample += 1
+            position, line = position + len(raw), line + 1
+            if sample >= total and k == len(cuts) - 1:
+                break
+    while len(found) < len(cuts):
+        found.append((position, line))
+    return [{"index": k, "first_sample": cuts[k], "end_sample": cuts[k + 1], "start_byte": found[k][0],
+             "end_byte": found[k + 1][0], "first_line": found[k][1]} for k in range(parts)]
 
 
 def count_samples(path: str, limit: int | None = None) -> int:

@@ -188,8 +188,7 @@ def prepare(spec: ExtractionSpec, *, directory: str | None = None,
     should_cancel() is asked between chunks, and Cancelled raised when it says so."""
     info, config, tokenizer = inspect(spec.model_path)
     layers, hooks = validate(spec, info, config)
-    request = [os.path.abspath(spec.model_path), layers, hooks, spec.storage_dtype, spec.model_dtype, spec.max_length,
-               FORMAT_VERSION]
+    request = _request(spec, layers, hooks)
     total = count_samples(spec.dataset_path, spec.max_samples)
     stat = os.stat(spec.dataset_path)
     if directory is None:
@@ -229,6 +228,103 @@ def prepare(spec: ExtractionSpec, *, directory: str | None = None,
                 ids_file, ids_path, ids_map)
 
 
+def _request(spec: ExtractionSpec, layers: list[int], hooks: list[str]) -> list:
+    return [os.path.abspath(spec.model_path), layers, hooks, spec.storage_dtype, spec.model_dtype, spec.max_length,
+            FORMAT_VERSION]
+
+
+# A large dataset of a sharded extraction is tokenized in parts, by as many workers: each writes
+# its ids and lengths here, and a json that says it is done (written last).
+PARTS_DIR = "tokenizing"
+
+
+def _part_paths(directory: str, index: int) -> tuple[str, str, str]:
+    base = os.path.join(directory, PARTS_DIR, str(index))
+    return base + ".ids", base + ".lengths", base + ".json"
+
+
+def tokenize_part(spec: ExtractionSpec, directory: str, part: dict, *,
+                  progress: Callable[[int, int, int], None] | None = None,
+                  should_cancel: Callable[[], bool] | None = None) -> dict:
+    """Tokenize one run of the dataset's lines (dataset.split_samples's part) into the parts
+    folder of `directory`; returns what its json says (samples, tokens, clamped, truncated).
+    A part done already is not tokenized again."""
+    ids_path, lengths_path, done_path = _part_paths(directory, part["index"])
+    try:
+        with open(done_path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        pass
+    info, _config, tokenizer = inspect(spec.model_path)
+    os.makedirs(os.path.dirname(ids_path), exist_ok=True)
+    samples = islice(iter_samples(spec.dataset_path, start=part["start_byte"], end=part["end_byte"],
+                                  first_line=part["first_line"]), part["end_sample"] - part["first_sample"])
+    with open(ids_path, "wb") as out:
+        lengths, clamped, truncated, _digest = _tokenize(
+            spec, tokenizer, info.vocab_size, part["end_sample"] - part["first_sample"], out, progress, should_cancel,
+            samples=samples)
+        out.flush()
+        os.fsync(out.fileno())
+    with open(lengths_path, "wb") as out:
+        out.write(memoryview(lengths))
+        out.flush()
+        os.fsync(out.fileno())
+    told = {"samples": len(lengths), "tokens": int(sum(lengths)), "clamped_tokens": clamped,
+            "truncated_samples": truncated}
+    tmp = done_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(told, f)
+    os.replace(tmp, done_path)
+    return told
+
+
+def prepare_from_parts(spec: ExtractionSpec, directory: str, parts: list[dict]) -> Plan:
+    """The plan prepare() makes, from the parts tokenized by several workers: the ids copied
+    into one file after the header, the offsets from the lengths, the dataset's digest and the
+    fingerprint by the same formulas (so a resume of either kind checks the same thing)."""
+    info, config, tokenizer = inspect(spec.model_path)
+    layers, hooks = validate(spec, info, config)
+    told = []
+    for part in parts:
+        ids_path, lengths_path, done_path = _part_paths(directory, part["index"])
+        with open(done_path) as f:
+            told.append(json.load(f))
+    lengths = np.concatenate([np.fromfile(_part_paths(directory, p["index"])[1], dtype=np.int64) for p in parts])
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    count = int(offsets[-1])
+    if not count:
+        raise JobInputError("The dataset is empty: no sample has a single token.")
+    ids_path = os.path.join(directory, IDS_TEMP)
+    ids_file = open(ids_path, "w+b")  # noqa: SIM115 - the plan holds it open
+    try:
+        ids_file.write(_npy_header(count))
+        for part in parts:
+            with open(_part_paths(directory, part["index"])[0], "rb") as source:
+                shutil.copyfileobj(source, ids_file, 1 << 20)
+        ids_file.flush()
+        ids_map = mmap.mmap(ids_file.fileno(), 0, access=mmap.ACCESS_READ)
+        ids = np.frombuffer(ids_map, dtype=IDS_DTYPE, count=count, offset=IDS_AT)
+    except BaseException:
+        ids_file.close()
+        os.remove(ids_path)
+        raise
+    file_digest = hashlib.sha256()
+    for _ in islice(iter_samples(spec.dataset_path, digest=file_digest), spec.max_samples):
+        pass
+    digest = _fingerprint(_request(spec, layers, hooks), offsets, ids_file)
+    stat = os.stat(spec.dataset_path)
+    modified = datetime.datetime.fromtimestamp(stat.st_mtime, datetime.timezone.utc)
+    dataset = {"samples": len(offsets) - 1, "tokens": count, "size_bytes": stat.st_size,
+               "modified": modified.strftime("%Y-%m-%d %H:%M:%S UTC"), "sha256": file_digest.hexdigest()}
+    return Plan(info, tokenizer, layers, hooks, ids, offsets, sum(t["clamped_tokens"] for t in told),
+                sum(t["truncated_samples"] for t in told), digest.hexdigest(), dataset, ids_file, ids_path, ids_map)
+
+
+def remove_parts(directory: str) -> None:
+    shutil.rmtree(os.path.join(directory, PARTS_DIR), ignore_errors=True)
+
+
 def _fingerprint(request: list, offsets: np.ndarray, ids_file):
     """sha256 of the request, the offsets, then the ids as 64-bit integers: the formula every
     checkpoint so far was written with, so that a job planned before the ids streamed to disk
@@ -247,13 +343,14 @@ def _fingerprint(request: list, offsets: np.ndarray, ids_file):
 
 def _tokenize(spec: ExtractionSpec, tokenizer: PreTrainedTokenizerBase, vocab_size: int, total: int, out,
               progress: Callable[[int, int, int], None] | None,
-              should_cancel: Callable[[], bool] | None):
-    """Writes every sample's ids to `out`, chunk by chunk: (lengths, clamped ids, truncated
-    samples, the digest of the dataset's bytes read)."""
+              should_cancel: Callable[[], bool] | None, samples=None):
+    """Writes every sample's ids (of `samples`, else of the whole request) to `out`, chunk by
+    chunk: (lengths, clamped ids, truncated samples, the digest of the dataset's bytes read)."""
     file_digest = hashlib.sha256()
     lengths = array("q")  # 8 bytes a sample: all that stays in memory
     clamped = truncated = tokens = 0
-    samples = islice(iter_samples(spec.dataset_path, digest=file_digest), spec.max_samples)
+    if samples is None:
+        samples = islice(iter_samples(spec.dataset_path, digest=file_digest), spec.max_samples)
     told_at, told = time.monotonic(), (0, total)
     if progress:
         progress(0, total, 0)

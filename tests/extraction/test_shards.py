@@ -194,3 +194,47 @@ def test_a_task_whose_shard_is_taken_runs_the_next_queued_one(model_record, data
     assert second.status == "completed" and second.attempt == 1
     job.refresh_from_db()
     assert job.status == "completed"
+
+
+def test_a_large_dataset_is_tokenized_in_parts_by_several_workers_and_the_last_makes_the_plan(
+        model_record, dataset, settings):
+    settings.JOBSITE_TOKENIZE_PARTS_FROM = 1
+    one = start(model_record, dataset)
+    run_extraction(one.pk)
+    one.refresh_from_db()
+    Extraction.objects.filter(pk=one.pk).delete()
+
+    job = start(model_record, dataset, shards=2)
+    run_extraction(job.pk)
+    job.refresh_from_db()
+    # Loading, held by no worker: its parts are queued, one per shard.
+    assert job.status == "loading" and job.worker == ""
+    parts = list(job.part_set.filter(phase="tokenize").order_by("index"))
+    assert [p.status for p in parts] == ["queued", "queued"]
+    assert parts[0].first_sample == 0 and parts[-1].end_sample == dataset.num_samples
+    run_extraction_shard(parts[1].pk)
+    job.refresh_from_db()
+    assert job.status == "loading"
+    run_extraction_shard(parts[0].pk)  # the last part makes the plan and queues the shards
+    job.refresh_from_db()
+    assert job.status == "extracting" and job.total_tokens == one.total_tokens
+    assert not (job.output_dir / "tokenizing").exists()
+    shards = list(job.shard_set.order_by("index"))
+    assert [s.phase for s in shards] == ["extract", "extract"]
+    for shard in shards:
+        run_extraction_shard(shard.pk)
+    job.refresh_from_db()
+    assert job.status == "completed"
+    assert [n for n in data_files(one) if not filecmp.cmp(one.output_dir / n, job.output_dir / n, shallow=False)] == []
+    messages = [e.payload.get("message", "") for e in Event.objects.filter(topic=job.topic, type="extraction.tokenizing")]
+    assert messages[0] == f"Tokenizing {dataset.num_samples:,} samples in 2 parts, one per worker"
+    assert messages[-1] == f"Tokenizing {dataset.num_samples:,} of {dataset.num_samples:,} samples (2 parts)"
+
+
+def test_cancel_while_parts_tokenize_cancels_them_and_the_extraction(model_record, dataset, settings):
+    settings.JOBSITE_TOKENIZE_PARTS_FROM = 1
+    job = start(model_record, dataset, shards=2)
+    run_extraction(job.pk)
+    job.refresh_from_db()
+    assert extraction_cancel(extraction=job).status == "cancelled"
+    assert set(job.part_set.values_list("status", flat=True)) == {"cancelled"}

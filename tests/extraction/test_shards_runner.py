@@ -135,3 +135,52 @@ def test_a_retry_at_half_the_batch_size_keeps_the_shards_done_and_their_cut(mode
     extract(models["gpt2"], samples_path, one, layers=(0, 2), hooks=("residual", "mlp"), batch_size=4)
     for name in layer_files(one):
         np.testing.assert_allclose(load(retry.output_dir, name), load(one, name), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("parts", [1, 3, 7])
+def test_a_dataset_tokenized_in_parts_gives_the_plan_of_one_pass(models, samples_path, tmp_path, parts):
+    one = tmp_path / "one"
+    extract(models["gpt2"], samples_path, one, layers=(0, 2), hooks=("residual", "mlp"), batch_size=4)
+    spec = spec_for(models["gpt2"], samples_path, tmp_path / "sharded")
+    cut = runner.split_dataset(spec, parts)
+    assert [p["first_sample"] for p in cut] == sorted(p["first_sample"] for p in cut)
+    assert sum(p["end_sample"] - p["first_sample"] for p in cut) == 50
+    for part in reversed(cut):  # in any order, by any worker
+        runner.tokenize_part(spec, part)
+    planned = runner.plan_shards(spec, 2, parts=cut)
+    assert not os.path.exists(os.path.join(spec.output_dir, "tokenizing"))
+    for index in range(len(planned.shards)):
+        runner.run_shard(spec, index, progress=None, heartbeat=None, should_cancel=None)
+    runner.finish_shards(spec)
+    assert same_files(one, spec.output_dir) == []
+    with open(os.path.join(one, "checkpoint.json")) as a, open(os.path.join(spec.output_dir, "checkpoint.json")) as b:
+        import json
+
+        # The same fingerprint and dataset record: a resume checks the same thing either way.
+        first, second = json.load(a), json.load(b)
+        assert (first["fingerprint"], first["dataset"]) == (second["fingerprint"], second["dataset"])
+
+
+def test_parts_of_a_jsonl_file_with_blank_lines_and_a_limit(models, tmp_path):
+    import json
+
+    lines = []
+    for i in range(30):
+        lines.append(json.dumps({"text": f"sample {i} " + "word " * (i % 7)}))
+        if i % 4 == 0:
+            lines.append("   ")
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    one = tmp_path / "one"
+    extract(models["gpt2"], str(path), one, layers=(1,), hooks=("residual",), batch_size=4, max_samples=25)
+    spec = spec_for(models["gpt2"], str(path), tmp_path / "sharded", layers=(1,), hooks=("residual",),
+                    max_samples=25)
+    cut = runner.split_dataset(spec, 4)
+    assert cut[-1]["end_sample"] == 25
+    for part in cut:
+        runner.tokenize_part(spec, part)
+    planned = runner.plan_shards(spec, 3, parts=cut)
+    for index in range(len(planned.shards)):
+        runner.run_shard(spec, index, progress=None, heartbeat=None, should_cancel=None)
+    runner.finish_shards(spec)
+    assert same_files(one, spec.output_dir) == []
