@@ -89,7 +89,9 @@ def job_view(extraction: Extraction, *, seq: int = 0) -> dict:
         counts = defaultdict(int)
         for shard in shards:
             counts[shard.status] += 1
-        phase = f"Extracting with {len(shards)} shards: " + ", ".join(
+        doing = f"Tokenizing in {len(shards)} parts" if e.status == e.Status.LOADING else \
+            f"Extracting with {len(shards)} shards"
+        phase = f"{doing}: " + ", ".join(
             f"{counts[status]} {status}" for status in ("running", "queued", "completed", "failed", "cancelled")
             if counts[status])
     if e.cancel_requested and running:
