@@ -1,6 +1,6 @@
 """One extraction run by 1, 2 and 4 workers (shards = workers), measured side by side in one run.
 
-    .venv/bin/python bench/shards.py            # the full run (one worker takes ~20-40 s on 2 CPU cores)
+    .venv/bin/python bench/shards.py            # the full run: 3 rounds of 1, 2, 4 workers (~5 min on 2 CPU cores)
     .venv/bin/python bench/shards.py --quick    # a smoke run: a 64-wide model, 300 lines, seconds per run
     .venv/bin/python bench/shards.py --one-cluster --events   # one cluster of N processes; each run's events
 
@@ -30,7 +30,9 @@ time is a created_at written by the same database clock):
                 "extraction_shard.completed" seconds.
   byte-identical  every data file and metadata.json of each run against one worker's.
 
-The goal: 2 workers / 1 worker >= 1.8 on a 2-core machine. Four single-thread workers on two
+Every count runs --rounds times (3), the rounds interleaved; each count's median run stands
+for it, and every round's ratio is printed too. The goal: 2 workers / 1 worker >= 1.8 on a
+2-core machine. Four single-thread workers on two
 cores cannot beat two; that row shows the cost of oversubscribing them. The bench leaves the
 database as it found it but for the event log and django-q2's task rows: its extractions,
 model and dataset records are deleted, and its files live in a temporary directory.
@@ -210,6 +212,8 @@ def main() -> None:
     parser.add_argument("--events", action="store_true",
                         help="also print each run's events (progress left out), in seconds from its extracting")
     parser.add_argument("--timeout", type=float, default=600, help="seconds one run may take")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of every worker count, interleaved; the ratios divide medians (default 3)")
     args = parser.parse_args()
     try:
         counts = [int(c) for c in args.workers.split(",")]
@@ -258,16 +262,24 @@ def main() -> None:
                   f"float32; " + ("one cluster of N worker processes" if args.one_cluster else
                                    "one cluster per worker, one worker process each") + ", one torch thread each.")
             print()
-            results = []
-            for workers in counts:
-                result = run(bench, model, dataset, workers, args.timeout, args.one_cluster)
-                made.append(result["job"])
-                results.append(result)
-                print(f"  {workers} worker(s): {result['extract_s']:.2f} s", flush=True)
-                if args.events:
-                    for kind, offset, shard in result["timeline"]:
-                        where = f" shard {shard['index']} on {shard['worker']}" if shard else ""
-                        print(f"    {offset:+8.2f} {kind}{where}")
+            runs: dict[int, list[dict]] = {workers: [] for workers in counts}
+            for round_ in range(1, max(1, args.rounds) + 1):
+                # Rounds interleave the counts, so a slow spell of a shared machine touches each alike.
+                for workers in counts:
+                    result = run(bench, model, dataset, workers, args.timeout, args.one_cluster)
+                    made.append(result["job"])
+                    runs[workers].append(result)
+                    print(f"  round {round_}, {workers} worker(s): {result['extract_s']:.2f} s", flush=True)
+                    if args.events:
+                        for kind, offset, shard in result["timeline"]:
+                            where = f" shard {shard['index']} on {shard['worker']}" if shard else ""
+                            print(f"    {offset:+8.2f} {kind}{where}")
+            # Each count's median run (by extract s) stands for it.
+            results = [sorted(runs[w], key=lambda r: r["extract_s"])[len(runs[w]) // 2] for w in counts]
+            print()
+            for workers in counts[1:]:
+                ratios = [runs[counts[0]][i]["extract_s"] / r["extract_s"] for i, r in enumerate(runs[workers])]
+                print(f"  {workers}w/{counts[0]}w by round: " + ", ".join(f"{x:.2f}" for x in ratios))
             print()
             base = results[0]
             rows = []
@@ -284,7 +296,8 @@ def main() -> None:
                 ratio = (r["tokens"] / r["extract_s"]) / (base["tokens"] / base["extract_s"])
                 goal = " (goal >= 1.8)" if r["workers"] == 2 and base["workers"] == 1 else ""
                 print(f"ratio {r['workers']}w/{base['workers']}w: {ratio:.2f}{goal}")
-            differ = {r["workers"]: compared(base["job"].output_dir, r["job"].output_dir) for r in results[1:]}
+            differ = {w: sorted({name for r in runs[w] for name in compared(base["job"].output_dir, r["job"].output_dir)})
+                      for w in counts[1:]}
             print(f"byte-identical: {'-, one run' if not differ else 'yes' if not any(differ.values()) else 'no'}"
                   + "".join(f"; {w} workers differ in {', '.join(names)}" for w, names in differ.items() if names))
             print(f"planning (model read, tokenizing, cut), median of the runs: "
