@@ -247,7 +247,14 @@ class Extraction(Job):
             "retry_count": self.retry_count,
             "shard_count": self.shards,
             "shards": self.shard_list(),
+            # A job its shards run: its most silent running shard's heartbeat, as the page judges stalls.
+            **({"heartbeat_at": self._oldest_shard_beat()} if self.sharded else {}),
         }
+
+    def _oldest_shard_beat(self) -> str | None:
+        beats = [shard.heartbeat_at or shard.started_at for shard in self.shard_set.all()
+                 if shard.status in shard.RUNNING and shard.worker and (shard.heartbeat_at or shard.started_at)]
+        return min(beats).isoformat() if beats else None
 
     @property
     def shard_set(self):
@@ -299,15 +306,19 @@ class Extraction(Job):
     # Where a Retry starts once nothing of its original is left to start from.
     FIRST_SAMPLE = "starts from the first sample"
 
-    def reusable_samples(self) -> int:
+    def reusable_samples(self, *, sharded: bool | None = None) -> int:
         """Finished samples a Retry can start from: what the checkpoint in the output folder
-        counts (each shard's, for a sharded job); 0 once the folder is gone (cleanup removed it, say)."""
+        counts (each shard's, for a sharded job); 0 once the folder is gone (cleanup removed it, say).
+        `sharded`: the retry's kind; a sharded retry starts only from shards, a one-worker retry
+        only from a one-worker checkpoint."""
         from extraction.reader import CHECKPOINT  # noqa: PLC0415
 
         try:
             layout = json.loads((self.output_dir / SHARD_LAYOUT).read_text())
         except (OSError, ValueError):
             layout = None
+        if sharded is not None and sharded != isinstance(layout, dict):
+            return 0
         try:
             if isinstance(layout, dict):
                 done = 0
@@ -438,6 +449,12 @@ class ExtractionShard(Job):
     @property
     def topic(self) -> str:
         return f"extraction.{self.extraction_id}"
+
+    @classmethod
+    def awaiting_worker(cls) -> Q:
+        """A queued shard of an extraction that no longer runs (failed, cancelled) is never taken."""
+        return super().awaiting_worker() & Q(extraction__status__in=[Extraction.Status.LOADING,
+                                                                     Extraction.Status.EXTRACTING])
 
     @property
     def total_samples(self) -> int:

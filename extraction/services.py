@@ -520,7 +520,7 @@ def extraction_cancel(*, extraction: Extraction) -> Extraction:
             Extraction.objects.filter(pk=current.pk).update(cancel_requested=True, updated_at=timezone.now())
             current.cancel_requested = True
             publish(current.topic, "extraction.cancel_requested", current.event_payload())
-    extraction_settle(extraction_id=current.pk)
+    extraction_settle(extraction_id=current.pk, finish=False)
     current.refresh_from_db()
     return current
 
@@ -626,7 +626,8 @@ def extraction_retry(
         max_samples=max_samples, max_length=extraction.max_length if max_length is None else max_length,
         storage_dtype=extraction.storage_dtype,
         auto_retry_on_oom=extraction.auto_retry_on_oom, user=user, original=extraction,
-        shards=extraction.shards if shards is None else shards,
+        # An inherited count is capped by the samples the retry reads; one a person gives is checked.
+        shards=min(extraction.shards, max_samples or extraction.dataset.num_samples) if shards is None else shards,
         retry_reason=reason or (f"{extraction.error_type}: {extraction.error_message}"[:500] if extraction.error_type else "retry"),
     )
     if not created:
@@ -639,11 +640,18 @@ def retry_starts_from(*, original: Extraction, retry: Extraction) -> str:
     finished while they are there and it asks for the same samples (only the batch size may
     change), else from the first sample (cleanup removed them, say)."""
     same = retry.fingerprint == original.fingerprint
-    done = original.reusable_samples() if same else 0
+    done = original.reusable_samples(sharded=retry.shards > 1) if same else 0
     if done:
-        return f"Extraction {retry.pk} starts after the {done:,} samples extraction {original.pk} finished."
-    why = (f"none of extraction {original.pk}'s samples are left to reuse" if same
-           else f"it asks for other samples, lengths or storage than extraction {original.pk}")
+        kept = ""
+        if retry.shards > 1 and retry.shards != original.shards:
+            kept = f" It keeps extraction {original.pk}'s cut into {original.shards} shards, not {retry.shards}."
+        return f"Extraction {retry.pk} starts after the {done:,} samples extraction {original.pk} finished.{kept}"
+    if same and original.reusable_samples():
+        why = (f"it runs as {retry.shards} shards and extraction {original.pk} ran on one worker"
+               if retry.shards > 1 else f"it runs on one worker and extraction {original.pk} ran as shards")
+    else:
+        why = (f"none of extraction {original.pk}'s samples are left to reuse" if same
+               else f"it asks for other samples, lengths or storage than extraction {original.pk}")
     return f"Extraction {retry.pk} {Extraction.FIRST_SAMPLE}: {why}."
 
 
@@ -790,9 +798,17 @@ def _plan_shards(extraction: Extraction, lease) -> None:
         # The extraction is its shards' now: no worker holds it, and none heartbeats for it.
         _queue_shards(extraction, planned, lambda **fields: lease.set_status(
             Extraction.Status.EXTRACTING, worker="", worker_host="", worker_pid=None, **fields))
-    _sum_shards(extraction.pk)
-    # Every shard done already (a retry that kept them all), or a stop asked while it planned.
-    extraction_settle(extraction_id=extraction.pk)
+    # Handed over: this worker's heartbeat no longer speaks for the extraction, and nothing that
+    # fails from here fails it (the watchdog's pass settles it as well).
+    lease.stopped.set()
+    try:
+        _sum_shards(extraction.pk)
+        # Every shard done already (a retry that kept them all), or a stop asked while it planned.
+        extraction_settle(extraction_id=extraction.pk)
+    except Exception:  # noqa: BLE001
+        import logging  # noqa: PLC0415
+
+        logging.getLogger(__name__).exception("extraction %s: settling after its plan failed", extraction.pk)
 
 
 def _seed_from(extraction: Extraction) -> str | None:
@@ -982,15 +998,17 @@ def extraction_shard_run(shard, lease) -> None:
     )
 
 
-def extraction_settle(*, extraction_id: int) -> str:
+def extraction_settle(*, extraction_id: int, finish: bool = True) -> str:
     """The extraction as its shards decide it, once it is theirs; returns what changed ("" for nothing).
 
-    - a shard failed for good (not retried automatically): the extraction fails with its error,
-      and the others stop at their next batch, keeping their work for a Retry;
+    - a shard failed for good (not retried automatically): the others are asked to stop at their
+      next batch, keeping their work, and once none is active the extraction fails with that
+      shard's error (not before: a Retry copies their files and must find them still);
     - a stop was asked: every shard still active is asked too, and once none is active the
       extraction is cancelled;
-    - every shard completed: metadata.json is written (by a process that sees the files) and the
-      extraction completes.
+    - every shard completed: metadata.json is written (by a process that sees the files, and
+      only when `finish`: a person's cancel in the web process leaves it to a worker) and the
+      extraction completes; a finish that cannot be done fails it with the reason.
     Safe to call any number of times, from any process."""
     from extraction.models import ExtractionShard  # noqa: PLC0415
     from jobsite.lifecycle import transition, transition_cancelled  # noqa: PLC0415
@@ -1005,6 +1023,14 @@ def extraction_settle(*, extraction_id: int) -> str:
         failed = [shard for shard in shards if shard.status == ExtractionShard.Status.FAILED]
         active = [shard for shard in shards if shard.status in ExtractionShard.ACTIVE]
         running = (Extraction.Status.LOADING, Extraction.Status.EXTRACTING)
+        done = all(shard.status == ExtractionShard.Status.COMPLETED for shard in shards)
+        if (failed or extraction.cancel_requested) and extraction.status in running and not done:
+            for shard in active:
+                _stop_shard(shard)
+            shards = list(extraction.shard_set.all())
+            active = [shard for shard in shards if shard.status in ExtractionShard.ACTIVE]
+            if active:
+                return ""  # decided once the last of them has stopped, its rows and checkpoint synced
         if failed and extraction.status in running:
             first = failed[0]
             where = f" on {first.worker}" if first.worker else ""
@@ -1014,25 +1040,17 @@ def extraction_settle(*, extraction_id: int) -> str:
                 suggested_retry_params=extraction.suggest_retry_params(first.error_type),
                 **_sums(extraction.pk),
             )
-            for shard in active:
-                _stop_shard(shard)
             return f"{extraction.topic}: failed with shard {first.index}"
-        done = all(shard.status == ExtractionShard.Status.COMPLETED for shard in shards)
-        if extraction.cancel_requested and extraction.status in running and not done:
-            for shard in active:
-                _stop_shard(shard)
-            if not any(s.status in ExtractionShard.ACTIVE for s in extraction.shard_set.all()):
-                transition_cancelled(extraction, payload=_sums(extraction.pk))
-                return f"{extraction.topic}: cancelled with its shards"
-            return ""
         if active:
             return ""
-        if any(shard.status != ExtractionShard.Status.COMPLETED for shard in shards):
+        if not done:
             # Stopped, none failed, and none left to run: whoever stopped them, the extraction is stopped.
             transition_cancelled(extraction, payload=_sums(extraction.pk))
             return f"{extraction.topic}: cancelled with its shards"
         if extraction.status == Extraction.Status.LOADING:
             return ""  # every part tokenized: the last one makes the plan, under its lease
+        if not finish:
+            return ""
         if extraction.status == Extraction.Status.EXTRACTING:
             transition(extraction, Extraction.Status.SAVING)
     return _finish_shards(extraction)
@@ -1047,15 +1065,27 @@ def _stop_shard(shard) -> None:
 
 def _finish_shards(extraction: Extraction) -> str:
     """Every shard completed: metadata.json, then the extraction completes. A process that does
-    not see the files leaves it to a worker's watchdog pass that does."""
+    not see the files leaves it to a worker's watchdog pass that does; files that say a shard the
+    database calls completed is not done fail the extraction with that sentence (no worker
+    would ever go on with it)."""
     from extraction import runner  # noqa: PLC0415
     from extraction.runner import shards as shard_files  # noqa: PLC0415
+    from jobsite.errors import ErrorType  # noqa: PLC0415
     from jobsite.lifecycle import transition  # noqa: PLC0415
 
     directory = str(extraction.output_dir)
     if not (shard_files.sees(directory) or (extraction.output_dir / "metadata.json").exists()):
         return ""
-    metadata = runner.finish_shards(_spec(extraction))
+    try:
+        metadata = runner.finish_shards(_spec(extraction))
+    except (JobInputError, OSError, ValueError, KeyError) as exc:
+        with transaction.atomic():
+            current = Extraction.objects.select_for_update().filter(pk=extraction.pk).first()
+            if current is None or current.status != Extraction.Status.SAVING:
+                return ""
+            transition(current, Extraction.Status.FAILED, error_type=ErrorType.STORAGE,
+                       error_message=f"Its shards completed, but their files could not be finished: {exc}")
+        return f"{extraction.topic}: failed to finish ({exc})"
     with transaction.atomic():
         current = Extraction.objects.select_for_update().filter(pk=extraction.pk).first()
         if current is None or current.status != Extraction.Status.SAVING:
@@ -1073,13 +1103,20 @@ def _finish_shards(extraction: Extraction) -> str:
 
 def extraction_settle_all() -> list[str]:
     """The watchdog's pass: every extraction run by its shards is settled (a worker that died
-    between its shard's end and the extraction's gave that up)."""
+    between its shard's end and the extraction's gave that up). One that cannot be settled now
+    (a database blip) is left for the next pass, never the others with it."""
+    import logging  # noqa: PLC0415
+
     changed = []
     for pk in Extraction.objects.filter(
             status__in=(Extraction.Status.LOADING, Extraction.Status.EXTRACTING, Extraction.Status.SAVING), worker="",
             shards__gt=1,
     ).values_list("pk", flat=True):
-        line = extraction_settle(extraction_id=pk)
+        try:
+            line = extraction_settle(extraction_id=pk)
+        except Exception:  # noqa: BLE001 - the next pass tries again
+            logging.getLogger(__name__).exception("extraction %s could not be settled", pk)
+            continue
         if line:
             changed.append(line)
     return changed

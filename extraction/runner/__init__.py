@@ -335,7 +335,6 @@ def plan_shards(
             shards.seed(seed_from, spec.output_dir, layout)
         open_outputs(spec, plan)
         done = shards.write_plan(spec, layout)
-        plan_module.remove_parts(spec.output_dir)
     finally:
         plan.close()
     return ShardPlan(layout["shards"], done, layout["samples"], layout["tokens"], layout["clamped_tokens"],
@@ -371,6 +370,7 @@ def run_shard(
                                  "batch_size_changes": list(sizer.changes)})
         batch_size, inf_values = _extract(spec, plan, model, starts, checkpoint, sizer, calls,
                                           span=(part["first_sample"], part["end_sample"]), checkpoint_name=name)
+        shards.mark_done(spec.output_dir, index, shards.read_shard_checkpoint(spec.output_dir, index))
     finally:
         plan.close()
     return ExtractionResult(part["samples"], part["tokens"], 0, 0, batch_size, [name], inf_values)

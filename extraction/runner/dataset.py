@@ -83,6 +83,12 @@ def iter_samples(path: str, *, digest=None, start: int = 0, end: int | None = No
         raise JobInputError("The dataset is empty.")
 
 
+def _blank(raw: bytes) -> bool:
+    """A .jsonl line iter_samples skips: blank as a str is (Unicode spaces included, which
+    bytes.strip() would count as a sample)."""
+    return not raw.decode("utf-8", "replace").strip()
+
+
 def _until(f, end: int) -> Iterator[bytes]:
     position = f.tell()
     for raw in f:
@@ -105,7 +111,7 @@ def split_samples(path: str, limit: int | None, parts: int) -> list[dict]:
     sample, position, line, k = 0, 0, 1, 0
     with open(path, "rb") as f:
         for raw in f:
-            counts = fmt == "txt" or bool(raw.strip())
+            counts = fmt == "txt" or not _blank(raw)
             if counts:
                 while k < len(cuts) and cuts[k] == sample:
                     found.append((position, line))
@@ -134,7 +140,7 @@ def count_samples(path: str, limit: int | None = None) -> int:
             count += last != b"\n"
         else:
             for raw in f:
-                if raw.strip():
+                if not _blank(raw):
                     count += 1
                     if limit is not None and count >= limit:
                         break

@@ -27,12 +27,34 @@ import numpy as np
 from extraction.runner import outputs
 from extraction.runner.model import inspect
 from extraction.runner.outputs import CHECKPOINT, LAYOUT, METADATA, OFFSETS, SHARDS_DIR, TOKENIZER, TOKENS
-from extraction.runner.plan import FORMAT_VERSION, IDS_DTYPE, ExtractionSpec, Plan, validate
+from extraction.runner.plan import FORMAT_VERSION, IDS_DTYPE, PARTS_DIR, ExtractionSpec, Plan, validate
 from jobsite.errors import JobInputError
 
 
 def checkpoint_name(index: int) -> str:
     return os.path.join(SHARDS_DIR, f"{index}.json")
+
+
+def done_name(index: int) -> str:
+    """Written once a shard's last rows are synced: a stalled worker that wakes up later and
+    writes its older checkpoint over the one its successor finished does not undo it."""
+    return os.path.join(SHARDS_DIR, f"{index}.done.json")
+
+
+def mark_done(directory: str, index: int, checkpoint: dict) -> None:
+    outputs.write_json(os.path.join(directory, done_name(index)), checkpoint)
+
+
+def _final_checkpoint(directory: str, index: int) -> dict | None:
+    for name in (done_name(index), checkpoint_name(index)):
+        try:
+            with open(os.path.join(directory, name)) as f:
+                checkpoint = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if name == checkpoint_name(index) or checkpoint.get("samples_done") == checkpoint.get("end_sample"):
+            return checkpoint
+    return None
 
 
 def bounds(lengths: np.ndarray, batch_size: int, count: int) -> list[tuple[int, int]]:
@@ -128,13 +150,16 @@ def seed(src: str, dst: str, layout: dict) -> bool:
     if not all(os.path.isfile(os.path.join(src, name)) for name in names) or not os.path.isdir(
             os.path.join(src, TOKENIZER)):
         return False
+    # The checkpoints are read before the rows are copied: a worker still writing there (one
+    # stopping at its next batch) may move a checkpoint on, never past the rows copied after it.
+    kept = {part["index"]: read_shard_checkpoint(src, part["index"]) for part in layout["shards"]}
     os.makedirs(os.path.join(dst, SHARDS_DIR), exist_ok=True)
     for name in names:
         shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
     shutil.rmtree(os.path.join(dst, TOKENIZER), ignore_errors=True)
     shutil.copytree(os.path.join(src, TOKENIZER), os.path.join(dst, TOKENIZER))
     for part in layout["shards"]:
-        checkpoint = read_shard_checkpoint(src, part["index"])
+        checkpoint = kept[part["index"]]
         if checkpoint and checkpoint.get("requested_batch_size") != layout["batch_size"]:
             # The retry asks for another size (half, after out-of-memory): it starts at that size;
             # the halvings and growth budget were the retried job's.
@@ -232,7 +257,7 @@ def finish(spec: ExtractionSpec) -> dict:
             return json.load(f)
     inf_values, last = 0, None
     for part in layout["shards"]:
-        checkpoint = read_shard_checkpoint(out, part["index"])
+        checkpoint = _final_checkpoint(out, part["index"])
         if not valid_checkpoint(checkpoint, layout, part) or checkpoint["samples_done"] != part["end_sample"]:
             raise JobInputError(f"Shard {part['index']} of {out} is not done; its worker goes on with it.")
         inf_values += int(checkpoint.get("inf_values", 0))
@@ -244,6 +269,9 @@ def finish(spec: ExtractionSpec) -> dict:
         "inf_values": inf_values})
     outputs.write_json(os.path.join(out, METADATA), metadata)
     remove(out)
+    # The parts a plan was joined from stay until here: a planner that died before its shards
+    # were recorded joins them again.
+    shutil.rmtree(os.path.join(out, PARTS_DIR), ignore_errors=True)
     return metadata
 
 

@@ -218,13 +218,13 @@ def test_a_large_dataset_is_tokenized_in_parts_by_several_workers_and_the_last_m
     run_extraction_shard(parts[0].pk)  # the last part makes the plan and queues the shards
     job.refresh_from_db()
     assert job.status == "extracting" and job.total_tokens == one.total_tokens
-    assert not (job.output_dir / "tokenizing").exists()
     shards = list(job.shard_set.order_by("index"))
     assert [s.phase for s in shards] == ["extract", "extract"]
     for shard in shards:
         run_extraction_shard(shard.pk)
     job.refresh_from_db()
     assert job.status == "completed"
+    assert not (job.output_dir / "tokenizing").exists()
     assert [n for n in data_files(one) if not filecmp.cmp(one.output_dir / n, job.output_dir / n, shallow=False)] == []
     messages = [e.payload.get("message", "") for e in Event.objects.filter(topic=job.topic, type="extraction.tokenizing")]
     assert messages[0] == f"Tokenizing {dataset.num_samples:,} samples in 2 parts, one per worker"
@@ -238,3 +238,64 @@ def test_cancel_while_parts_tokenize_cancels_them_and_the_extraction(model_recor
     job.refresh_from_db()
     assert extraction_cancel(extraction=job).status == "cancelled"
     assert set(job.part_set.values_list("status", flat=True)) == {"cancelled"}
+
+
+def test_a_failed_shard_fails_the_extraction_only_once_its_siblings_have_stopped(model_record, dataset):
+    """A Retry copies the siblings' rows: the extraction offers it only once they are synced."""
+    from django.utils import timezone
+
+    from jobsite.lifecycle import transition_cancelled
+
+    job = start(model_record, dataset, shards=2)
+    run_extraction(job.pk)
+    first, second = job.shard_set.order_by("index")
+    ExtractionShard.objects.filter(pk=first.pk).update(status="running", worker="host-x:1", worker_host="host-x",
+                                                       worker_pid=1, attempt=1, heartbeat_at=timezone.now())
+    ExtractionShard.objects.filter(pk=second.pk).update(status="failed", error_type="OOM", attempt=1,
+                                                        error_message="CUDA out of memory.", finished_at=timezone.now())
+    extraction_settle(extraction_id=job.pk)
+    job.refresh_from_db()
+    first.refresh_from_db()
+    assert job.status == "extracting" and not job.retry_available
+    assert first.cancel_requested  # asked to stop at its next batch
+    transition_cancelled(first)  # its worker stopped there
+    extraction_settle(extraction_id=job.pk)
+    job.refresh_from_db()
+    assert job.status == "failed" and job.error_type == "OOM" and job.retry_available
+    assert job.error_message == "Shard 1 of 2 on : CUDA out of memory.".replace(" on :", ":")
+
+
+def test_shards_whose_files_cannot_be_finished_fail_the_extraction_with_the_reason(model_record, dataset):
+    job = start(model_record, dataset, shards=2)
+    run_extraction(job.pk)
+    first, second = job.shard_set.order_by("index")
+    run_extraction_shard(first.pk)
+    (job.output_dir / "shards" / "1.json").unlink()  # the files say shard 1 never ran
+    from django.utils import timezone
+
+    ExtractionShard.objects.filter(pk=second.pk).update(status="completed", finished_at=timezone.now())
+    extraction_settle(extraction_id=job.pk)
+    job.refresh_from_db()
+    assert job.status == "failed" and job.error_type == "STORAGE"
+    assert "could not be finished" in job.error_message and "Shard 1" in job.error_message
+
+
+def test_a_retry_of_fewer_samples_caps_the_shards_it_inherits(model_record, dataset):
+    job = start(model_record, dataset, shards=4)
+    extraction_cancel(extraction=job)
+    retry = extraction_retry(extraction=job, max_samples=2)
+    assert retry.shards == 2
+
+
+def test_a_retry_on_one_worker_says_it_does_not_start_from_the_shards(model_record, dataset):
+    from extraction.services import retry_starts_from
+
+    job = start(model_record, dataset, shards=2)
+    run_extraction(job.pk)
+    run_extraction_shard(job.shard_set.get(index=0).pk)
+    job.refresh_from_db()
+    job = extraction_cancel(extraction=job)
+    retry = extraction_retry(extraction=job, shards=1)
+    said = retry_starts_from(original=job, retry=retry)
+    assert said == (f"Extraction {retry.pk} starts from the first sample: it runs on one worker and extraction "
+                    f"{job.pk} ran as shards.")

@@ -148,10 +148,10 @@ def test_a_dataset_tokenized_in_parts_gives_the_plan_of_one_pass(models, samples
     for part in reversed(cut):  # in any order, by any worker
         runner.tokenize_part(spec, part)
     planned = runner.plan_shards(spec, 2, parts=cut)
-    assert not os.path.exists(os.path.join(spec.output_dir, "tokenizing"))
     for index in range(len(planned.shards)):
         runner.run_shard(spec, index, progress=None, heartbeat=None, should_cancel=None)
     runner.finish_shards(spec)
+    assert not os.path.exists(os.path.join(spec.output_dir, "tokenizing"))
     assert same_files(one, spec.output_dir) == []
     with open(os.path.join(one, "checkpoint.json")) as a, open(os.path.join(spec.output_dir, "checkpoint.json")) as b:
         import json
@@ -184,3 +184,35 @@ def test_parts_of_a_jsonl_file_with_blank_lines_and_a_limit(models, tmp_path):
         runner.run_shard(spec, index, progress=None, heartbeat=None, should_cancel=None)
     runner.finish_shards(spec)
     assert same_files(one, spec.output_dir) == []
+
+
+def test_a_checkpoint_written_back_by_a_woken_worker_does_not_undo_a_finished_shard(models, samples_path, tmp_path):
+    import json
+
+    spec = spec_for(models["gpt2"], samples_path, tmp_path / "sharded")
+    planned = runner.plan_shards(spec, 2)
+    stale = shards.read_shard_checkpoint(spec.output_dir, 0)  # before it ran: what a paused worker holds
+    for index in range(2):
+        runner.run_shard(spec, index, progress=None, heartbeat=None, should_cancel=None)
+    with open(os.path.join(spec.output_dir, "shards", "0.json"), "w") as f:
+        json.dump(stale, f)
+    assert runner.finish_shards(spec)["samples"] == 50
+    assert planned.shards[0]["first_sample"] == 0
+
+
+def test_a_jsonl_line_of_unicode_spaces_is_no_sample_when_split_either(models, tmp_path):
+    import json
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join([json.dumps({"text": "a"}), "\u00a0", json.dumps({"text": "b"}),
+                               json.dumps({"text": "c"}), json.dumps({"text": "d"})]) + "\n", encoding="utf-8")
+    spec = spec_for(models["gpt2"], str(path), tmp_path / "sharded", layers=(1,), hooks=("residual",), max_samples=3)
+    cut = runner.split_dataset(spec, 2)
+    assert cut[-1]["end_sample"] == 3
+    from extraction.runner.dataset import iter_samples
+    from itertools import islice
+
+    read = [s for part in cut for s in islice(iter_samples(str(path), start=part["start_byte"], end=part["end_byte"],
+                                                           first_line=part["first_line"]),
+                                              part["end_sample"] - part["first_sample"])]
+    assert read == ["a", "b", "c"]
