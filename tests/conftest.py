@@ -200,11 +200,12 @@ class Service:
             self.process.wait(timeout=10)
 
     def stop(self) -> None:
-        """SIGTERM to the main process (qcluster stops its own workers), then clear the group."""
+        """SIGTERM to the main process (qcluster stops its own workers), then clear the group.
+        daphne, which has no job to hand back, gets 5 s (it waits for open sockets' consumers)."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(timeout=15)
+                self.process.wait(timeout=5 if "daphne" in self.process.args else 15)
             except subprocess.TimeoutExpired:
                 pass
         self.kill(signal.SIGKILL)
