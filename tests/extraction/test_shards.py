@@ -12,17 +12,9 @@ from jobsite.errors import JobInputError
 from jobsite.models import Event
 from jobsite.services import job_resume
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fast_machinery")]
 
 PARAMS = {"layers": [0, 2], "hooks": ["residual", "mlp"], "batch_size": 4}
-
-
-@pytest.fixture(autouse=True)
-def fast_machinery(settings):
-    settings.JOBSITE_HEARTBEAT_S = 0.2
-    settings.JOBSITE_PROGRESS_EVERY_S = 0
-    settings.JOBSITE_RETRY_BASE_S = 0.2
-    settings.JOBSITE_FAILPOINTS = ""
 
 
 def start(model_record, dataset, **params):
