@@ -248,10 +248,10 @@ class Extraction(Job):
             "shard_count": self.shards,
             "shards": self.shard_list(),
             # A job its shards run: its most silent running shard's heartbeat, as the page judges stalls.
-            **({"heartbeat_at": self._oldest_shard_beat()} if self.sharded else {}),
+            **({"heartbeat_at": self.oldest_shard_beat()} if self.sharded else {}),
         }
 
-    def _oldest_shard_beat(self) -> str | None:
+    def oldest_shard_beat(self) -> str | None:
         beats = [shard.heartbeat_at or shard.started_at for shard in self.shard_set.all()
                  if shard.status in shard.RUNNING and shard.worker and (shard.heartbeat_at or shard.started_at)]
         return min(beats).isoformat() if beats else None
