@@ -5,7 +5,10 @@ in blocks: the eligible rows (done samples only, across every run given) are cut
 contiguous chunks, the chunks are permuted every epoch, consecutive chunks of that permutation
 fill a buffer (read sequentially, in file order, each row written straight to its place in the
 buffer's shuffled order), and the buffer is served as batches: consecutive slices of it, handed
-out without a copy. Memory is the buffer, never the run: `buffer_bytes` holds two buffers, one
+out without a copy. A batch is a uniform random draw of the buffer's rows; inside a batch the
+rows keep their file order (what a batch computes, a mean loss or a gradient, does not depend on
+it; shuffle a batch yourself, `batch[torch.randperm(len(batch))]`, before cutting it into parts
+that are used apart). Memory is the buffer, never the run: `buffer_bytes` holds two buffers, one
 being read by a background thread while the other is served, so reading overlaps serving. A
 buffer is refilled only once no batch of it is still held; while the consumer keeps batches,
 new buffers are allocated instead, so a kept batch never changes under it.
@@ -256,8 +259,15 @@ class ActivationLoader(torch.utils.data.IterableDataset):
         read's speed)."""
         pieces = list(self._pieces(self._ranges(epoch, buffer)))
         rows = sum(piece[2] for piece in pieces)
+        # Batch b holds the rows a uniform shuffle puts at [b * batch_size, (b + 1) * batch_size),
+        # in file order: a batch is the same random draw, and the copy writes one sequential run
+        # per batch instead of a row at a random place (at about the speed of a plain read, where
+        # the random places ran at 0.7 of it).
+        drawn = np.random.default_rng((self.seed, epoch, 1, buffer)).permutation(rows)
+        batch_of = np.empty(rows, np.min_scalar_type(-(-rows // self.batch_size)))
+        batch_of[drawn] = np.arange(rows) // self.batch_size
         places = np.empty(rows, np.intp)
-        places[np.random.default_rng((self.seed, epoch, 1, buffer)).permutation(rows)] = np.arange(rows)
+        places[np.argsort(batch_of, kind="stable")] = np.arange(rows)
         sources = [[o.stored(*point) for o in self.outputs] for point in self.points]
         if self.with_tokens:
             sources.append([o.tokens for o in self.outputs])

@@ -127,6 +127,17 @@ def test_rows_are_shuffled_across_the_run(run):
     assert max(first_batch) - min(first_batch) > len(served) / 4, "a batch mixes rows from far apart"
 
 
+def test_a_batch_is_a_random_draw_served_in_file_order(run):
+    """The documented contract: which rows share a batch is random, their order inside it is the file's."""
+    loader = ActivationLoader(run, TWO, drop_last=False, **SMALL)
+    batches = [[r for _, r in identities([b])] for b in loader]
+    assert all(rows == sorted(rows) for rows in batches)
+    again = [[r for _, r in identities([b])] for b in ActivationLoader(run, TWO, drop_last=False, seed=1, **SMALL)]
+    assert [set(b) for b in batches] != [set(b) for b in again], "another seed draws other batches"
+    gaps = [b - a for rows in batches for a, b in zip(rows, rows[1:])]
+    assert np.mean(gaps) > 3, "a batch is not a run of neighbouring rows"
+
+
 def test_each_epoch_covers_every_row_in_a_new_order(run):
     loader = ActivationLoader(run, TWO, epochs=3, drop_last=False, **SMALL)
     batches = list(loader)
