@@ -168,6 +168,11 @@ class ExtractionOut(JobOut):
         return obj.shard_list()
 
     @staticmethod
+    def resolve_heartbeat_at(obj):
+        """A job its shards run: its most silent running shard's, as its events and its card say."""
+        return obj.oldest_shard_beat() if obj.sharded else obj.heartbeat_at
+
+    @staticmethod
     def resolve_output_dir(obj) -> str:
         return str(obj.output_dir)
 

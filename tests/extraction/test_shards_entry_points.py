@@ -2,7 +2,7 @@
 admin, and the card and history row that show them. The planning attempt runs in this process."""
 
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from django.core.management import CommandError, call_command
@@ -168,6 +168,20 @@ def test_extraction_list_prints_a_line_per_shard_with_its_worker_and_stalls(mode
     assert lines[1][5] == "gpu-b:202" and lines[1][-1] == "stalled"
 
 
+def test_api_heartbeat_of_a_sharded_extraction_is_its_most_silent_running_shards(staff_client, model_record,
+                                                                                 dataset):
+    """What the page's poll reads to call the card stalled: not the freshest shard's beat."""
+    job = planned(model_record, dataset)
+    first, second = job.shard_set.order_by("index")
+    held(first, "gpu-a:1", silent_s=40)
+    held(second, "gpu-b:2", silent_s=1)
+    answer = staff_client.get(f"/api/v1/extractions/{job.pk}").json()
+    silent = ExtractionShard.objects.get(pk=first.pk).heartbeat_at
+    assert answer["heartbeat_at"] is not None
+    assert abs((datetime.fromisoformat(answer["heartbeat_at"].replace("Z", "+00:00")) - silent).total_seconds()) < 0.01
+    assert answer["shard_list"][0]["stalled"] and not answer["shard_list"][1]["stalled"]
+
+
 # -- the card, the history row, the admin ---------------------------------------------------------------
 
 def test_card_of_a_sharded_extraction_shows_each_shard_its_worker_and_refusals(staff_client, model_record, dataset,
@@ -182,7 +196,7 @@ def test_card_of_a_sharded_extraction_shows_each_shard_its_worker_and_refusals(s
     assert "gpu-a:101" in card and "Extracting with 2 shards: 1 running, 1 queued" in card
     assert "Waiting for a worker" not in card
     assert "cpu-9: cpu-9 does not see this job&#x27;s files at /data/activations/1." in card
-    assert "data-shard-stalled" not in card
+    assert "data-shard-stalled hidden>" in card and "data-shard-stalled>" not in card
 
     held(first, "gpu-a:101", silent_s=settings.JOBSITE_STALL_AFTER_S + 30)
     card = staff_client.get(f"/extractions/{job.pk}/card/").content.decode()

@@ -376,7 +376,10 @@
         ...pace,
         step,
         card,
-        alive: Math.max(previous.alive, Date.parse(card.dataset.heartbeatAt || "") || 0),
+        // A card of a job its shards run draws its most silent running shard's heartbeat: that one
+        // is the card's, however fresh another shard's may be.
+        alive: card.querySelector("[data-shards]") ? Date.parse(card.dataset.heartbeatAt || "") || 0
+          : Math.max(previous.alive, Date.parse(card.dataset.heartbeatAt || "") || 0),
         moved: Math.max(previous.moved, Date.parse(card.dataset.progressAt || "") || serverNow()),
       };
       memory.set(card.dataset.topic, known);
@@ -724,12 +727,18 @@
     }
 
     const heartbeat = Date.parse(job.heartbeat_at || "") || 0;
-    known.alive = Math.max(known.alive, heartbeat, alive || 0);
+    // A job its shards run (no worker of its own) is as alive as its most silent running shard,
+    // which its heartbeat_at is: another shard's progress says nothing of that one.
+    // Events list the shards as `shards`, the JSON API as `shard_list` (its `shards` is the count).
+    const shardList = Array.isArray(job.shards) ? job.shards : job.shard_list;
+    const byShards = (job.shard_count ?? job.shards) > 1 && Array.isArray(shardList) && shardList.length > 0
+      && !job.worker;
+    known.alive = byShards ? heartbeat : Math.max(known.alive, heartbeat, alive || 0);
 
     // An extraction's shards ([data-shard] rows): their counts move with every progress of any of
     // them; a change of a shard's status comes as its own event, which draws the card again.
-    if (Array.isArray(job.shards)) {
-      for (const shard of job.shards) {
+    if (Array.isArray(shardList)) {
+      for (const shard of shardList) {
         const row = card.querySelector(`[data-shard="${shard.index}"]`);
         if (!row || typeof shard.samples_processed !== "number" || row.dataset.shardStatus !== shard.status) continue;
         const percent = shard.total_samples ? Math.min(100, (100 * shard.samples_processed) / shard.total_samples) : 100;
@@ -737,6 +746,7 @@
         setText(row, '[data-shard-field="percent"]', String(Math.round(percent * 10) / 10));
         const bar = row.querySelector("[data-shard-bar]");
         if (bar) bar.style.width = `${percent.toFixed(1)}%`;
+        if (shard.heartbeat_at) row.dataset.shardHeartbeatAt = shard.heartbeat_at;
       }
     }
 
@@ -903,6 +913,18 @@
         if (age > config.stallAfterMs / 2 && Date.now() - known.polledAt > Math.min(5000, config.stallAfterMs / 4)) poll(card);
         stalled = age > config.stallAfterMs && !state.unreachable;
       }
+      // Each running shard's heartbeat age counts up, and a silent one is marked stalled, as the
+      // server marks it: the row says which host went quiet.
+      card.querySelectorAll("[data-shard][data-shard-heartbeat-at]").forEach((row) => {
+        const beat = Date.parse(row.dataset.shardHeartbeatAt);
+        if (!beat) return;
+        const age = Math.max(0, now - beat);
+        setText(row, "[data-shard-age]", String(Math.round(age / 1000)));
+        const silent = age > config.stallAfterMs && !state.unreachable;
+        row.classList.toggle("is-stalled", silent);
+        const mark = row.querySelector("[data-shard-stalled]");
+        if (mark) mark.hidden = !silent;
+      });
       const idle = now - known.moved;
       const slow = !stalled && idle > config.slowAfterMs;
       if (stalled) {
