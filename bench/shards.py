@@ -3,6 +3,7 @@
     .venv/bin/python bench/shards.py            # the full run: 3 rounds of 1, 2, 4 workers (~5 min on 2 CPU cores)
     .venv/bin/python bench/shards.py --quick    # a smoke run: a 64-wide model, 300 lines, seconds per run
     .venv/bin/python bench/shards.py --one-cluster --events   # one cluster of N processes; each run's events
+    .venv/bin/python bench/shards.py --shape 6x512 --workers 1,2   # a Pythia-70m-sized model (~15 min)
 
 The same request each time: a GPT-2-shaped model built from a config with a fixed seed (4
 layers, 256 wide, random weights, its byte-level BPE tokenizer trained on the words used:
@@ -212,6 +213,8 @@ def main() -> None:
     parser.add_argument("--events", action="store_true",
                         help="also print each run's events (progress left out), in seconds from its extracting")
     parser.add_argument("--timeout", type=float, default=600, help="seconds one run may take")
+    parser.add_argument("--shape", metavar="LAYERSxHIDDEN",
+                        help="the model's layers and width, e.g. 6x512 (Pythia-70m's); default 4x256, --quick 4x64")
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds of every worker count, interleaved; the ratios divide medians (default 3)")
     args = parser.parse_args()
@@ -224,7 +227,16 @@ def main() -> None:
     samples = args.samples or (300 if args.quick else 2000)
     if samples < max(counts):
         parser.error(f"--samples must be at least the largest worker count ({max(counts)}); got {samples}")
-    model_shape = QUICK_MODEL if args.quick else MODEL
+    model_shape = dict(QUICK_MODEL if args.quick else MODEL)
+    if args.shape:
+        try:
+            layers, hidden = (int(x) for x in args.shape.lower().split("x"))
+        except ValueError:
+            parser.error(f"--shape is LAYERSxHIDDEN, e.g. 6x512; got {args.shape!r}")
+        if layers < 4 or hidden < 8 or hidden % 8:
+            parser.error(f"--shape needs at least 4 layers (the request reads layer 3) and a width that is a "
+                         f"multiple of 8; got {args.shape!r}")
+        model_shape.update(n_layer=layers, hidden=hidden, n_head=hidden // 64 or 4)
     db_url = os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
     db_name = ensure_database(db_url)
     started = time.perf_counter()

@@ -65,6 +65,21 @@ def test_shards_start_on_batch_boundaries_and_balance_padded_tokens():
     assert max(cost) / min(cost) < 1.3
 
 
+def test_the_cut_counts_what_attention_adds_to_long_batches():
+    """Two shards whose padded tokens are even are not even work where attention costs: with a
+    width near the lengths, the first shard (the long samples) gets fewer of them."""
+    lengths = np.array(sorted(np.random.default_rng(0).integers(8, 256, 400), reverse=True))
+    by_tokens = shards.bounds(lengths, 8, 2)
+    by_work = shards.bounds(lengths, 8, 2, hidden=64)
+    assert by_work[0][1] < by_tokens[0][1]
+
+    def work(first, end):
+        return sum(min(8, end - b) * lengths[b] * (1 + lengths[b] / (6 * 64)) for b in range(first, end, 8))
+
+    assert max(work(*c) for c in by_work) / min(work(*c) for c in by_work) < 1.05
+    assert max(work(*c) for c in by_tokens) / min(work(*c) for c in by_tokens) > 1.1
+
+
 def test_more_shards_than_batches_gives_one_shard_a_batch():
     assert shards.bounds(np.array([5, 4, 3, 2, 1]), 2, 8) == [(0, 2), (2, 4), (4, 5)]
 
