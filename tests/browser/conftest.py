@@ -119,6 +119,13 @@ class Site:
             print(f"--- {service.log_path.name}\n{service.output()[-4000:]}")
 
     def close(self):
+        for page in self.pages:
+            # A page on a held clock (page.clock.install) leaves its socket open through the
+            # context's close: daphne then waits its 5 s for the consumer before it stops.
+            try:
+                page.evaluate("window.jobsiteLive && jobsiteLive.socket && jobsiteLive.socket.close()")
+            except Exception:  # noqa: BLE001 - a page already closed has no socket left
+                pass
         for context in self.contexts:
             context.close()
 
