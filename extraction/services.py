@@ -1075,6 +1075,11 @@ def _finish_shards(extraction: Extraction) -> str:
 
     directory = str(extraction.output_dir)
     if not (shard_files.sees(directory) or (extraction.output_dir / "metadata.json").exists()):
+        import logging  # noqa: PLC0415
+
+        logging.getLogger(__name__).warning("%s: its shards completed, but this process (%s) sees neither its plan "
+                                            "nor its metadata in %s; left to a worker that does",
+                                            extraction.topic, settings.JOBSITE_HOSTNAME, directory)
         return ""
     try:
         metadata = runner.finish_shards(_spec(extraction))

@@ -92,8 +92,11 @@ def wait(predicate, services, what: str, timeout: float = 60):
         return wait_for(predicate, timeout=timeout, message=what)
     except AssertionError as exc:
         rows = [(p.index, p.status, p.worker, p.attempt, p.samples_processed) for p in ExtractionShard.objects.all()]
+        jobs = [(e.pk, e.status, e.worker, e.attempt, e.error_type, e.error_message) for e in Extraction.objects.all()]
+        events = [(e.seq, e.type, e.payload.get("status"), (e.payload.get("shard") or {}).get("index"))
+                  for e in Event.objects.order_by("seq") if e.type != "extraction_shard.progress"]
         tails = "\n".join(f"--- {s.log_path.name}\n{s.output()[-4000:]}" for s in services)
-        raise AssertionError(f"{exc}\nshards: {rows}\n{tails}") from None
+        raise AssertionError(f"{exc}\nextractions: {jobs}\nshards: {rows}\nevents: {events}\n{tails}") from None
 
 
 def test_a_shard_whose_worker_is_killed_resumes_alone_to_one_workers_files(model_record, dataset, start_worker):
