@@ -1053,7 +1053,10 @@ def extraction_settle(*, extraction_id: int, finish: bool = True) -> str:
             return ""
         if extraction.status == Extraction.Status.EXTRACTING:
             transition(extraction, Extraction.Status.SAVING)
-    return _finish_shards(extraction)
+        # Under the row's lock: two shards that complete together both find every shard done, and
+        # a second finisher reading the files while the first removes them would find a shard
+        # "not done" and fail a finished extraction. The second waits here, then finds it completed.
+        return _finish_shards(extraction)
 
 
 def _stop_shard(shard) -> None:

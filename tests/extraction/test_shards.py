@@ -257,6 +257,60 @@ def test_a_failed_shard_fails_the_extraction_only_once_its_siblings_have_stopped
     assert job.error_message == "Shard 1 of 2 on : CUDA out of memory.".replace(" on :", ":")
 
 
+def test_two_settles_that_find_every_shard_done_finish_the_extraction_once(model_record, dataset, monkeypatch):
+    """Two shards completing together each settle the extraction: one finishes it while the other
+    waits, and never reads the files while the first is removing them."""
+    import threading
+
+    from django.db import connection
+
+    from extraction import runner
+
+    job = start(model_record, dataset, shards=2)
+    run_extraction(job.pk)
+    monkeypatch.setattr(ExtractionShard, "after_attempt", lambda self: None)  # both done, none settled yet
+    for part in job.shard_set.all():
+        run_extraction_shard(part.pk)
+    assert Extraction.objects.get(pk=job.pk).status == "extracting"
+
+    inside, entered, release = threading.Lock(), threading.Event(), threading.Event()
+    at_once, finish = [], runner.finish_shards
+
+    def held_finish(spec):
+        if not inside.acquire(blocking=False):
+            at_once.append("a second finisher read the files while the first was finishing")
+        entered.set()
+        release.wait(10)
+        try:
+            return finish(spec)
+        finally:
+            if inside.locked():
+                inside.release()
+
+    monkeypatch.setattr(runner, "finish_shards", held_finish)
+    said = []
+
+    def settle():
+        try:
+            said.append(extraction_settle(extraction_id=job.pk))
+        finally:
+            connection.close()
+
+    first = threading.Thread(target=settle)
+    first.start()
+    assert entered.wait(10)
+    second = threading.Thread(target=settle)
+    second.start()
+    second.join(1.0)  # it waits on the row's lock, or reaches the files alongside the first
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert at_once == []
+    job.refresh_from_db()
+    assert job.status == "completed", job.error_message
+    assert sorted(said) == ["", f"{job.topic}: completed with its 2 shards"]
+
+
 def test_shards_whose_files_cannot_be_finished_fail_the_extraction_with_the_reason(model_record, dataset):
     job = start(model_record, dataset, shards=2)
     run_extraction(job.pk)
