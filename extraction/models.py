@@ -229,6 +229,8 @@ class Extraction(Job):
         return {}
 
     def event_payload(self) -> dict:
+        parts = self.parts()  # read once: the list and the heartbeat both come from them
+        beat = self.oldest_shard_beat(parts) if self.sharded else None
         return {
             **super().event_payload(),
             "model_id": self.model_id,
@@ -246,15 +248,17 @@ class Extraction(Job):
             "original_extraction_id": self.original_extraction_id,
             "retry_count": self.retry_count,
             "shard_count": self.shards,
-            "shards": self.shard_list(),
+            "shards": [shard.describe() for shard in parts],
             # A job its shards run: its most silent running shard's heartbeat, as the page judges stalls.
-            **({"heartbeat_at": self.oldest_shard_beat()} if self.sharded else {}),
+            **({"heartbeat_at": beat and beat.isoformat()} if self.sharded else {}),
         }
 
-    def oldest_shard_beat(self) -> str | None:
-        beats = [shard.heartbeat_at or shard.started_at for shard in self.shard_set.all()
+    def oldest_shard_beat(self, shards: list["ExtractionShard"] | None = None):
+        """When the most silent of its running shards last spoke (`shards`: its parts, when the
+        caller has them already); None while none runs."""
+        beats = [shard.heartbeat_at or shard.started_at for shard in (self.parts() if shards is None else shards)
                  if shard.status in shard.RUNNING and shard.worker and (shard.heartbeat_at or shard.started_at)]
-        return min(beats).isoformat() if beats else None
+        return min(beats) if beats else None
 
     @property
     def shard_set(self):
@@ -279,8 +283,8 @@ class Extraction(Job):
         """A sharded job's: its most silent running shard's."""
         if not self.sharded:
             return super().heartbeat_age_s
-        ages = [age for age in (shard.heartbeat_age_s for shard in self.shard_set.all()) if age is not None]
-        return max(ages) if ages else None
+        beat = self.oldest_shard_beat()
+        return None if beat is None else (timezone.now() - beat).total_seconds()
 
     def refusal_here(self) -> str:
         """A sharded job is planned only by a worker that sees the folder its start made on the
@@ -298,7 +302,7 @@ class Extraction(Job):
 
     def shard_list(self) -> list[dict]:
         """Each shard's progress, worker, heartbeat and attempt; [] for a job one worker runs."""
-        return [shard.describe() for shard in self.shard_set.all()] if self.shards > 1 and self.pk else []
+        return [shard.describe() for shard in self.parts()]
 
     # Cleanup: a failed or cancelled extraction's finished samples are where its Retry starts.
     OUTPUT_REUSABLE = RETRYABLE_FROM

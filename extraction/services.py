@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -24,6 +25,8 @@ from jobsite.lifecycle import TransitionError
 from jobsite.paths import resolve_under
 from jobsite.permissions import check
 from jobsite.services import job_delete, job_enqueue, job_request_cancel
+
+logger = logging.getLogger(__name__)
 
 # What extraction_retry takes as max_samples to mean every sample of the dataset: None there
 # already means "the original's", which may be a limit.
@@ -806,9 +809,7 @@ def _plan_shards(extraction: Extraction, lease) -> None:
         # Every shard done already (a retry that kept them all), or a stop asked while it planned.
         extraction_settle(extraction_id=extraction.pk)
     except Exception:  # noqa: BLE001
-        import logging  # noqa: PLC0415
-
-        logging.getLogger(__name__).exception("extraction %s: settling after its plan failed", extraction.pk)
+        logger.exception("extraction %s: settling after its plan failed", extraction.pk)
 
 
 def _seed_from(extraction: Extraction) -> str | None:
@@ -1078,11 +1079,8 @@ def _finish_shards(extraction: Extraction) -> str:
 
     directory = str(extraction.output_dir)
     if not (shard_files.sees(directory) or (extraction.output_dir / "metadata.json").exists()):
-        import logging  # noqa: PLC0415
-
-        logging.getLogger(__name__).warning("%s: its shards completed, but this process (%s) sees neither its plan "
-                                            "nor its metadata in %s; left to a worker that does",
-                                            extraction.topic, settings.JOBSITE_HOSTNAME, directory)
+        logger.warning("%s: its shards completed, but this process (%s) sees neither its plan nor its metadata in "
+                       "%s; left to a worker that does", extraction.topic, settings.JOBSITE_HOSTNAME, directory)
         return ""
     try:
         metadata = runner.finish_shards(_spec(extraction))
@@ -1113,8 +1111,6 @@ def extraction_settle_all() -> list[str]:
     """The watchdog's pass: every extraction run by its shards is settled (a worker that died
     between its shard's end and the extraction's gave that up). One that cannot be settled now
     (a database blip) is left for the next pass, never the others with it."""
-    import logging  # noqa: PLC0415
-
     changed = []
     for pk in Extraction.objects.filter(
             status__in=(Extraction.Status.LOADING, Extraction.Status.EXTRACTING, Extraction.Status.SAVING), worker="",
@@ -1123,7 +1119,7 @@ def extraction_settle_all() -> list[str]:
         try:
             line = extraction_settle(extraction_id=pk)
         except Exception:  # noqa: BLE001 - the next pass tries again
-            logging.getLogger(__name__).exception("extraction %s could not be settled", pk)
+            logger.exception("extraction %s could not be settled", pk)
             continue
         if line:
             changed.append(line)

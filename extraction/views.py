@@ -126,7 +126,7 @@ def job_view(extraction: Extraction, *, seq: int = 0) -> dict:
         "original_deleted": e.original_deleted if hasattr(e, "original_deleted") else bool(
             e.original_extraction_id) and not Extraction.objects.filter(pk=e.original_extraction_id).exists(),
         "dismissible": e.status in services.DISMISSABLE and e.dismissed_at is None,
-        "heartbeat_at": _heartbeat_at(e) if running else "",
+        "heartbeat_at": _heartbeat_at(e, shards) if running else "",
         "shard_rows": [_shard_row(shard) for shard in shards],
         "progress_at": iso(last_move),
         "max_attempts": settings.JOBSITE_MAX_ATTEMPTS,
@@ -135,12 +135,13 @@ def job_view(extraction: Extraction, *, seq: int = 0) -> dict:
     }
 
 
-def _heartbeat_at(e: Extraction) -> str:
+def _heartbeat_at(e: Extraction, shards: list) -> str:
     """When its worker last spoke; for a job its shards run, its most silent running shard's (the
     page calls it stalled as the server does), and nothing while no shard runs."""
     if not e.sharded:
         return iso(e.heartbeat_at or e.started_at)
-    return e.oldest_shard_beat() or ""
+    beat = e.oldest_shard_beat(shards)
+    return iso(beat) if beat else ""
 
 
 def _shard_row(shard) -> dict:
