@@ -93,6 +93,10 @@ class RunOut(JobOut):
     patience: int
     adopted: bool | None = Field(description="whether search uses the adapter; false when no epoch beat the encoder "
                                              "alone on validation; null until the run completes")
+    keyword_weight: float | None = Field(description="the weight of keyword matching (BM25, 1 at the query's best "
+                                                    "chunk) that search adds to the adapter's cosine score, chosen "
+                                                    "on validation with the epoch; 0: the adapter alone; null "
+                                                    "before the run chose one")
     verdict: str = Field(description="the result in one sentence, with what to try when it was not adopted")
     error_type: str
     error_label: str = Field(description="the error type in words, e.g. \"Stopped on request\" for CANCELLED")

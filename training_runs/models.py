@@ -192,6 +192,18 @@ class TrainingRun(Job):
         return {True: "adopted", False: "not adopted"}.get(self.adopted, "—")
 
     @property
+    def keyword_weight(self) -> float | None:
+        """The weight of keyword matching search adds beside the chosen epoch's adapter (chosen on
+        validation with it; 0: the adapter alone), or None before the run chose one."""
+        chosen = (self.metrics or {}).get("validation_after") or {}
+        return chosen.get("keyword_weight")
+
+    @property
+    def keyword_phrase(self) -> str:
+        """" with keyword matching weighted 0.3" where search adds it, else ""."""
+        return f" with keyword matching weighted {self.keyword_weight:g}" if self.keyword_weight else ""
+
+    @property
     def removed_label(self) -> str:
         """Who removed the run and when ("" while it is not removed), as the history rows say it."""
         if not self.is_removed:
@@ -369,10 +381,10 @@ class TrainingRun(Job):
                     f"alone. {self.NOT_ADOPTED_ADVICE}")
         if self.adopted_at:
             who = f" by {self.adopted_by.get_username()}" if self.adopted_by_id else ""
-            return (f"Adopted by hand{who}: {epoch} did not beat the encoder alone on validation "
+            return (f"Adopted by hand{who}: {epoch}{self.keyword_phrase} did not beat the encoder alone on validation "
                     f"(recall@5 {_moved(val_after, val_before, 5)}); search uses it{'; ' + test if test else ''}.")
-        return (f"Adopted {epoch}: validation recall@5 {_moved(val_after, val_before, 5)}, no worse at any k than the "
-                f"encoder alone{'; ' + test if test else ''}.")
+        return (f"Adopted {epoch}{self.keyword_phrase}: validation recall@5 {_moved(val_after, val_before, 5)}, no "
+                f"worse at any k than the encoder alone{'; ' + test if test else ''}.")
 
     def event_payload(self) -> dict:
         return {
@@ -398,6 +410,7 @@ class TrainingRun(Job):
             "best_epoch": self.best_epoch,
             "patience": self.patience,
             "adopted": self.adopted,
+            "keyword_weight": self.keyword_weight,
             "verdict": self.verdict,
         }
 

@@ -45,11 +45,13 @@ def embedding_text_sizes(*, run: TrainingRun) -> dict:
 
 
 def training_run_search(*, run: TrainingRun, query: str, k: int = 5) -> list[dict]:
-    """The k chunks nearest to `query`: through the run's adapter where it was adopted, through the
-    encoder alone where it was not (a worse adapter is never the result)."""
+    """The k chunks nearest to `query`: through the run's adapter, with keyword matching at the
+    weight its validation chose, where it was adopted; through the encoder alone where it was not
+    (a worse adapter is never the result)."""
     import numpy as np  # noqa: PLC0415
 
-    from training_runs.trainer import ADAPTER, apply_adapter, embed, load_adapter  # noqa: PLC0415
+    from training_runs.trainer import (ADAPTER, KeywordIndex, adapter_keyword_weight, apply_adapter,  # noqa: PLC0415
+                                       embed, load_adapter, search_scores)
 
     if run.status != TrainingRun.Status.COMPLETED or run.is_removed:  # the run's state, not the query, is wrong
         raise TransitionNotAllowed(f"Training run {run.pk} {run.state_phrase}; search needs a completed run.")
@@ -74,9 +76,13 @@ def training_run_search(*, run: TrainingRun, query: str, k: int = 5) -> list[dic
     # The encoder as training resolved it, under the model roots, not the setting read as it stands.
     encoder = resolve_under(settings.JOBSITE_ENCODER_PATH, settings.JOBSITE_MODEL_ROOTS, "encoder", field=None)
     vector = embed(str(encoder), [query])
+    by_position = list(run.corpus.chunks.order_by("index").values("pk", "index", "document", "text"))
+    weight, keyword = 0.0, None
     if uses_adapter:
         vector = apply_adapter(load_adapter(adapter_path), vector)
-    scores = (vector @ chunks.T)[0]
-    best = np.argsort(-scores)[:k]
-    by_position = list(run.corpus.chunks.order_by("index").values("pk", "index", "document", "text"))
+        weight = adapter_keyword_weight(adapter_path)
+        if weight:
+            keyword = KeywordIndex([chunk["text"] for chunk in by_position]).scores([query])
+    scores = search_scores(vector, chunks, keyword, weight)[0]
+    best = np.argsort(-scores, kind="stable")[:k]
     return [{**by_position[i], "score": round(float(scores[i]), 4)} for i in best]

@@ -32,9 +32,13 @@ def test_training_measurably_improves_recall_on_the_demo_corpus(encoder, fast_ma
     before, after = run.metrics["before"], run.metrics["after"]
     assert run.metrics["test_pairs"] >= 100 and run.metrics["validation_pairs"] >= 60
     assert run.adopted, run.verdict
-    # The encoder alone already finds the chunk first for 6 queries in 10: the adapter's gain is at @5.
-    assert after["recall@5"] > before["recall@5"] and after["recall@1"] >= before["recall@1"], (before, after)
-    assert run.verdict.startswith(f"Adopted epoch {run.best_epoch} of {run.epochs_done}")
+    # The encoder alone finds the chunk first for 6 queries in 10; the adapter with keyword matching
+    # for more than 8 (the adapter alone left recall@1 where it was).
+    assert after["recall@1"] > before["recall@1"] + 0.1 and after["recall@5"] > before["recall@5"], (before, after)
+    weight = run.validation_curve[run.best_epoch - 1]["keyword_weight"]
+    assert weight > 0 and run.keyword_weight == weight
+    assert run.verdict.startswith(f"Adopted epoch {run.best_epoch} of {run.epochs_done} with keyword matching "
+                                  f"weighted {weight:g}: validation recall@5")
     assert run.best_epoch == max(range(1, run.epochs_done + 1), key=lambda e: (
         [run.validation_curve[e - 1][f"recall@{k}"] for k in (5, 1, 10)], -e))
     assert run.loss_curve[-1] < run.loss_curve[0]
@@ -58,8 +62,8 @@ def test_on_a_second_corpus_no_adapter_worse_than_the_encoder_alone_is_adopted_a
               chunk_text(open(path, encoding="utf-8").read(), size=500, overlap=50)]
     queries = LocalGenerator(queries_per_chunk=2).generate(chunks)
     pairs = [(i * 100 + j, q, i) for i, qs in enumerate(queries) for j, q in enumerate(qs)]
-    # Here validation (75 queries) sees recall@1 fall by a query or two at four seeds in five while
-    # test gains: the encoder alone is kept. Never worse is the promise; a missed small gain its price.
+    # Validation has 75 queries here: a query or two is a point of recall. Never worse on test is the
+    # promise, whichever seeds adopt.
     _no_worse_adapter_adopted(encoder, tmp_path, chunks, pairs, seeds=range(5))
 
 

@@ -16,7 +16,7 @@ from training_runs import services
 from training_runs.models import TrainingRun
 from training_runs.selectors import training_run_search
 from training_runs.tasks import run_training_phase
-from training_runs.trainer import ADAPTER, beats, embed, selection_key
+from training_runs.trainer import ADAPTER, KeywordIndex, beats, embed, selection_key
 
 pytestmark = pytest.mark.django_db
 
@@ -61,6 +61,31 @@ def test_search_goes_through_the_encoder_alone_until_a_person_adopts_the_adapter
     run = TrainingRun.objects.get(pk=not_adopted.pk)
     assert run.adopted and run.adopted_by == staff_user and run.verdict.startswith(
         f"Adopted by hand by {staff_user.username}: epoch 1 of 4 did not beat the encoder alone")
+
+
+def test_search_adds_keyword_matching_at_the_weight_the_run_chose(not_adopted, settings, staff_user, staff_client):
+    import torch
+
+    # The reversed adapter, saved and recorded as a run that chose keyword matching at weight 1.5 does.
+    save_file({"weight": -torch.eye(384), "bias": torch.zeros(384)}, str(not_adopted.output_dir / ADAPTER),
+              metadata={"keyword_weight": "1.5"})
+    not_adopted.metrics["validation_after"]["keyword_weight"] = 1.5
+    not_adopted.save(update_fields=["metrics"])
+    services.training_run_adopt(run=not_adopted, user=staff_user)
+    body = staff_client.get(f"/api/v1/training/runs/{not_adopted.pk}").json()
+    assert body["keyword_weight"] == 1.5
+    assert body["verdict"].startswith(f"Adopted by hand by {staff_user.username}: epoch 1 of 4 with keyword matching "
+                                      "weighted 1.5 did not beat the encoder alone")
+    page = staff_client.get(reverse("training_runs:row", args=[not_adopted.pk])).content.decode()
+    assert "count keyword matching (BM25) at weight 1.5 beside the adapter" in page
+    chunks = list(not_adopted.corpus.chunks.order_by("index").values_list("text", flat=True))
+    cosine = -(embed(settings.JOBSITE_ENCODER_PATH, chunks) @ embed(settings.JOBSITE_ENCODER_PATH, [QUERY])[0])
+    keywords = KeywordIndex(chunks).scores([QUERY])[0]
+    blended = cosine + 1.5 * keywords
+    hits = training_run_search(run=TrainingRun.objects.get(pk=not_adopted.pk), query=QUERY, k=5)
+    assert [hit["index"] for hit in hits] == list(np.argsort(-blended, kind="stable")[:5])
+    assert [hit["index"] for hit in hits] != list(np.argsort(-cosine)[:5]), "the words moved the ranking"
+    assert [hit["score"] for hit in hits] == [round(float(blended[hit["index"]]), 4) for hit in hits]
 
 
 def test_the_api_says_not_adopted_and_adopts_once(staff_client, not_adopted):

@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 
 from jobsite.errors import Cancelled
 from tests.conftest import TEXTS
-from training_runs.trainer import (TrainSpec, apply_adapter, beats, embed, load_adapter, recall_at_k, run_training,
-                                  selection_key)
+from training_runs.trainer import (KeywordIndex, TrainSpec, adapter_keyword_weight, apply_adapter, beats, best_blend,
+                                  embed, load_adapter, recall_at_k, run_training, selection_key)
 
 CHUNKS = [f"{text} (section {i})" for i, text in enumerate(TEXTS[:10])]
 TRAIN = [(f"what does section {i} say about it", i) for i in range(0, len(CHUNKS), 2)]
@@ -100,11 +100,14 @@ def test_an_adapter_worse_than_the_encoder_alone_is_kept_as_the_best_epoch_but_n
     assert result.best_epoch == max(range(1, len(result.validation_curve) + 1),
                                     key=lambda e: (selection_key(result.validation_curve[e - 1]), -e))
     assert len(result.loss_curve) == result.best_epoch + 2 < 12
-    # The saved adapter is that epoch's: it measures what the curve says it did.
+    # The saved adapter and keyword weight are that epoch's: they measure what the curve says they did.
+    kept = result.validation_curve[result.best_epoch - 1]
+    assert adapter_keyword_weight(result.adapter_path) == kept["keyword_weight"] == result.keyword_weight
     vectors = embed(str(encoder), [q for q, _ in VALIDATION])
+    keywords = KeywordIndex(CHUNKS).scores([q for q, _ in VALIDATION])
     saved = recall_at_k(apply_adapter(load_adapter(result.adapter_path), vectors), embed(str(encoder), CHUNKS),
-                        [c for _, c in VALIDATION])
-    assert saved == result.validation_curve[result.best_epoch - 1]
+                        [c for _, c in VALIDATION], keywords, adapter_keyword_weight(result.adapter_path))
+    assert {**saved, "keyword_weight": kept["keyword_weight"]} == kept
 
 
 @pytest.mark.parametrize(("recall", "adopted"), [
@@ -132,3 +135,49 @@ def test_a_score_that_is_not_a_number_finds_nothing():
     chunks = np.eye(3, dtype=np.float32)
     queries = np.array([[1, 0, 0], [np.nan, 0, 0]], dtype=np.float32)
     assert recall_at_k(queries, chunks, [0, 1]) == {"recall@1": 0.5, "recall@5": 0.5, "recall@10": 0.5}
+
+
+def test_keyword_scores_are_textbook_bm25_scaled_to_the_querys_best_chunk():
+    chunks = ["The cat sat.", "The dog sat on the mat, the MAT!", "Cats and dogs", "Café au lait"]
+    index = KeywordIndex(chunks)
+    tokens = [["the", "cat", "sat"], ["the", "dog", "sat", "on", "the", "mat", "the", "mat"], ["cats", "and", "dogs"],
+              ["café", "au", "lait"]]
+    average = sum(map(len, tokens)) / len(tokens)
+
+    def bm25(query_words, doc):  # Robertson's BM25 with Lucene's idf, k1 1.2, b 0.75, written out
+        total = 0.0
+        for word in set(query_words):
+            df = sum(word in d for d in tokens)
+            tf = doc.count(word)
+            if df and tf:
+                idf = np.log(1 + (len(tokens) - df + 0.5) / (df + 0.5))
+                total += idf * tf * 2.2 / (tf + 1.2 * (0.25 + 0.75 * len(doc) / average))
+        return total
+
+    for query, words in [("cat mat", ["cat", "mat"]), ("CAFÉ", ["café"]), ("the dog", ["the", "dog"])]:
+        raw = np.array([bm25(words, doc) for doc in tokens])
+        assert np.allclose(index.scores([query])[0], raw / raw.max(), atol=1e-6), query
+    # Whole words only: "cat" is not "cats", and a query with no word in the corpus scores 0 everywhere.
+    assert index.scores(["cats"])[0].tolist() == [0.0, 0.0, 1.0, 0.0]
+    assert index.scores(["zebra"])[0].tolist() == [0.0] * 4
+
+
+def test_validation_chooses_no_keyword_weight_where_the_words_mislead_and_one_where_they_help():
+    chunks = np.eye(4, dtype=np.float32)
+    right = np.eye(4, dtype=np.float32)[[0, 1, 2]] * 0.9 + 0.1  # the cosine finds each query's chunk
+    misleading = np.eye(4, dtype=np.float32)[[3, 3, 3]]  # the words point every query at chunk 3
+    chosen = best_blend(right, chunks, [0, 1, 2], misleading, (0.0, 0.5, 1.0, 2.0))
+    assert chosen["keyword_weight"] == 0.0 and chosen["recall@1"] == 1.0
+    wrong = np.eye(4, dtype=np.float32)[[1, 2, 0]]  # the cosine finds the next chunk instead
+    helpful = np.eye(4, dtype=np.float32)[[0, 1, 2]]
+    chosen = best_blend(wrong, chunks, [0, 1, 2], helpful, (0.0, 0.5, 2.0))
+    assert chosen["keyword_weight"] == 2.0 and chosen["recall@1"] == 1.0  # at 0.5 the cosine still leads
+    # On a tie the lower weight is kept: words that add nothing do not enter search.
+    assert best_blend(right, chunks, [0, 1, 2], right, (0.0, 0.5))["keyword_weight"] == 0.0
+
+
+def test_embeddings_made_longest_first_are_each_texts_own(encoder):
+    texts = [CHUNKS[0], "short", CHUNKS[3][:30], CHUNKS[5]]
+    together = embed(str(encoder), texts, batch_size=2)
+    alone = np.concatenate([embed(str(encoder), [text]) for text in texts])
+    assert np.allclose(together, alone, atol=1e-5)
