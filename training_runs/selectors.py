@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import hashlib
 import os
+import threading
 
 from django.conf import settings
 from django.db.models import Avg, Count, QuerySet
@@ -44,14 +46,32 @@ def embedding_text_sizes(*, run: TrainingRun) -> dict:
     return {"chunks": chunks["count"], "chunk_chars": chunks["chars"] or 0.0, "query_chars": queries["chars"] or 0.0}
 
 
+_KEYWORD_INDEXES: dict[str, object] = {}
+_KEYWORD_LOCK = threading.Lock()  # searches run in the server's threads
+
+
+def _keyword_index(texts: list[str]):
+    """The chunks' keyword index, built once per process for the same texts (a search then costs
+    its query, not a pass over the corpus)."""
+    from training_runs.trainer import KeywordIndex  # noqa: PLC0415
+
+    digest = hashlib.sha256("\x1e".join(texts).encode()).hexdigest()
+    with _KEYWORD_LOCK:
+        if digest not in _KEYWORD_INDEXES:
+            while len(_KEYWORD_INDEXES) >= 4:  # a few corpora at a time
+                _KEYWORD_INDEXES.pop(next(iter(_KEYWORD_INDEXES)))
+            _KEYWORD_INDEXES[digest] = KeywordIndex(texts)
+        return _KEYWORD_INDEXES[digest]
+
+
 def training_run_search(*, run: TrainingRun, query: str, k: int = 5) -> list[dict]:
     """The k chunks nearest to `query`: through the run's adapter, with keyword matching at the
     weight its validation chose, where it was adopted; through the encoder alone where it was not
     (a worse adapter is never the result)."""
     import numpy as np  # noqa: PLC0415
 
-    from training_runs.trainer import (ADAPTER, KeywordIndex, adapter_keyword_weight, apply_adapter,  # noqa: PLC0415
-                                       embed, load_adapter, search_scores)
+    from training_runs.trainer import (ADAPTER, adapter_keyword_weight, apply_adapter, embed,  # noqa: PLC0415
+                                       load_adapter, search_scores)
 
     if run.status != TrainingRun.Status.COMPLETED or run.is_removed:  # the run's state, not the query, is wrong
         raise TransitionNotAllowed(f"Training run {run.pk} {run.state_phrase}; search needs a completed run.")
@@ -82,7 +102,7 @@ def training_run_search(*, run: TrainingRun, query: str, k: int = 5) -> list[dic
         vector = apply_adapter(load_adapter(adapter_path), vector)
         weight = adapter_keyword_weight(adapter_path)
         if weight:
-            keyword = KeywordIndex([chunk["text"] for chunk in by_position]).scores([query])
+            keyword = _keyword_index([chunk["text"] for chunk in by_position]).scores([query])
     scores = search_scores(vector, chunks, keyword, weight)[0]
     best = np.argsort(-scores, kind="stable")[:k]
     return [{**by_position[i], "score": round(float(scores[i]), 4)} for i in best]

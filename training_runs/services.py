@@ -669,6 +669,7 @@ def _train(run: TrainingRun, lease) -> None:
         encoder_path=str(resolve_under(settings.JOBSITE_ENCODER_PATH, settings.JOBSITE_MODEL_ROOTS, "encoder", field=None)),
         output_dir=str(run.output_dir), epochs=run.epochs, batch_size=run.train_batch_size,
         learning_rate=run.learning_rate, device=settings.JOBSITE_DEVICE, patience=run.patience,
+        shared_dir=str(settings.JOBSITE_DATA_DIR / "embeddings"),
     )
     sizes = {"train_pairs": len(train), "validation_pairs": len(validation), "test_pairs": len(test)}
 

@@ -77,6 +77,8 @@ class TrainSpec:
     identity_decay: float = 100.0
     # The keyword weights validation chooses from; (0.0,) serves the adapter alone.
     keyword_weights: tuple[float, ...] = KEYWORD_WEIGHTS
+    # Where complete embeddings are shared between runs ("": each run embeds its own texts).
+    shared_dir: str = ""
 
 
 @dataclass
@@ -178,23 +180,40 @@ class EmbeddingCache:
     (atomically) as soon as it is embedded, so a stop or a crash keeps the batches before it
     and a resume embeds only the rest, in the batches an uninterrupted run uses (so with the
     same values). Once complete, the batches become one file, in the texts' own order.
+
+    With a `shared` directory (one per encoder and batching: shared_embeddings_dir), the
+    complete file is also kept there, and a later run on the same texts takes it instead of
+    embedding them again: a second run on a corpus embeds only the queries it has not seen.
     """
 
-    def __init__(self, output_dir: str, name: str, texts: Sequence[str]):
+    def __init__(self, output_dir: str, name: str, texts: Sequence[str], shared: str = ""):
         # "longest first": batches written in the given order by an earlier version are not these.
         digest = hashlib.sha256(("longest first\x1e" + "\x1e".join(texts)).encode()).hexdigest()[:16]
         self.order = length_order(texts)
         self.texts = texts
         self.path = os.path.join(output_dir, f"{name}-{digest}.npy")
+        self.shared_path = os.path.join(shared, f"{name}-{digest}.npy") if shared else ""
         self.batches_dir = os.path.join(output_dir, f"{name}-{digest}.batches")
-        self.stored = self._load()
+        self.complete = self._whole()  # the texts' embeddings in their order, or None
+        self.stored = [self.complete] if self.complete is not None else self._batches()
 
     def _batch_path(self, start: int) -> str:
         return os.path.join(self.batches_dir, f"{start:09d}.npy")
 
-    def _load(self) -> list[np.ndarray]:
+    def _whole(self) -> np.ndarray | None:
+        """The run's complete file, else the shared one where it holds one row per text."""
         if os.path.exists(self.path):
-            return [np.load(self.path)]
+            return np.load(self.path)
+        if self.shared_path:
+            try:
+                values = np.load(self.shared_path)
+            except (OSError, ValueError, EOFError):  # absent, or not a whole .npy: embedded again
+                return None
+            if values.ndim == 2 and len(values) == len(self.texts) and values.dtype == np.float32:
+                return values
+        return None
+
+    def _batches(self) -> list[np.ndarray]:
         stored, start = [], 0
         while os.path.exists(self._batch_path(start)):
             stored.append(np.load(self._batch_path(start)))
@@ -220,8 +239,8 @@ class EmbeddingCache:
                 self.stored.append(values)
                 start += len(values)
                 embedded(len(values))
-        if len(self.stored) == 1 and os.path.exists(self.path):
-            values = self.stored[0]  # put in place when it was written
+        if self.complete is not None:
+            values = self.complete
         elif self.stored:
             values = _in_place(self.order, np.concatenate(self.stored))
         else:
@@ -229,7 +248,30 @@ class EmbeddingCache:
         if not os.path.exists(self.path):
             _save_npy(self.path, values)
             shutil.rmtree(self.batches_dir, ignore_errors=True)
+        if self.shared_path and not os.path.exists(self.shared_path):
+            try:  # a cache: a run that cannot write it goes on, and the next one embeds again
+                os.makedirs(os.path.dirname(self.shared_path), exist_ok=True)
+                _save_npy(self.shared_path, values)
+            except OSError:
+                pass
         return values
+
+
+def shared_embeddings_dir(spec: TrainSpec) -> str:
+    """Where runs share complete embeddings: one folder per encoder (its path, and its files'
+    names, sizes and modification times, so replaced weights are never mixed with old vectors)
+    and per batching (batch size, device: the values depend on them in the last bits), so a
+    shared file holds exactly the values the run would compute. "" when spec.shared_dir is unset."""
+    if not spec.shared_dir:
+        return ""
+    key = hashlib.sha256(f"{os.path.realpath(spec.encoder_path)}\x1e{spec.embed_batch_size}\x1e{spec.device}".encode())
+    for root, dirs, files in sorted(os.walk(spec.encoder_path)):
+        dirs.sort()
+        for name in sorted(files):
+            stat = os.stat(os.path.join(root, name))
+            key.update(f"\x1e{os.path.relpath(os.path.join(root, name), spec.encoder_path)}\x1f{stat.st_size}"
+                       f"\x1f{stat.st_mtime_ns}".encode())
+    return os.path.join(spec.shared_dir, key.hexdigest()[:16])
 
 
 def new_adapter(hidden: int) -> torch.nn.Linear:
@@ -373,7 +415,8 @@ def _embed_all(spec: TrainSpec, parts: list[tuple[str, list[str]]], *, report: C
                heartbeat: Callable[[], None], should_cancel: Callable[[], bool],
                failpoint: Callable[[str, dict], None]) -> list[np.ndarray]:
     """Every part's embeddings, counted as one job of texts: what is stored counts at once."""
-    caches = [EmbeddingCache(spec.output_dir, name, texts) for name, texts in parts]
+    shared = shared_embeddings_dir(spec)
+    caches = [EmbeddingCache(spec.output_dir, name, texts, shared) for name, texts in parts]
     total = sum(len(cache.texts) for cache in caches)
     done = sum(cache.done for cache in caches)
     report(done, total)

@@ -157,6 +157,34 @@ def test_changing_the_pairs_of_a_failed_training_says_proceed_trains_again_and_i
     assert_same_as_an_uninterrupted_training(run, settings, epochs=4)
 
 
+def test_a_later_run_on_the_corpus_takes_its_chunks_embeddings_from_the_first(small_corpus, settings, monkeypatch):
+    import numpy as np
+
+    from training_runs import trainer
+
+    first = generate_and_approve(small_corpus)
+    training_run_train(run=first, epochs=1)
+    run_training_phase(first.pk)
+    assert reload(first).status == "completed"
+    assert list((settings.JOBSITE_DATA_DIR / "embeddings").glob("*/chunks-*.npy")), "kept for later runs"
+
+    embedded, embed_batches = [], trainer.embed_batches
+
+    def counting(path, texts, **options):
+        embedded.extend(texts)
+        return embed_batches(path, texts, **options)
+
+    monkeypatch.setattr(trainer, "embed_batches", counting)
+    second = generate_and_approve(small_corpus)
+    training_run_train(run=second, epochs=1)
+    run_training_phase(second.pk)
+    second = reload(second)
+    assert second.status == "completed" and second.texts_embedded == second.texts_total
+    chunks = set(small_corpus.chunks.values_list("text", flat=True))
+    assert not chunks & set(embedded), "no chunk embedded again"
+    assert np.array_equal(np.load(first.output_dir / "index.npy"), np.load(second.output_dir / "index.npy"))
+
+
 def test_failure_again_returns_to_the_failed_state_with_the_new_error(small_corpus, settings):
     settings.JOBSITE_FAILPOINTS = json.dumps({"training.generate": {"action": "error", "at": 8, "message": "first"}})
     run = training_run_generate(corpus=small_corpus)

@@ -27,7 +27,7 @@ def train(encoder, output_dir, *, should_cancel, epochs=2, train_pairs=TRAIN, **
     the reports in order: ("texts", done, total) while embedding, ("epochs", done, total) after."""
     reports = []
     spec = TrainSpec(encoder_path=str(encoder), output_dir=str(output_dir), epochs=epochs, batch_size=8,
-                     embed_batch_size=4, **spec_fields)
+                     **{"embed_batch_size": 4, **spec_fields})
     try:
         result = run_training(
             spec, chunk_texts=CHUNKS, train_pairs=train_pairs, validation_pairs=VALIDATION, test_pairs=TEST,
@@ -181,3 +181,24 @@ def test_embeddings_made_longest_first_are_each_texts_own(encoder):
     together = embed(str(encoder), texts, batch_size=2)
     alone = np.concatenate([embed(str(encoder), [text]) for text in texts])
     assert np.allclose(together, alone, atol=1e-5)
+
+
+def test_a_second_run_on_the_same_texts_takes_their_embeddings_from_the_shared_folder(encoder, tmp_path):
+    shared = str(tmp_path / "shared")
+    _, first = train(encoder, tmp_path / "first", should_cancel=never, shared_dir=shared)
+    reports, second = train(encoder, tmp_path / "second", should_cancel=never, shared_dir=shared)
+    assert [r for r in reports if r[0] == "texts"] == [("texts", TOTAL, TOTAL)], "nothing embedded again"
+    assert np.array_equal(np.load(tmp_path / "first" / "index.npy"), np.load(tmp_path / "second" / "index.npy"))
+    assert (second.before, second.validation_curve, second.loss_curve) == (
+        first.before, first.validation_curve, first.loss_curve)
+
+    # Another batch size makes other values in the last bits: it embeds its own, and shares them apart.
+    reports, _ = train(encoder, tmp_path / "third", should_cancel=never, shared_dir=shared, embed_batch_size=2)
+    assert texts_reported(reports)[:3] == [0, 2, 4]
+
+    # A shared file that is not a whole .npy is embedded again, to the same values.
+    for path in (tmp_path / "shared").rglob("chunks-*.npy"):
+        path.write_bytes(b"not an array")
+    reports, fourth = train(encoder, tmp_path / "fourth", should_cancel=never, shared_dir=shared)
+    assert texts_reported(reports) == [TOTAL - len(CHUNKS), TOTAL - 6, TOTAL - 2, TOTAL], "the queries' are whole"
+    assert np.array_equal(np.load(tmp_path / "first" / "index.npy"), np.load(tmp_path / "fourth" / "index.npy"))
