@@ -270,7 +270,8 @@ def with_keywords(vectors, chunks, validation, test, *, validation_before: dict)
     chunk_vectors, validation_vectors, test_vectors = vectors
     keywords = trainer.KeywordIndex(chunks)
     chosen = trainer.best_blend(validation_vectors, chunk_vectors, [c for _, c in validation],
-                                keywords.scores([q for q, _ in validation]), trainer.KEYWORD_WEIGHTS)
+                                keywords.scores([q for q, _ in validation]), trainer.KEYWORD_WEIGHTS,
+                                validation_before)
     after = trainer.recall_at_k(test_vectors, chunk_vectors, [c for _, c in test],
                                 keywords.scores([q for q, _ in test]), chosen["keyword_weight"])
     return {"after": after, "weight": chosen["keyword_weight"], "adopted": trainer.beats(chosen, validation_before)}

@@ -94,9 +94,10 @@ class RunOut(JobOut):
     adopted: bool | None = Field(description="whether search uses the adapter; false when no epoch beat the encoder "
                                              "alone on validation; null until the run completes")
     keyword_weight: float | None = Field(description="the weight of keyword matching (BM25, 1 at the query's best "
-                                                    "chunk) that search adds to the adapter's cosine score, chosen "
-                                                    "on validation with the epoch; 0: the adapter alone; null "
-                                                    "before the run chose one")
+                                                    "chunk) that goes with the chosen epoch's adapter, chosen on "
+                                                    "validation with it; search adds it to the adapter's cosine "
+                                                    "score once the adapter is adopted (the encoder alone has "
+                                                    "none); 0: the adapter alone; null until the run completes")
     verdict: str = Field(description="the result in one sentence, with what to try when it was not adopted")
     error_type: str
     error_label: str = Field(description="the error type in words, e.g. \"Stopped on request\" for CANCELLED")

@@ -193,10 +193,11 @@ class TrainingRun(Job):
 
     @property
     def keyword_weight(self) -> float | None:
-        """The weight of keyword matching search adds beside the chosen epoch's adapter (chosen on
-        validation with it; 0: the adapter alone), or None before the run chose one."""
-        chosen = (self.metrics or {}).get("validation_after") or {}
-        return chosen.get("keyword_weight")
+        """The weight of keyword matching that goes with the chosen epoch's adapter (chosen on
+        validation with it; 0: the adapter alone, as for runs trained before keyword matching),
+        which search adds once the adapter is adopted; None until the run completes."""
+        chosen = (self.metrics or {}).get("validation_after")
+        return chosen.get("keyword_weight", 0.0) if self.status == self.Status.COMPLETED and chosen else None
 
     @property
     def keyword_phrase(self) -> str:

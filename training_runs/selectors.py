@@ -57,11 +57,14 @@ def _keyword_index(texts: list[str]):
 
     digest = hashlib.sha256("\x1e".join(texts).encode()).hexdigest()
     with _KEYWORD_LOCK:
-        if digest not in _KEYWORD_INDEXES:
+        index = _KEYWORD_INDEXES.get(digest)
+    if index is None:  # built outside the lock: a large corpus does not hold up searches on others
+        index = KeywordIndex(texts)
+        with _KEYWORD_LOCK:
             while len(_KEYWORD_INDEXES) >= 4:  # a few corpora at a time
                 _KEYWORD_INDEXES.pop(next(iter(_KEYWORD_INDEXES)))
-            _KEYWORD_INDEXES[digest] = KeywordIndex(texts)
-        return _KEYWORD_INDEXES[digest]
+            _KEYWORD_INDEXES[digest] = index
+    return index
 
 
 def training_run_search(*, run: TrainingRun, query: str, k: int = 5) -> list[dict]:

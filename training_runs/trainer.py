@@ -20,12 +20,15 @@ ends. Pure torch/transformers: no Django here, and no pickle.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import tempfile
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -167,9 +170,17 @@ def embed(encoder_path: str, texts: Sequence[str], *, device: str = "cpu", batch
 
 
 def _save_npy(path: str, values: np.ndarray) -> None:
-    tmp = path + ".tmp.npy"
-    np.save(tmp, values)
-    os.replace(tmp, path)
+    """Atomically, through a temporary file of its own: two runs writing one shared file never
+    rename each other's half-written one into place."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, values)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 class EmbeddingCache:
@@ -181,19 +192,22 @@ class EmbeddingCache:
     and a resume embeds only the rest, in the batches an uninterrupted run uses (so with the
     same values). Once complete, the batches become one file, in the texts' own order.
 
-    With a `shared` directory (one per encoder and batching: shared_embeddings_dir), the
+    With a `shared` directory (one per encoder and batching: embedding_key), the
     complete file is also kept there, and a later run on the same texts takes it instead of
     embedding them again: a second run on a corpus embeds only the queries it has not seen.
     """
 
-    def __init__(self, output_dir: str, name: str, texts: Sequence[str], shared: str = ""):
-        # "longest first": batches written in the given order by an earlier version are not these.
-        digest = hashlib.sha256(("longest first\x1e" + "\x1e".join(texts)).encode()).hexdigest()[:16]
+    def __init__(self, output_dir: str, name: str, texts: Sequence[str], key: str = "", shared: str = ""):
+        # `key` (embedding_key): a run resumed after its encoder or batching changed embeds afresh
+        # instead of mixing old batches with new ones. "longest first": batches an earlier version
+        # wrote in the texts' own order are not these.
+        digest = hashlib.sha256(f"longest first\x1e{key}\x1e".encode() + "\x1e".join(texts).encode()).hexdigest()[:16]
         self.order = length_order(texts)
         self.texts = texts
         self.path = os.path.join(output_dir, f"{name}-{digest}.npy")
         self.shared_path = os.path.join(shared, f"{name}-{digest}.npy") if shared else ""
         self.batches_dir = os.path.join(output_dir, f"{name}-{digest}.batches")
+        self.shared_ok = False  # whether the shared folder holds this file whole already
         self.complete = self._whole()  # the texts' embeddings in their order, or None
         self.stored = [self.complete] if self.complete is not None else self._batches()
 
@@ -202,16 +216,20 @@ class EmbeddingCache:
 
     def _whole(self) -> np.ndarray | None:
         """The run's complete file, else the shared one where it holds one row per text."""
-        if os.path.exists(self.path):
-            return np.load(self.path)
+        shared = None
         if self.shared_path:
             try:
-                values = np.load(self.shared_path)
-            except (OSError, ValueError, EOFError):  # absent, or not a whole .npy: embedded again
-                return None
-            if values.ndim == 2 and len(values) == len(self.texts) and values.dtype == np.float32:
-                return values
-        return None
+                shared = np.load(self.shared_path)
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # absent, or not a whole .npy: written again
+                shared = None
+            if shared is not None and not isinstance(shared, np.ndarray):
+                shared.close()  # an .npz archive: not these texts' embeddings
+            # Any other shape or type is not these texts' embeddings either.
+            self.shared_ok = (isinstance(shared, np.ndarray) and shared.ndim == 2 and len(shared) == len(self.texts)
+                              and shared.dtype == np.float32)
+        if os.path.exists(self.path):
+            return np.load(self.path)
+        return shared if self.shared_ok else None
 
     def _batches(self) -> list[np.ndarray]:
         stored, start = [], 0
@@ -248,7 +266,7 @@ class EmbeddingCache:
         if not os.path.exists(self.path):
             _save_npy(self.path, values)
             shutil.rmtree(self.batches_dir, ignore_errors=True)
-        if self.shared_path and not os.path.exists(self.shared_path):
+        if self.shared_path and not self.shared_ok:
             try:  # a cache: a run that cannot write it goes on, and the next one embeds again
                 os.makedirs(os.path.dirname(self.shared_path), exist_ok=True)
                 _save_npy(self.shared_path, values)
@@ -257,21 +275,23 @@ class EmbeddingCache:
         return values
 
 
-def shared_embeddings_dir(spec: TrainSpec) -> str:
-    """Where runs share complete embeddings: one folder per encoder (its path, and its files'
-    names, sizes and modification times, so replaced weights are never mixed with old vectors)
-    and per batching (batch size, device: the values depend on them in the last bits), so a
-    shared file holds exactly the values the run would compute. "" when spec.shared_dir is unset."""
-    if not spec.shared_dir:
-        return ""
+def embedding_key(spec: TrainSpec) -> str:
+    """What embeddings depend on besides their texts: the encoder's files and the batching.
+
+    The files by path, name, size, modification time, inode and change time: a file rewritten in
+    place changes its change time even when its size and modification time are kept, and a
+    copy elsewhere is another key (embedded again, never mixed). The batching by batch size and
+    device: the values depend on them in the last bits, so a file under this key holds exactly
+    the values a run with this spec computes."""
     key = hashlib.sha256(f"{os.path.realpath(spec.encoder_path)}\x1e{spec.embed_batch_size}\x1e{spec.device}".encode())
-    for root, dirs, files in sorted(os.walk(spec.encoder_path)):
+    for root, dirs, files in os.walk(spec.encoder_path):
         dirs.sort()
         for name in sorted(files):
-            stat = os.stat(os.path.join(root, name))
-            key.update(f"\x1e{os.path.relpath(os.path.join(root, name), spec.encoder_path)}\x1f{stat.st_size}"
-                       f"\x1f{stat.st_mtime_ns}".encode())
-    return os.path.join(spec.shared_dir, key.hexdigest()[:16])
+            path = os.path.join(root, name)
+            stat = os.stat(path)
+            key.update(f"\x1e{os.path.relpath(path, spec.encoder_path)}\x1f{stat.st_size}\x1f{stat.st_mtime_ns}"
+                       f"\x1f{stat.st_ino}\x1f{stat.st_ctime_ns}".encode())
+    return key.hexdigest()[:16]
 
 
 def new_adapter(hidden: int) -> torch.nn.Linear:
@@ -415,8 +435,9 @@ def _embed_all(spec: TrainSpec, parts: list[tuple[str, list[str]]], *, report: C
                heartbeat: Callable[[], None], should_cancel: Callable[[], bool],
                failpoint: Callable[[str, dict], None]) -> list[np.ndarray]:
     """Every part's embeddings, counted as one job of texts: what is stored counts at once."""
-    shared = shared_embeddings_dir(spec)
-    caches = [EmbeddingCache(spec.output_dir, name, texts, shared) for name, texts in parts]
+    key = embedding_key(spec)
+    shared = os.path.join(spec.shared_dir, key) if spec.shared_dir else ""
+    caches = [EmbeddingCache(spec.output_dir, name, texts, key, shared) for name, texts in parts]
     total = sum(len(cache.texts) for cache in caches)
     done = sum(cache.done for cache in caches)
     report(done, total)
@@ -436,13 +457,15 @@ def _embed_all(spec: TrainSpec, parts: list[tuple[str, list[str]]], *, report: C
 
 
 def best_blend(query_vectors: np.ndarray, chunk_vectors: np.ndarray, targets: Sequence[int], keyword: np.ndarray,
-               weights: Sequence[float]) -> dict:
-    """Validation recall at the keyword weight that does best (by selection_key; the lower
-    weight on a tie), with that weight as "keyword_weight"."""
+               weights: Sequence[float], baseline: dict) -> dict:
+    """Validation recall at the keyword weight that does best, with that weight as
+    "keyword_weight": by the rule that keeps an epoch (_preferred: a weight that beats the
+    encoder alone over one that does not, then selection_key; the lower weight on a tie), so a
+    weight that wins at recall@5 and loses at @1 never costs an epoch its adoption."""
     best: dict = {}
     for weight in weights:
         recall = {**recall_at_k(query_vectors, chunk_vectors, targets, keyword, weight), "keyword_weight": weight}
-        if not best or selection_key(recall) > selection_key(best):
+        if not best or _preferred(recall, best, baseline):
             best = recall
     return best
 
@@ -591,7 +614,7 @@ def run_training(
         epoch += 1
         losses.append(round(float(np.mean(epoch_losses)), 6) if epoch_losses else 0.0)
         curve.append(best_blend(apply_adapter(adapter, validation_q), chunks, validation_t, validation_keywords,
-                                spec.keyword_weights))
+                                spec.keyword_weights, meta["validation_before"]))
         if not best_epoch or _preferred(curve[-1], curve[best_epoch - 1], meta["validation_before"]):
             best_epoch, best = epoch, _adapter_tensors(adapter)
         meta.update(losses=losses, validation_curve=curve, best_epoch=best_epoch)

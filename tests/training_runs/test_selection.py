@@ -71,13 +71,15 @@ def test_search_adds_keyword_matching_at_the_weight_the_run_chose(not_adopted, s
               metadata={"keyword_weight": "1.5"})
     not_adopted.metrics["validation_after"]["keyword_weight"] = 1.5
     not_adopted.save(update_fields=["metrics"])
+    row = reverse("training_runs:row", args=[not_adopted.pk])
+    assert "as search will once the adapter is adopted" in staff_client.get(row).content.decode()
     services.training_run_adopt(run=not_adopted, user=staff_user)
     body = staff_client.get(f"/api/v1/training/runs/{not_adopted.pk}").json()
     assert body["keyword_weight"] == 1.5
     assert body["verdict"].startswith(f"Adopted by hand by {staff_user.username}: epoch 1 of 4 with keyword matching "
                                       "weighted 1.5 did not beat the encoder alone")
-    page = staff_client.get(reverse("training_runs:row", args=[not_adopted.pk])).content.decode()
-    assert "count keyword matching (BM25) at weight 1.5 beside the adapter" in page
+    page = staff_client.get(row).content.decode()
+    assert "count keyword matching (BM25) at weight 1.5 beside the adapter, as search does" in page
     chunks = list(not_adopted.corpus.chunks.order_by("index").values_list("text", flat=True))
     cosine = -(embed(settings.JOBSITE_ENCODER_PATH, chunks) @ embed(settings.JOBSITE_ENCODER_PATH, [QUERY])[0])
     keywords = KeywordIndex(chunks).scores([QUERY])[0]
@@ -92,6 +94,7 @@ def test_the_api_says_not_adopted_and_adopts_once(staff_client, not_adopted):
     url = f"/api/v1/training/runs/{not_adopted.pk}"
     body = staff_client.get(url).json()
     assert body["adopted"] is False and body["best_epoch"] == 1 and len(body["validation_curve"]) == 4
+    assert body["keyword_weight"] == 0.0, "trained without keyword matching: the adapter alone"
     assert body["verdict"] == (
         "Not adopted: no epoch beat the encoder alone on validation (its best, epoch 1 of 4, fell at recall@1 "
         "0.50 → 0.40, recall@5 0.70 → 0.60, recall@10 0.80 → 0.70), so search uses the encoder alone. Try more or "

@@ -2,6 +2,9 @@
 queries, a stop between batches, a resume that keeps the batches done; the epoch chosen on
 validation, early stopping, and an adapter worse than the encoder alone never adopted."""
 
+import io
+import os
+
 import numpy as np
 import pytest
 from safetensors.torch import load_file
@@ -9,7 +12,7 @@ from safetensors.torch import load_file
 from jobsite.errors import Cancelled
 from tests.conftest import TEXTS
 from training_runs.trainer import (KeywordIndex, TrainSpec, adapter_keyword_weight, apply_adapter, beats, best_blend,
-                                  embed, load_adapter, recall_at_k, run_training, selection_key)
+                                  embed, embedding_key, load_adapter, recall_at_k, run_training, selection_key)
 
 CHUNKS = [f"{text} (section {i})" for i, text in enumerate(TEXTS[:10])]
 TRAIN = [(f"what does section {i} say about it", i) for i in range(0, len(CHUNKS), 2)]
@@ -162,18 +165,37 @@ def test_keyword_scores_are_textbook_bm25_scaled_to_the_querys_best_chunk():
     assert index.scores(["zebra"])[0].tolist() == [0.0] * 4
 
 
+NOTHING_FOUND = {"recall@1": 0.0, "recall@5": 0.0, "recall@10": 0.0}
+
+
 def test_validation_chooses_no_keyword_weight_where_the_words_mislead_and_one_where_they_help():
     chunks = np.eye(4, dtype=np.float32)
     right = np.eye(4, dtype=np.float32)[[0, 1, 2]] * 0.9 + 0.1  # the cosine finds each query's chunk
     misleading = np.eye(4, dtype=np.float32)[[3, 3, 3]]  # the words point every query at chunk 3
-    chosen = best_blend(right, chunks, [0, 1, 2], misleading, (0.0, 0.5, 1.0, 2.0))
+    chosen = best_blend(right, chunks, [0, 1, 2], misleading, (0.0, 0.5, 1.0, 2.0), NOTHING_FOUND)
     assert chosen["keyword_weight"] == 0.0 and chosen["recall@1"] == 1.0
     wrong = np.eye(4, dtype=np.float32)[[1, 2, 0]]  # the cosine finds the next chunk instead
     helpful = np.eye(4, dtype=np.float32)[[0, 1, 2]]
-    chosen = best_blend(wrong, chunks, [0, 1, 2], helpful, (0.0, 0.5, 2.0))
+    chosen = best_blend(wrong, chunks, [0, 1, 2], helpful, (0.0, 0.5, 2.0), NOTHING_FOUND)
     assert chosen["keyword_weight"] == 2.0 and chosen["recall@1"] == 1.0  # at 0.5 the cosine still leads
     # On a tie the lower weight is kept: words that add nothing do not enter search.
-    assert best_blend(right, chunks, [0, 1, 2], right, (0.0, 0.5))["keyword_weight"] == 0.0
+    assert best_blend(right, chunks, [0, 1, 2], right, (0.0, 0.5), NOTHING_FOUND)["keyword_weight"] == 0.0
+
+
+def test_a_keyword_weight_that_would_cost_the_epoch_its_adoption_is_not_chosen():
+    chunks = np.eye(7, dtype=np.float32)
+    cosine = np.array([[1.0, 0, 0.5, 0.4, 0.3, 0.2, 0.1],  # query 0 finds its chunk first
+                       [0.9, 0, 0.8, 0.7, 0.6, 0.5, 0.4]], dtype=np.float32)  # query 1 finds its chunk last
+    keywords = np.zeros((2, 7), dtype=np.float32)
+    keywords[0, 2], keywords[1, 1] = 1.0, 0.4  # at weight 2: query 0 falls to second, query 1 rises to second
+    baseline = {"recall@1": 0.5, "recall@5": 0.5, "recall@10": 0.5}
+    # Weight 2 finds both within 5 (recall@5 1.0 against 0.5) but neither first: it does not beat
+    # the encoder alone, while weight 0 does (at recall@10); the epoch keeps weight 0 and its adoption.
+    chosen = best_blend(cosine, chunks, [0, 1], keywords, (0.0, 2.0), baseline)
+    assert chosen == {"recall@1": 0.5, "recall@5": 0.5, "recall@10": 1.0, "keyword_weight": 0.0}
+    assert beats(chosen, baseline)
+    alone = best_blend(cosine, chunks, [0, 1], keywords, (2.0,), baseline)
+    assert alone["recall@5"] == 1.0 and alone["recall@1"] == 0.0 and not beats(alone, baseline)
 
 
 def test_embeddings_made_longest_first_are_each_texts_own(encoder):
@@ -196,9 +218,40 @@ def test_a_second_run_on_the_same_texts_takes_their_embeddings_from_the_shared_f
     reports, _ = train(encoder, tmp_path / "third", should_cancel=never, shared_dir=shared, embed_batch_size=2)
     assert texts_reported(reports)[:3] == [0, 2, 4]
 
-    # A shared file that is not a whole .npy is embedded again, to the same values.
-    for path in (tmp_path / "shared").rglob("chunks-*.npy"):
-        path.write_bytes(b"not an array")
-    reports, fourth = train(encoder, tmp_path / "fourth", should_cancel=never, shared_dir=shared)
-    assert texts_reported(reports) == [TOTAL - len(CHUNKS), TOTAL - 6, TOTAL - 2, TOTAL], "the queries' are whole"
-    assert np.array_equal(np.load(tmp_path / "first" / "index.npy"), np.load(tmp_path / "fourth" / "index.npy"))
+    # A shared file that is not a whole .npy (text, a zip archive) is embedded again, to the same
+    # values, and written again for the next run.
+    archive = io.BytesIO()
+    np.savez(archive, chunks=np.zeros((len(CHUNKS), 384), np.float32))
+    for garbage in (b"not an array", b"PK\x03\x04 half an archive", archive.getvalue()):
+        for path in (tmp_path / "shared").rglob("chunks-*.npy"):
+            path.write_bytes(garbage)
+        output = tmp_path / f"again-{len(garbage)}"
+        reports, _ = train(encoder, output, should_cancel=never, shared_dir=shared)
+        assert texts_reported(reports) == [TOTAL - len(CHUNKS), TOTAL - 6, TOTAL - 2, TOTAL], "the queries' are whole"
+        assert np.array_equal(np.load(tmp_path / "first" / "index.npy"), np.load(output / "index.npy"))
+        reports, _ = train(encoder, tmp_path / f"next-{len(garbage)}", should_cancel=never, shared_dir=shared)
+        assert texts_reported(reports) == [TOTAL], "the shared file was mended"
+
+
+def test_the_embedding_key_changes_when_an_encoder_file_is_rewritten_in_place(tmp_path):
+    encoder = tmp_path / "encoder"
+    encoder.mkdir()
+    weights = encoder / "model.safetensors"
+    weights.write_bytes(b"a" * 64)
+    spec = TrainSpec(encoder_path=str(encoder), output_dir=str(tmp_path / "run"))
+    before = embedding_key(spec)
+    assert embedding_key(spec) == before
+    kept = weights.stat()
+    weights.write_bytes(b"b" * 64)  # other weights, the same size and modification time
+    os.utime(weights, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    assert embedding_key(spec) != before
+    assert embedding_key(TrainSpec(encoder_path=str(encoder), output_dir="x", embed_batch_size=32)) != embedding_key(spec)
+
+
+def test_a_run_resumed_with_another_batching_embeds_afresh_instead_of_mixing_batches(encoder, tmp_path):
+    reports, stopped = train(encoder, tmp_path / "run", should_cancel=lambda reports: len(reports) >= 3)
+    assert isinstance(stopped, Cancelled) and texts_reported(reports)[-1] == 8
+    reports, resumed = train(encoder, tmp_path / "run", should_cancel=never, embed_batch_size=2)
+    assert texts_reported(reports)[:3] == [0, 2, 4], "the batches of 4 are not taken for batches of 2"
+    _, reference = train(encoder, tmp_path / "reference", should_cancel=never, embed_batch_size=2)
+    assert np.array_equal(np.load(tmp_path / "run" / "index.npy"), np.load(tmp_path / "reference" / "index.npy"))
