@@ -27,7 +27,8 @@ trainer.recall_at_k on the test pairs, against every chunk of the corpus:
                     whole call. It saves adapter.safetensors (and the chunks' index.npy, which
                     any method needs to search and so is not counted). The row "no keyword
                     matching" is the same run with keyword_weights=(0.0,), the adapter alone, on
-                    the same embeddings (its "with embedding" adds its training to their time).
+                    the same embeddings, taken from the shared folder (its "with embedding" adds
+                    its training to their time).
                     The row "a later run on the corpus" is the same run again in a new directory
                     with the chunks' embeddings in the shared folder (TrainSpec.shared_dir, as a
                     worker keeps them under JOBSITE_DATA_DIR/embeddings) and its queries embedded
@@ -277,16 +278,11 @@ def with_keywords(vectors, chunks, validation, test, *, validation_before: dict)
     return {"after": after, "weight": chosen["keyword_weight"], "adopted": trainer.beats(chosen, validation_before)}
 
 
-def keywords_alone(chunks, validation, test) -> dict:
+def keywords_alone(chunks, test) -> dict:
     """BM25 alone (its scores, no encoder): what the words of the queries find by themselves."""
     started = clock()
-    keywords = trainer.KeywordIndex(chunks)
-    validation_recall = trainer.recall_at_k(np.zeros((len(validation), 1), np.float32),
-                                            np.zeros((len(chunks), 1), np.float32), [c for _, c in validation],
-                                            keywords.scores([q for q, _ in validation]), 1.0)
-    test_recall = trainer.recall_at_k(np.zeros((len(test), 1), np.float32), np.zeros((len(chunks), 1), np.float32),
-                                      [c for _, c in test], keywords.scores([q for q, _ in test]), 1.0)
-    return {"validation": validation_recall, "after": test_recall, "total_s": clock() - started}
+    scores = trainer.KeywordIndex(chunks).scores([q for q, _ in test])
+    return {"after": trainer.recall_of(scores, [c for _, c in test]), "total_s": clock() - started}
 
 
 def clock() -> np.ndarray:
@@ -324,11 +320,10 @@ def bench_corpus(name: str, path: str, *, ft_epochs: int, workdir: str) -> dict:
                      output_dir=os.path.join(workdir, name, "fine-tune"))
     full["total_s"] += jobsite["epoch0_s"]
     blended = with_keywords(full["vectors"], chunks, validation, test, validation_before=result.validation_before)
-    words = keywords_alone(chunks, validation, test)
-    # The adapter alone, as before keyword matching: the same embeddings, copied, and its own checkpoint.
-    dense_dir = os.path.join(workdir, name, "adapter-alone")
-    shutil.copytree(adapter_dir, dense_dir, ignore=shutil.ignore_patterns(trainer.CHECKPOINT_DIR))
-    dense = run_adapter(path, chunks, train, validation, test, seed=0, output_dir=dense_dir, keyword_weights=(0.0,))
+    words = keywords_alone(chunks, test)
+    # The adapter alone, as before keyword matching: the same embeddings, from the shared folder.
+    dense = run_adapter(path, chunks, train, validation, test, seed=0, output_dir=os.path.join(workdir, name, "alone"),
+                        keyword_weights=(0.0,), shared_dir=shared)
     alone = dense["result"]
 
     print("| method | chosen epoch (run) | adopted | test recall@1 | recall@5 | recall@10 | training s | "

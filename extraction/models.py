@@ -248,7 +248,7 @@ class Extraction(Job):
             "original_extraction_id": self.original_extraction_id,
             "retry_count": self.retry_count,
             "shard_count": self.shards,
-            "shards": [shard.describe() for shard in parts],
+            "shards": self.shard_list(parts),
             # A job its shards run: its most silent running shard's heartbeat, as the page judges stalls.
             **({"heartbeat_at": beat and beat.isoformat()} if self.sharded else {}),
         }
@@ -300,9 +300,10 @@ class Extraction(Job):
 
         extraction_leave(job=self, reason=reason)
 
-    def shard_list(self) -> list[dict]:
-        """Each shard's progress, worker, heartbeat and attempt; [] for a job one worker runs."""
-        return [shard.describe() for shard in self.parts()]
+    def shard_list(self, shards: list["ExtractionShard"] | None = None) -> list[dict]:
+        """Each shard's progress, worker, heartbeat and attempt (`shards`: its parts, when the
+        caller has them already); [] for a job one worker runs."""
+        return [shard.describe() for shard in (self.parts() if shards is None else shards)]
 
     # Cleanup: a failed or cancelled extraction's finished samples are where its Retry starts.
     OUTPUT_REUSABLE = RETRYABLE_FROM

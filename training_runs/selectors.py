@@ -1,8 +1,7 @@
 from __future__ import annotations
 
-import hashlib
 import os
-import threading
+from functools import lru_cache
 
 from django.conf import settings
 from django.db.models import Avg, Count, QuerySet
@@ -46,25 +45,13 @@ def embedding_text_sizes(*, run: TrainingRun) -> dict:
     return {"chunks": chunks["count"], "chunk_chars": chunks["chars"] or 0.0, "query_chars": queries["chars"] or 0.0}
 
 
-_KEYWORD_INDEXES: dict[str, object] = {}
-_KEYWORD_LOCK = threading.Lock()  # searches run in the server's threads
-
-
-def _keyword_index(texts: list[str]):
+@lru_cache(maxsize=4)
+def _keyword_index(texts: tuple[str, ...]):
     """The chunks' keyword index, built once per process for the same texts (a search then costs
-    its query, not a pass over the corpus)."""
+    its query, not a pass over the corpus), for a few corpora at a time."""
     from training_runs.trainer import KeywordIndex  # noqa: PLC0415
 
-    digest = hashlib.sha256("\x1e".join(texts).encode()).hexdigest()
-    with _KEYWORD_LOCK:
-        index = _KEYWORD_INDEXES.get(digest)
-    if index is None:  # built outside the lock: a large corpus does not hold up searches on others
-        index = KeywordIndex(texts)
-        with _KEYWORD_LOCK:
-            while len(_KEYWORD_INDEXES) >= 4:  # a few corpora at a time
-                _KEYWORD_INDEXES.pop(next(iter(_KEYWORD_INDEXES)))
-            _KEYWORD_INDEXES[digest] = index
-    return index
+    return KeywordIndex(texts)
 
 
 def training_run_search(*, run: TrainingRun, query: str, k: int = 5) -> list[dict]:
@@ -105,7 +92,7 @@ def training_run_search(*, run: TrainingRun, query: str, k: int = 5) -> list[dic
         vector = apply_adapter(load_adapter(adapter_path), vector)
         weight = adapter_keyword_weight(adapter_path)
         if weight:
-            keyword = _keyword_index([chunk["text"] for chunk in by_position]).scores([query])
+            keyword = _keyword_index(tuple(chunk["text"] for chunk in by_position)).scores([query])
     scores = search_scores(vector, chunks, keyword, weight)[0]
     best = np.argsort(-scores, kind="stable")[:k]
     return [{**by_position[i], "score": round(float(scores[i]), 4)} for i in best]

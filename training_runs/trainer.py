@@ -216,20 +216,22 @@ class EmbeddingCache:
 
     def _whole(self) -> np.ndarray | None:
         """The run's complete file, else the shared one where it holds one row per text."""
-        shared = None
-        if self.shared_path:
-            try:
-                shared = np.load(self.shared_path)
-            except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # absent, or not a whole .npy: written again
-                shared = None
-            if shared is not None and not isinstance(shared, np.ndarray):
-                shared.close()  # an .npz archive: not these texts' embeddings
-            # Any other shape or type is not these texts' embeddings either.
-            self.shared_ok = (isinstance(shared, np.ndarray) and shared.ndim == 2 and len(shared) == len(self.texts)
-                              and shared.dtype == np.float32)
+        self.shared_ok = bool(self.shared_path) and self._shared_fits()
         if os.path.exists(self.path):
             return np.load(self.path)
-        return shared if self.shared_ok else None
+        return np.load(self.shared_path) if self.shared_ok else None
+
+    def _shared_fits(self) -> bool:
+        """Whether the shared file is a whole .npy of one float32 row per text (its header and
+        size read, not its rows): absent, cut short, an archive or another shape is written again."""
+        try:
+            shared = np.load(self.shared_path, mmap_mode="r")
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+            return False
+        if not isinstance(shared, np.ndarray):
+            shared.close()  # an .npz archive
+            return False
+        return shared.ndim == 2 and len(shared) == len(self.texts) and shared.dtype == np.float32
 
     def _batches(self) -> list[np.ndarray]:
         stored, start = [], 0
@@ -368,19 +370,26 @@ class KeywordIndex:
         return out
 
 
+def _blend(cosine: np.ndarray, keyword: np.ndarray | None, weight: float) -> np.ndarray:
+    return cosine + np.float32(weight) * keyword if weight and keyword is not None else cosine
+
+
 def search_scores(query_vectors: np.ndarray, chunk_vectors: np.ndarray, keyword: np.ndarray | None = None,
                   weight: float = 0.0) -> np.ndarray:
     """What search ranks by: cosine, plus `weight` times the keyword scores."""
-    scores = query_vectors @ chunk_vectors.T
-    return scores + np.float32(weight) * keyword if weight and keyword is not None else scores
+    return _blend(query_vectors @ chunk_vectors.T, keyword, weight)
 
 
 def recall_at_k(query_vectors: np.ndarray, chunk_vectors: np.ndarray, targets: Sequence[int],
                 keyword: np.ndarray | None = None, weight: float = 0.0) -> dict:
     """recall@1/5/10 of search_scores: the share of queries whose chunk ranks within the top k."""
+    return recall_of(search_scores(query_vectors, chunk_vectors, keyword, weight), targets)
+
+
+def recall_of(scores: np.ndarray, targets: Sequence[int]) -> dict:
+    """recall@1/5/10 of a [queries, chunks] score matrix, the right chunk of query i being targets[i]."""
     if not len(targets):
         return {f"recall@{k}": 0.0 for k in KS}
-    scores = search_scores(query_vectors, chunk_vectors, keyword, weight)
     true = scores[np.arange(len(targets)), targets]
     # Rank = how many chunks score strictly higher than the right one.
     rank = (scores > true[:, None]).sum(1)
@@ -463,8 +472,9 @@ def best_blend(query_vectors: np.ndarray, chunk_vectors: np.ndarray, targets: Se
     encoder alone over one that does not, then selection_key; the lower weight on a tie), so a
     weight that wins at recall@5 and loses at @1 never costs an epoch its adoption."""
     best: dict = {}
+    cosine = query_vectors @ chunk_vectors.T  # once: only the keyword weight changes between them
     for weight in weights:
-        recall = {**recall_at_k(query_vectors, chunk_vectors, targets, keyword, weight), "keyword_weight": weight}
+        recall = {**recall_of(_blend(cosine, keyword, weight), targets), "keyword_weight": weight}
         if not best or _preferred(recall, best, baseline):
             best = recall
     return best
