@@ -326,7 +326,8 @@ _WORD = re.compile(r"\w+")
 
 
 def words(text: str) -> list[str]:
-    """What keyword matching compares: lower-cased runs of letters and digits, in any script."""
+    """What keyword matching compares: lower-cased runs of letters and digits (Unicode ones; a
+    script written without spaces, such as Chinese, gives one word per run)."""
     return _WORD.findall(text.lower())
 
 
