@@ -102,7 +102,7 @@ FT_BATCH_SIZE = 32
 FT_LEARNING_RATE = 5e-5
 FT_WEIGHT_DECAY = 0.01
 FT_WARMUP = 0.1
-EMBED_BATCH_SIZE = 64
+EMBED_BATCH_SIZE = trainer.embed_batch_size("cpu")  # jobsite's; the fine-tune embeds in batches of the same size
 
 
 def encoder_path() -> str:

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from jobsite.errors import Cancelled
 from tests.conftest import TEXTS
 from training_runs.trainer import (KeywordIndex, TrainSpec, adapter_keyword_weight, apply_adapter, beats, best_blend,
-                                  embed, embedding_key, load_adapter, recall_at_k, run_training, selection_key)
+                                  embed, embed_batch_size, embedding_key, length_order, load_adapter, load_encoder,
+                                  recall_at_k, run_training, selection_key)
 
 CHUNKS = [f"{text} (section {i})" for i, text in enumerate(TEXTS[:10])]
 TRAIN = [(f"what does section {i} say about it", i) for i in range(0, len(CHUNKS), 2)]
@@ -198,8 +199,19 @@ def test_a_keyword_weight_that_would_cost_the_epoch_its_adoption_is_not_chosen()
     assert alone["recall@5"] == 1.0 and alone["recall@1"] == 0.0 and not beats(alone, baseline)
 
 
-def test_embeddings_made_longest_first_are_each_texts_own(encoder):
-    texts = [CHUNKS[0], "short", CHUNKS[3][:30], CHUNKS[5]]
+def test_texts_are_embedded_most_tokens_first_and_each_gets_its_own_embedding(encoder):
+    tokenizer = load_encoder(str(encoder))[0]
+    # Fewer characters, more tokens: a reference number splits into many pieces; long plain
+    # words stay whole. By characters the second would come first, and a batch of it and a
+    # short text would pad the short one to its length.
+    codes, words = "x9-q7 z3/k8 v2", "understanding everything"
+    assert len(codes) < len(words) and len(tokenizer(codes)["input_ids"]) > len(tokenizer(words)["input_ids"])
+    texts = ["short", words, codes, words]
+    assert length_order(texts, tokenizer) == [2, 1, 3, 0], "most tokens first, ties in their order"
+    long_text = " ".join(CHUNKS) * 3  # past MAX_TOKENS: counted as the encoder reads it, cut there
+    assert length_order([long_text, long_text + " more words"], tokenizer) == [0, 1]
+
+    texts = [CHUNKS[0], "short", CHUNKS[3][:30], codes, CHUNKS[5]]
     together = embed(str(encoder), texts, batch_size=2)
     alone = np.concatenate([embed(str(encoder), [text]) for text in texts])
     assert np.allclose(together, alone, atol=1e-5)
@@ -246,6 +258,10 @@ def test_the_embedding_key_changes_when_an_encoder_file_is_rewritten_in_place(tm
     os.utime(weights, ns=(kept.st_atime_ns, kept.st_mtime_ns))
     assert embedding_key(spec) != before
     assert embedding_key(TrainSpec(encoder_path=str(encoder), output_dir="x", embed_batch_size=32)) != embedding_key(spec)
+    # A spec without a batch size takes its device's, and is keyed by it as if it had named it.
+    assert spec.embed_batch_size == embed_batch_size("cpu") == 16
+    assert embedding_key(TrainSpec(encoder_path=str(encoder), output_dir="x", embed_batch_size=16)) == embedding_key(spec)
+    assert TrainSpec(encoder_path=str(encoder), output_dir="x", device="cuda").embed_batch_size == 64
 
 
 def test_a_run_resumed_with_another_batching_embeds_afresh_instead_of_mixing_batches(encoder, tmp_path):
