@@ -31,6 +31,13 @@ time is a created_at written by the same database clock):
                 "extraction_shard.completed" seconds.
   byte-identical  every data file and metadata.json of each run against one worker's.
 
+  what the machine allows  each round also times bare forward passes (no jobsite code: the
+                model called on the request's batches, longest first, in processes of one torch
+                thread): the whole order in one process, then its two halves, cut as two shards
+                are, in two processes started together (the slower one's seconds). Their ratio is
+                the most any 2w/1w can reach on this host in that round; the job's ratio is
+                printed over it (--no-bare leaves them out).
+
 Every count runs --rounds times (3), the rounds interleaved; each count's median run stands
 for it, and every round's ratio is printed too. The goal: 2 workers / 1 worker >= 1.8 on a
 2-core machine. Four single-thread workers on two
@@ -46,6 +53,7 @@ import datetime
 import filecmp
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -150,6 +158,58 @@ class Bench:
         self.stop(list(self.services))
 
 
+BARE = """
+import sys, time
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging
+logging.disable_progress_bar()
+model_dir, data, first, end, batch, max_length, start_at = sys.argv[1:]
+first, end, batch, max_length, start_at = int(first), int(end), int(batch), int(max_length), float(start_at)
+tokenizer = AutoTokenizer.from_pretrained(model_dir)
+model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+lines = open(data, encoding="utf-8").read().splitlines()
+ids = tokenizer(lines, truncation=True, max_length=max_length)["input_ids"]
+order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))[first:end]
+batches = []
+for s in range(0, len(order), batch):
+    rows = [ids[i] for i in order[s : s + batch]]
+    width = max(map(len, rows))
+    batches.append((torch.tensor([r + [0] * (width - len(r)) for r in rows]),
+                    torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])))
+time.sleep(max(0.0, start_at - time.time()))
+started = time.perf_counter()
+with torch.inference_mode():
+    for input_ids, mask in batches:
+        model(input_ids=input_ids, attention_mask=mask)
+print(time.perf_counter() - started)
+"""
+
+
+def bare(model_dir: str, data: Path, lines: list[str], hidden: int, parts: int, env: dict) -> float:
+    """Seconds of bare forward passes (no jobsite code: the model called on the request's batches,
+    longest first) over the whole order cut into `parts` ranges as the job's shards are cut, each
+    range in its own process with one torch thread, all started together: the slowest one's."""
+    from transformers import AutoTokenizer
+
+    from extraction.runner.shards import bounds
+
+    import numpy as np
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    lengths = np.array(sorted((len(i) for i in tokenizer(lines, truncation=True, max_length=REQUEST["max_length"])[
+        "input_ids"]), reverse=True))
+    start_at = time.time() + 10  # after every process has loaded the model and built its batches
+    processes = [subprocess.Popen([sys.executable, "-c", BARE, model_dir, str(data), str(first), str(end),
+                                   str(REQUEST["batch_size"]), str(REQUEST["max_length"]), str(start_at)],
+                                  env={**env, **ONE_THREAD}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for first, end in bounds(lengths, REQUEST["batch_size"], parts, hidden)]
+    outs = [process.communicate(timeout=600) for process in processes]
+    if any(process.returncode for process in processes):
+        raise RuntimeError(f"a bare forward process failed: {[err[-2000:] for _, err in outs]}")
+    return max(float(out.strip().splitlines()[-1]) for out, _ in outs)
+
+
 def run(bench: Bench, model, dataset, workers: int, timeout: float, one_cluster: bool) -> dict:
     from extraction.models import Extraction
     from extraction.services import extraction_start
@@ -215,6 +275,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600, help="seconds one run may take")
     parser.add_argument("--shape", metavar="LAYERSxHIDDEN",
                         help="the model's layers and width, e.g. 6x512 (Pythia-70m's); default 4x256, --quick 4x64")
+    parser.add_argument("--no-bare", action="store_true",
+                        help="leave out the bare forward passes (1 and 2 processes) that show what the machine allows")
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds of every worker count, interleaved; the ratios divide medians (default 3)")
     args = parser.parse_args()
@@ -275,6 +337,7 @@ def main() -> None:
                                    "one cluster per worker, one worker process each") + ", one torch thread each.")
             print()
             runs: dict[int, list[dict]] = {workers: [] for workers in counts}
+            machine: dict[int, list[float]] = {workers: [] for workers in counts if workers <= 2}
             for round_ in range(1, max(1, args.rounds) + 1):
                 # Rounds interleave the counts, so a slow spell of a shared machine touches each alike.
                 for workers in counts:
@@ -286,6 +349,11 @@ def main() -> None:
                         for kind, offset, shard in result["timeline"]:
                             where = f" shard {shard['index']} on {shard['worker']}" if shard else ""
                             print(f"    {offset:+8.2f} {kind}{where}")
+                if not args.no_bare:
+                    for parts in machine:
+                        machine[parts].append(bare(str(model_dir), data, lines, model_shape["hidden"], parts, bench.env))
+                        print(f"  round {round_}, bare forward passes in {parts} process(es): "
+                              f"{machine[parts][-1]:.2f} s", flush=True)
             # Each count's median run (by extract s) stands for it.
             results = [sorted(runs[w], key=lambda r: r["extract_s"])[len(runs[w]) // 2] for w in counts]
             print()
@@ -312,6 +380,16 @@ def main() -> None:
                       for w in counts[1:]}
             print(f"byte-identical: {'-, one run' if not differ else 'yes' if not any(differ.values()) else 'no'}"
                   + "".join(f"; {w} workers differ in {', '.join(names)}" for w, names in differ.items() if names))
+            if not args.no_bare and 1 in machine and 2 in machine and 2 in counts and counts[0] == 1:
+                allowed = [one / two for one, two in zip(machine[1], machine[2], strict=True)]
+                job = [one["extract_s"] / two["extract_s"] for one, two in zip(runs[1], runs[2], strict=True)]
+                print(f"what the machine allows: bare forward passes of the same batches, the whole order in one "
+                      f"process against its two halves (cut as the shards are) in two, one torch thread each: "
+                      f"{statistics.median(machine[1]):.2f} s against {statistics.median(machine[2]):.2f} s, by round "
+                      + ", ".join(f"{x:.2f}" for x in allowed) + f" (median {statistics.median(allowed):.2f}); the job's "
+                      f"2w/1w over the machine's, by round: "
+                      + ", ".join(f"{j / a:.2f}" for j, a in zip(job, allowed, strict=True))
+                      + f" (median {statistics.median(j / a for j, a in zip(job, allowed, strict=True)):.2f}).")
             print(f"planning (model read, tokenizing, cut), median of the runs: "
                   f"{statistics.median(r['planning_s'] for r in results):.2f} s, of which tokenizing events span "
                   f"{statistics.median(r['tokenizing_s'] for r in results):.2f} s; not in extract s.")

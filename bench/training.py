@@ -54,7 +54,8 @@ trainer.recall_at_k on the test pairs, against every chunk of the corpus:
                     matching" adds BM25 to its chosen epoch as jobsite's search does: the weight
                     chosen on validation from the same grid, adopted by the same rule.
 
-Epochs of the full fine-tune: 1 by default. On this 2-core CPU one step (32 queries and 32
+Epochs of the full fine-tune: 1 by default (sentence-transformers' trainer defaults to 3,
+`--ft-epochs 3`; about 5 minutes for one corpus here). On this 2-core CPU one step (32 queries and 32
 chunks of ~120 tokens, forward and backward) costs about 8 s of CPU, and re-embedding the demo
 corpus's chunks and held-out queries after an epoch about 20 s more: an epoch of its 18 steps
 takes about 3 CPU-minutes, so a second epoch on both corpora takes the run past 5 minutes. One
