@@ -32,8 +32,8 @@ time is a created_at written by the same database clock):
   byte-identical  every data file and metadata.json of each run against one worker's.
 
   what the machine allows  each round also times bare forward passes (no jobsite code: the
-                model called on the request's batches, longest first, in processes of one torch
-                thread): the whole order in one process, then its two halves, cut as two shards
+                model called on the request's batches, longest first, stopped after the last
+                layer the request reads as the job stops, in processes of one torch thread): the whole order in one process, then its two halves, cut as two shards
                 are, in two processes started together (the slower one's seconds). Their ratio is
                 the most any 2w/1w can reach on this host in that round; the job's ratio is
                 printed over it (--no-bare leaves them out).
@@ -164,10 +164,17 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging
 logging.disable_progress_bar()
-model_dir, data, first, end, batch, max_length, start_at = sys.argv[1:]
-first, end, batch, max_length, start_at = int(first), int(end), int(batch), int(max_length), float(start_at)
+model_dir, data, first, end, batch, max_length, last_layer, start_at = sys.argv[1:]
+first, end, batch, max_length, last_layer, start_at = (int(first), int(end), int(batch), int(max_length),
+                                                       int(last_layer), float(start_at))
 tokenizer = AutoTokenizer.from_pretrained(model_dir)
 model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+class Stop(Exception):
+    pass
+def stop(*_):
+    raise Stop
+# As the job does: the layers after the last one it reads are not run.
+model.transformer.h[last_layer].register_forward_hook(stop)
 lines = open(data, encoding="utf-8").read().splitlines()
 ids = tokenizer(lines, truncation=True, max_length=max_length)["input_ids"]
 order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))[first:end]
@@ -181,7 +188,10 @@ time.sleep(max(0.0, start_at - time.time()))
 started = time.perf_counter()
 with torch.inference_mode():
     for input_ids, mask in batches:
-        model(input_ids=input_ids, attention_mask=mask)
+        try:
+            model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+        except Stop:
+            pass
 print(time.perf_counter() - started)
 """
 
@@ -201,7 +211,8 @@ def bare(model_dir: str, data: Path, lines: list[str], hidden: int, parts: int, 
         "input_ids"]), reverse=True))
     start_at = time.time() + 10  # after every process has loaded the model and built its batches
     processes = [subprocess.Popen([sys.executable, "-c", BARE, model_dir, str(data), str(first), str(end),
-                                   str(REQUEST["batch_size"]), str(REQUEST["max_length"]), str(start_at)],
+                                   str(REQUEST["batch_size"]), str(REQUEST["max_length"]), str(max(REQUEST["layers"])),
+                                   str(start_at)],
                                   env={**env, **ONE_THREAD}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for first, end in bounds(lengths, REQUEST["batch_size"], parts, hidden)]
     outs = [process.communicate(timeout=600) for process in processes]
@@ -397,6 +408,10 @@ def main() -> None:
             print(f"Took {time.perf_counter() - started:.0f} s.")
         finally:
             bench.stop_all()
+            from extraction.models import Dataset, Extraction
+
+            # A run cut short (Ctrl-C) leaves its extraction out of `made`: it goes with its dataset.
+            Extraction.objects.filter(dataset__in=[r.pk for r in made if isinstance(r, Dataset)]).delete()
             for record in reversed(made):
                 type(record).objects.filter(pk=record.pk).delete()
             from django.db import connections
