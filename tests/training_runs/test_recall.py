@@ -66,9 +66,9 @@ def test_training_measurably_improves_recall_on_the_demo_corpus(encoder, fast_ma
     # saved (what search loads), ranks counted in the test.
     test = split_pairs(pairs)[2]
     queries, targets = [q for q, _ in test], [c for _, c in test]
-    chunk_vectors = embed(str(encoder), chunks)
-    alone = embed(str(encoder), queries) @ chunk_vectors.T
-    adapted = apply_adapter(load_adapter(run.output_dir / ADAPTER), embed(str(encoder), queries)) @ chunk_vectors.T
+    chunk_vectors, query_vectors = embed(str(encoder), chunks), embed(str(encoder), queries)
+    alone = query_vectors @ chunk_vectors.T
+    adapted = apply_adapter(load_adapter(run.output_dir / ADAPTER), query_vectors) @ chunk_vectors.T
     adapted += adapter_keyword_weight(run.output_dir / ADAPTER) * KeywordIndex(chunks).scores(queries)
     assert by_hand(alone, targets) == before and by_hand(adapted, targets) == after
 
