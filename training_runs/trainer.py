@@ -189,11 +189,11 @@ def embed(encoder_path: str, texts: Sequence[str], *, device: str = "cpu", batch
           heartbeat: Callable[[], None] = _nothing, should_cancel: Callable[[], bool] = _never) -> np.ndarray:
     """L2-normalised mean-pooled embeddings, float32 [len(texts), hidden], in the texts' order
     (made in length_order's batches, as a training run's are)."""
-    order = length_order(texts, load_encoder(encoder_path, device)[0])
+    tokenizer, model = load_encoder(encoder_path, device)
+    order = length_order(texts, tokenizer)
     out = list(embed_batches(encoder_path, [texts[i] for i in order], device=device, batch_size=batch_size,
                              heartbeat=heartbeat, should_cancel=should_cancel))
-    hidden_size = load_encoder(encoder_path, device)[1].config.hidden_size
-    return _in_place(order, np.concatenate(out)) if out else np.zeros((0, hidden_size), dtype=np.float32)
+    return _in_place(order, np.concatenate(out)) if out else np.zeros((0, model.config.hidden_size), dtype=np.float32)
 
 
 def _save_npy(path: str, values: np.ndarray) -> None:
