@@ -33,10 +33,11 @@ time is a created_at written by the same database clock):
 
   what the machine allows  each round also times bare forward passes (no jobsite code: the
                 model called on the request's batches, longest first, stopped after the last
-                layer the request reads as the job stops, in processes of one torch thread): the whole order in one process, then its two halves, cut as two shards
-                are, in two processes started together (the slower one's seconds). Their ratio is
-                the most any 2w/1w can reach on this host in that round; the job's ratio is
-                printed over it (--no-bare leaves them out).
+                layer the request reads as the job stops, in processes of one torch thread,
+                under the allocator setting the job uses): the whole order in one process, then
+                its two halves, cut as two shards are, in two processes started together (the
+                slower one's seconds). Their ratio is the most any 2w/1w can reach on this host
+                in that round; the job's ratio is printed over it (--no-bare leaves them out).
 
 Every count runs --rounds times (3), the rounds interleaved; each count's median run stands
 for it, and every round's ratio is printed too. The goal: 2 workers / 1 worker >= 1.8 on a
@@ -73,14 +74,24 @@ REQUEST = {"layers": [1, 3], "hooks": ["residual"], "batch_size": 16, "max_lengt
 MODEL = {"n_layer": 4, "hidden": 256, "n_head": 4, "vocab_size": 512}
 QUICK_MODEL = {"n_layer": 4, "hidden": 64, "n_head": 4, "vocab_size": 512}
 # A cluster that has run jobs before holds torch, transformers and the runner in its worker
-# process; a fresh one imports them inside its first shard (seconds on 2 cores), which would be
-# timed. The cluster's main process imports them before it forks its worker.
+# process, and has loaded a model before; a fresh one imports them inside its first shard
+# (seconds on 2 cores), and transformers compiles its weight-name patterns at its first load
+# (0.4 s here), which would be timed. The cluster's main process does both before it forks its
+# worker.
 WARM_CLUSTER = """
-import torch, transformers.models.gpt2.modeling_gpt2, extraction.runner
+import os, torch, transformers.models.gpt2.modeling_gpt2, extraction.runner
+from extraction.runner.model import load_model
+load_model(os.environ["BENCH_WARM_MODEL"], dtype="float32", device="cpu")
 from django.core.management import execute_from_command_line
 execute_from_command_line(["manage.py", "qcluster"])
 """
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# The allocator setting the job runs its batches under (extraction.runner.native.heap_reuse),
+# given to the bare passes through glibc's environment: freed activations stay in the heap.
+# Without it each batch maps and zeroes its activations afresh, and two processes doing that at
+# once slow each other down (on a 2-core VM, 1.6 against 1.8-1.9 with it): the bare ratio would
+# understate what the host allows.
+HEAP_KEPT = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 
 
 def ensure_database(url: str) -> str:
@@ -114,7 +125,7 @@ def write_lines(path: Path, count: int, seed: int) -> list[str]:
 
 class Bench:
     def __init__(self, workdir: Path, db_url: str):
-        self.workdir, self.services = workdir, []
+        self.workdir, self.services, self.model_dir = workdir, [], ""
         data = workdir / "data"
         (data / "models").mkdir(parents=True)
         self.env = {
@@ -134,7 +145,9 @@ class Bench:
     def clusters(self, count: int, one_cluster: bool = False) -> list[Service]:
         """count clusters of one worker process each (or one cluster of count processes), once
         every one of them says it runs."""
-        env = {**self.env, "JOBSITE_WORKERS": str(count)} if one_cluster else self.env
+        env = {**self.env, "BENCH_WARM_MODEL": self.model_dir}
+        if one_cluster:
+            env["JOBSITE_WORKERS"] = str(count)
         started = [Service([sys.executable, "-c", WARM_CLUSTER], env,
                            self.workdir / f"qcluster-{len(self.services) + i}.log")
                    for i in range(1 if one_cluster else count)]
@@ -213,7 +226,7 @@ def bare(model_dir: str, data: Path, lines: list[str], hidden: int, parts: int, 
     processes = [subprocess.Popen([sys.executable, "-c", BARE, model_dir, str(data), str(first), str(end),
                                    str(REQUEST["batch_size"]), str(REQUEST["max_length"]), str(max(REQUEST["layers"])),
                                    str(start_at)],
-                                  env={**env, **ONE_THREAD}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                  env={**env, **ONE_THREAD, **HEAP_KEPT}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for first, end in bounds(lengths, REQUEST["batch_size"], parts, hidden)]
     outs = [process.communicate(timeout=600) for process in processes]
     if any(process.returncode for process in processes):
@@ -331,6 +344,7 @@ def main() -> None:
             lines = write_lines(data, samples, seed=samples)
             model_dir = settings.JOBSITE_MODEL_ROOTS[0] / "bench-shards-gpt2"
             build_tiny_causal_lm(str(model_dir), lines[:2000], **model_shape)
+            bench.model_dir = str(model_dir)
             model = model_register(path=str(model_dir), name=f"bench-shards-{os.getpid()}")
             dataset = dataset_register(path=str(data), name=f"bench-shards-{os.getpid()}")
             made += [model, dataset]

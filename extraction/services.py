@@ -731,7 +731,7 @@ def extraction_run(extraction: Extraction, lease) -> None:
             lease.report(resumed_samples=seeded)
 
     def progress(samples_done, total_samples, tokens_done, total_tokens):
-        lease.report(
+        lease.progress(
             samples_processed=samples_done, total_samples=total_samples,
             tokens_processed=tokens_done, total_tokens=total_tokens,
             final=samples_done == total_samples,
@@ -957,8 +957,6 @@ def extraction_shard_run(shard, lease) -> None:
 
     if shard.phase == ExtractionShard.Phase.TOKENIZE:
         def tokenized(done, total, tokens):
-            ExtractionShard.objects.filter(pk=shard.pk, worker=shard.worker).update(
-                samples_processed=done, tokens_processed=tokens)
             lease.report(samples_processed=done, tokens_processed=tokens)
             sums = _sums(extraction.pk, phase=ExtractionShard.Phase.TOKENIZE)
             publish(shard.topic, "extraction.tokenizing", {
@@ -972,12 +970,10 @@ def extraction_shard_run(shard, lease) -> None:
         return _tokenized_part(shard, lease, spec)
 
     def progress(samples_done, total_samples, tokens_done, total_tokens):
-        # Summed into the extraction before the shard's progress event, which carries the extraction.
-        ExtractionShard.objects.filter(pk=shard.pk, worker=shard.worker).update(
-            samples_processed=samples_done, tokens_processed=tokens_done)
-        _sum_shards(extraction.pk)
-        lease.report(samples_processed=samples_done, tokens_processed=tokens_done,
-                     final=samples_done == total_samples)
+        # Summed into the extraction once the shard's row holds them, before the shard's progress
+        # event, which carries the extraction.
+        lease.progress(samples_processed=samples_done, tokens_processed=tokens_done,
+                       final=samples_done == total_samples, after_write=lambda: _sum_shards(extraction.pk))
 
     def on_event(kind: str, payload: dict):
         if kind == "phase" and payload.get("phase") == "extracting":

@@ -48,6 +48,12 @@ class Lease:
         self._stop_seen_at: float | None = None
         self._last_check = 0.0
         self._last_progress_event = 0.0
+        # Progress counters held back by progress() until the pace lets them be stored; the
+        # lock keeps the work and the heartbeat thread from storing older ones over newer.
+        self._held: dict = {}
+        self._after_write: Callable[[], None] | None = None
+        self._last_write = 0.0
+        self._writing = threading.Lock()
         self._thread = threading.Thread(target=self._beat_forever, name=f"heartbeat-{job.topic}", daemon=True)
 
     # -- for the work -------------------------------------------------------------------
@@ -68,15 +74,31 @@ class Lease:
             return True
         return self.cancelled.is_set() or self.lost.is_set()
 
+    def progress(self, *, final: bool = False, after_write: Callable[[], None] | None = None, **counters) -> None:
+        """Progress counters, stored on the row at most every JOBSITE_PROGRESS_EVERY_S (always when
+        final): a job of many small batches does not write its row, and keep the database busy,
+        once a batch. The latest ones are held until the next report or set_status, or until the
+        heartbeat thread stores them when due: a batch that runs long or hangs leaves the row
+        saying what was done before it. after_write runs after each write of the row (before
+        its event)."""
+        with self._writing:
+            self._held.update(counters)
+            self._after_write = after_write
+            due = time.monotonic() - self._last_write >= settings.JOBSITE_PROGRESS_EVERY_S
+        if final or due:
+            self.report(final=final)
+
+    def flush(self) -> None:
+        """Stores the progress counters held back, if any."""
+        with self._writing:
+            if self._held:
+                self._store({})
+
     def report(self, *, final: bool = False, **counters) -> None:
-        """Store progress counters on the row; push a throttled `<kind>.progress` event."""
-        now = timezone.now()
-        if not self._mine().update(progress_at=now, updated_at=now, **counters):
-            self.lost.set()
-            raise LeaseLost()
-        for name, value in counters.items():
-            setattr(self.job, name, value)
-        self.job.progress_at = now
+        """Store counters (and any held back by progress()) on the row; push a throttled
+        `<kind>.progress` event."""
+        with self._writing:
+            self._store(counters)
         if final or time.monotonic() - self._last_progress_event >= settings.JOBSITE_PROGRESS_EVERY_S:
             self._last_progress_event = time.monotonic()
             # The stop a person asked for since the claim: a progress that said otherwise would
@@ -85,9 +107,25 @@ class Lease:
             self.job.cancel_requested = self.job.cancel_requested or self.cancelled.is_set()
             publish(self.job.topic, f"{self.model.KIND}.progress", self.job.event_payload())
 
+    def _store(self, counters: dict) -> None:
+        """Under _writing: counters and the held ones onto the row, if the job is still ours."""
+        counters = {**self._held, **counters}
+        now = timezone.now()
+        if not self._mine().update(progress_at=now, updated_at=now, **counters):
+            self.lost.set()
+            raise LeaseLost()
+        self._held, self._last_write = {}, time.monotonic()
+        for name, value in counters.items():
+            setattr(self.job, name, value)
+        self.job.progress_at = now
+        if self._after_write is not None:
+            self._after_write()
+
     def set_status(self, status: str, **fields) -> None:
         if self.lost.is_set():
             raise LeaseLost()
+        with self._writing:
+            fields, self._held = {**self._held, **fields}, {}
         try:
             transition(self.job, status, **fields)
         except TransitionError as exc:
@@ -147,17 +185,28 @@ class Lease:
             os._exit(70)
 
     def _beat_forever(self) -> None:
+        beat_at = time.monotonic() + settings.JOBSITE_HEARTBEAT_S
         try:
-            # While the cluster stops, the grace period is watched closer than the heartbeat's pace.
-            while not self.stopped.wait(min(settings.JOBSITE_HEARTBEAT_S, 0.5) if cluster_stopping()
-                                        else settings.JOBSITE_HEARTBEAT_S):
+            # Woken at least every half second, for the progress held back; it beats at the
+            # heartbeat's pace, and while the cluster stops each time, for the grace period.
+            while not self.stopped.wait(min(settings.JOBSITE_HEARTBEAT_S, 0.5)):
                 try:
-                    self._beat()
+                    self._store_held_when_due()
+                    if cluster_stopping() or time.monotonic() >= beat_at:
+                        beat_at = time.monotonic() + settings.JOBSITE_HEARTBEAT_S
+                        self._beat()
+                except LeaseLost:
+                    pass  # lost is set: the work lets the job go at its next step
                 except Exception:  # noqa: BLE001 - a database blip must not kill the heartbeat
                     logger.exception("heartbeat of %s failed", self.job.topic)
                     connection.close()
         finally:
             connection.close()
+
+    def _store_held_when_due(self) -> None:
+        with self._writing:
+            if self._held and time.monotonic() - self._last_write >= settings.JOBSITE_PROGRESS_EVERY_S:
+                self._store({})
 
     def __enter__(self) -> "Lease":
         self._thread.start()
@@ -264,6 +313,12 @@ def _record_failure(job: Job, lease: Lease, exc: BaseException) -> None:
     (the watchdog finds the job by its silent heartbeat if this process gives up)."""
     if lease.lost.is_set():
         return
+    try:
+        lease.flush()  # the row ends with what was done before the failure or the cancel
+    except LeaseLost:
+        return
+    except (OperationalError, InterfaceError):
+        connection.close()  # the loop below waits for the database
     for attempt in range(RECORD_TRIES):
         try:
             job.refresh_from_db()

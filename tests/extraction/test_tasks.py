@@ -206,6 +206,40 @@ def test_a_progress_after_a_stop_request_says_the_job_is_cancelling(make_extract
     assert lease.should_cancel()
 
 
+def test_progress_of_many_small_batches_is_stored_at_its_pace_and_a_hung_batch_leaves_the_latest(
+        make_extraction, settings):
+    """A job of many tiny batches writes its row a few times a second, not once a batch; the
+    counters held back reach the row without the work's help (its next batch may hang)."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from jobsite.worker import Lease
+
+    settings.JOBSITE_PROGRESS_EVERY_S = 0.3
+    now = timezone.now()
+    job = make_extraction("extracting", worker="host:1", started_at=now, heartbeat_at=now, attempt=1)
+
+    def row():
+        return Extraction.objects.values_list("samples_processed", flat=True).get(pk=job.pk)
+
+    with Lease(job, force_exit=False) as lease:
+        with CaptureQueriesContext(connection) as queries:
+            for done in range(1, 101):
+                lease.progress(samples_processed=done)
+        writes = [q for q in queries.captured_queries if q["sql"].startswith("UPDATE")]
+        assert len(writes) == 1 and row() == 1  # the first one, then the pace holds the rest back
+        deadline = time.monotonic() + 5
+        while row() != 100 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert row() == 100  # stored by the heartbeat thread: the work made no call since
+        lease.progress(samples_processed=101)
+        lease.progress(samples_processed=102, final=True)
+        assert row() == 102  # the last one is stored at once
+        lease.progress(samples_processed=103)
+        lease.set_status("saving")
+        assert row() == 103  # a change of status takes the counters held with it
+
+
 def test_duplicate_delivery_runs_the_job_once(model_record, dataset):
     job = start(model_record, dataset)
     run_extraction(job.pk)
