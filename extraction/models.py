@@ -281,9 +281,13 @@ class Extraction(Job):
     @property
     def heartbeat_age_s(self) -> float | None:
         """A sharded job's: its most silent running shard's."""
+        return self.heartbeat_age_with(None)
+
+    def heartbeat_age_with(self, shards: list["ExtractionShard"] | None) -> float | None:
+        """heartbeat_age_s, from its parts when the caller has them already (`shards`)."""
         if not self.sharded:
             return super().heartbeat_age_s
-        beat = self.oldest_shard_beat()
+        beat = self.oldest_shard_beat(shards)
         return None if beat is None else (timezone.now() - beat).total_seconds()
 
     def refusal_here(self) -> str:

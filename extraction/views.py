@@ -30,7 +30,7 @@ from jobsite.errors import ErrorType, JobInputError
 from jobsite.forms import add_refusal
 from jobsite.health import workers_missing
 from jobsite.lifecycle import TransitionError
-from jobsite.models import Event
+from jobsite.models import Event, silent_too_long
 from jobsite.permissions import check, permission_required
 from jobsite.selectors import last_event_seq
 from jobsite.views import (
@@ -53,8 +53,9 @@ def job_view(extraction: Extraction, *, seq: int = 0) -> dict:
     """Everything a card shows, computed once here so the template only lays it out."""
     e, now = extraction, timezone.now()
     active, running = e.status in e.ACTIVE, e.status in e.RUNNING
-    heartbeat_age = e.heartbeat_age_s
-    stalled = e.is_stalled
+    shards = e.parts()  # read once: the heartbeat, the stall, the phase and the rows come from them
+    heartbeat_age = e.heartbeat_age_with(shards)
+    stalled = silent_too_long(heartbeat_age)
     last_move = max(m for m in (e.queued_at, e.started_at, e.progress_at, e.next_attempt_at) if m)
     idle_s = (now - last_move).total_seconds() if active else None
     slow = bool(active and not stalled and idle_s is not None and idle_s > settings.JOBSITE_SLOW_AFTER_S)
@@ -83,7 +84,6 @@ def job_view(extraction: Extraction, *, seq: int = 0) -> dict:
                       .order_by("-seq").values_list("payload", flat=True).first())
         if tokenizing and tokenizing.get("message"):
             phase = tokenizing["message"]
-    shards = e.parts()
     if e.sharded and shards:
         # No worker holds a job its shards run: the card says what each part is doing instead.
         counts = defaultdict(int)

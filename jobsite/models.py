@@ -34,6 +34,13 @@ class Event(models.Model):
         }
 
 
+def silent_too_long(heartbeat_age_s: float | None) -> bool:
+    """Whether a running job's heartbeat this old means its worker is gone (JOBSITE_STALL_AFTER_S)."""
+    from django.conf import settings
+
+    return heartbeat_age_s is not None and heartbeat_age_s > settings.JOBSITE_STALL_AFTER_S
+
+
 class Job(models.Model):
     """Lifecycle, heartbeat, attempt and failure fields shared by every job kind.
 
@@ -165,10 +172,7 @@ class Job(models.Model):
     @property
     def is_stalled(self) -> bool:
         """Running, but its worker has been silent past JOBSITE_STALL_AFTER_S."""
-        from django.conf import settings
-
-        age = self.heartbeat_age_s
-        return age is not None and age > settings.JOBSITE_STALL_AFTER_S
+        return silent_too_long(self.heartbeat_age_s)
 
     def event_payload(self) -> dict:
         """The job as its events carry it: enough for a client to redraw it from scratch."""

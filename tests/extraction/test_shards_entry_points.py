@@ -203,6 +203,22 @@ def test_card_of_a_sharded_extraction_shows_each_shard_its_worker_and_refusals(s
     assert "data-shard-stalled>stalled" in card
 
 
+def test_card_of_a_sharded_extraction_reads_its_shards_once(staff_client, model_record, dataset):
+    """The heartbeat, the stall, the phase line and the rows all come from one read of the
+    shards: a page of sharded jobs does not read each job's shards three times."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    job = planned(model_record, dataset, shards=3)
+    held(job.shard_set.get(index=0), "gpu-a:101")
+    with CaptureQueriesContext(connection) as queries:
+        card = staff_client.get(f"/extractions/{job.pk}/card/").content.decode()
+    assert "Extracting with 3 shards: 1 running, 2 queued" in card
+    reads = [q["sql"] for q in queries.captured_queries
+             if q["sql"].startswith('SELECT "extraction_extractionshard"."id"')]
+    assert len(reads) == 1, reads
+
+
 def test_card_and_history_of_one_worker_job_show_no_shards(staff_client, make_extraction):
     job = make_extraction("extracting", worker="gpu-a:1", started_at=timezone.now(), total_samples=100)
     card = staff_client.get(f"/extractions/{job.pk}/card/").content.decode()
