@@ -52,8 +52,9 @@ class Lease:
         # lock keeps the work and the heartbeat thread from storing older ones over newer.
         self._held: dict = {}
         self._after_write: Callable[[], None] | None = None
-        self._last_write = 0.0
+        self._last_write = self._last_call = 0.0
         self._writing = threading.Lock()
+        self._beat_at = 0.0
         self._thread = threading.Thread(target=self._beat_forever, name=f"heartbeat-{job.topic}", daemon=True)
 
     # -- for the work -------------------------------------------------------------------
@@ -77,14 +78,16 @@ class Lease:
     def progress(self, *, final: bool = False, after_write: Callable[[], None] | None = None, **counters) -> None:
         """Progress counters, stored on the row at most every JOBSITE_PROGRESS_EVERY_S (always when
         final): a job of many small batches does not write its row, and keep the database busy,
-        once a batch. The latest ones are held until the next report or set_status, or until the
-        heartbeat thread stores them when due: a batch that runs long or hangs leaves the row
-        saying what was done before it. after_write runs after each write of the row (before
+        once a batch. The latest ones are held until the work's next due call, report or
+        set_status; when the work has made no call for that long (a batch that runs long or
+        hangs), the heartbeat thread stores them and pushes their event, so the row and the
+        pages say what was done before it. after_write runs after each write of the row (before
         its event)."""
         with self._writing:
             self._held.update(counters)
             self._after_write = after_write
-            due = time.monotonic() - self._last_write >= settings.JOBSITE_PROGRESS_EVERY_S
+            self._last_call = time.monotonic()
+            due = self._last_call - self._last_write >= settings.JOBSITE_PROGRESS_EVERY_S
         if final or due:
             self.report(final=final)
 
@@ -99,6 +102,9 @@ class Lease:
         `<kind>.progress` event."""
         with self._writing:
             self._store(counters)
+        self._progress_event(final=final)
+
+    def _progress_event(self, *, final: bool) -> None:
         if final or time.monotonic() - self._last_progress_event >= settings.JOBSITE_PROGRESS_EVERY_S:
             self._last_progress_event = time.monotonic()
             # The stop a person asked for since the claim: a progress that said otherwise would
@@ -125,12 +131,16 @@ class Lease:
         if self.lost.is_set():
             raise LeaseLost()
         with self._writing:
-            fields, self._held = {**self._held, **fields}, {}
+            held, self._held = self._held, {}
         try:
-            transition(self.job, status, **fields)
+            transition(self.job, status, **{**held, **fields})
         except TransitionError as exc:
             self.lost.set()
             raise LeaseLost() from exc
+        except BaseException:
+            with self._writing:  # not stored: still held, under any newer ones
+                self._held = {**held, **self._held}
+            raise
 
     # -- the heartbeat thread -------------------------------------------------------------
     def _check(self) -> None:
@@ -185,28 +195,42 @@ class Lease:
             os._exit(70)
 
     def _beat_forever(self) -> None:
-        beat_at = time.monotonic() + settings.JOBSITE_HEARTBEAT_S
+        self._beat_at = time.monotonic() + settings.JOBSITE_HEARTBEAT_S
         try:
             # Woken at least every half second, for the progress held back; it beats at the
             # heartbeat's pace, and while the cluster stops each time, for the grace period.
+            # Each step on its own: a failing store does not keep the beat from running.
             while not self.stopped.wait(min(settings.JOBSITE_HEARTBEAT_S, 0.5)):
-                try:
-                    self._store_held_when_due()
-                    if cluster_stopping() or time.monotonic() >= beat_at:
-                        beat_at = time.monotonic() + settings.JOBSITE_HEARTBEAT_S
-                        self._beat()
-                except LeaseLost:
-                    pass  # lost is set: the work lets the job go at its next step
-                except Exception:  # noqa: BLE001 - a database blip must not kill the heartbeat
-                    logger.exception("heartbeat of %s failed", self.job.topic)
-                    connection.close()
+                for step in (self._store_held_when_due, self._beat_when_due):
+                    try:
+                        step()
+                    except LeaseLost:
+                        pass  # lost is set: the work lets the job go at its next step
+                    except Exception:  # noqa: BLE001 - a database blip must not kill the heartbeat
+                        logger.exception("heartbeat of %s failed", self.job.topic)
+                        connection.close()
         finally:
             connection.close()
 
+    def _beat_when_due(self) -> None:
+        if cluster_stopping() or time.monotonic() >= self._beat_at:
+            self._beat_at = time.monotonic() + settings.JOBSITE_HEARTBEAT_S
+            self._beat()
+
     def _store_held_when_due(self) -> None:
-        with self._writing:
-            if self._held and time.monotonic() - self._last_write >= settings.JOBSITE_PROGRESS_EVERY_S:
+        """The progress held back, once the work has been silent for the progress pace. Never
+        waits for the work: while it holds the lock it is storing newer counters itself."""
+        if not self._writing.acquire(blocking=False):
+            return
+        try:
+            silent = time.monotonic() - self._last_call >= settings.JOBSITE_PROGRESS_EVERY_S
+            stored = bool(self._held) and silent
+            if stored:
                 self._store({})
+        finally:
+            self._writing.release()
+        if stored:
+            self._progress_event(final=False)
 
     def __enter__(self) -> "Lease":
         self._thread.start()
@@ -317,8 +341,9 @@ def _record_failure(job: Job, lease: Lease, exc: BaseException) -> None:
         lease.flush()  # the row ends with what was done before the failure or the cancel
     except LeaseLost:
         return
-    except (OperationalError, InterfaceError):
-        connection.close()  # the loop below waits for the database
+    except Exception:  # noqa: BLE001 - the failure is recorded all the same, below
+        logger.exception("%s: its last progress was not stored", job.topic)
+        connection.close()
     for attempt in range(RECORD_TRIES):
         try:
             job.refresh_from_db()

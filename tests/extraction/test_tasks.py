@@ -209,35 +209,50 @@ def test_a_progress_after_a_stop_request_says_the_job_is_cancelling(make_extract
 def test_progress_of_many_small_batches_is_stored_at_its_pace_and_a_hung_batch_leaves_the_latest(
         make_extraction, settings):
     """A job of many tiny batches writes its row a few times a second, not once a batch; the
-    counters held back reach the row without the work's help (its next batch may hang)."""
+    counters held back reach the row and the pages without the work's help (its next batch may
+    hang); a steady job's progress events keep coming."""
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
     from jobsite.worker import Lease
 
-    settings.JOBSITE_PROGRESS_EVERY_S = 0.3
     now = timezone.now()
     job = make_extraction("extracting", worker="host:1", started_at=now, heartbeat_at=now, attempt=1)
 
     def row():
         return Extraction.objects.values_list("samples_processed", flat=True).get(pk=job.pk)
 
+    def progress_events():
+        return list(Event.objects.filter(topic=job.topic, type="extraction.progress").order_by("seq").values_list(
+            "payload__samples_processed", flat=True))
+
     with Lease(job, force_exit=False) as lease:
+        settings.JOBSITE_PROGRESS_EVERY_S = 30
         with CaptureQueriesContext(connection) as queries:
             for done in range(1, 101):
                 lease.progress(samples_processed=done)
         writes = [q for q in queries.captured_queries if q["sql"].startswith("UPDATE")]
         assert len(writes) == 1 and row() == 1  # the first one, then the pace holds the rest back
-        deadline = time.monotonic() + 5
-        while row() != 100 and time.monotonic() < deadline:
+
+        settings.JOBSITE_PROGRESS_EVERY_S = 0.3  # the work makes no call now, as in a hung batch
+        deadline = time.monotonic() + 10
+        while (row() != 100 or progress_events()[-1] != 100) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert row() == 100  # stored by the heartbeat thread: the work made no call since
-        lease.progress(samples_processed=101)
-        lease.progress(samples_processed=102, final=True)
-        assert row() == 102  # the last one is stored at once
-        lease.progress(samples_processed=103)
+        assert row() == 100 and progress_events()[-1] == 100  # stored and pushed by the heartbeat thread
+
+        before = len(progress_events())
+        for done in range(101, 121):  # a steady job: a call every 0.1 s for 2 s
+            lease.progress(samples_processed=done)
+            time.sleep(0.1)
+        steady = progress_events()[before:]
+        assert len(steady) >= 3 and steady == sorted(steady)  # the pages keep hearing of it
+
+        lease.progress(samples_processed=121)
+        lease.progress(samples_processed=122, final=True)
+        assert row() == 122  # the last one is stored at once
+        lease.progress(samples_processed=123)
         lease.set_status("saving")
-        assert row() == 103  # a change of status takes the counters held with it
+        assert row() == 123  # a change of status takes the counters held with it
 
 
 def test_duplicate_delivery_runs_the_job_once(model_record, dataset):
