@@ -50,8 +50,13 @@ JOBSITE_MAX_ATTEMPTS = int(os.environ.get("JOBSITE_MAX_ATTEMPTS", 3))
 # A sharded extraction of at least this many samples is tokenized in parts, one per shard, by as
 # many workers (below it, one worker tokenizes faster than the parts' hand-offs cost).
 JOBSITE_TOKENIZE_PARTS_FROM = int(os.environ.get("JOBSITE_TOKENIZE_PARTS_FROM", 200_000))
-# Progress events are throttled to one per this many seconds per job (the last one always goes).
+# A job's progress is stored on its row, and pushed as an event, at most this often (the last one always goes).
 JOBSITE_PROGRESS_EVERY_S = env_float("JOBSITE_PROGRESS_EVERY_S", 0.5)
+# Imported by a cluster before it forks its workers, so that a fresh worker's first job does not
+# spend seconds importing torch and transformers after taking its task: a shard a cold worker
+# took was claimed meanwhile by a warm one, and the job ran on one worker. Comma separated.
+JOBSITE_WORKER_PRELOAD = [name for name in os.environ.get(
+    "JOBSITE_WORKER_PRELOAD", "extraction.runner,training_runs.trainer,transformers.modeling_utils").split(",") if name]
 # How often a consumer reads the event table: the only path without Redis, a safety net with it.
 JOBSITE_EVENT_POLL_S = env_float("JOBSITE_EVENT_POLL_S", 0.25)
 # Failpoints make a named worker step fail on purpose; JSON, off by default. See jobsite/failpoints.py.

@@ -377,6 +377,18 @@ def cluster_stopping() -> bool:
     return _cluster_stopping is not None and _cluster_stopping.is_set()
 
 
+def preload() -> None:
+    """The workloads' modules (JOBSITE_WORKER_PRELOAD), imported in the sentinel before it forks
+    its processes: every worker, a replaced one too, starts with them, sharing their pages."""
+    import importlib  # noqa: PLC0415
+
+    for name in settings.JOBSITE_WORKER_PRELOAD:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - a job that needs it fails with the reason; the others run
+            logger.exception("JOBSITE_WORKER_PRELOAD: %s could not be imported", name)
+
+
 def install_cluster_stop() -> None:
     """Make `manage.py qcluster` stop in order however it is signalled; called in its main
     process before the cluster starts.
@@ -407,6 +419,7 @@ def install_cluster_stop() -> None:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             _cluster_stopping = cluster.get_mp_context().Event()
+            preload()
             super().start()
 
         def stop(self):

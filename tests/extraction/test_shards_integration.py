@@ -99,6 +99,19 @@ def wait(predicate, services, what: str, timeout: float = 60):
         raise AssertionError(f"{exc}\nextractions: {jobs}\nshards: {rows}\nevents: {events}\n{tails}") from None
 
 
+def test_two_fresh_workers_each_take_a_shard_of_the_first_job(model_record, dataset, start_worker):
+    """Clusters just started, their workers yet to run a job: each takes a shard. A worker that
+    imported torch and transformers at its first task spent seconds there before its claim,
+    while the worker that had planned ran its shard and took the other one too (the job ran on
+    one worker); the clusters import them before they fork (JOBSITE_WORKER_PRELOAD)."""
+    workers = [start_worker(JOBSITE_FAILPOINTS=slow(0.1), **FAST) for _ in range(2)]
+    wait(lambda: all("running." in worker.output() for worker in workers), workers, "both clusters up")
+    job = start_sharded(model_record, dataset, batch_size=1)
+    wait(lambda: status(job) == "completed", workers, "completion", timeout=90)
+    ran_by = [shard.worker for shard in shards_of(job)]
+    assert len(set(ran_by)) == 2, f"both shards ran on {ran_by[0]}"
+
+
 def test_a_shard_whose_worker_is_killed_resumes_alone_to_one_workers_files(model_record, dataset, start_worker):
     # Batches of one sample, slowed: each shard runs long enough for the other worker to join in
     # and for the kill to land mid-shard.
