@@ -14,8 +14,9 @@ process each (JOBSITE_WORKERS=1), each with one torch thread (OMP_NUM_THREADS=1,
 MKL_NUM_THREADS=1), on PostgreSQL (DATABASE_URL, default the database bench_shards on
 127.0.0.1, created when missing) and the ORM broker. One worker runs the request as one job
 (shards=1); N workers run it as N shards. Each cluster imports torch, transformers and the
-runner before it forks its worker, as a cluster that has run jobs before holds them: a fresh
-worker's imports (seconds on 2 cores) would otherwise be timed inside its first shard.
+runner before it forks its worker (as every cluster does: JOBSITE_WORKER_PRELOAD), and here
+also loads the model once, as a worker that has run jobs before has: transformers' first load
+in a process compiles its patterns, which would be timed inside the first shard.
 
 What it prints, from the event log (jobsite.models.Event, topic "extraction.<id>": every
 time is a created_at written by the same database clock):
@@ -73,13 +74,13 @@ WORDS = [f"{a}{b}" for a in ("ka", "lo", "mi", "nu", "pe", "ro", "si", "tu", "va
 REQUEST = {"layers": [1, 3], "hooks": ["residual"], "batch_size": 16, "max_length": 256}
 MODEL = {"n_layer": 4, "hidden": 256, "n_head": 4, "vocab_size": 512}
 QUICK_MODEL = {"n_layer": 4, "hidden": 64, "n_head": 4, "vocab_size": 512}
-# A cluster that has run jobs before holds torch, transformers and the runner in its worker
-# process, and has loaded a model before; a fresh one imports them inside its first shard
-# (seconds on 2 cores), and transformers compiles its weight-name patterns at its first load
-# (0.4 s here), which would be timed. The cluster's main process does both before it forks its
-# worker.
+# A cluster imports torch, transformers and the runner before it forks its worker
+# (JOBSITE_WORKER_PRELOAD). A worker that has run jobs has also loaded a model before:
+# transformers compiles its weight-name patterns at a process's first load (0.4 s here), which
+# each shard would pay inside the timed window and the one-worker run outside it. The cluster's
+# main process loads the bench's model once before it starts.
 WARM_CLUSTER = """
-import os, torch, transformers.models.gpt2.modeling_gpt2, extraction.runner
+import os
 from extraction.runner.model import load_model
 load_model(os.environ["BENCH_WARM_MODEL"], dtype="float32", device="cpu")
 from django.core.management import execute_from_command_line
