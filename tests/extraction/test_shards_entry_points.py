@@ -166,6 +166,12 @@ def test_extraction_list_prints_a_line_per_shard_with_its_worker_and_stalls(mode
     assert lines[0][:6] == ["shard", "0", "running", f"0/{first.total_samples}", "worker", "gpu-a:101"]
     assert "stalled" not in lines[0] and lines[0][6:8] == ["attempt", "1"]
     assert lines[1][5] == "gpu-b:202" and lines[1][-1] == "stalled"
+    assert "heartbeat" in lines[0]
+
+    ExtractionShard.objects.filter(pk=first.pk).update(status="completed", finished_at=timezone.now())
+    call_command("extraction", "list")
+    done = next(line.split() for line in capsys.readouterr().out.splitlines() if "shard 0" in line)
+    assert done[2] == "completed" and "heartbeat" not in done  # a heartbeat only while it runs
 
 
 def test_api_heartbeat_of_a_sharded_extraction_is_its_most_silent_running_shards(staff_client, model_record,

@@ -22,11 +22,13 @@ def max_samples(value: str) -> int | str:
 
 
 def shard_line(shard: dict) -> str:
-    """One shard: index, status, samples done/total, worker, attempt, heartbeat age, stalled."""
+    """One shard: index, status, samples done/total, worker, attempt, and while it runs its
+    heartbeat's age and whether it is stalled."""
     age = shard["heartbeat_age_s"]
     parts = [f"shard {shard['index']}", shard["status"], f"{shard['samples_processed']}/{shard['total_samples']}",
-             f"worker {shard['worker'] or '-'}", f"attempt {shard['attempt']}",
-             f"heartbeat {age:.0f} s ago" if age is not None else "no heartbeat"]
+             f"worker {shard['worker'] or '-'}", f"attempt {shard['attempt']}"]
+    if age is not None:
+        parts.append(f"heartbeat {age:.0f} s ago")
     if shard["stalled"]:
         parts.append("stalled")
     if shard["error_type"]:
