@@ -87,12 +87,6 @@ from django.core.management import execute_from_command_line
 execute_from_command_line(["manage.py", "qcluster"])
 """
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-# The allocator setting the job runs its batches under (extraction.runner.native.heap_reuse),
-# given to the bare passes through glibc's environment: freed activations stay in the heap.
-# Without it each batch maps and zeroes its activations afresh, and two processes doing that at
-# once slow each other down (on a 2-core VM, 1.6 against 1.8-1.9 with it): the bare ratio would
-# understate what the host allows.
-HEAP_KEPT = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 
 
 def ensure_database(url: str) -> str:
@@ -213,9 +207,13 @@ print(time.perf_counter() - started)
 def bare(model_dir: str, data: Path, lines: list[str], hidden: int, parts: int, env: dict) -> float:
     """Seconds of bare forward passes (no jobsite code: the model called on the request's batches,
     longest first) over the whole order cut into `parts` ranges as the job's shards are cut, each
-    range in its own process with one torch thread, all started together: the slowest one's."""
+    range in its own process with one torch thread, all started together: the slowest one's.
+    They keep glibc's heap as the job does (HEAP_KEPT_ENV): without it each batch maps and zeroes
+    its activations afresh, and two processes doing that at once slow each other down (on a
+    2-core VM, 1.6 against 1.8-1.9 with it), which would understate what the host allows."""
     from transformers import AutoTokenizer
 
+    from extraction.runner.native import HEAP_KEPT_ENV
     from extraction.runner.shards import bounds
 
     import numpy as np
@@ -227,7 +225,7 @@ def bare(model_dir: str, data: Path, lines: list[str], hidden: int, parts: int, 
     processes = [subprocess.Popen([sys.executable, "-c", BARE, model_dir, str(data), str(first), str(end),
                                    str(REQUEST["batch_size"]), str(REQUEST["max_length"]), str(max(REQUEST["layers"])),
                                    str(start_at)],
-                                  env={**env, **ONE_THREAD, **HEAP_KEPT}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                  env={**env, **ONE_THREAD, **HEAP_KEPT_ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for first, end in bounds(lengths, REQUEST["batch_size"], parts, hidden)]
     outs = [process.communicate(timeout=600) for process in processes]
     if any(process.returncode for process in processes):

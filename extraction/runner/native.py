@@ -10,6 +10,11 @@ import torch
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 _GLIBC_DEFAULT_THRESHOLD = 128 * 1024
+# What heap_reuse sets: no block under 1 GB is mapped apart, and nothing is given back while it lasts.
+_MMAP_THRESHOLD_KEPT, _TRIM_THRESHOLD_KEPT = 1 << 30, 2**31 - 1
+# The same setting through glibc's environment, for a process started with it (bench/shards.py's
+# bare forward passes, timed as the job runs).
+HEAP_KEPT_ENV = {"MALLOC_MMAP_THRESHOLD_": str(_MMAP_THRESHOLD_KEPT), "MALLOC_TRIM_THRESHOLD_": str(_TRIM_THRESHOLD_KEPT)}
 SYNC_FILE_RANGE_WRITE = 2  # start writeback of the dirty pages, without waiting for it (Linux)
 try:
     _LIBC = ctypes.CDLL(None)  # the C library the process already has
@@ -39,8 +44,8 @@ def heap_reuse(device: str):
     if _MALLOPT is None or device != "cpu":
         yield
         return
-    _MALLOPT(_M_MMAP_THRESHOLD, 1 << 30)
-    _MALLOPT(_M_TRIM_THRESHOLD, 2**31 - 1)
+    _MALLOPT(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_KEPT)
+    _MALLOPT(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_KEPT)
     try:
         yield
     finally:
